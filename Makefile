@@ -1,0 +1,32 @@
+# One entry point for people and CI. Both main targets work from nothing on a fresh Debian machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,dashboard]'
+	touch $(STAMP)
+
+## The main job: a demo microgrid on embedded defaults.
+demo: $(STAMP)
+	$(BIN)/microgrid simulate --households 6 --slots 96 --db sqlite:///demo-ledger.db
+	$(BIN)/microgrid ledger verify --db sqlite:///demo-ledger.db
+
+## The whole suite: lint, then every test (soak/nemesis runs bounded and seeded).
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-ledger.db*
