@@ -1,0 +1,71 @@
+"""The contract engine: pure, deterministic market rules every node computes identically.
+
+No I/O, no clock, no randomness, no floats. Feed committed commands to :func:`apply`; clear a
+book directly with :func:`clear`.
+"""
+
+from market.auction import MECHANISMS, Clearing, ClearingError, clear
+from market.errors import RejectReason
+from market.events import (
+    Event,
+    GateClosed,
+    HouseholdRegistered,
+    OrderAccepted,
+    OrderCancelled,
+    ReadingAccepted,
+    Rejected,
+    SlotSettled,
+)
+from market.ledger import Block, Posting, Transaction
+from market.models import (
+    CancelOrder,
+    CloseGate,
+    Command,
+    CommandDecodeError,
+    MemberRegistration,
+    MeterReading,
+    Order,
+    Role,
+    SettleSlot,
+    Side,
+    Trade,
+    decode_command,
+    encode_command,
+)
+from market.state import MarketConfig, Reputation, State, apply
+
+__all__ = [
+    "MECHANISMS",
+    "Block",
+    "CancelOrder",
+    "Clearing",
+    "ClearingError",
+    "CloseGate",
+    "Command",
+    "CommandDecodeError",
+    "Event",
+    "GateClosed",
+    "HouseholdRegistered",
+    "MarketConfig",
+    "MemberRegistration",
+    "MeterReading",
+    "Order",
+    "OrderAccepted",
+    "OrderCancelled",
+    "Posting",
+    "ReadingAccepted",
+    "RejectReason",
+    "Rejected",
+    "Reputation",
+    "Role",
+    "SettleSlot",
+    "Side",
+    "SlotSettled",
+    "State",
+    "Trade",
+    "Transaction",
+    "apply",
+    "clear",
+    "decode_command",
+    "encode_command",
+]

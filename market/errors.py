@@ -1,0 +1,40 @@
+"""Why the engine rejects a command: one typed reason per rule."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RejectReason(StrEnum):
+    """Every reason a command can be rejected for. Stable strings: they appear in metrics."""
+
+    WRONG_GRID = "wrong_grid"
+    UNKNOWN_HOUSEHOLD = "unknown_household"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAYED_NONCE = "replayed_nonce"
+    INVALID_QUANTITY = "invalid_quantity"
+    PRICE_OUT_OF_BAND = "price_out_of_band"
+    GATE_CLOSED = "gate_closed"
+    SLOT_TOO_FAR = "slot_too_far"
+    DUPLICATE_ORDER = "duplicate_order"
+    CONFLICTING_SIDE = "conflicting_side"
+    UNKNOWN_ORDER = "unknown_order"
+    NOT_OWNER = "not_owner"
+    UNKNOWN_METER = "unknown_meter"
+    SLOT_NOT_CLOSED = "slot_not_closed"
+    SLOT_SETTLED = "slot_settled"
+    DUPLICATE_READING = "duplicate_reading"
+    INVALID_COUNTER = "invalid_counter"
+    COUNTER_REGRESSION = "counter_regression"
+    NOT_OPERATOR = "not_operator"
+    INVALID_HOUSEHOLD_ID = "invalid_household_id"
+    OUT_OF_SEQUENCE = "out_of_sequence"
+
+
+class Rejection(Exception):
+    """Raised inside the engine's validators; :func:`market.state.apply` turns it into an event."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -1,0 +1,83 @@
+"""What applying a command produced. Events are outputs only: the engine never reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from market.auction import Clearing
+from market.errors import RejectReason
+from market.ledger import Block, Transaction
+from market.models import CancelOrder, MemberRegistration, MeterReading, Order, Trade
+from market.settlement import HouseholdSettlement
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A command was rejected and changed nothing."""
+
+    reason: RejectReason
+    detail: str
+    command_type: str
+    author: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class HouseholdRegistered:
+    """A household joined, or its meter or role changed."""
+
+    registration: MemberRegistration
+
+
+@dataclass(frozen=True, slots=True)
+class OrderAccepted:
+    """An order rests in its slot's book."""
+
+    order: Order
+
+
+@dataclass(frozen=True, slots=True)
+class OrderCancelled:
+    """An order left the book before gate closure."""
+
+    cancel: CancelOrder
+    order: Order
+
+
+@dataclass(frozen=True, slots=True)
+class GateClosed:
+    """A slot's book was cleared. ``trades`` carry slot, buyer and seller."""
+
+    slot: int
+    clearing: Clearing
+    orders: tuple[Order, ...]
+    trades: tuple[Trade, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingAccepted:
+    """A signed meter reading waits for its slot's settlement."""
+
+    reading: MeterReading
+
+
+@dataclass(frozen=True, slots=True)
+class SlotSettled:
+    """A slot was settled into a new block."""
+
+    slot: int
+    block: Block
+    transactions: tuple[Transaction, ...]
+    settlements: tuple[HouseholdSettlement, ...]
+    readings: tuple[MeterReading, ...]
+    trades: tuple[Trade, ...]
+
+
+Event = (
+    Rejected
+    | HouseholdRegistered
+    | OrderAccepted
+    | OrderCancelled
+    | GateClosed
+    | ReadingAccepted
+    | SlotSettled
+)

@@ -1,0 +1,161 @@
+"""Settlement of one delivery slot against what the meters measured.
+
+Rules (all integer arithmetic):
+
+- Each trade is a firm contract: the buyer pays ``price`` and the seller receives ``sell_price``
+  per kWh for the traded energy; the market keeps any gap (McAfee trade reduction only).
+- A household's metered net export in the slot (export minus import, from the difference of its
+  cumulative counters against its reading for the previous slot) minus its contracted net export
+  (sold minus bought) is its imbalance, settled with the grid: a surplus is sold at the feed-in
+  tariff, a shortfall (a seller that delivered less than it sold, a buyer that drew more than it
+  bought) is bought at the retail price. So every household's money for the slot follows what
+  its meter really measured, and never is worse than trading with the utility alone.
+- A missing reading, or one with no reading of the previous slot to difference against, counts
+  as zero delivery and zero consumption: the whole contracted position becomes imbalance.
+- Delivery statistics for reputation: a seller delivered ``min(max(net export, 0), sold)``, a
+  buyer took ``min(max(-net export, 0), bought)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from market.ledger import (
+    ENERGY,
+    GRID,
+    MARKET,
+    MONEY,
+    Transaction,
+    household_account,
+    money_for,
+    transfer,
+)
+from market.models import Trade
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """Energy a meter measured in one slot (deltas of its cumulative counters)."""
+
+    import_wh: int
+    export_wh: int
+
+    @property
+    def net_export_wh(self) -> int:
+        """Export minus import (negative for a net consumer)."""
+        return self.export_wh - self.import_wh
+
+
+@dataclass(frozen=True, slots=True)
+class HouseholdSettlement:
+    """What one household traded, what its meter measured, and the difference, in one slot."""
+
+    household: str
+    measured: bool
+    import_wh: int
+    export_wh: int
+    sold_wh: int
+    bought_wh: int
+    imbalance_wh: int
+    """Metered minus contracted net export: > 0 sold to the grid, < 0 bought from it."""
+    delivered_wh: int
+    consumed_wh: int
+
+    @property
+    def net_export_wh(self) -> int:
+        """Metered export minus import."""
+        return self.export_wh - self.import_wh
+
+
+@dataclass(frozen=True, slots=True)
+class Tariffs:
+    """The grid's prices in minor units per kWh: the market's price floor and cap."""
+
+    feed_in: int
+    retail: int
+
+
+def trade_transaction(trade: Trade) -> Transaction:
+    """Money and energy transfers of one trade."""
+    buyer, seller = household_account(trade.buyer), household_account(trade.seller)
+    paid = money_for(trade.quantity_wh, trade.price)
+    received = money_for(trade.quantity_wh, trade.sell_price)
+    return transfer(
+        "trade",
+        trade.slot,
+        trade.trade_id,
+        [
+            (seller, buyer, ENERGY, trade.quantity_wh),
+            (buyer, seller, MONEY, received),
+            (buyer, MARKET, MONEY, paid - received),
+        ],
+    )
+
+
+def settle_slot(
+    slot: int,
+    trades: Iterable[Trade],
+    households: Iterable[str],
+    metered: Mapping[str, Metered],
+    tariffs: Tariffs,
+) -> tuple[list[Transaction], list[HouseholdSettlement]]:
+    """Transactions and per-household settlements of ``slot``.
+
+    ``households`` are all members, in a deterministic order (the engine sorts them);
+    ``metered`` holds the households with a usable reading. Transactions come in trade order,
+    then imbalances in household order.
+    """
+    trade_list = list(trades)
+    sold: dict[str, int] = {}
+    bought: dict[str, int] = {}
+    for t in trade_list:
+        sold[t.seller] = sold.get(t.seller, 0) + t.quantity_wh
+        bought[t.buyer] = bought.get(t.buyer, 0) + t.quantity_wh
+    transactions = [trade_transaction(t) for t in trade_list]
+    summaries: list[HouseholdSettlement] = []
+    for did in households:
+        m = metered.get(did)
+        imp, exp = (m.import_wh, m.export_wh) if m is not None else (0, 0)
+        s, b = sold.get(did, 0), bought.get(did, 0)
+        net = exp - imp
+        imbalance = net - (s - b)
+        summaries.append(
+            HouseholdSettlement(
+                household=did,
+                measured=m is not None,
+                import_wh=imp,
+                export_wh=exp,
+                sold_wh=s,
+                bought_wh=b,
+                imbalance_wh=imbalance,
+                delivered_wh=min(max(net, 0), s),
+                consumed_wh=min(max(-net, 0), b),
+            )
+        )
+        account = household_account(did)
+        if imbalance > 0:
+            transactions.append(
+                transfer(
+                    "imbalance",
+                    slot,
+                    did,
+                    [
+                        (account, GRID, ENERGY, imbalance),
+                        (GRID, account, MONEY, money_for(imbalance, tariffs.feed_in)),
+                    ],
+                )
+            )
+        elif imbalance < 0:
+            transactions.append(
+                transfer(
+                    "imbalance",
+                    slot,
+                    did,
+                    [
+                        (GRID, account, ENERGY, -imbalance),
+                        (account, GRID, MONEY, money_for(-imbalance, tariffs.retail)),
+                    ],
+                )
+            )
+    return transactions, summaries

@@ -1,0 +1,464 @@
+"""The replicated state machine: ``apply(state, command) -> (state, events)``.
+
+Every node feeds the same committed commands, in log order, into :func:`apply` and so holds the
+same state and writes the same blocks. The engine reads nothing but its arguments: no clock (gate
+closure and settlement are commands the Raft leader proposes), no randomness, no floats.
+
+``apply`` updates ``state`` in place and returns it (copying a large book per command would make
+replay quadratic). Every command is fully validated before anything changes, so a rejected
+command leaves the state exactly as it was and yields a single :class:`~market.events.Rejected`.
+
+Slot sequencing: gates close strictly one slot after another (``CloseGate(s)`` needs
+``s == closed_through + 1`` once the first gate has closed) and slots settle in the same order,
+never ahead of their gate. Orders are accepted for open slots up to ``slot_horizon`` ahead;
+readings for slots whose gate closed and that are not settled yet.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from market.auction import MECHANISMS, clear
+from market.encoding import canonical_bytes, sha256
+from market.errors import Rejection, RejectReason
+from market.events import (
+    Event,
+    GateClosed,
+    HouseholdRegistered,
+    OrderAccepted,
+    OrderCancelled,
+    ReadingAccepted,
+    Rejected,
+    SlotSettled,
+)
+from market.identity import IdentityError, public_key_from_did
+from market.ledger import Block, roots, state_hash
+from market.models import (
+    CancelOrder,
+    CloseGate,
+    Command,
+    MemberRegistration,
+    MeterReading,
+    Order,
+    Role,
+    SettleSlot,
+    Side,
+    SignedRecord,
+    record_hash,
+)
+from market.settlement import HouseholdSettlement, Metered, Tariffs, settle_slot
+
+
+@dataclass(frozen=True, slots=True)
+class MarketConfig:
+    """The market rules of one microgrid, fixed by its signed genesis."""
+
+    grid: str
+    operator: str
+    """DID of the grid operator, who signs membership."""
+    feed_in_tariff: int
+    """Price floor: what the grid pays per kWh (minor units)."""
+    retail_price: int
+    """Price cap: what the grid charges per kWh (minor units)."""
+    mechanism: str = "uniform"
+    k: Fraction = Fraction(1, 2)
+    slot_horizon: int = 96
+    """How many slots ahead of the last closed gate orders are accepted."""
+    max_order_wh: int = 1_000_000
+    nonce_window: int = 1024
+    """Nonces may arrive out of order within this window below a signer's highest nonce."""
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {self.mechanism!r}")
+        if not 0 <= self.feed_in_tariff <= self.retail_price:
+            raise ValueError("need 0 <= feed_in_tariff <= retail_price")
+        if not 0 <= self.k <= 1:
+            raise ValueError("k must lie in [0, 1]")
+
+    def to_json(self) -> dict[str, object]:
+        """Canonical fields (k as a fraction string)."""
+        return {
+            "grid": self.grid,
+            "operator": self.operator,
+            "feed_in_tariff": self.feed_in_tariff,
+            "retail_price": self.retail_price,
+            "mechanism": self.mechanism,
+            "k": f"{self.k.numerator}/{self.k.denominator}",
+            "slot_horizon": self.slot_horizon,
+            "max_order_wh": self.max_order_wh,
+            "nonce_window": self.nonce_window,
+        }
+
+    def genesis_hash(self) -> str:
+        """The hash the first block points back to: ties the chain to these rules."""
+        return sha256(canonical_bytes("genesis", self.to_json())).hex()
+
+    @property
+    def tariffs(self) -> Tariffs:
+        """Feed-in tariff and retail price."""
+        return Tariffs(self.feed_in_tariff, self.retail_price)
+
+
+@dataclass(slots=True)
+class NonceWindow:
+    """Anti-replay window of one signer: each nonce once, none far below the highest."""
+
+    highest: int = -1
+    recent: set[int] = field(default_factory=set)
+
+    def check(self, nonce: int, window: int) -> None:
+        """Raise :class:`Rejection` unless ``nonce`` is fresh."""
+        if nonce < 0 or nonce <= self.highest - window or nonce in self.recent:
+            raise Rejection(
+                RejectReason.REPLAYED_NONCE, f"nonce {nonce} already used or below the window"
+            )
+
+    def consume(self, nonce: int, window: int) -> None:
+        """Record ``nonce`` as used."""
+        self.recent.add(nonce)
+        if nonce > self.highest:
+            self.highest = nonce
+        if len(self.recent) > 2 * window:
+            floor = self.highest - window
+            self.recent = {n for n in self.recent if n > floor}
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A registered household."""
+
+    meter_serial: str
+    role: Role
+
+
+@dataclass(slots=True)
+class Reputation:
+    """Delivery reliability of a household, accumulated over settled slots."""
+
+    sold_wh: int = 0
+    delivered_wh: int = 0
+    bought_wh: int = 0
+    consumed_wh: int = 0
+    slots: int = 0
+    missed_readings: int = 0
+
+    @property
+    def score_permille(self) -> int:
+        """Share of contracted energy honoured, in permille (1000 with no contracts yet)."""
+        contracted = self.sold_wh + self.bought_wh
+        if contracted == 0:
+            return 1000
+        return (self.delivered_wh + self.consumed_wh) * 1000 // contracted
+
+
+@dataclass(slots=True)
+class State:
+    """Everything the contract engine knows. Build with :meth:`State.initial`."""
+
+    config: MarketConfig
+    members: dict[str, Member] = field(default_factory=dict)
+    nonces: dict[str, NonceWindow] = field(default_factory=dict)
+    books: dict[int, dict[str, Order]] = field(default_factory=dict)
+    """Open slots' orders by id, in log order (dicts keep insertion order)."""
+    cleared: dict[int, tuple] = field(default_factory=dict)
+    """Closed, unsettled slots: their enriched trades."""
+    pending_readings: dict[int, dict[str, MeterReading]] = field(default_factory=dict)
+    baselines: dict[str, MeterReading] = field(default_factory=dict)
+    """The last reading each household's settlement used."""
+    closed_through: int | None = None
+    settled_through: int | None = None
+    balances: dict[tuple[str, str], int] = field(default_factory=dict)
+    reputation: dict[str, Reputation] = field(default_factory=dict)
+    height: int = 0
+    head_hash: str = ""
+
+    @classmethod
+    def initial(cls, config: MarketConfig) -> State:
+        """The state before any command: no members, empty ledger."""
+        return cls(config=config, head_hash=config.genesis_hash())
+
+    def copy(self) -> State:
+        """A deep, independent copy (for tests and what-if evaluation)."""
+        return copy.deepcopy(self)
+
+
+def apply(state: State, command: Command) -> tuple[State, list[Event]]:
+    """Apply one committed command. Returns the (same, updated) state and what happened."""
+    try:
+        if isinstance(command, Order):
+            events = _submit_order(state, command)
+        elif isinstance(command, CancelOrder):
+            events = _cancel_order(state, command)
+        elif isinstance(command, MeterReading):
+            events = _submit_reading(state, command)
+        elif isinstance(command, MemberRegistration):
+            events = _register(state, command)
+        elif isinstance(command, CloseGate):
+            events = _close_gate(state, command.slot)
+        elif isinstance(command, SettleSlot):
+            events = _settle(state, command.slot)
+        else:
+            raise TypeError(f"not a command: {type(command).__name__}")
+    except Rejection as rejection:
+        author = command.author if isinstance(command, SignedRecord) else None
+        kind = getattr(command, "type", type(command).__name__)
+        return state, [Rejected(rejection.reason, rejection.detail, kind, author)]
+    return state, events
+
+
+# --- signed records ---------------------------------------------------------------------------
+
+
+def _authenticate(state: State, record: SignedRecord) -> None:
+    """Grid, membership, signature and replay checks common to every signed record."""
+    if record.grid != state.config.grid:
+        raise Rejection(RejectReason.WRONG_GRID, f"record is for grid {record.grid!r}")
+    author = record.author
+    if isinstance(record, MemberRegistration):
+        if author != state.config.operator:
+            raise Rejection(RejectReason.NOT_OPERATOR, f"{author} is not the grid operator")
+    elif author not in state.members:
+        raise Rejection(RejectReason.UNKNOWN_HOUSEHOLD, f"{author} is not a member")
+    if not record.verify(author):
+        raise Rejection(RejectReason.BAD_SIGNATURE, f"{record.KIND} signature does not verify")
+    state.nonces.get(author, NonceWindow()).check(record.nonce, state.config.nonce_window)
+
+
+def _consume_nonce(state: State, record: SignedRecord) -> None:
+    window = state.nonces.setdefault(record.author, NonceWindow())
+    window.consume(record.nonce, state.config.nonce_window)
+
+
+def _register(state: State, reg: MemberRegistration) -> list[Event]:
+    _authenticate(state, reg)
+    try:
+        public_key_from_did(reg.household)
+    except IdentityError as exc:
+        raise Rejection(RejectReason.INVALID_HOUSEHOLD_ID, str(exc)) from None
+    if not reg.meter_serial:
+        raise Rejection(RejectReason.UNKNOWN_METER, "registration names no meter serial")
+    _consume_nonce(state, reg)
+    previous = state.members.get(reg.household)
+    state.members[reg.household] = Member(reg.meter_serial, reg.role)
+    state.reputation.setdefault(reg.household, Reputation())
+    if previous is not None and previous.meter_serial != reg.meter_serial:
+        # A replaced meter starts a new counter baseline.
+        state.baselines.pop(reg.household, None)
+    return [HouseholdRegistered(reg)]
+
+
+def _submit_order(state: State, order: Order) -> list[Event]:
+    _authenticate(state, order)
+    cfg = state.config
+    if not 0 < order.quantity_wh <= cfg.max_order_wh:
+        raise Rejection(
+            RejectReason.INVALID_QUANTITY,
+            f"quantity {order.quantity_wh} Wh outside 1..{cfg.max_order_wh}",
+        )
+    if not cfg.feed_in_tariff <= order.price <= cfg.retail_price:
+        raise Rejection(
+            RejectReason.PRICE_OUT_OF_BAND,
+            f"price {order.price} outside [{cfg.feed_in_tariff}, {cfg.retail_price}]",
+        )
+    if state.closed_through is not None:
+        if order.slot <= state.closed_through:
+            raise Rejection(RejectReason.GATE_CLOSED, f"gate of slot {order.slot} is closed")
+        if order.slot > state.closed_through + cfg.slot_horizon:
+            raise Rejection(
+                RejectReason.SLOT_TOO_FAR, f"slot {order.slot} is beyond the order horizon"
+            )
+    book = state.books.get(order.slot, {})
+    if order.id in book:
+        raise Rejection(RejectReason.DUPLICATE_ORDER, f"order id {order.id!r} already in book")
+    for resting in book.values():
+        if resting.household == order.household and resting.side != order.side:
+            raise Rejection(
+                RejectReason.CONFLICTING_SIDE,
+                f"household already has a {resting.side} order in slot {order.slot}",
+            )
+    _consume_nonce(state, order)
+    state.books.setdefault(order.slot, {})[order.id] = order
+    return [OrderAccepted(order)]
+
+
+def _cancel_order(state: State, cancel: CancelOrder) -> list[Event]:
+    _authenticate(state, cancel)
+    for book in state.books.values():
+        order = book.get(cancel.order_id)
+        if order is not None and order.household == cancel.household:
+            break
+    else:
+        raise Rejection(
+            RejectReason.UNKNOWN_ORDER, f"no open order {cancel.order_id!r} of this household"
+        )
+    _consume_nonce(state, cancel)
+    del book[cancel.order_id]
+    return [OrderCancelled(cancel, order)]
+
+
+def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
+    _authenticate(state, reading)
+    member = state.members[reading.household]
+    if reading.meter_serial != member.meter_serial:
+        raise Rejection(
+            RejectReason.UNKNOWN_METER,
+            f"meter {reading.meter_serial!r} is not the registered {member.meter_serial!r}",
+        )
+    if state.closed_through is None or reading.slot > state.closed_through:
+        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {reading.slot} not closed")
+    if state.settled_through is not None and reading.slot <= state.settled_through:
+        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {reading.slot} is already settled")
+    if reading.import_wh < 0 or reading.export_wh < 0:
+        raise Rejection(RejectReason.INVALID_COUNTER, "meter counters must be non-negative")
+    pending = state.pending_readings.get(reading.slot, {})
+    if reading.household in pending:
+        raise Rejection(RejectReason.DUPLICATE_READING, f"slot {reading.slot} already read")
+    _check_monotonic(state, reading)
+    _consume_nonce(state, reading)
+    state.pending_readings.setdefault(reading.slot, {})[reading.household] = reading
+    return [ReadingAccepted(reading)]
+
+
+def _check_monotonic(state: State, reading: MeterReading) -> None:
+    """Counters of one meter never go backwards across slots (pending or settled)."""
+    known = [
+        r
+        for r in (
+            state.baselines.get(reading.household),
+            *(p.get(reading.household) for p in state.pending_readings.values()),
+        )
+        if r is not None and r.meter_serial == reading.meter_serial
+    ]
+    for other in known:
+        earlier = other.slot < reading.slot
+        if earlier and (other.import_wh > reading.import_wh or other.export_wh > reading.export_wh):
+            raise Rejection(
+                RejectReason.COUNTER_REGRESSION,
+                f"counters below those of slot {other.slot} "
+                f"({reading.import_wh}/{reading.export_wh} < {other.import_wh}/{other.export_wh})",
+            )
+        if not earlier and (
+            other.import_wh < reading.import_wh or other.export_wh < reading.export_wh
+        ):
+            raise Rejection(
+                RejectReason.COUNTER_REGRESSION,
+                f"counters above those of later slot {other.slot}",
+            )
+
+
+# --- leader-proposed system commands ------------------------------------------------------------
+
+
+def _close_gate(state: State, slot: int) -> list[Event]:
+    if state.closed_through is not None and slot != state.closed_through + 1:
+        raise Rejection(
+            RejectReason.OUT_OF_SEQUENCE,
+            f"next gate to close is slot {state.closed_through + 1}, not {slot}",
+        )
+    if state.closed_through is None:
+        # Orders for slots before the first gate can never clear: drop them with the gate.
+        for stale in [s for s in state.books if s < slot]:
+            del state.books[stale]
+        state.settled_through = slot - 1
+    book = state.books.pop(slot, {})
+    orders = tuple(book.values())
+    cfg = state.config
+    clearing = clear(orders, cfg.mechanism, cfg.k)
+    owner = {o.id: o.household for o in orders}
+    trades = tuple(
+        t._replace(slot=slot, buyer=owner[t.buy_id], seller=owner[t.sell_id])
+        for t in clearing.trades
+    )
+    state.closed_through = slot
+    state.cleared[slot] = trades
+    return [GateClosed(slot, clearing, orders, trades)]
+
+
+def _settle(state: State, slot: int) -> list[Event]:
+    if state.settled_through is None or state.closed_through is None:
+        raise Rejection(RejectReason.SLOT_NOT_CLOSED, "no gate has closed yet")
+    if slot <= state.settled_through:
+        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {slot} is already settled")
+    if slot != state.settled_through + 1:
+        raise Rejection(
+            RejectReason.OUT_OF_SEQUENCE,
+            f"next slot to settle is {state.settled_through + 1}, not {slot}",
+        )
+    if slot > state.closed_through:
+        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {slot} is not closed")
+
+    trades = state.cleared.pop(slot, ())
+    readings = state.pending_readings.pop(slot, {})
+    households = sorted(state.members)
+    metered: dict[str, Metered] = {}
+    used: list[MeterReading] = []
+    for did in households:
+        reading = readings.get(did)
+        if reading is None:
+            continue
+        base = state.baselines.get(did)
+        if base is not None and base.slot == slot - 1 and base.meter_serial == reading.meter_serial:
+            metered[did] = Metered(
+                reading.import_wh - base.import_wh, reading.export_wh - base.export_wh
+            )
+        state.baselines[did] = reading
+        used.append(reading)
+
+    transactions, settlements = settle_slot(slot, trades, households, metered, state.config.tariffs)
+    for tx in transactions:
+        for p in tx.postings:
+            key = (p.account, p.asset)
+            state.balances[key] = state.balances.get(key, 0) + p.amount
+    for s in settlements:
+        _update_reputation(state.reputation.setdefault(s.household, Reputation()), s, readings)
+
+    height = state.height + 1
+    tx_root, trade_root, reading_root = roots(
+        transactions, (t.encode() for t in trades), (reading_leaf(r) for r in used)
+    )
+    block = Block(
+        height=height,
+        slot=slot,
+        prev_hash=state.head_hash,
+        tx_root=tx_root,
+        trade_root=trade_root,
+        reading_root=reading_root,
+        state_hash=state_hash(height, state.balances),
+        tx_count=len(transactions),
+    )
+    state.height = height
+    state.head_hash = block.hash
+    state.settled_through = slot
+    return [SlotSettled(slot, block, tuple(transactions), tuple(settlements), tuple(used), trades)]
+
+
+def reading_leaf(reading: MeterReading) -> bytes:
+    """The Merkle leaf of a reading in its block (hash of the signed record)."""
+    return record_hash(reading)
+
+
+def _update_reputation(
+    rep: Reputation, s: HouseholdSettlement, readings: dict[str, MeterReading]
+) -> None:
+    rep.slots += 1
+    rep.sold_wh += s.sold_wh
+    rep.bought_wh += s.bought_wh
+    rep.delivered_wh += s.delivered_wh
+    rep.consumed_wh += s.consumed_wh
+    if s.household not in readings:
+        rep.missed_readings += 1
+
+
+__all__ = [
+    "MarketConfig",
+    "Member",
+    "NonceWindow",
+    "Reputation",
+    "Side",
+    "State",
+    "apply",
+    "reading_leaf",
+]
