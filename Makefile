@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 ## The main job: a demo microgrid on embedded defaults.
 demo: $(STAMP)
+	rm -f demo-ledger.db*
 	$(BIN)/microgrid simulate --households 6 --slots 96 --db sqlite:///demo-ledger.db
 	$(BIN)/microgrid ledger verify --db sqlite:///demo-ledger.db
 

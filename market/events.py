@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from market.auction import Clearing
 from market.errors import RejectReason
 from market.ledger import Block, Transaction
 from market.models import CancelOrder, MemberRegistration, MeterReading, Order, Trade
 from market.settlement import HouseholdSettlement
+
+if TYPE_CHECKING:
+    from market.state import Reputation
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,8 @@ class SlotSettled:
     settlements: tuple[HouseholdSettlement, ...]
     readings: tuple[MeterReading, ...]
     trades: tuple[Trade, ...]
+    reputation: tuple[tuple[str, Reputation], ...]
+    """Snapshot of every member's reputation after this slot, by DID."""
 
 
 Event = (

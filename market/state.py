@@ -17,7 +17,7 @@ readings for slots whose gate closed and that are not settled yet.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from market.auction import MECHANISMS, clear
@@ -432,7 +432,12 @@ def _settle(state: State, slot: int) -> list[Event]:
     state.height = height
     state.head_hash = block.hash
     state.settled_through = slot
-    return [SlotSettled(slot, block, tuple(transactions), tuple(settlements), tuple(used), trades)]
+    reputation = tuple((did, replace(state.reputation[did])) for did in households)
+    return [
+        SlotSettled(
+            slot, block, tuple(transactions), tuple(settlements), tuple(used), trades, reputation
+        )
+    ]
 
 
 def reading_leaf(reading: MeterReading) -> bytes:

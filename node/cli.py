@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("node.ledger.cli", "node.simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:

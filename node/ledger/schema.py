@@ -1,0 +1,160 @@
+"""The ledger's tables. Documented in docs/ledger.md; keep the two in step."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+blocks = Table(
+    "blocks",
+    metadata,
+    Column("height", Integer, primary_key=True, autoincrement=False),
+    Column("slot", BigInteger, nullable=False, unique=True),
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("prev_hash", String(64), nullable=False),
+    Column("tx_root", String(64), nullable=False),
+    Column("trade_root", String(64), nullable=False),
+    Column("reading_root", String(64), nullable=False),
+    Column("state_hash", String(64), nullable=False),
+    Column("tx_count", Integer, nullable=False),
+)
+
+transactions = Table(
+    "transactions",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("block_height", ForeignKey("blocks.height"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("txid", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("slot", BigInteger, nullable=False),
+    Column("ref", Text, nullable=False),
+    Index("ix_transactions_block", "block_height", "position", unique=True),
+)
+
+postings = Table(
+    "postings",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("transaction_id", ForeignKey("transactions.id"), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("asset", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Index("ix_postings_tx", "transaction_id", "position", unique=True),
+    Index("ix_postings_account", "account", "asset"),
+)
+
+balances = Table(
+    "balances",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("asset", String(16), primary_key=True),
+    Column("amount", BigInteger, nullable=False),
+)
+
+clearings = Table(
+    "clearings",
+    metadata,
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("mechanism", String(16), nullable=False),
+    Column("price", BigInteger, nullable=True),
+    Column("volume_wh", BigInteger, nullable=False),
+    Column("bid_volume_wh", BigInteger, nullable=False),
+    Column("ask_volume_wh", BigInteger, nullable=False),
+    Column("order_count", Integer, nullable=False),
+    Column("participants", Integer, nullable=False),
+)
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("order_id", String(128), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("household", Text, nullable=False),
+    Column("side", String(4), nullable=False),
+    Column("quantity_wh", BigInteger, nullable=False),
+    Column("price", BigInteger, nullable=False),
+    Column("nonce", BigInteger, nullable=False),
+    Column("signature", String(128), nullable=False),
+)
+
+trades = Table(
+    "trades",
+    metadata,
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("buy_id", String(128), nullable=False),
+    Column("sell_id", String(128), nullable=False),
+    Column("buyer", Text, nullable=False),
+    Column("seller", Text, nullable=False),
+    Column("quantity_wh", BigInteger, nullable=False),
+    Column("price", BigInteger, nullable=False),
+    Column("sell_price", BigInteger, nullable=False),
+)
+
+readings = Table(
+    "readings",
+    metadata,
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("household", Text, primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("grid", Text, nullable=False),
+    Column("meter_serial", Text, nullable=False),
+    Column("import_wh", BigInteger, nullable=False),
+    Column("export_wh", BigInteger, nullable=False),
+    Column("nonce", BigInteger, nullable=False),
+    Column("signature", String(128), nullable=False),
+)
+
+settlements = Table(
+    "settlements",
+    metadata,
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("household", Text, primary_key=True),
+    Column("measured", Boolean, nullable=False),
+    Column("import_wh", BigInteger, nullable=False),
+    Column("export_wh", BigInteger, nullable=False),
+    Column("sold_wh", BigInteger, nullable=False),
+    Column("bought_wh", BigInteger, nullable=False),
+    Column("imbalance_wh", BigInteger, nullable=False),
+    Column("delivered_wh", BigInteger, nullable=False),
+    Column("consumed_wh", BigInteger, nullable=False),
+)
+
+households = Table(
+    "households",
+    metadata,
+    Column("did", Text, primary_key=True),
+    Column("meter_serial", Text, nullable=False),
+    Column("role", String(8), nullable=False),
+    Column("sold_wh", BigInteger, nullable=False, default=0),
+    Column("delivered_wh", BigInteger, nullable=False, default=0),
+    Column("bought_wh", BigInteger, nullable=False, default=0),
+    Column("consumed_wh", BigInteger, nullable=False, default=0),
+    Column("slots", Integer, nullable=False, default=0),
+    Column("missed_readings", Integer, nullable=False, default=0),
+    Column("reputation_permille", Integer, nullable=False, default=1000),
+)

@@ -1,0 +1,316 @@
+"""Persisting the contract engine's events: one database transaction per batch of events.
+
+A node applies a committed log entry to the engine and hands the resulting events, with the
+entry's log index, to :meth:`LedgerStore.record`: blocks, their transactions and postings,
+balances, orders, trades, readings and the applied index land together or not at all, so a
+restart neither loses nor re-applies an entry and nothing half-written reaches the ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
+from market.state import MarketConfig
+from node.ledger import schema as t
+
+
+class LedgerStoreError(RuntimeError):
+    """The ledger database cannot be used as asked (wrong grid, failed write, ...)."""
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """A SQLAlchemy engine for ``url``; SQLite files get WAL and synchronous=FULL."""
+    if url.startswith("sqlite") and read_only and "mode=ro" not in url:
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        url = f"sqlite:///file:{path}?mode=ro&uri=true" if path else url
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The newest block."""
+
+    height: int
+    hash: str
+
+
+class LedgerStore:
+    """Read/write access to one node's ledger database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        t.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> LedgerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- genesis / meta ---------------------------------------------------------------------
+
+    def init_genesis(self, config: MarketConfig) -> None:
+        """Bind this database to a microgrid; refuses a database of another grid or rules."""
+        genesis = config.genesis_hash()
+        with self.engine.begin() as conn:
+            stored = _meta(conn)
+            if not stored:
+                conn.execute(
+                    insert(t.meta),
+                    [
+                        {"key": "schema_version", "value": str(t.SCHEMA_VERSION)},
+                        {"key": "grid", "value": config.grid},
+                        {"key": "genesis_hash", "value": genesis},
+                        {"key": "config", "value": json.dumps(config.to_json(), sort_keys=True)},
+                        {"key": "applied_index", "value": "0"},
+                    ],
+                )
+            elif stored.get("genesis_hash") != genesis:
+                raise LedgerStoreError(
+                    f"{self.url} holds grid {stored.get('grid')!r} with genesis "
+                    f"{stored.get('genesis_hash', '')[:16]}…, not {config.grid!r} {genesis[:16]}…"
+                )
+
+    def meta(self) -> dict[str, str]:
+        """All meta entries."""
+        with self.engine.connect() as conn:
+            return _meta(conn)
+
+    def applied_index(self) -> int:
+        """The last log index whose events were recorded (0 if none)."""
+        return int(self.meta().get("applied_index", "0"))
+
+    def head(self) -> Head | None:
+        """The newest block, or None for an empty ledger."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(t.blocks.c.height, t.blocks.c.hash).order_by(t.blocks.c.height.desc())
+            ).first()
+        return Head(row.height, row.hash) if row else None
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def record(self, events: Iterable[Event], applied_index: int | None = None) -> None:
+        """Persist ``events`` (and the applied log index) in one database transaction."""
+        try:
+            with self.engine.begin() as conn:
+                for ev in events:
+                    if isinstance(ev, SlotSettled):
+                        _write_settlement(conn, ev)
+                    elif isinstance(ev, GateClosed):
+                        _write_gate(conn, ev)
+                    elif isinstance(ev, HouseholdRegistered):
+                        _write_member(conn, ev)
+                if applied_index is not None:
+                    conn.execute(
+                        update(t.meta)
+                        .where(t.meta.c.key == "applied_index")
+                        .values(value=str(applied_index))
+                    )
+        except SQLAlchemyError as exc:
+            raise LedgerStoreError(f"writing to {self.url} failed: {exc}") from exc
+
+
+def _meta(conn: Connection) -> dict[str, str]:
+    return {row.key: row.value for row in conn.execute(select(t.meta))}
+
+
+def _write_member(conn: Connection, ev: HouseholdRegistered) -> None:
+    reg = ev.registration
+    exists = conn.execute(
+        select(t.households.c.did).where(t.households.c.did == reg.household)
+    ).first()
+    if exists:
+        conn.execute(
+            update(t.households)
+            .where(t.households.c.did == reg.household)
+            .values(meter_serial=reg.meter_serial, role=str(reg.role))
+        )
+    else:
+        conn.execute(
+            insert(t.households).values(
+                did=reg.household,
+                meter_serial=reg.meter_serial,
+                role=str(reg.role),
+                sold_wh=0,
+                delivered_wh=0,
+                bought_wh=0,
+                consumed_wh=0,
+                slots=0,
+                missed_readings=0,
+                reputation_permille=1000,
+            )
+        )
+
+
+def _write_gate(conn: Connection, ev: GateClosed) -> None:
+    c = ev.clearing
+    conn.execute(
+        insert(t.clearings).values(
+            slot=ev.slot,
+            mechanism=c.mechanism,
+            price=c.price,
+            volume_wh=c.volume_wh,
+            bid_volume_wh=c.bid_volume_wh,
+            ask_volume_wh=c.ask_volume_wh,
+            order_count=len(ev.orders),
+            participants=len({o.household for o in ev.orders}),
+        )
+    )
+    if ev.orders:
+        conn.execute(
+            insert(t.orders),
+            [
+                {
+                    "slot": o.slot,
+                    "order_id": o.id,
+                    "position": i,
+                    "household": o.household,
+                    "side": str(o.side),
+                    "quantity_wh": o.quantity_wh,
+                    "price": o.price,
+                    "nonce": o.nonce,
+                    "signature": o.signature,
+                }
+                for i, o in enumerate(ev.orders)
+            ],
+        )
+    if ev.trades:
+        conn.execute(
+            insert(t.trades),
+            [{"position": i, **tr.to_json()} for i, tr in enumerate(ev.trades)],
+        )
+
+
+def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
+    b = ev.block
+    conn.execute(insert(t.blocks).values(hash=b.hash, **b.to_json()))
+    deltas: dict[tuple[str, str], int] = {}
+    for pos, tx in enumerate(ev.transactions):
+        tx_pk = conn.execute(
+            insert(t.transactions)
+            .values(
+                block_height=b.height,
+                position=pos,
+                txid=tx.txid,
+                kind=tx.kind,
+                slot=tx.slot,
+                ref=tx.ref,
+            )
+            .returning(t.transactions.c.id)
+        ).scalar_one()
+        conn.execute(
+            insert(t.postings),
+            [
+                {
+                    "transaction_id": tx_pk,
+                    "position": i,
+                    "account": p.account,
+                    "asset": p.asset,
+                    "amount": p.amount,
+                }
+                for i, p in enumerate(tx.postings)
+            ],
+        )
+        for p in tx.postings:
+            deltas[(p.account, p.asset)] = deltas.get((p.account, p.asset), 0) + p.amount
+    _apply_balance_deltas(conn, deltas)
+    if ev.readings:
+        conn.execute(
+            insert(t.readings),
+            [
+                {
+                    "slot": r.slot,
+                    "household": r.household,
+                    "position": i,
+                    "grid": r.grid,
+                    "meter_serial": r.meter_serial,
+                    "import_wh": r.import_wh,
+                    "export_wh": r.export_wh,
+                    "nonce": r.nonce,
+                    "signature": r.signature,
+                }
+                for i, r in enumerate(ev.readings)
+            ],
+        )
+    if ev.settlements:
+        conn.execute(
+            insert(t.settlements),
+            [
+                {
+                    "slot": ev.slot,
+                    "household": s.household,
+                    "measured": s.measured,
+                    "import_wh": s.import_wh,
+                    "export_wh": s.export_wh,
+                    "sold_wh": s.sold_wh,
+                    "bought_wh": s.bought_wh,
+                    "imbalance_wh": s.imbalance_wh,
+                    "delivered_wh": s.delivered_wh,
+                    "consumed_wh": s.consumed_wh,
+                }
+                for s in ev.settlements
+            ],
+        )
+    for did, rep in ev.reputation:
+        conn.execute(
+            update(t.households)
+            .where(t.households.c.did == did)
+            .values(
+                sold_wh=rep.sold_wh,
+                delivered_wh=rep.delivered_wh,
+                bought_wh=rep.bought_wh,
+                consumed_wh=rep.consumed_wh,
+                slots=rep.slots,
+                missed_readings=rep.missed_readings,
+                reputation_permille=rep.score_permille,
+            )
+        )
+
+
+def _apply_balance_deltas(conn: Connection, deltas: dict[tuple[str, str], int]) -> None:
+    if not deltas:
+        return
+    existing = {
+        (row.account, row.asset): row.amount
+        for row in conn.execute(
+            select(t.balances.c.account, t.balances.c.asset, t.balances.c.amount)
+        )
+    }
+    new_rows = []
+    for (account, asset), delta in sorted(deltas.items()):
+        if (account, asset) in existing:
+            conn.execute(
+                update(t.balances)
+                .where((t.balances.c.account == account) & (t.balances.c.asset == asset))
+                .values(amount=existing[(account, asset)] + delta)
+            )
+        else:
+            new_rows.append({"account": account, "asset": asset, "amount": delta})
+    if new_rows:
+        conn.execute(insert(t.balances), new_rows)

@@ -1,0 +1,192 @@
+"""Recompute a ledger from its raw tables and report the first fault.
+
+Checks, block by block in height order: heights are contiguous from 1; each block points to the
+previous block's hash (the first to the genesis hash in ``meta``); every transaction's id matches
+its postings and its postings sum to zero per asset; the block's transaction, trade and reading
+Merkle roots; every reading's signature; the state hash over the running balances; the block's
+own hash. Finally the ``balances`` table must equal the sum of all postings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+from sqlalchemy import select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from market.ledger import ASSETS, Block, Posting, Transaction, roots, state_hash
+from market.models import MeterReading, Trade
+from market.state import reading_leaf
+from node.ledger import schema as t
+from node.ledger.store import make_engine
+
+
+class LedgerFault(Exception):
+    """The first inconsistency found, with where it is."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """Outcome of :func:`verify_ledger`."""
+
+    ok: bool
+    height: int
+    head_hash: str | None
+    blocks: int
+    transactions: int
+    error: str | None = None
+
+
+def verify_ledger(url: str) -> VerifyReport:
+    """Verify the ledger at ``url`` (read-only). Never raises for a bad ledger: it reports."""
+    engine = make_engine(url, read_only=True)
+    counts = {"blocks": 0, "transactions": 0, "height": 0}
+    head: list[str | None] = [None]
+    try:
+        with engine.connect() as conn:
+            _verify(conn, counts, head)
+    except LedgerFault as fault:
+        return VerifyReport(
+            False, counts["height"], head[0], counts["blocks"], counts["transactions"], str(fault)
+        )
+    except SQLAlchemyError as exc:
+        msg = f"cannot read ledger tables at {url}: {exc.__class__.__name__}: {exc.args[0]}"
+        return VerifyReport(False, 0, None, 0, 0, msg)
+    finally:
+        engine.dispose()
+    return VerifyReport(True, counts["height"], head[0], counts["blocks"], counts["transactions"])
+
+
+def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) -> None:
+    meta = {row.key: row.value for row in conn.execute(select(t.meta))}
+    if "genesis_hash" not in meta:
+        raise LedgerFault("meta table has no genesis_hash: not a microgrid ledger")
+    prev_hash = meta["genesis_hash"]
+    balances: dict[tuple[str, str], int] = {}
+
+    tx_rows = conn.execute(
+        select(t.transactions).order_by(t.transactions.c.block_height, t.transactions.c.position)
+    )
+    posting_rows = conn.execute(
+        select(t.postings, t.transactions.c.block_height)
+        .join(t.transactions, t.postings.c.transaction_id == t.transactions.c.id)
+        .order_by(t.transactions.c.block_height, t.transactions.c.position, t.postings.c.position)
+    )
+    txs_by_block = groupby(tx_rows, key=lambda r: r.block_height)
+    postings_by_tx = groupby(posting_rows, key=lambda r: r.transaction_id)
+    next_txs = next(txs_by_block, None)
+    next_postings = next(postings_by_tx, None)
+
+    expected_height = 1
+    for row in conn.execute(select(t.blocks).order_by(t.blocks.c.height)):
+        where = f"block {row.height} (slot {row.slot})"
+        if row.height != expected_height:
+            raise LedgerFault(f"block heights jump from {expected_height - 1} to {row.height}")
+        if row.prev_hash != prev_hash:
+            raise LedgerFault(
+                f"{where}: broken chain: prev_hash {row.prev_hash[:16]}… "
+                f"but the previous block hashes to {prev_hash[:16]}…"
+            )
+        transactions: list[Transaction] = []
+        if next_txs is not None and next_txs[0] == row.height:
+            for tx_row in next_txs[1]:
+                if next_postings is None or next_postings[0] != tx_row.id:
+                    postings: tuple[Posting, ...] = ()
+                else:
+                    postings = tuple(
+                        Posting(p.account, p.asset, p.amount) for p in next_postings[1]
+                    )
+                    next_postings = next(postings_by_tx, None)
+                tx = Transaction(tx_row.kind, tx_row.slot, tx_row.ref, postings)
+                if tx.txid != tx_row.txid:
+                    raise LedgerFault(
+                        f"{where}: transaction {tx_row.position} ({tx_row.kind} {tx_row.ref}) "
+                        f"does not match its id: its postings or fields were altered"
+                    )
+                if not tx.is_balanced():
+                    raise LedgerFault(
+                        f"{where}: transaction {tx_row.position} ({tx_row.kind} {tx_row.ref}) "
+                        f"postings do not sum to zero: {tx.imbalance()}"
+                    )
+                for p in postings:
+                    balances[(p.account, p.asset)] = (
+                        balances.get((p.account, p.asset), 0) + p.amount
+                    )
+                transactions.append(tx)
+            next_txs = next(txs_by_block, None)
+        trades = [
+            Trade(
+                r.buy_id, r.sell_id, r.quantity_wh, r.price, r.sell_price, r.slot, r.buyer, r.seller
+            )
+            for r in conn.execute(
+                select(t.trades).where(t.trades.c.slot == row.slot).order_by(t.trades.c.position)
+            )
+        ]
+        readings = []
+        for r in conn.execute(
+            select(t.readings).where(t.readings.c.slot == row.slot).order_by(t.readings.c.position)
+        ):
+            reading = MeterReading(
+                grid=r.grid,
+                household=r.household,
+                meter_serial=r.meter_serial,
+                slot=r.slot,
+                import_wh=r.import_wh,
+                export_wh=r.export_wh,
+                nonce=r.nonce,
+                signature=r.signature,
+            )
+            if not reading.verify(reading.household):
+                raise LedgerFault(f"{where}: reading of {r.household} has an invalid signature")
+            readings.append(reading)
+        tx_root, trade_root, reading_root = roots(
+            transactions, (tr.encode() for tr in trades), (reading_leaf(r) for r in readings)
+        )
+        for name, got, want in (
+            ("transaction root", tx_root, row.tx_root),
+            ("trade root", trade_root, row.trade_root),
+            ("reading root", reading_root, row.reading_root),
+        ):
+            if got != want:
+                raise LedgerFault(f"{where}: {name} mismatch: rows were added, removed or altered")
+        if len(transactions) != row.tx_count:
+            raise LedgerFault(
+                f"{where}: {len(transactions)} transactions, header says {row.tx_count}"
+            )
+        if state_hash(row.height, balances) != row.state_hash:
+            raise LedgerFault(f"{where}: state hash does not match the balances after this block")
+        block = Block(
+            row.height,
+            row.slot,
+            row.prev_hash,
+            row.tx_root,
+            row.trade_root,
+            row.reading_root,
+            row.state_hash,
+            row.tx_count,
+        )
+        if block.hash != row.hash:
+            raise LedgerFault(f"{where}: header fields do not hash to the stored block hash")
+        prev_hash = row.hash
+        head[0] = row.hash
+        counts["height"] = row.height
+        counts["blocks"] += 1
+        counts["transactions"] += len(transactions)
+        expected_height += 1
+
+    if next_txs is not None:
+        raise LedgerFault(f"transactions reference block {next_txs[0]}, which does not exist")
+    if next_postings is not None:
+        raise LedgerFault("postings reference a transaction outside every block")
+    for asset in ASSETS:
+        total = sum(v for (_, a), v in balances.items() if a == asset)
+        if total != 0:
+            raise LedgerFault(f"total {asset} over all accounts is {total}, not 0")
+    stored = {(r.account, r.asset): r.amount for r in conn.execute(select(t.balances))}
+    if stored != {k: v for k, v in balances.items()}:
+        diff = sorted(set(stored.items()) ^ set(balances.items()))[:1]
+        raise LedgerFault(
+            f"balances table disagrees with the postings, e.g. {diff[0] if diff else ''}"
+        )
