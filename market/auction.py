@@ -8,9 +8,10 @@ seller, so it maximises welfare (the sum of bid minus ask over traded energy).
 Tie-break, a total order so that every node matches identically: bids by price descending,
 asks by price ascending, equal prices by position in the input sequence (time priority). The
 engine passes a slot's orders in replicated-log order, so this is the design's
-(price, log position, id) order; ids are unique within a book, positions never tie. Volume and
-the uniform price do not depend on input order at all; only which equal-priced orders fill
-first does.
+(price, log position, id) order; ids are unique within a book, positions never tie. For
+``uniform`` and ``pay_as_bid``, volume and the uniform price do not depend on input order at
+all; only which equal-priced orders fill first does. McAfee excludes the marginal *order*, so
+there time priority among equal prices can change the volume as well.
 
 Mechanisms:
 

@@ -78,7 +78,7 @@ def test_signature_covers_every_field() -> None:
         ("quantity_wh", 6),
         ("price", 10),
         ("grid", "h"),
-        ("side", "sell"),
+        ("side", Side.SELL),
     ]:
         assert not o.model_copy(update={field: value}).verify(s.did), field
 
