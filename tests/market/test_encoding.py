@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from market import CommandDecodeError, Order, decode_command, encode_command
+from market import CommandDecodeError, Order, Side, decode_command, encode_command
 from market.encoding import EncodingError, canonical_bytes, canonical_json, merkle_root
 from market.identity import (
     IdentityError,
