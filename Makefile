@@ -19,9 +19,11 @@ demo: $(STAMP)
 	$(BIN)/microgrid ledger verify --db sqlite:///demo-ledger.db
 
 ## The whole suite: lint, then every test (soak/nemesis runs bounded and seeded).
+## PostgreSQL tests use the local Debian server (.ci/postgres.sh starts it; skipped if it can't).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	MICROGRID_TEST_PG=$${MICROGRID_TEST_PG:-$$(bash .ci/postgres.sh 2>/dev/null || true)} \
+		$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
