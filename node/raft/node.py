@@ -1,0 +1,202 @@
+"""``RaftNode``: the application's handle on a Raft peer (etcd-raft's ``RawNode``).
+
+The caller loops: feed ``tick()``/``step()``/``propose()``, then ``rd = ready()``; persist
+``rd.snapshot``/``rd.entries``/``rd.hard_state``; send ``rd.messages``; apply
+``rd.committed_entries``; call ``advance(rd)``. Membership changes in committed entries
+take effect inside ``advance`` (when the application has applied them).
+"""
+
+from __future__ import annotations
+
+from node.raft.codec import decode_conf_change, encode_conf_change
+from node.raft.config import Config
+from node.raft.errors import RaftError
+from node.raft.progress import ProgressState
+from node.raft.raft import Raft
+from node.raft.storage import Storage
+from node.raft.types import (
+    NONE,
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    EntryType,
+    HardState,
+    Message,
+    Ready,
+    Role,
+    Snapshot,
+    SoftState,
+    Status,
+)
+
+
+class RaftNode:
+    """A Raft peer over a ``Storage`` holding what it persisted before (empty when new)."""
+
+    def __init__(self, config: Config, storage: Storage) -> None:
+        self.config = config
+        self.storage = storage
+        self.raft = Raft(config, storage)
+        self._prev_soft: SoftState = self.raft.soft_state()
+        self._prev_hard: HardState = storage.initial_state()[0]
+        self._first_soft = True
+
+    # -- inputs ----------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One logical clock tick."""
+        self.raft.tick()
+
+    def step(self, message: Message) -> None:
+        """Handle a message received from a peer. Messages not addressed here are ignored."""
+        if message.to != self.raft.id:
+            return
+        self.raft.step(message)
+
+    def campaign(self) -> None:
+        """Start an election now (pre-vote first when enabled)."""
+        self.raft.hup()
+
+    def propose(self, data: bytes) -> int:
+        """Leader: append one command; returns its log index. Raises ``NotLeader`` elsewhere."""
+        return self.raft.propose([bytes(data)])
+
+    def propose_batch(self, datas: list[bytes]) -> int:
+        """Leader: append several commands at once; returns the last index."""
+        return self.raft.propose([bytes(d) for d in datas])
+
+    def propose_conf_change(self, cc: ConfChange) -> int:
+        """Leader: propose one membership change; raises ``ConfChangeRejected`` if one is
+        still pending. Returns the entry's index."""
+        return self.raft.propose_conf_change(cc, encode_conf_change(cc))
+
+    def add_voter(self, node_id: str) -> int:
+        """Propose adding ``node_id`` as a voter (promotes it if it is a learner)."""
+        return self.propose_conf_change(ConfChange(ConfChangeType.ADD_VOTER, node_id))
+
+    def add_learner(self, node_id: str) -> int:
+        """Propose adding ``node_id`` as a non-voting learner."""
+        return self.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, node_id))
+
+    def remove_node(self, node_id: str) -> int:
+        """Propose removing ``node_id`` (voter or learner, the leader included)."""
+        return self.propose_conf_change(ConfChange(ConfChangeType.REMOVE_NODE, node_id))
+
+    def transfer_leader(self, target: str) -> None:
+        """Ask the leader to hand over to ``target`` (forwarded if we are a follower)."""
+        self.raft.transfer_leader(target)
+
+    def report_snapshot_failed(self, peer: str) -> None:
+        """Transport: sending a snapshot to ``peer`` failed; the leader will retry later."""
+        pr = self.raft.prs.get(peer)
+        if self.raft.role == Role.LEADER and pr is not None and pr.state == ProgressState.SNAPSHOT:
+            pr.become_probe()
+
+    def compact(self, index: int, data: bytes) -> Snapshot:
+        """Record the application's snapshot ``data`` taken at applied ``index`` and drop the
+        log up to it. The snapshot's membership is the one in force at ``index``."""
+        if index > self.raft.log.applied:
+            raise RaftError(f"cannot snapshot at {index}: only {self.raft.log.applied} applied")
+        if index < self.raft.conf_index:
+            raise RaftError(
+                f"cannot snapshot at {index}: membership changed at {self.raft.conf_index}"
+            )
+        create = getattr(self.storage, "create_snapshot", None)
+        compact = getattr(self.storage, "compact", None)
+        if create is None or compact is None:
+            raise RaftError("storage does not support snapshots")
+        snap: Snapshot = create(index, self.raft.conf_state(), data)
+        compact(index)
+        return snap
+
+    # -- outputs ---------------------------------------------------------------------------
+    def has_ready(self) -> bool:
+        """Is there anything for the caller to do?"""
+        r = self.raft
+        if r.soft_state() != self._prev_soft:
+            return True
+        hs = r.hard_state()
+        if hs != self._prev_hard and not hs.is_empty():
+            return True
+        if r.log.unstable.snapshot is not None or r.log.unstable.entries or r.msgs:
+            return True
+        return r.log.has_next_committed_entries()
+
+    def ready(self) -> Ready:
+        """Collect the work for the caller. Messages are handed out once."""
+        r = self.raft
+        soft = r.soft_state()
+        hs = r.hard_state()
+        rd = Ready(
+            soft_state=soft if soft != self._prev_soft else None,
+            hard_state=hs if hs != self._prev_hard and not hs.is_empty() else None,
+            entries=tuple(r.log.unstable_entries()),
+            snapshot=r.log.unstable.snapshot,
+            messages=tuple(r.msgs),
+            committed_entries=tuple(r.log.next_committed_entries()),
+        )
+        r.msgs = []
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The caller persisted, sent and applied ``rd``."""
+        r = self.raft
+        if rd.soft_state is not None:
+            self._prev_soft = rd.soft_state
+        if rd.hard_state is not None:
+            self._prev_hard = rd.hard_state
+        if rd.snapshot is not None:
+            r.log.unstable.stable_snap_to(rd.snapshot.metadata.index)
+            if rd.snapshot.metadata.index > r.log.applied:
+                r.log.applied = rd.snapshot.metadata.index
+        if rd.entries:
+            last = rd.entries[-1]
+            r.log.unstable.stable_to(last.index, last.term)
+        for e in rd.committed_entries:
+            if e.index <= r.log.applied:
+                continue
+            r.log.applied_to(e.index)
+            if e.type == EntryType.CONF_CHANGE:
+                r.apply_conf_change(decode_conf_change(e.data), e.index)
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """This node's id."""
+        return self.raft.id
+
+    @property
+    def role(self) -> str:
+        """Current role as a string."""
+        return str(self.raft.public_role())
+
+    @property
+    def leader(self) -> str | None:
+        """Known leader, or None."""
+        return self.raft.lead or None
+
+    def conf_state(self) -> ConfState:
+        """Membership in force."""
+        return self.raft.conf_state()
+
+    def status(self) -> Status:
+        """A snapshot of this node's state."""
+        r = self.raft
+        progress = {}
+        if r.role == Role.LEADER:
+            progress = {p: (pr.match, pr.next, str(pr.state)) for p, pr in r.prs.items()}
+        cs = r.conf_state()
+        return Status(
+            id=r.id,
+            role=str(r.public_role()),
+            term=r.term,
+            leader=r.lead or None,
+            commit=r.log.committed,
+            applied=r.log.applied,
+            vote=r.vote,
+            last_index=r.log.last_index(),
+            first_index=r.log.first_index(),
+            voters=cs.voters,
+            learners=cs.learners,
+            progress=progress,
+            lead_transferee=r.lead_transferee if r.lead_transferee != NONE else None,
+        )
