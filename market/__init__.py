@@ -29,7 +29,9 @@ from market.models import (
     SettleSlot,
     Side,
     Trade,
+    decode_batch,
     decode_command,
+    encode_batch,
     encode_command,
 )
 from market.state import MarketConfig, Reputation, State, apply
@@ -66,6 +68,8 @@ __all__ = [
     "Transaction",
     "apply",
     "clear",
+    "decode_batch",
     "decode_command",
+    "encode_batch",
     "encode_command",
 ]

@@ -109,6 +109,14 @@ class _Side:
             bad = next(r for r in rows if r[1] <= 0)
             raise ClearingError(f"order {bad[2]!r} has non-positive quantity {bad[1]}")
 
+    def head(self, n: int) -> _Side:
+        """The first ``n`` orders of this side, sharing this side's columns."""
+        side = _Side.__new__(_Side)
+        side.rows = self.rows[:n]
+        side.prices = self.prices[:n]
+        side.cumulative = self.cumulative[:n]
+        return side
+
     def ids(self, n: int) -> list[str]:
         """Ids of the first ``n`` orders (only the traded prefix is ever needed)."""
         return list(map(_third, self.rows[:n]))
@@ -243,10 +251,14 @@ def _clear_sorted(bids: _Side, asks: _Side, mechanism: str, k: Fraction) -> Clea
         trades = _trades(bids, asks, bid_index, ask_index, quantities, pair_prices, pair_prices)
         return Clearing(mechanism, trades, None, volume, bids.volume, asks.volume)
 
-    return _mcafee(bids, asks, volume, last_bid, last_ask)
+    return _mcafee(bids, asks, bid_index, ask_index, quantities)
 
 
-def _mcafee(bids: _Side, asks: _Side, volume: int, last_bid: int, last_ask: int) -> Clearing:
+def _mcafee(
+    bids: _Side, asks: _Side, bid_index: list[int], ask_index: list[int], quantities: list[int]
+) -> Clearing:
+    volume = sum(quantities)
+    last_bid, last_ask = bid_index[-1], ask_index[-1]
     b, a = bids.prices[last_bid], asks.prices[last_ask]
     # Prices of the next unit of demand / supply that does not trade (the marginal order's
     # own price when it is only partly filled).
@@ -255,11 +267,10 @@ def _mcafee(bids: _Side, asks: _Side, volume: int, last_bid: int, last_ask: int)
     if next_bid is not None and next_ask is not None:
         p0 = next_ask + (next_bid - next_ask) // 2
         if a <= p0 <= b:
-            bid_index, ask_index, quantities = _match(bids, asks)
             trades = _trades(bids, asks, bid_index, ask_index, quantities, repeat(p0), repeat(p0))
             return Clearing("mcafee", trades, p0, volume, bids.volume, asks.volume)
     # Trade reduction: drop the marginal bid and ask orders, re-match the rest.
-    kept_bids, kept_asks = _Side(bids.rows[:last_bid]), _Side(asks.rows[:last_ask])
+    kept_bids, kept_asks = bids.head(last_bid), asks.head(last_ask)
     bid_index, ask_index, quantities = _match(kept_bids, kept_asks)
     trades = _trades(kept_bids, kept_asks, bid_index, ask_index, quantities, repeat(b), repeat(a))
     price = b if trades and a == b else None

@@ -29,6 +29,7 @@ class RejectReason(StrEnum):
     NOT_OPERATOR = "not_operator"
     INVALID_HOUSEHOLD_ID = "invalid_household_id"
     OUT_OF_SEQUENCE = "out_of_sequence"
+    MALFORMED = "malformed"
 
 
 class Rejection(Exception):

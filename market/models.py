@@ -10,6 +10,8 @@ the engine and is rejected there with a typed reason.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
@@ -28,6 +30,8 @@ from market.identity import verify_signature
 
 MAX_COMMAND_BYTES = 16 * 1024
 """Upper bound on one encoded command; anything larger is rejected before parsing."""
+MAX_BATCH_BYTES = 1024 * 1024
+"""Upper bound on one encoded batch (one replicated log entry)."""
 
 
 class Side(StrEnum):
@@ -174,6 +178,39 @@ def decode_command(data: bytes) -> Command:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
         raise CommandDecodeError(f"malformed command: {loc}: {first['msg']}") from None
+
+
+_BATCH_PREFIX = b"microgrid/batch/v1\n"
+
+
+def encode_batch(commands: Sequence[Command]) -> bytes:
+    """Canonical bytes of a batch of commands: the payload of one replicated log entry."""
+    return _BATCH_PREFIX + canonical_json([c.model_dump(mode="json") for c in commands])
+
+
+def decode_batch(data: bytes) -> list[Command]:
+    """Strictly decode a batch; raises :class:`CommandDecodeError` naming the bad command."""
+    if len(data) > MAX_BATCH_BYTES:
+        raise CommandDecodeError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
+    if not data.startswith(_BATCH_PREFIX):
+        raise CommandDecodeError("not a microgrid v1 command batch")
+    try:
+        items = json.loads(data[len(_BATCH_PREFIX) :])
+    except ValueError as exc:
+        raise CommandDecodeError(f"malformed batch: {exc}") from None
+    if not isinstance(items, list):
+        raise CommandDecodeError("malformed batch: not a list of commands")
+    commands: list[Command] = []
+    for i, item in enumerate(items):
+        try:
+            commands.append(_COMMAND_ADAPTER.validate_python(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"])
+            raise CommandDecodeError(
+                f"malformed command {i} in batch: {loc}: {first['msg']}"
+            ) from None
+    return commands
 
 
 class Trade(NamedTuple):

@@ -101,3 +101,24 @@ def test_decode_rejects_malformed_commands_with_reasons() -> None:
     for data, message in cases.items():
         with pytest.raises(CommandDecodeError, match=message):
             decode_command(data)
+
+
+def test_batches_round_trip_and_reject_bad_members() -> None:
+    from market import decode_batch, encode_batch
+    from market.models import MAX_BATCH_BYTES, CloseGate
+
+    s = signer("x")
+    o = Order(
+        grid="g", id="1", household=s.did, side="buy", slot=1, quantity_wh=5, price=9, nonce=1
+    ).signed_by(s)
+    batch = [o, CloseGate(slot=1)]
+    assert decode_batch(encode_batch(batch)) == batch
+    assert decode_batch(encode_batch([])) == []
+    with pytest.raises(CommandDecodeError, match="command 1 in batch"):
+        decode_batch(b'microgrid/batch/v1\n[{"type":"close_gate","slot":1},{"type":"settle"}]')
+    with pytest.raises(CommandDecodeError, match="not a microgrid"):
+        decode_batch(encode_command(o))
+    with pytest.raises(CommandDecodeError, match="not a list"):
+        decode_batch(b'microgrid/batch/v1\n{"a":1}')
+    with pytest.raises(CommandDecodeError, match="exceeds"):
+        decode_batch(b"x" * (MAX_BATCH_BYTES + 1))

@@ -1,0 +1,115 @@
+"""The replicated state machine's shell: committed log entries in, engine + ledger out.
+
+Every node feeds each committed Raft entry, in index order, to :meth:`Replica.apply_entry`. The
+entry's payload is a batch of commands (``market.encode_batch``); the contract engine applies
+them and the ledger store records what they produced together with the entry's index, in one
+database transaction. So after a crash the ledger's ``applied_index`` says exactly which
+entries are in it: on restart the engine state is rebuilt from the newest engine snapshot and
+the entries after it are re-applied to the engine only (they are already in the ledger), then
+new entries go to both. Nothing is lost and nothing is recorded twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from market import (
+    CommandDecodeError,
+    Event,
+    MarketConfig,
+    Rejected,
+    RejectReason,
+    State,
+    apply,
+    decode_batch,
+)
+from market.snapshot import dump_state, load_state
+from node.ledger import LedgerStore
+
+
+class ReplicaError(RuntimeError):
+    """The log and the ledger disagree in a way that must stop the node (a gap, a fork)."""
+
+
+class Replica:
+    """Applies committed entries exactly once to the engine and the ledger store."""
+
+    def __init__(self, config: MarketConfig, store: LedgerStore | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.state = State.initial(config)
+        self.applied_index = 0
+        if store is not None:
+            store.init_genesis(config)
+
+    @classmethod
+    def recover(
+        cls,
+        config: MarketConfig,
+        store: LedgerStore,
+        snapshot: tuple[int, bytes] | None,
+        entries: Iterable[tuple[int, bytes]],
+    ) -> Replica:
+        """Rebuild after a restart.
+
+        ``snapshot`` is the newest engine snapshot ``(index, bytes)`` (None: start from
+        genesis); ``entries`` yields the committed log entries after it in order. Those up to
+        the ledger's ``applied_index`` are replayed into the engine without writing; the caller
+        then continues with :meth:`apply_entry` from ``applied_index + 1``.
+        """
+        replica = cls(config, store)
+        ledger_index = store.applied_index()
+        if snapshot is not None:
+            index, data = snapshot
+            if index > ledger_index:
+                raise ReplicaError(
+                    f"engine snapshot at index {index} is ahead of the ledger at {ledger_index}"
+                )
+            replica.state = load_state(data)
+            replica.applied_index = index
+        for index, data in entries:
+            if index > ledger_index:
+                break
+            replica._apply(index, data)
+        if replica.applied_index != ledger_index:
+            raise ReplicaError(
+                f"ledger is at log index {ledger_index} but the log ends at "
+                f"{replica.applied_index}: committed entries are missing"
+            )
+        head = store.head()
+        if head is not None and head.hash != replica.state.head_hash:
+            raise ReplicaError(
+                f"replayed engine head {replica.state.head_hash[:16]}… differs from the "
+                f"ledger head {head.hash[:16]}… at height {head.height}: the ledger has forked"
+            )
+        return replica
+
+    def apply_entry(self, index: int, data: bytes) -> list[Event]:
+        """Apply committed entry ``index`` (idempotent for entries already applied)."""
+        if index <= self.applied_index:
+            return []
+        events = self._apply(index, data)
+        if self.store is not None:
+            self.store.record(events, applied_index=index)
+        return events
+
+    def snapshot(self) -> tuple[int, bytes]:
+        """``(applied index, engine snapshot bytes)`` for Raft log compaction."""
+        return self.applied_index, dump_state(self.state)
+
+    def _apply(self, index: int, data: bytes) -> list[Event]:
+        if index != self.applied_index + 1:
+            raise ReplicaError(f"entry {index} applied after {self.applied_index}: a gap")
+        events: list[Event] = []
+        if data:  # empty entries are Raft's own (leader no-ops, configuration changes)
+            try:
+                commands = decode_batch(data)
+            except CommandDecodeError as exc:
+                # Every node decodes the same bytes the same way, so this is deterministic.
+                commands = []
+                events.append(Rejected(RejectReason.MALFORMED, str(exc), "batch", None))
+            for command in commands:
+                self.state, produced = apply(self.state, command)
+                events.extend(produced)
+        self.applied_index = index
+        return events
