@@ -28,8 +28,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python -m bench
+## Benchmarks run in their own environment (peer libraries such as pymarket pin old pandas).
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -e '.[dev,dashboard]' -r bench/requirements.txt
+	touch $(BENCH_VENV)/.installed
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m bench $(BENCHES)
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-ledger.db*
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo-ledger.db*
