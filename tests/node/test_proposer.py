@@ -1,0 +1,77 @@
+"""The leader's proposer and the slot schedule, driven by a simulated clock into a real engine."""
+
+from __future__ import annotations
+
+from market import CloseGate, SettleSlot, SlotSettled, State, apply
+from node import simulate
+from node.proposer import EngineView, Proposer
+from node.schedule import Schedule
+
+SCHED = Schedule(slot_seconds=60, gate_lead_seconds=10, settle_delay_seconds=5)
+
+
+def test_schedule_arithmetic() -> None:
+    s = SCHED
+    assert s.slot_at(0) == 0 and s.slot_at(59.9) == 0 and s.slot_at(60) == 1
+    assert s.gate_time(2) == 110 and s.settle_time(2) == 185
+    assert s.open_slot(109.9) == 2 and s.open_slot(110) == 3
+    assert s.last_due_gate(110) == 2
+    assert s.slot_at(-1) == -1
+
+
+def view(state: State) -> EngineView:
+    return EngineView(state.closed_through, state.settled_through)
+
+
+def test_records_are_proposed_once_and_retried_only_after_timeout() -> None:
+    sim = simulate.build(3, seed=1)
+    regs = simulate.registrations(sim)
+    trading, _ = simulate.slot_commands(sim, 5)
+    order = trading[0]
+    p = Proposer(SCHED, retry_after=5)
+    quiet = EngineView(closed_through=0, settled_through=-1)  # nothing else due before t=50
+    assert p.offer(order) and not p.offer(order)
+    assert p.next_batch(0, quiet) == [order]
+    assert p.next_batch(1, quiet) == []
+    assert p.next_batch(5, quiet) == [order]  # not committed: retried
+    p.committed(order)
+    assert p.next_batch(20, quiet) == []
+    assert regs  # registrations are the genesis's, never proposed by the leader
+
+
+def test_gates_and_settlements_follow_the_clock_in_slot_order() -> None:
+    sim = simulate.build(3, seed=2)
+    state = State.initial(sim.config)
+    for reg in simulate.registrations(sim):
+        state, _ = apply(state, reg)
+    p = Proposer(SCHED, retry_after=1000)
+    applied: list = []
+    blocks = []
+    for now in range(100, 700, 1):
+        batch = p.next_batch(now, view(state))
+        for cmd in batch:
+            state, events = apply(state, cmd)
+            p.committed(cmd)
+            applied.append((now, cmd))
+            blocks += [e for e in events if isinstance(e, SlotSettled)]
+    gates = [(t, c.slot) for t, c in applied if isinstance(c, CloseGate)]
+    settles = [(t, c.slot) for t, c in applied if isinstance(c, SettleSlot)]
+    first = SCHED.last_due_gate(100)
+    assert [s for _, s in gates] == list(range(first, first + len(gates)))
+    assert all(t >= SCHED.gate_time(s) for t, s in gates)
+    assert all(t == SCHED.gate_time(s) for t, s in gates[1:])  # each exactly when due
+    assert [s for _, s in settles] == list(range(first, first + len(settles)))
+    assert all(t == SCHED.settle_time(s) for t, s in settles)
+    assert [b.slot for b in blocks] == [s for _, s in settles]
+
+
+def test_a_new_leader_catches_up_missed_deadlines_in_one_batch() -> None:
+    p = Proposer(SCHED)
+    now = SCHED.settle_time(10) + 1
+    batch = p.next_batch(now, EngineView(closed_through=7, settled_through=6))
+    gates = [c.slot for c in batch if isinstance(c, CloseGate)]
+    settles = [c.slot for c in batch if isinstance(c, SettleSlot)]
+    assert gates == list(range(8, SCHED.last_due_gate(now) + 1))
+    assert settles == [7, 8, 9, 10]
+    # The same deadlines are not proposed twice while in flight.
+    assert p.next_batch(now, EngineView(closed_through=7, settled_through=6)) == []
