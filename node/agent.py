@@ -1,0 +1,92 @@
+"""The household agent: turns what the meter measured into an order for an upcoming slot.
+
+Pure and integer-only. The forecast is an exponentially weighted average of the household's net
+export per slot-of-day (yesterday's 12:15 predicts today's 12:15), falling back to the most recent
+slot when a slot-of-day has not been seen yet. The strategy then offers only a safe share of a
+forecast surplus (a household must never promise more than it can deliver: a shortfall is bought
+back at the retail price) and bids for the forecast deficit, at limit prices inside the band.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from market import MarketConfig, Side
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """A household's trading preferences (from its config)."""
+
+    sell_floor: int | None = None
+    """Least it accepts per kWh; default a quarter of the way up from the feed-in tariff."""
+    buy_cap: int | None = None
+    """Most it pays per kWh; default a quarter of the way down from the retail price."""
+    safety: Fraction = Fraction(4, 5)
+    """Share of the forecast surplus offered."""
+    min_order_wh: int = 10
+    max_order_wh: int = 50_000
+
+    def limits(self, config: MarketConfig) -> tuple[int, int]:
+        """(sell limit, buy limit) clamped into the market's price band."""
+        lo, hi = config.feed_in_tariff, config.retail_price
+        quarter = (hi - lo) // 4
+        sell = self.sell_floor if self.sell_floor is not None else lo + quarter
+        buy = self.buy_cap if self.buy_cap is not None else hi - quarter
+        return min(max(sell, lo), hi), min(max(buy, lo), hi)
+
+
+@dataclass(frozen=True, slots=True)
+class OrderPlan:
+    """What to offer in a slot (the node signs it into an Order)."""
+
+    slot: int
+    side: Side
+    quantity_wh: int
+    price: int
+
+
+@dataclass
+class Forecaster:
+    """Net export per slot, learned per slot-of-day."""
+
+    slots_per_day: int
+    weight: Fraction = Fraction(1, 2)
+    """Weight of the newest observation in the average."""
+    by_time_of_day: dict[int, Fraction] = field(default_factory=dict)
+    last: int | None = None
+
+    def observe(self, slot: int, net_export_wh: int) -> None:
+        """Learn the net export the meter measured in ``slot``."""
+        key = slot % self.slots_per_day
+        old = self.by_time_of_day.get(key)
+        value = Fraction(net_export_wh)
+        self.by_time_of_day[key] = value if old is None else old + self.weight * (value - old)
+        self.last = net_export_wh
+
+    def predict(self, slot: int) -> int | None:
+        """Forecast net export of ``slot`` in Wh (None before any observation)."""
+        known = self.by_time_of_day.get(slot % self.slots_per_day)
+        if known is not None:
+            return int(known)
+        return self.last
+
+
+def plan_order(
+    slot: int, forecast_net_wh: int | None, strategy: Strategy, config: MarketConfig
+) -> OrderPlan | None:
+    """The order for ``slot``, or None when the forecast is unknown or too small to trade."""
+    if forecast_net_wh is None:
+        return None
+    sell_limit, buy_limit = strategy.limits(config)
+    if forecast_net_wh > 0:
+        qty = int(forecast_net_wh * strategy.safety)
+        side, price = Side.SELL, sell_limit
+    else:
+        qty = -forecast_net_wh
+        side, price = Side.BUY, buy_limit
+    qty = min(qty, strategy.max_order_wh, config.max_order_wh)
+    if qty < strategy.min_order_wh:
+        return None
+    return OrderPlan(slot, side, qty, price)
