@@ -127,6 +127,9 @@ class Simulation:
         self.blocked: set[tuple[str, str]] = set()
         self.sent: Counter[MessageType] = Counter()
         self.delivered = 0
+        self.intercept: Callable[[Message], Message | None] | None = None
+        """Scripted faults: sees every message sent; returns it (possibly altered) or None
+        to drop it."""
         self.before_persist: Callable[[str, Ready], str | None] | None = None
         """Hook on every Ready: return "before" to crash the node before it persists the
         Ready, "after" to crash it after persisting but before sending, None to go on."""
@@ -255,6 +258,11 @@ class Simulation:
         self.sent[m.type] += 1
         if (m.frm, m.to) in self.blocked:
             return
+        if self.intercept is not None:
+            m2 = self.intercept(m)
+            if m2 is None:
+                return
+            m = m2
         copies = 1
         if self.net.drop_pm and self.rng.randrange(1000) < self.net.drop_pm:
             copies = 0
