@@ -132,7 +132,8 @@ class Simulation:
         to drop it."""
         self.before_persist: Callable[[str, Ready], str | None] | None = None
         """Hook on every Ready: return "before" to crash the node before it persists the
-        Ready, "after" to crash it after persisting but before sending, None to go on."""
+        Ready, "after" to crash it after persisting but before sending, "sent" to crash it
+        right after sending (before applying), None to go on."""
         # invariant bookkeeping
         self.leaders: dict[int, str] = {}
         self.committed: dict[int, Entry] = {}
@@ -305,6 +306,9 @@ class Simulation:
                 if prev != m.to:
                     self._fail(f"{nid} voted for {prev} and {m.to} in term {m.term}")
             self.send(m)
+        if crash == "sent":
+            self.crash(nid)
+            return
         app = self.apps[nid]
         if rd.snapshot is not None:
             app2 = App.from_snapshot(rd.snapshot.data)
