@@ -411,9 +411,19 @@ class Simulation:
         return (a, b) in self.blocked or (b, a) in self.blocked
 
     def converge(self, max_ticks: int = 300, nodes: Iterable[str] | None = None) -> None:
-        """Run until the given (default: all running) nodes applied the same index as the
-        leader's commit; then check every acknowledged entry is there."""
-        targets = list(nodes) if nodes is not None else self.alive()
+        """Run until the given nodes (default: every running member of the leader's
+        configuration) applied the leader's whole log; then check every acknowledged entry
+        is there."""
+        fixed = list(nodes) if nodes is not None else None
+
+        def targets() -> list[str]:
+            if fixed is not None:
+                return fixed
+            lead = self.leader()
+            if lead is None:
+                return self.alive()
+            r = self.node(lead).raft
+            return [i for i in self.alive() if i in r.voters or i in r.learners]
 
         def done() -> bool:
             lead = self.leader()
@@ -422,13 +432,13 @@ class Simulation:
             commit = self.node(lead).raft.log.committed
             lead_last = self.node(lead).raft.log.last_index()
             return commit == lead_last and all(
-                self.nodes[i] is not None and self.apps[i].applied == commit for i in targets
+                self.nodes[i] is not None and self.apps[i].applied == commit for i in targets()
             )
 
         if not self.run_until(done, max_ticks):
             states = {
                 i: (self.apps[i].applied, self.nodes[i] and self.node(i).status().role)
-                for i in targets
+                for i in targets()
             }
             self._fail(f"no convergence within {max_ticks} ticks: {states}")
         self.check_acked()
