@@ -11,9 +11,10 @@ new entries go to both. Nothing is lost and nothing is recorded twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from market import (
+    Command,
     CommandDecodeError,
     Event,
     MarketConfig,
@@ -34,13 +35,32 @@ class ReplicaError(RuntimeError):
 class Replica:
     """Applies committed entries exactly once to the engine and the ledger store."""
 
-    def __init__(self, config: MarketConfig, store: LedgerStore | None = None) -> None:
+    def __init__(
+        self,
+        config: MarketConfig,
+        store: LedgerStore | None = None,
+        observer: Callable[[Command], None] | None = None,
+        genesis: Sequence[Command] = (),
+    ) -> None:
         self.config = config
         self.store = store
+        self.observer = observer
+        """Called with every command as it is applied (the leader's proposer listens)."""
         self.state = State.initial(config)
         self.applied_index = 0
+        # The genesis membership is the engine's starting point, not part of the Raft log: it
+        # is applied before log index 1 and recorded once, when the ledger is new.
+        genesis_events: list[Event] = []
+        for command in genesis:
+            self.state, produced = apply(self.state, command)
+            rejected = [e for e in produced if isinstance(e, Rejected)]
+            if rejected:
+                raise ReplicaError(f"genesis command rejected: {rejected[0]}")
+            genesis_events.extend(produced)
         if store is not None:
             store.init_genesis(config)
+            if store.meta().get("genesis_applied") != "1":
+                store.record(genesis_events, applied_index=0, meta={"genesis_applied": "1"})
 
     @classmethod
     def recover(
@@ -49,6 +69,7 @@ class Replica:
         store: LedgerStore,
         snapshot: tuple[int, bytes] | None,
         entries: Iterable[tuple[int, bytes]],
+        genesis: Sequence[Command] = (),
     ) -> Replica:
         """Rebuild after a restart.
 
@@ -57,7 +78,7 @@ class Replica:
         the ledger's ``applied_index`` are replayed into the engine without writing; the caller
         then continues with :meth:`apply_entry` from ``applied_index + 1``.
         """
-        replica = cls(config, store)
+        replica = cls(config, store, genesis=genesis)
         ledger_index = store.applied_index()
         if snapshot is not None:
             index, data = snapshot
@@ -93,6 +114,27 @@ class Replica:
             self.store.record(events, applied_index=index)
         return events
 
+    def install_snapshot(self, index: int, data: bytes) -> None:
+        """Jump to a snapshot received from the leader (this node fell behind a compacted log).
+
+        The engine continues from the snapshot at once. The ledger cannot be rebuilt from an
+        engine snapshot: blocks between the ledger's head and the snapshot's height must be
+        fetched from a peer's ledger and checked against the snapshot's head hash (block sync);
+        until then ``meta.block_sync_needed`` names the missing heights and ``ledger verify``
+        reports the gap.
+        """
+        if index <= self.applied_index:
+            return
+        state = load_state(data)
+        if self.store is not None:
+            head = self.store.head()
+            have = head.height if head else 0
+            if state.height > have:
+                self.store.set_meta("block_sync_needed", f"{have + 1}..{state.height}")
+            self.store.record([], applied_index=index)
+        self.state = state
+        self.applied_index = index
+
     def snapshot(self) -> tuple[int, bytes]:
         """``(applied index, engine snapshot bytes)`` for Raft log compaction."""
         return self.applied_index, dump_state(self.state)
@@ -111,5 +153,7 @@ class Replica:
             for command in commands:
                 self.state, produced = apply(self.state, command)
                 events.extend(produced)
+                if self.observer is not None:
+                    self.observer(command)
         self.applied_index = index
         return events

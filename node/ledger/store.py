@@ -101,6 +101,12 @@ class LedgerStore:
         with self.engine.connect() as conn:
             return _meta(conn)
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Insert or replace one meta entry."""
+        with self.engine.begin() as conn:
+            conn.execute(t.meta.delete().where(t.meta.c.key == key))
+            conn.execute(insert(t.meta).values(key=key, value=value))
+
     def applied_index(self) -> int:
         """The last log index whose events were recorded (0 if none)."""
         return int(self.meta().get("applied_index", "0"))
@@ -115,8 +121,13 @@ class LedgerStore:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def record(self, events: Iterable[Event], applied_index: int | None = None) -> None:
-        """Persist ``events`` (and the applied log index) in one database transaction."""
+    def record(
+        self,
+        events: Iterable[Event],
+        applied_index: int | None = None,
+        meta: dict[str, str] | None = None,
+    ) -> None:
+        """Persist ``events``, the applied log index and ``meta`` in one database transaction."""
         try:
             with self.engine.begin() as conn:
                 for ev in events:
@@ -132,6 +143,9 @@ class LedgerStore:
                         .where(t.meta.c.key == "applied_index")
                         .values(value=str(applied_index))
                     )
+                for key, value in (meta or {}).items():
+                    conn.execute(t.meta.delete().where(t.meta.c.key == key))
+                    conn.execute(insert(t.meta).values(key=key, value=value))
         except SQLAlchemyError as exc:
             raise LedgerStoreError(f"writing to {self.url} failed: {exc}") from exc
 

@@ -1,0 +1,158 @@
+"""The trio shell around the Raft core: ticks, messages, persistence, proposals, applying.
+
+One task owns the :class:`~node.raft.RaftNode` (it is not thread-safe and needs no locks that
+way). Its loop: wait for a peer message or the next tick, step or tick the core, let the leader
+propose due work, then drain ``Ready``: persist (in a worker thread: SQLite fsyncs), send,
+apply committed entries through the :class:`~node.replica.Replica`, ``advance``. Messages are
+sent only after what they promise is on disk, as Raft requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from market import encode_batch
+from node.proposer import EngineView, Proposer
+from node.raft import EntryType, Message, NotLeader, RaftNode, Ready, Storage
+from node.replica import Replica
+
+log = logging.getLogger(__name__)
+
+
+class Transport(Protocol):
+    """Sends Raft messages to peers. Must not block: a slow peer's messages are dropped."""
+
+    def send(self, message: Message) -> None:
+        """Queue ``message`` for ``message.to``."""
+
+
+@dataclass
+class DriverStats:
+    """Counters for metrics and the status API."""
+
+    ticks: int = 0
+    steps: int = 0
+    proposals: int = 0
+    proposed_commands: int = 0
+    applied_entries: int = 0
+    snapshots: int = 0
+    dropped_inbound: int = 0
+
+
+@dataclass
+class ConsensusDriver:
+    """Drives one Raft peer and applies what commits."""
+
+    raft: RaftNode
+    storage: Storage
+    replica: Replica
+    proposer: Proposer
+    transport: Transport
+    tick_seconds: float = 0.1
+    propose_every: float = 0.2
+    snapshot_every: int = 5000
+    """Compact the log after this many applied entries (0: never)."""
+    wall_clock: Callable[[], float] = time.time
+    inbox_size: int = 1024
+    stats: DriverStats = field(default_factory=DriverStats)
+
+    def __post_init__(self) -> None:
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
+        self._last_snapshot = self.replica.applied_index
+
+    def deliver(self, message: Message) -> None:
+        """Hand a received message to the driver; dropped (and counted) when the inbox is full."""
+        try:
+            self._inbox_send.send_nowait(message)
+        except trio.WouldBlock:
+            self.stats.dropped_inbound += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled."""
+        task_status.started()
+        next_tick = trio.current_time() + self.tick_seconds
+        next_propose = trio.current_time()
+        while True:
+            with trio.move_on_after(max(0.0, next_tick - trio.current_time())):
+                message = await self._inbox.receive()
+                self._step(message)
+                while True:  # drain what else arrived, then process it in one Ready
+                    try:
+                        self._step(self._inbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+            now = trio.current_time()
+            if now >= next_tick:
+                self.raft.tick()
+                self.stats.ticks += 1
+                next_tick = now + self.tick_seconds
+            if now >= next_propose:
+                self._propose()
+                next_propose = now + self.propose_every
+            await self._drain_ready()
+
+    def _step(self, message: Message) -> None:
+        self.stats.steps += 1
+        self.raft.step(message)
+
+    def _propose(self) -> None:
+        if self.raft.role != "leader":
+            return
+        state = self.replica.state
+        batch = self.proposer.next_batch(
+            self.wall_clock(), EngineView(state.closed_through, state.settled_through)
+        )
+        if not batch:
+            return
+        try:
+            self.raft.propose(encode_batch(batch))
+        except NotLeader:
+            return  # lost leadership this instant; the records stay queued for retry
+        self.stats.proposals += 1
+        self.stats.proposed_commands += len(batch)
+
+    async def _drain_ready(self) -> None:
+        while self.raft.has_ready():
+            rd = self.raft.ready()
+            await trio.to_thread.run_sync(self._persist, rd)
+            for message in rd.messages:
+                self.transport.send(message)
+            if rd.committed_entries:
+                await trio.to_thread.run_sync(self._apply, rd)
+            self.raft.advance(rd)
+        await self._maybe_compact()
+
+    def _persist(self, rd: Ready) -> None:
+        if rd.snapshot is not None:
+            self.storage.apply_snapshot(rd.snapshot)
+        if rd.entries:
+            self.storage.append(list(rd.entries))
+        if rd.hard_state is not None:
+            self.storage.set_hard_state(rd.hard_state)
+
+    def _apply(self, rd: Ready) -> None:
+        if rd.snapshot is not None and rd.snapshot.metadata.index > self.replica.applied_index:
+            self.replica.install_snapshot(rd.snapshot.metadata.index, rd.snapshot.data)
+        for entry in rd.committed_entries:
+            data = entry.data if entry.type == EntryType.NORMAL else b""
+            self.replica.apply_entry(entry.index, data)
+            self.stats.applied_entries += 1
+
+    async def _maybe_compact(self) -> None:
+        applied = self.replica.applied_index
+        if not self.snapshot_every or applied - self._last_snapshot < self.snapshot_every:
+            return
+        index, data = self.replica.snapshot()
+        try:
+            self.raft.compact(index, data)
+        except Exception as exc:  # a pending membership change: try again later
+            log.info("log compaction at %d postponed: %s", index, exc)
+            return
+        self._last_snapshot = index
+        self.stats.snapshots += 1
