@@ -1,0 +1,12 @@
+"""The meter simulator: households with PV, load and battery behind real Modbus servers.
+
+:class:`~meter.sim.server.MeterSimulator` is the in-process entry point (tests, bench);
+``microgrid meter-sim`` is the command line one.
+"""
+
+from meter.sim.faults import Faults
+from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
+from meter.sim.server import MeterSimulator
+
+__all__ = ["Faults", "Household", "HouseholdConfig", "MeterSimulator", "MeterState",
+           "make_households"]

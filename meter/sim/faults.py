@@ -1,0 +1,40 @@
+"""Fault injection flags for one simulated meter.
+
+Persistent faults (``no_answer``, ``slow_s``, ``exception_code``, ``nan``) last until cleared;
+``counter_reset`` and ``serial_change`` are one-shot actions applied to the household's meter
+(see :meth:`meter.sim.server.MeterSimulator.set_fault`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FAULT_KINDS = ("no_answer", "slow", "exception", "nan", "counter_reset", "serial_change")
+
+
+@dataclass
+class Faults:
+    """Active persistent faults of one meter."""
+
+    no_answer: bool = False
+    slow_s: float = 0.0
+    exception_code: int = 0
+    nan: bool = False
+
+    @property
+    def active(self) -> bool:
+        """True when any fault is switched on."""
+        return self.no_answer or self.slow_s > 0 or self.exception_code > 0 or self.nan
+
+
+def parse_fault(text: str) -> tuple[int, str, float]:
+    """Parse ``DEVICE:KIND[=VALUE]`` (e.g. ``3:slow=2.5``, ``1:exception=4``, ``2:nan``)."""
+    try:
+        device, rest = text.split(":", 1)
+        kind, _, value = rest.partition("=")
+        if kind not in FAULT_KINDS:
+            raise ValueError
+        return int(device), kind, float(value) if value else 0.0
+    except ValueError:
+        raise ValueError(f"bad fault {text!r}: expected DEVICE:KIND[=VALUE], KIND one of "
+                         f"{', '.join(FAULT_KINDS)}") from None

@@ -1,0 +1,183 @@
+"""One simulated household: PV, load, optional battery, and the meter's counters.
+
+Everything is a deterministic function of the seed and the simulated time: the simulation
+advances in fixed steps (``step_s``), power is constant within a step, and the import/export
+counters integrate exactly that power, so counters and power readings agree. Power is positive
+for import from the grid (the project's sign convention).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import random
+from dataclasses import dataclass, field, replace
+
+from meter.sim.load import h25_power_w
+from meter.sim.solar import Clouds, pv_power_w
+
+
+@dataclass(frozen=True)
+class HouseholdConfig:
+    """Static description of a simulated household and its meter."""
+
+    index: int
+    device_id: int
+    profile: str = "sdm630"
+    sunspec_model: int = 203
+    serial: int = 10_000_001
+    pv_kwp: float = 0.0
+    annual_kwh: float = 3500.0
+    battery_kwh: float = 0.0
+    battery_kw: float = 0.0
+    shift_s: float = 0.0
+    initial_import_wh: float = 1_000_000.0
+    initial_export_wh: float = 100_000.0
+
+
+@dataclass(frozen=True)
+class MeterState:
+    """What the simulated meter knows at one instant (the truth tests compare against)."""
+
+    device_id: int
+    serial: int
+    time_s: float
+    power_w: float
+    pv_w: float
+    load_w: float
+    battery_w: float
+    soc_wh: float
+    import_wh: float
+    export_wh: float
+    voltage_v: float
+    voltage_l2_v: float
+    voltage_l3_v: float
+    frequency_hz: float
+
+    def field_value(self, name: str) -> float | int:
+        """The value of a profile field name in canonical units (W, V, A, Hz, Wh)."""
+        phases = {"power_l1": self.power_w / 3, "power_l2": self.power_w / 3,
+                  "power_l3": self.power_w / 3}
+        volts = {"voltage": self.voltage_v, "voltage_l2": self.voltage_l2_v,
+                 "voltage_l3": self.voltage_l3_v}
+        if name in phases:
+            return phases[name]
+        if name in volts:
+            return volts[name]
+        if name.startswith("current_l"):
+            v = volts["voltage" if name == "current_l1" else f"voltage_l{name[-1]}"]
+            return self.power_w / 3 / v if v else 0.0
+        simple: dict[str, float | int] = {
+            "power": self.power_w, "frequency": self.frequency_hz,
+            "import_energy": self.import_wh, "export_energy": self.export_wh,
+            "serial": self.serial, "model_id": 1651,
+        }
+        return simple.get(name, 0.0)
+
+
+@dataclass(eq=False)
+class Household:
+    """A household's simulation state; :meth:`step` advances it by one fixed step."""
+
+    config: HouseholdConfig
+    seed: int
+    start: dt.datetime
+    latitude: float
+    clouds: Clouds
+    state: MeterState = field(init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.state = MeterState(
+            device_id=c.device_id, serial=c.serial, time_s=0.0, power_w=0.0, pv_w=0.0,
+            load_w=0.0, battery_w=0.0, soc_wh=c.battery_kwh * 500.0,
+            import_wh=c.initial_import_wh, export_wh=c.initial_export_wh,
+            voltage_v=230.0, voltage_l2_v=230.0, voltage_l3_v=230.0, frequency_hz=50.0,
+        )
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 - bounded cache of seeded noise
+    def _noise(self, slot: int) -> tuple[float, float]:
+        rng = random.Random(f"load:{self.seed}:{self.config.index}:{slot}")
+        return rng.lognormvariate(0.0, 0.35), rng.random()
+
+    def load_w(self, t: float) -> float:
+        """Household consumption at simulated time ``t`` (W)."""
+        when = self.start + dt.timedelta(seconds=t + self.config.shift_s)
+        sod = when.hour * 3600 + when.minute * 60 + when.second
+        base = h25_power_w(when.month, when.weekday(), when.timetuple().tm_yday, sod,
+                           self.config.annual_kwh)
+        factor, spike = self._noise(int((t + self.config.shift_s) // 900))
+        extra = 1800.0 if 17 <= when.hour < 20 and spike < 0.25 else 0.0  # cooking, washing
+        return base * factor + extra
+
+    def pv_w(self, t: float) -> float:
+        """PV production at simulated time ``t`` (W)."""
+        when = self.start + dt.timedelta(seconds=t)
+        hour = when.hour + when.minute / 60 + when.second / 3600
+        return pv_power_w(self.config.pv_kwp, self.latitude, when.timetuple().tm_yday, hour,
+                          self.clouds.factor(t))
+
+    def step(self, dt_s: float) -> None:
+        """Advance by ``dt_s`` seconds with power held constant over the step."""
+        s, c = self.state, self.config
+        t = s.time_s
+        load, pv = self.load_w(t), self.pv_w(t)
+        net = load - pv
+        battery, soc = 0.0, s.soc_wh
+        if c.battery_kwh > 0:
+            if net < 0:
+                battery = min(-net, c.battery_kw * 1000, (c.battery_kwh * 1000 - soc) * 3600 / dt_s)
+            else:
+                battery = -min(net, c.battery_kw * 1000, soc * 3600 / dt_s)
+            soc += battery * dt_s / 3600
+        grid = net + battery
+        imp = s.import_wh + max(grid, 0.0) * dt_s / 3600
+        exp = s.export_wh + max(-grid, 0.0) * dt_s / 3600
+        rng = random.Random(f"grid:{self.seed}:{c.index}:{int(t // dt_s)}")
+        v = 230.0 + 3.0 * math.sin(t / 7200.0) - grid / 3000.0 + rng.uniform(-0.5, 0.5)
+        self.state = replace(
+            s, time_s=t + dt_s, power_w=grid, pv_w=pv, load_w=load, battery_w=battery,
+            soc_wh=soc, import_wh=imp, export_wh=exp, voltage_v=round(v, 2),
+            voltage_l2_v=round(v + rng.uniform(-1, 1), 2),
+            voltage_l3_v=round(v + rng.uniform(-1, 1), 2),
+            frequency_hz=round(50.0 + rng.uniform(-0.04, 0.04), 3),
+        )
+
+    def reset_counters(self) -> None:
+        """Fault: the meter's counters restart from zero (as after a meter reset)."""
+        self.state = replace(self.state, import_wh=0.0, export_wh=0.0)
+
+    def change_serial(self) -> None:
+        """Fault: the meter is replaced by one with another serial and fresh counters."""
+        self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,
+                             export_wh=3_000.0)
+
+
+def make_households(n: int, seed: int, profiles: list[str] | None = None) -> list[HouseholdConfig]:
+    """``n`` seeded household configs; profiles cycle through ``profiles`` if given, else
+    every fourth household has a SunSpec meter (models 203 and 213 alternating), the rest an
+    SDM630. About a third have no PV, so surplus and deficit households coexist at midday."""
+    if not 1 <= n <= 247:
+        raise ValueError("1..247 households (Modbus device ids)")
+    configs = []
+    for i in range(n):
+        rng = random.Random(f"household:{seed}:{i}")
+        profile = profiles[i % len(profiles)] if profiles else "sunspec" if i % 4 == 3 else "sdm630"
+        pv = 0.0 if rng.random() < 0.35 else round(rng.uniform(3.0, 12.0), 1)
+        battery = round(rng.uniform(5.0, 12.0), 1) if pv and rng.random() < 0.35 else 0.0
+        configs.append(HouseholdConfig(
+            index=i,
+            device_id=i + 1,
+            profile=profile,
+            sunspec_model=203 if (i // 4) % 2 == 0 else 213,
+            serial=10_000_000 + (seed * 7919 + i * 104_729) % 80_000_000,
+            pv_kwp=pv,
+            annual_kwh=round(rng.uniform(1500.0, 6500.0)),
+            battery_kwh=battery,
+            battery_kw=round(battery / 2.5, 1),
+            shift_s=rng.uniform(-2400.0, 2400.0),
+            initial_import_wh=float(rng.randrange(500_000, 8_000_000)),
+            initial_export_wh=float(rng.randrange(0, 4_000_000)) if pv else 0.0,
+        ))
+    return configs

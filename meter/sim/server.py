@@ -1,0 +1,312 @@
+"""The simulator's Modbus servers: pymodbus TCP (and RTU) servers in a background thread.
+
+:class:`MeterSimulator` owns the households, the simulated clock and the fault switches, and
+runs real pymodbus servers (one device id per household on one port, or one port per
+household, and optionally an RTU server on a serial device) on an asyncio loop in its own
+thread. Register values are served through pymodbus's ``SimDevice(action=...)`` hook from
+images rebuilt after every simulation step, so a request always sees one consistent step.
+
+Time: with ``speed > 0`` simulated time follows the wall clock times ``speed``; with
+``speed = 0`` it moves only through :meth:`MeterSimulator.advance` (tests). Either way the
+state at simulated time T depends only on the seed and T: same seed, same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from meter.profiles import Profile, load_profile
+from meter.sim.faults import Faults, parse_fault
+from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
+from meter.sim.registers import Image, fixed_image, sunspec_image
+from meter.sim.solar import Clouds
+
+DEFAULT_START = dt.datetime(2025, 6, 21, 6, 0)
+TABLES = {3: "holding", 4: "input"}
+
+
+class MeterSimulator:
+    """Simulated households behind real Modbus servers; usable as a context manager."""
+
+    def __init__(
+        self,
+        households: int | Sequence[HouseholdConfig] = 4,
+        *,
+        seed: int = 1,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        port_per_household: bool = False,
+        serial_device: str | None = None,
+        serial_baudrate: int = 9600,
+        tcp: bool = True,
+        speed: float = 60.0,
+        start: dt.datetime = DEFAULT_START,
+        latitude: float = 52.5,
+        step_s: float = 5.0,
+        faults: Sequence[str] = (),
+    ) -> None:
+        configs = (make_households(households, seed) if isinstance(households, int)
+                   else list(households))
+        self.seed = seed
+        self.host = host
+        self.port = port
+        self.port_per_household = port_per_household
+        self.serial_device = serial_device
+        self.serial_baudrate = serial_baudrate
+        self.tcp = tcp
+        self.speed = speed
+        self.start_time = start
+        self.step_s = step_s
+        clouds = Clouds(seed)
+        self.households = {
+            c.device_id: Household(c, seed, start, latitude, clouds) for c in configs
+        }
+        self.profiles: dict[int, Profile] = {
+            c.device_id: load_profile(c.profile) for c in configs
+        }
+        self.faults: dict[int, Faults] = {c.device_id: Faults() for c in configs}
+        self._images: dict[int, dict[str, Image]] = {}
+        self._lock = threading.RLock()
+        self._sim_time = 0.0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.ports: list[int] = []
+        self.requests = 0
+        for device_id in self.households:
+            self._rebuild(device_id)
+        for text in faults:
+            device_id, kind, value = parse_fault(text)
+            self.set_fault(device_id, kind, value)
+
+    # ----- state -----------------------------------------------------------------------
+
+    @property
+    def sim_time(self) -> float:
+        """Simulated seconds since the start."""
+        return self._sim_time
+
+    @property
+    def device_ids(self) -> list[int]:
+        """Device ids of the households, in order."""
+        return list(self.households)
+
+    def now(self) -> dt.datetime:
+        """The simulated wall-clock time."""
+        return self.start_time + dt.timedelta(seconds=self._sim_time)
+
+    def state(self, device_id: int) -> MeterState:
+        """The truth about one meter right now."""
+        with self._lock:
+            return self.households[device_id].state
+
+    def states(self) -> dict[int, MeterState]:
+        """The truth about every meter right now."""
+        with self._lock:
+            return {d: h.state for d, h in self.households.items()}
+
+    def config(self, device_id: int) -> HouseholdConfig:
+        """A household's static configuration."""
+        return self.households[device_id].config
+
+    def _rebuild(self, device_id: int) -> None:
+        h, profile = self.households[device_id], self.profiles[device_id]
+        nan = self.faults[device_id].nan
+        if profile.is_sunspec:
+            self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, nan)
+        else:
+            self._images[device_id] = fixed_image(profile, h.state, nan)
+
+    def advance(self, seconds: float) -> None:
+        """Advance simulated time by ``seconds`` (whole steps; the rest carries over)."""
+        self.advance_to(self._sim_time + seconds)
+
+    def advance_to(self, target_s: float) -> None:
+        """Advance every household in fixed steps up to simulated time ``target_s``."""
+        with self._lock:
+            while self._sim_time + self.step_s <= target_s + 1e-9:
+                for h in self.households.values():
+                    h.step(self.step_s)
+                self._sim_time += self.step_s
+            for device_id in self.households:
+                self._rebuild(device_id)
+
+    # ----- faults ----------------------------------------------------------------------
+
+    def set_fault(self, device_id: int, kind: str, value: float = 0.0) -> None:
+        """Switch a fault on (persistent ones) or apply it (one-shot ones); any thread.
+
+        Kinds: ``no_answer``, ``slow`` (value: seconds), ``exception`` (value: Modbus
+        exception code, default 4), ``nan`` (power reads NaN or an impossible value),
+        ``counter_reset`` and ``serial_change`` (one-shot).
+        """
+        with self._lock:
+            f, h = self.faults[device_id], self.households[device_id]
+            if kind == "no_answer":
+                f.no_answer = True
+            elif kind == "slow":
+                f.slow_s = value or 2.0
+            elif kind == "exception":
+                f.exception_code = int(value or 4)
+            elif kind == "nan":
+                f.nan = True
+            elif kind == "counter_reset":
+                h.reset_counters()
+            elif kind == "serial_change":
+                h.change_serial()
+            else:
+                raise ValueError(f"unknown fault {kind!r}")
+            self._rebuild(device_id)
+
+    def clear_faults(self, device_id: int | None = None) -> None:
+        """Switch off persistent faults of one meter (or of all)."""
+        with self._lock:
+            for d in [device_id] if device_id is not None else list(self.faults):
+                self.faults[d] = Faults()
+                self._rebuild(d)
+
+    # ----- Modbus ----------------------------------------------------------------------
+
+    async def _action(self, device_id: int, function_code: int, start_address: int,
+                      address: int, count: int, registers: list[int],
+                      set_values: Any) -> ExcCodes | None:
+        self.requests += 1
+        f = self.faults[device_id]
+        if f.slow_s:
+            await asyncio.sleep(f.slow_s)
+        if f.no_answer:
+            raise NoSuchIdException("simulated: no answer")  # server drops the request
+        if f.exception_code:
+            return ExcCodes(f.exception_code)
+        if set_values is not None:
+            return ExcCodes.ILLEGAL_FUNCTION  # simulated meters are read-only
+        image = self._images[device_id].get(TABLES.get(function_code, ""))
+        if image is None:
+            return ExcCodes.ILLEGAL_ADDRESS
+        off = address - image.start
+        if off < 0 or off + count > len(image.registers):
+            return ExcCodes.ILLEGAL_ADDRESS
+        registers[address - start_address : address - start_address + count] = (
+            image.registers[off : off + count]
+        )
+        return None
+
+    def _device(self, device_id: int, served_id: int) -> SimDevice:
+        images = self._images[device_id]
+        blocks: list[list[SimData]] = []
+        for table in ("holding", "input"):
+            image = images.get(table)
+            if image is None:
+                blocks.append([SimData(0, count=1, values=0, datatype=DataType.REGISTERS)])
+            else:
+                blocks.append([SimData(image.start, count=len(image.registers), values=0,
+                                       datatype=DataType.REGISTERS)])
+        bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
+        return SimDevice(
+            id=served_id,
+            simdata=(list(bits), list(bits), blocks[0], blocks[1]),
+            action=functools.partial(self._action, device_id),
+        )
+
+    async def _ticker(self) -> None:
+        assert self._stop is not None
+        started = time.monotonic()
+        base = self._sim_time
+        while not self._stop.is_set():
+            target = base + (time.monotonic() - started) * self.speed
+            await asyncio.get_running_loop().run_in_executor(None, self.advance_to, target)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=0.1)
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        servers: list[Any] = []
+        try:
+            if self.tcp and self.port_per_household:
+                for i, device_id in enumerate(self.households):
+                    port = self.port + i if self.port else 0
+                    servers.append(ModbusTcpServer(
+                        [self._device(device_id, 0)], address=(self.host, port),
+                        ignore_missing_devices=True))
+            elif self.tcp:
+                servers.append(ModbusTcpServer(
+                    [self._device(d, d) for d in self.households],
+                    address=(self.host, self.port), ignore_missing_devices=True))
+            for server in servers:
+                await server.serve_forever(background=True)
+                if server.transport is None:
+                    raise OSError(f"cannot listen on {self.host}:{self.port}")
+                self.ports.append(server.transport.sockets[0].getsockname()[1])
+            if self.serial_device:
+                serial = ModbusSerialServer(
+                    [self._device(d, d) for d in self.households], port=self.serial_device,
+                    baudrate=self.serial_baudrate, ignore_missing_devices=True,
+                    reconnect_delay=0.5)
+                await serial.serve_forever(background=True)
+                servers.append(serial)
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            for server in servers:
+                await server.shutdown()
+            return
+        self._ready.set()
+        ticker = asyncio.create_task(self._ticker()) if self.speed > 0 else None
+        await self._stop.wait()
+        if ticker is not None:
+            await ticker
+        for server in servers:
+            await server.shutdown()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+
+    def start(self) -> MeterSimulator:
+        """Start the servers in a background thread; returns once they listen."""
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        self._ready.clear()
+        self.ports = []
+        self._thread = threading.Thread(target=self._run, name="meter-sim", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("simulator did not start within 10 s")
+        if self._error is not None:
+            self._thread.join(5)
+            self._thread = None
+            raise RuntimeError(f"simulator failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self) -> None:
+        """Stop the servers and the clock (the state is kept; :meth:`start` serves again)."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        self._thread = None
+
+    def __enter__(self) -> MeterSimulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
