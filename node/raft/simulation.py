@@ -287,16 +287,20 @@ class Simulation:
             self.crash(nid)
             return
         storage = self.storages[nid]
-        if rd.snapshot is not None:
-            storage.apply_snapshot(rd.snapshot)
-        if rd.entries:
-            storage.append(rd.entries)
         if rd.hard_state is not None:
-            hs = rd.hard_state
-            if hs.term < self.persisted_term.get(nid, 0):
-                self._fail(f"{nid} persisted term went down to {hs.term}")
-            self.persisted_term[nid] = hs.term
-            storage.set_hard_state(hs)
+            if rd.hard_state.term < self.persisted_term.get(nid, 0):
+                self._fail(f"{nid} persisted term went down to {rd.hard_state.term}")
+            self.persisted_term[nid] = rd.hard_state.term
+        save_ready = getattr(storage, "save_ready", None)
+        if save_ready is not None:
+            save_ready(rd)  # one transaction per Ready
+        else:
+            if rd.snapshot is not None:
+                storage.apply_snapshot(rd.snapshot)
+            if rd.entries:
+                storage.append(rd.entries)
+            if rd.hard_state is not None:
+                storage.set_hard_state(rd.hard_state)
         if crash == "after":
             self.crash(nid)
             return

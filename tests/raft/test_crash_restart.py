@@ -85,8 +85,8 @@ def test_crash_before_persisting_entries_loses_no_ack(seed_count: int) -> None:
                 return sim.rng.choice(("before", "after"))
             return None
 
-        sim.before_persist = hook
         sim.wait_leader(300)
+        sim.before_persist = hook
         for _ in range(60):
             sim.propose()
             sim.run(2)
