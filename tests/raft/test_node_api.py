@@ -12,7 +12,6 @@ from node.raft import (
     Config,
     ConfigError,
     Entry,
-    HardState,
     MemoryStorage,
     Message,
     MessageType,
