@@ -101,21 +101,27 @@ class Household:
         rng = random.Random(f"load:{self.seed}:{self.config.index}:{slot}")
         return rng.lognormvariate(0.0, 0.35), rng.random()
 
+    def _clock(self, t: float) -> tuple[int, int, int, float]:
+        """(month, weekday, day of year, second of day) at simulated time ``t``."""
+        start_sod = self.start.hour * 3600 + self.start.minute * 60 + self.start.second
+        day, sod = divmod(start_sod + t, 86400.0)
+        return (*_calendar(self.start.date(), int(day)), sod)
+
     def load_w(self, t: float) -> float:
         """Household consumption at simulated time ``t`` (W)."""
-        when = self.start + dt.timedelta(seconds=t + self.config.shift_s)
-        sod = when.hour * 3600 + when.minute * 60 + when.second
-        base = h25_power_w(when.month, when.weekday(), when.timetuple().tm_yday, sod,
-                           self.config.annual_kwh)
-        factor, spike = self._noise(int((t + self.config.shift_s) // 900))
-        extra = 1800.0 if 17 <= when.hour < 20 and spike < 0.25 else 0.0  # cooking, washing
+        shifted = t + self.config.shift_s
+        month, weekday, doy, sod = self._clock(shifted)
+        base = h25_power_w(month, weekday, doy, sod, self.config.annual_kwh)
+        factor, spike = self._noise(int(shifted // 900))
+        extra = 1800.0 if 17 * 3600 <= sod < 20 * 3600 and spike < 0.25 else 0.0  # cooking
         return base * factor + extra
 
     def pv_w(self, t: float) -> float:
         """PV production at simulated time ``t`` (W)."""
-        when = self.start + dt.timedelta(seconds=t)
-        hour = when.hour + when.minute / 60 + when.second / 3600
-        return pv_power_w(self.config.pv_kwp, self.latitude, when.timetuple().tm_yday, hour,
+        if self.config.pv_kwp <= 0:
+            return 0.0
+        _, _, doy, sod = self._clock(t)
+        return pv_power_w(self.config.pv_kwp, self.latitude, doy, sod / 3600,
                           self.clouds.factor(t))
 
     def step(self, dt_s: float) -> None:
@@ -134,14 +140,14 @@ class Household:
         grid = net + battery
         imp = s.import_wh + max(grid, 0.0) * dt_s / 3600
         exp = s.export_wh + max(-grid, 0.0) * dt_s / 3600
-        rng = random.Random(f"grid:{self.seed}:{c.index}:{int(t // dt_s)}")
-        v = 230.0 + 3.0 * math.sin(t / 7200.0) - grid / 3000.0 + rng.uniform(-0.5, 0.5)
+        u = _uniforms(self.seed, c.index, int(t // dt_s))
+        v = 230.0 + 3.0 * math.sin(t / 7200.0) - grid / 3000.0 + u[0] - 0.5
         self.state = replace(
             s, time_s=t + dt_s, power_w=grid, pv_w=pv, load_w=load, battery_w=battery,
             soc_wh=soc, import_wh=imp, export_wh=exp, voltage_v=round(v, 2),
-            voltage_l2_v=round(v + rng.uniform(-1, 1), 2),
-            voltage_l3_v=round(v + rng.uniform(-1, 1), 2),
-            frequency_hz=round(50.0 + rng.uniform(-0.04, 0.04), 3),
+            voltage_l2_v=round(v + 2 * u[1] - 1, 2),
+            voltage_l3_v=round(v + 2 * u[2] - 1, 2),
+            frequency_hz=round(49.96 + 0.08 * u[3], 3),
         )
 
     def reset_counters(self) -> None:
@@ -152,6 +158,26 @@ class Household:
         """Fault: the meter is replaced by one with another serial and fresh counters."""
         self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,
                              export_wh=3_000.0)
+
+
+@functools.cache
+def _calendar(start: dt.date, day: int) -> tuple[int, int, int]:
+    d = start + dt.timedelta(days=day)
+    return d.month, d.weekday(), d.timetuple().tm_yday
+
+
+def _mix(x: int) -> int:
+    """splitmix64: a cheap, well-mixed deterministic hash of an integer."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _uniforms(seed: int, index: int, step: int) -> tuple[float, float, float, float]:
+    """Four deterministic uniforms in [0, 1) for one household step."""
+    h = _mix((seed * 1_000_003 + index) * 2_147_483_647 + step)
+    return tuple(((h >> (16 * k)) & 0xFFFF) / 65536.0 for k in range(4))  # type: ignore[return-value]
 
 
 def make_households(n: int, seed: int, profiles: list[str] | None = None) -> list[HouseholdConfig]:
