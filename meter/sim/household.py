@@ -154,6 +154,10 @@ class Household:
         """Fault: the meter's counters restart from zero (as after a meter reset)."""
         self.state = replace(self.state, import_wh=0.0, export_wh=0.0)
 
+    def jump_counters(self, wh: float) -> None:
+        """Fault: the import counter jumps by ``wh`` (a corrupted or tampered register)."""
+        self.state = replace(self.state, import_wh=self.state.import_wh + wh)
+
     def change_serial(self) -> None:
         """Fault: the meter is replaced by one with another serial and fresh counters."""
         self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,

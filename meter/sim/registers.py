@@ -31,18 +31,21 @@ class Image:
 
 
 def _raw(spec: FieldSpec, value: float | int, profile: Profile, sf: int = 0,
-         nan: bool = False) -> list[int]:
+         bad: float | None = None) -> list[int]:
     if spec.type == "string":
         return encode(f"SIM{value}" if isinstance(value, int) else str(value), "string",
                       length=spec.length)
+    if bad is not None and spec.type.startswith("float"):
+        return encode(bad, spec.type, spec.word_order)
+    if bad is not None and not math.isfinite(bad):
+        bad = 1e12  # integer registers have no NaN or inf: a wild value the limits must catch
+    if bad is not None:
+        value = bad
     if spec.name == "power" and profile.invert_power:
         value = -value
     scaled = Decimal(str(float(value))) / spec.unit_factor / spec.scale / (Decimal(10) ** sf)
     if spec.type.startswith("float"):
-        return encode(math.nan if nan else float(scaled), spec.type, spec.word_order)
-    if nan:  # integer registers have no NaN: a wild value the limits must catch
-        bits = 16 * spec.count - (0 if spec.type.startswith("u") or spec.type == "acc32" else 1)
-        return encode(2**bits - 1, spec.type, spec.word_order)
+        return encode(float(scaled), spec.type, spec.word_order)
     limit = 2 ** (16 * spec.count - (0 if spec.type.startswith("u") or spec.type == "acc32"
                                      else 1))
     raw = int(scaled.to_integral_value())
@@ -64,13 +67,15 @@ def _images(tables: dict[str, dict[int, int]]) -> dict[str, Image]:
     return out
 
 
-def fixed_image(profile: Profile, state: MeterState, nan: bool = False) -> dict[str, Image]:
-    """Encode ``state`` with a fixed-address profile (SDM630, EM24, ...)."""
+def fixed_image(profile: Profile, state: MeterState,
+                bad_power: float | None = None) -> dict[str, Image]:
+    """Encode ``state`` with a fixed-address profile (SDM630, EM24, ...); ``bad_power``
+    replaces the power reading (fault injection: NaN, inf or an impossible value)."""
     tables: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
     for spec in profile.fields.values():
         value = state.field_value(spec.name)
-        bad = nan and spec.name == "power"
-        _place(tables[spec.function], spec.address, _raw(spec, value, profile, nan=bad))
+        bad = bad_power if spec.name == "power" else None
+        _place(tables[spec.function], spec.address, _raw(spec, value, profile, bad=bad))
     return _images(tables)
 
 
@@ -85,7 +90,7 @@ def sunspec_layout(profile: Profile, model_id: int) -> tuple[int, int, int]:
 
 
 def sunspec_image(profile: Profile, model_id: int, state: MeterState,
-                  nan: bool = False) -> dict[str, Image]:
+                  bad_power: float | None = None) -> dict[str, Image]:
     """Encode ``state`` as a SunSpec device: marker, model 1, meter model, end marker."""
     assert profile.sunspec is not None
     common, meter_at, length = sunspec_layout(profile, model_id)
@@ -116,10 +121,10 @@ def sunspec_image(profile: Profile, model_id: int, state: MeterState,
             continue
         sf = SUNSPEC_SF.get(spec.scale_factor or "", 0)
         value = state.field_value(spec.name)
-        if nan and spec.name == "power" and not floats:
+        bad = bad_power if spec.name == "power" else None
+        if bad is not None and not floats and not math.isfinite(bad):
             _place(table, address, [0x8000])  # int16 "not implemented"
             continue
-        _place(table, address, _raw(spec, value, profile, sf=sf,
-                                    nan=nan and spec.name == "power"))
+        _place(table, address, _raw(spec, value, profile, sf=sf, bad=bad))
     _place(table, meter_at + 2 + length, [0xFFFF, 0])
     return _images({"holding": table})

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -86,6 +87,7 @@ class MeterSimulator:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.ports: list[int] = []
+        self._rebind: list[int] = []
         self.requests = 0
         for device_id in self.households:
             self._rebuild(device_id)
@@ -125,11 +127,11 @@ class MeterSimulator:
 
     def _rebuild(self, device_id: int) -> None:
         h, profile = self.households[device_id], self.profiles[device_id]
-        nan = self.faults[device_id].nan
+        bad = self.faults[device_id].bad_power
         if profile.is_sunspec:
-            self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, nan)
+            self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, bad)
         else:
-            self._images[device_id] = fixed_image(profile, h.state, nan)
+            self._images[device_id] = fixed_image(profile, h.state, bad)
 
     def advance(self, seconds: float) -> None:
         """Advance simulated time by ``seconds`` (whole steps; the rest carries over)."""
@@ -151,8 +153,10 @@ class MeterSimulator:
         """Switch a fault on (persistent ones) or apply it (one-shot ones); any thread.
 
         Kinds: ``no_answer``, ``slow`` (value: seconds), ``exception`` (value: Modbus
-        exception code, default 4), ``nan`` (power reads NaN or an impossible value),
-        ``counter_reset`` and ``serial_change`` (one-shot).
+        exception code, default 4), ``nan`` (power reads NaN, or ``value`` if given: inf or
+        an impossible number; integer registers get a wild value instead), and the one-shot
+        ``counter_reset``, ``counter_jump`` (value: Wh added, default 1 MWh) and
+        ``serial_change`` (meter replaced: new serial, fresh counters).
         """
         with self._lock:
             f, h = self.faults[device_id], self.households[device_id]
@@ -163,9 +167,11 @@ class MeterSimulator:
             elif kind == "exception":
                 f.exception_code = int(value or 4)
             elif kind == "nan":
-                f.nan = True
+                f.bad_power = value or math.nan
             elif kind == "counter_reset":
                 h.reset_counters()
+            elif kind == "counter_jump":
+                h.jump_counters(value or 1_000_000.0)
             elif kind == "serial_change":
                 h.change_serial()
             else:
@@ -238,14 +244,16 @@ class MeterSimulator:
         try:
             if self.tcp and self.port_per_household:
                 for i, device_id in enumerate(self.households):
-                    port = self.port + i if self.port else 0
+                    port = (self._rebind[i] if self._rebind else self.port + i if self.port
+                            else 0)
                     servers.append(ModbusTcpServer(
                         [self._device(device_id, 0)], address=(self.host, port),
                         ignore_missing_devices=True))
             elif self.tcp:
+                port = self._rebind[0] if self._rebind else self.port
                 servers.append(ModbusTcpServer(
                     [self._device(d, d) for d in self.households],
-                    address=(self.host, self.port), ignore_missing_devices=True))
+                    address=(self.host, port), ignore_missing_devices=True))
             for server in servers:
                 await server.serve_forever(background=True)
                 if server.transport is None:
@@ -304,6 +312,7 @@ class MeterSimulator:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         self._thread = None
+        self._rebind = list(self.ports)  # a restart comes back on the same ports
 
     def __enter__(self) -> MeterSimulator:
         return self.start()
