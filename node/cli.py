@@ -13,7 +13,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("node.ledger.cli", "node.simulate")
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.ledger.cli",
+    "node.simulate",
+    "node.net.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,167 @@
+"""CLI: ``microgrid init``, ``microgrid genesis create|show``, ``microgrid net run``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from market.identity import IdentityError, public_key_from_did
+from market.models import Role
+from market.state import MarketConfig
+from node.config import ConfigError, load_config, starter_config_toml
+from node.genesis import GenesisError, create_genesis, load_genesis, write_genesis
+from node.identity import KeyFileError, create_key_file, load_key_file
+
+CONFIG_NAME = "microgrid.toml"
+KEY_NAME = "node.key"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``init``, ``genesis`` and ``net`` to the ``microgrid`` command."""
+    p = subparsers.add_parser("init", help="create this household's key and a starter config")
+    p.add_argument("--dir", type=Path, default=Path("."), help="node directory (default: .)")
+    p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/4001", help="listen multiaddr")
+    p.add_argument("--metrics-port", type=int, default=9464)
+    p.set_defaults(func=cmd_init)
+
+    g = subparsers.add_parser("genesis", help="create or inspect a signed genesis file")
+    gs = g.add_subparsers(dest="genesis_command", metavar="ACTION")
+    gs.required = True
+    c = gs.add_parser("create", help="build a genesis and sign it with the operator's key")
+    c.add_argument("--operator-key", type=Path, required=True, help="operator's key file")
+    c.add_argument("--grid", required=True, help="grid id")
+    c.add_argument(
+        "--member", action="append", default=[], metavar="DID,METER,ROLE",
+        help="a member household: did:key, meter serial, voter|learner (repeatable)",
+    )  # fmt: skip
+    c.add_argument("--feed-in-tariff", type=int, required=True, help="minor units per kWh")
+    c.add_argument("--retail-price", type=int, required=True, help="minor units per kWh")
+    c.add_argument("--mechanism", default="uniform", choices=["uniform", "pay_as_bid", "mcafee"])
+    c.add_argument("--k", default="1/2", help="k-pricing parameter as a fraction")
+    c.add_argument("--slot-seconds", type=int, default=900)
+    c.add_argument("--gate-closure-lead-seconds", type=int, default=300)
+    c.add_argument("--slot-horizon", type=int, default=96)
+    c.add_argument("--bootstrap", action="append", default=[], help="multiaddr with /p2p/ID")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--force", action="store_true", help="overwrite --out")
+    c.set_defaults(func=cmd_genesis_create)
+    s = gs.add_parser("show", help="verify a genesis file and print its summary")
+    s.add_argument("path", type=Path)
+    s.set_defaults(func=cmd_genesis_show)
+
+    n = subparsers.add_parser("net", help="run the network layer of a node")
+    ns = n.add_subparsers(dest="net_command", metavar="ACTION")
+    ns.required = True
+    r = ns.add_parser("run", help="run a node's libp2p host until interrupted")
+    r.add_argument("--config", type=Path, default=None, help=f"config file (e.g. {CONFIG_NAME})")
+    r.set_defaults(func=cmd_net_run)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the key file (0600, never overwritten) and a starter config."""
+    directory: Path = args.dir
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        identity = create_key_file(directory / KEY_NAME)
+    except KeyFileError as exc:
+        return _fail(str(exc))
+    print(f"peer id: {identity.peer_id}")
+    print(f"did:key: {identity.did}")
+    print(f"key:     {directory / KEY_NAME} (mode 0600; back it up, never share it)")
+    config = directory / CONFIG_NAME
+    if config.exists():
+        print(f"config:  {config} exists, left unchanged")
+    else:
+        config.write_text(starter_config_toml(listen=args.listen, metrics_port=args.metrics_port))
+        print(f"config:  {config}")
+    return 0
+
+
+def cmd_genesis_create(args: argparse.Namespace) -> int:
+    """Build and sign a genesis from the command line."""
+    try:
+        operator = load_key_file(args.operator_key).signer
+        members = []
+        for spec in args.member:
+            parts = spec.split(",")
+            if len(parts) != 3:
+                return _fail(f"--member {spec!r}: expected DID,METER,ROLE")
+            did, meter, role = (p.strip() for p in parts)
+            public_key_from_did(did)
+            if role not in (Role.VOTER.value, Role.LEARNER.value):
+                return _fail(f"--member {spec!r}: role must be voter or learner")
+            members.append((did, meter, Role(role)))
+        num, _, den = args.k.partition("/")
+        market = MarketConfig(
+            grid=args.grid, operator=operator.did, feed_in_tariff=args.feed_in_tariff,
+            retail_price=args.retail_price, mechanism=args.mechanism,
+            k=Fraction(int(num), int(den or 1)), slot_horizon=args.slot_horizon,
+        )  # fmt: skip
+        genesis = create_genesis(
+            operator, market, members, slot_seconds=args.slot_seconds,
+            gate_closure_lead_seconds=args.gate_closure_lead_seconds, bootstrap=args.bootstrap,
+        )  # fmt: skip
+        write_genesis(genesis, args.out, overwrite=args.force)
+    except (KeyFileError, GenesisError, IdentityError) as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(f"invalid market parameters: {exc}")
+    print(f"genesis {genesis.genesis_id()[:16]} for grid {genesis.grid!r}: "
+          f"{len(genesis.members)} members -> {args.out}")  # fmt: skip
+    return 0
+
+
+def cmd_genesis_show(args: argparse.Namespace) -> int:
+    """Verify a genesis file and print what it says."""
+    try:
+        genesis = load_genesis(args.path)
+    except GenesisError as exc:
+        return _fail(str(exc))
+    print(f"grid:      {genesis.grid}")
+    print(f"genesis:   {genesis.genesis_id()}")
+    print(f"operator:  {genesis.operator}")
+    market = genesis.market
+    print(f"tariffs:   feed-in {market.feed_in_tariff}, retail {market.retail_price}")
+    print(f"slots:     {genesis.slot_seconds} s, gate closes {genesis.gate_closure_lead_seconds} s"
+          " before")  # fmt: skip
+    for m in genesis.members:
+        print(f"member:    {m.household} {m.meter_serial} {m.role.value}")
+    for a in genesis.bootstrap:
+        print(f"bootstrap: {a}")
+    return 0
+
+
+def cmd_net_run(args: argparse.Namespace) -> int:
+    """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
+    import trio
+
+    try:
+        config = load_config(args.config)
+        identity = load_key_file(config.key_path)
+        genesis = load_genesis(config.genesis_path)
+    except (ConfigError, KeyFileError, GenesisError) as exc:
+        return _fail(str(exc))
+    from node.net.host import NetNode, NetSettings, configure_logging
+
+    configure_logging(config.log_level)
+    settings = NetSettings(
+        listen=config.listen,
+        peers=[a for a in (*genesis.bootstrap, *config.peers) if str(identity.peer_id) not in a],
+        mdns=config.mdns,
+        metrics_port=config.metrics_port or None,
+        metrics_host=config.metrics_host,
+    )
+    node = NetNode(identity, genesis, settings)
+    print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(node.run)
+    return 0

@@ -1,0 +1,249 @@
+"""Raft messages over the libp2p stream protocol ``/microgrid/raft/1``.
+
+One persistent outbound stream per peer carries varint-length-prefixed frames, each the
+canonical encoding of one Raft ``Message`` (the encoder/decoder pair is injected: normally
+``node.raft.encode_message`` / ``decode_message``). Sending never blocks the caller: each peer
+has a bounded queue, and a frame that does not fit is dropped and counted (Raft tolerates loss
+and retransmits). A writer task per peer drains its queue; on a stream error it drops the
+frame, counts the error and reopens the stream after a short back-off.
+
+Inbound, a frame is accepted only if the authenticated remote peer *is* ``message.frm`` (Raft
+node ids are household DIDs, and the DID and the peer id are the same Ed25519 key) and
+``message.to`` is this node; otherwise the frame is counted and the stream reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+from market.identity import IdentityError
+from node.identity import did_from_peer_id, peer_id_from_did
+from node.net.metrics import NetMetrics
+from node.net.wire import MAX_RAFT_FRAME, RAFT_PROTOCOL, frame
+
+log = logging.getLogger("microgrid.net.raft")
+
+RAFT_PROTOCOL_ID = TProtocol(RAFT_PROTOCOL)
+
+
+class RaftMessage(Protocol):
+    """What the transport needs of a Raft message: sender and recipient node ids (DIDs)."""
+
+    @property
+    def to(self) -> str: ...
+
+    @property
+    def frm(self) -> str: ...
+
+
+Encoder = Callable[[Any], bytes]
+Decoder = Callable[[bytes], Any]
+
+
+class RaftTransportError(Exception):
+    """A Raft message cannot be sent (unknown or malformed recipient)."""
+
+
+@dataclass
+class _Peer:
+    peer_id: ID
+    send: trio.MemorySendChannel[bytes]
+    recv: trio.MemoryReceiveChannel[bytes]
+
+
+class RaftTransport:
+    """Sends and receives Raft messages for the local node ``local_did`` over ``host``.
+
+    ``on_message(msg)`` is called (synchronously, from the stream handler task) for every
+    accepted inbound message; it must not block (hand the message to the Raft driver's own
+    queue). Start with :meth:`run` in a nursery (``await nursery.start(transport.run)``).
+    """
+
+    def __init__(
+        self,
+        host: Any,
+        local_did: str,
+        encode: Encoder,
+        decode: Decoder,
+        on_message: Callable[[Any], None],
+        *,
+        metrics: NetMetrics | None = None,
+        queue_size: int = 256,
+        write_timeout: float = 5.0,
+        open_timeout: float = 5.0,
+        retry_delay: float = 0.2,
+        allowed: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.host = host
+        self.local_did = local_did
+        self.encode = encode
+        self.decode = decode
+        self.on_message = on_message
+        self.metrics = metrics or NetMetrics()
+        self.queue_size = queue_size
+        self.write_timeout = write_timeout
+        self.open_timeout = open_timeout
+        self.retry_delay = retry_delay
+        self.allowed = allowed
+        self._peers: dict[str, _Peer] = {}
+        self._nursery: trio.Nursery | None = None
+        self.sent = 0
+        self.received = 0
+        self.dropped: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register the stream handler and run the per-peer writers until cancelled."""
+        self.host.set_stream_handler(RAFT_PROTOCOL_ID, self._handle_stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for peer in self._peers.values():
+                peer.send.close()
+            self._peers.clear()
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.metrics.raft_dropped.labels(reason).inc()
+
+    def send(self, msg: Any) -> bool:
+        """Queue ``msg`` for ``msg.to``; never blocks. False if it was dropped."""
+        if msg.frm != self.local_did:
+            raise RaftTransportError(f"message from {msg.frm} is not from this node")
+        if msg.to == self.local_did:
+            raise RaftTransportError("a node does not send Raft messages to itself")
+        peer = self._peers.get(msg.to)
+        if peer is None:
+            if self._nursery is None:
+                self._drop("not_running")
+                return False
+            try:
+                peer_id = peer_id_from_did(msg.to)
+            except IdentityError as exc:
+                raise RaftTransportError(f"cannot address {msg.to!r}: {exc}") from None
+            send, recv = trio.open_memory_channel[bytes](self.queue_size)
+            peer = self._peers[msg.to] = _Peer(peer_id, send, recv)
+            self._nursery.start_soon(self._writer, msg.to, peer)
+        data = frame(self.encode(msg))
+        if len(data) > MAX_RAFT_FRAME:
+            self._drop("too_large")
+            return False
+        try:
+            peer.send.send_nowait(data)
+        except trio.WouldBlock:
+            self._drop("queue_full")
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._drop("not_running")
+            return False
+        return True
+
+    async def _writer(self, did: str, peer: _Peer) -> None:
+        stream = None
+        try:
+            async for data in peer.recv:
+                if stream is None:
+                    try:
+                        with trio.fail_after(self.open_timeout):
+                            stream = await self.host.new_stream(peer.peer_id, [RAFT_PROTOCOL_ID])
+                    except Exception as exc:
+                        self._stream_error("open", did, exc)
+                        self._drop("no_stream")
+                        await self._backoff(peer)
+                        continue
+                try:
+                    with trio.fail_after(self.write_timeout):
+                        await stream.write(data)
+                    self.sent += 1
+                    self.metrics.raft_sent.inc()
+                except Exception as exc:
+                    self._stream_error("write", did, exc)
+                    self._drop("write_failed")
+                    await _reset(stream)
+                    stream = None
+                    await self._backoff(peer)
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await _reset(stream)
+
+    async def _backoff(self, peer: _Peer) -> None:
+        """Wait before reopening, dropping what queued meanwhile (it is stale for Raft)."""
+        await trio.sleep(self.retry_delay)
+        while True:
+            try:
+                peer.recv.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._drop("stale")
+
+    def _stream_error(self, kind: str, did: str, exc: BaseException) -> None:
+        self.metrics.stream_errors.labels(f"raft_{kind}").inc()
+        log.info("raft stream %s error with %s: %s", kind, did[:24], exc)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.metrics.raft_dropped.labels(reason).inc()
+
+    async def _handle_stream(self, stream: Any) -> None:
+        """Inbound stream: read frames until EOF; check each sender; hand over."""
+        remote: ID = stream.muxed_conn.peer_id
+        try:
+            remote_did = did_from_peer_id(remote)
+        except IdentityError:
+            self._reject("bad_peer")
+            await _reset(stream)
+            return
+        if self.allowed is not None and not self.allowed(remote_did):
+            self._reject("not_member")
+            await _reset(stream)
+            return
+        try:
+            while True:
+                # No deadline on the wait for the next frame: the stream lives as long as the
+                # connection and this task is cancelled with the host; a frame's body, once
+                # announced, must arrive within write_timeout.
+                data = await read_varint_prefixed_bytes_limited(stream, MAX_RAFT_FRAME)
+                try:
+                    msg = self.decode(data)
+                except Exception as exc:
+                    self._reject("malformed")
+                    log.info("malformed raft frame from %s: %s", remote, exc)
+                    await _reset(stream)
+                    return
+                if msg.frm != remote_did or msg.to != self.local_did:
+                    self._reject("sender_mismatch")
+                    log.warning(
+                        "raft frame claims frm=%s to=%s but came from %s", msg.frm[:24],
+                        msg.to[:24], remote_did[:24],
+                    )
+                    await _reset(stream)
+                    return
+                self.received += 1
+                self.metrics.raft_received.inc()
+                self.on_message(msg)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            # EOF/reset when the peer goes away: expected, but counted
+            self._stream_error("read", remote_did, exc)
+            await _reset(stream)
+
+
+async def _reset(stream: Any) -> None:
+    with trio.move_on_after(1.0):
+        with contextlib.suppress(Exception):
+            await stream.reset()

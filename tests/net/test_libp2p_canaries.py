@@ -1,0 +1,104 @@
+"""Canaries: each asserts a py-libp2p 0.8.1 defect we work around in node/net/host.py.
+
+When one of these fails, py-libp2p changed: check whether the workaround named in the
+assertion message can go (and update docs/network.md).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.metrics import metrics as libp2p_metrics
+from libp2p.peer.id import ID
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+
+from node.net import host as net_host
+
+
+def _gossipsub(**kw: object) -> GossipSub:
+    return GossipSub(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2, degree_high=4, **kw)  # type: ignore[arg-type]
+
+
+def test_seqno_counter_starts_at_unix_seconds() -> None:
+    """Pitfall 6: seqnos start at int(time.time()) (we start at time_ns and hash content)."""
+    ps = Pubsub(new_host(key_pair=create_new_key_pair(b"c" * 32)), _gossipsub())
+    assert abs(ps.counter - time.time()) < 60, (
+        "py-libp2p no longer seeds seqnos from Unix seconds: the time_ns() seed in "
+        "NetNode._build may be unnecessary"
+    )
+
+
+def test_equivocation_check_drops_reused_seqno_with_new_content() -> None:
+    """Why the seqno seed matters: gossipsub refuses to forward a reused (from, seqno)."""
+    gs = _gossipsub()
+    frm = ID.from_pubkey(create_new_key_pair(b"d" * 32).public_key).to_bytes()
+    seq = int(time.time()).to_bytes(8, "big")
+    first = rpc_pb2.Message(from_id=frm, seqno=seq, data=b"before restart", topicIDs=["t"])
+    again = rpc_pb2.Message(from_id=frm, seqno=seq, data=b"after restart", topicIDs=["t"])
+    assert gs._check_equivocation(first)
+    assert not gs._check_equivocation(again), "equivocation check changed: see NetNode._build"
+
+
+def test_spam_protection_drops_forwarded_messages_above_10_per_second() -> None:
+    """Pitfall 2: default spam protection, 10 msg/s per (peer, topic), silent."""
+    gs = _gossipsub()
+    assert gs.spam_protection_enabled and gs.max_messages_per_topic_per_second == 10.0
+    peer = ID.from_pubkey(create_new_key_pair(b"e" * 32).public_key)
+    msg = rpc_pb2.Message(data=b"x", topicIDs=["t"])
+    results = [gs._check_spam_protection(peer, msg) for _ in range(11)]
+    assert results == [True] * 10 + [False], (
+        "gossipsub spam protection changed: revisit spam_protection_enabled=False"
+    )
+
+
+def test_subscription_channel_holds_32_and_drops() -> None:
+    """Pitfall 2: the subscription channel (32) drops silently; NetNode widens it."""
+    assert net_host.LIBP2P_SUBSCRIPTION_CHANNEL_SIZE == 32, "SUBSCRIPTION_CHANNEL_SIZE changed"
+    assert "except trio.WouldBlock" in inspect.getsource(Pubsub.notify_subscriptions)
+    assert pubsub_module.SUBSCRIPTION_CHANNEL_SIZE in (32, net_host.SUBSCRIPTION_QUEUE)
+
+
+def test_failed_dial_blocks_peer_for_60_seconds() -> None:
+    """Pitfall 3: a private negative cache blocks redials for 60 s (we unblock_peer first)."""
+    swarm = new_host(key_pair=create_new_key_pair(b"f" * 32)).get_network()
+    cache = swarm._negative_peer_cache  # type: ignore[attr-defined]
+    assert cache._ttl == 60.0, "negative dial cache TTL changed: see NetNode._reconnect_loop"
+    cache.mark_failed("peer")
+    assert cache.is_blocked("peer")
+    swarm.unblock_peer(ID(b"peer"))
+    cache.mark_failed(str(ID(b"peer")))
+    swarm.unblock_peer(ID(b"peer"))
+    assert not cache.is_blocked(str(ID(b"peer")))
+
+
+def test_libp2p_metrics_server_binds_all_interfaces() -> None:
+    """Pitfall 7: libp2p's Prometheus server binds 0.0.0.0 (we serve our own on 127.0.0.1)."""
+    source = inspect.getsource(libp2p_metrics.Metrics.start_prometheus_server)
+    assert "start_http_server(metrics)" in source, "libp2p metrics server binding changed"
+
+
+def test_default_security_offers_plaintext() -> None:
+    """py-libp2p's default security list includes /plaintext: we pass sec_opt=Noise only."""
+    import libp2p
+
+    source = inspect.getsource(libp2p.new_swarm)
+    assert "PLAINTEXT_PROTOCOL_ID" in source, "default security transports changed"
+
+
+@pytest.mark.parametrize("n", [1])
+async def test_libp2p_logger_does_not_propagate(n: int) -> None:
+    """Pitfall 5: libp2p sets its logger to propagate=False at import; we turn it back on."""
+    import logging
+
+    await trio.sleep(0)
+    assert net_host.LIBP2P_LOGGER_PROPAGATED_AT_IMPORT is False, "libp2p logger now propagates"
+    net_host.configure_logging("INFO")
+    assert logging.getLogger("libp2p").propagate is True

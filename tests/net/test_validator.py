@@ -1,0 +1,129 @@
+"""Unit tests of the gossip wire format and validator (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from market.models import CloseGate, MeterReading, Order, Side
+from market.signing import Signer
+from node.identity import NodeIdentity
+from node.net.validator import GossipValidator, PenaltyBox, TokenBucket
+from node.net.wire import (
+    MAX_GOSSIP_BYTES,
+    TopicKind,
+    WireError,
+    decode_batch,
+    encode_batch,
+    encode_uvarint,
+    read_uvarint,
+    topic_name,
+)
+
+A = NodeIdentity.from_seed(b"a" * 32)
+B = NodeIdentity.from_seed(b"b" * 32)
+OUT = Signer.from_seed(b"z" * 32)
+MEMBERS = {str(A.peer_id): A.did, str(B.peer_id): B.did}
+
+
+def order(
+    nonce: int, signer: Signer = A.signer, household: str | None = None, **kw: object
+) -> Order:
+    fields = dict(grid="g", nonce=nonce, id=f"o{nonce}", household=household or signer.did,
+                  side=Side.BUY, slot=5, quantity_wh=100, price=10)  # fmt: skip
+    fields.update(kw)
+    return Order(**fields).signed_by(signer)  # type: ignore[arg-type]
+
+
+def validator(**kw: object) -> GossipValidator:
+    return GossipValidator("g", MEMBERS, clock=lambda: 0.0, **kw)  # type: ignore[arg-type]
+
+
+def test_batch_round_trip_and_strictness() -> None:
+    records = [order(1), order(2)]
+    data = encode_batch(records, batch_seq=7)
+    assert decode_batch(data, TopicKind.ORDERS) == records
+    assert topic_name("g", TopicKind.READINGS) == "/microgrid/g/readings/1"
+    with pytest.raises(WireError) as exc:
+        decode_batch(data + b"\x00", TopicKind.ORDERS)
+    assert exc.value.reason == "malformed"
+    with pytest.raises(WireError) as exc:
+        decode_batch(data, TopicKind.READINGS)
+    assert exc.value.reason == "wrong_topic"
+    with pytest.raises(WireError) as exc:
+        decode_batch(b"\x01" + b"\x00" * (MAX_GOSSIP_BYTES + 1), TopicKind.ORDERS)
+    assert exc.value.reason == "oversized"
+    with pytest.raises(WireError, match="non-minimal"):
+        read_uvarint(b"\x80\x00", 0)
+    assert read_uvarint(encode_uvarint(300), 0) == (300, 2)
+    # a system command is not gossip
+    with pytest.raises(WireError) as exc:
+        raw = b'{"slot":1,"type":"close_gate"}'
+        assert raw == __import__("market.models").models.encode_command(CloseGate(slot=1))
+        decode_batch(b"\x01\x00\x01" + encode_uvarint(len(raw)) + raw, TopicKind.ORDERS)
+    assert exc.value.reason == "wrong_topic"
+    # non-canonical record bytes (extra whitespace) are refused
+    raw = __import__("market.models").models.encode_command(order(3)).replace(b",", b", ", 1)
+    with pytest.raises(WireError, match="canonical"):
+        decode_batch(b"\x01\x00\x01" + encode_uvarint(len(raw)) + raw, TopicKind.ORDERS)
+
+
+def test_validator_accepts_then_rejects_each_reason() -> None:
+    v = validator()
+    a, b = str(A.peer_id), str(B.peer_id)
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1), order(2)])).ok
+    cases = {
+        "non_member_peer": (str(NodeIdentity.from_seed(b"q" * 32).peer_id), a,
+                            encode_batch([order(3)])),
+        "malformed": (a, b, b"\x01garbage"),
+        "oversized": (a, b, b"\x01" + b"x" * MAX_GOSSIP_BYTES),
+        "wrong_grid": (a, b, encode_batch([order(4, grid="h")])),
+        "not_member": (a, b, encode_batch([order(5, signer=OUT)])),
+        "author_mismatch": (b, a, encode_batch([order(6)])),
+        "bad_signature": (a, b, encode_batch([order(7, signer=OUT, household=A.did)])),
+        "replayed": (a, b, encode_batch([order(1)])),
+    }  # fmt: skip
+    for reason, (origin, forwarder, data) in cases.items():
+        verdict = v.validate(TopicKind.ORDERS, origin, forwarder, data)
+        assert not verdict.ok and verdict.reason == reason, (reason, verdict)
+    assert dict(v.rejected) == {r: 1 for r in cases}
+    assert v.accepted == 1
+    # duplicate nonce inside one batch; a rejected batch consumes no nonce
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(8), order(8)])).reason == (
+        "replayed"
+    )
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(8)])).ok
+
+
+def test_slot_policy_and_readings() -> None:
+    v = validator(slot_policy=lambda r: "slot_closed" if r.slot < 10 else None)
+    a = str(A.peer_id)
+    assert v.validate(TopicKind.ORDERS, a, a, encode_batch([order(1)])).reason == "slot_closed"
+    assert v.validate(TopicKind.ORDERS, a, a, encode_batch([order(1, slot=11)])).ok
+    reading = MeterReading(grid="g", nonce=2, household=A.did, meter_serial="m", slot=12,
+                           import_wh=1, export_wh=0).signed_by(A.signer)  # fmt: skip
+    assert v.validate(TopicKind.READINGS, a, a, encode_batch([reading])).ok
+
+
+def test_rate_limit_and_ban() -> None:
+    now = [0.0]
+    box = PenaltyBox(threshold=10, ban_seconds=5, clock=lambda: now[0])
+    banned: list[str] = []
+    v = GossipValidator("g", MEMBERS, rate_per_origin=1, burst_per_origin=2, penalties=box,
+                        clock=lambda: now[0], on_ban=banned.append)  # fmt: skip
+    a, b = str(A.peer_id), str(B.peer_id)
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)])).ok
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(2)])).ok
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(3)])).reason == "rate_limited"
+    now[0] = 1.0
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(3)])).ok
+    for _ in range(2):
+        v.validate(TopicKind.READINGS, b, b, b"junk")  # malformed: 5 points each
+    assert banned == [b] and box.is_banned(b)
+    now[0] = 7.0
+    assert not box.is_banned(b)
+
+
+def test_token_bucket_refills() -> None:
+    bucket = TokenBucket(rate=2, burst=2)
+    assert bucket.take(0) and bucket.take(0) and not bucket.take(0)
+    assert bucket.take(0.5) and not bucket.take(0.5)
