@@ -16,7 +16,9 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "node.ledger.cli",
     "node.simulate",
+    "dashboard.cli",
     "node.net.cli",
+    "meter.cli",
 )
 
 

@@ -1,0 +1,198 @@
+"""Client of a node's local HTTP status API (issue 6), tolerant of what it gets.
+
+The dashboard asks ``GET {api}/status`` for a JSON document (fields in docs/dashboard.md) with
+a short timeout. Everything it gets is normalised into :class:`NodeStatus`; missing fields stay
+``None`` and an unreachable or broken API yields ``reachable=False`` with the reason, so every
+view keeps working from the ledger database alone.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+STATUS_PATH = "/status"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """One poll of the status API, normalised."""
+
+    reachable: bool
+    error: str | None = None
+    fetched_at: float = 0.0
+    node: str | None = None
+    role: str | None = None
+    term: int | None = None
+    leader: str | None = None
+    leader_changes: int | None = None
+    peers: int | None = None
+    members_up: int | None = None
+    members_down: int | None = None
+    commit_index: int | None = None
+    applied_index: int | None = None
+    last_index: int | None = None
+    commit_lag: int | None = None
+    """Entries in the leader's log not yet committed (last_index − commit_index)."""
+    apply_lag: int | None = None
+    """Committed entries not yet applied to the ledger (commit_index − applied_index)."""
+    ledger_height: int | None = None
+    head_hash: str | None = None
+    last_reading_slot: int | None = None
+    last_reading_at: str | None = None
+    invalid_messages: dict[str, int] = field(default_factory=dict)
+    meter_read_failures: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for CSV and tables)."""
+        return asdict(self)
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
+    """Map a status document onto :class:`NodeStatus`; unknown shapes give ``None`` fields.
+
+    Accepts nested (``{"raft": {...}, "ledger": {...}}``) and flat field spellings.
+    """
+    now = time.time() if fetched_at is None else fetched_at
+    if not isinstance(doc, dict):
+        return NodeStatus(False, "status document is not a JSON object", now)
+    raft = doc.get("raft") if isinstance(doc.get("raft"), dict) else doc
+    ledger = doc.get("ledger") if isinstance(doc.get("ledger"), dict) else {}
+    members = doc.get("members") if isinstance(doc.get("members"), dict) else {}
+    peers_raw = doc.get("peers")
+    peers = len(peers_raw) if isinstance(peers_raw, list) else _int(peers_raw)
+    up = _int(members.get("up", doc.get("members_up")))
+    down = _int(members.get("down", doc.get("members_down")))
+    if up is None and isinstance(peers_raw, list):
+        flags = [p.get("up") for p in peers_raw if isinstance(p, dict) and "up" in p]
+        if flags:
+            up = sum(1 for f in flags if f)
+            down = len(flags) - up
+    commit = _int(raft.get("commit_index"))
+    applied = _int(raft.get("applied_index", doc.get("applied_index")))
+    last = _int(raft.get("last_index"))
+    commit_lag = _int(raft.get("commit_lag", doc.get("commit_lag")))
+    if commit_lag is None and commit is not None and last is not None:
+        commit_lag = max(last - commit, 0)
+    apply_lag = _int(raft.get("apply_lag", doc.get("apply_lag")))
+    if apply_lag is None and commit is not None and applied is not None:
+        apply_lag = max(commit - applied, 0)
+    reading = doc.get("last_reading")
+    reading_slot = _int(reading.get("slot")) if isinstance(reading, dict) else _int(reading)
+    reading_at = reading.get("at") if isinstance(reading, dict) else None
+    invalid_raw = doc.get("invalid_messages", {})
+    invalid = (
+        {str(k): v for k, v in invalid_raw.items() if _int(v) is not None}
+        if isinstance(invalid_raw, dict)
+        else {}
+    )
+    leader = raft.get("leader", doc.get("leader"))
+    return NodeStatus(
+        reachable=True,
+        fetched_at=now,
+        node=doc.get("node") or doc.get("id"),
+        role=raft.get("role", doc.get("role")),
+        term=_int(raft.get("term", doc.get("term"))),
+        leader=leader if isinstance(leader, str) and leader else None,
+        leader_changes=_int(raft.get("leader_changes", doc.get("leader_changes"))),
+        peers=peers,
+        members_up=up,
+        members_down=down,
+        commit_index=commit,
+        applied_index=applied,
+        last_index=last,
+        commit_lag=commit_lag,
+        apply_lag=apply_lag,
+        ledger_height=_int(ledger.get("height", doc.get("ledger_height"))),
+        head_hash=ledger.get("head_hash", doc.get("head_hash")),
+        last_reading_slot=reading_slot,
+        last_reading_at=reading_at if isinstance(reading_at, str) else None,
+        invalid_messages={k: int(v) for k, v in invalid.items()},
+        meter_read_failures=_int(doc.get("meter_read_failures")),
+    )
+
+
+def fetch_status(base_url: str, timeout: float = 1.5) -> NodeStatus:
+    """Poll ``{base_url}/status`` once; never raises."""
+    url = base_url.rstrip("/") + STATUS_PATH
+    now = time.time()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = resp.read(1_000_000)
+        return normalise(json.loads(body.decode("utf-8")), now)
+    except urllib.error.HTTPError as exc:
+        return NodeStatus(False, f"HTTP {exc.code} from {url}", now)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return NodeStatus(False, f"cannot reach {url}: {reason}", now)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return NodeStatus(False, f"{url} did not return JSON: {exc}", now)
+
+
+class StatusHistory:
+    """The dashboard's own record of recent polls: lag over time and observed leader changes."""
+
+    def __init__(self, maxlen: int = 720) -> None:
+        self._polls: deque[NodeStatus] = deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+        self.observed_leader_changes = 0
+        self._last_leader: tuple[int | None, str | None] | None = None
+
+    def add(self, status: NodeStatus) -> None:
+        """Record a poll (only reachable ones count towards leader changes)."""
+        with self._lock:
+            self._polls.append(status)
+            if status.reachable:
+                key = (status.term, status.leader)
+                if self._last_leader is not None and key != self._last_leader:
+                    self.observed_leader_changes += 1
+                self._last_leader = key
+
+    def polls(self) -> list[NodeStatus]:
+        """Recorded polls, oldest first."""
+        with self._lock:
+            return list(self._polls)
+
+    def latest(self) -> NodeStatus | None:
+        """The newest poll, if any."""
+        with self._lock:
+            return self._polls[-1] if self._polls else None
+
+
+def api_alerts(status: NodeStatus | None, configured: bool) -> list[dict[str, str]]:
+    """Alerts from the node's status: no leader; an API that cannot be reached."""
+    if not configured:
+        return []
+    if status is None or not status.reachable:
+        why = status.error if status is not None else "not polled yet"
+        return [
+            {
+                "level": "secondary",
+                "code": "api_unreachable",
+                "message": f"Node status API unreachable ({why}); showing the ledger only",
+            }
+        ]
+    if status.leader is None:
+        return [
+            {
+                "level": "danger",
+                "code": "no_leader",
+                "message": f"No Raft leader (term {status.term}, role {status.role})",
+            }
+        ]
+    return []

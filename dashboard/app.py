@@ -1,0 +1,707 @@
+"""The grid operator's Dash app: layout and thin callbacks over :mod:`dashboard.views`.
+
+``create_app(ctx)`` builds the app; :func:`serve` runs it on a threaded WSGI server (in its own
+thread or process, never on a trio loop). One ``dcc.Interval`` polls the ledger head (a couple of
+cheap queries); the views redraw only when the head changed, and every figure carries a
+``uirevision`` so a refresh keeps the user's zoom and legend choices.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import dash
+from dash import Dash, Input, Output, State, dcc, html
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from dashboard import data, views
+from dashboard.views import Context
+
+INDEX = """<!DOCTYPE html>
+<html lang="en">
+<head>
+{%metas%}
+<title>{%title%}</title>
+{%favicon%}
+{%css%}
+<style>
+body { font-family: system-ui, sans-serif; margin: 0; background: #f4f6f8; color: #222; }
+header { position: sticky; top: 0; z-index: 10; background: #17324d; color: #fff;
+  padding: 8px 16px; display: flex; gap: 18px; align-items: center; flex-wrap: wrap; }
+header h1 { font-size: 18px; margin: 0 12px 0 0; }
+header label { color: #fff; }
+header nav a { color: #cfe3ff; margin-right: 10px; text-decoration: none; font-size: 14px; }
+.badge { padding: 2px 8px; border-radius: 10px; font-size: 13px; background: #4a6076; }
+.badge.ok { background: #2e7d32; } .badge.failed { background: #c62828; }
+.badge.pending { background: #8d6e63; } .badge.off { background: #607d8b; }
+main { padding: 12px 16px; }
+section { background: #fff; border-radius: 6px; padding: 10px 14px; margin-bottom: 14px;
+  box-shadow: 0 1px 2px rgba(0,0,0,.08); }
+section h2 { font-size: 17px; margin: 4px 0 8px; }
+.controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 6px; }
+.controls label { font-size: 14px; }
+.kpis { display: flex; gap: 12px; flex-wrap: wrap; }
+.kpi { border: 1px solid #dde3ea; border-radius: 6px; padding: 8px 12px; min-width: 150px; }
+.kpi .v { font-size: 20px; font-weight: 600; } .kpi .k { font-size: 12px; color: #555; }
+table.grid { border-collapse: collapse; font-size: 13px; width: 100%; }
+table.grid th, table.grid td { border-bottom: 1px solid #e3e7eb; padding: 3px 6px;
+  text-align: left; font-variant-numeric: tabular-nums; }
+table.grid th { background: #f0f3f6; }
+.alert { padding: 6px 10px; border-radius: 4px; margin: 4px 0; font-size: 14px; }
+.alert.danger { background: #fdecea; border-left: 4px solid #c62828; }
+.alert.warning { background: #fff8e1; border-left: 4px solid #f9a825; }
+.alert.secondary { background: #eceff1; border-left: 4px solid #607d8b; }
+.alert.none { background: #e8f5e9; border-left: 4px solid #2e7d32; }
+.mono { font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }
+.muted { color: #666; font-size: 13px; }
+button.csv { font-size: 13px; padding: 3px 10px; cursor: pointer; }
+</style>
+</head>
+<body>
+{%app_entry%}
+<footer>{%config%}{%scripts%}{%renderer%}</footer>
+</body>
+</html>"""
+
+
+ZOOMABLE = ("market-graph", "household-graph", "community-graph")
+"""Graphs whose x zoom survives live refreshes (see :func:`zoom_from_relayout`)."""
+
+
+def zoom_from_relayout(relayout: dict[str, Any] | None) -> Any:
+    """The x range a user zoomed to, from a graph's ``relayoutData``.
+
+    Returns ``[x0, x1]`` for a zoom or pan, ``None`` for a reset (autorange), and
+    ``dash.no_update`` for events that do not touch the x axis (hover, legend clicks). Plotly's
+    ``uirevision`` alone does not keep the zoom of subplots with matched x axes across a
+    ``Plotly.react`` in this Dash/plotly.js, so the app re-applies the range it recorded.
+    """
+    if not relayout:
+        return dash.no_update
+    for key, value in relayout.items():
+        if re.fullmatch(r"xaxis\d*\.autorange", key) and value:
+            return None
+        if re.fullmatch(r"xaxis\d*\.range", key) and isinstance(value, list):
+            return list(value[:2])
+        m = re.fullmatch(r"(xaxis\d*)\.range\[0\]", key)
+        if m and f"{m.group(1)}.range[1]" in relayout:
+            return [value, relayout[f"{m.group(1)}.range[1]"]]
+    return dash.no_update
+
+
+def apply_zoom(fig: Any, zoom: dict[str, Any] | None, revision: str) -> Any:
+    """Re-apply a recorded x range to every x axis of ``fig`` (same revision only)."""
+    if zoom and zoom.get("revision") == revision and zoom.get("range"):
+        fig.update_xaxes(range=zoom["range"], autorange=False)
+    return fig
+
+
+def _register_zoom(app: Dash, graph: str) -> None:
+    """Record the x range the user zoomed ``graph`` to (re-applied on each refresh)."""
+
+    @app.callback(
+        Output(f"{graph}-zoom", "data"),
+        Input(graph, "relayoutData"),
+        State(graph, "figure"),
+        prevent_initial_call=True,
+    )
+    def _zoom(relayout: dict[str, Any] | None, fig: dict[str, Any] | None) -> Any:
+        rng = zoom_from_relayout(relayout)
+        if rng is dash.no_update:
+            return rng
+        revision = ((fig or {}).get("layout") or {}).get("uirevision")
+        return {"revision": revision, "range": rng}
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], table_id: str) -> Any:
+    """A plain HTML table of ``rows`` (columns: (key, heading))."""
+    return html.Table(
+        [
+            html.Thead(html.Tr([html.Th(h) for _, h in columns])),
+            html.Tbody(
+                [
+                    html.Tr(
+                        [html.Td("—" if r.get(k) is None else str(r.get(k))) for k, _ in columns]
+                    )
+                    for r in rows
+                ]
+            ),
+        ],
+        className="grid",
+        id=table_id,
+    )
+
+
+def _kpi(label: str, value: str, kpi_id: str | None = None) -> Any:
+    kwargs = {"id": kpi_id} if kpi_id else {}
+    return html.Div(
+        [html.Div(value, className="v"), html.Div(label, className="k")], className="kpi", **kwargs
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f} %"
+
+
+def _money(cents: int) -> str:
+    return f"{cents / 100:,.2f}"
+
+
+def _section(sid: str, title: str, children: list[Any], csv: str | None = None) -> html.Section:
+    head: list[Any] = [html.H2(title)]
+    if csv:
+        head = [
+            html.Div(
+                [
+                    html.H2(title, style={"flex": "1"}),
+                    html.Button("Download CSV", id=f"csv-{csv}", className="csv", n_clicks=0),
+                    dcc.Download(id=f"dl-{csv}"),
+                ],
+                className="controls",
+            )
+        ]
+    return html.Section([*head, *children], id=f"section-{sid}")
+
+
+def layout(ctx: Context, refresh_ms: int) -> Any:
+    """The page: header with head/verify/API badges, then one section per view."""
+    window_opts = [
+        {"label": "last day", "value": "1d"},
+        {"label": "last 7 days", "value": "7d"},
+        {"label": "last 30 days", "value": "30d"},
+        {"label": "everything", "value": "all"},
+    ]
+    return html.Div(
+        [
+            dcc.Interval(id="tick", interval=refresh_ms, n_intervals=0),
+            dcc.Store(id="head"),
+            dcc.Store(id="api"),
+            *[dcc.Store(id=f"{g}-zoom") for g in ZOOMABLE],
+            html.Header(
+                [
+                    html.H1(id="title", children="Microgrid"),
+                    html.Span(id="head-badge", className="badge", children="height —"),
+                    html.Span(id="verify-badge", className="badge pending", children="verify …"),
+                    html.Span(id="api-badge", className="badge off", children="API —"),
+                    html.Nav(
+                        [
+                            html.A(name, href=f"#section-{sid}")
+                            for sid, name in (
+                                ("alerts", "Alerts"),
+                                ("market", "Market"),
+                                ("book", "Order book"),
+                                ("households", "Households"),
+                                ("community", "Community"),
+                                ("ledger", "Ledger"),
+                                ("network", "Consensus & network"),
+                            )
+                        ]
+                    ),
+                    html.Div(
+                        [
+                            html.Label("window "),
+                            dcc.RadioItems(
+                                id="window",
+                                options=window_opts,
+                                value="7d",
+                                inline=True,
+                                inputStyle={"marginLeft": "8px"},
+                            ),
+                        ],
+                        style={"display": "flex", "alignItems": "center", "fontSize": "14px"},
+                    ),
+                ]
+            ),
+            html.Main(
+                [
+                    _section("alerts", "Alerts", [html.Div(id="alerts")]),
+                    _section(
+                        "market",
+                        "Market per slot",
+                        [
+                            html.Div("Click a slot to open its order book.", className="muted"),
+                            dcc.Graph(id="market-graph", config={"displaylogo": False}),
+                        ],
+                        csv="market",
+                    ),
+                    _section(
+                        "book",
+                        "Order book",
+                        [
+                            html.Div(
+                                [
+                                    html.Label("slot", htmlFor="slot-input"),
+                                    dcc.Input(
+                                        id="slot-input",
+                                        type="number",
+                                        debounce=True,
+                                        placeholder="newest",
+                                        min=0,
+                                        step=1,
+                                    ),
+                                    html.Span(id="book-summary", className="muted"),
+                                ],
+                                className="controls",
+                            ),
+                            dcc.Graph(id="book-graph", config={"displaylogo": False}),
+                        ],
+                        csv="book",
+                    ),
+                    _section(
+                        "households",
+                        "Households",
+                        [
+                            html.Div(
+                                [
+                                    html.Label("household"),
+                                    dcc.Dropdown(
+                                        id="household",
+                                        clearable=False,
+                                        style={"minWidth": "420px"},
+                                    ),
+                                ],
+                                className="controls",
+                            ),
+                            dcc.Graph(id="household-graph", config={"displaylogo": False}),
+                            html.Div(id="household-table"),
+                        ],
+                        csv="households",
+                    ),
+                    _section(
+                        "community",
+                        "Community",
+                        [
+                            html.Div(id="community-kpis", className="kpis"),
+                            dcc.Graph(id="community-graph", config={"displaylogo": False}),
+                        ],
+                        csv="community",
+                    ),
+                    _section(
+                        "ledger",
+                        "Ledger",
+                        [html.Div(id="ledger-summary", className="kpis"), html.Div(id="ledger")],
+                        csv="ledger",
+                    ),
+                    _section(
+                        "network",
+                        "Consensus & network",
+                        [
+                            html.Div(id="network-kpis", className="kpis"),
+                            html.Div(
+                                [
+                                    dcc.Graph(
+                                        id="invalid-graph",
+                                        config={"displaylogo": False},
+                                        style={"flex": "1"},
+                                    ),
+                                    dcc.Graph(
+                                        id="lag-graph",
+                                        config={"displaylogo": False},
+                                        style={"flex": "1"},
+                                    ),
+                                ],
+                                style={"display": "flex", "gap": "8px"},
+                            ),
+                        ],
+                        csv="network",
+                    ),
+                ]
+            ),
+        ]
+    )
+
+
+def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
+    """The Dash app over ``ctx`` (a ledger database and optionally a node's status API)."""
+    app = Dash(
+        __name__,
+        title="Microgrid operator",
+        update_title=None,
+        serve_locally=True,
+        suppress_callback_exceptions=False,
+    )
+    app.index_string = INDEX
+    app.layout = lambda: layout(ctx, refresh_ms)
+
+    @app.callback(Output("head", "data"), Input("tick", "n_intervals"), State("head", "data"))
+    def _poll_head(_n: int, old: dict[str, Any] | None) -> Any:
+        new = views.head_view(ctx)
+        return dash.no_update if new == old else new
+
+    @app.callback(Output("api", "data"), Input("tick", "n_intervals"))
+    def _poll_api(_n: int) -> Any:
+        return views.poll_api(ctx)
+
+    @app.callback(
+        Output("title", "children"),
+        Output("head-badge", "children"),
+        Output("verify-badge", "children"),
+        Output("verify-badge", "className"),
+        Input("head", "data"),
+    )
+    def _header(head: dict[str, Any] | None) -> Any:
+        if not head:
+            return dash.no_update
+        info = ctx.info()
+        short = (head["head_hash"] or "—")[:12]
+        state = head["verify_state"]
+        label = {"ok": "ledger verified", "failed": "ledger FAILS verification"}.get(
+            state, "verifying…"
+        )
+        return (
+            f"Microgrid {info.grid}",
+            f"height {head['height']} · head {short} · settled through slot "
+            f"{head['settled_through']}",
+            label,
+            f"badge {state}",
+        )
+
+    @app.callback(
+        Output("api-badge", "children"), Output("api-badge", "className"), Input("api", "data")
+    )
+    def _api_badge(api: dict[str, Any] | None) -> Any:
+        if not api or not api.get("configured"):
+            return "no status API (ledger only)", "badge off"
+        if not api.get("reachable"):
+            return "status API unreachable", "badge failed"
+        return f"API ok · {api.get('role') or '?'} · term {api.get('term')}", "badge ok"
+
+    @app.callback(Output("alerts", "children"), Input("head", "data"), Input("api", "data"))
+    def _alerts(_head: Any, _api: Any) -> Any:
+        alerts = views.alerts_view(ctx)
+        if not alerts:
+            return [html.Div("No alerts.", className="alert none", id="no-alerts")]
+        return [
+            html.Div(a["message"], className=f"alert {a['level']}", **{"data-code": a["code"]})
+            for a in alerts
+        ]
+
+    for graph in ZOOMABLE:
+        _register_zoom(app, graph)
+
+    @app.callback(
+        Output("market-graph", "figure"),
+        Input("head", "data"),
+        Input("window", "value"),
+        State("market-graph-zoom", "data"),
+    )
+    def _market(head: Any, window: str, zoom: Any) -> Any:
+        if not head:
+            return dash.no_update
+        fig, _ = views.market_view(ctx, window)
+        return apply_zoom(fig, zoom, fig.layout.uirevision)
+
+    @app.callback(
+        Output("slot-input", "value"),
+        Input("market-graph", "clickData"),
+        prevent_initial_call=True,
+    )
+    def _pick_slot(click: dict[str, Any] | None) -> Any:
+        try:
+            return int(click["points"][0]["x"])  # type: ignore[index]
+        except (TypeError, KeyError, IndexError, ValueError):
+            return dash.no_update
+
+    @app.callback(
+        Output("book-graph", "figure"),
+        Output("book-summary", "children"),
+        Input("head", "data"),
+        Input("slot-input", "value"),
+    )
+    def _book(head: Any, slot: Any) -> Any:
+        if not head:
+            return dash.no_update, dash.no_update
+        fig, summary, _ = views.orderbook_view(ctx, _slot(slot))
+        return fig, summary
+
+    @app.callback(
+        Output("household-graph", "figure"),
+        Output("household-table", "children"),
+        Output("household", "options"),
+        Output("household", "value"),
+        Input("head", "data"),
+        Input("household", "value"),
+        Input("window", "value"),
+        State("household-graph-zoom", "data"),
+    )
+    def _households(head: Any, household: str | None, window: str, zoom: Any) -> Any:
+        if not head:
+            return (dash.no_update,) * 4
+        fig, summary, _, chosen = views.households_view(ctx, household, window)
+        apply_zoom(fig, zoom, fig.layout.uirevision)
+        table_rows = [
+            {
+                **r,
+                "balance": _money(r["balance_cents"]),
+                "reputation": f"{r['reputation_permille'] / 10:.1f} %",
+            }
+            for r in summary
+        ]
+        table = _table(
+            table_rows,
+            [
+                ("short", "household"),
+                ("role", "role"),
+                ("meter", "meter"),
+                ("balance", "balance"),
+                ("energy_wh", "energy balance (Wh)"),
+                ("reputation", "reputation"),
+                ("sold_wh", "sold Wh"),
+                ("delivered_wh", "delivered Wh"),
+                ("bought_wh", "bought Wh"),
+                ("consumed_wh", "taken Wh"),
+                ("missed_readings", "missed readings"),
+            ],
+            "household-summary",
+        )
+        options = [
+            {"label": f"{r['short']} ({r['meter']}, {r['role']})", "value": r["household"]}
+            for r in summary
+        ]
+        return fig, table, options, chosen
+
+    @app.callback(
+        Output("community-kpis", "children"),
+        Output("community-graph", "figure"),
+        Input("head", "data"),
+        Input("window", "value"),
+        State("community-graph-zoom", "data"),
+    )
+    def _community(head: Any, window: str, zoom: Any) -> Any:
+        if not head:
+            return dash.no_update, dash.no_update
+        f, fig, _ = views.community_view(ctx, window)
+        apply_zoom(fig, zoom, fig.layout.uirevision)
+        kpis = [
+            _kpi("self-sufficiency", _pct(f.self_sufficiency), "kpi-self-sufficiency"),
+            _kpi("self-consumption", _pct(f.self_consumption), "kpi-self-consumption"),
+            _kpi("savings vs grid-only", _money(f.savings_cents), "kpi-savings"),
+            _kpi("cost with the market", _money(f.actual_cost_cents)),
+            _kpi("cost grid-only", _money(f.grid_only_cost_cents)),
+            _kpi("traded locally (kWh)", f"{f.local_traded_wh / 1000:,.1f}"),
+            _kpi("settled slots", str(f.slots)),
+        ]
+        return kpis, fig
+
+    @app.callback(
+        Output("ledger-summary", "children"), Output("ledger", "children"), Input("head", "data")
+    )
+    def _ledger(head: Any) -> Any:
+        if not head:
+            return dash.no_update, dash.no_update
+        v = views.ledger_view(ctx)
+        status = v["verify"]
+        if status["state"] == "ok":
+            ver = f"OK ({status['blocks']} blocks, {status['duration_s']:.2f} s)"
+        elif status["state"] == "failed":
+            ver = f"FAILED: {status['error']}"
+        else:
+            ver = "pending"
+        if status.get("running") and status["state"] != "pending":
+            ver += " · re-verifying"
+        kpis = [
+            _kpi("height", str(v["height"]), "kpi-height"),
+            _kpi("transactions", str(v["transactions"])),
+            _kpi("verification", ver, "kpi-verify"),
+            html.Div(
+                [
+                    html.Div(v["head_hash"] or "—", className="v mono", id="head-hash"),
+                    html.Div("head hash", className="k"),
+                ],
+                className="kpi",
+                style={"flex": "1"},
+            ),
+        ]
+        blocks = [
+            {**b, "hash": b["hash"][:16], "prev_hash": b["prev_hash"][:16]} for b in v["blocks"]
+        ]
+        txs = [
+            {**x, "txid": x["txid"][:16], "ref": _short_ref(x["ref"])}
+            for x in v["latest_transactions"]
+        ]
+        return kpis, [
+            html.H3("Latest blocks", style={"fontSize": "15px"}),
+            _table(
+                blocks,
+                [
+                    ("height", "height"),
+                    ("slot", "slot"),
+                    ("time", "time"),
+                    ("tx_count", "transactions"),
+                    ("hash", "hash"),
+                    ("prev_hash", "prev"),
+                ],
+                "blocks-table",
+            ),
+            html.H3("Latest transactions", style={"fontSize": "15px"}),
+            _table(
+                txs,
+                [
+                    ("height", "block"),
+                    ("position", "#"),
+                    ("slot", "slot"),
+                    ("kind", "kind"),
+                    ("ref", "ref"),
+                    ("money_cents", "money (cents)"),
+                    ("energy_wh", "energy (Wh)"),
+                    ("txid", "txid"),
+                ],
+                "tx-table",
+            ),
+        ]
+
+    @app.callback(
+        Output("network-kpis", "children"),
+        Output("invalid-graph", "figure"),
+        Output("lag-graph", "figure"),
+        Input("api", "data"),
+    )
+    def _network(api: dict[str, Any] | None) -> Any:
+        latest, bars, lag = views.network_view(ctx)
+        if not ctx.api_url:
+            note = html.Div(
+                "No node status API configured (start with --api URL): consensus and network "
+                "health are not available; every other view works from the ledger.",
+                className="alert secondary",
+                id="network-state",
+            )
+            return [note], bars, lag
+        if latest is None or not latest.reachable:
+            why = latest.error if latest is not None else "not polled yet"
+            note = html.Div(
+                f"Status API unreachable: {why}", className="alert secondary", id="network-state"
+            )
+            return [note], bars, lag
+        leader = latest.leader
+        changes = (
+            str(latest.leader_changes)
+            if latest.leader_changes is not None
+            else f"{ctx.history.observed_leader_changes} seen"
+        )
+        members = (
+            f"{latest.members_up} up / {latest.members_down} down"
+            if latest.members_up is not None
+            else "—"
+        )
+        kpis = [
+            _kpi("role", latest.role or "—", "kpi-role"),
+            _kpi("term", str(latest.term), "kpi-term"),
+            _kpi("leader", data.short_did(leader) if leader else "NONE", "kpi-leader"),
+            _kpi("leader changes", changes),
+            _kpi("peers", "—" if latest.peers is None else str(latest.peers)),
+            _kpi("members", members, "kpi-members"),
+            _kpi("commit lag", _opt(latest.commit_lag)),
+            _kpi("apply lag", _opt(latest.apply_lag)),
+            _kpi("node ledger height", _opt(latest.ledger_height)),
+            _kpi("last reading (slot)", _opt(latest.last_reading_slot)),
+            _kpi("meter read failures", _opt(latest.meter_read_failures)),
+            html.Span(
+                f"polled {time.strftime('%H:%M:%S', time.gmtime(latest.fetched_at))} UTC",
+                className="muted",
+                id="network-state",
+            ),
+        ]
+        return kpis, bars, lag
+
+    _register_csv(app, ctx)
+    return app
+
+
+def _register_csv(app: Dash, ctx: Context) -> None:
+    """One download per view: the data the view shows, as CSV."""
+
+    def send(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return dcc.send_string(data.rows_to_csv(rows), f"microgrid-{name}.csv")
+
+    @app.callback(
+        Output("dl-market", "data"),
+        Input("csv-market", "n_clicks"),
+        State("window", "value"),
+        prevent_initial_call=True,
+    )
+    def _csv_market(_n: int, window: str) -> Any:
+        return send("market", views.market_view(ctx, window)[1])
+
+    @app.callback(
+        Output("dl-book", "data"),
+        Input("csv-book", "n_clicks"),
+        State("slot-input", "value"),
+        prevent_initial_call=True,
+    )
+    def _csv_book(_n: int, slot: Any) -> Any:
+        return send("orderbook", views.orderbook_view(ctx, _slot(slot))[2])
+
+    @app.callback(
+        Output("dl-households", "data"),
+        Input("csv-households", "n_clicks"),
+        State("household", "value"),
+        State("window", "value"),
+        prevent_initial_call=True,
+    )
+    def _csv_households(_n: int, household: str | None, window: str) -> Any:
+        _, summary, slots, chosen = views.households_view(ctx, household, window)
+        rows = [{"household": chosen, **r} for r in slots] or summary
+        return send("household", rows)
+
+    @app.callback(
+        Output("dl-community", "data"),
+        Input("csv-community", "n_clicks"),
+        State("window", "value"),
+        prevent_initial_call=True,
+    )
+    def _csv_community(_n: int, window: str) -> Any:
+        return send("community", views.community_view(ctx, window)[2])
+
+    @app.callback(
+        Output("dl-ledger", "data"), Input("csv-ledger", "n_clicks"), prevent_initial_call=True
+    )
+    def _csv_ledger(_n: int) -> Any:
+        return send("blocks", views.ledger_view(ctx)["blocks"])
+
+    @app.callback(
+        Output("dl-network", "data"), Input("csv-network", "n_clicks"), prevent_initial_call=True
+    )
+    def _csv_network(_n: int) -> Any:
+        rows = [
+            {k: v for k, v in p.as_dict().items() if k != "invalid_messages"}
+            | {f"invalid_{k}": v for k, v in p.invalid_messages.items()}
+            for p in ctx.history.polls()
+        ]
+        return send("network", rows)
+
+
+def _slot(value: Any) -> int | None:
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _opt(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
+def _short_ref(ref: str) -> str:
+    if ref.startswith("did:"):
+        return data.short_did(ref)
+    parts = ref.split(":")
+    return ref if len(ref) <= 40 else ":".join(p[:12] for p in parts)
+
+
+def serve(app: Dash, host: str = "127.0.0.1", port: int = 8050) -> BaseWSGIServer:
+    """A threaded WSGI server for ``app`` bound to ``host:port`` (0 = a free port).
+
+    Call ``serve_forever()`` on it (in a thread, or the main thread of its own process) and
+    ``shutdown()`` to stop it.
+    """
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    return make_server(host, port, app.server, threaded=True)
+
+
+def wait_for_verify(ctx: Context, timeout: float) -> dict[str, Any]:
+    """Block until a pending background verification finished (tests, bench)."""
+    ctx.verify.wait(timeout)
+    return ctx.verify.status()

@@ -1,0 +1,83 @@
+"""``microgrid dashboard`` and ``microgrid archive``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``dashboard`` and ``archive`` commands."""
+    p = subparsers.add_parser(
+        "dashboard", help="the grid operator's web dashboard over a ledger database"
+    )
+    p.add_argument("--db", required=True, help="ledger database URL (sqlite:///… or postgresql…)")
+    p.add_argument(
+        "--api", default=None, help="a node's local status API, e.g. http://127.0.0.1:8400"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between refreshes")
+    p.add_argument(
+        "--settle-lag", type=int, default=4, help="slots a settlement may lag its gate closure"
+    )
+    p.add_argument(
+        "--verify-interval",
+        type=float,
+        default=60.0,
+        help="minimum seconds between two background verifications of a changing ledger",
+    )
+    p.set_defaults(func=_dashboard)
+
+    a = subparsers.add_parser(
+        "archive", help="copy settled blocks of a node's ledger into an archive (PostgreSQL)"
+    )
+    a.add_argument("--from", dest="source", required=True, help="node ledger database URL")
+    a.add_argument("--to", dest="target", required=True, help="archive database URL")
+    a.add_argument("--follow", action="store_true", help="keep polling for new blocks")
+    a.add_argument("--interval", type=float, default=5.0, help="seconds between polls (--follow)")
+    a.add_argument(
+        "--no-verify", action="store_true", help="skip verifying the archive after copying"
+    )
+    a.set_defaults(func=_archive)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from dashboard.app import create_app, serve
+    from dashboard.views import Context
+
+    ctx = Context.open(
+        args.db,
+        args.api,
+        settle_lag_slots=args.settle_lag,
+        verify_interval=args.verify_interval,
+    )
+    app = create_app(ctx, refresh_ms=int(args.refresh * 1000))
+    server = serve(app, args.host, args.port)
+    print(f"dashboard on http://{args.host}:{server.server_port}/ (ledger {args.db})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        ctx.close()
+    return 0
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from dashboard.archive import ArchiveError, archive, follow
+
+    try:
+        if args.follow:
+            follow(args.source, args.target, args.interval, verify=not args.no_verify)
+            return 0
+        result = archive(args.source, args.target, verify=not args.no_verify)
+    except ArchiveError as exc:
+        print(f"archive FAILED: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    print(result.summary())
+    return 0

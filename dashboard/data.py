@@ -1,0 +1,768 @@
+"""Read-only data access for the dashboard: SQLAlchemy engine in, plain rows out.
+
+Every function here takes an :class:`~sqlalchemy.Engine` on a ledger database (SQLite file or
+PostgreSQL, the tables of ``node/ledger/schema.py``) and returns plain Python values: dicts,
+lists, ints. No Dash, no Plotly: the callbacks in :mod:`dashboard.app` stay thin, and
+``bench/dashboard_bench.py`` times the same functions.
+
+Money is in integer minor units (cents) and energy in integer Wh, as in the ledger. Derived money
+figures (costs, savings) are computed from energy and prices in integer arithmetic and rounded
+once at the end; they are display figures, not settlement.
+
+:class:`SlotCache` keeps one row of aggregates per slot in memory and extends it incrementally
+(only slots newer than what it holds are queried), so a refresh of a year-long ledger costs a
+query over the newest slots, not a scan of millions of settlement rows.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, case, event, func, select
+from sqlalchemy.engine import Connection
+
+from node.ledger import schema as t
+from node.ledger.store import make_engine
+from node.ledger.verify import VerifyReport, verify_ledger
+
+SLOT_MINUTES = 15
+SLOTS_PER_DAY = 24 * 60 // SLOT_MINUTES
+
+
+def open_engine(url: str) -> Engine:
+    """A read-only engine on the ledger at ``url``.
+
+    SQLite files open with ``mode=ro``; PostgreSQL sessions are set to read-only transactions,
+    so the dashboard cannot write to a ledger even by mistake.
+    """
+    engine = make_engine(url, read_only=True)
+    if engine.dialect.name == "postgresql":
+
+        def _read_only(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            cursor.close()
+            dbapi_connection.commit()
+
+        event.listen(engine, "connect", _read_only)
+    return engine
+
+
+def slot_label(slot: int) -> str:
+    """Human label of a slot: ``day D HH:MM`` (slot 0 = day 0 00:00, 15-minute slots)."""
+    minutes = (slot % SLOTS_PER_DAY) * SLOT_MINUTES
+    return f"day {slot // SLOTS_PER_DAY} {minutes // 60:02d}:{minutes % 60:02d}"
+
+
+# --- meta and head ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerInfo:
+    """What the ledger says about itself: grid, rules, tariffs."""
+
+    grid: str
+    genesis_hash: str
+    feed_in_tariff: int
+    retail_price: int
+    mechanism: str
+    config: dict[str, Any]
+
+
+def ledger_info(engine: Engine) -> LedgerInfo:
+    """Grid name, genesis hash and market rules from the ``meta`` table."""
+    with engine.connect() as conn:
+        meta = {r.key: r.value for r in conn.execute(select(t.meta.c.key, t.meta.c.value))}
+    config = json.loads(meta.get("config", "{}") or "{}")
+    return LedgerInfo(
+        grid=meta.get("grid", "?"),
+        genesis_hash=meta.get("genesis_hash", ""),
+        feed_in_tariff=int(config.get("feed_in_tariff", 0)),
+        retail_price=int(config.get("retail_price", 0)),
+        mechanism=str(config.get("mechanism", "?")),
+        config=config,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HeadInfo:
+    """The newest block and how far gates and settlement have got."""
+
+    height: int
+    head_hash: str | None
+    settled_through: int | None
+    """Slot of the newest block (settled slot)."""
+    closed_through: int | None
+    """Newest slot whose gate closed (has a clearing)."""
+
+    def key(self) -> tuple[int, str | None, int | None]:
+        """Changes whenever anything new reached the ledger."""
+        return (self.height, self.head_hash, self.closed_through)
+
+
+def head_info(engine: Engine) -> HeadInfo:
+    """Height, head hash, newest settled and newest cleared slot, counts (cheap queries)."""
+    with engine.connect() as conn:
+        head = conn.execute(
+            select(t.blocks.c.height, t.blocks.c.hash, t.blocks.c.slot)
+            .order_by(t.blocks.c.height.desc())
+            .limit(1)
+        ).first()
+        closed = conn.execute(select(func.max(t.clearings.c.slot))).scalar()
+    return HeadInfo(
+        height=int(head.height) if head else 0,
+        head_hash=head.hash if head else None,
+        settled_through=int(head.slot) if head else None,
+        closed_through=int(closed) if closed is not None else None,
+    )
+
+
+# --- per-slot aggregates ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SlotRow:
+    """Aggregates of one slot: its clearing, its settlement and its block."""
+
+    slot: int
+    mechanism: str = ""
+    price: int | None = None
+    volume_wh: int = 0
+    bid_volume_wh: int = 0
+    ask_volume_wh: int = 0
+    order_count: int = 0
+    participants: int = 0
+    buyer_pay_wh_price: int = 0
+    """Σ quantity × buyer price over the slot's trades (Wh·cent/kWh; /1000 gives cents)."""
+    seller_get_wh_price: int = 0
+    """Σ quantity × seller price over the slot's trades."""
+    settled: bool = False
+    import_wh: int = 0
+    export_wh: int = 0
+    grid_import_wh: int = 0
+    """Σ of negative imbalances: energy the households bought from the grid."""
+    grid_export_wh: int = 0
+    """Σ of positive imbalances: energy the households sold to the grid."""
+    households: int = 0
+    unmeasured: int = 0
+    height: int | None = None
+    block_hash: str | None = None
+
+    @property
+    def unmatched_bid_wh(self) -> int:
+        """Bid volume that found no seller."""
+        return self.bid_volume_wh - self.volume_wh
+
+    @property
+    def unmatched_ask_wh(self) -> int:
+        """Ask volume that found no buyer."""
+        return self.ask_volume_wh - self.volume_wh
+
+    def as_dict(self) -> dict[str, Any]:
+        """A flat dict for tables and CSV."""
+        return {
+            "slot": self.slot,
+            "time": slot_label(self.slot),
+            "mechanism": self.mechanism,
+            "price": self.price,
+            "local_wh": self.volume_wh,
+            "grid_import_wh": self.grid_import_wh,
+            "grid_export_wh": self.grid_export_wh,
+            "bid_volume_wh": self.bid_volume_wh,
+            "ask_volume_wh": self.ask_volume_wh,
+            "unmatched_bid_wh": self.unmatched_bid_wh,
+            "unmatched_ask_wh": self.unmatched_ask_wh,
+            "orders": self.order_count,
+            "participants": self.participants,
+            "settled": self.settled,
+            "metered_import_wh": self.import_wh,
+            "metered_export_wh": self.export_wh,
+            "height": self.height,
+            "block_hash": self.block_hash,
+        }
+
+
+def _i(value: Any) -> int:
+    """PostgreSQL SUM of BIGINT is NUMERIC (Decimal); SQLite gives int or None."""
+    return int(value) if value is not None else 0
+
+
+def load_clearings(conn: Connection, after: int | None) -> list[SlotRow]:
+    """Clearing rows (with trade money sums) of slots newer than ``after``."""
+    c = t.clearings.c
+    q = select(t.clearings).order_by(c.slot)
+    tr = t.trades.c
+    tq = select(
+        tr.slot,
+        func.sum(tr.quantity_wh * tr.price).label("pay"),
+        func.sum(tr.quantity_wh * tr.sell_price).label("get"),
+    ).group_by(tr.slot)
+    if after is not None:
+        q = q.where(c.slot > after)
+        tq = tq.where(tr.slot > after)
+    money = {int(r.slot): (_i(r.pay), _i(r.get)) for r in conn.execute(tq)}
+    rows = []
+    for r in conn.execute(q):
+        pay, get = money.get(int(r.slot), (0, 0))
+        rows.append(
+            SlotRow(
+                slot=int(r.slot),
+                mechanism=r.mechanism,
+                price=None if r.price is None else int(r.price),
+                volume_wh=int(r.volume_wh),
+                bid_volume_wh=int(r.bid_volume_wh),
+                ask_volume_wh=int(r.ask_volume_wh),
+                order_count=int(r.order_count),
+                participants=int(r.participants),
+                buyer_pay_wh_price=pay,
+                seller_get_wh_price=get,
+            )
+        )
+    return rows
+
+
+def load_settlement_sums(conn: Connection, after: int | None) -> dict[int, dict[str, int]]:
+    """Per-slot sums of the settlements table for slots newer than ``after``."""
+    s = t.settlements.c
+    q = select(
+        s.slot,
+        func.sum(s.import_wh).label("imp"),
+        func.sum(s.export_wh).label("exp"),
+        func.sum(case((s.imbalance_wh < 0, -s.imbalance_wh), else_=0)).label("gin"),
+        func.sum(case((s.imbalance_wh > 0, s.imbalance_wh), else_=0)).label("gout"),
+        func.count().label("n"),
+        func.sum(case((s.measured, 0), else_=1)).label("unmeasured"),
+    ).group_by(s.slot)
+    if after is not None:
+        q = q.where(s.slot > after)
+    return {
+        int(r.slot): {
+            "import_wh": _i(r.imp),
+            "export_wh": _i(r.exp),
+            "grid_import_wh": _i(r.gin),
+            "grid_export_wh": _i(r.gout),
+            "households": _i(r.n),
+            "unmeasured": _i(r.unmeasured),
+        }
+        for r in conn.execute(q)
+    }
+
+
+@dataclass
+class SlotCache:
+    """Per-slot aggregates of one ledger, extended incrementally on :meth:`refresh`.
+
+    Thread-safe: Dash serves callbacks from several threads.
+    """
+
+    engine: Engine
+    rows: dict[int, SlotRow] = field(default_factory=dict)
+    cleared_through: int | None = None
+    settled_through: int | None = None
+    traded_through: int | None = None
+    """Newest slot with a trade (the order book's default)."""
+    genesis_hash: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def refresh(self) -> None:
+        """Load clearings, settlements and blocks of slots not seen yet."""
+        with self._lock, self.engine.connect() as conn:
+            genesis = conn.execute(
+                select(t.meta.c.value).where(t.meta.c.key == "genesis_hash")
+            ).scalar()
+            max_block = conn.execute(select(func.max(t.blocks.c.slot))).scalar()
+            if genesis != self.genesis_hash or (
+                self.settled_through is not None
+                and (max_block is None or int(max_block) < self.settled_through)
+            ):
+                # Another ledger (or a rewound one) behind the same URL: start over.
+                self.rows.clear()
+                self.cleared_through = self.settled_through = self.traded_through = None
+                self.genesis_hash = genesis
+            for row in load_clearings(conn, self.cleared_through):
+                old = self.rows.get(row.slot)
+                if old is not None and old.settled:  # cannot happen in slot order; keep safe
+                    row.settled, row.height, row.block_hash = True, old.height, old.block_hash
+                self.rows[row.slot] = row
+                self.cleared_through = row.slot
+                if row.volume_wh > 0:
+                    self.traded_through = row.slot
+            sums = load_settlement_sums(conn, self.settled_through)
+            b = t.blocks.c
+            bq = select(b.slot, b.height, b.hash).order_by(b.slot)
+            if self.settled_through is not None:
+                bq = bq.where(b.slot > self.settled_through)
+            for blk in conn.execute(bq):
+                slot = int(blk.slot)
+                row = self.rows.setdefault(slot, SlotRow(slot=slot))
+                row.settled = True
+                row.height = int(blk.height)
+                row.block_hash = blk.hash
+                for key, value in sums.get(slot, {}).items():
+                    setattr(row, key, value)
+                self.settled_through = slot
+
+    def window(self, slots: int | None) -> list[SlotRow]:
+        """The newest ``slots`` slots (all when None), oldest first."""
+        with self._lock:
+            keys = sorted(self.rows)
+            if slots is not None:
+                keys = keys[-slots:]
+            return [self.rows[k] for k in keys]
+
+
+# --- order book -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrderBook:
+    """The book of one slot at gate closure and its clearing."""
+
+    slot: int
+    bids: list[dict[str, Any]]
+    asks: list[dict[str, Any]]
+    price: int | None
+    volume_wh: int
+    mechanism: str | None
+    cleared: bool
+    """False when the slot's gate has not closed (no clearing row)."""
+
+
+def order_book(engine: Engine, slot: int) -> OrderBook:
+    """Every order of ``slot`` (bids highest price first, asks lowest first) and its clearing."""
+    o = t.orders.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(o.order_id, o.household, o.side, o.quantity_wh, o.price, o.position)
+            .where(o.slot == slot)
+            .order_by(o.position)
+        ).all()
+        clr = conn.execute(select(t.clearings).where(t.clearings.c.slot == slot)).first()
+    orders = [
+        {
+            "order_id": r.order_id,
+            "household": r.household,
+            "side": r.side,
+            "quantity_wh": int(r.quantity_wh),
+            "price": int(r.price),
+            "position": int(r.position),
+        }
+        for r in rows
+    ]
+    bids = sorted(
+        (x for x in orders if x["side"] == "buy"), key=lambda x: (-x["price"], x["position"])
+    )
+    asks = sorted(
+        (x for x in orders if x["side"] == "sell"), key=lambda x: (x["price"], x["position"])
+    )
+    return OrderBook(
+        slot=slot,
+        bids=bids,
+        asks=asks,
+        price=None if clr is None or clr.price is None else int(clr.price),
+        volume_wh=int(clr.volume_wh) if clr is not None else 0,
+        mechanism=clr.mechanism if clr is not None else None,
+        cleared=clr is not None,
+    )
+
+
+def step_curve(orders: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """Cumulative-quantity step curve (x in Wh, y in price) of orders already sorted."""
+    xs: list[int] = []
+    ys: list[int] = []
+    total = 0
+    for order in orders:
+        xs.extend([total, total + order["quantity_wh"]])
+        ys.extend([order["price"], order["price"]])
+        total += order["quantity_wh"]
+    return xs, ys
+
+
+# --- households -------------------------------------------------------------------------------
+
+
+def household_summary(engine: Engine) -> list[dict[str, Any]]:
+    """One row per household: role, meter, balances, reputation and delivery figures."""
+    h = t.households.c
+    bal = t.balances.c
+    with engine.connect() as conn:
+        balances: dict[str, dict[str, int]] = {}
+        for r in conn.execute(
+            select(bal.account, bal.asset, bal.amount).where(bal.account.like("household:%"))
+        ):
+            balances.setdefault(r.account[len("household:") :], {})[r.asset] = int(r.amount)
+        rows = conn.execute(select(t.households).order_by(h.did)).all()
+    out = []
+    for r in rows:
+        b = balances.get(r.did, {})
+        out.append(
+            {
+                "household": r.did,
+                "short": short_did(r.did),
+                "meter": r.meter_serial,
+                "role": r.role,
+                "balance_cents": b.get("money", 0),
+                "energy_wh": b.get("energy", 0),
+                "reputation_permille": int(r.reputation_permille),
+                "sold_wh": int(r.sold_wh),
+                "delivered_wh": int(r.delivered_wh),
+                "bought_wh": int(r.bought_wh),
+                "consumed_wh": int(r.consumed_wh),
+                "slots": int(r.slots),
+                "missed_readings": int(r.missed_readings),
+            }
+        )
+    return out
+
+
+def household_slots(
+    engine: Engine, household: str, first_slot: int | None = None
+) -> list[dict[str, Any]]:
+    """Metered vs traded energy and imbalance of one household per settled slot."""
+    s = t.settlements.c
+    q = (
+        select(
+            s.slot,
+            s.measured,
+            s.import_wh,
+            s.export_wh,
+            s.sold_wh,
+            s.bought_wh,
+            s.imbalance_wh,
+        )
+        .where(s.household == household)
+        .order_by(s.slot)
+    )
+    if first_slot is not None:
+        q = q.where(s.slot >= first_slot)
+    with engine.connect() as conn:
+        return [
+            {
+                "slot": int(r.slot),
+                "time": slot_label(int(r.slot)),
+                "measured": bool(r.measured),
+                "metered_import_wh": int(r.import_wh),
+                "metered_export_wh": int(r.export_wh),
+                "traded_buy_wh": int(r.bought_wh),
+                "traded_sell_wh": int(r.sold_wh),
+                "imbalance_wh": int(r.imbalance_wh),
+            }
+            for r in conn.execute(q)
+        ]
+
+
+def short_did(did: str) -> str:
+    """A short, still distinctive form of a DID for labels."""
+    tail = did.rsplit(":", 1)[-1]
+    return f"…{tail[-8:]}" if len(tail) > 8 else tail
+
+
+# --- community --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommunityFigures:
+    """Community-level figures over a set of settled slots (definitions in docs/dashboard.md)."""
+
+    slots: int
+    import_wh: int
+    export_wh: int
+    feeder_import_wh: int
+    feeder_export_wh: int
+    local_traded_wh: int
+    self_sufficiency: float | None
+    self_consumption: float | None
+    grid_only_cost_cents: int
+    actual_cost_cents: int
+    savings_cents: int
+
+
+def community_figures(rows: Iterable[SlotRow], feed_in: int, retail: int) -> CommunityFigures:
+    """Self-sufficiency, self-consumption and savings vs grid-only over settled ``rows``.
+
+    - self-sufficiency = 1 − Σ_s max(I_s − E_s, 0) / Σ_s I_s
+    - self-consumption = 1 − Σ_s max(E_s − I_s, 0) / Σ_s E_s
+    - grid-only cost = Σ I × retail − Σ E × feed-in (every household alone with the utility)
+    - actual cost = Σ trades (buyer price − seller price) × Wh + grid imports × retail −
+      grid exports × feed-in (what the ledger settled)
+    - savings = grid-only cost − actual cost
+
+    where I_s and E_s are the community's metered import and export in slot s.
+    """
+    n = imp = exp = fimp = fexp = local = 0
+    grid_only = actual = 0  # in Wh·cent/kWh, divided by 1000 at the end
+    for r in rows:
+        if not r.settled:
+            continue
+        n += 1
+        imp += r.import_wh
+        exp += r.export_wh
+        fimp += max(r.import_wh - r.export_wh, 0)
+        fexp += max(r.export_wh - r.import_wh, 0)
+        local += r.volume_wh
+        grid_only += r.import_wh * retail - r.export_wh * feed_in
+        actual += (
+            r.buyer_pay_wh_price
+            - r.seller_get_wh_price
+            + r.grid_import_wh * retail
+            - r.grid_export_wh * feed_in
+        )
+    grid_only_c = _round_div(grid_only, 1000)
+    actual_c = _round_div(actual, 1000)
+    return CommunityFigures(
+        slots=n,
+        import_wh=imp,
+        export_wh=exp,
+        feeder_import_wh=fimp,
+        feeder_export_wh=fexp,
+        local_traded_wh=local,
+        self_sufficiency=(1 - fimp / imp) if imp else None,
+        self_consumption=(1 - fexp / exp) if exp else None,
+        grid_only_cost_cents=grid_only_c,
+        actual_cost_cents=actual_c,
+        savings_cents=grid_only_c - actual_c,
+    )
+
+
+def _round_div(a: int, b: int) -> int:
+    """a / b rounded half away from zero, in integers."""
+    q, r = divmod(abs(a), b)
+    if 2 * r >= b:
+        q += 1
+    return q if a >= 0 else -q
+
+
+def bucketed_community(
+    rows: Sequence[SlotRow], feed_in: int, retail: int, per: int = SLOTS_PER_DAY
+) -> list[dict[str, Any]]:
+    """:func:`community_figures` per bucket of ``per`` slots (a day by default)."""
+    buckets: dict[int, list[SlotRow]] = {}
+    for r in rows:
+        buckets.setdefault(r.slot // per * per, []).append(r)
+    out = []
+    for first in sorted(buckets):
+        f = community_figures(buckets[first], feed_in, retail)
+        if not f.slots:
+            continue
+        out.append(
+            {
+                "slot": first,
+                "time": slot_label(first),
+                "slots": f.slots,
+                "self_sufficiency": f.self_sufficiency,
+                "self_consumption": f.self_consumption,
+                "grid_only_cost_cents": f.grid_only_cost_cents,
+                "actual_cost_cents": f.actual_cost_cents,
+                "savings_cents": f.savings_cents,
+            }
+        )
+    return out
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+def transaction_count(engine: Engine) -> int:
+    """Number of ledger transactions (Σ of the block headers' tx_count)."""
+    with engine.connect() as conn:
+        return _i(conn.execute(select(func.sum(t.blocks.c.tx_count))).scalar())
+
+
+def latest_blocks(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest blocks, newest first."""
+    b = t.blocks.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(b.height, b.slot, b.hash, b.prev_hash, b.tx_count, b.state_hash)
+            .order_by(b.height.desc())
+            .limit(limit)
+        ).all()
+    return [
+        {
+            "height": int(r.height),
+            "slot": int(r.slot),
+            "time": slot_label(int(r.slot)),
+            "hash": r.hash,
+            "prev_hash": r.prev_hash,
+            "tx_count": int(r.tx_count),
+            "state_hash": r.state_hash,
+        }
+        for r in rows
+    ]
+
+
+def latest_transactions(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest transactions with the money and energy each moves (Σ of positive postings)."""
+    tx = t.transactions.c
+    p = t.postings.c
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(tx.id, tx.block_height, tx.position, tx.txid, tx.kind, tx.slot, tx.ref)
+            .order_by(tx.id.desc())
+            .limit(limit)
+        ).all()
+        ids = [r.id for r in rows]
+        moved: dict[int, dict[str, int]] = {}
+        if ids:
+            for r in conn.execute(
+                select(p.transaction_id, p.asset, func.sum(p.amount).label("amt"))
+                .where(p.transaction_id.in_(ids), p.amount > 0)
+                .group_by(p.transaction_id, p.asset)
+            ):
+                moved.setdefault(int(r.transaction_id), {})[r.asset] = _i(r.amt)
+    return [
+        {
+            "height": int(r.block_height),
+            "position": int(r.position),
+            "slot": int(r.slot),
+            "kind": r.kind,
+            "ref": r.ref,
+            "txid": r.txid,
+            "money_cents": moved.get(int(r.id), {}).get("money", 0),
+            "energy_wh": moved.get(int(r.id), {}).get("energy", 0),
+        }
+        for r in rows
+    ]
+
+
+@dataclass
+class VerifyCache:
+    """Runs :func:`verify_ledger` in a background thread and keeps the last report.
+
+    A verification starts when the head has changed since the last one *and* at least
+    ``min_interval`` seconds have passed, or when none was run yet. Callbacks never wait for it:
+    they read :meth:`status`.
+    """
+
+    url: str
+    min_interval: float = 60.0
+    report: VerifyReport | None = None
+    verified_key: tuple[Any, ...] | None = None
+    finished_at: float | None = None
+    duration_s: float | None = None
+    running: bool = False
+    _started_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _thread: threading.Thread | None = None
+
+    def poke(self, key: tuple[Any, ...]) -> None:
+        """Start a verification of the ledger at head ``key`` if one is due."""
+        with self._lock:
+            if self.running or key == self.verified_key:
+                return
+            if self.report is not None and time.monotonic() - self._started_at < self.min_interval:
+                return
+            self.running = True
+            self._started_at = time.monotonic()
+            self._thread = threading.Thread(
+                target=self._run, args=(key,), name="ledger-verify", daemon=True
+            )
+            self._thread.start()
+
+    def _run(self, key: tuple[Any, ...]) -> None:
+        start = time.monotonic()
+        try:
+            report = verify_ledger(self.url)
+        except Exception as exc:  # a verifier bug must not kill the dashboard
+            report = VerifyReport(False, 0, None, 0, 0, f"verify crashed: {exc!r}")
+        with self._lock:
+            self.report = report
+            self.verified_key = key
+            self.finished_at = time.time()
+            self.duration_s = time.monotonic() - start
+            self.running = False
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for a running verification (tests and the bench); True when none is running."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.running
+
+    def status(self) -> dict[str, Any]:
+        """The newest report as a dict (``state``: ok, failed, pending)."""
+        with self._lock:
+            r = self.report
+            if r is None:
+                return {"state": "pending", "running": self.running}
+            return {
+                "state": "ok" if r.ok else "failed",
+                "running": self.running,
+                "height": r.height,
+                "head_hash": r.head_hash,
+                "blocks": r.blocks,
+                "transactions": r.transactions,
+                "error": r.error,
+                "finished_at": self.finished_at,
+                "duration_s": self.duration_s,
+            }
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+def ledger_alerts(
+    rows: Sequence[SlotRow],
+    head: HeadInfo,
+    verify: dict[str, Any],
+    settle_lag_slots: int = 4,
+) -> list[dict[str, str]]:
+    """Alerts the ledger itself shows: a slot that did not clear, settlement overdue, a ledger
+    that does not verify. ``rows`` are the slots to look at (the recent window)."""
+    alerts: list[dict[str, str]] = []
+    if verify.get("state") == "failed":
+        alerts.append(
+            {
+                "level": "danger",
+                "code": "ledger_invalid",
+                "message": f"Ledger does not verify: {verify.get('error')}",
+            }
+        )
+    for r in rows:
+        if r.bid_volume_wh > 0 and r.ask_volume_wh > 0 and r.volume_wh == 0:
+            alerts.append(
+                {
+                    "level": "warning",
+                    "code": "slot_not_cleared",
+                    "message": (
+                        f"Slot {r.slot} ({slot_label(r.slot)}) did not clear: "
+                        f"{r.bid_volume_wh} Wh bid and {r.ask_volume_wh} Wh offered, no trade"
+                    ),
+                }
+            )
+    if head.closed_through is not None:
+        settled = head.settled_through if head.settled_through is not None else -1
+        behind = head.closed_through - settled
+        if behind > settle_lag_slots:
+            alerts.append(
+                {
+                    "level": "danger",
+                    "code": "settlement_overdue",
+                    "message": (
+                        f"Settlement overdue: gates closed through slot {head.closed_through} "
+                        f"but settled only through {head.settled_through if settled >= 0 else '-'}"
+                        f" ({behind} slots behind, limit {settle_lag_slots})"
+                    ),
+                }
+            )
+    return alerts
+
+
+def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text of a list of flat dicts (header from the first row's keys)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if not rows:
+        return ""
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue()

@@ -1,0 +1,515 @@
+"""What each view shows, as plain figures and rows: the bodies of the Dash callbacks.
+
+Every ``*_view`` function takes the :class:`Context` and the view's controls and returns Plotly
+figures (``go.Figure``) and lists of flat dicts (tables and CSV). :mod:`dashboard.app` maps them
+onto components; ``bench/dashboard_bench.py`` times them and measures their JSON size.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+from sqlalchemy import Engine
+
+from dashboard import data
+from dashboard.api import NodeStatus, StatusHistory, api_alerts, fetch_status
+
+WINDOWS: dict[str, int | None] = {
+    "1d": data.SLOTS_PER_DAY,
+    "7d": 7 * data.SLOTS_PER_DAY,
+    "30d": 30 * data.SLOTS_PER_DAY,
+    "all": None,
+}
+"""Market, household and community windows: the newest N slots."""
+
+MAX_POINTS = 1500
+"""Above this many slots a chart shows buckets (hours, then days) instead of single slots."""
+
+COLORS = {
+    "price": "#1f77b4",
+    "local": "#2ca02c",
+    "grid_in": "#d62728",
+    "grid_out": "#ff7f0e",
+    "bid": "#9467bd",
+    "ask": "#8c564b",
+    "participants": "#7f7f7f",
+}
+
+
+@dataclass
+class Context:
+    """Everything a view needs: the read-only engine, caches and the API client state."""
+
+    db_url: str
+    engine: Engine
+    api_url: str | None = None
+    settle_lag_slots: int = 4
+    alert_window_slots: int = data.SLOTS_PER_DAY
+    api_timeout: float = 1.5
+    slots: data.SlotCache = field(init=False)
+    verify: data.VerifyCache = field(init=False)
+    history: StatusHistory = field(default_factory=StatusHistory)
+    verify_interval: float = 60.0
+    _info: data.LedgerInfo | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.slots = data.SlotCache(self.engine)
+        self.verify = data.VerifyCache(self.db_url, min_interval=self.verify_interval)
+
+    @classmethod
+    def open(cls, db_url: str, api_url: str | None = None, **kwargs: Any) -> Context:
+        """A context on the ledger at ``db_url`` (opened read-only)."""
+        return cls(db_url=db_url, engine=data.open_engine(db_url), api_url=api_url, **kwargs)
+
+    def close(self) -> None:
+        """Release the database connections."""
+        self.engine.dispose()
+
+    def info(self) -> data.LedgerInfo:
+        """Ledger meta (grid, tariffs), read once it exists."""
+        with self._lock:
+            if self._info is None or not self._info.genesis_hash:
+                self._info = data.ledger_info(self.engine)
+            return self._info
+
+
+# --- header / polling -------------------------------------------------------------------------
+
+
+def head_view(ctx: Context) -> dict[str, Any]:
+    """The head of the ledger plus verification state: changes whenever a view must redraw.
+
+    Also refreshes the slot cache and starts a background verification when one is due.
+    """
+    head = data.head_info(ctx.engine)
+    ctx.verify.poke(head.key())
+    ctx.slots.refresh()
+    status = ctx.verify.status()
+    return {
+        "height": head.height,
+        "head_hash": head.head_hash,
+        "settled_through": head.settled_through,
+        "closed_through": head.closed_through,
+        "verify_state": status["state"],
+        "verify_finished_at": status.get("finished_at"),
+    }
+
+
+def poll_api(ctx: Context) -> dict[str, Any]:
+    """Poll the node's status API once (when configured) and record it in the history."""
+    if not ctx.api_url:
+        return {"configured": False}
+    status = fetch_status(ctx.api_url, timeout=ctx.api_timeout)
+    ctx.history.add(status)
+    return {"configured": True, **status.as_dict()}
+
+
+# --- market -----------------------------------------------------------------------------------
+
+
+def _bucket(rows: list[data.SlotRow]) -> tuple[int, list[dict[str, Any]]]:
+    """Rows as chart points: single slots, or hour/day buckets above MAX_POINTS slots."""
+    size = 1
+    for candidate in (1, 4, data.SLOTS_PER_DAY, 7 * data.SLOTS_PER_DAY):
+        size = candidate
+        if len(rows) / candidate <= MAX_POINTS:
+            break
+    if size == 1:
+        return 1, [r.as_dict() for r in rows]
+    out: dict[int, dict[str, Any]] = {}
+    weighted: dict[int, list[int]] = {}
+    for r in rows:
+        key = r.slot // size * size
+        b = out.setdefault(
+            key,
+            {
+                "slot": key,
+                "time": data.slot_label(key),
+                "price": None,
+                "local_wh": 0,
+                "grid_import_wh": 0,
+                "grid_export_wh": 0,
+                "unmatched_bid_wh": 0,
+                "unmatched_ask_wh": 0,
+                "participants": 0,
+                "orders": 0,
+            },
+        )
+        b["local_wh"] += r.volume_wh
+        b["grid_import_wh"] += r.grid_import_wh
+        b["grid_export_wh"] += r.grid_export_wh
+        b["unmatched_bid_wh"] += r.unmatched_bid_wh
+        b["unmatched_ask_wh"] += r.unmatched_ask_wh
+        b["participants"] = max(b["participants"], r.participants)
+        b["orders"] += r.order_count
+        if r.price is not None and r.volume_wh:
+            w = weighted.setdefault(key, [0, 0])
+            w[0] += r.price * r.volume_wh
+            w[1] += r.volume_wh
+    for key, (num, den) in weighted.items():
+        out[key]["price"] = round(num / den, 2)
+    return size, [out[k] for k in sorted(out)]
+
+
+def market_view(ctx: Context, window: str) -> tuple[go.Figure, list[dict[str, Any]]]:
+    """Clearing price with tariff lines, local vs grid volume, unmatched volume, participants."""
+    info = ctx.info()
+    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
+    size, points = _bucket(rows)
+    xs = [p["slot"] for p in points]
+    labels = [p["time"] for p in points]
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,
+        row_heights=[0.4, 0.4, 0.2],
+        subplot_titles=(
+            "Clearing price (cents/kWh)" + (" — volume-weighted per bucket" if size > 1 else ""),
+            "Energy (Wh): local trades, with the grid, unmatched orders",
+            "Participants",
+        ),
+    )
+    hover = "%{customdata}<br>%{y}<extra>%{fullData.name}</extra>"
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=[p["price"] for p in points],
+            customdata=labels,
+            name="clearing price",
+            mode="lines+markers",
+            line={"color": COLORS["price"], "shape": "hv"},
+            marker={"size": 4},
+            connectgaps=False,
+            hovertemplate=hover,
+        ),
+        row=1,
+        col=1,
+    )
+    for value, name, dash in (
+        (info.retail_price, "retail price (cap)", "dash"),
+        (info.feed_in_tariff, "feed-in tariff (floor)", "dot"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=[xs[0], xs[-1]] if xs else [],
+                y=[value, value] if xs else [],
+                name=f"{name} {value}",
+                mode="lines",
+                line={"color": "#444", "dash": dash, "width": 1},
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=1,
+        )
+    for key, name, color in (
+        ("local_wh", "traded locally", COLORS["local"]),
+        ("grid_import_wh", "from grid (imbalance)", COLORS["grid_in"]),
+        ("grid_export_wh", "to grid (imbalance)", COLORS["grid_out"]),
+    ):
+        fig.add_trace(
+            go.Bar(
+                x=xs,
+                y=[p[key] for p in points],
+                customdata=labels,
+                name=name,
+                marker_color=color,
+                hovertemplate=hover,
+            ),
+            row=2,
+            col=1,
+        )
+    for key, name, color in (
+        ("unmatched_bid_wh", "unmatched bids", COLORS["bid"]),
+        ("unmatched_ask_wh", "unmatched asks", COLORS["ask"]),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=[p[key] for p in points],
+                customdata=labels,
+                name=name,
+                mode="lines",
+                line={"color": color, "width": 1.5},
+                hovertemplate=hover,
+            ),
+            row=2,
+            col=1,
+        )
+    fig.add_trace(
+        go.Bar(
+            x=xs,
+            y=[p["participants"] for p in points],
+            customdata=labels,
+            name="participants",
+            marker_color=COLORS["participants"],
+            hovertemplate=hover,
+        ),
+        row=3,
+        col=1,
+    )
+    fig.update_layout(
+        barmode="group",
+        height=620,
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        legend={"orientation": "h", "y": -0.08},
+        uirevision=f"market-{window}",
+        hovermode="x unified",
+        template="plotly_white",
+    )
+    fig.update_xaxes(title_text="slot" if size == 1 else f"slot (buckets of {size})", row=3)
+    return fig, points
+
+
+# --- order book -------------------------------------------------------------------------------
+
+
+def default_book_slot(ctx: Context) -> int | None:
+    """The newest slot with a trade, else the newest slot whose gate closed."""
+    if ctx.slots.traded_through is not None:
+        return ctx.slots.traded_through
+    return ctx.slots.cleared_through
+
+
+def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list[dict[str, Any]]]:
+    """Supply and demand step curves of one slot with its clearing point."""
+    if slot is None:
+        slot = default_book_slot(ctx)
+    fig = go.Figure()
+    fig.update_layout(
+        height=420,
+        margin={"l": 60, "r": 20, "t": 40, "b": 50},
+        template="plotly_white",
+        xaxis_title="cumulative energy (Wh)",
+        yaxis_title="price (cents/kWh)",
+        uirevision=f"book-{slot}",
+    )
+    if slot is None:
+        return fig, "No slot has closed yet.", []
+    book = data.order_book(ctx.engine, slot)
+    for orders, name, color in (
+        (book.asks, "supply (asks)", COLORS["ask"]),
+        (book.bids, "demand (bids)", COLORS["bid"]),
+    ):
+        xs, ys = data.step_curve(orders)
+        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines", line={"color": color}))
+    if book.volume_wh and book.price is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[book.volume_wh],
+                y=[book.price],
+                name=f"clearing {book.volume_wh} Wh @ {book.price}",
+                mode="markers",
+                marker={"size": 12, "color": "#000", "symbol": "x"},
+            )
+        )
+    elif book.volume_wh:
+        fig.add_vline(x=book.volume_wh, line_dash="dash", annotation_text="traded volume")
+    info = ctx.info()
+    fig.add_hline(y=info.retail_price, line_dash="dash", line_width=1, line_color="#888")
+    fig.add_hline(y=info.feed_in_tariff, line_dash="dot", line_width=1, line_color="#888")
+    fig.update_layout(title=f"Order book of slot {slot} ({data.slot_label(slot)})")
+    if not book.cleared:
+        summary = f"Slot {slot}: gate not closed (no clearing recorded)."
+    elif book.volume_wh == 0:
+        summary = (
+            f"Slot {slot}: {len(book.bids)} bids, {len(book.asks)} asks — no trade "
+            f"({book.mechanism})."
+        )
+    else:
+        price = "—" if book.price is None else f"{book.price} cents/kWh"
+        summary = (
+            f"Slot {slot}: {len(book.bids)} bids, {len(book.asks)} asks — cleared "
+            f"{book.volume_wh} Wh at {price} ({book.mechanism})."
+        )
+    rows = [{"slot": slot, **o, "household": o["household"]} for o in [*book.bids, *book.asks]]
+    return fig, summary, rows
+
+
+# --- households -------------------------------------------------------------------------------
+
+
+def households_view(
+    ctx: Context, household: str | None, window: str
+) -> tuple[go.Figure, list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Table of every household and per-slot metered vs traded energy of the chosen one."""
+    summary = data.household_summary(ctx.engine)
+    if household is None or household not in {r["household"] for r in summary}:
+        household = summary[0]["household"] if summary else None
+    fig = go.Figure()
+    fig.update_layout(
+        height=420,
+        margin={"l": 60, "r": 20, "t": 40, "b": 40},
+        template="plotly_white",
+        barmode="relative",
+        hovermode="x unified",
+        uirevision=f"household-{household}-{window}",
+        yaxis_title="Wh (export up, import down)",
+        legend={"orientation": "h", "y": -0.15},
+    )
+    if household is None:
+        return fig, summary, [], None
+    n = WINDOWS.get(window, WINDOWS["7d"])
+    first = None
+    if n is not None and ctx.slots.settled_through is not None:
+        first = ctx.slots.settled_through - n + 1
+    slots = data.household_slots(ctx.engine, household, first)
+    xs = [r["slot"] for r in slots]
+    for key, name, color, sign in (
+        ("metered_export_wh", "metered export", "#2ca02c", 1),
+        ("metered_import_wh", "metered import", "#d62728", -1),
+    ):
+        fig.add_trace(go.Bar(x=xs, y=[sign * r[key] for r in slots], name=name, marker_color=color))
+    for key, name, color, sign in (
+        ("traded_sell_wh", "sold (traded)", "#17becf", 1),
+        ("traded_buy_wh", "bought (traded)", "#9467bd", -1),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=[sign * r[key] for r in slots],
+                name=name,
+                mode="lines",
+                line={"color": color, "shape": "hv"},
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=[r["imbalance_wh"] for r in slots],
+            name="imbalance (to grid +)",
+            mode="markers",
+            marker={"color": "#000", "size": 4},
+        )
+    )
+    fig.update_layout(title=f"Household {data.short_did(household)}: metered vs traded")
+    return fig, summary, slots, household
+
+
+# --- community --------------------------------------------------------------------------------
+
+
+def community_view(
+    ctx: Context, window: str
+) -> tuple[data.CommunityFigures, go.Figure, list[dict[str, Any]]]:
+    """Self-sufficiency, self-consumption and savings over the window, and per day."""
+    info = ctx.info()
+    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
+    figures = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
+    span = (rows[-1].slot - rows[0].slot + 1) if rows else 0
+    per = data.SLOTS_PER_DAY if span > 3 * data.SLOTS_PER_DAY else 4
+    daily = data.bucketed_community(rows, info.feed_in_tariff, info.retail_price, per)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    days = [d["slot"] for d in daily]
+    for key, name, color in (
+        ("self_sufficiency", "self-sufficiency", "#2ca02c"),
+        ("self_consumption", "self-consumption", "#1f77b4"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=days,
+                y=[None if d[key] is None else round(100 * d[key], 2) for d in daily],
+                name=f"{name} (%)",
+                mode="lines+markers",
+                line={"color": color},
+            ),
+            secondary_y=False,
+        )
+    fig.add_trace(
+        go.Bar(
+            x=days,
+            y=[d["savings_cents"] / 100 for d in daily],
+            name="savings vs grid-only (currency units)",
+            customdata=[d["time"] for d in daily],
+            hovertemplate="%{customdata}: %{y:.2f}<extra>savings</extra>",
+            marker_color="#bcbd22",
+            opacity=0.6,
+        ),
+        secondary_y=True,
+    )
+    fig.update_layout(
+        height=380,
+        margin={"l": 60, "r": 60, "t": 30, "b": 40},
+        template="plotly_white",
+        uirevision=f"community-{window}",
+        legend={"orientation": "h", "y": -0.2},
+        xaxis_title="slot (" + ("days" if per == data.SLOTS_PER_DAY else "hours") + ")",
+    )
+    fig.update_yaxes(title_text="%", range=[0, 100], secondary_y=False)
+    fig.update_yaxes(title_text="savings", secondary_y=True)
+    return figures, fig, daily
+
+
+# --- ledger -----------------------------------------------------------------------------------
+
+
+def ledger_view(ctx: Context) -> dict[str, Any]:
+    """Height, head hash, verification status, latest blocks and transactions."""
+    head = data.head_info(ctx.engine)
+    return {
+        "height": head.height,
+        "head_hash": head.head_hash,
+        "settled_through": head.settled_through,
+        "closed_through": head.closed_through,
+        "transactions": data.transaction_count(ctx.engine),
+        "verify": ctx.verify.status(),
+        "blocks": data.latest_blocks(ctx.engine, 10),
+        "latest_transactions": data.latest_transactions(ctx.engine, 15),
+    }
+
+
+# --- consensus and network ----------------------------------------------------------------------
+
+
+def network_view(ctx: Context) -> tuple[NodeStatus | None, go.Figure, go.Figure]:
+    """Latest node status and two charts: invalid messages by reason, lag over time."""
+    latest = ctx.history.latest()
+    bars = go.Figure()
+    bars.update_layout(
+        height=300,
+        margin={"l": 60, "r": 20, "t": 40, "b": 60},
+        template="plotly_white",
+        title="Invalid messages by reason",
+        uirevision="invalid",
+    )
+    if latest is not None and latest.reachable:
+        reasons = sorted(latest.invalid_messages)
+        bars.add_trace(
+            go.Bar(
+                x=reasons,
+                y=[latest.invalid_messages[k] for k in reasons],
+                marker_color="#d62728",
+                name="invalid",
+            )
+        )
+    lag = go.Figure()
+    polls = [p for p in ctx.history.polls() if p.reachable]
+    ts = [time.strftime("%H:%M:%S", time.gmtime(p.fetched_at)) for p in polls]
+    for key, name in (("commit_lag", "commit lag"), ("apply_lag", "apply lag")):
+        lag.add_trace(
+            go.Scatter(x=ts, y=[getattr(p, key) for p in polls], name=name, mode="lines+markers")
+        )
+    lag.update_layout(
+        height=300,
+        margin={"l": 60, "r": 20, "t": 40, "b": 60},
+        template="plotly_white",
+        title="Commit / apply lag (log entries) over the dashboard's polls (UTC)",
+        uirevision="lag",
+    )
+    return latest, bars, lag
+
+
+def alerts_view(ctx: Context) -> list[dict[str, str]]:
+    """Every current alert: ledger ones and, when an API is configured, consensus ones."""
+    head = data.head_info(ctx.engine)
+    recent = ctx.slots.window(ctx.alert_window_slots)
+    alerts = data.ledger_alerts(recent, head, ctx.verify.status(), ctx.settle_lag_slots)
+    latest = ctx.history.latest()
+    alerts.extend(api_alerts(latest, bool(ctx.api_url)))
+    return alerts

@@ -1,0 +1,113 @@
+"""Feeding a real ledger slot by slot through the contract engine and the ledger store.
+
+Unlike ``simulate.run`` (one call, one run), a :class:`Feeder` keeps the engine state and the
+store open, so a test can append slots to a ledger while a dashboard is reading it, and can
+produce the situations the alerts are about through the real engine: a slot whose orders do not
+cross, gates that close while settlement lags behind.
+"""
+
+from __future__ import annotations
+
+from market import (
+    CloseGate,
+    Command,
+    Order,
+    Rejected,
+    Side,
+    State,
+    apply,
+)
+from node import simulate
+from node.ledger import LedgerStore
+
+
+class Feeder:
+    """A simulated microgrid writing into the ledger at ``db``."""
+
+    def __init__(self, db: str, households: int = 6, seed: int = 1) -> None:
+        self.sim = simulate.build(households, seed)
+        self.state = State.initial(self.sim.config)
+        self.store = LedgerStore(db)
+        self.store.init_genesis(self.sim.config)
+        self.index = 0
+        self.next_slot = 0
+        self.pending_settlements: list[list[Command]] = []
+        self._apply(simulate.registrations(self.sim))
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+    def _apply(self, commands: list[Command]) -> None:
+        for command in commands:
+            self.index += 1
+            self.state, events = apply(self.state, command)
+            rejected = [e for e in events if isinstance(e, Rejected)]
+            assert not rejected, rejected
+            self.store.record(events, applied_index=self.index)
+
+    def _settle_pending(self) -> None:
+        for settling in self.pending_settlements:
+            self._apply(settling)
+        self.pending_settlements.clear()
+
+    def advance(self, slots: int = 1) -> int:
+        """Trade and settle ``slots`` more slots; returns the last slot settled."""
+        self._settle_pending()
+        for _ in range(slots):
+            trading, settling = simulate.slot_commands(self.sim, self.next_slot)
+            self._apply(trading)
+            self._apply(settling)
+            self.next_slot += 1
+        return self.next_slot - 1
+
+    def advance_uncleared(self) -> int:
+        """One slot whose bids (at the feed-in tariff) never reach the asks (at retail)."""
+        self._settle_pending()
+        slot = self.next_slot
+        trading, settling = simulate.slot_commands(self.sim, slot)
+        cfg = self.sim.config
+        signers = {h.signer.did: h for h in self.sim.households}
+        orders = [c for c in trading if isinstance(c, Order)]
+        sides = {o.side for o in orders}
+        out: list[Command] = []
+        for o in orders:
+            price = cfg.feed_in_tariff if o.side == Side.BUY else cfg.retail_price
+            out.append(o.model_copy(update={"price": price}).signed_by(signers[o.household].signer))
+        for side in (Side.SELL, Side.BUY):
+            if side in sides:
+                continue
+            busy = {o.household for o in out if isinstance(o, Order)}
+            free = [h for h in self.sim.households if h.signer.did not in busy]
+            if free:
+                home = free[0]
+            else:  # every household is on the other side: turn the last one around
+                taken = out.pop()
+                assert isinstance(taken, Order)
+                home = signers[taken.household]
+            out.append(
+                Order(
+                    grid=cfg.grid,
+                    id=f"{slot}-extra-{side}",
+                    household=home.signer.did,
+                    side=side,
+                    slot=slot,
+                    quantity_wh=400,
+                    price=cfg.retail_price if side == Side.SELL else cfg.feed_in_tariff,
+                    nonce=home.next_nonce(),
+                ).signed_by(home.signer)
+            )
+        out.append(CloseGate(slot=slot))
+        self._apply(out)
+        self._apply(settling)
+        self.next_slot += 1
+        return slot
+
+    def close_gates_only(self, slots: int) -> int:
+        """Close ``slots`` more gates without settling them (settlement falls behind)."""
+        for _ in range(slots):
+            trading, settling = simulate.slot_commands(self.sim, self.next_slot)
+            self._apply(trading)
+            self.pending_settlements.append(settling)
+            self.next_slot += 1
+        return self.next_slot - 1
