@@ -104,3 +104,14 @@ def test_pysunspec2_over_rtu(rtu_sim: tuple[MeterSimulator, str]) -> None:
         assert meter.TotWhImp.cvalue == expected_counter_wh(sim, 4, sim.state(4).import_wh)
     finally:
         device.close()
+
+
+def test_meter_test_cli_over_rtu(rtu_sim: tuple[MeterSimulator, str],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.meter.test_cli import run_cli
+
+    sim, device = rtu_sim
+    assert run_cli(["meter", "test", "--profile", "sdm630", "--serial", device, "--baud",
+                    str(BAUD), "--device-id", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"serial     {sim.state(2).serial}" in out
