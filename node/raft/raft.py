@@ -173,9 +173,7 @@ class Raft:
         """Send heartbeats carrying a safe commit index to every peer."""
         for p in self._peers():
             pr = self.prs[p]
-            self.send(
-                self._msg(MessageType.HEARTBEAT, p, commit=min(pr.match, self.log.committed))
-            )
+            self.send(self._msg(MessageType.HEARTBEAT, p, commit=min(pr.match, self.log.committed)))
 
     # -- role changes ----------------------------------------------------------------------
     def _reset(self, term: int) -> None:
@@ -341,9 +339,7 @@ class Raft:
     def append_entries(self, ents: list[Entry]) -> None:
         """Leader: assign index/term to new entries and append them to our log."""
         li = self.log.last_index()
-        numbered = [
-            Entry(li + 1 + i, self.term, e.data, e.type) for i, e in enumerate(ents)
-        ]
+        numbered = [Entry(li + 1 + i, self.term, e.data, e.type) for i, e in enumerate(ents)]
         last = self.log.append(numbered)
         self.prs[self.id].maybe_update(last)
         self._maybe_commit()

@@ -20,9 +20,7 @@ from node.raft.storage_sql import SQLStorage
 
 def cluster(d: Path, seed: int, run: int) -> None:
     """Run a simulated group over SQLite files until killed."""
-    sim = Simulation(
-        3, seed, storage_factory=lambda nid: SQLStorage(f"sqlite:///{d / nid}.db")
-    )
+    sim = Simulation(3, seed, storage_factory=lambda nid: SQLStorage(f"sqlite:///{d / nid}.db"))
     sim.wait_leader(400)
     reported: set[bytes] = set()
     i = 0

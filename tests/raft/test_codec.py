@@ -114,9 +114,7 @@ def test_specific_malformations() -> None:
     snap_without = encode_message(Message(MessageType.SNAP, to="b", frm="a", term=1))
     with pytest.raises(DecodeError, match="snapshot"):
         decode_message(snap_without)
-    gap = Message(
-        MessageType.APP, to="b", frm="a", term=2, index=5, entries=(Entry(7, 1, b"x"),)
-    )
+    gap = Message(MessageType.APP, to="b", frm="a", term=2, index=5, entries=(Entry(7, 1, b"x"),))
     with pytest.raises(DecodeError, match="consecutive"):
         decode_message(encode_message(gap))
 

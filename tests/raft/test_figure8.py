@@ -18,9 +18,7 @@ def test_leader_does_not_commit_old_term_entry_by_counting() -> None:
     st = MemoryStorage()
     st.append([Entry(1, 1, b"a"), Entry(2, 2, b"b")])
     st.set_hard_state(HardState(term=3, vote="", commit=1))
-    n = RaftNode(
-        Config(id="s1", voters=("s1", "s2", "s3", "s4", "s5"), pre_vote=False, seed=1), st
-    )
+    n = RaftNode(Config(id="s1", voters=("s1", "s2", "s3", "s4", "s5"), pre_vote=False, seed=1), st)
     n.campaign()
     for p in ("s2", "s3"):
         n.step(Message(MessageType.VOTE_RESP, to="s1", frm=p, term=4))
