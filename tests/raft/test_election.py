@@ -222,3 +222,42 @@ def test_elections_without_optional_features(
         sim.converge()
 
     for_seeds(max(1, seed_count // 4), scenario)
+
+
+def test_asymmetric_partition_follower_cannot_hear_leader(seed_count: int) -> None:
+    """A follower that cannot hear the leader (but can be heard) times out and pre-votes;
+    the others, still in their leader lease, ignore it: leader and term stay put."""
+
+    def scenario(seed: int) -> None:
+        sim = Simulation(5, seed)
+        lead = sim.wait_leader()
+        deaf = sim.rng.choice([i for i in sim.ids if i != lead])
+        term = sim.node(lead).raft.term
+        sim.block(lead, deaf)
+        for _ in range(10):
+            sim.propose()
+            sim.run(10)
+        assert sim.leader() == lead and sim.node(lead).raft.term == term
+        sim.heal()
+        sim.converge()
+
+    for_seeds(seed_count, scenario)
+
+
+def test_asymmetric_partition_leader_cannot_hear_anyone(seed_count: int) -> None:
+    """A leader whose incoming links are all cut still reaches its followers, but gets no
+    acknowledgements: check-quorum makes it step down, and a new leader takes over."""
+
+    def scenario(seed: int) -> None:
+        sim = Simulation(5, seed)
+        old = sim.wait_leader()
+        for o in sim.ids:
+            if o != old:
+                sim.block(o, old)
+        assert sim.run_until(lambda: sim.node(old).role != "leader", 25)
+        assert sim.run_until(lambda: sim.leader() not in (None, old), 200)
+        sim.propose()
+        sim.heal()
+        sim.converge()
+
+    for_seeds(seed_count, scenario)
