@@ -1,0 +1,217 @@
+"""``microgrid archive`` into a real PostgreSQL server (and SQLite), and the dashboard on it.
+
+`make test` starts the local Debian PostgreSQL (.ci/postgres.sh) and passes its admin URL in
+MICROGRID_TEST_PG; each test gets a fresh database. Without it the PostgreSQL tests are skipped
+with that reason, never in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from dashboard import data, views
+from dashboard.archive import ArchiveError, archive
+from node.ledger import schema as t
+from node.ledger import verify_ledger
+from tests.dashboard.conftest import new_feeder
+
+ADMIN_URL = os.environ.get("MICROGRID_TEST_PG", "")
+needs_pg = pytest.mark.skipif(
+    not ADMIN_URL and not os.environ.get("CI"),
+    reason="no PostgreSQL: set MICROGRID_TEST_PG (make test does it via .ci/postgres.sh)",
+)
+TABLES = (
+    t.blocks,
+    t.transactions,
+    t.postings,
+    t.balances,
+    t.clearings,
+    t.orders,
+    t.trades,
+    t.readings,
+    t.settlements,
+    t.households,
+)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    assert ADMIN_URL, "CI must provide MICROGRID_TEST_PG"
+    name = f"mg_dash_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def counts(url: str) -> dict[str, int]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                tbl.name: int(conn.execute(select(func.count()).select_from(tbl)).scalar() or 0)
+                for tbl in TABLES
+            }
+    finally:
+        engine.dispose()
+
+
+def check_copy(source: str, target: str) -> None:
+    """The archive holds exactly the source's settled ledger and verifies."""
+    src, dst = verify_ledger(source), verify_ledger(target)
+    assert dst.ok, dst.error
+    assert (dst.height, dst.head_hash) == (src.height, src.head_hash)
+    assert counts(target) == counts(source)
+
+
+def run_archive_case(tmp_path: Path, target: str) -> None:
+    feeder = new_feeder(tmp_path, 30, households=5, seed=3)
+    try:
+        first = archive(feeder.store.url, target, chunk_blocks=7)
+        assert (first.copied_blocks, first.height, first.verified) == (30, 30, True)
+        check_copy(feeder.store.url, target)
+        again = archive(feeder.store.url, target)
+        assert again.copied_blocks == 0 and again.height == 30
+        feeder.advance(5)
+        more = archive(feeder.store.url, target)
+        assert (more.copied_blocks, more.height) == (5, 35)
+        check_copy(feeder.store.url, target)
+        # gates closed but not settled are not archived
+        feeder.close_gates_only(2)
+        assert archive(feeder.store.url, target).copied_blocks == 0
+        engine = create_engine(target)
+        with engine.connect() as conn:
+            assert conn.execute(select(func.max(t.clearings.c.slot))).scalar() == 34
+        engine.dispose()
+    finally:
+        feeder.close()
+
+
+def test_archive_to_sqlite_is_incremental_and_verifies(tmp_path: Path) -> None:
+    run_archive_case(tmp_path, f"sqlite:///{tmp_path / 'archive.db'}")
+
+
+@needs_pg
+def test_archive_to_postgres_is_incremental_and_verifies(tmp_path: Path, pg_url: str) -> None:
+    run_archive_case(tmp_path, pg_url)
+
+
+@needs_pg
+def test_archive_refuses_another_grid(tmp_path: Path, pg_url: str) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = new_feeder(tmp_path / "a", 6, households=3, seed=1)
+    b = new_feeder(tmp_path / "b", 6, households=3, seed=2)
+    try:
+        archive(a.store.url, pg_url)
+        before = counts(pg_url)
+        with pytest.raises(ArchiveError, match="refusing to mix ledgers"):
+            archive(b.store.url, pg_url)
+        assert counts(pg_url) == before
+        assert verify_ledger(pg_url).ok
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_pg
+def test_dashboard_views_work_on_the_archive(tmp_path: Path, pg_url: str) -> None:
+    feeder = new_feeder(tmp_path, 40, households=5, seed=4)
+    try:
+        archive(feeder.store.url, pg_url)
+    finally:
+        feeder.close()
+    lite = views.Context.open(feeder.store.url, verify_interval=0)
+    pg = views.Context.open(pg_url, verify_interval=0)
+    try:
+        for ctx in (lite, pg):
+            views.head_view(ctx)
+            ctx.verify.wait(30)
+        assert pg.verify.status()["state"] == "ok"
+        head_pg, head_lite = views.head_view(pg), views.head_view(lite)
+        head_pg.pop("verify_finished_at")
+        head_lite.pop("verify_finished_at")
+        assert head_pg == head_lite
+        assert views.market_view(pg, "7d")[1] == views.market_view(lite, "7d")[1]
+        assert views.orderbook_view(pg, 30)[2] == views.orderbook_view(lite, 30)[2]
+        hh = data.household_summary(pg.engine)
+        assert hh == data.household_summary(lite.engine)
+        assert (
+            views.households_view(pg, hh[1]["household"], "1d")[2]
+            == (views.households_view(lite, hh[1]["household"], "1d")[2])
+        )
+        assert views.community_view(pg, "all")[0] == views.community_view(lite, "all")[0]
+        ledger_pg, ledger_lite = views.ledger_view(pg), views.ledger_view(lite)
+        for key in ("height", "head_hash", "transactions", "blocks", "latest_transactions"):
+            assert ledger_pg[key] == ledger_lite[key]
+        # the dashboard's PostgreSQL sessions are read-only
+        with pytest.raises(Exception, match="read-only"), pg.engine.begin() as conn:
+            conn.execute(text("DELETE FROM meta"))
+    finally:
+        lite.close()
+        pg.close()
+
+
+@needs_pg
+def test_cli_archive_and_follow(tmp_path: Path, pg_url: str) -> None:
+    feeder = new_feeder(tmp_path, 8, households=3, seed=5)
+    cli = [sys.executable, "-m", "node.cli", "archive", "--from", feeder.store.url, "--to", pg_url]
+    try:
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "archived 8 new blocks" in done.stdout and "verified" in done.stdout
+        proc = subprocess.Popen(
+            [*cli, "--follow", "--interval", "0.2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            feeder.advance(3)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if verify_ledger(pg_url).height == 11:
+                    break
+                time.sleep(0.2)
+            assert verify_ledger(pg_url).height == 11
+        finally:
+            proc.terminate()
+            out, err = proc.communicate(timeout=20)
+        assert "archived 3 new blocks" in out, (out, err)
+        (tmp_path / "other").mkdir()
+        other = new_feeder(tmp_path / "other", 2, households=3, seed=6)
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "archive",
+                "--from",
+                other.store.url,
+                "--to",
+                pg_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        other.close()
+        assert refused.returncode == 1 and "refusing to mix ledgers" in refused.stderr
+    finally:
+        feeder.close()
