@@ -116,6 +116,14 @@ class MemoryStorage:
         """See ``Storage.snapshot``."""
         return self._snapshot
 
+    def checkpoint(self) -> tuple[HardState, Snapshot, list[Entry]]:
+        """Capture the whole state (cheap: the entry list is copied shallowly)."""
+        return self._hard_state, self._snapshot, list(self._ents)
+
+    def rollback(self, cp: tuple[HardState, Snapshot, list[Entry]]) -> None:
+        """Return to a state captured by ``checkpoint``."""
+        self._hard_state, self._snapshot, self._ents = cp[0], cp[1], list(cp[2])
+
     # -- writes --------------------------------------------------------------------------
     def set_hard_state(self, hs: HardState) -> None:
         """See ``Storage.set_hard_state``."""

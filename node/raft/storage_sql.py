@@ -236,10 +236,14 @@ class SQLStorage:
         if self._conn is not None:
             yield
             return
+        cp = self._mem.checkpoint()
         try:
             with self.engine.begin() as conn:
                 self._conn = conn
                 yield
+        except BaseException:
+            self._mem.rollback(cp)  # the transaction rolled back: so does the mirror
+            raise
         finally:
             self._conn = None
 

@@ -129,6 +129,7 @@ def test_one_transaction_per_ready(tmp_path: Path) -> None:
     bad = _ready([Entry(4, 5, b"ok"), Entry(5, 5, None)], HardState(10, "n1", 3))  # type: ignore[arg-type]
     with pytest.raises(Exception):  # noqa: B017 - any failure inside the transaction
         st.save_ready(bad)
+    assert st.last_index() == 3 and st.initial_state()[0] == HardState(9, "n2", 2)
     st2 = SQLStorage(_url(tmp_path / "x.db"))
     assert st2.last_index() == 3 and st2.initial_state()[0] == HardState(9, "n2", 2)
 
