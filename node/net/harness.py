@@ -280,6 +280,33 @@ async def _child(args: argparse.Namespace) -> None:
         raft_codec=(encode_message, decode_message), on_raft=on_raft,
     )  # fmt: skip
 
+    async def flood(cmd: dict[str, Any]) -> None:
+        """Publish ``count`` batches of ``per_batch`` fresh orders, ``interval`` s apart."""
+        from market.models import Order, Side
+
+        count, per, nonce = int(cmd["count"]), int(cmd.get("per_batch", 1)), int(cmd["nonce"])
+        batches = [
+            [
+                Order(grid=genesis.grid, nonce=nonce + i * per + j, id=f"f{nonce + i * per + j}",
+                      household=identity.did, side=Side.SELL, slot=10**8, quantity_wh=100,
+                      price=10).signed_by(identity.signer)
+                for j in range(per)
+            ]
+            for i in range(count)
+        ]
+        errors = 0
+        start = time.time()
+        for i, records in enumerate(batches):
+            try:
+                await node.publish(TopicKind.ORDERS, records)
+            except PublishError:
+                errors += 1
+            if cmd.get("each"):
+                _emit(ev="pub", i=i, t=time.time(), nonce=records[0].nonce)
+            await trio.sleep(float(cmd.get("interval", 0.0)))
+        _emit(ev="flooded", start=start, end=time.time(), count=count, errors=errors,
+              tag=cmd.get("tag"))  # fmt: skip
+
     async def commands() -> None:
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         buf = b""
@@ -328,6 +355,8 @@ async def _child(args: argparse.Namespace) -> None:
                 _emit(ev="published", tag=cmd.get("tag"), t=time.time())
             except PublishError as exc:
                 _emit(ev="error", tag=cmd.get("tag"), reason=exc.verdict.reason)
+        elif name == "flood":
+            await flood(cmd)
         elif name == "raft":
             assert node.raft is not None
             msg = Message(

@@ -11,7 +11,9 @@
   for 60 s, so we lift that block (``swarm.unblock_peer``) before each of our dials (pitfall 3).
 - gossipsub spam protection is off: its fixed 10 msg/s per (peer, topic) silently drops
   *forwarded* messages too (pitfall 2). Our validator rate-limits per origin instead, counts
-  it, and penalises. The subscription channel (32, drops silently when full) is raised.
+  it, and penalises. The subscription channel (32, drops silently when full) is raised, and
+  our own publish waits (bounded) for room in every peer's outbound RPC queue (32, drops
+  silently when full).
 - Message ids are a content hash (origin, topics, data), not ``from + seqno`` (pitfall 6), and
   the seqno counter starts at ``time.time_ns()`` rather than ``int(time.time())``: gossipsub's
   equivocation check drops a *different* message that reuses a (from, seqno) pair, which
@@ -66,6 +68,9 @@ LIBP2P_SUBSCRIPTION_CHANNEL_SIZE = pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
 """libp2p's own value, recorded before NetNode widens it (a canary test checks it)."""
 LIBP2P_LOGGER_PROPAGATED_AT_IMPORT = logging.getLogger("libp2p").propagate
 
+OUTBOUND_HIGH_WATER = 24
+"""Our publish waits while a peer's outbound RPC queue (libp2p: 32, drops when full) is this
+full."""
 SUBSCRIPTION_QUEUE = 1024
 """Replaces libp2p's SUBSCRIPTION_CHANNEL_SIZE of 32, which drops silently when full."""
 
@@ -116,6 +121,8 @@ class NetSettings:
     """A connection that lasted this long resets the reconnect back-off."""
     rtt_interval: float = 10.0
     raft_queue: int = 256
+    publish_wait: float = 2.0
+    """Longest our publish waits for room in the peers' outbound queues."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -505,9 +512,28 @@ class NetNode:
         if len(self._own_ids) > 4096:
             self._own_ids.clear()
             self._own_ids.add(msg_key)
+        await self._await_outbound_room()
         await self.pubsub.publish(topic, data)
         self.metrics.gossip_out.labels(kind.value).inc()
         await trio.sleep(0)  # pitfall 2: publish() never yields; let the writers run
+
+    async def _await_outbound_room(self) -> None:
+        """Back-pressure for our own publications (pitfall 2).
+
+        libp2p's per-peer outbound RPC queue (``RpcQueue``, 32 entries) silently drops what
+        does not fit, and ``publish()`` neither blocks nor reports it: a loop publishing faster
+        than the slowest peer's writer loses messages. Wait (bounded) until every queue has
+        room; after ``publish_wait`` publish anyway and count it.
+        """
+        queues = getattr(self.pubsub, "peer_queues", None)
+        if not queues:
+            return
+        deadline = trio.current_time() + self.settings.publish_wait
+        while any(len(q) >= OUTBOUND_HIGH_WATER for q in list(queues.values())):
+            if trio.current_time() >= deadline:
+                self.metrics.stream_errors.labels("gossip_outbound_full").inc()
+                return
+            await trio.sleep(0.002)
 
     async def _deliver_loop(self, kind: TopicKind, sub: Any) -> None:
         while True:

@@ -102,3 +102,13 @@ async def test_libp2p_logger_does_not_propagate(n: int) -> None:
     assert net_host.LIBP2P_LOGGER_PROPAGATED_AT_IMPORT is False, "libp2p logger now propagates"
     net_host.configure_logging("INFO")
     assert logging.getLogger("libp2p").propagate is True
+
+
+def test_outbound_rpc_queue_holds_32_and_drops() -> None:
+    """Pitfall 2: per-peer outbound queue of 32 drops silently (NetNode waits for room)."""
+    from libp2p.pubsub.rpc_queue import RpcQueue
+
+    queue = RpcQueue()
+    results = [queue.push(rpc_pb2.RPC()) for _ in range(33)]
+    assert results == [True] * 32 + [False], "RpcQueue changed: see NetNode._await_outbound_room"
+    assert net_host.OUTBOUND_HIGH_WATER < 32
