@@ -46,13 +46,14 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def bench_pymodbus(port: int, seconds: float) -> tuple[int, list[float]]:
+def bench_pymodbus(port: int, seconds: float) -> tuple[int, list[float], float]:
     """Peer reference: bare pymodbus sync client, the same two requests per poll."""
     from pymodbus.client import ModbusTcpClient
 
     client = ModbusTcpClient(HOST, port=port, timeout=2, retries=0)
     client.connect()
     rtts: list[float] = []
+    cpu0 = time.process_time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
@@ -60,8 +61,9 @@ def bench_pymodbus(port: int, seconds: float) -> tuple[int, list[float]]:
         b = client.read_holding_registers(0xFC00, count=2, device_id=1)
         rtts.append(time.perf_counter() - t0)
         assert not a.isError() and not b.isError()
+    cpu = time.process_time() - cpu0
     client.close()
-    return len(rtts), rtts
+    return len(rtts), rtts, cpu
 
 
 async def bench_reader(port: int, meters: int, seconds: float) -> dict[str, float]:
@@ -114,12 +116,13 @@ def main() -> int:
         port = queue.get(timeout=60)
         print(f"simulator: {args.meters} SDM630 households on {HOST}:{port} (separate process)")
 
-        n, rtts = bench_pymodbus(port, args.seconds)
+        n, rtts, peer_cpu = bench_pymodbus(port, args.seconds)
         peer_rate = n / args.seconds
         print("\npeer: bare pymodbus sync client, 2 requests per poll, 1 meter")
         print(f"  {peer_rate:8.0f} polls/s ({2 * peer_rate:.0f} requests/s), round trip "
               f"median {statistics.median(rtts) * 1e3:.3f} ms, "
               f"p95 {_pct(rtts, 0.95) * 1e3:.3f} ms")
+        print(f"  CPU per poll {peer_cpu / n * 1e6:.0f} us")
 
         one = trio.run(bench_reader, port, 1, args.seconds)
         rate1 = one["polls"] / one["wall"]
@@ -128,7 +131,8 @@ def main() -> int:
               f"{one['lat_med'] * 1e3:.3f} ms, p95 {one['lat_p95'] * 1e3:.3f} ms, "
               f"failures {one['failures']:.0f}")
         print(f"  CPU per poll {one['cpu'] / one['polls'] * 1e6:.0f} us "
-              f"(process CPU, all threads)")
+              f"(process CPU, all threads; {one['cpu'] / one['polls'] / (peer_cpu / n):.2f}x "
+              f"bare pymodbus)")
         print(f"  ratio to bare pymodbus: {peer_rate / rate1:.2f}x the time per poll")
 
         many = trio.run(bench_reader, port, args.meters, args.seconds)

@@ -89,6 +89,7 @@ class _Meter:
     resolved: Profile | None = None
     blocks: list[ReadBlock] = field(default_factory=list)
     stats: MeterStats = field(default_factory=MeterStats)
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 class MeterReader:
@@ -188,8 +189,15 @@ class MeterReader:
         return m.resolved, m.blocks, responses
 
     async def poll(self, name: str) -> PollResult:
-        """Poll one meter (with retries); never raises a :class:`MeterError`."""
+        """Poll one meter (with retries); never raises a :class:`MeterError`.
+
+        Concurrent polls of the same meter queue up: one meter is read by one poll at a time.
+        """
         m = self._meters[name]
+        async with m.lock:
+            return await self._poll(name, m)
+
+    async def _poll(self, name: str, m: _Meter) -> PollResult:
         m.stats.polls += 1
         events: list[MeterEvent] = []
         error: MeterError | None = None

@@ -119,3 +119,41 @@ async def test_simulated_time_runs_faster_than_real_time() -> None:
         await trio.sleep(0.5)
         assert sim.sim_time >= 120  # >= 4 minutes simulated in half a second
     assert math.isfinite(sim.state(1).import_wh)
+
+
+async def test_trio_loop_never_blocks_on_a_slow_meter(sim: MeterSimulator,
+                                                      reader: MeterReader) -> None:
+    """While a meter takes 0.25 s to answer, a trio task still runs every few ms."""
+    sim.set_fault(1, "slow", 0.25)
+    gaps: list[float] = []
+
+    async def heartbeat(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        last = trio.current_time()
+        task_status.started()
+        while True:
+            await trio.sleep(0.005)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(heartbeat)
+            results = await reader.poll_all()
+            nursery.cancel_scope.cancel()
+    assert results["hh1"].ok and all(r.ok for r in results.values())
+    assert max(gaps) < 0.1, max(gaps)
+    assert sum(gaps) >= 0.25
+
+
+async def test_run_loop_streams_results(sim: MeterSimulator, reader: MeterReader) -> None:
+    send, receive = trio.open_memory_channel[object](100)
+    seen: list[str] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run, 0.05, send)
+            async for result in receive:
+                seen.append(result.meter)  # type: ignore[attr-defined]
+                if len(seen) == 16:
+                    nursery.cancel_scope.cancel()
+    assert sorted(set(seen)) == sorted(reader.names)
