@@ -26,6 +26,7 @@ class HouseholdConfig:
     device_id: int
     profile: str = "sdm630"
     sunspec_model: int = 203
+    sunspec_base: int = 40000
     serial: int = 10_000_001
     pv_kwp: float = 0.0
     annual_kwh: float = 3500.0

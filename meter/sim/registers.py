@@ -2,8 +2,8 @@
 
 Fixed-address profiles are encoded field by field with the same profile data the reader
 decodes with (so a profile file drives both sides). SunSpec devices get a full chain: the
-"SunS" marker at 40000, common model 1, a meter model (201-204 integer + scale factors or
-211-214 float32) and the end marker; unused points carry SunSpec's "not implemented" values.
+"SunS" marker at 40000 (or 0 or 50000), common model 1, a meter model (201-204 integer + scale
+factors or 211-214 float32) and the end marker; unused points carry "not implemented" values.
 """
 
 from __future__ import annotations
@@ -79,25 +79,28 @@ def fixed_image(profile: Profile, state: MeterState,
     return _images(tables)
 
 
-def sunspec_layout(profile: Profile, model_id: int) -> tuple[int, int, int]:
-    """(common model address, meter model address, meter model length) at base 40000."""
+def sunspec_layout(profile: Profile, model_id: int,
+                   base: int = SUNSPEC_BASE) -> tuple[int, int, int]:
+    """(common model address, meter model address, meter model length) for ``base``."""
     assert profile.sunspec is not None
     family = profile.sunspec.family_for(model_id)
     if family is None:
         raise ValueError(f"no SunSpec family for model {model_id}")
-    common = SUNSPEC_BASE + 2
+    common = base + 2
     return common, common + 2 + COMMON_LENGTH, family.length
 
 
 def sunspec_image(profile: Profile, model_id: int, state: MeterState,
-                  bad_power: float | None = None) -> dict[str, Image]:
-    """Encode ``state`` as a SunSpec device: marker, model 1, meter model, end marker."""
+                  bad_power: float | None = None,
+                  base: int = SUNSPEC_BASE) -> dict[str, Image]:
+    """Encode ``state`` as a SunSpec device at ``base`` (40000, 0 or 50000): marker, model 1,
+    meter model, end marker."""
     assert profile.sunspec is not None
-    common, meter_at, length = sunspec_layout(profile, model_id)
+    common, meter_at, length = sunspec_layout(profile, model_id, base)
     family = profile.sunspec.family_for(model_id)
     assert family is not None
     table: dict[int, int] = {}
-    _place(table, SUNSPEC_BASE, [0x5375, 0x6E53])
+    _place(table, base, [0x5375, 0x6E53])
     _place(table, common, [1, COMMON_LENGTH])
     _place(table, common + 2, encode("Microgrid", "string", length=16))
     _place(table, common + 18, encode(f"SimMeter {model_id}", "string", length=16))

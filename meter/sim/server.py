@@ -129,7 +129,8 @@ class MeterSimulator:
         h, profile = self.households[device_id], self.profiles[device_id]
         bad = self.faults[device_id].bad_power
         if profile.is_sunspec:
-            self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, bad)
+            self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, bad,
+                                                    h.config.sunspec_base)
         else:
             self._images[device_id] = fixed_image(profile, h.state, bad)
 

@@ -80,3 +80,45 @@ def test_pysunspec2_scans_sunspec_devices(sim: MeterSimulator) -> None:
                 assert meter.Hz.cvalue == f32(truth.frequency_hz)
         finally:
             device.close()
+
+
+async def test_sunspec_found_by_scanning_every_base_address() -> None:
+    """SunSpec devices at 40000, 0 and 50000, integer and float models: our reader scans for
+    the marker (no fixed addresses) and so does pysunspec2; both agree with the simulator."""
+    import trio
+
+    from meter.reader import MeterConfig, MeterReader
+    from meter.sim import HouseholdConfig
+    from meter.transport import TcpEndpoint
+    from tests.meter.conftest import HOST, START, expected_counter_wh
+
+    layouts = [(40000, 201), (0, 212), (50000, 204), (50000, 214)]
+    configs = [HouseholdConfig(index=i, device_id=i + 1, profile="sunspec", sunspec_model=m,
+                               sunspec_base=b, pv_kwp=5.0 * (i % 2))
+               for i, (b, m) in enumerate(layouts)]
+    sim = MeterSimulator(configs, seed=3, speed=0, host=HOST, start=START)
+    sim.advance(900)
+    with sim:
+        reader = MeterReader([MeterConfig(f"hh{c.device_id}", "sunspec",
+                                          TcpEndpoint(HOST, sim.ports[0]), c.device_id)
+                              for c in configs], timeout_s=0.5, clock=lambda: sim.sim_time)
+        try:
+            with trio.fail_after(10):
+                results = await reader.poll_all()
+        finally:
+            reader.close()
+        client = pytest.importorskip("sunspec2.modbus.client")
+        for c in configs:
+            sample = results[f"hh{c.device_id}"].sample
+            assert sample is not None, results[f"hh{c.device_id}"].error
+            truth = sim.state(c.device_id)
+            assert sample.import_wh == expected_counter_wh(sim, c.device_id, truth.import_wh)
+            assert reader.profile_of(f"hh{c.device_id}").model.endswith(str(c.sunspec_model))
+            device = client.SunSpecModbusClientDeviceTCP(
+                slave_id=c.device_id, ipaddr=HOST, ipport=sim.ports[0], timeout=2)
+            try:
+                await trio.to_thread.run_sync(device.scan)
+                assert device.base_addr == c.sunspec_base
+                assert c.sunspec_model in device.models
+            finally:
+                device.close()
