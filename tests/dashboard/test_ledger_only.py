@@ -1,0 +1,103 @@
+"""The dashboard from the ledger database alone: no status API, or one that cannot be reached;
+and ``microgrid dashboard`` as a real process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dashboard.views import Context
+from tests.dashboard.conftest import (
+    ConsoleLog,
+    RunningDashboard,
+    needs_browser,
+    new_feeder,
+    screenshot,
+)
+from tests.dashboard.feeder import Feeder
+from tests.dashboard.test_browser import graph_js, wait_text
+
+SLOTS = 60
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Feeder]:
+    feeder = new_feeder(tmp_path_factory.mktemp("ledger-only"), SLOTS, households=4, seed=9)
+    try:
+        yield feeder
+    finally:
+        feeder.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@needs_browser
+@pytest.mark.parametrize("api", ["none", "unreachable"])
+def test_views_work_without_the_api(chromium: Any, ledger: Feeder, api: str) -> None:
+    api_url = None if api == "none" else f"http://127.0.0.1:{closed_port()}"
+    dash = RunningDashboard(Context.open(ledger.store.url, api_url, api_timeout=0.3))
+    page = chromium.new_page()
+    try:
+        log = ConsoleLog(page)
+        page.goto(dash.url)
+        wait_text(page, "#head-badge", f"height {SLOTS}")
+        page.wait_for_function(graph_js("market-graph", f"g.data[0].x.length === {SLOTS}"))
+        page.wait_for_function(graph_js("household-graph", f"g.data[0].x.length === {SLOTS}"))
+        wait_text(page, "#book-summary", "cleared")
+        wait_text(page, "#kpi-verify", "OK")
+        wait_text(page, "#kpi-self-sufficiency", "%")
+        if api == "none":
+            wait_text(page, "#network-state", "No node status API configured")
+            wait_text(page, "#api-badge", "no status API")
+            page.wait_for_selector("#no-alerts")
+        else:
+            wait_text(page, "#network-state", "unreachable")
+            wait_text(page, "#api-badge", "unreachable")
+            page.wait_for_selector(".alert[data-code=api_unreachable]")
+        screenshot(page, "#section-network", f"network-api-{api}")
+        assert log.errors == []
+    finally:
+        page.close()
+        dash.stop()
+
+
+def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "dashboard", "--db", ledger.store.url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("dashboard on http://127.0.0.1:"), line
+        url = line.split()[2]
+        deadline = time.monotonic() + 20
+        html = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    html = resp.read().decode()
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert "Microgrid operator" in html
+        with urllib.request.urlopen(url + "_dash-layout", timeout=5) as resp:
+            assert b"market-graph" in resp.read()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
