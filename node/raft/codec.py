@@ -11,6 +11,9 @@ exactly one encoding.
 
 from __future__ import annotations
 
+from enum import IntEnum
+from typing import TypeVar
+
 from node.raft.errors import DecodeError
 from node.raft.types import (
     ConfChange,
@@ -133,7 +136,10 @@ class _Reader:
             raise DecodeError(f"{len(self.buf) - self.pos} trailing bytes")
 
 
-def _enum(cls: type, value: int, what: str):  # type: ignore[no-untyped-def]
+_E = TypeVar("_E", bound=IntEnum)
+
+
+def _enum(cls: type[_E], value: int, what: str) -> _E:
     try:
         return cls(value)
     except ValueError as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.raft import MessageType
+from node.raft import Message, MessageType
 from node.raft.simulation import NetConfig, Simulation
 from tests.raft.helpers import for_seeds
 
@@ -54,7 +54,7 @@ def test_snapshot_lost_in_transit_is_resent(seed_count: int) -> None:
         sim.heal()
         dropped = {"n": 0}
 
-        def lose_snapshots(m):  # type: ignore[no-untyped-def]
+        def lose_snapshots(m: Message) -> Message | None:
             if m.type == MessageType.SNAP and dropped["n"] < 2:
                 dropped["n"] += 1
                 return None
