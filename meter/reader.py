@@ -113,6 +113,7 @@ class MeterReader:
         rebaseline_after: int = 3,
         max_resolution_wh: int = 1,
         max_threads: int = 64,
+        share_tcp_connections: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         on_event: Callable[[MeterEvent], None] | None = None,
@@ -126,6 +127,7 @@ class MeterReader:
         self.clock = clock
         self.wall_clock = wall_clock
         self.on_event = on_event
+        self.share_tcp_connections = share_tcp_connections
         self.events: collections.deque[MeterEvent] = collections.deque(maxlen=event_history)
         self._limiter = trio.CapacityLimiter(max_threads)
         self._links: dict[Endpoint, ModbusLink] = {}
@@ -145,9 +147,10 @@ class MeterReader:
             )
 
     def _link(self, endpoint: Endpoint) -> ModbusLink:
-        # One link per serial bus (RTU is half-duplex); one connection per TCP meter so
-        # meters behind different ports or device ids are polled in parallel.
-        if isinstance(endpoint, SerialEndpoint):
+        # One link per serial bus (RTU is half-duplex); by default one connection per TCP
+        # meter so meters behind one gateway are polled in parallel. Gateways that allow few
+        # connections get one shared connection per host:port (share_tcp_connections=True).
+        if isinstance(endpoint, SerialEndpoint) or self.share_tcp_connections:
             if endpoint not in self._links:
                 self._links[endpoint] = ModbusLink(endpoint, self.timeout_s)
             return self._links[endpoint]

@@ -143,12 +143,10 @@ class Household:
         exp = s.export_wh + max(-grid, 0.0) * dt_s / 3600
         u = _uniforms(self.seed, c.index, int(t // dt_s))
         v = 230.0 + 3.0 * math.sin(t / 7200.0) - grid / 3000.0 + u[0] - 0.5
-        self.state = replace(
-            s, time_s=t + dt_s, power_w=grid, pv_w=pv, load_w=load, battery_w=battery,
-            soc_wh=soc, import_wh=imp, export_wh=exp, voltage_v=round(v, 2),
-            voltage_l2_v=round(v + 2 * u[1] - 1, 2),
-            voltage_l3_v=round(v + 2 * u[2] - 1, 2),
-            frequency_hz=round(49.96 + 0.08 * u[3], 3),
+        self.state = MeterState(
+            s.device_id, s.serial, t + dt_s, grid, pv, load, battery, soc, imp, exp,
+            round(v, 2), round(v + 2 * u[1] - 1, 2), round(v + 2 * u[2] - 1, 2),
+            round(49.96 + 0.08 * u[3], 3),
         )
 
     def reset_counters(self) -> None:

@@ -157,3 +157,21 @@ async def test_run_loop_streams_results(sim: MeterSimulator, reader: MeterReader
                 if len(seen) == 16:
                     nursery.cancel_scope.cancel()
     assert sorted(set(seen)) == sorted(reader.names)
+
+
+async def test_shared_gateway_connection(sim: MeterSimulator) -> None:
+    """Meters behind a gateway that allows one connection: one shared link, still correct."""
+    from tests.meter.conftest import configs_for
+
+    reader = MeterReader(configs_for(sim), timeout_s=0.5, share_tcp_connections=True,
+                         clock=lambda: sim.sim_time)
+    try:
+        assert len(reader._links) == 1
+        with trio.fail_after(10):
+            results = await reader.poll_all()
+    finally:
+        reader.close()
+    for name, result in results.items():
+        d = int(name[2:])
+        assert result.sample is not None, result.error
+        assert result.sample.import_wh == expected_counter_wh(sim, d, sim.state(d).import_wh)

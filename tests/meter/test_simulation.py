@@ -74,7 +74,7 @@ def test_counters_monotonic_and_consistent_with_power() -> None:
 
 
 def test_surplus_and_deficit_in_a_larger_neighbourhood() -> None:
-    sim = MeterSimulator(30, seed=5, speed=0, start=START)
+    sim = MeterSimulator(30, seed=5, speed=0, start=START, step_s=60)
     for hour in (13.0, 19.5):
         sim.advance_to((hour - 12.5) * 3600)
         powers = [s.power_w for s in sim.states().values()]
