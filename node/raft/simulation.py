@@ -141,6 +141,8 @@ class Simulation:
         self.acked: dict[bytes, int] = {}
         self.proposed: dict[bytes, str] = {}
         self.votes: dict[tuple[str, int], str] = {}
+        """(voter, term) -> candidate, for every vote grant that went on the wire."""
+        self.persisted_votes: dict[tuple[str, int], str] = {}
         self.persisted_term: dict[str, int] = {}
         self._checked: dict[str, int] = {}
         self._client_seq = 0
@@ -291,6 +293,11 @@ class Simulation:
             if rd.hard_state.term < self.persisted_term.get(nid, 0):
                 self._fail(f"{nid} persisted term went down to {rd.hard_state.term}")
             self.persisted_term[nid] = rd.hard_state.term
+            if rd.hard_state.vote:
+                key = (nid, rd.hard_state.term)
+                prev = self.persisted_votes.setdefault(key, rd.hard_state.vote)
+                if prev != rd.hard_state.vote:
+                    self._fail(f"{nid} persisted votes for {prev} and {rd.hard_state.vote}")
         save_ready = getattr(storage, "save_ready", None)
         if save_ready is not None:
             save_ready(rd)  # one transaction per Ready
