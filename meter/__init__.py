@@ -1,6 +1,6 @@
 """Modbus meters: profiles as data, a robust polling reader, and a meter simulator.
 
-- :mod:`meter.profiles` (and ``meter/profiles/*.toml``): register maps as TOML data files.
+- :mod:`meter.profile` (and ``meter/profiles/*.toml``): register maps as TOML data files.
 - :mod:`meter.codec`, :mod:`meter.plan`: register types and read planning (pure).
 - :mod:`meter.sample`, :mod:`meter.guard`: decoding and plausibility checks (pure).
 - :mod:`meter.transport`, :mod:`meter.sunspec`: blocking pymodbus links and SunSpec scans.

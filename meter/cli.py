@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from meter.profiles import ProfileError, available_profiles, load_profile
+from meter.profile import ProfileError, available_profiles, load_profile
 from meter.reader import MeterConfig, MeterReader, PollResult
 from meter.sim.faults import FAULT_KINDS, parse_fault
 from meter.sim.server import DEFAULT_START, MeterSimulator

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meter.profiles import FieldSpec, Function
+from meter.profile import FieldSpec, Function
 
 MODBUS_MAX_REGISTERS = 125
 

@@ -32,7 +32,7 @@ from meter.events import (
 )
 from meter.guard import CounterGuard
 from meter.plan import ReadBlock, plan_reads
-from meter.profiles import Profile, load_profile
+from meter.profile import Profile, load_profile
 from meter.sample import MeterSample, decode_sample
 from meter.transport import Endpoint, ModbusLink, SerialEndpoint
 

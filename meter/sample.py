@@ -16,7 +16,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from meter.codec import decode, float32_step
 from meter.events import ImplausibleValue
 from meter.plan import ReadBlock
-from meter.profiles import REQUIRED_FIELDS, FieldSpec, Profile
+from meter.profile import REQUIRED_FIELDS, FieldSpec, Profile
 
 Value = int | float | str | None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meter.events import MeterExceptionResponse, SunSpecNotFound
-from meter.profiles import Profile
+from meter.profile import Profile
 from meter.transport import ModbusLink
 
 MARKER = (0x5375, 0x6E53)  # "SunS"

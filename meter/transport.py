@@ -25,7 +25,7 @@ from meter.events import (
     MeterTimeout,
     MeterUnreachable,
 )
-from meter.profiles import Function
+from meter.profile import Function
 
 EXCEPTION_NAMES = {
     1: "illegal function",

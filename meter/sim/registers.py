@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from meter.codec import encode
-from meter.profiles import FieldSpec, Profile
+from meter.profile import FieldSpec, Profile
 from meter.sim.household import MeterState
 
 SUNSPEC_BASE = 40000

@@ -28,7 +28,7 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from meter.profiles import Profile, load_profile
+from meter.profile import Profile, load_profile
 from meter.sim.faults import Faults, parse_fault
 from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
 from meter.sim.registers import Image, fixed_image, sunspec_image

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from meter.codec import decode, encode, float32_step, width
 from meter.plan import plan_reads
-from meter.profiles import FieldSpec
+from meter.profile import FieldSpec
 
 INT_RANGES = {"int16": (-(2**15), 2**15 - 1), "uint16": (0, 2**16 - 1),
               "int32": (-(2**31), 2**31 - 1), "uint32": (0, 2**32 - 1),

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from meter.plan import plan_reads
-from meter.profiles import ProfileError, available_profiles, load_profile
+from meter.profile import ProfileError, available_profiles, load_profile
 from meter.reader import MeterConfig, MeterReader
 from meter.sim import HouseholdConfig, MeterSimulator
 from meter.transport import TcpEndpoint

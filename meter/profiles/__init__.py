@@ -1,0 +1,1 @@
+"""Shipped meter profiles (TOML data files; see docs/meters.md)."""
