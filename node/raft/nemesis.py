@@ -94,9 +94,18 @@ def nemesis(sim: Simulation, steps: int) -> dict[str, int]:
 
 
 def run(seed: int, nodes: int = 5, steps: int = 300) -> dict[str, int]:
-    """One nemesis run on a fresh simulated group (lossy network, snapshots on)."""
+    """One nemesis run on a fresh simulated group (lossy network, snapshots on). The seed
+    also picks whether pre-vote and check-quorum are on (both on for half the seeds)."""
     net = NetConfig(drop_pm=50, dup_pm=30, max_delay=3, jitter_pm=30)
-    sim = Simulation(nodes, seed, net=net, snapshot_threshold=24)
+    variant = seed % 4
+    sim = Simulation(
+        nodes,
+        seed,
+        net=net,
+        snapshot_threshold=24,
+        pre_vote=variant in (0, 1),
+        check_quorum=variant in (0, 2),
+    )
     return nemesis(sim, steps)
 
 
