@@ -108,6 +108,10 @@ class ModbusLink:
                                        endpoint=str(self.endpoint)) from None
             except ModbusIOException as exc:
                 self.client.close()
+                if "uses" in str(exc) and "received" in str(exc):  # tid / device id mismatch
+                    raise MeterProtocolError(meter, f"mismatched response from {self.endpoint}: "
+                                             f"{exc}", endpoint=str(self.endpoint),
+                                             address=address) from None
                 raise MeterTimeout(meter, f"no answer from {self.endpoint} device {device_id} "
                                    f"within {self.timeout_s} s", endpoint=str(self.endpoint),
                                    address=address, detail=str(exc)) from None
