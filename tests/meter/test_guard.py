@@ -3,6 +3,9 @@ serial changes and float32 resolution."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from meter.events import CounterBackwards, CounterJump
 from meter.guard import CounterGuard
 from meter.sample import Decoded
@@ -75,3 +78,28 @@ def test_low_resolution_reported_once_per_epoch() -> None:
     assert [e.kind for e in events] == ["low_resolution"]
     _, events, _ = g.feed(d(150_000_016, res=16), 10.0, 10.0)
     assert events == []
+
+
+@given(st.lists(st.tuples(st.integers(-5_000, 50_000), st.sampled_from(["A", "A", "A", "B"]),
+                          st.floats(0.5, 120.0)), min_size=1, max_size=60))
+def test_no_implausible_counter_ever_accepted(steps: list[tuple[int, str, float]]) -> None:
+    """Whatever a meter sends, accepted samples within an epoch never go backwards and never
+    rise faster than rated power allows; epochs only change with an event."""
+    g = CounterGuard("m", rated_power_w=3600, rebaseline_after=3)
+    t, imp = 0.0, 1_000_000
+    accepted: list[tuple[int, float, int]] = []  # (epoch, time, import)
+    for delta, serial, dt_s in steps:
+        t += dt_s
+        imp = max(0, imp + delta)
+        sample, events, error = g.feed(d(imp, serial=serial), t, t)
+        assert (sample is None) != (error is None)
+        if sample is None:
+            continue
+        if accepted and accepted[-1][0] == sample.epoch:
+            _, prev_t, prev_imp = accepted[-1]
+            assert sample.import_wh >= prev_imp
+            assert sample.import_wh - prev_imp <= g.allowed_rise(t - prev_t, 1)
+        elif accepted:
+            assert sample.epoch == accepted[-1][0] + 1
+            assert {e.kind for e in events} & {"serial_changed", "counter_rebaselined"}
+        accepted.append((sample.epoch, t, sample.import_wh))
