@@ -145,6 +145,7 @@ class Simulation:
         self.persisted_votes: dict[tuple[str, int], str] = {}
         self.persisted_term: dict[str, int] = {}
         self._checked: dict[str, int] = {}
+        self._seen_term: dict[str, int] = {}
         self._client_seq = 0
         for nid in self.ids:
             self._create(nid)
@@ -194,6 +195,7 @@ class Simulation:
             self._fail(f"{nid} restarted at term {hs.term} < persisted {self.persisted_term[nid]}")
         node = RaftNode(self.configs[nid], storage)
         self.nodes[nid] = node
+        self._seen_term[nid] = node.raft.term
         snap = storage.snapshot()
         self.apps[nid] = App.from_snapshot(snap.data) if not snap.is_empty() else App()
         self._checked[nid] = min(self._checked.get(nid, 0), storage.first_index() - 1)
@@ -470,6 +472,9 @@ class Simulation:
         """Check the safety invariants over all running nodes."""
         for nid in self.alive():
             r = self.node(nid).raft
+            if r.term < self._seen_term.get(nid, 0):
+                self._fail(f"{nid} term went down from {self._seen_term[nid]} to {r.term}")
+            self._seen_term[nid] = r.term
             if r.role == Role.LEADER:
                 prev = self.leaders.setdefault(r.term, nid)
                 if prev != nid:
