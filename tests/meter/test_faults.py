@@ -215,3 +215,24 @@ async def test_float32_resolution_at_high_totals() -> None:
     assert samples[-1].import_wh > samples[0].import_wh  # it still moves, in 16 Wh steps
     assert abs(samples[-1].import_wh - sim.state(1).import_wh) <= 8
     assert dt.timedelta(seconds=sim.sim_time) == dt.timedelta(seconds=100)
+
+
+async def test_faults_are_counted_in_metrics(sim: MeterSimulator, reader: MeterReader) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from meter.metrics import MeterCollector
+
+    registry = CollectorRegistry()
+    registry.register(MeterCollector(reader))
+    assert (await poll(reader, SDM)).ok
+    sim.set_fault(SDM, "nan")
+    await poll(reader, SDM)
+    sim.set_fault(SDM, "no_answer")
+    await poll(reader, SDM)
+    text = generate_latest(registry).decode()
+    assert f'microgrid_meter_polls_total{{meter="hh{SDM}"}} 3.0' in text
+    assert f'microgrid_meter_samples_total{{meter="hh{SDM}"}} 1.0' in text
+    assert f'microgrid_meter_errors_total{{kind="implausible",meter="hh{SDM}"}} 1.0' in text
+    assert f'microgrid_meter_errors_total{{kind="timeout",meter="hh{SDM}"}} 1.0' in text
+    assert f'microgrid_meter_events_total{{kind="offline",meter="hh{SDM}"}} 1.0' in text
+    assert f'microgrid_meter_online{{meter="hh{SDM}"}} 0.0' in text
