@@ -117,7 +117,7 @@ async def test_simulated_time_runs_faster_than_real_time() -> None:
     sim = MeterSimulator(1, seed=1, speed=600, host=HOST, port=0)
     with sim:
         await trio.sleep(0.5)
-        assert sim.sim_time >= 120  # >= 4 minutes simulated in half a second
+        assert sim.sim_time >= 60  # >= 1 simulated minute in half a second (load-tolerant)
     assert math.isfinite(sim.state(1).import_wh)
 
 
@@ -142,7 +142,7 @@ async def test_trio_loop_never_blocks_on_a_slow_meter(sim: MeterSimulator,
             results = await reader.poll_all()
             nursery.cancel_scope.cancel()
     assert results["hh1"].ok and all(r.ok for r in results.values())
-    assert max(gaps) < 0.1, max(gaps)
+    assert max(gaps) < 0.2, max(gaps)  # blocked, it would be >= 0.25 s
     assert sum(gaps) >= 0.25
 
 
