@@ -92,10 +92,18 @@ def zoom_from_relayout(relayout: dict[str, Any] | None) -> Any:
     return dash.no_update
 
 
-def apply_zoom(fig: Any, zoom: dict[str, Any] | None, revision: str) -> Any:
-    """Re-apply a recorded x range to every x axis of ``fig`` (same revision only)."""
-    if zoom and zoom.get("revision") == revision and zoom.get("range"):
-        fig.update_xaxes(range=zoom["range"], autorange=False)
+def apply_zoom(fig: Any, zoom: dict[str, Any] | None) -> dict[str, Any]:
+    """Re-apply a recorded x range to every x axis of ``fig`` (same ``uirevision`` only).
+
+    Returns the figure as a plain dict.
+    """
+    if not isinstance(fig, dict):
+        fig = fig.to_plotly_json()
+    layout = fig.setdefault("layout", {})
+    if zoom and zoom.get("range") and zoom.get("revision") == layout.get("uirevision"):
+        axes = [k for k in layout if re.fullmatch(r"xaxis\d*", k)] or ["xaxis"]
+        for axis in axes:
+            layout[axis] = {**(layout.get(axis) or {}), "range": zoom["range"], "autorange": False}
     return fig
 
 
@@ -392,7 +400,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         if not head:
             return dash.no_update
         fig, _ = views.market_view(ctx, window)
-        return apply_zoom(fig, zoom, fig.layout.uirevision)
+        return apply_zoom(fig, zoom)
 
     @app.callback(
         Output("slot-input", "value"),
@@ -431,7 +439,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         if not head:
             return (dash.no_update,) * 4
         fig, summary, _, chosen = views.households_view(ctx, household, window)
-        apply_zoom(fig, zoom, fig.layout.uirevision)
+        fig = apply_zoom(fig, zoom)
         table_rows = [
             {
                 **r,
@@ -474,7 +482,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         if not head:
             return dash.no_update, dash.no_update
         f, fig, _ = views.community_view(ctx, window)
-        apply_zoom(fig, zoom, fig.layout.uirevision)
+        fig = apply_zoom(fig, zoom)
         kpis = [
             _kpi("self-sufficiency", _pct(f.self_sufficiency), "kpi-self-sufficiency"),
             _kpi("self-consumption", _pct(f.self_consumption), "kpi-self-consumption"),

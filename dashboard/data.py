@@ -192,8 +192,8 @@ def _i(value: Any) -> int:
     return int(value) if value is not None else 0
 
 
-def load_clearings(conn: Connection, after: int | None) -> list[SlotRow]:
-    """Clearing rows (with trade money sums) of slots newer than ``after``."""
+def load_clearings(conn: Connection, after: int | None, upto: int | None = None) -> list[SlotRow]:
+    """Clearing rows (with trade money sums) of slots in ``(after, upto]``."""
     c = t.clearings.c
     q = select(t.clearings).order_by(c.slot)
     tr = t.trades.c
@@ -205,6 +205,9 @@ def load_clearings(conn: Connection, after: int | None) -> list[SlotRow]:
     if after is not None:
         q = q.where(c.slot > after)
         tq = tq.where(tr.slot > after)
+    if upto is not None:
+        q = q.where(c.slot <= upto)
+        tq = tq.where(tr.slot <= upto)
     money = {int(r.slot): (_i(r.pay), _i(r.get)) for r in conn.execute(tq)}
     rows = []
     for r in conn.execute(q):
@@ -226,8 +229,10 @@ def load_clearings(conn: Connection, after: int | None) -> list[SlotRow]:
     return rows
 
 
-def load_settlement_sums(conn: Connection, after: int | None) -> dict[int, dict[str, int]]:
-    """Per-slot sums of the settlements table for slots newer than ``after``."""
+def load_settlement_sums(
+    conn: Connection, after: int | None, upto: int | None = None
+) -> dict[int, dict[str, int]]:
+    """Per-slot sums of the settlements table for slots in ``(after, upto]``."""
     s = t.settlements.c
     q = select(
         s.slot,
@@ -240,6 +245,8 @@ def load_settlement_sums(conn: Connection, after: int | None) -> dict[int, dict[
     ).group_by(s.slot)
     if after is not None:
         q = q.where(s.slot > after)
+    if upto is not None:
+        q = q.where(s.slot <= upto)
     return {
         int(r.slot): {
             "import_wh": _i(r.imp),
@@ -255,17 +262,22 @@ def load_settlement_sums(conn: Connection, after: int | None) -> dict[int, dict[
 
 @dataclass
 class SlotCache:
-    """Per-slot aggregates of one ledger, extended incrementally on :meth:`refresh`.
+    """Per-slot aggregates of one ledger, loaded lazily and extended incrementally.
 
-    Thread-safe: Dash serves callbacks from several threads.
+    The first :meth:`refresh` loads only the newest ``initial_slots`` slots; later refreshes load
+    only slots newer than those held; :meth:`window` loads older slots once when a wider window
+    asks for them. Thread-safe: Dash serves callbacks from several threads.
     """
 
     engine: Engine
+    initial_slots: int = 30 * SLOTS_PER_DAY
     rows: dict[int, SlotRow] = field(default_factory=dict)
     cleared_through: int | None = None
     settled_through: int | None = None
     traded_through: int | None = None
     """Newest slot with a trade (the order book's default)."""
+    floor: int | None = None
+    """Every slot from here up to ``cleared_through`` is loaded."""
     genesis_hash: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -283,33 +295,82 @@ class SlotCache:
                 # Another ledger (or a rewound one) behind the same URL: start over.
                 self.rows.clear()
                 self.cleared_through = self.settled_through = self.traded_through = None
+                self.floor = None
                 self.genesis_hash = genesis
-            for row in load_clearings(conn, self.cleared_through):
-                old = self.rows.get(row.slot)
-                if old is not None and old.settled:  # cannot happen in slot order; keep safe
-                    row.settled, row.height, row.block_hash = True, old.height, old.block_hash
-                self.rows[row.slot] = row
+            if self.floor is None:
+                newest = conn.execute(select(func.max(t.clearings.c.slot))).scalar()
+                if newest is None:
+                    return
+                self.floor = max(int(newest) - self.initial_slots + 1, 0)
+            start = self.floor - 1
+            cleared = start if self.cleared_through is None else self.cleared_through
+            settled = start if self.settled_through is None else self.settled_through
+            for row in load_clearings(conn, cleared):
+                self._put_clearing(row)
                 self.cleared_through = row.slot
                 if row.volume_wh > 0:
                     self.traded_through = row.slot
-            sums = load_settlement_sums(conn, self.settled_through)
-            b = t.blocks.c
-            bq = select(b.slot, b.height, b.hash).order_by(b.slot)
-            if self.settled_through is not None:
-                bq = bq.where(b.slot > self.settled_through)
-            for blk in conn.execute(bq):
-                slot = int(blk.slot)
-                row = self.rows.setdefault(slot, SlotRow(slot=slot))
-                row.settled = True
-                row.height = int(blk.height)
-                row.block_hash = blk.hash
-                for key, value in sums.get(slot, {}).items():
-                    setattr(row, key, value)
-                self.settled_through = slot
+            last = self._load_blocks(conn, settled, None)
+            if last is not None:
+                self.settled_through = last
+
+    def _put_clearing(self, row: SlotRow) -> None:
+        old = self.rows.get(row.slot)
+        if old is not None and old.settled:
+            for key in (
+                "settled",
+                "height",
+                "block_hash",
+                "import_wh",
+                "export_wh",
+                "grid_import_wh",
+                "grid_export_wh",
+                "households",
+                "unmeasured",
+            ):
+                setattr(row, key, getattr(old, key))
+        self.rows[row.slot] = row
+
+    def _load_blocks(self, conn: Connection, after: int, upto: int | None) -> int | None:
+        """Mark slots in ``(after, upto]`` settled with their block and sums; newest slot."""
+        sums = load_settlement_sums(conn, after, upto)
+        b = t.blocks.c
+        bq = select(b.slot, b.height, b.hash).where(b.slot > after).order_by(b.slot)
+        if upto is not None:
+            bq = bq.where(b.slot <= upto)
+        last = None
+        for blk in conn.execute(bq):
+            slot = int(blk.slot)
+            row = self.rows.setdefault(slot, SlotRow(slot=slot))
+            row.settled = True
+            row.height = int(blk.height)
+            row.block_hash = blk.hash
+            for key, value in sums.get(slot, {}).items():
+                setattr(row, key, value)
+            last = slot
+        return last
+
+    def _backfill(self, start: int) -> None:
+        """Load slots ``start .. floor-1`` (older than what is held)."""
+        assert self.floor is not None
+        with self.engine.connect() as conn:
+            if start < 0:
+                first = conn.execute(select(func.min(t.clearings.c.slot))).scalar()
+                start = int(first) if first is not None else self.floor
+            if start >= self.floor:
+                return
+            for row in load_clearings(conn, start - 1, self.floor - 1):
+                self._put_clearing(row)
+            self._load_blocks(conn, start - 1, self.floor - 1)
+        self.floor = start
 
     def window(self, slots: int | None) -> list[SlotRow]:
         """The newest ``slots`` slots (all when None), oldest first."""
         with self._lock:
+            if self.floor is not None and self.cleared_through is not None:
+                start = -1 if slots is None else self.cleared_through - slots + 1
+                if start < self.floor and self.floor > 0:
+                    self._backfill(start)
             keys = sorted(self.rows)
             if slots is not None:
                 keys = keys[-slots:]

@@ -7,11 +7,14 @@ onto components; ``bench/dashboard_bench.py`` times them and measures their JSON
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import plotly
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from sqlalchemy import Engine
@@ -160,13 +163,9 @@ def _bucket(rows: list[data.SlotRow]) -> tuple[int, list[dict[str, Any]]]:
     return size, [out[k] for k in sorted(out)]
 
 
-def market_view(ctx: Context, window: str) -> tuple[go.Figure, list[dict[str, Any]]]:
-    """Clearing price with tariff lines, local vs grid volume, unmatched volume, participants."""
-    info = ctx.info()
-    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
-    size, points = _bucket(rows)
-    xs = [p["slot"] for p in points]
-    labels = [p["time"] for p in points]
+@functools.lru_cache(maxsize=8)
+def _market_layout(price_title: str, x_title: str) -> str:
+    """The three stacked subplots' layout (built once by make_subplots, kept as JSON)."""
     fig = make_subplots(
         rows=3,
         cols=1,
@@ -174,100 +173,125 @@ def market_view(ctx: Context, window: str) -> tuple[go.Figure, list[dict[str, An
         vertical_spacing=0.06,
         row_heights=[0.4, 0.4, 0.2],
         subplot_titles=(
-            "Clearing price (cents/kWh)" + (" — volume-weighted per bucket" if size > 1 else ""),
+            price_title,
             "Energy (Wh): local trades, with the grid, unmatched orders",
             "Participants",
         ),
-    )
-    hover = "%{customdata}<br>%{y}<extra>%{fullData.name}</extra>"
-    fig.add_trace(
-        go.Scatter(
-            x=xs,
-            y=[p["price"] for p in points],
-            customdata=labels,
-            name="clearing price",
-            mode="lines+markers",
-            line={"color": COLORS["price"], "shape": "hv"},
-            marker={"size": 4},
-            connectgaps=False,
-            hovertemplate=hover,
-        ),
-        row=1,
-        col=1,
-    )
-    for value, name, dash in (
-        (info.retail_price, "retail price (cap)", "dash"),
-        (info.feed_in_tariff, "feed-in tariff (floor)", "dot"),
-    ):
-        fig.add_trace(
-            go.Scatter(
-                x=[xs[0], xs[-1]] if xs else [],
-                y=[value, value] if xs else [],
-                name=f"{name} {value}",
-                mode="lines",
-                line={"color": "#444", "dash": dash, "width": 1},
-                hoverinfo="skip",
-            ),
-            row=1,
-            col=1,
-        )
-    for key, name, color in (
-        ("local_wh", "traded locally", COLORS["local"]),
-        ("grid_import_wh", "from grid (imbalance)", COLORS["grid_in"]),
-        ("grid_export_wh", "to grid (imbalance)", COLORS["grid_out"]),
-    ):
-        fig.add_trace(
-            go.Bar(
-                x=xs,
-                y=[p[key] for p in points],
-                customdata=labels,
-                name=name,
-                marker_color=color,
-                hovertemplate=hover,
-            ),
-            row=2,
-            col=1,
-        )
-    for key, name, color in (
-        ("unmatched_bid_wh", "unmatched bids", COLORS["bid"]),
-        ("unmatched_ask_wh", "unmatched asks", COLORS["ask"]),
-    ):
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=[p[key] for p in points],
-                customdata=labels,
-                name=name,
-                mode="lines",
-                line={"color": color, "width": 1.5},
-                hovertemplate=hover,
-            ),
-            row=2,
-            col=1,
-        )
-    fig.add_trace(
-        go.Bar(
-            x=xs,
-            y=[p["participants"] for p in points],
-            customdata=labels,
-            name="participants",
-            marker_color=COLORS["participants"],
-            hovertemplate=hover,
-        ),
-        row=3,
-        col=1,
     )
     fig.update_layout(
         barmode="group",
         height=620,
         margin={"l": 60, "r": 20, "t": 40, "b": 40},
         legend={"orientation": "h", "y": -0.08},
-        uirevision=f"market-{window}",
         hovermode="x unified",
         template="plotly_white",
     )
-    fig.update_xaxes(title_text="slot" if size == 1 else f"slot (buckets of {size})", row=3)
-    return fig, points
+    fig.update_xaxes(title_text=x_title, row=3)
+    return json.dumps(fig.to_plotly_json()["layout"], cls=plotly.utils.PlotlyJSONEncoder)
+
+
+def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Clearing price with tariff lines, local vs grid volume, unmatched volume, participants.
+
+    The figure is a plain dict (traces without plotly's per-property validation: a year of
+    slots costs milliseconds, not a second).
+    """
+    info = ctx.info()
+    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
+    size, points = _bucket(rows)
+    xs = [p["slot"] for p in points]
+    labels = [p["time"] for p in points]
+    layout = json.loads(
+        _market_layout(
+            "Clearing price (cents/kWh)" + (" — volume-weighted per bucket" if size > 1 else ""),
+            "slot" if size == 1 else f"slot (buckets of {size})",
+        )
+    )
+    layout["uirevision"] = f"market-{window}"
+    hover = "%{customdata}<br>%{y}<extra>%{fullData.name}</extra>"
+    data_: list[dict[str, Any]] = [
+        {
+            "type": "scatter",
+            "x": xs,
+            "y": [p["price"] for p in points],
+            "customdata": labels,
+            "name": "clearing price",
+            "mode": "lines+markers",
+            "line": {"color": COLORS["price"], "shape": "hv"},
+            "marker": {"size": 4},
+            "connectgaps": False,
+            "hovertemplate": hover,
+            "xaxis": "x",
+            "yaxis": "y",
+        }
+    ]
+    for value, name, dash in (
+        (info.retail_price, "retail price (cap)", "dash"),
+        (info.feed_in_tariff, "feed-in tariff (floor)", "dot"),
+    ):
+        data_.append(
+            {
+                "type": "scatter",
+                "x": [xs[0], xs[-1]] if xs else [],
+                "y": [value, value] if xs else [],
+                "name": f"{name} {value}",
+                "mode": "lines",
+                "line": {"color": "#444", "dash": dash, "width": 1},
+                "hoverinfo": "skip",
+                "xaxis": "x",
+                "yaxis": "y",
+            }
+        )
+    for key, name, color in (
+        ("local_wh", "traded locally", COLORS["local"]),
+        ("grid_import_wh", "from grid (imbalance)", COLORS["grid_in"]),
+        ("grid_export_wh", "to grid (imbalance)", COLORS["grid_out"]),
+    ):
+        data_.append(
+            {
+                "type": "bar",
+                "x": xs,
+                "y": [p[key] for p in points],
+                "customdata": labels,
+                "name": name,
+                "marker": {"color": color},
+                "hovertemplate": hover,
+                "xaxis": "x2",
+                "yaxis": "y2",
+            }
+        )
+    for key, name, color in (
+        ("unmatched_bid_wh", "unmatched bids", COLORS["bid"]),
+        ("unmatched_ask_wh", "unmatched asks", COLORS["ask"]),
+    ):
+        data_.append(
+            {
+                "type": "scatter",
+                "x": xs,
+                "y": [p[key] for p in points],
+                "customdata": labels,
+                "name": name,
+                "mode": "lines",
+                "line": {"color": color, "width": 1.5},
+                "hovertemplate": hover,
+                "xaxis": "x2",
+                "yaxis": "y2",
+            }
+        )
+    data_.append(
+        {
+            "type": "bar",
+            "x": xs,
+            "y": [p["participants"] for p in points],
+            "customdata": labels,
+            "name": "participants",
+            "marker": {"color": COLORS["participants"]},
+            "hovertemplate": hover,
+            "xaxis": "x3",
+            "yaxis": "y3",
+        }
+    )
+    return {"data": data_, "layout": layout}, points
 
 
 # --- order book -------------------------------------------------------------------------------
@@ -338,61 +362,119 @@ def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list
 # --- households -------------------------------------------------------------------------------
 
 
+HOUSEHOLD_KEYS = (
+    "metered_import_wh",
+    "metered_export_wh",
+    "traded_buy_wh",
+    "traded_sell_wh",
+    "imbalance_wh",
+)
+
+
+def _bucket_household(slots: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """A household's slots as chart points: single slots, or sums per hour/day/week."""
+    size = 1
+    for candidate in (1, 4, data.SLOTS_PER_DAY, 7 * data.SLOTS_PER_DAY):
+        size = candidate
+        if len(slots) / candidate <= MAX_POINTS:
+            break
+    if size == 1:
+        return 1, slots
+    out: dict[int, dict[str, Any]] = {}
+    for r in slots:
+        key = r["slot"] // size * size
+        b = out.get(key)
+        if b is None:
+            b = out[key] = {
+                "slot": key,
+                "time": data.slot_label(key),
+                **dict.fromkeys(HOUSEHOLD_KEYS, 0),
+            }
+        for k in HOUSEHOLD_KEYS:
+            b[k] += r[k]
+    return size, [out[k] for k in sorted(out)]
+
+
 def households_view(
     ctx: Context, household: str | None, window: str
-) -> tuple[go.Figure, list[dict[str, Any]], list[dict[str, Any]], str | None]:
-    """Table of every household and per-slot metered vs traded energy of the chosen one."""
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str | None]:
+    """Table of every household and per-slot metered vs traded energy of the chosen one.
+
+    Windows longer than MAX_POINTS slots are drawn as hour/day/week sums (the CSV keeps every
+    slot). The figure is a plain dict, like the market's.
+    """
     summary = data.household_summary(ctx.engine)
     if household is None or household not in {r["household"] for r in summary}:
         household = summary[0]["household"] if summary else None
-    fig = go.Figure()
-    fig.update_layout(
-        height=420,
-        margin={"l": 60, "r": 20, "t": 40, "b": 40},
-        template="plotly_white",
-        barmode="relative",
-        hovermode="x unified",
-        uirevision=f"household-{household}-{window}",
-        yaxis_title="Wh (export up, import down)",
-        legend={"orientation": "h", "y": -0.15},
-    )
+    layout: dict[str, Any] = {
+        "height": 420,
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
+        "template": _template(),
+        "barmode": "relative",
+        "hovermode": "x unified",
+        "uirevision": f"household-{household}-{window}",
+        "yaxis": {"title": {"text": "Wh (export up, import down)"}},
+        "xaxis": {"title": {"text": "slot"}},
+        "legend": {"orientation": "h", "y": -0.15},
+    }
     if household is None:
-        return fig, summary, [], None
+        return {"data": [], "layout": layout}, summary, [], None
     n = WINDOWS.get(window, WINDOWS["7d"])
     first = None
     if n is not None and ctx.slots.settled_through is not None:
         first = ctx.slots.settled_through - n + 1
     slots = data.household_slots(ctx.engine, household, first)
-    xs = [r["slot"] for r in slots]
+    size, points = _bucket_household(slots)
+    xs = [r["slot"] for r in points]
+    traces: list[dict[str, Any]] = []
     for key, name, color, sign in (
         ("metered_export_wh", "metered export", "#2ca02c", 1),
         ("metered_import_wh", "metered import", "#d62728", -1),
     ):
-        fig.add_trace(go.Bar(x=xs, y=[sign * r[key] for r in slots], name=name, marker_color=color))
+        traces.append(
+            {
+                "type": "bar",
+                "x": xs,
+                "y": [sign * r[key] for r in points],
+                "name": name,
+                "marker": {"color": color},
+            }
+        )
     for key, name, color, sign in (
         ("traded_sell_wh", "sold (traded)", "#17becf", 1),
         ("traded_buy_wh", "bought (traded)", "#9467bd", -1),
     ):
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=[sign * r[key] for r in slots],
-                name=name,
-                mode="lines",
-                line={"color": color, "shape": "hv"},
-            )
+        traces.append(
+            {
+                "type": "scatter",
+                "x": xs,
+                "y": [sign * r[key] for r in points],
+                "name": name,
+                "mode": "lines",
+                "line": {"color": color, "shape": "hv"},
+            }
         )
-    fig.add_trace(
-        go.Scatter(
-            x=xs,
-            y=[r["imbalance_wh"] for r in slots],
-            name="imbalance (to grid +)",
-            mode="markers",
-            marker={"color": "#000", "size": 4},
-        )
+    traces.append(
+        {
+            "type": "scatter",
+            "x": xs,
+            "y": [r["imbalance_wh"] for r in points],
+            "name": "imbalance (to grid +)",
+            "mode": "markers",
+            "marker": {"color": "#000", "size": 4},
+        }
     )
-    fig.update_layout(title=f"Household {data.short_did(household)}: metered vs traded")
-    return fig, summary, slots, household
+    per = "" if size == 1 else f" (sums per {size} slots)"
+    layout["title"] = {"text": f"Household {data.short_did(household)}: metered vs traded{per}"}
+    return {"data": traces, "layout": layout}, summary, slots, household
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> dict[str, Any]:
+    """The plotly_white template as a plain dict (for figures built without validation)."""
+    import plotly.io as pio
+
+    return pio.templates["plotly_white"].to_plotly_json()
 
 
 # --- community --------------------------------------------------------------------------------
