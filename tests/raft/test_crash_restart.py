@@ -109,7 +109,7 @@ def test_crash_before_persisting_entries_loses_no_ack(seed_count: int) -> None:
 def test_churn_with_crashes(seed_count: int, soak: bool) -> None:
     """Random crashes, restarts and proposals on an unreliable network (the 6.824
     'churn' test): the invariants hold throughout, and the group converges afterwards."""
-    rounds = 400 if soak else 80
+    rounds = 600 if soak else 200
 
     def scenario(seed: int) -> None:
         sim = Simulation(5, seed, net=NetConfig.unreliable())

@@ -66,7 +66,7 @@ def _figure8(sim: Simulation, iterations: int, unreliable: bool) -> None:
 def test_figure8(seed_count: int, soak: bool) -> None:
     """Many leader crashes with partially replicated entries: never two different
     committed entries at one index, every acknowledged entry survives."""
-    iterations = 300 if soak else 60
+    iterations = 400 if soak else 150
 
     def scenario(seed: int) -> None:
         sim = Simulation(
@@ -81,7 +81,7 @@ def test_figure8(seed_count: int, soak: bool) -> None:
 @pytest.mark.soak
 def test_figure8_unreliable(seed_count: int, soak: bool) -> None:
     """Figure 8 with loss, duplication, long reordering delays and random link cuts."""
-    iterations = 300 if soak else 60
+    iterations = 400 if soak else 150
 
     def scenario(seed: int) -> None:
         net = NetConfig(drop_pm=100, dup_pm=50, max_delay=8, jitter_pm=50)

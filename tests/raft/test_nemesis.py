@@ -13,7 +13,7 @@ def test_nemesis(seed_count: int, soak: bool) -> None:
     """Partitions of every shape, crashes, loss, snapshots, membership changes and
     transfers together: invariants hold at every step and the group converges after.
     Replay a seed with ``python -m node.raft.nemesis --seed N``."""
-    steps = 400 if soak else 120
+    steps = 500 if soak else 250
 
     def scenario(seed: int) -> None:
         run(seed, nodes=(3, 5, 7)[seed % 3], steps=steps)

@@ -174,7 +174,7 @@ def test_concurrent_proposals_each_appear_once(seed_count: int) -> None:
 
 def test_unreliable_network_agreement(seed_count: int, soak: bool) -> None:
     """Agreement despite 10% loss, duplicates, reordering and timer jitter."""
-    rounds = 200 if soak else 60
+    rounds = 400 if soak else 150
 
     def scenario(seed: int) -> None:
         sim = Simulation(5, seed, net=NetConfig.unreliable())
