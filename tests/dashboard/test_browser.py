@@ -189,6 +189,31 @@ def test_selecting_a_slot_updates_the_order_book(browser_page: tuple[Any, Consol
     assert log.errors == []
 
 
+def test_clicking_a_slot_opens_its_order_book(browser_page: tuple[Any, ConsoleLog]) -> None:
+    page, log = browser_page
+    lo, hi = graph_eval(page, "market-graph", "g.layout.xaxis.range")  # the user's zoom
+    slot = round((lo + hi) / 2)
+    page.locator("#market-graph").scroll_into_view_if_needed()
+    bar = page.locator("#market-graph .barlayer .trace").last.locator(".point path").nth(slot)
+    box = bar.bounding_box()
+    assert box is not None and box["height"] > 0
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    wait_text(page, "#book-summary", f"Slot {slot}:")
+    assert page.input_value("#slot-input") == str(slot)
+    assert log.errors == []
+
+
+def test_choosing_a_household(browser_page: tuple[Any, ConsoleLog]) -> None:
+    page, log = browser_page
+    first = graph_eval(page, "household-graph", "g.layout.title.text")
+    page.click("#household")
+    page.locator(".dash-dropdown-option").nth(3).click()
+    page.wait_for_function(
+        graph_js("household-graph", "g.layout.title.text !== " + repr(first).replace("'", '"'))
+    )
+    assert log.errors == []
+
+
 def test_api_states_no_leader_then_unreachable(
     browser_page: tuple[Any, ConsoleLog], world: SimpleNamespace
 ) -> None:
