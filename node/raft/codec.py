@@ -158,6 +158,8 @@ def encode_message(m: Message) -> bytes:
     _varint(out, m.commit)
     out.append(1 if m.reject else 0)
     _varint(out, m.reject_hint)
+    if len(m.context) > MAX_ID_LEN:
+        raise ValueError(f"context longer than {MAX_ID_LEN} bytes")
     _bytes(out, m.context)
     _varint(out, len(m.entries))
     for e in m.entries:
