@@ -15,6 +15,7 @@ from typing import Any
 
 import dash
 from dash import Dash, Input, Output, State, dcc, html
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from dashboard import data, views
@@ -336,7 +337,10 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
 
     @app.callback(Output("head", "data"), Input("tick", "n_intervals"), State("head", "data"))
     def _poll_head(_n: int, old: dict[str, Any] | None) -> Any:
-        new = views.head_view(ctx)
+        try:
+            new = views.head_view(ctx)
+        except SQLAlchemyError as exc:  # missing file, server down: say so, keep polling
+            new = {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}"}
         return dash.no_update if new == old else new
 
     @app.callback(Output("api", "data"), Input("tick", "n_intervals"))
@@ -353,6 +357,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
     def _header(head: dict[str, Any] | None) -> Any:
         if not head:
             return dash.no_update
+        if "error" in head:
+            return "Microgrid", "ledger unreadable", "not verified", "badge failed"
         info = ctx.info()
         short = (head["head_hash"] or "—")[:12]
         state = head["verify_state"]
@@ -378,7 +384,15 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         return f"API ok · {api.get('role') or '?'} · term {api.get('term')}", "badge ok"
 
     @app.callback(Output("alerts", "children"), Input("head", "data"), Input("api", "data"))
-    def _alerts(_head: Any, _api: Any) -> Any:
+    def _alerts(head: Any, _api: Any) -> Any:
+        if head and "error" in head:
+            return [
+                html.Div(
+                    f"Cannot read the ledger database: {head['error']}",
+                    className="alert danger",
+                    **{"data-code": "ledger_unreadable"},
+                )
+            ]
         alerts = views.alerts_view(ctx)
         if not alerts:
             return [html.Div("No alerts.", className="alert none", id="no-alerts")]
@@ -397,7 +411,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("market-graph-zoom", "data"),
     )
     def _market(head: Any, window: str, zoom: Any) -> Any:
-        if not head:
+        if not head or "error" in head:
             return dash.no_update
         fig, _ = views.market_view(ctx, window)
         return apply_zoom(fig, zoom)
@@ -420,7 +434,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Input("slot-input", "value"),
     )
     def _book(head: Any, slot: Any) -> Any:
-        if not head:
+        if not head or "error" in head:
             return dash.no_update, dash.no_update
         fig, summary, _ = views.orderbook_view(ctx, _slot(slot))
         return fig, summary
@@ -436,7 +450,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("household-graph-zoom", "data"),
     )
     def _households(head: Any, household: str | None, window: str, zoom: Any) -> Any:
-        if not head:
+        if not head or "error" in head:
             return (dash.no_update,) * 4
         fig, summary, _, chosen = views.households_view(ctx, household, window)
         fig = apply_zoom(fig, zoom)
@@ -479,7 +493,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("community-graph-zoom", "data"),
     )
     def _community(head: Any, window: str, zoom: Any) -> Any:
-        if not head:
+        if not head or "error" in head:
             return dash.no_update, dash.no_update
         f, fig, _ = views.community_view(ctx, window)
         fig = apply_zoom(fig, zoom)
@@ -498,7 +512,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Output("ledger-summary", "children"), Output("ledger", "children"), Input("head", "data")
     )
     def _ledger(head: Any) -> Any:
-        if not head:
+        if not head or "error" in head:
             return dash.no_update, dash.no_update
         v = views.ledger_view(ctx)
         status = v["verify"]

@@ -31,8 +31,7 @@ from node.ledger.verify import verify_ledger
 
 CHUNK_BLOCKS = 200
 ARCHIVE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_archive_settlements_household "
-    "ON settlements (household, slot)",
+    "CREATE INDEX IF NOT EXISTS ix_archive_settlements_household ON settlements (household, slot)",
 )
 """Indexes the archive adds for the dashboard's per-household queries (not hashed, not in the
 node's schema: a node never reads settlements by household)."""

@@ -101,3 +101,29 @@ def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+@needs_browser
+def test_unreadable_and_empty_ledgers_are_shown_not_crashed(chromium: Any, tmp_path: Path) -> None:
+    missing = RunningDashboard(Context.open(f"sqlite:///{tmp_path / 'missing.db'}"))
+    empty_feeder = Feeder(f"sqlite:///{tmp_path / 'empty.db'}", households=3, seed=2)
+    empty = RunningDashboard(Context.open(empty_feeder.store.url))
+    page = chromium.new_page()
+    try:
+        log = ConsoleLog(page)
+        page.goto(missing.url)
+        page.wait_for_selector(".alert[data-code=ledger_unreadable]")
+        wait_text(page, "#head-badge", "ledger unreadable")
+        page.goto(empty.url)
+        wait_text(page, "#head-badge", "height 0")
+        wait_text(page, "#book-summary", "No slot has closed yet")
+        page.wait_for_selector("#no-alerts")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#household-summary tbody tr').length === 3"
+        )
+        assert log.errors == []
+    finally:
+        page.close()
+        missing.stop()
+        empty.stop()
+        empty_feeder.close()
