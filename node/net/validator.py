@@ -104,14 +104,9 @@ class PenaltyBox:
         return False
 
     def is_banned(self, peer: str) -> bool:
-        """True while ``peer`` is banned."""
+        """True while ``peer`` is banned (the entry stays until :meth:`expired` collects it)."""
         until = self.banned_until.get(peer)
-        if until is None:
-            return False
-        if self.clock() >= until:
-            del self.banned_until[peer]
-            return False
-        return True
+        return until is not None and self.clock() < until
 
     def expired(self) -> list[str]:
         """Peers whose ban has ended (removed from the box)."""

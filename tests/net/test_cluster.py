@@ -54,9 +54,12 @@ async def grid(tmp_path: Path, members: int, outsiders: int = 0, **kw: object) -
             yield procs, extra
         finally:
             with trio.CancelScope(shield=True):
-                for p in procs + extra:
-                    await p.stop(timeout=10)
+                codes = [await p.stop(timeout=10) for p in procs + extra]
             nursery.cancel_scope.cancel()
+    # clean shutdown (pitfall 4): every node asked to stop exits 0, without a traceback
+    for p, code in zip(procs + extra, codes, strict=True):
+        assert code == 0, (p.spec.name, code, p.stderr_tail[-20:])
+        assert not any("Traceback" in line for line in p.stderr_tail), p.stderr_tail[-40:]
 
 
 async def test_gossip_reaches_every_member_and_raft_round_trips(tmp_path: Path) -> None:

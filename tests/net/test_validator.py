@@ -121,6 +121,7 @@ def test_rate_limit_and_ban() -> None:
     assert banned == [b] and box.is_banned(b)
     now[0] = 7.0
     assert not box.is_banned(b)
+    assert box.expired() == [b] and box.expired() == []  # the host lifts the blacklist once
 
 
 def test_token_bucket_refills() -> None:
