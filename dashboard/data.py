@@ -696,7 +696,8 @@ class VerifyCache:
     """Runs :func:`verify_ledger` in a background thread and keeps the last report.
 
     A verification starts when the head has changed since the last one *and* at least
-    ``min_interval`` seconds have passed, or when none was run yet. Callbacks never wait for it:
+    ``min_interval`` seconds (and ten times the last verification's duration) have passed, or
+    when none was run yet. Callbacks never wait for it:
     they read :meth:`status`.
     """
 
@@ -716,7 +717,9 @@ class VerifyCache:
         with self._lock:
             if self.running or key == self.verified_key:
                 return
-            if self.report is not None and time.monotonic() - self._started_at < self.min_interval:
+            # at most ~10 % of one core on verification, however big the ledger grows
+            wait = max(self.min_interval, 10 * (self.duration_s or 0.0))
+            if self.report is not None and time.monotonic() - self._started_at < wait:
                 return
             self.running = True
             self._started_at = time.monotonic()
