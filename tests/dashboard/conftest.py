@@ -131,3 +131,25 @@ def new_feeder(tmp: Path, slots: int, households: int = 6, seed: int = 1) -> Fee
     feeder = Feeder(f"sqlite:///{tmp / 'ledger.db'}", households=households, seed=seed)
     feeder.advance(slots)
     return feeder
+
+
+def graph_js(graph_id: str, expr: str) -> str:
+    """A JS predicate over the Plotly graph div ``g`` inside the dcc.Graph ``graph_id``."""
+    return (
+        "() => { const g = document.querySelector('#" + graph_id + " .js-plotly-plot');"
+        " if (!g || !g.data || !g.layout) return false; try { return (" + expr + "); }"
+        " catch (e) { return false; } }"
+    )
+
+
+def graph_eval(page: Any, graph_id: str, expr: str) -> Any:
+    """Evaluate ``expr`` over the Plotly graph div ``g`` (None if it is not drawn yet)."""
+    return page.evaluate(graph_js(graph_id, expr).replace("return false; try", "return null; try"))
+
+
+def wait_text(page: Any, selector: str, needle: str) -> None:
+    """Wait until the element at ``selector`` shows ``needle``."""
+    page.wait_for_function(
+        "([s, n]) => { const e = document.querySelector(s); return e && e.innerText.includes(n); }",
+        arg=[selector, needle],
+    )

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
@@ -23,7 +24,15 @@ from dashboard.archive import ArchiveError, archive
 from node.cli import main as cli_main
 from node.ledger import schema as t
 from node.ledger import verify_ledger
-from tests.dashboard.conftest import new_feeder
+from tests.dashboard.conftest import (
+    ConsoleLog,
+    RunningDashboard,
+    graph_js,
+    needs_browser,
+    new_feeder,
+    screenshot,
+    wait_text,
+)
 
 ADMIN_URL = os.environ.get("MICROGRID_TEST_PG", "")
 needs_pg = pytest.mark.skipif(
@@ -200,3 +209,28 @@ def test_cli_archive_and_follow(
         assert "archived 3 new blocks" in out, (out, err)
     finally:
         feeder.close()
+
+
+@needs_pg
+@needs_browser
+def test_dashboard_page_on_the_archive(chromium: Any, tmp_path: Path, pg_url: str) -> None:
+    feeder = new_feeder(tmp_path, 60, households=4, seed=8)
+    try:
+        archive(feeder.store.url, pg_url)
+    finally:
+        feeder.close()
+    dash = RunningDashboard(views.Context.open(pg_url))
+    page = chromium.new_page()
+    try:
+        log = ConsoleLog(page)
+        page.goto(dash.url)
+        wait_text(page, "#head-badge", "height 60")
+        page.wait_for_function(graph_js("market-graph", "g.data[0].x.length === 60"))
+        wait_text(page, "#book-summary", "cleared")
+        wait_text(page, "#kpi-verify", "OK")
+        page.wait_for_selector("#no-alerts")
+        screenshot(page, "body", "archive-page")
+        assert log.errors == []
+    finally:
+        page.close()
+        dash.stop()

@@ -23,9 +23,12 @@ from dashboard.views import Context
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,
+    graph_eval,
+    graph_js,
     needs_browser,
     new_feeder,
     screenshot,
+    wait_text,
 )
 from tests.dashboard.status_server import StatusServer, status_doc
 
@@ -62,26 +65,6 @@ def browser_page(chromium: Any, world: SimpleNamespace) -> Iterator[tuple[Any, C
         yield page, log
     finally:
         page.close()
-
-
-def graph_js(graph_id: str, expr: str) -> str:
-    """A JS predicate over the Plotly graph div ``g`` inside the dcc.Graph ``graph_id``."""
-    return (
-        "() => { const g = document.querySelector('#" + graph_id + " .js-plotly-plot');"
-        " if (!g || !g.data || !g.layout) return false; try { return (" + expr + "); }"
-        " catch (e) { return false; } }"
-    )
-
-
-def graph_eval(page: Any, graph_id: str, expr: str) -> Any:
-    return page.evaluate(graph_js(graph_id, expr).replace("return false; try", "return null; try"))
-
-
-def wait_text(page: Any, selector: str, needle: str) -> None:
-    page.wait_for_function(
-        "([s, n]) => { const e = document.querySelector(s); return e && e.innerText.includes(n); }",
-        arg=[selector, needle],
-    )
 
 
 def test_every_view_shows_data(browser_page: tuple[Any, ConsoleLog]) -> None:

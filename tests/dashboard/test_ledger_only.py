@@ -18,12 +18,13 @@ from dashboard.views import Context
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,
+    graph_js,
     needs_browser,
     new_feeder,
     screenshot,
+    wait_text,
 )
 from tests.dashboard.feeder import Feeder
-from tests.dashboard.test_browser import graph_js, wait_text
 
 SLOTS = 60
 
