@@ -23,6 +23,12 @@ def register(subparsers: Any) -> None:
         "--settle-lag", type=int, default=4, help="slots a settlement may lag its gate closure"
     )
     p.add_argument(
+        "--stale-after",
+        type=float,
+        default=45.0,
+        help="minutes without anything new in the ledger before a 'stale' alert",
+    )
+    p.add_argument(
         "--verify-interval",
         type=float,
         default=60.0,
@@ -52,6 +58,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         args.api,
         settle_lag_slots=args.settle_lag,
         verify_interval=args.verify_interval,
+        stale_after_s=args.stale_after * 60,
     )
     app = create_app(ctx, refresh_ms=int(args.refresh * 1000))
     server = serve(app, args.host, args.port)

@@ -52,6 +52,8 @@ class Context:
     engine: Engine
     api_url: str | None = None
     settle_lag_slots: int = 4
+    stale_after_s: float = 45 * 60.0
+    """Alert when nothing new reached the ledger for this long (3 slots by default)."""
     alert_window_slots: int = data.SLOTS_PER_DAY
     api_timeout: float = 1.5
     slots: data.SlotCache = field(init=False)
@@ -61,6 +63,8 @@ class Context:
     verify_enabled: bool = True
     """Verify the ledger in the background when its head changes (off only for the bench)."""
     _info: data.LedgerInfo | None = None
+    _head_key: Any = None
+    _head_changed_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ def head_view(ctx: Context) -> dict[str, Any]:
         ctx.verify.poke(head.key())
     ctx.slots.refresh()
     status = ctx.verify.status()
+    now = time.time()
+    if head.key() != ctx._head_key:
+        ctx._head_key, ctx._head_changed_at = head.key(), now
     return {
         "height": head.height,
         "head_hash": head.head_hash,
@@ -104,6 +111,9 @@ def head_view(ctx: Context) -> dict[str, Any]:
         "closed_through": head.closed_through,
         "verify_state": status["state"],
         "verify_finished_at": status.get("finished_at"),
+        "stale_since": (
+            ctx._head_changed_at if now - ctx._head_changed_at > ctx.stale_after_s else None
+        ),
     }
 
 
@@ -595,6 +605,36 @@ def alerts_view(ctx: Context) -> list[dict[str, str]]:
     head = data.head_info(ctx.engine)
     recent = ctx.slots.window(ctx.alert_window_slots)
     alerts = data.ledger_alerts(recent, head, ctx.verify.status(), ctx.settle_lag_slots)
+    if ctx._head_key is not None and time.time() - ctx._head_changed_at > ctx.stale_after_s:
+        since = time.strftime("%H:%M:%S", time.gmtime(ctx._head_changed_at))
+        alerts.append(
+            {
+                "level": "warning",
+                "code": "ledger_stale",
+                "message": (
+                    f"Nothing new reached the ledger since {since} UTC "
+                    f"({(time.time() - ctx._head_changed_at) / 60:.0f} min): is the node applying?"
+                ),
+            }
+        )
     latest = ctx.history.latest()
     alerts.extend(api_alerts(latest, bool(ctx.api_url)))
+    if (
+        latest is not None
+        and latest.reachable
+        and latest.last_reading_slot is not None
+        and latest.last_reading_slot - (head.settled_through or -1) > ctx.settle_lag_slots
+        and not any(a["code"] == "settlement_overdue" for a in alerts)
+    ):
+        alerts.append(
+            {
+                "level": "danger",
+                "code": "settlement_overdue",
+                "message": (
+                    f"Settlement overdue: the node has meter readings for slot "
+                    f"{latest.last_reading_slot} but the ledger is settled only through "
+                    f"{head.settled_through if head.settled_through is not None else '-'}"
+                ),
+            }
+        )
     return alerts

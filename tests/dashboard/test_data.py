@@ -3,6 +3,7 @@ postings, the lazy slot cache, alerts, status normalisation, zoom bookkeeping.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import dash
@@ -163,3 +164,22 @@ def test_zoom_bookkeeping() -> None:
     assert out["layout"]["xaxis2"] == {"matches": "x", "range": [1, 2], "autorange": False}
     other = {"data": [], "layout": {"uirevision": "m-30d"}}
     assert "xaxis" not in apply_zoom(other, {"revision": "m-7d", "range": [1, 2]})["layout"]
+
+
+def test_stale_ledger_and_readings_ahead_of_settlement(tmp_path: Path) -> None:
+    feeder = new_feeder(tmp_path, 4, households=3, seed=3)
+    feeder.close()
+    ctx = views.Context.open(
+        feeder.store.url, "http://127.0.0.1:9", verify_enabled=False, stale_after_s=0.2
+    )
+    try:
+        first = views.head_view(ctx)
+        assert first["stale_since"] is None
+        assert [a["code"] for a in views.alerts_view(ctx)] == ["api_unreachable"]  # not polled
+        time.sleep(0.3)
+        assert views.head_view(ctx)["stale_since"] is not None
+        ctx.history.add(normalise({"leader": "did:key:zL", "last_reading": {"slot": 20}}))
+        codes = [a["code"] for a in views.alerts_view(ctx)]
+        assert codes == ["ledger_stale", "settlement_overdue"]
+    finally:
+        ctx.close()
