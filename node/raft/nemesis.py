@@ -90,6 +90,7 @@ def nemesis(sim: Simulation, steps: int) -> dict[str, int]:
     sim.wait_leader(500)
     sim.propose()
     sim.converge(800)
+    done["fingerprint"] = int(sim.fingerprint()[:12], 16)
     return done
 
 

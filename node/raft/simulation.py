@@ -494,6 +494,24 @@ class Simulation:
             if e is not None and e.data != data:
                 self._fail(f"acknowledged {data!r} at {idx} replaced by {e.data!r}")
 
+    def fingerprint(self) -> str:
+        """A digest of the run so far (time, traffic, committed log, node states): equal
+        fingerprints for equal seeds show the run is deterministic."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(b"%d|%d|" % (self.time, self.delivered))
+        for t in sorted(self.sent):
+            h.update(b"%d:%d," % (int(t), self.sent[t]))
+        for idx in sorted(self.committed):
+            e = self.committed[idx]
+            h.update(b"%d/%d/%d/" % (e.index, e.term, int(e.type)) + e.data)
+        for nid in self.ids:
+            n = self.nodes.get(nid)
+            if n is not None:
+                st = n.status()
+                h.update(f"{nid}{st.role}{st.term}{st.commit}{st.applied}".encode())
+            h.update(self.apps[nid].digest)
+        return h.hexdigest()
+
     def applied_commands(self, nid: str) -> list[bytes]:
         """Client commands applied by ``nid`` since its last snapshot install."""
         return list(self.apps[nid].datas)
