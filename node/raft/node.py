@@ -91,6 +91,14 @@ class RaftNode:
         if self.raft.role == Role.LEADER and pr is not None and pr.state == ProgressState.SNAPSHOT:
             pr.become_probe()
 
+    def report_unreachable(self, peer: str) -> None:
+        """Transport: a message to ``peer`` could not be delivered; stop pipelining to it
+        and probe again."""
+        pr = self.raft.prs.get(peer)
+        leading = self.raft.role == Role.LEADER
+        if leading and pr is not None and pr.state == ProgressState.REPLICATE:
+            pr.become_probe()
+
     def compact(self, index: int, data: bytes) -> Snapshot:
         """Record the application's snapshot ``data`` taken at applied ``index`` and drop the
         log up to it. The snapshot's membership is the one in force at ``index``."""
