@@ -183,3 +183,31 @@ def test_core_is_pure() -> None:
             assert not bad, f"{path.name} imports {bad}"
             if isinstance(node, ast.Constant):
                 assert not isinstance(node.value, float), f"float literal in {path.name}"
+
+
+def test_transport_feedback_resets_flow_control() -> None:
+    """report_unreachable puts a pipelining follower back to probing;
+    report_snapshot_failed lets the leader retry a snapshot."""
+    from node.raft.simulation import Simulation
+
+    sim = Simulation(3, seed=2, snapshot_threshold=8)
+    lead = sim.wait_leader()
+    sim.propose()
+    sim.converge()
+    peer = next(i for i in sim.ids if i != lead)
+    node = sim.node(lead)
+    assert node.status().progress[peer][2] == "replicate"
+    node.report_unreachable(peer)
+    assert node.status().progress[peer][2] == "probe"
+    sim.isolate(peer)
+    for _ in range(30):
+        sim.propose()
+        sim.run(1)
+    sim.heal()
+    sim.intercept = lambda m: None if m.type == MessageType.SNAP else m
+    sim.run(3)
+    assert node.status().progress[peer][2] == "snapshot"
+    node.report_snapshot_failed(peer)
+    assert node.status().progress[peer][2] == "probe"
+    sim.intercept = None
+    sim.converge()
