@@ -413,8 +413,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--no-slot-policy", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--profile", default=None, help="write cProfile stats here at exit")
     args = parser.parse_args(argv)
-    trio.run(_child, args)
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        try:
+            profiler.runcall(trio.run, _child, args)
+        finally:
+            profiler.dump_stats(args.profile)
+    else:
+        trio.run(_child, args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@
   the seqno counter starts at ``time.time_ns()`` rather than ``int(time.time())``: gossipsub's
   equivocation check drops a *different* message that reuses a (from, seqno) pair, which
   a node restarted within seconds of publishing faster than 1 msg/s would otherwise do.
+- yamux sends a WINDOW_UPDATE after every read (py-libp2p bug, ~60 frames per gossip
+  message): :func:`patch_yamux_window_updates` restores go-yamux's batched release.
 - Shutdown: all peers are disconnected before the pubsub context is left (pitfall 4).
 - Logging: the ``libp2p`` logger is made to propagate and given a level (pitfall 5).
 - Metrics bind 127.0.0.1 (pitfall 7).
@@ -50,7 +52,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 
 from market.identity import IdentityError
@@ -67,6 +69,8 @@ log = logging.getLogger("microgrid.net")
 LIBP2P_SUBSCRIPTION_CHANNEL_SIZE = pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
 """libp2p's own value, recorded before NetNode widens it (a canary test checks it)."""
 LIBP2P_LOGGER_PROPAGATED_AT_IMPORT = logging.getLogger("libp2p").propagate
+LIBP2P_YAMUX_WINDOW_UPDATE = YamuxStream._auto_tune_and_send_window_update
+"""libp2p's own window-update method, kept for the canary test."""
 
 OUTBOUND_HIGH_WATER = 24
 """Our publish waits while a peer's outbound RPC queue (libp2p: 32, drops when full) is this
@@ -84,6 +88,34 @@ class PublishError(Exception):
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(f"refusing to publish: {verdict.reason}: {verdict.detail}")
         self.verdict = verdict
+
+
+async def _batched_window_update(self: Any, *, bytes_read: int = 0) -> None:
+    """go-yamux's receive-window release: one WINDOW_UPDATE per half window consumed.
+
+    py-libp2p 0.8.1 bug: ``YamuxStream._auto_tune_and_send_window_update`` sends a
+    WINDOW_UPDATE frame after *every* read that consumed bytes (its "partial slack" and
+    "release on read" branches defeat its own hysteresis), and pubsub reads its varint length
+    prefixes one byte per read: ~60 extra Noise-encrypted frames and socket writes per gossip
+    message, about half a receiving node's CPU per message. We credit consumed bytes in bulk
+    once they reach half the receive window (256 KiB), as go-yamux does; the sender always
+    has at least half a window of credit, so it never stalls on it.
+    """
+    total = 0
+    async with self.window_lock:
+        if bytes_read > 0:
+            self._pending_recv_release += bytes_read
+        if self._pending_recv_release >= max(1, self.target_recv_window // 2):
+            total = self._pending_recv_release
+            self.recv_window += total
+            self._pending_recv_release = 0
+    if total > 0:
+        await self.send_window_update(total, skip_lock=True)
+
+
+def patch_yamux_window_updates() -> None:
+    """Install :func:`_batched_window_update` on py-libp2p's YamuxStream (idempotent)."""
+    YamuxStream._auto_tune_and_send_window_update = _batched_window_update  # type: ignore[method-assign]
 
 
 def configure_logging(level: str = "INFO", libp2p_level: str = "WARNING") -> None:
@@ -244,6 +276,7 @@ class NetNode:
     # -- lifecycle ----------------------------------------------------------------------
 
     def _build(self) -> None:
+        patch_yamux_window_updates()
         kp = self.identity.key_pair
         self.host = new_host(
             key_pair=kp,

@@ -112,3 +112,44 @@ def test_outbound_rpc_queue_holds_32_and_drops() -> None:
     results = [queue.push(rpc_pb2.RPC()) for _ in range(33)]
     assert results == [True] * 32 + [False], "RpcQueue changed: see NetNode._await_outbound_room"
     assert net_host.OUTBOUND_HIGH_WATER < 32
+
+
+class _StubStream:
+    """Just enough of a YamuxStream for its window-update method."""
+
+    def __init__(self) -> None:
+        self.window_lock = trio.Lock()
+        self._pending_recv_release = 0
+        self.target_recv_window = 256 * 1024
+        self.recv_window = self.target_recv_window - 1  # one byte arrived...
+        self.stream_id = 1
+        self.conn = type("Conn", (), {"stream_buffers": {1: bytearray()}})()  # ...and was read
+        self.updates: list[int] = []
+        for name in ("_window_update_full_grow", "_window_update_pending_flush",
+                     "_window_update_partial_slack", "_window_update_bytes_read_only",
+                     "_window_update_hysteresis_skips"):  # fmt: skip
+            setattr(self, name, 0)
+
+    def _grow_threshold(self) -> int:
+        return self.target_recv_window // 2
+
+    def _apply_autotune_epoch(self, buffered: int) -> int:
+        return 0
+
+    async def send_window_update(self, increment: int, skip_lock: bool = False) -> None:
+        self.updates.append(increment)
+
+
+async def test_yamux_sends_a_window_update_after_every_small_read() -> None:
+    """py-libp2p bug: a 1-byte read triggers a WINDOW_UPDATE (we batch per half window)."""
+    stub = _StubStream()
+    await net_host.LIBP2P_YAMUX_WINDOW_UPDATE(stub, bytes_read=1)  # type: ignore[arg-type]
+    # (it even credits 2 bytes for the 1 consumed: delta + bytes_read)
+    assert len(stub.updates) == 1 and stub.updates[0] >= 1, (
+        "yamux window updates changed: see patch_yamux_window_updates"
+    )
+    ours = _StubStream()
+    await net_host._batched_window_update(ours, bytes_read=1)
+    assert ours.updates == [] and ours._pending_recv_release == 1
+    await net_host._batched_window_update(ours, bytes_read=128 * 1024)
+    assert ours.updates == [128 * 1024 + 1]
