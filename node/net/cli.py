@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import signal
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -162,6 +162,21 @@ def cmd_net_run(args: argparse.Namespace) -> int:
     )
     node = NetNode(identity, genesis, settings)
     print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(node.run)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                # SIGINT/SIGTERM stop the node cleanly (peers disconnected, pitfall 4)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        node.stop()
+                        return
+
+            nursery.start_soon(on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    print("stopped", flush=True)
     return 0

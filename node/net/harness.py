@@ -190,10 +190,10 @@ class NodeProc:
         """Wait for the ``ready`` event."""
         return await self.wait_for(lambda e: e.get("ev") == "ready", timeout)
 
-    async def stats(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Ask for and return a fresh ``stats`` event."""
+    async def stats(self, timeout: float = 10.0, metrics: bool = False) -> dict[str, Any]:
+        """Ask for and return a fresh ``stats`` event (with the Prometheus text if asked)."""
         mark = len(self.events)
-        await self.send(cmd="stats")
+        await self.send(cmd="stats", metrics=metrics)
         return await self.wait_for(lambda e: e.get("ev") == "stats", timeout, start=mark)
 
     def gossip_events(self) -> list[dict[str, Any]]:

@@ -123,6 +123,10 @@ def configure_logging(level: str = "INFO", libp2p_level: str = "WARNING") -> Non
     lp = logging.getLogger("libp2p")
     lp.propagate = True
     lp.setLevel(libp2p_level)
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        # some libp2p modules set their own level (auto_connector logs INFO every 30 s)
+        if name.startswith("libp2p.") and isinstance(child, logging.Logger):
+            child.setLevel(logging.NOTSET)
     logging.getLogger("microgrid").setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(

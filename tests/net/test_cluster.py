@@ -105,6 +105,15 @@ async def test_gossip_reaches_every_member_and_raft_round_trips(tmp_path: Path) 
         assert not any(
             e.get("ev") == "raft" and e["term"] == 7 for e in procs[2].events
         ), "forged raft frame was delivered"
+        # the Prometheus text of a node: gossip in/out, peers, Raft, refused frames, RTT
+        with trio.fail_after(15):  # RTT is sampled 1 s after start, then every 10 s
+            while "microgrid_peer_rtt_seconds_count 0.0" in (
+                metrics := (await procs[2].stats(metrics=True))["metrics"]
+            ):
+                await trio.sleep(0.2)
+        assert 'microgrid_gossip_in_total{topic="orders"} 4.0' in metrics
+        assert "microgrid_net_peers 3.0" in metrics
+        assert 'microgrid_raft_frames_dropped_total{reason="sender_mismatch"} 1.0' in metrics
 
 
 async def test_invalid_gossip_is_rejected_counted_and_never_delivered(tmp_path: Path) -> None:
@@ -212,3 +221,37 @@ async def test_killed_peer_rejoins_with_same_key(tmp_path: Path) -> None:
             await h2.wait_for(lambda e: e.get("ev") == "raft" and e["term"] == 9, timeout=15)
             await h2.stop()
             nursery.cancel_scope.cancel()
+
+
+async def test_microgrid_net_run_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    import os
+    import signal
+    import sys
+
+    from node.identity import create_key_file
+
+    specs, _, genesis = make_grid(tmp_path, 2)
+    node_dir = tmp_path / "h0"
+    node_dir.mkdir()
+    create_key_file(node_dir / "node.key", specs[0].seed)
+    (node_dir / "microgrid.toml").write_text(
+        f'genesis_path = "{genesis}"\nlisten = "{specs[0].listen}"\nmetrics_port = 0\n'
+    )
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "node.cli", "net", "run", "--config",
+         str(node_dir / "microgrid.toml")],
+        stdout=-1, stderr=-1, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    out = b""
+    with trio.fail_after(60):
+        async for chunk in proc.stdout:
+            out += chunk
+            if b"joining grid" in out:
+                break
+        await trio.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        async for chunk in proc.stdout:
+            out += chunk
+        assert await proc.wait() == 0
+    assert b"stopped" in out
