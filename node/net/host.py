@@ -113,6 +113,10 @@ async def _batched_window_update(self: Any, *, bytes_read: int = 0) -> None:
         await self.send_window_update(total, skip_lock=True)
 
 
+async def _no_auto_connect() -> None:
+    """Replaces libp2p's AutoConnector cycle (our reconnect loop does the dialling)."""
+
+
 def patch_yamux_window_updates() -> None:
     """Install :func:`_batched_window_update` on py-libp2p's YamuxStream (idempotent)."""
     YamuxStream._auto_tune_and_send_window_update = _batched_window_update  # type: ignore[method-assign]
@@ -294,6 +298,13 @@ class NetNode:
             enable_mDNS=self.settings.mdns,
             connection_config=ConnectionConfig(max_connections_per_peer=1),
         )
+        # py-libp2p's AutoConnector dials every peer in the peerstore (members, but also
+        # addresses learned from a refused outsider's identify) until ~200 connections, on its
+        # own schedule and without our back-off or ban list: the static-member reconnect loop
+        # owns dialling, so its cycle is a no-op here.
+        auto = getattr(self.host.get_network(), "auto_connector", None)
+        if auto is not None:
+            auto.maybe_connect = _no_auto_connect
         s = self.settings
         self.gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V11],

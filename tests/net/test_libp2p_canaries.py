@@ -153,3 +153,13 @@ async def test_yamux_sends_a_window_update_after_every_small_read() -> None:
     assert ours.updates == [] and ours._pending_recv_release == 1
     await net_host._batched_window_update(ours, bytes_read=128 * 1024)
     assert ours.updates == [128 * 1024 + 1]
+
+
+def test_auto_connector_dials_towards_hundreds_of_connections() -> None:
+    """libp2p's AutoConnector aims at ~200 connections from the peerstore (we disable it)."""
+    from libp2p.network.config import ConnectionConfig
+
+    config = ConnectionConfig(max_connections_per_peer=1)
+    assert (config.low_watermark + config.high_watermark) // 2 >= 100, "auto-connect target changed"
+    swarm = new_host(key_pair=create_new_key_pair(b"g" * 32)).get_network()
+    assert hasattr(swarm.auto_connector, "maybe_connect"), "AutoConnector API changed"
