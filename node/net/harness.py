@@ -265,6 +265,7 @@ async def _child(args: argparse.Namespace) -> None:
         + list(args.peer),
         rate_per_origin=args.rate,
         burst_per_origin=args.rate * 5,
+        ban_seconds=args.ban_seconds,
     )
 
     def on_gossip(kind: TopicKind, records: tuple[Any, ...], origin: str) -> None:
@@ -411,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--peer", action="append", default=[])
     parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--ban-seconds", type=float, default=30.0)
     parser.add_argument("--no-slot-policy", action="store_true")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--profile", default=None, help="write cProfile stats here at exit")

@@ -170,8 +170,8 @@ async def test_invalid_gossip_is_rejected_counted_and_never_delivered(tmp_path: 
         assert metrics["rejected"].get("bad_signature") == 1
 
 
-async def test_flooding_peer_is_banned(tmp_path: Path) -> None:
-    async with grid(tmp_path, 3) as (procs, _):
+async def test_flooding_peer_is_banned_then_readmitted(tmp_path: Path) -> None:
+    async with grid(tmp_path, 3, extra_args=["--ban-seconds", "4"]) as (procs, _):
         h0, _h1, evil = procs
         for i in range(12):  # 12 x bad_signature (10 points) > ban threshold 50
             forged = encode_batch([order(evil.spec, 100 + i, signer=Signer.from_seed(b"f" * 32))])
@@ -184,6 +184,18 @@ async def test_flooding_peer_is_banned(tmp_path: Path) -> None:
                 await trio.sleep(0.1)
         s = await h0.stats()
         assert s["delivered"] == 0 and s["rejected"]["bad_signature"] >= 5
+        # the ban expires: h0 lifts the pubsub blacklist, redials, and takes valid gossip again
+        with trio.fail_after(30):
+            while True:
+                s = await h0.stats()
+                if evil.spec.peer_id in s["peers"] and not s["banned"]:
+                    break
+                await trio.sleep(0.2)
+            await trio.sleep(2.0)  # mesh GRAFT on the next heartbeats
+            await evil.send(cmd="publish", kind="orders",
+                            hex=encode_batch([order(evil.spec, 1)]).hex())  # fmt: skip
+            ev = await h0.wait_for(lambda e: e.get("ev") == "gossip", timeout=20)
+        assert ev["origin"] == evil.spec.did
 
 
 async def test_killed_peer_rejoins_with_same_key(tmp_path: Path) -> None:
