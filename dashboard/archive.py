@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, delete, func, insert, select, text, update
+from sqlalchemy import Engine, Table, and_, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
@@ -30,11 +30,6 @@ from node.ledger.store import make_engine
 from node.ledger.verify import verify_ledger
 
 CHUNK_BLOCKS = 200
-ARCHIVE_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_archive_settlements_household ON settlements (household, slot)",
-)
-"""Indexes the archive adds for the dashboard's per-household queries (not hashed, not in the
-node's schema: a node never reads settlements by household)."""
 COPIED_META = ("schema_version", "grid", "genesis_hash", "config")
 
 
@@ -178,10 +173,7 @@ def archive_engines(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Copy every settled block the target lacks; returns the number of blocks copied."""
-    t.metadata.create_all(target)
-    with target.begin() as dst:
-        for ddl in ARCHIVE_INDEXES:
-            dst.execute(text(ddl))
+    t.metadata.create_all(target)  # includes the per-household settlements index
     with source.connect() as src, target.begin() as dst:
         height, _ = _bind(src, dst)
     copied = 0

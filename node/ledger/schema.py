@@ -142,6 +142,7 @@ settlements = Table(
     Column("imbalance_wh", BigInteger, nullable=False),
     Column("delivered_wh", BigInteger, nullable=False),
     Column("consumed_wh", BigInteger, nullable=False),
+    Index("ix_settlements_household", "household", "slot"),
 )
 
 households = Table(
