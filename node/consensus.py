@@ -129,6 +129,10 @@ class ConsensusDriver:
         await self._maybe_compact()
 
     def _persist(self, rd: Ready) -> None:
+        save_ready = getattr(self.storage, "save_ready", None)
+        if save_ready is not None:  # SQLStorage: the whole Ready in one transaction
+            save_ready(rd)
+            return
         if rd.snapshot is not None:
             self.storage.apply_snapshot(rd.snapshot)
         if rd.entries:

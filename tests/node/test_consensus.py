@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import trio
 
 from market import MeterReading, Order
@@ -19,6 +20,7 @@ from node.consensus import ConsensusDriver
 from node.ledger import LedgerStore, verify_ledger
 from node.proposer import Proposer
 from node.raft import Config, MemoryStorage, Message, RaftNode
+from node.raft.storage_sql import SQLStorage
 from node.replica import Replica
 from node.schedule import Schedule
 
@@ -51,7 +53,7 @@ class _Link:
         self.net.drivers[message.to].deliver(message)
 
 
-def build_cluster(tmp_path: Path, wall: Callable[[], float]):
+def build_cluster(tmp_path: Path, wall: Callable[[], float], durable: bool = False):
     sim = simulate.build(households=5, seed=4)
     ids = [h.signer.did for h in sim.households[:3]]
     net = Network()
@@ -63,7 +65,7 @@ def build_cluster(tmp_path: Path, wall: Callable[[], float]):
         replica = Replica(sim.config, store, observer=proposer.committed, genesis=registrations)
         raft = RaftNode(
             Config(id=node_id, voters=tuple(ids), election_tick=10, heartbeat_tick=1, seed=i),
-            MemoryStorage(),
+            SQLStorage(f"sqlite:///{tmp_path / f'raft{i}.db'}") if durable else MemoryStorage(),
         )
         driver = ConsensusDriver(
             raft=raft,
@@ -107,14 +109,17 @@ def leader_of(net: Network) -> str | None:
     return leaders[0] if leaders else None
 
 
-async def test_cluster_trades_settles_and_survives_a_partitioned_leader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durable", [False, True], ids=["memory-log", "sqlite-log"])
+async def test_cluster_trades_settles_and_survives_a_partitioned_leader(
+    tmp_path: Path, durable: bool
+) -> None:
     t0 = trio.current_time()
     base = SCHEDULE.gate_time(FIRST_SLOT) - 3
 
     def wall() -> float:
         return base + (trio.current_time() - t0) * SPEED
 
-    sim, net, replicas = build_cluster(tmp_path, wall)
+    sim, net, replicas = build_cluster(tmp_path, wall, durable)
     slots = 6
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
