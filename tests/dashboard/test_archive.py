@@ -7,12 +7,9 @@ with that reason, never in CI.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from dashboard.archive import ArchiveError, archive
 from node.cli import main as cli_main
 from node.ledger import schema as t
 from node.ledger import verify_ledger
+from tests.conftest import needs_pg
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,
@@ -34,11 +32,6 @@ from tests.dashboard.conftest import (
     wait_text,
 )
 
-ADMIN_URL = os.environ.get("MICROGRID_TEST_PG", "")
-needs_pg = pytest.mark.skipif(
-    not ADMIN_URL and not os.environ.get("CI"),
-    reason="no PostgreSQL: set MICROGRID_TEST_PG (make test does it via .ci/postgres.sh)",
-)
 TABLES = (
     t.blocks,
     t.transactions,
@@ -51,22 +44,6 @@ TABLES = (
     t.settlements,
     t.households,
 )
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    assert ADMIN_URL, "CI must provide MICROGRID_TEST_PG"
-    name = f"mg_dash_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def counts(url: str) -> dict[str, int]:

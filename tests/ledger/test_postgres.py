@@ -6,39 +6,15 @@ MICROGRID_TEST_PG; without it these tests are skipped with that reason (never in
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import create_engine, text
 
 from node import simulate
 from node.ledger import verify_ledger
+from tests.conftest import needs_pg
 
-ADMIN_URL = os.environ.get("MICROGRID_TEST_PG", "")
-
-pytestmark = pytest.mark.skipif(
-    not ADMIN_URL and not os.environ.get("CI"),
-    reason="no PostgreSQL: set MICROGRID_TEST_PG (make test does it via .ci/postgres.sh)",
-)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    assert ADMIN_URL, "CI must provide MICROGRID_TEST_PG"
-    name = f"mg_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+pytestmark = needs_pg
 
 
 def test_postgres_ledger_is_identical_to_sqlite_and_verifies(pg_url: str, tmp_path: Path) -> None:

@@ -6,9 +6,7 @@ MICROGRID_TEST_PG (.ci/postgres.sh); without it these tests are skipped (never i
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -16,30 +14,9 @@ from sqlalchemy import create_engine, text
 from node.raft import ConfState, Entry, HardState, Ready, StorageCorruption
 from node.raft.simulation import Simulation
 from node.raft.storage_sql import SQLStorage
+from tests.conftest import PG_ADMIN_URL, needs_pg
 
-ADMIN_URL = os.environ.get("MICROGRID_TEST_PG", "")
-
-pytestmark = pytest.mark.skipif(
-    not ADMIN_URL and not os.environ.get("CI"),
-    reason="no PostgreSQL: set MICROGRID_TEST_PG (make test does it via .ci/postgres.sh)",
-)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database, dropped afterwards."""
-    assert ADMIN_URL, "CI must provide MICROGRID_TEST_PG"
-    name = f"mg_raft_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+pytestmark = needs_pg
 
 
 def test_postgres_roundtrip_and_corruption(pg_url: str) -> None:
@@ -64,7 +41,7 @@ def test_postgres_backed_group(pg_url: str) -> None:
     """A 3-node simulated group, each node's log in its own PostgreSQL database, commits
     and survives a restart of every node."""
     base = pg_url.rsplit("/", 1)[0]
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     names = [f"mg_raft_{uuid.uuid4().hex[:10]}" for _ in range(3)]
     with admin.connect() as conn:
         for n in names:
