@@ -20,6 +20,8 @@
   a node restarted within seconds of publishing faster than 1 msg/s would otherwise do.
 - yamux sends a WINDOW_UPDATE after every read (py-libp2p bug, ~60 frames per gossip
   message): :func:`patch_yamux_window_updates` restores go-yamux's batched release.
+- Our own messages are flood-published to every subscribed peer: gossipsub here has no
+  floodPublish and sends nothing while our mesh is empty (PRUNE back-off after a reconnect).
 - Shutdown: all peers are disconnected before the pubsub context is left (pitfall 4).
 - Logging: the ``libp2p`` logger is made to propagate and given a level (pitfall 5).
 - Metrics bind 127.0.0.1 (pitfall 7).
@@ -316,6 +318,7 @@ class NetNode:
             # pitfall 2: fixed 10 msg/s per (peer, topic), applied to forwarding, silent
             spam_protection_enabled=False,
         )
+        self._flood_own_publications()
         self.pubsub = Pubsub(
             self.host,
             self.gossipsub,
@@ -330,6 +333,31 @@ class NetNode:
         for kind, name in self.topics.items():
             self.pubsub.set_topic_validator(name, self._make_validator(kind), False)
         self.host.get_network().register_notifee(_Gate(self))
+
+    def _flood_own_publications(self) -> None:
+        """Send our own messages to every peer subscribed to the topic (go's floodPublish).
+
+        py-libp2p 0.8.1 gossipsub has no flood-publish, and when we are subscribed to a topic
+        whose mesh is empty it sends our message to *nobody* (silently): that happens after a
+        reconnect while the peers' PRUNE back-off (60 s) keeps them out of our mesh, e.g. a
+        restarted or readmitted household. Forwarded messages still follow the mesh.
+        """
+        gossipsub = self.gossipsub
+        original = gossipsub._get_peers_to_send
+        me = self.peer_id
+
+        def peers_to_send(
+            topic_ids: Any, msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
+        ) -> Any:
+            peers = set(original(topic_ids, msg_forwarder=msg_forwarder, origin=origin,
+                                 msg_id=msg_id))  # fmt: skip
+            if msg_forwarder == me and origin == me and self.pubsub is not None:
+                for topic in topic_ids:
+                    peers.update(self.pubsub.peer_topics.get(topic, ()))
+                peers.discard(me)
+            return peers
+
+        gossipsub._get_peers_to_send = peers_to_send
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED

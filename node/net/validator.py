@@ -104,9 +104,13 @@ class PenaltyBox:
         return False
 
     def is_banned(self, peer: str) -> bool:
-        """True while ``peer`` is banned (the entry stays until :meth:`expired` collects it)."""
-        until = self.banned_until.get(peer)
-        return until is not None and self.clock() < until
+        """True until :meth:`expired` has collected the peer's ended ban.
+
+        The host lifts its pubsub blacklist when it collects the ban; the peer must count as
+        banned until then, or a redial in between would meet the blacklist and get a
+        connection without a pubsub stream.
+        """
+        return peer in self.banned_until
 
     def expired(self) -> list[str]:
         """Peers whose ban has ended (removed from the box)."""

@@ -194,7 +194,13 @@ async def test_flooding_peer_is_banned_then_readmitted(tmp_path: Path) -> None:
             await trio.sleep(2.0)  # mesh GRAFT on the next heartbeats
             await evil.send(cmd="publish", kind="orders",
                             hex=encode_batch([order(evil.spec, 1)]).hex())  # fmt: skip
-            ev = await h0.wait_for(lambda e: e.get("ev") == "gossip", timeout=20)
+            try:
+                ev = await h0.wait_for(lambda e: e.get("ev") == "gossip", timeout=20)
+            except trio.TooSlowError:
+                raise AssertionError(
+                    f"h0: {await h0.stats()}\nevil: {await evil.stats()}\n"
+                    f"h1: {await _h1.stats()}"
+                ) from None
         assert ev["origin"] == evil.spec.did
 
 

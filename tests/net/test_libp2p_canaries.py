@@ -163,3 +163,12 @@ def test_auto_connector_dials_towards_hundreds_of_connections() -> None:
     assert (config.low_watermark + config.high_watermark) // 2 >= 100, "auto-connect target changed"
     swarm = new_host(key_pair=create_new_key_pair(b"g" * 32)).get_network()
     assert hasattr(swarm.auto_connector, "maybe_connect"), "AutoConnector API changed"
+
+
+def test_gossipsub_has_no_flood_publish() -> None:
+    """With an empty mesh, our own publish reaches nobody (we flood our own messages)."""
+    source = inspect.getsource(GossipSub._get_peers_to_send)
+    assert "if topic in self.mesh:" in source and "flood" not in source.replace(
+        "floodsub", ""
+    ), "gossipsub publish peer selection changed: see NetNode._flood_own_publications"
+    assert not hasattr(GossipSub, "flood_publish")
