@@ -43,6 +43,7 @@ class DriverStats:
     applied_entries: int = 0
     snapshots: int = 0
     dropped_inbound: int = 0
+    leader_changes: int = 0
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ConsensusDriver:
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
         self._last_snapshot = self.replica.applied_index
+        self._leader: str | None = None
 
     def deliver(self, message: Message) -> None:
         """Hand a received message to the driver; dropped (and counted) when the inbox is full."""
@@ -120,6 +122,10 @@ class ConsensusDriver:
     async def _drain_ready(self) -> None:
         while self.raft.has_ready():
             rd = self.raft.ready()
+            if rd.soft_state is not None and (rd.soft_state.leader or None) != self._leader:
+                self._leader = rd.soft_state.leader or None
+                if self._leader is not None:
+                    self.stats.leader_changes += 1
             await trio.to_thread.run_sync(self._persist, rd)
             for message in rd.messages:
                 self.transport.send(message)

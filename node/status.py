@@ -1,0 +1,70 @@
+"""The node's status document (``GET /status``), as the dashboard and ``microgrid status`` read it.
+
+One function assembles it from the parts' own counters, so the document's shape lives in one
+place (documented in docs/dashboard.md, "Status API the dashboard reads").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from market import MeterReading
+from node.consensus import ConsensusDriver
+
+
+def status_document(
+    driver: ConsensusDriver,
+    *,
+    peers_up: Mapping[str, bool] | None = None,
+    invalid_messages: Mapping[str, int] | None = None,
+    meter_read_failures: int = 0,
+    last_reading: MeterReading | None = None,
+    last_reading_at: str | None = None,
+) -> dict[str, Any]:
+    """The status of one node: consensus, peers, ledger, rejected gossip, meter health."""
+    st = driver.raft.status()
+    state = driver.replica.state
+    peers = dict(peers_up or {})
+    up = sum(1 for ok in peers.values() if ok)
+    return {
+        "node": st.id,
+        "grid": state.config.grid,
+        "raft": {
+            "role": st.role,
+            "term": st.term,
+            "leader": st.leader,
+            "leader_changes": driver.stats.leader_changes,
+            "commit_index": st.commit,
+            "applied_index": driver.replica.applied_index,
+            "last_index": st.last_index,
+            "voters": list(st.voters),
+            "learners": list(st.learners),
+        },
+        "peers": [{"id": did, "up": ok} for did, ok in sorted(peers.items())],
+        # This node counts itself as up.
+        "members": {"up": up + 1, "down": len(peers) - up},
+        "last_reading": (
+            None
+            if last_reading is None
+            else {
+                "slot": last_reading.slot,
+                "at": last_reading_at,
+                "import_wh": last_reading.import_wh,
+                "export_wh": last_reading.export_wh,
+            }
+        ),
+        "ledger": {
+            "height": state.height,
+            "head_hash": state.head_hash,
+            "closed_through": state.closed_through,
+            "settled_through": state.settled_through,
+        },
+        "invalid_messages": dict(invalid_messages or {}),
+        "meter_read_failures": meter_read_failures,
+        "driver": {
+            "proposals": driver.stats.proposals,
+            "applied_entries": driver.stats.applied_entries,
+            "dropped_inbound": driver.stats.dropped_inbound,
+        },
+    }

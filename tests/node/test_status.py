@@ -1,0 +1,63 @@
+"""The node's /status document, served by the node API and read by the dashboard's client."""
+
+from __future__ import annotations
+
+import trio
+
+from dashboard.api import fetch_status
+from node import simulate
+from node.api import Api, Request
+from node.consensus import ConsensusDriver
+from node.proposer import Proposer
+from node.raft import Config, MemoryStorage, RaftNode
+from node.replica import Replica
+from node.schedule import Schedule
+from node.status import status_document
+
+
+class _Nowhere:
+    """A one-voter group sends no messages; anything sent would be a bug."""
+
+    def send(self, message: object) -> None:
+        raise AssertionError(f"single-voter group sent {message}")
+
+
+async def test_dashboard_reads_what_the_node_serves(tmp_path) -> None:
+    sim = simulate.build(households=3, seed=9)
+    me = sim.households[0].signer.did
+    replica = Replica(sim.config, genesis=simulate.registrations(sim))
+    schedule = Schedule(slot_seconds=60, gate_lead_seconds=10, settle_delay_seconds=5)
+    wall = [10_000.0]  # a wall clock the test advances
+    raft = RaftNode(Config(id=me, voters=(me,), seed=1), MemoryStorage())
+    driver = ConsensusDriver(
+        raft, raft.storage, replica, Proposer(schedule), _Nowhere(), tick_seconds=0.01,
+        wall_clock=lambda: wall[0],
+    )  # fmt: skip
+    peers = {sim.households[1].signer.did: True, sim.households[2].signer.did: False}
+    api = Api(token="t")
+
+    @api.route("GET", "/status")
+    def status(_: Request) -> dict:
+        return status_document(
+            driver, peers_up=peers, invalid_messages={"bad_signature": 2}, meter_read_failures=1
+        )
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            while replica.state.height < 1:  # it elects itself, closes a gate, settles
+                await trio.sleep(0.05)
+                wall[0] += 5
+            port = await nursery.start(api.serve, "127.0.0.1", 0)
+            seen = await trio.to_thread.run_sync(fetch_status, f"http://127.0.0.1:{port}")
+            nursery.cancel_scope.cancel()
+
+    assert seen.reachable and seen.node == me
+    assert (seen.role, seen.leader) == ("leader", me)
+    assert seen.leader_changes == 1
+    assert (seen.members_up, seen.members_down, seen.peers) == (2, 1, 2)
+    # The wall clock stood still after the loop, so nothing settled after the fetch.
+    assert seen.ledger_height == replica.state.height >= 1
+    assert seen.head_hash == replica.state.head_hash
+    assert seen.apply_lag is not None and seen.apply_lag >= 0
+    assert seen.invalid_messages == {"bad_signature": 2} and seen.meter_read_failures == 1
