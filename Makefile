@@ -17,6 +17,7 @@ demo: $(STAMP)
 	rm -f demo-ledger.db*
 	$(BIN)/microgrid simulate --households 6 --slots 96 --db sqlite:///demo-ledger.db
 	$(BIN)/microgrid ledger verify --db sqlite:///demo-ledger.db
+	@echo "Browse it: $(BIN)/microgrid dashboard --db sqlite:///demo-ledger.db  (http://127.0.0.1:8050)"
 
 ## The whole suite: lint, then every test (soak/nemesis runs bounded and seeded).
 ## PostgreSQL tests use the local Debian server (.ci/postgres.sh starts it; skipped if it can't).
