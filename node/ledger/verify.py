@@ -185,7 +185,7 @@ def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) ->
         if total != 0:
             raise LedgerFault(f"total {asset} over all accounts is {total}, not 0")
     stored = {(r.account, r.asset): r.amount for r in conn.execute(select(t.balances))}
-    if stored != {k: v for k, v in balances.items()}:
+    if stored != balances:
         diff = sorted(set(stored.items()) ^ set(balances.items()))[:1]
         raise LedgerFault(
             f"balances table disagrees with the postings, e.g. {diff[0] if diff else ''}"
