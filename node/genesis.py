@@ -14,7 +14,6 @@ malformed, each with a typed :class:`GenesisError` subclass.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -29,6 +28,7 @@ from market.identity import IdentityError, public_key_from_did, verify_signature
 from market.models import MemberRegistration, Role
 from market.signing import Signer
 from market.state import MarketConfig
+from node.schedule import Schedule
 
 GENESIS_KIND = "genesis-file"
 MAX_GENESIS_BYTES = 4 * 1024 * 1024
@@ -118,13 +118,12 @@ class Genesis:
         doc["signature"] = self.signature
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
-    def gate_closure_time(self, slot: int) -> int:
-        """Unix time (s) at which the gate of ``slot`` closes."""
-        return slot * self.slot_seconds - self.gate_closure_lead_seconds
-
-    def slot_at(self, unix_time: float) -> int:
-        """The slot running at ``unix_time``."""
-        return math.floor(unix_time / self.slot_seconds)
+    @property
+    def schedule(self) -> Schedule:
+        """Slot timing (slot length, gate-closure lead) as the shared :class:`Schedule`."""
+        return Schedule(
+            slot_seconds=self.slot_seconds, gate_lead_seconds=self.gate_closure_lead_seconds
+        )
 
 
 def _member_json(m: MemberRegistration) -> dict[str, Any]:

@@ -173,11 +173,13 @@ class NetSettings:
 def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time) -> SlotPolicy:
     """Orders only before their slot's gate closes; readings only once their slot has ended."""
 
+    schedule = genesis.schedule
+
     def policy(record: SignedRecord) -> str | None:
         now = clock()
-        if isinstance(record, Order) and now >= genesis.gate_closure_time(record.slot):
+        if isinstance(record, Order) and now >= schedule.gate_time(record.slot):
             return "slot_closed"
-        if isinstance(record, MeterReading) and now < (record.slot + 1) * genesis.slot_seconds:
+        if isinstance(record, MeterReading) and now < schedule.end(record.slot):
             return "slot_not_open"
         return None
 

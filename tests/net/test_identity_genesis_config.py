@@ -110,7 +110,7 @@ def test_genesis_round_trip(tmp_path: Path) -> None:
     assert loaded == genesis
     assert loaded.voters == tuple(sorted(h.did for h in HOUSES[:2]))
     assert loaded.is_member(HOUSES[2].did) and not loaded.is_member(OPERATOR.did)
-    assert loaded.gate_closure_time(10) == 590
+    assert loaded.schedule.gate_time(10) == 590
     with pytest.raises(GenesisFormatError, match="refusing to overwrite"):
         write_genesis(genesis, path)  # type: ignore[arg-type]
 
