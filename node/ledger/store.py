@@ -257,20 +257,7 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
     if ev.readings:
         conn.execute(
             insert(t.readings),
-            [
-                {
-                    "slot": r.slot,
-                    "household": r.household,
-                    "position": i,
-                    "grid": r.grid,
-                    "meter_serial": r.meter_serial,
-                    "import_wh": r.import_wh,
-                    "export_wh": r.export_wh,
-                    "nonce": r.nonce,
-                    "signature": r.signature,
-                }
-                for i, r in enumerate(ev.readings)
-            ],
+            [{"position": i, **r.model_dump(exclude={"type"})} for i, r in enumerate(ev.readings)],
         )
     if ev.settlements:
         conn.execute(

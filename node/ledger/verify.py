@@ -128,16 +128,9 @@ def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) ->
         for r in conn.execute(
             select(t.readings).where(t.readings.c.slot == row.slot).order_by(t.readings.c.position)
         ):
-            reading = MeterReading(
-                grid=r.grid,
-                household=r.household,
-                meter_serial=r.meter_serial,
-                slot=r.slot,
-                import_wh=r.import_wh,
-                export_wh=r.export_wh,
-                nonce=r.nonce,
-                signature=r.signature,
-            )
+            fields = dict(r._mapping)
+            del fields["position"]  # storage order, not part of the signed record
+            reading = MeterReading.model_validate(fields)
             if not reading.verify(reading.household):
                 raise LedgerFault(f"{where}: reading of {r.household} has an invalid signature")
             readings.append(reading)
