@@ -24,7 +24,6 @@ Run from the repository root: ``python -m bench.raft_bench`` or ``python bench/r
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.net.harness import free_ports
 from node.raft import Config, MemoryStorage, RaftNode, Storage
 from node.raft.storage_sql import SQLStorage
 
@@ -147,18 +147,6 @@ def bench_ours(
     return Result(name, n, batch, entries, time.perf_counter() - start, lat)
 
 
-def _free_ports(k: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(k):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _BatchWaiter:
     """Counts pysyncobj callbacks down to zero (they run on pysyncobj's thread)."""
 
@@ -202,7 +190,7 @@ def bench_pysyncobj(n: int, batch: int, seconds: float) -> Result | str:
             self.count += 1
             return self.count
 
-    addrs = [f"127.0.0.1:{p}" for p in _free_ports(n)]
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(n)]
     objs = [Log(a, [b for b in addrs if b != a]) for a in addrs]
     try:
         deadline = time.monotonic() + 15
