@@ -18,6 +18,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.simulate",
     "dashboard.cli",
     "node.net.cli",
+    "node.node_cli",
+    "node.demo",
     "meter.cli",
 )
 

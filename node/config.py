@@ -3,19 +3,40 @@
 ```toml
 key_path = "node.key"            # relative paths are relative to this file's directory
 genesis_path = "genesis.json"
-data_dir = "data"
+data_dir = "data"                # ledger.db and raft.db (SQLite) live here
 listen = "/ip4/127.0.0.1/tcp/4001"
 peers = []                       # extra multiaddrs (with /p2p/ID) besides the genesis bootstrap
 metrics_port = 9464              # 0 disables the metrics endpoint
 metrics_host = "127.0.0.1"
+api_port = 8400                  # local HTTP API (0 disables it)
+api_host = "127.0.0.1"
+api_token = ""                   # bearer token for state-changing requests ("" refuses them)
 mdns = false
 log_level = "INFO"
+log_format = "text"              # or "json": one JSON object per line
+meter_poll_seconds = 5.0
+meter_time_scale = 1.0           # simulated seconds per real second (accelerated simulators)
+read_delay_seconds = 0.5         # poll the meter this long after a slot ends
+raft_tick_seconds = 0.25
+raft_election_ticks = 20
+raft_heartbeat_ticks = 4
+
+[[meters]]                       # the household's grid-connection meter(s)
+name = "main"
+profile = "sdm630"               # a shipped profile name or a .toml path
+endpoint = "tcp://192.168.1.50:502"   # or "rtu:///dev/ttyUSB0?baudrate=9600&parity=N"
+device_id = 1
+
+[strategy]                       # all optional
+sell_floor = 14                  # minor units per kWh
+buy_cap = 24
+safety = "4/5"                   # share of the forecast surplus offered
 ```
 
-Environment overrides (applied after the file): ``MICROGRID_KEY_PATH``, ``MICROGRID_GENESIS_PATH``,
-``MICROGRID_DATA_DIR``, ``MICROGRID_LISTEN``, ``MICROGRID_PEERS`` (comma separated),
-``MICROGRID_METRICS_PORT``, ``MICROGRID_METRICS_HOST``, ``MICROGRID_MDNS`` (true/false/1/0),
-``MICROGRID_LOG_LEVEL``.
+Environment overrides (applied after the file) exist for every scalar setting:
+``MICROGRID_<SETTING>`` in upper case, e.g. ``MICROGRID_LISTEN``, ``MICROGRID_API_TOKEN``,
+``MICROGRID_PEERS`` (comma separated), ``MICROGRID_MDNS`` (true/false/1/0). ``MICROGRID_GENESIS``
+is accepted for ``genesis_path``.
 """
 
 from __future__ import annotations
@@ -24,16 +45,32 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from meter.transport import Endpoint, SerialEndpoint, TcpEndpoint
+from node.agent import Strategy
 
 ENV_PREFIX = "MICROGRID_"
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/4001"
 DEFAULT_METRICS_PORT = 9464
+DEFAULT_API_PORT = 8400
 
 
 class ConfigError(ValueError):
     """A configuration file or environment override is invalid; names the source and key."""
+
+
+@dataclass(frozen=True)
+class MeterSetting:
+    """One Modbus meter of the household."""
+
+    name: str
+    profile: str
+    endpoint: Endpoint
+    device_id: int = 1
 
 
 @dataclass(frozen=True)
@@ -47,12 +84,122 @@ class NodeConfig:
     peers: tuple[str, ...] = field(default_factory=tuple)
     metrics_port: int = DEFAULT_METRICS_PORT
     metrics_host: str = "127.0.0.1"
+    api_port: int = DEFAULT_API_PORT
+    api_host: str = "127.0.0.1"
+    api_token: str = ""
     mdns: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"
+    meter_poll_seconds: float = 5.0
+    meter_time_scale: float = 1.0
+    read_delay_seconds: float = 0.5
+    raft_tick_seconds: float = 0.25
+    raft_election_ticks: int = 20
+    raft_heartbeat_ticks: int = 4
+    meters: tuple[MeterSetting, ...] = ()
+    strategy: Strategy = field(default_factory=Strategy)
+
+    @property
+    def ledger_url(self) -> str:
+        """SQLAlchemy URL of this node's ledger database."""
+        return f"sqlite:///{self.data_dir / 'ledger.db'}"
+
+    @property
+    def raft_url(self) -> str:
+        """SQLAlchemy URL of this node's Raft log."""
+        return f"sqlite:///{self.data_dir / 'raft.db'}"
 
 
 _PATHS = {"key_path", "genesis_path", "data_dir"}
+_STRINGS = {"listen", "metrics_host", "api_host"}
+_PORTS = {"metrics_port", "api_port"}
+_POSITIVE_FLOATS = {"meter_poll_seconds", "meter_time_scale", "raft_tick_seconds"}
+_POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _number(name: str, value: Any, source: str, kind: type) -> Any:
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {name} {value!r} is not a number") from None
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{source}: {name} must be {'an integer' if kind is int else 'a number'}")
+    return value
+
+
+def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
+    """``tcp://host:port`` or ``rtu:///dev/ttyUSB0?baudrate=9600&parity=N&stopbits=1``."""
+    parts = urlsplit(text)
+    if parts.scheme == "tcp" and parts.hostname:
+        try:
+            port = parts.port or 502
+        except ValueError:
+            raise ConfigError(f"{source}: bad port in {text!r}") from None
+        return TcpEndpoint(parts.hostname, port)
+    if parts.scheme == "rtu" and parts.path:
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            return SerialEndpoint(
+                parts.path,
+                baudrate=int(query.get("baudrate", 9600)),
+                parity=query.get("parity", "N"),
+                stopbits=int(query.get("stopbits", 1)),
+            )
+        except ValueError:
+            raise ConfigError(f"{source}: bad serial settings in {text!r}") from None
+    raise ConfigError(f"{source}: {text!r} is not tcp://HOST:PORT or rtu:///DEVICE?baudrate=N")
+
+
+def _meters(value: Any, source: str) -> tuple[MeterSetting, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: meters must be a list of [[meters]] tables")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{source}: meters[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(item) - {"name", "profile", "endpoint", "device_id"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
+        for key in ("name", "profile", "endpoint"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ConfigError(f"{where}: {key} must be a non-empty string")
+        device_id = item.get("device_id", 1)
+        if type(device_id) is not int or not 0 <= device_id <= 247:
+            raise ConfigError(f"{where}: device_id must be an integer in 0..247")
+        out.append(MeterSetting(item["name"], item["profile"],
+                                parse_endpoint(item["endpoint"], where), device_id))  # fmt: skip
+    if len({m.name for m in out}) != len(out):
+        raise ConfigError(f"{source}: meter names must be unique")
+    return tuple(out)
+
+
+def _strategy(value: Any, source: str) -> Strategy:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [strategy] must be a table")
+    allowed = {"sell_floor", "buy_cap", "safety", "min_order_wh", "max_order_wh"}
+    unknown = set(value) - allowed
+    if unknown:
+        raise ConfigError(f"{source}: strategy: unknown settings {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key in ("sell_floor", "buy_cap", "min_order_wh", "max_order_wh"):
+        if key in value:
+            if type(value[key]) is not int or value[key] < 0:
+                raise ConfigError(f"{source}: strategy.{key} must be a non-negative integer")
+            kwargs[key] = value[key]
+    if "safety" in value:
+        try:
+            safety = Fraction(str(value["safety"]))
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f'{source}: strategy.safety must be a fraction like "4/5"') from None
+        if not 0 < safety <= 1:
+            raise ConfigError(f"{source}: strategy.safety must be in (0, 1]")
+        kwargs["safety"] = safety
+    return Strategy(**kwargs)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -61,9 +208,13 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{source}: {name} must be a non-empty string path")
         return Path(value)
-    if name in ("listen", "metrics_host"):
+    if name in _STRINGS:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{source}: {name} must be a non-empty string")
+        return value
+    if name == "api_token":
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: api_token must be a string")
         return value
     if name == "peers":
         if isinstance(value, str):
@@ -71,14 +222,20 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
             raise ConfigError(f"{source}: peers must be a list of multiaddr strings")
         return tuple(value)
-    if name == "metrics_port":
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"{source}: metrics_port {value!r} is not an integer") from None
-        if type(value) is not int or not 0 <= value <= 65535:
-            raise ConfigError(f"{source}: metrics_port must be an integer in 0..65535")
+    if name in _PORTS:
+        value = _number(name, value, source, int)
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{source}: {name} must be an integer in 0..65535")
+        return value
+    if name in _POSITIVE_FLOATS or name == "read_delay_seconds":
+        value = _number(name, value, source, float)
+        if value < 0 or (name in _POSITIVE_FLOATS and value == 0):
+            raise ConfigError(f"{source}: {name} must be positive")
+        return value
+    if name in _POSITIVE_INTS:
+        value = _number(name, value, source, int)
+        if value <= 0:
+            raise ConfigError(f"{source}: {name} must be a positive integer")
         return value
     if name == "mdns":
         if isinstance(value, str):
@@ -93,7 +250,21 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if not isinstance(value, str) or value.upper() not in _LEVELS:
             raise ConfigError(f"{source}: log_level must be one of {sorted(_LEVELS)}")
         return value.upper()
+    if name == "log_format":
+        if value not in ("text", "json"):
+            raise ConfigError(f"{source}: log_format must be \"text\" or \"json\"")
+        return value
+    if name == "meters":
+        return _meters(value, source)
+    if name == "strategy":
+        return _strategy(value, source)
     raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
+
+
+def _check(config: NodeConfig, source: str) -> NodeConfig:
+    if config.raft_election_ticks <= config.raft_heartbeat_ticks:
+        raise ConfigError(f"{source}: raft_election_ticks must exceed raft_heartbeat_ticks")
+    return config
 
 
 def load_config(
@@ -108,8 +279,10 @@ def load_config(
     names = {f.name for f in fields(NodeConfig)}
     config = NodeConfig()
     base = Path.cwd()
+    source = "environment"
     if path is not None:
         path = Path(path)
+        source = str(path)
         base = path.resolve().parent
         try:
             doc = tomllib.loads(path.read_text())
@@ -124,7 +297,7 @@ def load_config(
         values = {k: base / v if k in _PATHS else v for k, v in values.items()}
         config = replace(config, **values)
     overrides = {}
-    for name in names:
+    for name in names - {"meters", "strategy"}:
         env = ENV_PREFIX + name.upper()
         if env in environ:
             overrides[name] = _coerce(name, environ[env], env)
@@ -134,20 +307,25 @@ def load_config(
         overrides["genesis_path"] = _coerce("genesis_path", environ[ENV_PREFIX + "GENESIS"],
                                             ENV_PREFIX + "GENESIS")
     config = replace(config, **overrides)
-    return replace(
+    config = replace(
         config,
         **{k: (base / getattr(config, k)) for k in _PATHS if not getattr(config, k).is_absolute()},
     )
+    return _check(config, source)
 
 
 def starter_config_toml(
-    *, listen: str = DEFAULT_LISTEN, metrics_port: int = DEFAULT_METRICS_PORT
+    *,
+    listen: str = DEFAULT_LISTEN,
+    metrics_port: int = DEFAULT_METRICS_PORT,
+    api_port: int = DEFAULT_API_PORT,
+    api_token: str = "",
 ) -> str:
     """The text of a starter config written by ``microgrid init``."""
     return (
-        "# Microgrid node configuration. Every setting can be overridden by an environment\n"
-        "# variable MICROGRID_<SETTING> (e.g. MICROGRID_LISTEN). Relative paths are relative\n"
-        "# to this file.\n"
+        "# Microgrid node configuration. Every scalar setting can be overridden by an\n"
+        "# environment variable MICROGRID_<SETTING> (e.g. MICROGRID_LISTEN). Relative paths are\n"
+        "# relative to this file.\n"
         'key_path = "node.key"\n'
         'genesis_path = "genesis.json"\n'
         'data_dir = "data"\n'
@@ -155,6 +333,22 @@ def starter_config_toml(
         "peers = []\n"
         f"metrics_port = {metrics_port}\n"
         'metrics_host = "127.0.0.1"\n'
+        f"api_port = {api_port}\n"
+        'api_host = "127.0.0.1"\n'
+        f'api_token = "{api_token}"   # keep this file private (mode 0600)\n'
         "mdns = false\n"
         'log_level = "INFO"\n'
+        'log_format = "text"\n'
+        "\n"
+        "# The household's grid-connection meter (see `microgrid meter test`).\n"
+        "# [[meters]]\n"
+        '# name = "main"\n'
+        '# profile = "sdm630"\n'
+        '# endpoint = "tcp://192.168.1.50:502"   # or "rtu:///dev/ttyUSB0?baudrate=9600"\n'
+        "# device_id = 1\n"
+        "\n"
+        "# [strategy]   # limit prices in minor units per kWh; defaults sit inside the tariffs\n"
+        "# sell_floor = 14\n"
+        "# buy_cap = 24\n"
+        '# safety = "4/5"\n'
     )

@@ -60,6 +60,8 @@ class Genesis:
     gate_closure_lead_seconds: int
     members: tuple[MemberRegistration, ...]
     bootstrap: tuple[str, ...] = ()
+    settle_delay_seconds: int = 120
+    """Meter readings of a slot are due this long after it ends; then it settles."""
     signature: str = ""
     _by_did: dict[str, MemberRegistration] = field(init=False, compare=False, repr=False)
 
@@ -100,6 +102,7 @@ class Genesis:
             "market": self.market.to_json(),
             "slot_seconds": self.slot_seconds,
             "gate_closure_lead_seconds": self.gate_closure_lead_seconds,
+            "settle_delay_seconds": self.settle_delay_seconds,
             "members": [_member_json(m) for m in self.members],
             "bootstrap": list(self.bootstrap),
         }
@@ -120,9 +123,11 @@ class Genesis:
 
     @property
     def schedule(self) -> Schedule:
-        """Slot timing (slot length, gate-closure lead) as the shared :class:`Schedule`."""
+        """Slot timing (slot length, gate-closure lead, reading deadline) as a :class:`Schedule`."""
         return Schedule(
-            slot_seconds=self.slot_seconds, gate_lead_seconds=self.gate_closure_lead_seconds
+            slot_seconds=self.slot_seconds,
+            gate_lead_seconds=self.gate_closure_lead_seconds,
+            settle_delay_seconds=self.settle_delay_seconds,
         )
 
 
@@ -139,6 +144,7 @@ def create_genesis(
     *,
     slot_seconds: int = 900,
     gate_closure_lead_seconds: int = 300,
+    settle_delay_seconds: int = 120,
     bootstrap: Iterable[str] = (),
 ) -> Genesis:
     """Build and sign a genesis: ``members`` are ``(did, meter_serial, role)`` triples.
@@ -165,6 +171,7 @@ def create_genesis(
         market=market,
         slot_seconds=slot_seconds,
         gate_closure_lead_seconds=gate_closure_lead_seconds,
+        settle_delay_seconds=settle_delay_seconds,
         members=registrations,
         bootstrap=tuple(bootstrap),
     )
@@ -222,13 +229,13 @@ def parse_genesis(data: bytes) -> Genesis:
     if not isinstance(doc, dict):
         raise GenesisFormatError("top level must be an object")
     expected = {
-        "market", "slot_seconds", "gate_closure_lead_seconds", "members", "bootstrap",
-        "signature",
+        "market", "slot_seconds", "gate_closure_lead_seconds", "settle_delay_seconds", "members",
+        "bootstrap", "signature",
     }  # fmt: skip
     if set(doc) != expected:
         raise GenesisFormatError(f"fields {sorted(set(doc) ^ expected)} missing or unexpected")
     market = _market_from_json(doc["market"])
-    for name in ("slot_seconds", "gate_closure_lead_seconds"):
+    for name in ("slot_seconds", "gate_closure_lead_seconds", "settle_delay_seconds"):
         if type(doc[name]) is not int:
             raise GenesisFormatError(f"{name}: expected an integer")
     if not isinstance(doc["members"], list) or not isinstance(doc["bootstrap"], list):
@@ -249,6 +256,7 @@ def parse_genesis(data: bytes) -> Genesis:
         market=market,
         slot_seconds=doc["slot_seconds"],
         gate_closure_lead_seconds=doc["gate_closure_lead_seconds"],
+        settle_delay_seconds=doc["settle_delay_seconds"],
         members=tuple(members),
         bootstrap=tuple(doc["bootstrap"]),
         signature=doc["signature"],
@@ -278,8 +286,10 @@ def verify_genesis(genesis: Genesis) -> None:
 def _check_consistency(genesis: Genesis) -> None:
     if genesis.slot_seconds <= 0:
         raise GenesisFormatError(f"slot_seconds must be positive, got {genesis.slot_seconds}")
-    if not genesis.gate_closure_lead_seconds >= 0:
+    if genesis.gate_closure_lead_seconds < 0:
         raise GenesisFormatError("gate_closure_lead_seconds must be >= 0")
+    if genesis.settle_delay_seconds < 0:
+        raise GenesisFormatError("settle_delay_seconds must be >= 0")
     seen: set[str] = set()
     for i, reg in enumerate(genesis.members):
         if reg.grid != genesis.grid:

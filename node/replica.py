@@ -46,6 +46,9 @@ class Replica:
         self.store = store
         self.observer = observer
         """Called with every command as it is applied (the leader's proposer listens)."""
+        self.listener: Callable[[int, list[Event]], None] | None = None
+        """Called with ``(index, events)`` once an entry's events are in the ledger (the node
+        logs clearings and settlements and times them). Not called while recovering."""
         self.state = State.initial(config)
         self.applied_index = 0
         # The genesis membership is the engine's starting point, not part of the Raft log: it
@@ -112,6 +115,8 @@ class Replica:
         events = self._apply(index, data)
         if self.store is not None:
             self.store.record(events, applied_index=index)
+        if self.listener is not None and events:
+            self.listener(index, events)
         return events
 
     def install_snapshot(self, index: int, data: bytes) -> None:

@@ -44,6 +44,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--k", default="1/2", help="k-pricing parameter as a fraction")
     c.add_argument("--slot-seconds", type=int, default=900)
     c.add_argument("--gate-closure-lead-seconds", type=int, default=300)
+    c.add_argument("--settle-delay-seconds", type=int, default=120,
+                   help="meter readings of a slot are due this long after it ends")
     c.add_argument("--slot-horizon", type=int, default=96)
     c.add_argument("--bootstrap", action="append", default=[], help="multiaddr with /p2p/ID")
     c.add_argument("--out", type=Path, required=True)
@@ -108,7 +110,8 @@ def cmd_genesis_create(args: argparse.Namespace) -> int:
         )  # fmt: skip
         genesis = create_genesis(
             operator, market, members, slot_seconds=args.slot_seconds,
-            gate_closure_lead_seconds=args.gate_closure_lead_seconds, bootstrap=args.bootstrap,
+            gate_closure_lead_seconds=args.gate_closure_lead_seconds,
+            settle_delay_seconds=args.settle_delay_seconds, bootstrap=args.bootstrap,
         )  # fmt: skip
         write_genesis(genesis, args.out, overwrite=args.force)
     except (KeyFileError, GenesisError, IdentityError) as exc:
@@ -132,7 +135,7 @@ def cmd_genesis_show(args: argparse.Namespace) -> int:
     market = genesis.market
     print(f"tariffs:   feed-in {market.feed_in_tariff}, retail {market.retail_price}")
     print(f"slots:     {genesis.slot_seconds} s, gate closes {genesis.gate_closure_lead_seconds} s"
-          " before")  # fmt: skip
+          f" before, readings due {genesis.settle_delay_seconds} s after")  # fmt: skip
     for m in genesis.members:
         print(f"member:    {m.household} {m.meter_serial} {m.role.value}")
     for a in genesis.bootstrap:

@@ -1,0 +1,576 @@
+"""``microgrid demo``: a whole microgrid on this machine, from meters to ledgers.
+
+It starts the meter simulator (real Modbus TCP on 127.0.0.1), creates an operator key, one key
+and config per household and a signed genesis, starts every household as its own
+``microgrid node run`` process (real libp2p, SQLite ledgers) and the dashboard on the first
+household's ledger, then prints one table row per settled round. With ``--rounds R`` it stops
+after R rounds, otherwise at Ctrl-C; either way it then stops the nodes, verifies every ledger,
+compares the head hashes and exits 0 only if all verify and agree.
+
+Accelerated time: one slot of ``--slot-seconds`` real seconds is a 15-minute slot of the
+simulated households. The simulated clock runs during each slot but stands still for its first
+``freeze`` seconds, so the counters a node reads just after a slot boundary are exactly the
+meters' values at that boundary (recorded in ``truth.jsonl``; tests compare the ledgers with
+it). A real meter needs none of this: its slot is as long as the market's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from market.models import Role
+from market.state import MarketConfig
+from meter.reader import MeterConfig, MeterReader
+from meter.sim.household import make_households
+from meter.sim.server import MeterSimulator
+from meter.transport import TcpEndpoint
+from node.genesis import create_genesis, write_genesis
+from node.identity import create_key_file
+from node.ledger.verify import VerifyReport, verify_ledger
+from node.net.harness import free_ports
+from node.schedule import Schedule
+
+SIM_SLOT_SECONDS = 900
+SIM_START = dt.datetime(2025, 6, 21, 9, 0)
+"""Mid-morning of a June day: PV households have surplus while others still draw."""
+
+
+@dataclass
+class DemoSettings:
+    """What ``microgrid demo`` runs."""
+
+    households: int = 5
+    slot_seconds: int = 10
+    rounds: int | None = None
+    dashboard: bool = True
+    dashboard_port: int = 8050
+    directory: Path | None = None
+    seed: int = 1
+    voters: int = 3
+    feed_in_tariff: int = 8
+    retail_price: int = 30
+
+    @property
+    def gate_lead_seconds(self) -> int:
+        """Gate closure this long before a slot starts."""
+        return max(1, self.slot_seconds // 5)
+
+    @property
+    def settle_delay_seconds(self) -> int:
+        """Readings due this long after a slot ends."""
+        return max(2, math.ceil(self.slot_seconds * 0.3))
+
+    @property
+    def freeze_seconds(self) -> float:
+        """The simulated meters stand still this long after each slot boundary."""
+        return min(1.5, self.slot_seconds / 8)
+
+
+@dataclass
+class Household:
+    """One household of the demo: its directory, ports and process."""
+
+    index: int
+    name: str
+    directory: Path
+    did: str
+    peer_id: str
+    device_id: int
+    listen_port: int
+    api_port: int
+    process: trio.Process | None = None
+    log: TextIO | None = None
+    starts: int = 0
+
+    @property
+    def config_path(self) -> Path:
+        """This household's microgrid.toml."""
+        return self.directory / "microgrid.toml"
+
+    @property
+    def ledger_url(self) -> str:
+        """Its ledger database."""
+        return f"sqlite:///{self.directory / 'data' / 'ledger.db'}"
+
+    @property
+    def api(self) -> str:
+        """Its API base URL."""
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def alive(self) -> bool:
+        """True while its process runs."""
+        return self.process is not None and self.process.returncode is None
+
+
+@dataclass
+class Verdict:
+    """The outcome of a demo run: every ledger verified and all heads equal."""
+
+    reports: dict[str, VerifyReport]
+    ok: bool
+    message: str
+
+
+class SimClock:
+    """Drives the simulator's clock from the wall clock (see the module docstring)."""
+
+    def __init__(self, sim: MeterSimulator, schedule: Schedule, freeze: float, first_slot: int,
+                 truth_path: Path) -> None:  # fmt: skip
+        self.sim = sim
+        self.schedule = schedule
+        self.freeze = freeze
+        self.first_slot = first_slot
+        self.truth_path = truth_path
+        self.recorded: set[int] = set()
+
+    def sim_time(self, t: float) -> float:
+        """Simulated seconds at wall time ``t``."""
+        slot = self.schedule.slot_at(t)
+        into = t - self.schedule.start(slot) - self.freeze
+        share = min(1.0, max(0.0, into / (self.schedule.slot_seconds - self.freeze)))
+        return max(0.0, (slot - self.first_slot + share) * SIM_SLOT_SECONDS)
+
+    def step(self, t: float) -> None:
+        """Advance to wall time ``t``; record the counters at a slot boundary once reached."""
+        target = self.sim_time(t)
+        self.sim.advance_to(target)
+        slot = self.schedule.slot_at(t)
+        boundary = (slot - self.first_slot) * SIM_SLOT_SECONDS
+        ended = slot - 1
+        if self.sim.sim_time == boundary and ended not in self.recorded and slot > self.first_slot:
+            self.recorded.add(ended)
+            with self.truth_path.open("a") as fh:
+                for device_id, state in self.sim.states().items():
+                    fh.write(json.dumps({
+                        "slot": ended, "device_id": device_id, "serial": state.serial,
+                        "import_wh": state.import_wh, "export_wh": state.export_wh,
+                    }) + "\n")  # fmt: skip
+
+    async def run(self) -> None:
+        """Step every 50 ms until cancelled."""
+        while True:
+            self.step(time.time())
+            await trio.sleep(0.05)
+
+
+def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: str,
+                 peers_token: str) -> str:  # fmt: skip
+    s = settings
+    scale = SIM_SLOT_SECONDS / (s.slot_seconds - s.freeze_seconds) * 1.25
+    return (
+        "# written by `microgrid demo`\n"
+        'key_path = "node.key"\n'
+        'genesis_path = "../genesis.json"\n'
+        'data_dir = "data"\n'
+        f'listen = "/ip4/127.0.0.1/tcp/{h.listen_port}"\n'
+        "metrics_port = 0\n"
+        f"api_port = {h.api_port}\n"
+        f'api_token = "{peers_token}"\n'
+        'log_format = "json"\n'
+        f"meter_poll_seconds = {max(1.0, s.slot_seconds / 2)}\n"
+        f"meter_time_scale = {scale:.3f}\n"
+        f"read_delay_seconds = {min(0.3, s.freeze_seconds / 2):.3f}\n"
+        "raft_tick_seconds = 0.1\n"
+        "raft_election_ticks = 15\n"
+        "raft_heartbeat_ticks = 2\n"
+        "\n[[meters]]\n"
+        'name = "main"\n'
+        f'profile = "{profile}"\n'
+        f'endpoint = "tcp://127.0.0.1:{sim_port}"\n'
+        f"device_id = {h.device_id}\n"
+    )
+
+
+def get_json(url: str, timeout: float = 2.0) -> Any:
+    """GET ``url`` and decode its JSON (raises OSError/ValueError)."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+async def fetch(url: str, timeout: float = 2.0) -> Any | None:
+    """:func:`get_json` off the trio thread; None when the node does not answer."""
+    try:
+        return await trio.to_thread.run_sync(get_json, url, timeout)
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+class Demo:
+    """A demo microgrid: prepare, start, watch, stop, verify. Tests drive it step by step."""
+
+    def __init__(self, settings: DemoSettings, out: Callable[[str], None] = print) -> None:
+        self.settings = settings
+        self.out = out
+        self._tmp: str | None = None
+        if settings.directory is None:
+            self._tmp = tempfile.mkdtemp(prefix="microgrid-demo-")
+            self.directory = Path(self._tmp)
+        else:
+            self.directory = settings.directory
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self.schedule = Schedule(settings.slot_seconds, settings.gate_lead_seconds,
+                                 settings.settle_delay_seconds)  # fmt: skip
+        self.households: list[Household] = []
+        self.sim: MeterSimulator | None = None
+        self.clock: SimClock | None = None
+        self.dashboard: trio.Process | None = None
+        self.token = secrets.token_urlsafe(16)
+        self.printed_through: int | None = None
+        self.rounds = 0
+        self.names: dict[str, str] = {}
+
+    @property
+    def truth_path(self) -> Path:
+        """Where the simulator's counters at each slot boundary are written."""
+        return self.directory / "truth.jsonl"
+
+    # -- setup ------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Start the meter simulator; write keys, configs and the signed genesis."""
+        s = self.settings
+        if (self.directory / "genesis.json").exists():
+            raise FileExistsError(
+                f"{self.directory} already holds a demo; pick another --dir or remove it"
+            )
+        # every third household without PV or battery: buyers beside the PV sellers
+        configs = [
+            replace(c, pv_kwp=0.0, battery_kwh=0.0, battery_kw=0.0, initial_export_wh=0.0)
+            if i % 3 == 1 else c
+            for i, c in enumerate(make_households(s.households, s.seed))
+        ]  # fmt: skip
+        self.sim = MeterSimulator(configs, seed=s.seed, speed=0, start=SIM_START).start()
+        sim_port = self.sim.ports[0]
+        serials = await self._probe_serials(sim_port, configs)
+        ports = free_ports(2 * s.households)
+        operator_key = self.directory / "operator.key"
+        operator = create_key_file(operator_key).signer
+        for i, c in enumerate(configs):
+            directory = self.directory / f"h{i + 1}"
+            directory.mkdir()
+            identity = create_key_file(directory / "node.key")
+            h = Household(i, f"h{i + 1}", directory, identity.did, str(identity.peer_id),
+                          c.device_id, ports[2 * i], ports[2 * i + 1])  # fmt: skip
+            directory.joinpath("microgrid.toml").write_text(
+                _node_config(h, s, sim_port, c.profile, self.token)
+            )
+            os.chmod(directory / "microgrid.toml", 0o600)
+            self.households.append(h)
+            self.names[h.did] = h.name
+        market = MarketConfig(
+            grid="demo", operator=operator.did, feed_in_tariff=s.feed_in_tariff,
+            retail_price=s.retail_price, mechanism="uniform", k=Fraction(1, 2),
+        )  # fmt: skip
+        genesis = create_genesis(
+            operator,
+            market,
+            [(h.did, serials[h.device_id], Role.VOTER if h.index < s.voters else Role.LEARNER)
+             for h in self.households],
+            slot_seconds=s.slot_seconds,
+            gate_closure_lead_seconds=s.gate_lead_seconds,
+            settle_delay_seconds=s.settle_delay_seconds,
+            bootstrap=[f"/ip4/127.0.0.1/tcp/{h.listen_port}/p2p/{h.peer_id}"
+                       for h in self.households],
+        )  # fmt: skip
+        write_genesis(genesis, self.directory / "genesis.json")
+        first_slot = self.schedule.slot_at(time.time())
+        self.clock = SimClock(self.sim, self.schedule, s.freeze_seconds, first_slot,
+                              self.truth_path)  # fmt: skip
+        self.clock.step(time.time())
+
+    async def _probe_serials(self, port: int, configs: list[Any]) -> dict[int, str]:
+        """Read each simulated meter once, over Modbus, for the serial the genesis registers."""
+        reader = MeterReader([MeterConfig(f"d{c.device_id}", c.profile,
+                                          TcpEndpoint("127.0.0.1", port), c.device_id)
+                              for c in configs])  # fmt: skip
+        try:
+            results = await reader.poll_all()
+        finally:
+            reader.close()
+        serials = {}
+        for c in configs:
+            r = results[f"d{c.device_id}"]
+            if r.sample is None:
+                raise RuntimeError(f"simulated meter {c.device_id} did not answer: {r.error}")
+            serials[c.device_id] = r.sample.serial
+        return serials
+
+    async def start_node(self, h: Household) -> None:
+        """Start (or restart) one household's node process."""
+        if h.log is None:
+            h.log = (h.directory / "node.log").open("a")
+        h.process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "node.cli", "node", "run", "--config", str(h.config_path)],
+            stdout=h.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        h.starts += 1
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the simulator clock, every node and (unless disabled) the dashboard."""
+        assert self.clock is not None
+        nursery.start_soon(self.clock.run)
+        for h in self.households:
+            await self.start_node(h)
+        if self.settings.dashboard:
+            first = self.households[0]
+            log = (self.directory / "dashboard.log").open("a")
+            self.dashboard = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "node.cli", "dashboard", "--db", first.ledger_url,
+                 "--api", first.api, "--port", str(self.settings.dashboard_port),
+                 "--refresh", str(max(2, self.settings.slot_seconds // 2))],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    # -- control ----------------------------------------------------------------------------
+
+    def kill(self, h: Household) -> None:
+        """SIGKILL a node (a crash: nothing is flushed or closed)."""
+        if h.alive:
+            assert h.process is not None
+            h.process.kill()
+
+    async def terminate(self, h: Household, timeout: float = 15.0) -> int | None:
+        """SIGTERM a node and wait for it to exit (SIGKILL after ``timeout``)."""
+        if h.process is None:
+            return None
+        if h.alive:
+            h.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(timeout):
+            await h.process.wait()
+        if h.alive:
+            h.process.kill()
+            await h.process.wait()
+        return h.process.returncode
+
+    async def statuses(self) -> dict[str, dict[str, Any]]:
+        """``/status`` of every live node that answers, by household name."""
+        out: dict[str, dict[str, Any]] = {}
+
+        async def one(h: Household) -> None:
+            doc = await fetch(h.api + "/status")
+            if doc is not None:
+                out[h.name] = doc
+
+        async with trio.open_nursery() as nursery:
+            for h in self.households:
+                if h.alive:
+                    nursery.start_soon(one, h)
+        return out
+
+    async def wait_until(self, predicate: Callable[[dict[str, dict[str, Any]]], bool],
+                         timeout: float) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """Poll statuses until ``predicate`` holds (raises trio.TooSlowError on timeout)."""
+        with trio.fail_after(timeout):
+            while True:
+                docs = await self.statuses()
+                if docs and predicate(docs):
+                    return docs
+                await trio.sleep(0.25)
+
+    def leader_name(self, docs: dict[str, dict[str, Any]]) -> str:
+        """The leader as most live nodes see it, by household name."""
+        votes: dict[str, int] = {}
+        for d in docs.values():
+            leader = d["raft"]["leader"]
+            if leader:
+                votes[leader] = votes.get(leader, 0) + 1
+        if not votes:
+            return "-"
+        best = max(votes, key=lambda k: votes[k])
+        return self.names.get(best, best[-8:])
+
+    # -- the live table -----------------------------------------------------------------------
+
+    def header(self) -> str:
+        """The table's heading line."""
+        return (f"{'round':>5} {'slot':>10} {'price':>5} {'local Wh':>9} {'grid in Wh':>10} "
+                f"{'grid out Wh':>11} {'leader':>6} {'height':>6} {'nodes':>5}")  # fmt: skip
+
+    async def print_new_rounds(self) -> int:
+        """Print a row for each slot settled on every live node since the last call."""
+        docs = await self.statuses()
+        if not docs:
+            return 0
+        heights = [d["ledger"]["height"] for d in docs.values()]
+        common = min(heights)
+        source = next(h for h in self.households if h.name in docs)
+        since = "" if self.printed_through is None else f"?since={self.printed_through + 1}"
+        page = await fetch(source.api + "/slots" + since)
+        if page is None:
+            return 0
+        printed = 0
+        for row in page["slots"]:
+            if not row["settled"] or row["height"] is None or row["height"] > common:
+                continue
+            if self.printed_through is not None and row["slot"] <= self.printed_through:
+                continue
+            self.rounds += 1
+            printed += 1
+            self.printed_through = row["slot"]
+            agree = sum(1 for h in heights if h >= row["height"])
+            price = "-" if row["price"] is None else str(row["price"])
+            self.out(f"{self.rounds:>5} {row['slot']:>10} {price:>5} {row['local_wh']:>9} "
+                     f"{row['grid_import_wh']:>10} {row['grid_export_wh']:>11} "
+                     f"{self.leader_name(docs):>6} {row['height']:>6} "
+                     f"{agree:>2}/{len(self.households):<2}")  # fmt: skip
+        return printed
+
+    # -- the end --------------------------------------------------------------------------------
+
+    async def stop_all(self, quiesce_timeout: float | None = None) -> None:
+        """Wait (bounded) until the live nodes agree on the ledger height, then stop them all
+        at once, and the dashboard."""
+        timeout = quiesce_timeout if quiesce_timeout is not None else 3 * self.settings.slot_seconds
+        with trio.move_on_after(timeout):
+            await self.wait_until(_same_height, timeout)
+        async with trio.open_nursery() as nursery:
+            for h in self.households:
+                nursery.start_soon(self.terminate, h)
+        if self.dashboard is not None and self.dashboard.returncode is None:
+            self.dashboard.terminate()
+            with trio.move_on_after(5):
+                await self.dashboard.wait()
+            if self.dashboard.returncode is None:
+                self.dashboard.kill()
+        for h in self.households:
+            if h.log is not None:
+                h.log.close()
+                h.log = None
+
+    def verdict(self) -> Verdict:
+        """Verify every ledger and compare their heads."""
+        reports = {h.name: verify_ledger(h.ledger_url) for h in self.households}
+        bad = {n: r.error for n, r in reports.items() if not r.ok}
+        heads = {(r.height, r.head_hash) for r in reports.values()}
+        if bad:
+            return Verdict(reports, False, f"ledgers failing verification: {bad}")
+        if len(heads) != 1:
+            return Verdict(reports, False, f"ledgers differ: {sorted(heads, key=str)}")
+        ((height, head),) = heads
+        if height == 0:
+            return Verdict(reports, False, "no slot was settled")
+        return Verdict(reports, True, f"all {len(reports)} ledgers verify; height {height}, "
+                                      f"head {head}")  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the simulator; remove a temporary directory."""
+        if self.sim is not None:
+            self.sim.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _same_height(docs: dict[str, dict[str, Any]]) -> bool:
+    return len({(d["ledger"]["height"], d["ledger"]["head_hash"]) for d in docs.values()}) == 1
+
+
+async def run_demo(settings: DemoSettings, out: Callable[[str], None] = print) -> int:
+    """The ``microgrid demo`` flow; returns the exit code."""
+    demo = Demo(settings, out)
+    stopped_by_user = False
+    try:
+        await demo.prepare()
+        out(f"demo microgrid: {settings.households} households, {settings.slot_seconds} s slots "
+            f"(each a simulated 15 minutes), directory {demo.directory}")  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await demo.start(nursery)
+            if settings.dashboard:
+                out(f"dashboard: http://127.0.0.1:{settings.dashboard_port}/")
+            out(f"node APIs: {', '.join(f'{h.name} {h.api}' for h in demo.households)}")
+            out(demo.header())
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async def watch_signals() -> None:
+                    nonlocal stopped_by_user
+                    async for _ in signals:
+                        stopped_by_user = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(watch_signals)
+                while settings.rounds is None or demo.rounds < settings.rounds:
+                    await demo.print_new_rounds()
+                    for h in demo.households:
+                        if h.process is not None and not h.alive:
+                            out(f"{h.name} exited with {h.process.returncode}; see "
+                                f"{h.directory / 'node.log'}")  # fmt: skip
+                            nursery.cancel_scope.cancel()
+                    await trio.sleep(0.5)
+                nursery.cancel_scope.cancel()
+        if stopped_by_user:
+            out("stopping…")
+        await demo.stop_all()
+        verdict = demo.verdict()
+        out(("PASS: " if verdict.ok else "FAIL: ") + verdict.message)
+        return 0 if verdict.ok else 1
+    finally:
+        await _shielded_stop(demo)
+        if settings.directory is not None:
+            out(f"ledgers kept in {settings.directory}/h*/data/ledger.db")
+        demo.close()
+
+
+async def _shielded_stop(demo: Demo) -> None:
+    with trio.CancelScope(shield=True):
+        for h in demo.households:
+            if h.alive:
+                await demo.terminate(h, timeout=5)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``demo`` to the ``microgrid`` command."""
+    p = subparsers.add_parser("demo", help="run a demo microgrid on this machine")
+    p.add_argument("--households", type=int, default=5, help="number of households (2-40)")
+    p.add_argument("--slot-seconds", type=int, default=10,
+                   help="real seconds per slot (each a simulated 15 minutes; 4-900)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="stop after this many settled rounds and print the verdict")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
+    p.add_argument("--dashboard-port", type=int, default=8050)
+    p.add_argument("--dir", type=Path, default=None,
+                   help="keep keys, genesis and ledgers here (default: a temporary directory)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the simulated households")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo; exit 0 only if every ledger verifies and all heads are equal."""
+    if not 2 <= args.households <= 40:
+        print("error: --households must be in 2..40", file=sys.stderr)
+        return 2
+    if not 4 <= args.slot_seconds <= 900:
+        print("error: --slot-seconds must be in 4..900", file=sys.stderr)
+        return 2
+    if args.rounds is not None and args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    settings = DemoSettings(
+        households=args.households, slot_seconds=args.slot_seconds, rounds=args.rounds,
+        dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
+        directory=args.dir, seed=args.seed,
+    )  # fmt: skip
+    try:
+        return trio.run(run_demo, settings, lambda line: print(line, flush=True))
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

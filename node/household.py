@@ -1,0 +1,485 @@
+"""The household node daemon: meters, agent, gossip, Raft, contract engine and ledger in one trio
+program (``microgrid node run --config FILE``).
+
+Parts and who calls whom (all background tasks live in :meth:`HouseholdNode.run`'s nursery):
+
+- :class:`~node.net.host.NetNode` gossips signed records and carries Raft messages. Every
+  validated record heard is offered to the :class:`~node.proposer.Proposer`; every Raft message
+  goes to the :class:`~node.consensus.ConsensusDriver`.
+- The driver runs the Raft core; on the leader it proposes batches of queued records and the
+  gate closures and settlements that are due by the wall clock; on every node it applies the
+  committed log through the :class:`~node.replica.Replica` (engine + ledger, with the applied
+  index in the same database transaction).
+- The meter task polls the household's meters; just after each slot ends it signs the slot's
+  :class:`~market.MeterReading` and the agent's :class:`~market.Order` for the next open slot
+  (:class:`~node.trader.Trader`), and gossips them.
+- The API task serves ``/status``, ``/orders``, ``/trades``, ``/balances`` and ``/slots`` on
+  127.0.0.1; ``POST /orders`` (bearer token) places a manual order.
+
+On start the replica is rebuilt from the Raft log's snapshot and entries up to the ledger's
+applied index (:func:`open_replica`), so a restart neither loses nor re-applies an entry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from sqlalchemy import func, select
+
+from dashboard.data import load_clearings, load_settlement_sums
+from market import CancelOrder, MeterReading, Order, Side
+from market.events import Event, GateClosed, SlotSettled
+from market.models import MemberRegistration, SignedRecord
+from meter.reader import MeterConfig, MeterReader, PollResult
+from node.api import Api, ApiError, Request
+from node.config import NodeConfig
+from node.consensus import ConsensusDriver
+from node.genesis import Genesis
+from node.identity import NodeIdentity
+from node.ledger import LedgerStore
+from node.ledger import schema as t
+from node.net.host import NetNode, NetSettings, PublishError
+from node.net.wire import TopicKind
+from node.proposer import Proposer
+from node.raft import Config, EntryType, Message, RaftNode, decode_message, encode_message
+from node.raft.storage_sql import SQLStorage
+from node.replica import Replica
+from node.status import status_document
+from node.trader import MeterMismatch, Trader
+
+log = logging.getLogger("microgrid.node")
+
+
+class NodeError(RuntimeError):
+    """The node cannot start (not a member, no meter, inconsistent data); says why."""
+
+
+def open_replica(
+    genesis: Genesis, store: LedgerStore, storage: SQLStorage
+) -> Replica:
+    """The replica after a restart: engine rebuilt from the Raft snapshot and log up to the
+    ledger's applied index (a fresh node starts from the genesis)."""
+    members = list(genesis.members)
+    snap = storage.snapshot()
+    snapshot = (snap.metadata.index, snap.data) if snap.metadata.index > 0 else None
+    ledger_index = store.applied_index()
+    if snapshot is not None and snapshot[0] > ledger_index:
+        # Crashed between persisting a snapshot received from the leader and recording it.
+        replica = Replica(genesis.market, store, genesis=members)
+        replica.install_snapshot(*snapshot)
+        return replica
+    first = snapshot[0] + 1 if snapshot else 1
+    last = min(ledger_index, storage.last_index())
+    entries = storage.entries(first, last + 1) if last >= first else []
+    return Replica.recover(
+        genesis.market,
+        store,
+        snapshot,
+        ((e.index, e.data if e.type == EntryType.NORMAL else b"") for e in entries),
+        genesis=members,
+    )
+
+
+class _RaftLink:
+    """The driver's transport: the NetNode's Raft streams, once the host is up."""
+
+    def __init__(self, net: NetNode) -> None:
+        self.net = net
+        self.unsent = 0
+
+    def send(self, message: Message) -> None:
+        if self.net.raft is None:
+            self.unsent += 1
+            return
+        self.net.raft.send(message)
+
+
+class HouseholdNode:
+    """One household's node. ``await nursery.start(node.run)`` starts it; ``node.stop()``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: NodeIdentity,
+        genesis: Genesis,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        member = genesis.member(identity.did)
+        if member is None:
+            raise NodeError(f"{identity.did} is not a member of grid {genesis.grid!r}")
+        if not config.meters:
+            raise NodeError("no [[meters]] configured: a household node trades what it meters")
+        self.config = config
+        self.identity = identity
+        self.genesis = genesis
+        self.member: MemberRegistration = member
+        self.schedule = genesis.schedule
+        self.wall_clock = wall_clock
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = LedgerStore(config.ledger_url)
+        self.raft_storage = SQLStorage(config.raft_url)
+        retry = min(5.0, self.schedule.slot_seconds / 2)
+        self.proposer = Proposer(self.schedule, retry_after=retry)
+        self.replica = open_replica(genesis, self.store, self.raft_storage)
+        self.replica.observer = self.proposer.committed
+        self.replica.listener = self._on_applied
+        voters = genesis.voters
+        self.raft = RaftNode(
+            Config(
+                id=identity.did,
+                voters=voters,
+                learners=tuple(d for d in genesis.member_dids if d not in voters),
+                election_tick=config.raft_election_ticks,
+                heartbeat_tick=config.raft_heartbeat_ticks,
+            ),
+            self.raft_storage,
+        )
+        own = str(identity.peer_id)
+        self.net = NetNode(
+            identity,
+            genesis,
+            NetSettings(
+                listen=config.listen,
+                peers=[a for a in (*genesis.bootstrap, *config.peers) if own not in a],
+                mdns=config.mdns,
+                metrics_port=config.metrics_port or None,
+                metrics_host=config.metrics_host,
+            ),
+            on_gossip=self._on_gossip,
+            raft_codec=(encode_message, decode_message),
+            on_raft=self._on_raft,
+        )
+        self.driver = ConsensusDriver(
+            raft=self.raft,
+            storage=self.raft_storage,
+            replica=self.replica,
+            proposer=self.proposer,
+            transport=_RaftLink(self.net),
+            tick_seconds=config.raft_tick_seconds,
+            propose_every=min(0.2, config.raft_tick_seconds),
+            wall_clock=wall_clock,
+        )
+        scale = config.meter_time_scale
+        self.reader = MeterReader(
+            [MeterConfig(m.name, m.profile, m.endpoint, m.device_id) for m in config.meters],
+            clock=lambda: time.monotonic() * scale,
+            wall_clock=wall_clock,
+        )
+        self.trader = Trader(
+            identity.signer,
+            genesis.market,
+            self.schedule,
+            member.meter_serial,
+            config.strategy,
+            meter_time_scale=scale,
+        )
+        self.api = Api(config.api_token)
+        self._register_routes()
+        self.api_port: int | None = None
+        self.counters: Counter[str] = Counter()
+        self.last_reading: MeterReading | None = None
+        self.last_reading_at: str | None = None
+        self.last_poll: dict[str, PollResult] = {}
+        self.slot_times: dict[int, dict[str, float]] = {}
+        """Wall-clock seconds at which this node applied each recent slot's clearing
+        (``cleared_at``) and settlement (``settled_at``): for status and the benchmarks."""
+        self._manual_send, self._manual_recv = trio.open_memory_channel[SignedRecord](64)
+        self._stop = trio.Event()
+        self.started = trio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[HouseholdNode] = trio.TASK_STATUS_IGNORED
+                  ) -> None:  # fmt: skip
+        """Run every part until :meth:`stop` or cancellation; closes the stores on the way out."""
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.net.run)
+                await nursery.start(self.driver.run)
+                if self.config.api_port:
+                    self.api_port = await nursery.start(
+                        self.api.serve, self.config.api_host, self.config.api_port
+                    )
+                nursery.start_soon(self._meter_loop)
+                nursery.start_soon(self._publish_manual)
+                log.info(
+                    "node started", extra={"event": "started", "did": self.identity.did,
+                                           "grid": self.genesis.grid, "api_port": self.api_port,
+                                           "applied_index": self.replica.applied_index,
+                                           "height": self.replica.state.height},
+                )  # fmt: skip
+                self.started.set()
+                task_status.started(self)
+                await self._stop.wait()
+                self.net.stop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.reader.close()
+            self.store.close()
+            self.raft_storage.close()
+            log.info("node stopped", extra={"event": "stopped",
+                                            "applied_index": self.replica.applied_index})
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to shut down cleanly."""
+        self._stop.set()
+
+    # -- inputs from the network ------------------------------------------------------------
+
+    def _on_gossip(self, kind: TopicKind, records: tuple[SignedRecord, ...], origin: str) -> None:
+        for record in records:
+            if isinstance(record, Order | CancelOrder | MeterReading):
+                self.proposer.offer(record)
+                self.counters[f"gossip_{record.KIND}"] += 1
+
+    def _on_raft(self, message: Any) -> None:
+        self.driver.deliver(message)
+
+    def _on_applied(self, index: int, events: list[Event]) -> None:
+        """Log and time each clearing and settlement as this node applies it (worker thread)."""
+        for event in events:
+            if isinstance(event, GateClosed):
+                self._slot_time(event.slot, "cleared_at")
+                c = event.clearing
+                log.info("slot cleared", extra={
+                    "event": "cleared", "slot": event.slot, "index": index, "price": c.price,
+                    "volume_wh": c.volume_wh, "orders": len(event.orders),
+                    "trades": len(event.trades)})  # fmt: skip
+            elif isinstance(event, SlotSettled):
+                self._slot_time(event.slot, "settled_at")
+                log.info("slot settled", extra={
+                    "event": "settled", "slot": event.slot, "index": index,
+                    "height": event.block.height, "readings": len(event.readings),
+                    "hash": event.block.hash})  # fmt: skip
+
+    def _slot_time(self, slot: int, what: str) -> None:
+        self.slot_times.setdefault(slot, {})[what] = self.wall_clock()
+        while len(self.slot_times) > 64:
+            del self.slot_times[min(self.slot_times)]
+
+    # -- meters and the agent ---------------------------------------------------------------
+
+    @property
+    def trading_meter(self) -> str:
+        """Name of the meter whose readings are settled (the first configured)."""
+        return self.config.meters[0].name
+
+    async def _poll(self) -> PollResult:
+        results = await self.reader.poll_all()
+        self.last_poll = results
+        for name, result in results.items():
+            if not result.ok:
+                self.counters["meter_read_failures"] += 1
+                log.warning("meter read failed", extra={"event": "meter_error", "meter": name,
+                                                        "error": str(result.error)})  # fmt: skip
+        return results[self.trading_meter]
+
+    async def _meter_loop(self) -> None:
+        """Poll the meters; at each slot end sign the reading and the next order."""
+        first = await self._poll()
+        now = self.wall_clock()
+        if first.sample is not None:
+            try:
+                self.trader.check_meter(first.sample)
+                self.trader.observe_power(self.schedule.slot_at(now), first.sample)
+            except MeterMismatch as exc:
+                log.error(str(exc), extra={"event": "meter_mismatch"})
+            await self._place_order(self.schedule.open_slot(now))
+        slot = self.schedule.slot_at(now)
+        poll_every = self.config.meter_poll_seconds
+        next_poll = now + poll_every
+        while True:
+            boundary = self.schedule.end(slot) + self.config.read_delay_seconds
+            wake = min(boundary, next_poll)
+            await trio.sleep(max(0.0, wake - self.wall_clock()))
+            now = self.wall_clock()
+            if now >= boundary:
+                await self._slot_ended(slot)
+                slot = self.schedule.slot_at(now)
+                await self._place_order(self.schedule.open_slot(self.wall_clock()))
+            if now >= next_poll:
+                await self._poll()
+                next_poll = now + poll_every
+
+    async def _slot_ended(self, slot: int) -> None:
+        """Read the meter for ``slot`` (retrying until its reading deadline) and publish."""
+        deadline = self.schedule.settle_time(slot) - self.schedule.settle_delay_seconds / 4
+        while True:
+            result = await self._poll()
+            if result.sample is not None:
+                break
+            if self.wall_clock() + 0.5 >= deadline:
+                self.counters["readings_missed"] += 1
+                log.error("no reading for slot", extra={"event": "reading_missed", "slot": slot})
+                return
+            await trio.sleep(0.5)
+        try:
+            reading = self.trader.slot_ended(slot, result.sample)
+        except MeterMismatch as exc:
+            self.counters["meter_mismatch"] += 1
+            log.error(str(exc), extra={"event": "meter_mismatch", "slot": slot})
+            return
+        self.last_reading = reading
+        self.last_reading_at = dt.datetime.fromtimestamp(result.sample.time, dt.UTC).isoformat()
+        await self._publish(TopicKind.READINGS, reading)
+
+    async def _place_order(self, slot: int) -> None:
+        order = self.trader.order_for(slot)
+        if order is not None:
+            await self._publish(TopicKind.ORDERS, order)
+
+    async def _publish(self, kind: TopicKind, record: SignedRecord) -> None:
+        """Gossip one own record and queue it for proposal here too."""
+        assert isinstance(record, Order | CancelOrder | MeterReading)
+        self.proposer.offer(record)
+        try:
+            await self.net.publish(kind, [record])
+        except PublishError as exc:
+            self.counters["publish_refused"] += 1
+            log.warning("own record refused", extra={"event": "publish_refused",
+                                                     "reason": exc.verdict.reason})  # fmt: skip
+            return
+        self.counters[f"published_{record.KIND}"] += 1
+        log.info(f"published {record.KIND}", extra={"event": "published", "kind": record.KIND,
+                                                    "slot": getattr(record, "slot", None)})
+
+    async def _publish_manual(self) -> None:
+        async for record in self._manual_recv:
+            kind = TopicKind.READINGS if isinstance(record, MeterReading) else TopicKind.ORDERS
+            await self._publish(kind, record)
+
+    # -- the local API ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The ``/status`` document."""
+        connected = {str(p) for p in self.net.connected_peers()}
+        peers = {did: pid in connected for pid, did in self.net.member_peers.items()
+                 if did != self.identity.did}  # fmt: skip
+        doc = status_document(
+            self.driver,
+            peers_up=peers,
+            invalid_messages=dict(self.net.validator.rejected),
+            meter_read_failures=self.counters["meter_read_failures"],
+            last_reading=self.last_reading,
+            last_reading_at=self.last_reading_at,
+        )
+        doc["membership"] = self.member.role.value
+        doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
+        doc["counters"] = dict(self.counters)
+        doc["slot_times"] = [{"slot": slot, **times}
+                             for slot, times in sorted(dict(self.slot_times).items())]
+        doc["meters"] = {
+            name: {"ok": r.ok, "error": None if r.error is None else str(r.error),
+                   "power_w": None if r.sample is None else r.sample.power_w}
+            for name, r in self.last_poll.items()
+        }  # fmt: skip
+        return doc
+
+    def _register_routes(self) -> None:
+        api = self.api
+        api.route("GET", "/status")(lambda req: self.status())
+        api.route("GET", "/orders")(self._get_orders)
+        api.route("POST", "/orders")(self._post_order)
+        api.route("GET", "/trades")(self._get_trades)
+        api.route("GET", "/balances")(self._get_balances)
+        api.route("GET", "/slots")(self._get_slots)
+
+    def _slot_query(self, req: Request, name: str = "slot") -> int | None:
+        value = req.query.get(name)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ApiError(400, f"{name} must be an integer, got {value!r}") from None
+
+    def _rows(self, query: Any) -> list[dict[str, Any]]:
+        with self.store.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def _get_orders(self, req: Request) -> Any:
+        """Orders of one slot (default: the last cleared slot) from the ledger."""
+        c = t.orders.c
+        slot = self._slot_query(req)
+        if slot is None:
+            slot = self.replica.state.closed_through
+        q = select(t.orders).where(c.slot == slot).order_by(c.position)
+        if req.query.get("household") == "me":
+            q = q.where(c.household == self.identity.did)
+        return {"slot": slot, "orders": self._rows(q)}
+
+    def _get_trades(self, req: Request) -> Any:
+        """Trades from slot ``since`` on (default: the last 96 slots); ``household=me`` filters."""
+        c = t.trades.c
+        since = self._slot_query(req, "since")
+        if since is None:
+            since = (self.replica.state.closed_through or 0) - 95
+        q = select(t.trades).where(c.slot >= since).order_by(c.slot, c.position).limit(5000)
+        if req.query.get("household") == "me":
+            q = q.where((c.buyer == self.identity.did) | (c.seller == self.identity.did))
+        return {"since": since, "trades": self._rows(q)}
+
+    def _get_balances(self, req: Request) -> Any:
+        """Every account's balance per asset (money in minor units, energy in Wh)."""
+        return {"balances": self._rows(select(t.balances).order_by(t.balances.c.account))}
+
+    def _get_slots(self, req: Request) -> Any:
+        """Per settled slot: clearing price, local volume, grid import/export, block."""
+        since = self._slot_query(req, "since")
+        after = None if since is None else since - 1
+        with self.store.engine.connect() as conn:
+            rows = load_clearings(conn, after)
+            sums = load_settlement_sums(conn, after)
+            blocks = {int(r.slot): (int(r.height), r.hash) for r in conn.execute(
+                select(t.blocks.c.slot, t.blocks.c.height, t.blocks.c.hash)
+                .where(t.blocks.c.slot > (after if after is not None else -1)))}  # fmt: skip
+            count = conn.execute(select(func.count()).select_from(t.blocks)).scalar_one()
+        out = []
+        for row in rows[-500:]:
+            s = sums.get(row.slot)
+            block = blocks.get(row.slot)
+            out.append({
+                "slot": row.slot, "price": row.price, "local_wh": row.volume_wh,
+                "orders": row.order_count, "settled": s is not None,
+                "grid_import_wh": s["grid_import_wh"] if s else None,
+                "grid_export_wh": s["grid_export_wh"] if s else None,
+                "metered_import_wh": s["import_wh"] if s else None,
+                "metered_export_wh": s["export_wh"] if s else None,
+                "height": block[0] if block else None, "block_hash": block[1] if block else None,
+            })  # fmt: skip
+        return {"blocks": int(count), "slots": out}
+
+    def _post_order(self, req: Request) -> Any:
+        """Place a manual order ``{"side", "quantity_wh", "price", "slot"?}`` (signed here)."""
+        body = req.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "expected a JSON object")
+        try:
+            side = Side(body["side"])
+            qty, price = body["quantity_wh"], body["price"]
+        except (KeyError, ValueError) as exc:
+            raise ApiError(400, f"side (buy|sell), quantity_wh and price are required: {exc}"
+                           ) from None  # fmt: skip
+        slot = body.get("slot", self.schedule.open_slot(self.wall_clock()))
+        if not all(type(v) is int for v in (qty, price, slot)):
+            raise ApiError(400, "quantity_wh, price and slot must be integers")
+        market = self.genesis.market
+        if not 0 < qty <= market.max_order_wh:
+            raise ApiError(400, f"quantity_wh must be in 1..{market.max_order_wh}")
+        if not market.feed_in_tariff <= price <= market.retail_price:
+            raise ApiError(400, f"price must be in {market.feed_in_tariff}..{market.retail_price}")
+        if self.wall_clock() >= self.schedule.gate_time(slot):
+            raise ApiError(409, f"the gate of slot {slot} has closed")
+        order = self.trader.sign_order(slot, side, qty, price)
+        try:
+            self._manual_send.send_nowait(order)
+        except trio.WouldBlock:
+            raise ApiError(503, "too many orders queued; try again") from None
+        return {"queued": order.id, "slot": slot}

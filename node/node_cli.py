@@ -1,0 +1,112 @@
+"""CLI: ``microgrid node run --config FILE`` and ``microgrid status``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, load_config
+
+
+def register(subparsers: Any) -> None:
+    """Add ``node run`` and ``status`` to the ``microgrid`` command."""
+    n = subparsers.add_parser("node", help="run this household's node")
+    ns = n.add_subparsers(dest="node_command", metavar="ACTION")
+    ns.required = True
+    r = ns.add_parser("run", help="run the node (meters, agent, gossip, Raft, ledger) until "
+                                  "SIGINT/SIGTERM")  # fmt: skip
+    r.add_argument("--config", type=Path, default=None, help="config file (microgrid.toml)")
+    r.set_defaults(func=cmd_node_run)
+
+    s = subparsers.add_parser("status", help="ask a running node for its status")
+    s.add_argument("--config", type=Path, default=None, help="the node's config (for its API port)")
+    s.add_argument("--api", default=None, help="API base URL (default from the config)")
+    s.add_argument("--json", action="store_true", help="print the raw status document")
+    s.set_defaults(func=cmd_status)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    """Load config, key and genesis, then run the node until a signal stops it."""
+    import trio
+
+    from node.genesis import GenesisError, load_genesis
+    from node.household import HouseholdNode, NodeError
+    from node.identity import KeyFileError, load_key_file
+    from node.logs import configure
+    from node.replica import ReplicaError
+
+    try:
+        config = load_config(args.config)
+        identity = load_key_file(config.key_path)
+        genesis = load_genesis(config.genesis_path)
+    except (ConfigError, KeyFileError, GenesisError) as exc:
+        return _fail(str(exc))
+    configure(config.log_level, config.log_format)
+
+    async def main() -> None:
+        node = HouseholdNode(config, identity, genesis)
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        node.stop()
+                        return
+
+            nursery.start_soon(on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except (NodeError, ReplicaError) as exc:
+        return _fail(str(exc), 1)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a running node's status (exit 1 if it cannot be reached)."""
+    base = args.api
+    if base is None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(str(exc))
+        base = f"http://{config.api_host}:{config.api_port}"
+    try:
+        with urllib.request.urlopen(base.rstrip("/") + "/status", timeout=5) as resp:
+            doc = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return _fail(f"cannot reach the node at {base}: {exc}", 1)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return 0
+    raft, ledger = doc["raft"], doc["ledger"]
+    up = sum(1 for p in doc["peers"] if p["up"])
+    print(f"node      {doc['node']} ({doc.get('membership', '?')}) in grid {doc['grid']}")
+    print(f"raft      {raft['role']} term {raft['term']}, leader {raft['leader'] or '-'}, "
+          f"commit {raft['commit_index']}, applied {raft['applied_index']}")  # fmt: skip
+    print(f"peers     {up}/{len(doc['peers'])} connected")
+    print(f"ledger    height {ledger['height']}, head {ledger['head_hash'][:16]}…, "
+          f"closed through {ledger['closed_through']}, settled through "
+          f"{ledger['settled_through']}")  # fmt: skip
+    reading = doc.get("last_reading")
+    if reading:
+        print(f"reading   slot {reading['slot']}: import {reading['import_wh']} Wh, "
+              f"export {reading['export_wh']} Wh at {reading['at']}")  # fmt: skip
+    else:
+        print("reading   none yet")
+    if doc.get("meter_read_failures"):
+        print(f"meter     {doc['meter_read_failures']} failed reads")
+    return 0
