@@ -12,12 +12,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,dashboard]'
 	touch $(STAMP)
 
-## The main job: a demo microgrid on embedded defaults.
+## The main job: a demo microgrid on embedded defaults (meter simulator, HOUSEHOLDS node
+## processes over libp2p, SQLite ledgers, the dashboard on http://127.0.0.1:8050). It stops after
+## ROUNDS settled rounds (Ctrl-C stops it sooner), verifies every ledger, compares the heads.
+HOUSEHOLDS ?= 5
+ROUNDS ?= 30
 demo: $(STAMP)
-	rm -f demo-ledger.db*
-	$(BIN)/microgrid simulate --households 6 --slots 96 --db sqlite:///demo-ledger.db
-	$(BIN)/microgrid ledger verify --db sqlite:///demo-ledger.db
-	@echo "Browse it: $(BIN)/microgrid dashboard --db sqlite:///demo-ledger.db  (http://127.0.0.1:8050)"
+	rm -rf demo-run
+	$(BIN)/microgrid demo --households $(HOUSEHOLDS) --rounds $(ROUNDS) --dir demo-run
 
 ## The whole suite: lint, then every test (soak/nemesis runs bounded and seeded).
 ## PostgreSQL tests use the local Debian server (.ci/postgres.sh starts it; skipped if it can't).
@@ -41,4 +43,4 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python -m bench $(BENCHES)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo-ledger.db*
+	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info demo-ledger.db* demo-run

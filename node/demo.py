@@ -82,8 +82,9 @@ class DemoSettings:
 
     @property
     def freeze_seconds(self) -> float:
-        """The simulated meters stand still this long after each slot boundary."""
-        return min(1.5, self.slot_seconds / 8)
+        """The simulated meters stand still this long after each slot boundary (a node reads
+        its meter 0.3 s after the boundary; the rest is slack for a loaded machine)."""
+        return min(2.0, self.slot_seconds / 4)
 
 
 @dataclass
@@ -435,6 +436,15 @@ class Demo:
                      f"{self.leader_name(docs):>6} {row['height']:>6} "
                      f"{agree:>2}/{len(self.households):<2}")  # fmt: skip
         return printed
+
+    async def wait_rounds(self, rounds: int, timeout: float) -> None:
+        """Print rows until ``rounds`` rounds in all have settled on every live node (raises
+        trio.TooSlowError after ``timeout`` seconds)."""
+        with trio.fail_after(timeout):
+            while self.rounds < rounds:
+                await self.print_new_rounds()
+                if self.rounds < rounds:
+                    await trio.sleep(0.25)
 
     # -- the end --------------------------------------------------------------------------------
 

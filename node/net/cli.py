@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import sys
 from fractions import Fraction
@@ -83,8 +85,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     if config.exists():
         print(f"config:  {config} exists, left unchanged")
     else:
-        config.write_text(starter_config_toml(listen=args.listen, metrics_port=args.metrics_port))
-        print(f"config:  {config}")
+        # The API token guards placing orders; the config holds it, so only the owner reads it.
+        text = starter_config_toml(listen=args.listen, metrics_port=args.metrics_port,
+                                   api_token=secrets.token_urlsafe(24))  # fmt: skip
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        print(f"config:  {config} (mode 0600: it holds the API token)")
     return 0
 
 

@@ -1,0 +1,279 @@
+"""Node benchmark: whole demo microgrids of N household processes on this machine.
+
+For each N (default 5, 10, 20) it runs ``microgrid demo``'s machinery (meter simulator, one
+``microgrid node run`` process per household: real libp2p, Modbus, SQLite, Raft with 3 voters)
+for a number of rounds and prints:
+
+- gate closure to the slot's clearing applied on *all* nodes (median, p99; target: p99 under
+  1 s for 10 households on 2 cores), from each node's own record of when it applied the
+  clearing (``/status`` ``slot_times``, same wall clock for all processes);
+- slot end to the settled block on all nodes (median, p99), and the same measured from the
+  reading deadline (slot end + settle delay, when the leader may first propose the
+  settlement): the part that is our overhead rather than the market's rule;
+- CPU seconds per node per round, split into the background rate (CPU/s in the quiet part of
+  each slot: heartbeats, meter polls, libp2p housekeeping) and the work of one round (orders,
+  readings, clearing, settlement), and the share of one core a node would use with 15-minute
+  slots (work / 900 s + background rate), also scaled by a Raspberry Pi factor;
+- resident memory per node (median, max) and gossip messages per round.
+
+CPU comes from /proc (utime + stime, 10 ms ticks), sampled every 0.1 s. Every run is bounded
+(``trio.fail_after``). ``python -m bench.node_bench --sizes 5 10 20 --rounds 6``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.demo import Demo, DemoSettings
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+PRODUCTION_SLOT_S = 900
+PI_FACTOR = 4.0
+"""A Raspberry Pi 4 core runs this Python code roughly this many times slower than one core of
+the 2-core x86 bench machine (single-thread CPython benchmarks; an estimate, not measured)."""
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank quantile ``q`` in [0, 1] (NaN if empty)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, or None once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size in MB."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return None
+    return pages * PAGE_KB / 1024
+
+
+class CpuSampler:
+    """Samples every node's CPU time every 0.1 s: ``series[name] = [(t, cpu_s), ...]``."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.series: dict[str, list[tuple[float, float]]] = {n: [] for n in pids}
+
+    async def run(self) -> None:
+        while True:
+            now = time.time()
+            for name, pid in self.pids.items():
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    self.series[name].append((now, cpu))
+            await trio.sleep(0.1)
+
+    def between(self, name: str, t0: float, t1: float) -> tuple[float, float] | None:
+        """(CPU seconds, wall seconds) between the samples nearest inside [t0, t1]."""
+        inside = [(t, c) for t, c in self.series[name] if t0 <= t <= t1]
+        if len(inside) < 2:
+            return None
+        (ta, ca), (tb, cb) = inside[0], inside[-1]
+        return cb - ca, tb - ta
+
+
+async def run_size(n: int, rounds: int, slot_seconds: int, deadline: float) -> dict[str, Any]:
+    """Run one demo microgrid of ``n`` households and measure it."""
+    out: dict[str, Any] = {"n": n, "slot_s": slot_seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = Demo(
+            DemoSettings(households=n, slot_seconds=slot_seconds, dashboard=False,
+                         directory=Path(tmp) / "demo"),
+            out=lambda line: None,
+        )  # fmt: skip
+        try:
+            await demo.prepare()
+            async with trio.open_nursery() as nursery:
+                t0 = time.monotonic()
+                await demo.start(nursery)
+                try:
+                    with trio.fail_after(deadline):
+                        await _measure(demo, nursery, rounds, out, t0)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await demo.stop_all(quiesce_timeout=2 * slot_seconds)
+                    nursery.cancel_scope.cancel()
+            verdict = demo.verdict()
+            out["verdict"] = ("PASS " if verdict.ok else "FAIL ") + verdict.message
+        finally:
+            for h in demo.households:
+                if h.alive:
+                    demo.kill(h)
+            demo.close()
+    return out
+
+
+async def _measure(
+    demo: Demo, nursery: trio.Nursery, rounds: int, out: dict[str, Any], t0: float
+) -> None:
+    schedule = demo.schedule
+    n = len(demo.households)
+    # the first round that settles with everyone up: warm-up (startup, mesh, first election)
+    await demo.wait_until(lambda d: len(d) == n and all(doc["ledger"]["height"] >= 1
+                                                        for doc in d.values()),
+                          timeout=240)  # fmt: skip
+    out["startup_s"] = time.monotonic() - t0
+    pids = {h.name: h.process.pid for h in demo.households if h.process is not None}
+    sampler = CpuSampler(pids)
+    nursery.start_soon(sampler.run)
+    docs = await demo.statuses()
+    first = max(d["ledger"]["settled_through"] or 0 for d in docs.values()) + 1
+    window_start = time.time()
+    counters0 = {name: dict(d.get("counters", {})) for name, d in docs.items()}
+    last = first + rounds - 1
+    await demo.wait_until(
+        lambda d: len(d) == n and all((doc["ledger"]["settled_through"] or 0) >= last
+                                      for doc in d.values()),
+        timeout=(rounds + 4) * schedule.slot_seconds + 30,
+    )  # fmt: skip
+    window_end = time.time()
+    docs = await demo.statuses()
+
+    times: dict[int, dict[str, list[float]]] = {}
+    for d in docs.values():
+        for row in d["slot_times"]:
+            for what in ("cleared_at", "settled_at"):
+                if what in row:
+                    times.setdefault(row["slot"], {}).setdefault(what, []).append(row[what])
+    gate_lat, settle_lat, settle_over = [], [], []
+    for slot in range(first, last + 1):
+        t = times.get(slot, {})
+        if len(t.get("cleared_at", [])) == n:
+            gate_lat.append(max(t["cleared_at"]) - schedule.gate_time(slot))
+        if len(t.get("settled_at", [])) == n:
+            settled = max(t["settled_at"])
+            settle_lat.append(settled - schedule.end(slot))
+            settle_over.append(settled - schedule.settle_time(slot))
+    out["rounds"] = rounds
+    out["gate_median_ms"] = 1000 * statistics.median(gate_lat) if gate_lat else math.nan
+    out["gate_p99_ms"] = 1000 * pct(gate_lat, 0.99)
+    out["settle_median_ms"] = 1000 * statistics.median(settle_lat) if settle_lat else math.nan
+    out["settle_p99_ms"] = 1000 * pct(settle_lat, 0.99)
+    out["settle_over_median_ms"] = (
+        1000 * statistics.median(settle_over) if settle_over else math.nan
+    )
+    out["settle_over_p99_ms"] = 1000 * pct(settle_over, 0.99)
+
+    # CPU: total over the window, and the background rate in each slot's quiet part (after the
+    # settlement, before the next gate closure)
+    totals, rates = [], []
+    for name in pids:
+        total = sampler.between(name, window_start, window_end)
+        if total is None:
+            continue
+        totals.append(total[0])
+        quiet_cpu = quiet_wall = 0.0
+        for slot in range(first, last):
+            q0 = schedule.settle_time(slot) + 0.8
+            q1 = schedule.gate_time(slot + 2) - 0.3
+            part = sampler.between(name, q0, q1) if q1 - q0 > 1 else None
+            if part is not None:
+                quiet_cpu += part[0]
+                quiet_wall += part[1]
+        if quiet_wall > 0:
+            rates.append(quiet_cpu / quiet_wall)
+    wall = window_end - window_start
+    cpu_round = statistics.median(totals) / rounds
+    rate = statistics.median(rates) if rates else math.nan
+    work = max(0.0, cpu_round - rate * wall / rounds)
+    out["cpu_round_s"] = cpu_round
+    out["cpu_background_pct"] = 100 * rate
+    out["cpu_work_round_s"] = work
+    share = work / PRODUCTION_SLOT_S + rate
+    out["core_share_15min_pct"] = 100 * share
+    out["pi_core_share_15min_pct"] = 100 * share * PI_FACTOR
+    rss = [r for r in (rss_mb(p) for p in pids.values()) if r is not None]
+    out["rss_median_mb"], out["rss_max_mb"] = statistics.median(rss), max(rss)
+    published = 0
+    for name, d in docs.items():
+        c0, c1 = counters0.get(name, {}), d.get("counters", {})
+        published += sum(c1.get(k, 0) - c0.get(k, 0) for k in c1 if k.startswith("published_"))
+    out["gossip_msgs_per_round"] = published / rounds
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    """Print one table and the ratios to the targets."""
+    print()
+    print(f"{'N':>3} {'start s':>7} {'gate->all ms':>17} {'end->settled ms':>17} "
+          f"{'deadline->settled':>18} {'CPU/round s':>11} {'bg %':>5} {'work s':>6} "
+          f"{'15-min %':>8} {'Pi %':>5} {'RSS MB':>11} {'msgs':>5}")  # fmt: skip
+    for r in results:
+        if "error" in r:
+            print(f"{r['n']:>3} error: {r['error']}")
+            continue
+        print(
+            f"{r['n']:>3} {r['startup_s']:>7.1f} "
+            f"{r['gate_median_ms']:>7.0f} /{r['gate_p99_ms']:>6.0f} p99 "
+            f"{r['settle_median_ms']:>7.0f} /{r['settle_p99_ms']:>6.0f} p99 "
+            f"{r['settle_over_median_ms']:>8.0f} /{r['settle_over_p99_ms']:>5.0f} p99 "
+            f"{r['cpu_round_s']:>11.3f} {r['cpu_background_pct']:>5.1f} "
+            f"{r['cpu_work_round_s']:>6.3f} {r['core_share_15min_pct']:>8.2f} "
+            f"{r['pi_core_share_15min_pct']:>5.1f} "
+            f"{r['rss_median_mb']:>5.0f}/{r['rss_max_mb']:>4.0f} "
+            f"{r['gossip_msgs_per_round']:>5.0f}"
+        )
+    print()
+    for r in results:
+        if "error" in r:
+            continue
+        print(f"N={r['n']}: gate->all p99 / 1 s target = {r['gate_p99_ms'] / 1000:.2f}; "
+              f"Pi core share at 15-min slots {r['pi_core_share_15min_pct']:.1f} % "
+              f"(x{PI_FACTOR:g} estimate); gossip msgs per round / N = "
+              f"{r['gossip_msgs_per_round'] / r['n']:.1f}; {r['verdict']}")  # fmt: skip
+    print("columns: gate->all = gate closure to clearing applied on every node; end->settled ="
+          " slot end to block on every node (includes the settle delay); deadline->settled ="
+          " from the reading deadline; bg = background CPU of one core; work = CPU of one "
+          "round's orders, readings, clearing and settlement; 15-min % = share of one core "
+          "at 15-minute slots (work/900 s + bg)")  # fmt: skip
+
+
+async def amain(args: argparse.Namespace) -> int:
+    results = []
+    for n in args.sizes:
+        print(f"running {n} households, {args.rounds} rounds of {args.slot_seconds} s…",
+              flush=True)  # fmt: skip
+        deadline = 240 + (args.rounds + 6) * args.slot_seconds
+        try:
+            results.append(await run_size(n, args.rounds, args.slot_seconds, deadline))
+        except (trio.TooSlowError, RuntimeError, OSError) as exc:
+            results.append({"n": n, "error": f"{exc.__class__.__name__}: {exc}"})
+        print(f"  {results[-1]}", flush=True)
+    report(results)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run."""
+    parser = argparse.ArgumentParser(prog="python -m bench.node_bench")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--slot-seconds", type=int, default=10)
+    args = parser.parse_args(argv)
+    return trio.run(amain, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
