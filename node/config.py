@@ -116,6 +116,7 @@ _PORTS = {"metrics_port", "api_port"}
 _POSITIVE_FLOATS = {"meter_poll_seconds", "meter_time_scale", "raft_tick_seconds"}
 _POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+_PARITIES = ("N", "E", "O", "M", "S")
 
 
 def _number(name: str, value: Any, source: str, kind: type) -> Any:
@@ -136,14 +137,16 @@ def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
     parts = urlsplit(text)
     if parts.scheme == "tcp" and parts.hostname:
         try:
-            port = parts.port or 502
+            port = 502 if parts.port is None else parts.port
         except ValueError:
             raise ConfigError(f"{source}: bad port in {text!r}") from None
+        if port == 0:
+            raise ConfigError(f"{source}: bad port in {text!r}")
         return TcpEndpoint(parts.hostname, port)
     if parts.scheme == "rtu" and parts.path:
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
-            return SerialEndpoint(
+            serial = SerialEndpoint(
                 parts.path,
                 baudrate=int(query.get("baudrate", 9600)),
                 parity=query.get("parity", "N"),
@@ -151,6 +154,12 @@ def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
             )
         except ValueError:
             raise ConfigError(f"{source}: bad serial settings in {text!r}") from None
+        if serial.baudrate <= 0 or serial.parity not in _PARITIES or serial.stopbits not in (1, 2):
+            raise ConfigError(
+                f"{source}: bad serial settings in {text!r} (baudrate > 0, parity one of "
+                f"{'/'.join(_PARITIES)}, stopbits 1 or 2)"
+            )
+        return serial
     raise ConfigError(f"{source}: {text!r} is not tcp://HOST:PORT or rtu:///DEVICE?baudrate=N")
 
 
@@ -306,6 +315,8 @@ def load_config(
     if "genesis_path" not in overrides and ENV_PREFIX + "GENESIS" in environ:
         overrides["genesis_path"] = _coerce("genesis_path", environ[ENV_PREFIX + "GENESIS"],
                                             ENV_PREFIX + "GENESIS")
+    # relative paths from the environment are relative to the current directory (see above)
+    overrides = {k: Path.cwd() / v if k in _PATHS else v for k, v in overrides.items()}
     config = replace(config, **overrides)
     config = replace(
         config,

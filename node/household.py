@@ -51,7 +51,7 @@ from node.raft import Config, EntryType, Message, RaftNode, decode_message, enco
 from node.raft.storage_sql import SQLStorage
 from node.replica import Replica
 from node.status import status_document
-from node.trader import MeterMismatch, Trader
+from node.trader import NONCE_MANUAL, MeterMismatch, Trader
 
 log = logging.getLogger("microgrid.node")
 
@@ -338,7 +338,6 @@ class HouseholdNode:
     async def _publish(self, kind: TopicKind, record: SignedRecord) -> None:
         """Gossip one own record and queue it for proposal here too."""
         assert isinstance(record, Order | CancelOrder | MeterReading)
-        self.proposer.offer(record)
         try:
             await self.net.publish(kind, [record])
         except PublishError as exc:
@@ -346,6 +345,7 @@ class HouseholdNode:
             log.warning("own record refused", extra={"event": "publish_refused",
                                                      "reason": exc.verdict.reason})  # fmt: skip
             return
+        self.proposer.offer(record)
         self.counters[f"published_{record.KIND}"] += 1
         log.info(f"published {record.KIND}", extra={"event": "published", "kind": record.KIND,
                                                     "slot": getattr(record, "slot", None)})
@@ -475,11 +475,26 @@ class HouseholdNode:
             raise ApiError(400, f"quantity_wh must be in 1..{market.max_order_wh}")
         if not market.feed_in_tariff <= price <= market.retail_price:
             raise ApiError(400, f"price must be in {market.feed_in_tariff}..{market.retail_price}")
-        if self.wall_clock() >= self.schedule.gate_time(slot):
+        now = self.wall_clock()
+        if now >= self.schedule.gate_time(slot):
             raise ApiError(409, f"the gate of slot {slot} has closed")
+        # The engine accepts slots up to slot_horizon past the last closed gate; a farther one
+        # would also push this household's nonce window past its own next readings.
+        last = self.schedule.last_due_gate(now) + market.slot_horizon
+        if slot > last:
+            raise ApiError(400, f"slot {slot} is too far ahead (orders go up to slot {last})")
+        # One manual order per slot: its nonce is derived from the slot (node/trader.py), so a
+        # second one would be rejected as a replay after the API had accepted it.
+        if slot in self.trader.manual_slots or any(
+            o.household == self.identity.did and o.nonce == self.trader.nonce(slot, NONCE_MANUAL)
+            for o in self.replica.state.books.get(slot, {}).values()
+        ):
+            raise ApiError(409, f"a manual order for slot {slot} is already placed (one per slot)")
         order = self.trader.sign_order(slot, side, qty, price)
         try:
             self._manual_send.send_nowait(order)
         except trio.WouldBlock:
             raise ApiError(503, "too many orders queued; try again") from None
+        closed = self.schedule.last_due_gate(now)
+        self.trader.manual_slots = {s for s in self.trader.manual_slots if s > closed} | {slot}
         return {"queued": order.id, "slot": slot}

@@ -45,7 +45,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD}
+        extra = {k: v for k, v in vars(record).items()
+                 if k not in _STANDARD and not k.startswith("_")}  # fmt: skip
         if extra:
             text += " " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
         return text

@@ -47,6 +47,8 @@ class Trader:
     """The sample taken at the end of each recent slot (the counters its reading carries)."""
     ordered: set[int] = field(default_factory=set)
     """Slots this household has already placed its agent's order in."""
+    manual_slots: set[int] = field(default_factory=set)
+    """Slots a manual order (through the API) was signed for since this node started."""
 
     def __post_init__(self) -> None:
         self.forecaster = Forecaster(slots_per_day=max(1, 86_400 // self.schedule.slot_seconds))
@@ -85,7 +87,7 @@ class Trader:
             del self.boundary[old]
         return MeterReading(
             grid=self.config.grid,
-            nonce=slot * NONCES_PER_SLOT + NONCE_READING,
+            nonce=self.nonce(slot, NONCE_READING),
             household=self.did,
             meter_serial=self.meter_serial,
             slot=slot,
@@ -106,13 +108,18 @@ class Trader:
             self.ordered.discard(old)
         return self.sign_order(slot, plan.side, plan.quantity_wh, plan.price, NONCE_ORDER)
 
+    @staticmethod
+    def nonce(slot: int, kind: int) -> int:
+        """The nonce of this household's record of ``kind`` (NONCE_*) for ``slot``."""
+        return slot * NONCES_PER_SLOT + kind
+
     def sign_order(
         self, slot: int, side: Side, quantity_wh: int, price: int, kind: int = NONCE_MANUAL
     ) -> Order:
         """A signed order of this household (the agent's, or one placed through the API)."""
         return Order(
             grid=self.config.grid,
-            nonce=slot * NONCES_PER_SLOT + kind,
+            nonce=self.nonce(slot, kind),
             id=f"{slot}-{self.did[-8:]}" + ("" if kind == NONCE_ORDER else f"-{kind}"),
             household=self.did,
             side=side,

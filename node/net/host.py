@@ -171,14 +171,20 @@ class NetSettings:
 
 
 def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time) -> SlotPolicy:
-    """Orders only before their slot's gate closes; readings only once their slot has ended."""
+    """Orders only before their slot's gate closes and at most the market's slot horizon past
+    the last closed gate (as the engine accepts them); readings only once their slot has ended.
+    """
 
     schedule = genesis.schedule
+    horizon = genesis.market.slot_horizon
 
     def policy(record: SignedRecord) -> str | None:
         now = clock()
         if isinstance(record, Order) and now >= schedule.gate_time(record.slot):
             return "slot_closed"
+        if isinstance(record, Order) and record.slot > schedule.last_due_gate(now) + horizon:
+            # also keeps a far-future nonce from pushing the author's window past its readings
+            return "slot_too_far"
         if isinstance(record, MeterReading) and now < schedule.end(record.slot):
             return "slot_not_open"
         return None

@@ -47,6 +47,7 @@ REASON_WEIGHTS: dict[str, float] = {
     "replayed": 1.0,
     "slot_closed": 0.5,
     "slot_not_open": 0.5,
+    "slot_too_far": 2.0,
 }
 """Penalty points per rejection reason."""
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from market.models import CloseGate, MeterReading, Order, Side
 from market.signing import Signer
+from node.genesis import load_genesis
 from node.identity import NodeIdentity
+from node.net.harness import make_grid
+from node.net.host import default_slot_policy
 from node.net.validator import GossipValidator, PenaltyBox, TokenBucket
 from node.net.wire import (
     MAX_GOSSIP_BYTES,
@@ -129,3 +134,25 @@ def test_token_bucket_refills() -> None:
     bucket = TokenBucket(rate=2, burst=2)
     assert bucket.take(0) and bucket.take(0) and not bucket.take(0)
     assert bucket.take(0.5) and not bucket.take(0.5)
+
+
+def test_default_slot_policy_bounds_orders_by_gate_and_horizon_and_readings_by_slot_end(
+    tmp_path: Path,
+) -> None:
+    """Orders are gossiped from their gate's opening horizon until the gate closes; readings
+    only once their slot has ended."""
+    _, _, path = make_grid(tmp_path, 2, slot_seconds=900)
+    genesis = load_genesis(path)
+    schedule, horizon = genesis.schedule, genesis.market.slot_horizon
+    now = [float(schedule.start(1000))]
+    policy = default_slot_policy(genesis, clock=lambda: now[0])
+    last_closed = schedule.last_due_gate(now[0])
+    assert policy(order(1, slot=last_closed + 1)) is None
+    assert policy(order(1, slot=last_closed)) == "slot_closed"
+    assert policy(order(1, slot=last_closed + horizon)) is None
+    assert policy(order(1, slot=last_closed + horizon + 1)) == "slot_too_far"
+    reading = MeterReading(grid="g", nonce=1, household=A.did, meter_serial="m", slot=1000,
+                           import_wh=0, export_wh=0).signed_by(A.signer)  # fmt: skip
+    assert policy(reading) == "slot_not_open"
+    now[0] = float(schedule.end(1000))
+    assert policy(reading) is None
