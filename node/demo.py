@@ -69,6 +69,11 @@ class DemoSettings:
     voters: int = 3
     feed_in_tariff: int = 8
     retail_price: int = 30
+    raft_tick_seconds: float = 0.1
+    raft_election_ticks: int = 15
+    raft_heartbeat_ticks: int = 2
+    """Fast Raft timing (heartbeat 0.2 s, elections after 1.5-3 s) so a killed leader is
+    replaced within a short demo slot; a real node uses the config defaults (1 s, 5-10 s)."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -192,9 +197,9 @@ def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: s
         f"meter_poll_seconds = {max(1.0, s.slot_seconds / 2)}\n"
         f"meter_time_scale = {scale:.3f}\n"
         f"read_delay_seconds = {min(0.3, s.freeze_seconds / 2):.3f}\n"
-        "raft_tick_seconds = 0.1\n"
-        "raft_election_ticks = 15\n"
-        "raft_heartbeat_ticks = 2\n"
+        f"raft_tick_seconds = {s.raft_tick_seconds}\n"
+        f"raft_election_ticks = {s.raft_election_ticks}\n"
+        f"raft_heartbeat_ticks = {s.raft_heartbeat_ticks}\n"
         "\n[[meters]]\n"
         'name = "main"\n'
         f'profile = "{profile}"\n'

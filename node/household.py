@@ -34,8 +34,9 @@ from sqlalchemy import func, select
 
 from dashboard.data import load_clearings, load_settlement_sums
 from market import CancelOrder, MeterReading, Order, Side
-from market.events import Event, GateClosed, SlotSettled
+from market.events import Event, GateClosed, Rejected, SlotSettled
 from market.models import MemberRegistration, SignedRecord
+from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.api import Api, ApiError, Request
 from node.config import NodeConfig
@@ -44,7 +45,8 @@ from node.genesis import Genesis
 from node.identity import NodeIdentity
 from node.ledger import LedgerStore
 from node.ledger import schema as t
-from node.net.host import NetNode, NetSettings, PublishError
+from node.metrics import NodeCollector
+from node.net.host import NetNode, NetSettings, PublishError, default_slot_policy
 from node.net.wire import TopicKind
 from node.proposer import Proposer
 from node.raft import Config, EntryType, Message, RaftNode, decode_message, encode_message
@@ -54,6 +56,9 @@ from node.status import status_document
 from node.trader import NONCE_MANUAL, MeterMismatch, Trader
 
 log = logging.getLogger("microgrid.node")
+
+SLOTS_PAGE = 500
+"""Most slots one ``GET /slots`` answers with."""
 
 
 class NodeError(RuntimeError):
@@ -153,6 +158,7 @@ class HouseholdNode:
                 metrics_host=config.metrics_host,
             ),
             on_gossip=self._on_gossip,
+            slot_policy=default_slot_policy(genesis, wall_clock),
             raft_codec=(encode_message, decode_message),
             on_raft=self._on_raft,
         )
@@ -187,12 +193,16 @@ class HouseholdNode:
         self.last_reading: MeterReading | None = None
         self.last_reading_at: str | None = None
         self.last_poll: dict[str, PollResult] = {}
+        self._meter_failing: dict[str, tuple[str, float]] = {}
         self.slot_times: dict[int, dict[str, float]] = {}
         """Wall-clock seconds at which this node applied each recent slot's clearing
         (``cleared_at``) and settlement (``settled_at``): for status and the benchmarks."""
         self._manual_send, self._manual_recv = trio.open_memory_channel[SignedRecord](64)
         self._stop = trio.Event()
         self.started = trio.Event()
+        # one Prometheus endpoint for the network, the meters and the node (127.0.0.1)
+        self.net.metrics.registry.register(MeterCollector(self.reader))
+        self.net.metrics.registry.register(NodeCollector(self))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -245,7 +255,15 @@ class HouseholdNode:
     def _on_applied(self, index: int, events: list[Event]) -> None:
         """Log and time each clearing and settlement as this node applies it (worker thread)."""
         for event in events:
-            if isinstance(event, GateClosed):
+            if isinstance(event, Rejected):
+                # every node sees every rejection; a household is told about its own
+                self.counters[f"engine_rejected_{event.reason.value}"] += 1
+                if event.author == self.identity.did:
+                    self.counters["own_rejected"] += 1
+                    log.warning("own record rejected by the engine", extra={
+                        "event": "rejected", "index": index, "reason": event.reason.value,
+                        "command": event.command_type, "detail": event.detail})  # fmt: skip
+            elif isinstance(event, GateClosed):
                 self._slot_time(event.slot, "cleared_at")
                 c = event.clearing
                 log.info("slot cleared", extra={
@@ -274,11 +292,23 @@ class HouseholdNode:
     async def _poll(self) -> PollResult:
         results = await self.reader.poll_all()
         self.last_poll = results
+        now = time.monotonic()
         for name, result in results.items():
-            if not result.ok:
-                self.counters["meter_read_failures"] += 1
-                log.warning("meter read failed", extra={"event": "meter_error", "meter": name,
-                                                        "error": str(result.error)})  # fmt: skip
+            failing = self._meter_failing.get(name)
+            if result.ok:
+                if failing is not None:
+                    del self._meter_failing[name]
+                    log.info("meter answers again", extra={"event": "meter_ok", "meter": name})
+                continue
+            self.counters["meter_read_failures"] += 1
+            error = str(result.error)
+            # a dead meter is polled every few seconds: log a change of error, else once a
+            # minute (the counter has every failure)
+            if failing is None or failing[0] != error or now - failing[1] >= 60:
+                self._meter_failing[name] = (error, now)
+                log.warning("meter read failed", extra={
+                    "event": "meter_error", "meter": name, "error": error,
+                    "failures": self.counters["meter_read_failures"]})  # fmt: skip
         return results[self.trading_meter]
 
     async def _meter_loop(self) -> None:
@@ -431,18 +461,27 @@ class HouseholdNode:
         return {"balances": self._rows(select(t.balances).order_by(t.balances.c.account))}
 
     def _get_slots(self, req: Request) -> Any:
-        """Per settled slot: clearing price, local volume, grid import/export, block."""
+        """Per cleared slot: clearing price, local volume, grid import/export, block. At most
+        ``SLOTS_PAGE`` slots: from ``since`` on, or the newest ones."""
         since = self._slot_query(req, "since")
-        after = None if since is None else since - 1
+        if since is None:
+            closed = self.replica.state.closed_through
+            after, upto = (None if closed is None else closed - SLOTS_PAGE), None
+        else:
+            after, upto = since - 1, since - 1 + SLOTS_PAGE
+        b = t.blocks.c
+        blocks_q = select(b.slot, b.height, b.hash)
+        if after is not None:
+            blocks_q = blocks_q.where(b.slot > after)
+        if upto is not None:
+            blocks_q = blocks_q.where(b.slot <= upto)
         with self.store.engine.connect() as conn:
-            rows = load_clearings(conn, after)
-            sums = load_settlement_sums(conn, after)
-            blocks = {int(r.slot): (int(r.height), r.hash) for r in conn.execute(
-                select(t.blocks.c.slot, t.blocks.c.height, t.blocks.c.hash)
-                .where(t.blocks.c.slot > (after if after is not None else -1)))}  # fmt: skip
+            rows = load_clearings(conn, after, upto)
+            sums = load_settlement_sums(conn, after, upto)
+            blocks = {int(r.slot): (int(r.height), r.hash) for r in conn.execute(blocks_q)}
             count = conn.execute(select(func.count()).select_from(t.blocks)).scalar_one()
         out = []
-        for row in rows[-500:]:
+        for row in rows:
             s = sums.get(row.slot)
             block = blocks.get(row.slot)
             out.append({

@@ -43,7 +43,9 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from node.genesis import GenesisError, load_genesis
     from node.household import HouseholdNode, NodeError
     from node.identity import KeyFileError, load_key_file
+    from node.ledger.store import LedgerStoreError
     from node.logs import configure
+    from node.raft.errors import StorageCorruption
     from node.replica import ReplicaError
 
     try:
@@ -68,11 +70,24 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             await node.run()
             nursery.cancel_scope.cancel()
 
+    fatal = (NodeError, ReplicaError, StorageCorruption, LedgerStoreError)
     try:
         trio.run(main)
-    except (NodeError, ReplicaError) as exc:
+    except fatal as exc:
         return _fail(str(exc), 1)
+    except BaseExceptionGroup as group:
+        # raised inside the node's nursery: still a one-line error, not a traceback
+        known, rest = group.split(fatal)
+        if known is None or rest is not None:
+            raise
+        return _fail(str(_first_leaf(known)), 1)
     return 0
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def cmd_status(args: argparse.Namespace) -> int:

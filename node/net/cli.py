@@ -1,4 +1,4 @@
-"""CLI: ``microgrid init``, ``microgrid genesis create|show``, ``microgrid net run``."""
+"""CLI: ``microgrid init``, ``identity``, ``genesis create|show``, ``net run``."""
 
 from __future__ import annotations
 
@@ -23,12 +23,17 @@ KEY_NAME = "node.key"
 
 
 def register(subparsers: Any) -> None:
-    """Add ``init``, ``genesis`` and ``net`` to the ``microgrid`` command."""
+    """Add ``init``, ``identity``, ``genesis`` and ``net`` to the ``microgrid`` command."""
     p = subparsers.add_parser("init", help="create this household's key and a starter config")
     p.add_argument("--dir", type=Path, default=Path("."), help="node directory (default: .)")
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/4001", help="listen multiaddr")
     p.add_argument("--metrics-port", type=int, default=9464)
     p.set_defaults(func=cmd_init)
+
+    i = subparsers.add_parser("identity", help="print the peer id and did:key of a key file")
+    i.add_argument("--key", type=Path, default=None, help="key file (default: the config's)")
+    i.add_argument("--config", type=Path, default=None, help="node config (microgrid.toml)")
+    i.set_defaults(func=cmd_identity)
 
     g = subparsers.add_parser("genesis", help="create or inspect a signed genesis file")
     gs = g.add_subparsers(dest="genesis_command", metavar="ACTION")
@@ -92,6 +97,21 @@ def cmd_init(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         print(f"config:  {config} (mode 0600: it holds the API token)")
+    return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    """Print an existing key's identity (what a household sends the grid operator)."""
+    path = args.key
+    try:
+        if path is None:
+            path = load_config(args.config).key_path
+        identity = load_key_file(path)
+    except (ConfigError, KeyFileError) as exc:
+        return _fail(str(exc))
+    print(f"peer id: {identity.peer_id}")
+    print(f"did:key: {identity.did}")
+    print(f"key:     {path}")
     return 0
 
 

@@ -286,10 +286,12 @@ async def _child(args: argparse.Namespace) -> None:
         from market.models import Order, Side
 
         count, per, nonce = int(cmd["count"]), int(cmd.get("per_batch", 1)), int(cmd["nonce"])
+        # an open slot inside the horizon, so the slot policy (if on) lets the orders through
+        slot = genesis.schedule.open_slot(time.time()) + 2
         batches = [
             [
                 Order(grid=genesis.grid, nonce=nonce + i * per + j, id=f"f{nonce + i * per + j}",
-                      household=identity.did, side=Side.SELL, slot=10**8, quantity_wh=100,
+                      household=identity.did, side=Side.SELL, slot=slot, quantity_wh=100,
                       price=10).signed_by(identity.signer)
                 for j in range(per)
             ]

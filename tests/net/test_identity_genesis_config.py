@@ -228,6 +228,15 @@ def test_cli_init_and_genesis(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "12D3KooW" in out and "did:key:z6Mk" in out
     assert cli_main(["init", "--dir", str(tmp_path / "h")]) == 2  # refuses to overwrite
     assert "refusing to overwrite" in capsys.readouterr().err
+    # the identity of an existing key, from the key or through the config
+    assert cli_main(["identity", "--key", str(tmp_path / "h" / "node.key")]) == 0
+    by_key = capsys.readouterr().out
+    assert cli_main(["identity", "--config", str(tmp_path / "h" / "microgrid.toml")]) == 0
+    by_config = capsys.readouterr().out
+    did = load_key_file(tmp_path / "h" / "node.key").did
+    assert f"did:key: {did}" in by_key and by_key == by_config
+    assert cli_main(["identity", "--key", str(tmp_path / "nope.key")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     config = load_config(tmp_path / "h" / "microgrid.toml", environ={})
     did = load_key_file(config.key_path).did
     rc = cli_main([

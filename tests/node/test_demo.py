@@ -142,6 +142,8 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
         text = status.stdout.decode()
         assert "raft      learner term" in text and "peers     4/4 connected" in text, text
         assert "reading   slot" in text, text
+    # SIGTERM is a clean shutdown: every node exits 0
+    assert [h.process.returncode for h in demo.households if h.process] == [0] * 5
     stopped = await microgrid_status(demo.households[-1])
     assert stopped.returncode == 1 and b"cannot reach the node" in stopped.stderr
     check_all_ledgers(demo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -201,6 +202,20 @@ async def check_api(node: HouseholdNode, grid: Grid) -> dict[str, Any]:
     return {"slot": slot, "id": f"{slot}-{grid.identity.did[-8:]}-{NONCE_MANUAL}"}
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample line ``name value`` (exact name with labels)."""
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
+    raise AssertionError(f"{name} not in the scrape")
+
+
 async def test_household_node_trades_settles_stops_and_resumes(
     tmp_path: Path, sim: MeterSimulator
 ) -> None:
@@ -209,7 +224,9 @@ async def test_household_node_trades_settles_stops_and_resumes(
     on the same data resumes at the same applied index and head (nothing lost or re-applied)."""
     grid = await make_grid(tmp_path, sim)
     did, url = grid.identity.did, grid.config.ledger_url
-    first = HouseholdNode(grid.config, grid.identity, grid.genesis)
+    metrics_port = free_ports(1)[0]
+    first = HouseholdNode(replace(grid.config, metrics_port=metrics_port), grid.identity,
+                          grid.genesis)  # fmt: skip
     placed: dict[str, Any] = {}
 
     async def trade(node: HouseholdNode) -> None:
@@ -233,6 +250,14 @@ async def test_household_node_trades_settles_stops_and_resumes(
         assert (doc["last_reading"]["import_wh"], doc["last_reading"]["export_wh"]) == (
             grid.truth.import_wh, grid.truth.export_wh
         )
+        # one Prometheus endpoint on 127.0.0.1 carries the node's, the meters' and the
+        # network's metrics
+        text = await trio.to_thread.run_sync(scrape, metrics_port)
+        assert metric(text, "microgrid_raft_is_leader") == 1
+        assert metric(text, "microgrid_ledger_height") >= 1
+        assert metric(text, 'microgrid_meter_samples_total{meter="main"}') >= 1
+        assert metric(text, 'microgrid_node_events_total{kind="published_reading"}') >= 1
+        assert "microgrid_gossip_out_total" in text
 
     with trio.fail_after(60):
         await run_until_stopped(first, trade)

@@ -86,7 +86,9 @@ def test_text_format_appends_sorted_key_values() -> None:
     assert first.endswith(
         " INFO microgrid.node: published order event=published kind=order slot=12"
     )
-    dt.datetime.strptime(first.split(" INFO ")[0], "%Y-%m-%d %H:%M:%S,%f")
+    stamp = dt.datetime.fromisoformat(first.split(" INFO ")[0])
+    assert stamp.tzinfo == dt.UTC  # UTC, as in the JSON lines
+    assert abs((dt.datetime.now(dt.UTC) - stamp).total_seconds()) < 60
     assert second.endswith(" INFO microgrid.node: plain")
     assert "=" not in second
 

@@ -1,0 +1,61 @@
+"""Prometheus view of a household node: consensus, ledger, proposer and the node's counters.
+
+:class:`NodeCollector` reads the node's parts at scrape time (like
+:class:`meter.metrics.MeterCollector`), so none of them depends on prometheus. The node
+registers it, and the meter collector, on the network layer's registry, which serves
+everything on one 127.0.0.1 endpoint (``metrics_port``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from node.household import HouseholdNode
+
+
+class NodeCollector(Collector):
+    """Raft role and indices, ledger height, proposer queues, and the node's event counters."""
+
+    def __init__(self, node: HouseholdNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        """Build the metric families from the node's current state."""
+        node = self.node
+        st = node.raft.status()
+        stats = node.driver.stats
+        state = node.replica.state
+        g = GaugeMetricFamily
+        yield g("microgrid_raft_term", "Current Raft term", value=st.term)
+        yield g("microgrid_raft_is_leader", "1 if this node leads", value=int(st.role == "leader"))
+        yield g("microgrid_raft_commit_index", "Highest committed log index", value=st.commit)
+        yield g("microgrid_raft_applied_index", "Highest applied log index",
+                value=node.replica.applied_index)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_leader_changes", "Leaders seen",
+                                  value=stats.leader_changes)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_proposals", "Batches proposed as leader",
+                                  value=stats.proposals)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_inbound_dropped",
+                                  "Raft messages dropped: the driver's inbox was full",
+                                  value=stats.dropped_inbound)  # fmt: skip
+        yield g("microgrid_ledger_height", "Blocks in the ledger", value=state.height)
+        yield g("microgrid_ledger_settled_through", "Last settled slot",
+                value=state.settled_through if state.settled_through is not None else -1)
+        yield g("microgrid_proposer_pending", "Records waiting to be proposed",
+                value=len(node.proposer.pending))  # fmt: skip
+        yield g("microgrid_proposer_in_flight", "Records proposed, not yet committed",
+                value=len(node.proposer.in_flight))  # fmt: skip
+        events = CounterMetricFamily(
+            "microgrid_node_events",
+            "Node events: records published or refused, meter failures, missed readings, "
+            "engine rejections by reason",
+            labels=["kind"],
+        )
+        for kind, count in sorted(dict(node.counters).items()):
+            events.add_metric([kind], count)
+        yield events
