@@ -20,6 +20,7 @@ read_delay_seconds = 0.5         # poll the meter this long after a slot ends
 raft_tick_seconds = 0.25
 raft_election_ticks = 20
 raft_heartbeat_ticks = 4
+raft_snapshot_entries = 5000     # compact the Raft log after this many applied entries
 
 [[meters]]                       # the household's grid-connection meter(s)
 name = "main"
@@ -96,6 +97,7 @@ class NodeConfig:
     raft_tick_seconds: float = 0.25
     raft_election_ticks: int = 20
     raft_heartbeat_ticks: int = 4
+    raft_snapshot_entries: int = 5000
     meters: tuple[MeterSetting, ...] = ()
     strategy: Strategy = field(default_factory=Strategy)
 
@@ -114,7 +116,7 @@ _PATHS = {"key_path", "genesis_path", "data_dir"}
 _STRINGS = {"listen", "metrics_host", "api_host"}
 _PORTS = {"metrics_port", "api_port"}
 _POSITIVE_FLOATS = {"meter_poll_seconds", "meter_time_scale", "raft_tick_seconds"}
-_POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks"}
+_POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks", "raft_snapshot_entries"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 _PARITIES = ("N", "E", "O", "M", "S")
 

@@ -129,7 +129,7 @@ class ConsensusDriver:
             await trio.to_thread.run_sync(self._persist, rd)
             for message in rd.messages:
                 self.transport.send(message)
-            if rd.committed_entries:
+            if rd.committed_entries or rd.snapshot is not None:
                 await trio.to_thread.run_sync(self._apply, rd)
             self.raft.advance(rd)
         await self._maybe_compact()

@@ -74,6 +74,8 @@ class DemoSettings:
     raft_heartbeat_ticks: int = 2
     """Fast Raft timing (heartbeat 0.2 s, elections after 1.5-3 s) so a killed leader is
     replaced within a short demo slot; a real node uses the config defaults (1 s, 5-10 s)."""
+    raft_snapshot_entries: int = 5000
+    """Log compaction interval (tests make it small to exercise snapshots and block sync)."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -200,6 +202,7 @@ def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: s
         f"raft_tick_seconds = {s.raft_tick_seconds}\n"
         f"raft_election_ticks = {s.raft_election_ticks}\n"
         f"raft_heartbeat_ticks = {s.raft_heartbeat_ticks}\n"
+        f"raft_snapshot_entries = {s.raft_snapshot_entries}\n"
         "\n[[meters]]\n"
         'name = "main"\n'
         f'profile = "{profile}"\n'

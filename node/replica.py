@@ -26,6 +26,7 @@ from market import (
 )
 from market.snapshot import dump_state, load_state
 from node.ledger import LedgerStore
+from node.ledger.sync import head_hash_at, record_snapshot
 
 
 class ReplicaError(RuntimeError):
@@ -100,11 +101,16 @@ class Replica:
                 f"ledger is at log index {ledger_index} but the log ends at "
                 f"{replica.applied_index}: committed entries are missing"
             )
-        head = store.head()
-        if head is not None and head.hash != replica.state.head_hash:
+        height = replica.state.height
+        # the ledger's block at the engine's height (or, if it still lies in a block-sync gap
+        # left by an installed snapshot, the snapshot's head that gap must chain into)
+        expected = head_hash_at(store, height) if height else None
+        if height and expected is None:
+            raise ReplicaError(f"the ledger has no block {height}, where the engine stands")
+        if expected is not None and expected != replica.state.head_hash:
             raise ReplicaError(
                 f"replayed engine head {replica.state.head_hash[:16]}… differs from the "
-                f"ledger head {head.hash[:16]}… at height {head.height}: the ledger has forked"
+                f"ledger head {expected[:16]}… at height {height}: the ledger has forked"
             )
         return replica
 
@@ -124,19 +130,18 @@ class Replica:
 
         The engine continues from the snapshot at once. The ledger cannot be rebuilt from an
         engine snapshot: blocks between the ledger's head and the snapshot's height must be
-        fetched from a peer's ledger and checked against the snapshot's head hash (block sync);
-        until then ``meta.block_sync_needed`` names the missing heights and ``ledger verify``
-        reports the gap.
+        fetched from a peer's ledger and checked against the snapshot's head hash (block sync,
+        :mod:`node.ledger.sync`). In one transaction the ledger records the gap (merged with an
+        earlier one it touches, never dropping one: ``meta.block_sync_needed`` names the missing
+        heights, ``block_sync_head`` the hash each gap must chain into), the applied index, the
+        snapshot's members and reputation, and the trades of slots closed but not yet settled;
+        ``ledger verify`` reports the gap until it is filled.
         """
         if index <= self.applied_index:
             return
         state = load_state(data)
         if self.store is not None:
-            head = self.store.head()
-            have = head.height if head else 0
-            if state.height > have:
-                self.store.set_meta("block_sync_needed", f"{have + 1}..{state.height}")
-            self.store.record([], applied_index=index)
+            record_snapshot(self.store, state, index)
         self.state = state
         self.applied_index = index
 

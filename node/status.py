@@ -66,5 +66,6 @@ def status_document(
             "proposals": driver.stats.proposals,
             "applied_entries": driver.stats.applied_entries,
             "dropped_inbound": driver.stats.dropped_inbound,
+            "snapshots": driver.stats.snapshots,
         },
     }

@@ -9,6 +9,7 @@ restart neither loses nor re-applies an entry and nothing half-written reaches t
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,9 @@ class LedgerStore:
         self.url = url
         self.engine = make_engine(url)
         t.metadata.create_all(self.engine)
+        self.write_lock = threading.RLock()
+        """Held by every write transaction of this process (the replica's, block sync's), so
+        two worker threads never race for SQLite's write lock mid-transaction."""
 
     def close(self) -> None:
         """Release the database connections."""
@@ -103,7 +107,7 @@ class LedgerStore:
 
     def set_meta(self, key: str, value: str) -> None:
         """Insert or replace one meta entry."""
-        with self.engine.begin() as conn:
+        with self.write_lock, self.engine.begin() as conn:
             conn.execute(t.meta.delete().where(t.meta.c.key == key))
             conn.execute(insert(t.meta).values(key=key, value=value))
 
@@ -129,7 +133,7 @@ class LedgerStore:
     ) -> None:
         """Persist ``events``, the applied log index and ``meta`` in one database transaction."""
         try:
-            with self.engine.begin() as conn:
+            with self.write_lock, self.engine.begin() as conn:
                 for ev in events:
                     if isinstance(ev, SlotSettled):
                         _write_settlement(conn, ev)

@@ -5,14 +5,19 @@ previous block's hash (the first to the genesis hash in ``meta``); every transac
 its postings and its postings sum to zero per asset; the block's transaction, trade and reading
 Merkle roots; every reading's signature; the state hash over the running balances; the block's
 own hash. Finally the ``balances`` table must equal the sum of all postings.
+
+A ledger with a block-sync gap (``meta.block_sync_needed``, left by an installed Raft snapshot,
+see :mod:`node.ledger.sync`) is verified up to the first missing height and then reported as
+incomplete ("blocks 5..9 missing: block sync pending"); once the gap is filled it verifies whole.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from itertools import groupby
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -22,9 +27,43 @@ from market.state import reading_leaf
 from node.ledger import schema as t
 from node.ledger.store import make_engine
 
+SYNC_NEEDED_KEY = "block_sync_needed"
+"""Meta key listing the heights a block sync still has to fill, e.g. ``5..9,14..20``."""
+
 
 class LedgerFault(Exception):
     """The first inconsistency found, with where it is."""
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """``"5..9,14..20"`` -> ``[(5, 9), (14, 20)]``; empty text is no range.
+
+    Ranges must be ascending, ``1 <= first <= last``, and separated by at least one height.
+    Raises ValueError otherwise.
+    """
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(",") if text else []:
+        m = re.fullmatch(r"([1-9][0-9]*)\.\.([1-9][0-9]*)", part)
+        if m is None:
+            raise ValueError(f"bad range {part!r} (expected FIRST..LAST)")
+        first, last = int(m[1]), int(m[2])
+        if first > last or (ranges and first <= ranges[-1][1] + 1):
+            raise ValueError(f"range {part!r} is empty, overlaps or touches the one before")
+        ranges.append((first, last))
+    return ranges
+
+
+def format_ranges(ranges: list[tuple[int, int]]) -> str:
+    """Inverse of :func:`parse_ranges`."""
+    return ",".join(f"{a}..{b}" for a, b in ranges)
+
+
+def pending_ranges(meta: dict[str, str]) -> list[tuple[int, int]]:
+    """The block-sync gaps recorded in ``meta``; LedgerFault if the entry is unreadable."""
+    try:
+        return parse_ranges(meta.get(SYNC_NEEDED_KEY, ""))
+    except ValueError as exc:
+        raise LedgerFault(f"meta {SYNC_NEEDED_KEY} is unreadable: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +76,8 @@ class VerifyReport:
     blocks: int
     transactions: int
     error: str | None = None
+    missing: tuple[tuple[int, int], ...] = ()
+    """Block-sync gaps recorded in the ledger (``ok`` is False while there are any)."""
 
 
 def verify_ledger(url: str) -> VerifyReport:
@@ -44,12 +85,21 @@ def verify_ledger(url: str) -> VerifyReport:
     engine = make_engine(url, read_only=True)
     counts = {"blocks": 0, "transactions": 0, "height": 0}
     head: list[str | None] = [None]
+    missing: tuple[tuple[int, int], ...] = ()
     try:
         with engine.connect() as conn:
+            meta = {row.key: row.value for row in conn.execute(select(t.meta))}
+            missing = tuple(pending_ranges(meta))
             _verify(conn, counts, head)
     except LedgerFault as fault:
         return VerifyReport(
-            False, counts["height"], head[0], counts["blocks"], counts["transactions"], str(fault)
+            False,
+            counts["height"],
+            head[0],
+            counts["blocks"],
+            counts["transactions"],
+            str(fault),
+            missing,
         )
     except SQLAlchemyError as exc:
         msg = f"cannot read ledger tables at {url}: {exc.__class__.__name__}: {exc.args[0]}"
@@ -59,28 +109,69 @@ def verify_ledger(url: str) -> VerifyReport:
     return VerifyReport(True, counts["height"], head[0], counts["blocks"], counts["transactions"])
 
 
-def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) -> None:
+def _verify(
+    conn: Connection,
+    counts: dict[str, int],
+    head: list[str | None],
+    upto: int | None = None,
+    start: int = 1,
+) -> None:
+    """Verify blocks ``start..upto`` (to the last block when None), raising :class:`LedgerFault`.
+
+    With ``upto`` the blocks up to it must all exist and verify; what follows them (more blocks,
+    the ``balances`` table, which also holds later postings) is not looked at. Without it, a
+    ledger whose meta records a block-sync gap is verified up to the gap and then reported as
+    incomplete; a complete ledger gets the end-of-ledger checks too. ``start`` > 1 trusts the
+    blocks before it (block sync: verified when they were imported): the chain continues from
+    block ``start - 1``'s hash and the running balances from the sum of their postings.
+    """
     meta = {row.key: row.value for row in conn.execute(select(t.meta))}
     if "genesis_hash" not in meta:
         raise LedgerFault("meta table has no genesis_hash: not a microgrid ledger")
     prev_hash = meta["genesis_hash"]
     balances: dict[tuple[str, str], int] = {}
+    pending = pending_ranges(meta) if upto is None else []
+    limit = upto if upto is not None else (pending[0][0] - 1 if pending else None)
+    if start > 1:
+        before = conn.execute(select(t.blocks.c.hash).where(t.blocks.c.height == start - 1))
+        prev_hash = before.scalar()
+        if prev_hash is None:
+            raise LedgerFault(f"block {start - 1}, where verification starts, is missing")
+        p, tx = t.postings.c, t.transactions.c
+        for row in conn.execute(
+            select(p.account, p.asset, func.sum(p.amount).label("amount"))
+            .join(t.transactions, p.transaction_id == tx.id)
+            .where(tx.block_height < start)
+            .group_by(p.account, p.asset)
+        ):
+            balances[(row.account, row.asset)] = int(row.amount)
 
-    tx_rows = conn.execute(
-        select(t.transactions).order_by(t.transactions.c.block_height, t.transactions.c.position)
+    tx_query = select(t.transactions).order_by(
+        t.transactions.c.block_height, t.transactions.c.position
     )
-    posting_rows = conn.execute(
+    posting_query = (
         select(t.postings, t.transactions.c.block_height)
         .join(t.transactions, t.postings.c.transaction_id == t.transactions.c.id)
         .order_by(t.transactions.c.block_height, t.transactions.c.position, t.postings.c.position)
     )
+    block_query = select(t.blocks).order_by(t.blocks.c.height)
+    if start > 1:
+        tx_query = tx_query.where(t.transactions.c.block_height >= start)
+        posting_query = posting_query.where(t.transactions.c.block_height >= start)
+        block_query = block_query.where(t.blocks.c.height >= start)
+    if limit is not None:
+        tx_query = tx_query.where(t.transactions.c.block_height <= limit)
+        posting_query = posting_query.where(t.transactions.c.block_height <= limit)
+        block_query = block_query.where(t.blocks.c.height <= limit)
+    tx_rows = conn.execute(tx_query)
+    posting_rows = conn.execute(posting_query)
     txs_by_block = groupby(tx_rows, key=lambda r: r.block_height)
     postings_by_tx = groupby(posting_rows, key=lambda r: r.transaction_id)
     next_txs = next(txs_by_block, None)
     next_postings = next(postings_by_tx, None)
 
-    expected_height = 1
-    for row in conn.execute(select(t.blocks).order_by(t.blocks.c.height)):
+    expected_height = start
+    for row in conn.execute(block_query):
         where = f"block {row.height} (slot {row.slot})"
         if row.height != expected_height:
             raise LedgerFault(f"block heights jump from {expected_height - 1} to {row.height}")
@@ -169,6 +260,15 @@ def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) ->
         counts["transactions"] += len(transactions)
         expected_height += 1
 
+    if limit is not None:
+        if expected_height - 1 != limit:
+            raise LedgerFault(
+                f"blocks {expected_height}..{limit} are missing"
+                + (f" before the block-sync gap {format_ranges(pending[:1])}" if pending else "")
+            )
+        if pending:
+            raise LedgerFault(f"blocks {_gap_list(pending)} missing: block sync pending")
+        return
     if next_txs is not None:
         raise LedgerFault(f"transactions reference block {next_txs[0]}, which does not exist")
     if next_postings is not None:
@@ -183,3 +283,7 @@ def _verify(conn: Connection, counts: dict[str, int], head: list[str | None]) ->
         raise LedgerFault(
             f"balances table disagrees with the postings, e.g. {diff[0] if diff else ''}"
         )
+
+
+def _gap_list(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}..{b}" for a, b in ranges)

@@ -230,6 +230,7 @@ class NetNode:
         slot_policy: SlotPolicy | None = None,
         raft_codec: tuple[Encoder, Decoder] | None = None,
         on_raft: Callable[[Any], None] | None = None,
+        stream_handlers: Sequence[tuple[str, Callable[[Any], Any]]] = (),
     ) -> None:
         if not genesis.is_member(identity.did):
             log.warning("this node %s is not a member of grid %s", identity.did, genesis.grid)
@@ -262,6 +263,8 @@ class NetNode:
         self.raft: RaftTransport | None = None
         self._raft_codec = raft_codec
         self._on_raft = on_raft
+        self._stream_handlers = tuple(stream_handlers)
+        """Further stream protocols ``(protocol id, async handler(stream))`` (block sync)."""
         self._actions_send, self._actions_recv = trio.open_memory_channel[tuple[str, ID]](1024)
         self._own_ids: set[bytes] = set()
         self._batch_seq = 0
@@ -421,6 +424,8 @@ class NetNode:
                     allowed=self.genesis.is_member,
                 )
                 await nursery.start(self.raft.run)
+            for protocol, handler in self._stream_handlers:
+                self.host.set_stream_handler(TProtocol(protocol), handler)
             self.started.set()
             task_status.started(self)
             await self._stop.wait()

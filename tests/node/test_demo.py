@@ -36,12 +36,13 @@ STARTUP_TIMEOUT = 90
 
 
 @asynccontextmanager
-async def running_demo(tmp_path: Path, households: int = 5) -> AsyncIterator[Demo]:
+async def running_demo(tmp_path: Path, households: int = 5, **settings: Any
+                       ) -> AsyncIterator[Demo]:  # fmt: skip
     """A started demo; stopped (and its simulator closed) on the way out."""
     lines: list[str] = []
     demo = Demo(
         DemoSettings(households=households, slot_seconds=SLOT_SECONDS, dashboard=False,
-                     directory=tmp_path / "demo"),
+                     directory=tmp_path / "demo", **settings),
         out=lines.append,
     )  # fmt: skip
     try:
@@ -220,3 +221,38 @@ def _caught_up(docs: dict[str, dict[str, Any]], count: int) -> bool:
     """Every node answers and all have the same height and head hash."""
     heads = {(d["ledger"]["height"], d["ledger"]["head_hash"]) for d in docs.values()}
     return len(docs) == count and len(heads) == 1
+
+
+async def test_learner_behind_a_compacted_log_installs_a_snapshot_and_syncs_its_blocks(
+    tmp_path: Path,
+) -> None:
+    """A learner that was down while the leader compacted its log past the learner's position
+    catches up through a Raft snapshot, then fetches the blocks it missed from its peers:
+    its ledger ends complete, verifying, with the same head as everyone's."""
+    async with running_demo(tmp_path, raft_snapshot_entries=6) as demo:
+        await demo.wait_rounds(2, timeout=STARTUP_TIMEOUT + 4 * SLOT_SECONDS)
+        learner = demo.households[-1]
+        docs = await demo.statuses()
+        before = height_of(docs, learner.name)
+        demo.kill(learner)
+
+        def compacted_twice(d: dict[str, dict[str, Any]]) -> bool:
+            """Every live node compacted its log twice since the kill: past the learner."""
+            return all(doc["driver"]["snapshots"] >= start[n] + 2
+                       for n, doc in d.items() if n != learner.name)  # fmt: skip
+
+        start = {n: doc["driver"]["snapshots"] for n, doc in docs.items()}
+        await demo.wait_until(
+            lambda d: compacted_twice(d) and min(height_of(d, n) for n in d) >= before + 3,
+            timeout=12 * SLOT_SECONDS,
+        )
+        await demo.start_node(learner)
+        await demo.wait_until(
+            lambda d: _caught_up(d, len(demo.households))
+            and not d[learner.name]["block_sync"]["missing"],
+            timeout=STARTUP_TIMEOUT,
+        )
+    check_all_ledgers(demo)
+    events = [json.loads(line) for line in (learner.directory / "node.log").read_text()
+              .splitlines() if line.startswith("{")]  # fmt: skip
+    assert any(e.get("event") == "blocks_synced" for e in events), "no block sync happened"
