@@ -34,7 +34,7 @@ import trio
 from sqlalchemy import func, select
 
 from dashboard.data import load_clearings, load_settlement_sums
-from market import CancelOrder, MeterReading, Order, Side
+from market import CancelOrder, MeterReading, Order, RejectReason, Side
 from market.events import Event, GateClosed, Rejected, SlotSettled
 from market.models import MemberRegistration, SignedRecord
 from meter.metrics import MeterCollector
@@ -206,6 +206,10 @@ class HouseholdNode:
         self._register_routes()
         self.api_port: int | None = None
         self.counters: Counter[str] = Counter()
+        """Event counts kept on the trio thread (gossip, meters, publishing, block sync)."""
+        self.applied_counters: Counter[str] = Counter()
+        """Event counts kept by the apply worker thread (engine rejections): a Counter of its
+        own, so the two threads never race on one key's read-modify-write."""
         self.last_reading: MeterReading | None = None
         self.last_reading_at: str | None = None
         self.last_poll: dict[str, PollResult] = {}
@@ -274,10 +278,14 @@ class HouseholdNode:
         for event in events:
             if isinstance(event, Rejected):
                 # every node sees every rejection; a household is told about its own
-                self.counters[f"engine_rejected_{event.reason.value}"] += 1
+                self.applied_counters[f"engine_rejected_{event.reason.value}"] += 1
                 if event.author == self.identity.did:
-                    self.counters["own_rejected"] += 1
-                    log.warning("own record rejected by the engine", extra={
+                    self.applied_counters["own_rejected"] += 1
+                    # a replayed nonce is mostly a re-proposed copy of a record that already
+                    # counted (the proposer retries what did not commit in time)
+                    level = logging.INFO if event.reason is RejectReason.REPLAYED_NONCE else (
+                        logging.WARNING)  # fmt: skip
+                    log.log(level, "own record rejected by the engine", extra={
                         "event": "rejected", "index": index, "reason": event.reason.value,
                         "command": event.command_type, "detail": event.detail})  # fmt: skip
             elif isinstance(event, GateClosed):
@@ -452,6 +460,11 @@ class HouseholdNode:
         with self.store.write_lock:
             return import_blocks(self.store, data)
 
+    def all_counters(self) -> dict[str, int]:
+        """Every event count of this node (status document and metrics)."""
+        # dict() of a dict copies it in one step under the GIL, safe against the other thread
+        return {**dict(self.counters), **dict(self.applied_counters)}
+
     # -- the local API ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -469,7 +482,7 @@ class HouseholdNode:
         )
         doc["membership"] = self.member.role.value
         doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
-        doc["counters"] = dict(self.counters)
+        doc["counters"] = self.all_counters()
         # read live (one meta row): a snapshot may have opened a gap since the sync task looked
         doc["block_sync"] = {"missing": [list(r) for r in missing_ranges(self.store)]}
         doc["slot_times"] = [{"slot": slot, **times}

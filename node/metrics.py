@@ -56,6 +56,6 @@ class NodeCollector(Collector):
             "engine rejections by reason",
             labels=["kind"],
         )
-        for kind, count in sorted(dict(node.counters).items()):
+        for kind, count in sorted(node.all_counters().items()):
             events.add_metric([kind], count)
         yield events

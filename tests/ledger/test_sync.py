@@ -25,26 +25,12 @@ from node.ledger.sync import (
     missing_ranges,
 )
 from node.replica import Replica, ReplicaError
+from tests.node.test_replica import log_entries
 
 TABLES = (
     "meta", "blocks", "transactions", "postings", "balances", "clearings", "orders", "trades",
     "readings", "settlements", "households",
 )  # fmt: skip
-
-
-def log_entries(households: int, slots: int, seed: int) -> tuple[Any, list[tuple[int, bytes]]]:
-    """A committed log as tests/node/test_replica.py builds it: batches of 1-5 commands."""
-    sim = simulate.build(households, seed)
-    commands = list(simulate.commands(sim, slots, first_slot=40))
-    entries: list[tuple[int, bytes]] = []
-    i = 0
-    while i < len(commands):
-        size = 1 + (i * 7 + seed) % 5
-        entries.append((len(entries) + 1, encode_batch(commands[i : i + size])))
-        if len(entries) % 9 == 0:
-            entries.append((len(entries) + 1, b""))
-        i += size
-    return sim.config, entries
 
 
 @dataclass

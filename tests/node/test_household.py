@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 import trio
 
+from market import Rejected, RejectReason
 from market.models import Role
 from market.signing import Signer
 from market.snapshot import state_digest
@@ -258,6 +259,16 @@ async def test_household_node_trades_settles_stops_and_resumes(
         assert metric(text, 'microgrid_meter_samples_total{meter="main"}') >= 1
         assert metric(text, 'microgrid_node_events_total{kind="published_reading"}') >= 1
         assert "microgrid_gossip_out_total" in text
+        # engine rejections are counted on every node, and logged for the household's own
+        # (the grid's first slot was never opened, so its reading may have been rejected)
+        before = doc["counters"]
+        node._on_applied(99, [Rejected(RejectReason.REPLAYED_NONCE, "nonce reused", "order", did),
+                              Rejected(RejectReason.REPLAYED_NONCE, "nonce reused", "order", "x")])
+        _, doc = await call(node, "GET", "/status")
+        after = doc["counters"]
+        key = "engine_rejected_replayed_nonce"
+        assert after[key] - before.get(key, 0) == 2
+        assert after["own_rejected"] - before.get("own_rejected", 0) == 1, (before, after)
 
     with trio.fail_after(60):
         await run_until_stopped(first, trade)
