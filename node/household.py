@@ -482,6 +482,7 @@ class HouseholdNode:
         )
         doc["membership"] = self.member.role.value
         doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
+        doc["slot_seconds"] = self.schedule.slot_seconds
         doc["counters"] = self.all_counters()
         # read live (one meta row): a snapshot may have opened a gap since the sync task looked
         doc["block_sync"] = {"missing": [list(r) for r in missing_ranges(self.store)]}

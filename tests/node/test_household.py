@@ -170,6 +170,7 @@ async def check_api(node: HouseholdNode, grid: Grid) -> dict[str, Any]:
     assert doc["node"] == grid.identity.did and doc["grid"] == "test-house"
     assert doc["membership"] == "voter" and doc["raft"]["voters"] == [grid.identity.did]
     assert set(doc["ledger"]) == {"height", "head_hash", "closed_through", "settled_through"}
+    assert doc["slot_seconds"] == SLOT_SECONDS and doc["block_sync"] == {"missing": []}
 
     slot = doc["open_slot"] + 1  # its gate is at least one slot away: no race with CloseGate
     good = {"side": "buy", "quantity_wh": 1234, "price": 21, "slot": slot}
