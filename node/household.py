@@ -22,6 +22,7 @@ applied index (:func:`open_replica`), so a restart neither loses nor re-applies 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -360,8 +361,14 @@ class HouseholdNode:
                 slot = self.schedule.slot_at(now)
                 await self._place_order(self.schedule.open_slot(self.wall_clock()))
             if now >= next_poll:
-                await self._poll()
+                result = await self._poll()
                 next_poll = now + poll_every
+                if result.sample is not None and self.trader.forecaster.last is None:
+                    # the first poll failed: seed the forecast now, not two slot ends later
+                    with contextlib.suppress(MeterMismatch):
+                        self.trader.check_meter(result.sample)
+                        self.trader.observe_power(self.schedule.slot_at(now), result.sample)
+                        await self._place_order(self.schedule.open_slot(self.wall_clock()))
 
     async def _slot_ended(self, slot: int) -> None:
         """Read the meter for ``slot`` (retrying until its reading deadline) and publish."""

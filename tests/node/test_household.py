@@ -318,3 +318,31 @@ async def test_household_node_trades_settles_stops_and_resumes(
     assert again.height > report.height
     assert ledger_rows(url, t.orders)[: len(orders)] == orders  # nothing rewritten or re-added
     assert ledger_rows(url, t.readings)[: len(readings)] == readings
+
+
+async def test_a_meter_dead_at_start_seeds_the_forecast_when_it_answers(
+    tmp_path: Path, sim: MeterSimulator
+) -> None:
+    """Meter silent when the node starts: failures are counted; the first successful poll
+    seeds the agent's forecast and an order goes out at once, not two slot ends later."""
+    grid = await make_grid(tmp_path, sim)
+    device = sim.device_ids[0]
+    sim.set_fault(device, "no_answer")
+    node = HouseholdNode(grid.config, grid.identity, grid.genesis)
+
+    async def body(node: HouseholdNode) -> None:
+        with trio.fail_after(20):
+            while node.counters["meter_read_failures"] < 1:
+                await trio.sleep(0.1)
+        assert node.counters["published_order"] == 0
+        sim.clear_faults(device)
+        cleared_at = trio.current_time()
+        with trio.fail_after(20):
+            while node.counters["published_order"] < 1:
+                await trio.sleep(0.05)
+        # one poll interval (1 s) plus a poll that may still be timing out, well inside the
+        # two slot ends (8 s) the agent needed before
+        assert trio.current_time() - cleared_at < 1.5 * SLOT_SECONDS
+
+    with trio.fail_after(60):
+        await run_until_stopped(node, body)
