@@ -48,6 +48,8 @@ class NodeStatus:
     last_reading_at: str | None = None
     invalid_messages: dict[str, int] = field(default_factory=dict)
     meter_read_failures: int | None = None
+    slot_seconds: int | None = None
+    """The grid's slot length, when the node reports it (positive integers only)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for CSV and tables)."""
@@ -102,6 +104,7 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
         else {}
     )
     leader = raft.get("leader", doc.get("leader"))
+    slot_seconds = _int(doc.get("slot_seconds"))
     return NodeStatus(
         reachable=True,
         fetched_at=now,
@@ -124,6 +127,7 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
         last_reading_at=reading_at if isinstance(reading_at, str) else None,
         invalid_messages={k: int(v) for k, v in invalid.items()},
         meter_read_failures=_int(doc.get("meter_read_failures")),
+        slot_seconds=slot_seconds if slot_seconds is not None and slot_seconds > 0 else None,
     )
 
 

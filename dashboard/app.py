@@ -93,6 +93,23 @@ def zoom_from_relayout(relayout: dict[str, Any] | None) -> Any:
     return dash.no_update
 
 
+def slot_from_click(click: dict[str, Any] | None) -> Any:
+    """The slot number a click on the market chart hit (the points' ``customdata``).
+
+    The chart's x axis is the slots' start time; every trace but the tariff lines carries the
+    slot number (a bucket's first slot) as ``customdata``. ``dash.no_update`` when the click
+    hit nothing with a slot.
+    """
+    points = (click or {}).get("points") or []
+    for point in points:
+        value = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return int(value)
+    return dash.no_update
+
+
 def apply_zoom(fig: Any, zoom: dict[str, Any] | None) -> dict[str, Any]:
     """Re-apply a recorded x range to every x axis of ``fig`` (same ``uirevision`` only).
 
@@ -361,14 +378,15 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
             return "Microgrid", "ledger unreadable", "not verified", "badge failed"
         info = ctx.info()
         short = (head["head_hash"] or "—")[:12]
+        settled = head["settled_through"]
+        through = "—" if settled is None else f"{settled} ({ctx.clock.label(settled)} UTC)"
         state = head["verify_state"]
         label = {"ok": "ledger verified", "failed": "ledger FAILS verification"}.get(
             state, "verifying…"
         )
         return (
             f"Microgrid {info.grid}",
-            f"height {head['height']} · head {short} · settled through slot "
-            f"{head['settled_through']}",
+            f"height {head['height']} · head {short} · settled through slot {through}",
             label,
             f"badge {state}",
         )
@@ -422,10 +440,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         prevent_initial_call=True,
     )
     def _pick_slot(click: dict[str, Any] | None) -> Any:
-        try:
-            return int(click["points"][0]["x"])  # type: ignore[index]
-        except (TypeError, KeyError, IndexError, ValueError):
-            return dash.no_update
+        return slot_from_click(click)
 
     @app.callback(
         Output("book-graph", "figure"),

@@ -7,6 +7,16 @@ import sys
 from typing import Any
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def register(subparsers: Any) -> None:
     """Add the ``dashboard`` and ``archive`` commands."""
     p = subparsers.add_parser(
@@ -19,6 +29,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--refresh", type=float, default=5.0, help="seconds between refreshes")
+    p.add_argument(
+        "--slot-seconds",
+        type=_positive_int,
+        default=900,
+        help="the grid's slot length (genesis slot_seconds; default 900); with --api, the "
+        "node's /status slot_seconds wins when it reports one",
+    )
     p.add_argument(
         "--settle-lag", type=int, default=4, help="slots a settlement may lag its gate closure"
     )
@@ -51,18 +68,26 @@ def register(subparsers: Any) -> None:
 
 def _dashboard(args: argparse.Namespace) -> int:
     from dashboard.app import create_app, serve
-    from dashboard.views import Context
+    from dashboard.data import SlotClock
+    from dashboard.views import Context, poll_api
 
     ctx = Context.open(
         args.db,
         args.api,
+        clock=SlotClock(args.slot_seconds),
         settle_lag_slots=args.settle_lag,
         verify_interval=args.verify_interval,
         stale_after_s=args.stale_after * 60,
     )
+    if args.api:
+        poll_api(ctx)  # learn the node's slot length before the first page (never raises)
     app = create_app(ctx, refresh_ms=int(args.refresh * 1000))
     server = serve(app, args.host, args.port)
-    print(f"dashboard on http://{args.host}:{server.server_port}/ (ledger {args.db})", flush=True)
+    print(
+        f"dashboard on http://{args.host}:{server.server_port}/ (ledger {args.db}, "
+        f"{ctx.clock.slot_seconds} s slots)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -5,6 +5,11 @@ PostgreSQL, the tables of ``node/ledger/schema.py``) and returns plain Python va
 lists, ints. No Dash, no Plotly: the callbacks in :mod:`dashboard.app` stay thin, and
 ``bench/dashboard_bench.py`` times the same functions.
 
+Slots are numbered as in the running system (``node/schedule.py``): slot ``s`` delivers during
+``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. A :class:`SlotClock` carries
+``L`` (from ``microgrid dashboard --slot-seconds`` or the node's ``/status``) to every function
+that turns slots into times; there is no module-level slot length.
+
 Money is in integer minor units (cents) and energy in integer Wh, as in the ledger. Derived money
 figures (costs, savings) are computed from energy and prices in integer arithmetic and rounded
 once at the end; they are display figures, not settlement.
@@ -16,6 +21,7 @@ query over the newest slots, not a scan of millions of settlement rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -30,8 +36,86 @@ from node.ledger import schema as t
 from node.ledger.store import make_engine
 from node.ledger.verify import VerifyReport, verify_ledger
 
-SLOT_MINUTES = 15
-SLOTS_PER_DAY = 24 * 60 // SLOT_MINUTES
+DEFAULT_SLOT_SECONDS = 900
+"""A production grid's slot length (15 minutes); ``microgrid demo`` runs 10-second slots."""
+
+DAY_SECONDS = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class SlotClock:
+    """How slot numbers map to wall time: slot ``s`` starts at ``s * slot_seconds`` Unix seconds.
+
+    The same rule as :class:`node.schedule.Schedule`; labels are UTC.
+    """
+
+    slot_seconds: int = DEFAULT_SLOT_SECONDS
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.slot_seconds, bool)
+            or not isinstance(self.slot_seconds, int)
+            or self.slot_seconds <= 0
+        ):
+            raise ValueError(f"slot_seconds must be a positive integer, got {self.slot_seconds!r}")
+
+    @property
+    def slots_per_day(self) -> int:
+        """Slots in one day of wall time (at least 1)."""
+        return self.slots_in(DAY_SECONDS)
+
+    @property
+    def slots_per_hour(self) -> int:
+        """Slots in one hour of wall time (at least 1)."""
+        return self.slots_in(3600)
+
+    def slots_in(self, seconds: int) -> int:
+        """How many whole slots ``seconds`` of wall time hold (at least 1)."""
+        return max(1, seconds // self.slot_seconds)
+
+    def start(self, slot: int) -> int:
+        """Unix time at which ``slot``'s delivery starts."""
+        return slot * self.slot_seconds
+
+    @property
+    def time_format(self) -> str:
+        """Format of labels, with seconds when slots are not whole minutes (strftime; the same
+        directives serve as Plotly's d3 ``hoverformat``)."""
+        return "%Y-%m-%d %H:%M:%S" if self.slot_seconds % 60 else "%Y-%m-%d %H:%M"
+
+    def label(self, slot: int) -> str:
+        """UTC start of ``slot``: ``2026-12-02 10:15`` (``03:51:40`` for sub-minute slots).
+
+        Also a value Plotly reads on a date axis. A slot beyond what the C library can date
+        (a typo in the slot box) is labelled ``slot N``.
+        """
+        day, seconds = divmod(self.start(slot), DAY_SECONDS)
+        try:
+            date = _utc_date(day)
+        except (OverflowError, OSError, ValueError):
+            return f"slot {slot}"
+        hours, seconds = divmod(seconds, 3600)
+        minutes, seconds = divmod(seconds, 60)
+        if self.slot_seconds % 60:
+            return f"{date} {hours:02d}:{minutes:02d}:{seconds:02d}"
+        return f"{date} {hours:02d}:{minutes:02d}"
+
+    def duration(self, slots: int) -> str:
+        """``slots`` slots as a wall-time span: ``15 min``, ``1 h``, ``1 day``, ``10 s``."""
+        seconds = slots * self.slot_seconds
+        for unit, name in ((7 * DAY_SECONDS, "week"), (DAY_SECONDS, "day"), (3600, "h")):
+            if seconds % unit == 0:
+                n = seconds // unit
+                return f"{n} {name}" + ("s" if n != 1 and name != "h" else "")
+        if seconds % 60 == 0:
+            return f"{seconds // 60} min"
+        return f"{seconds} s"
+
+
+@functools.lru_cache(maxsize=4096)
+def _utc_date(day: int) -> str:
+    """``YYYY-MM-DD`` of day ``day`` since the epoch (UTC); labels of a year cost 365 calls."""
+    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_SECONDS))
 
 
 def open_engine(url: str) -> Engine:
@@ -51,12 +135,6 @@ def open_engine(url: str) -> Engine:
 
         event.listen(engine, "connect", _read_only)
     return engine
-
-
-def slot_label(slot: int) -> str:
-    """Human label of a slot: ``day D HH:MM`` (slot 0 = day 0 00:00, 15-minute slots)."""
-    minutes = (slot % SLOTS_PER_DAY) * SLOT_MINUTES
-    return f"day {slot // SLOTS_PER_DAY} {minutes // 60:02d}:{minutes % 60:02d}"
 
 
 # --- meta and head ---------------------------------------------------------------------------
@@ -163,11 +241,11 @@ class SlotRow:
         """Ask volume that found no buyer."""
         return self.ask_volume_wh - self.volume_wh
 
-    def as_dict(self) -> dict[str, Any]:
-        """A flat dict for tables and CSV."""
+    def as_dict(self, clock: SlotClock) -> dict[str, Any]:
+        """A flat dict for tables and CSV (``time``: the slot's UTC start)."""
         return {
             "slot": self.slot,
-            "time": slot_label(self.slot),
+            "time": clock.label(self.slot),
             "mechanism": self.mechanism,
             "price": self.price,
             "local_wh": self.volume_wh,
@@ -270,7 +348,8 @@ class SlotCache:
     """
 
     engine: Engine
-    initial_slots: int = 30 * SLOTS_PER_DAY
+    initial_slots: int = 30 * (DAY_SECONDS // DEFAULT_SLOT_SECONDS)
+    """Slots loaded by the first refresh (:class:`dashboard.views.Context` passes 30 days')."""
     rows: dict[int, SlotRow] = field(default_factory=dict)
     cleared_through: int | None = None
     settled_through: int | None = None
@@ -482,7 +561,7 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
 
 
 def household_slots(
-    engine: Engine, household: str, first_slot: int | None = None
+    engine: Engine, household: str, first_slot: int | None = None, *, clock: SlotClock
 ) -> list[dict[str, Any]]:
     """Metered vs traded energy and imbalance of one household per settled slot."""
     s = t.settlements.c
@@ -505,7 +584,7 @@ def household_slots(
         return [
             {
                 "slot": int(r.slot),
-                "time": slot_label(int(r.slot)),
+                "time": clock.label(int(r.slot)),
                 "measured": bool(r.measured),
                 "metered_import_wh": int(r.import_wh),
                 "metered_export_wh": int(r.export_wh),
@@ -599,9 +678,16 @@ def _round_div(a: int, b: int) -> int:
 
 
 def bucketed_community(
-    rows: Sequence[SlotRow], feed_in: int, retail: int, per: int = SLOTS_PER_DAY
+    rows: Sequence[SlotRow],
+    feed_in: int,
+    retail: int,
+    per: int | None = None,
+    *,
+    clock: SlotClock,
 ) -> list[dict[str, Any]]:
-    """:func:`community_figures` per bucket of ``per`` slots (a day by default)."""
+    """:func:`community_figures` per bucket of ``per`` slots (a day of ``clock``'s by default)."""
+    if per is None:
+        per = clock.slots_per_day
     buckets: dict[int, list[SlotRow]] = {}
     for r in rows:
         buckets.setdefault(r.slot // per * per, []).append(r)
@@ -613,7 +699,7 @@ def bucketed_community(
         out.append(
             {
                 "slot": first,
-                "time": slot_label(first),
+                "time": clock.label(first),
                 "slots": f.slots,
                 "self_sufficiency": f.self_sufficiency,
                 "self_consumption": f.self_consumption,
@@ -634,7 +720,7 @@ def transaction_count(engine: Engine) -> int:
         return _i(conn.execute(select(func.sum(t.blocks.c.tx_count))).scalar())
 
 
-def latest_blocks(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
+def latest_blocks(engine: Engine, limit: int = 10, *, clock: SlotClock) -> list[dict[str, Any]]:
     """The newest blocks, newest first."""
     b = t.blocks.c
     with engine.connect() as conn:
@@ -647,7 +733,7 @@ def latest_blocks(engine: Engine, limit: int = 10) -> list[dict[str, Any]]:
         {
             "height": int(r.height),
             "slot": int(r.slot),
-            "time": slot_label(int(r.slot)),
+            "time": clock.label(int(r.slot)),
             "hash": r.hash,
             "prev_hash": r.prev_hash,
             "tx_count": int(r.tx_count),
@@ -775,6 +861,8 @@ def ledger_alerts(
     head: HeadInfo,
     verify: dict[str, Any],
     settle_lag_slots: int = 4,
+    *,
+    clock: SlotClock,
 ) -> list[dict[str, str]]:
     """Alerts the ledger itself shows: a slot that did not clear, settlement overdue, a ledger
     that does not verify. ``rows`` are the slots to look at (the recent window)."""
@@ -794,7 +882,7 @@ def ledger_alerts(
                     "level": "warning",
                     "code": "slot_not_cleared",
                     "message": (
-                        f"Slot {r.slot} ({slot_label(r.slot)}) did not clear: "
+                        f"Slot {r.slot} ({clock.label(r.slot)} UTC) did not clear: "
                         f"{r.bid_volume_wh} Wh bid and {r.ask_volume_wh} Wh offered, no trade"
                     ),
                 }
@@ -809,6 +897,7 @@ def ledger_alerts(
                     "code": "settlement_overdue",
                     "message": (
                         f"Settlement overdue: gates closed through slot {head.closed_through} "
+                        f"({clock.label(head.closed_through)} UTC) "
                         f"but settled only through {head.settled_through if settled >= 0 else '-'}"
                         f" ({behind} slots behind, limit {settle_lag_slots})"
                     ),

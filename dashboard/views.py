@@ -3,12 +3,17 @@
 Every ``*_view`` function takes the :class:`Context` and the view's controls and returns Plotly
 figures (``go.Figure``) and lists of flat dicts (tables and CSV). :mod:`dashboard.app` maps them
 onto components; ``bench/dashboard_bench.py`` times them and measures their JSON size.
+
+Charts over slots plot against each slot's UTC start on a date axis (the slot number rides along
+as ``customdata``: hover text, and what a click on the market chart opens). Windows and buckets
+are wall-time spans, turned into slot counts with the context's :class:`~dashboard.data.SlotClock`.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,16 +27,58 @@ from sqlalchemy import Engine
 from dashboard import data
 from dashboard.api import NodeStatus, StatusHistory, api_alerts, fetch_status
 
-WINDOWS: dict[str, int | None] = {
-    "1d": data.SLOTS_PER_DAY,
-    "7d": 7 * data.SLOTS_PER_DAY,
-    "30d": 30 * data.SLOTS_PER_DAY,
-    "all": None,
-}
-"""Market, household and community windows: the newest N slots."""
+log = logging.getLogger(__name__)
+
+WINDOW_DAYS: dict[str, int | None] = {"1d": 1, "7d": 7, "30d": 30, "all": None}
+"""Market, household and community windows, in days of wall time (None: everything)."""
+
+DEFAULT_WINDOW = "7d"
+
+INITIAL_DAYS = 30
+"""Days of slots the slot cache loads on its first refresh (wider windows backfill)."""
 
 MAX_POINTS = 1500
-"""Above this many slots a chart shows buckets (hours, then days) instead of single slots."""
+"""Above this many slots a chart shows buckets (minutes, hours, days, weeks) instead of slots."""
+
+BUCKET_SECONDS = (60, 300, 900, 3600, data.DAY_SECONDS, 7 * data.DAY_SECONDS)
+"""Wall-time bucket lengths a chart may use (those longer than a slot)."""
+
+
+def window_slots(window: str, clock: data.SlotClock) -> int | None:
+    """The newest N slots a window preset covers (None: everything); unknown presets are 7d."""
+    days = WINDOW_DAYS.get(window, WINDOW_DAYS[DEFAULT_WINDOW])
+    return None if days is None else days * clock.slots_per_day
+
+
+def bucket_sizes(clock: data.SlotClock) -> list[int]:
+    """Candidate bucket sizes in slots: 1, then 1 min, 5 min, 15 min, 1 h, 1 day, 1 week of
+    slots where that is longer than one slot (900 s slots: 1, 4, 96, 672)."""
+    sizes = [1]
+    for seconds in BUCKET_SECONDS:
+        n = clock.slots_in(seconds)
+        if n > sizes[-1]:
+            sizes.append(n)
+    return sizes
+
+
+def _bucket_size(n: int, clock: data.SlotClock) -> int:
+    """The smallest bucket size that draws ``n`` slots in at most MAX_POINTS points."""
+    size = 1
+    for size in bucket_sizes(clock):
+        if n / size <= MAX_POINTS:
+            break
+    return size
+
+
+def _time_axis(clock: data.SlotClock, title: str) -> dict[str, Any]:
+    """A date x axis over slot starts (UTC) with the clock's hover format."""
+    return {"type": "date", "hoverformat": clock.time_format, "title": {"text": title}}
+
+
+def _axis_title(clock: data.SlotClock, size: int) -> str:
+    per = "" if size == 1 else f", per {clock.duration(size)}"
+    return f"slot start (UTC){per}"
+
 
 COLORS = {
     "price": "#1f77b4",
@@ -51,10 +98,13 @@ class Context:
     db_url: str
     engine: Engine
     api_url: str | None = None
+    clock: data.SlotClock = field(default_factory=data.SlotClock)
+    """The grid's slot length; :func:`poll_api` replaces it with the node's ``slot_seconds``."""
     settle_lag_slots: int = 4
     stale_after_s: float = 45 * 60.0
-    """Alert when nothing new reached the ledger for this long (3 slots by default)."""
-    alert_window_slots: int = data.SLOTS_PER_DAY
+    """Alert when nothing new reached the ledger for this long (3 slots of 15 minutes)."""
+    alert_window_slots: int | None = None
+    """Slots the ``slot_not_cleared`` alert looks back over (None: one day of the clock's)."""
     api_timeout: float = 1.5
     slots: data.SlotCache = field(init=False)
     verify: data.VerifyCache = field(init=False)
@@ -68,8 +118,30 @@ class Context:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.slots = data.SlotCache(self.engine)
+        self.slots = data.SlotCache(
+            self.engine, initial_slots=INITIAL_DAYS * self.clock.slots_per_day
+        )
         self.verify = data.VerifyCache(self.db_url, min_interval=self.verify_interval)
+
+    def use_slot_seconds(self, slot_seconds: int) -> bool:
+        """Switch to another slot length (the node's ``/status`` says so); True if it changed."""
+        with self._lock:
+            if slot_seconds == self.clock.slot_seconds:
+                return False
+            log.warning(
+                "slot length %d s (the node's /status) replaces %d s",
+                slot_seconds,
+                self.clock.slot_seconds,
+            )
+            self.clock = data.SlotClock(slot_seconds)
+            self.slots.initial_slots = INITIAL_DAYS * self.clock.slots_per_day
+            return True
+
+    def alert_window(self) -> int:
+        """Slots the ledger alerts look back over."""
+        if self.alert_window_slots is not None:
+            return self.alert_window_slots
+        return self.clock.slots_per_day
 
     @classmethod
     def open(cls, db_url: str, api_url: str | None = None, **kwargs: Any) -> Context:
@@ -111,6 +183,7 @@ def head_view(ctx: Context) -> dict[str, Any]:
         "closed_through": head.closed_through,
         "verify_state": status["state"],
         "verify_finished_at": status.get("finished_at"),
+        "slot_seconds": ctx.clock.slot_seconds,
         "stale_since": (
             ctx._head_changed_at if now - ctx._head_changed_at > ctx.stale_after_s else None
         ),
@@ -123,21 +196,19 @@ def poll_api(ctx: Context) -> dict[str, Any]:
         return {"configured": False}
     status = fetch_status(ctx.api_url, timeout=ctx.api_timeout)
     ctx.history.add(status)
+    if status.reachable and status.slot_seconds is not None:
+        ctx.use_slot_seconds(status.slot_seconds)
     return {"configured": True, **status.as_dict()}
 
 
 # --- market -----------------------------------------------------------------------------------
 
 
-def _bucket(rows: list[data.SlotRow]) -> tuple[int, list[dict[str, Any]]]:
-    """Rows as chart points: single slots, or hour/day buckets above MAX_POINTS slots."""
-    size = 1
-    for candidate in (1, 4, data.SLOTS_PER_DAY, 7 * data.SLOTS_PER_DAY):
-        size = candidate
-        if len(rows) / candidate <= MAX_POINTS:
-            break
+def _bucket(rows: list[data.SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
+    """Rows as chart points: single slots, or wall-time buckets above MAX_POINTS slots."""
+    size = _bucket_size(len(rows), clock)
     if size == 1:
-        return 1, [r.as_dict() for r in rows]
+        return 1, [r.as_dict(clock) for r in rows]
     out: dict[int, dict[str, Any]] = {}
     weighted: dict[int, list[int]] = {}
     for r in rows:
@@ -146,7 +217,7 @@ def _bucket(rows: list[data.SlotRow]) -> tuple[int, list[dict[str, Any]]]:
             key,
             {
                 "slot": key,
-                "time": data.slot_label(key),
+                "time": clock.label(key),
                 "price": None,
                 "local_wh": 0,
                 "grid_import_wh": 0,
@@ -174,7 +245,7 @@ def _bucket(rows: list[data.SlotRow]) -> tuple[int, list[dict[str, Any]]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _market_layout(price_title: str, x_title: str) -> str:
+def _market_layout(price_title: str, x_title: str, hoverformat: str) -> str:
     """The three stacked subplots' layout (built once by make_subplots, kept as JSON)."""
     fig = make_subplots(
         rows=3,
@@ -192,10 +263,11 @@ def _market_layout(price_title: str, x_title: str) -> str:
         barmode="group",
         height=620,
         margin={"l": 60, "r": 20, "t": 40, "b": 40},
-        legend={"orientation": "h", "y": -0.08},
+        legend={"orientation": "h", "y": -0.12},
         hovermode="x unified",
         template="plotly_white",
     )
+    fig.update_xaxes(type="date", hoverformat=hoverformat)
     fig.update_xaxes(title_text=x_title, row=3)
     return json.dumps(fig.to_plotly_json()["layout"], cls=plotly.utils.PlotlyJSONEncoder)
 
@@ -204,27 +276,30 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
     """Clearing price with tariff lines, local vs grid volume, unmatched volume, participants.
 
     The figure is a plain dict (traces without plotly's per-property validation: a year of
-    slots costs milliseconds, not a second).
+    slots costs milliseconds, not a second). x is each point's UTC start on a date axis;
+    ``customdata`` is its slot number (a bucket's first slot), which a click opens.
     """
     info = ctx.info()
-    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
-    size, points = _bucket(rows)
-    xs = [p["slot"] for p in points]
-    labels = [p["time"] for p in points]
+    clock = ctx.clock
+    rows = ctx.slots.window(window_slots(window, clock))
+    size, points = _bucket(rows, clock)
+    xs = [p["time"] for p in points]
+    slots = [p["slot"] for p in points]
     layout = json.loads(
         _market_layout(
             "Clearing price (cents/kWh)" + (" — volume-weighted per bucket" if size > 1 else ""),
-            "slot" if size == 1 else f"slot (buckets of {size})",
+            _axis_title(clock, size),
+            clock.time_format,
         )
     )
-    layout["uirevision"] = f"market-{window}"
-    hover = "%{customdata}<br>%{y}<extra>%{fullData.name}</extra>"
+    layout["uirevision"] = f"market-{window}-{clock.slot_seconds}"
+    hover = "%{y} · slot %{customdata}<extra>%{fullData.name}</extra>"
     data_: list[dict[str, Any]] = [
         {
             "type": "scatter",
             "x": xs,
             "y": [p["price"] for p in points],
-            "customdata": labels,
+            "customdata": slots,
             "name": "clearing price",
             "mode": "lines+markers",
             "line": {"color": COLORS["price"], "shape": "hv"},
@@ -262,7 +337,7 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
                 "type": "bar",
                 "x": xs,
                 "y": [p[key] for p in points],
-                "customdata": labels,
+                "customdata": slots,
                 "name": name,
                 "marker": {"color": color},
                 "hovertemplate": hover,
@@ -279,7 +354,7 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
                 "type": "scatter",
                 "x": xs,
                 "y": [p[key] for p in points],
-                "customdata": labels,
+                "customdata": slots,
                 "name": name,
                 "mode": "lines",
                 "line": {"color": color, "width": 1.5},
@@ -293,7 +368,7 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
             "type": "bar",
             "x": xs,
             "y": [p["participants"] for p in points],
-            "customdata": labels,
+            "customdata": slots,
             "name": "participants",
             "marker": {"color": COLORS["participants"]},
             "hovertemplate": hover,
@@ -351,7 +426,7 @@ def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list
     info = ctx.info()
     fig.add_hline(y=info.retail_price, line_dash="dash", line_width=1, line_color="#888")
     fig.add_hline(y=info.feed_in_tariff, line_dash="dot", line_width=1, line_color="#888")
-    fig.update_layout(title=f"Order book of slot {slot} ({data.slot_label(slot)})")
+    fig.update_layout(title=f"Order book of slot {slot} ({ctx.clock.label(slot)} UTC)")
     if not book.cleared:
         summary = f"Slot {slot}: gate not closed (no clearing recorded)."
     elif book.volume_wh == 0:
@@ -381,13 +456,11 @@ HOUSEHOLD_KEYS = (
 )
 
 
-def _bucket_household(slots: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
-    """A household's slots as chart points: single slots, or sums per hour/day/week."""
-    size = 1
-    for candidate in (1, 4, data.SLOTS_PER_DAY, 7 * data.SLOTS_PER_DAY):
-        size = candidate
-        if len(slots) / candidate <= MAX_POINTS:
-            break
+def _bucket_household(
+    slots: list[dict[str, Any]], clock: data.SlotClock
+) -> tuple[int, list[dict[str, Any]]]:
+    """A household's slots as chart points: single slots, or sums per wall-time bucket."""
+    size = _bucket_size(len(slots), clock)
     if size == 1:
         return 1, slots
     out: dict[int, dict[str, Any]] = {}
@@ -397,7 +470,7 @@ def _bucket_household(slots: list[dict[str, Any]]) -> tuple[int, list[dict[str, 
         if b is None:
             b = out[key] = {
                 "slot": key,
-                "time": data.slot_label(key),
+                "time": clock.label(key),
                 **dict.fromkeys(HOUSEHOLD_KEYS, 0),
             }
         for k in HOUSEHOLD_KEYS:
@@ -410,9 +483,10 @@ def households_view(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str | None]:
     """Table of every household and per-slot metered vs traded energy of the chosen one.
 
-    Windows longer than MAX_POINTS slots are drawn as hour/day/week sums (the CSV keeps every
-    slot). The figure is a plain dict, like the market's.
+    Windows longer than MAX_POINTS slots are drawn as sums per wall-time bucket (the CSV keeps
+    every slot). x is the slots' UTC start; the figure is a plain dict, like the market's.
     """
+    clock = ctx.clock
     summary = data.household_summary(ctx.engine)
     if household is None or household not in {r["household"] for r in summary}:
         household = summary[0]["household"] if summary else None
@@ -422,20 +496,23 @@ def households_view(
         "template": _template(),
         "barmode": "relative",
         "hovermode": "x unified",
-        "uirevision": f"household-{household}-{window}",
+        "uirevision": f"household-{household}-{window}-{clock.slot_seconds}",
         "yaxis": {"title": {"text": "Wh (export up, import down)"}},
-        "xaxis": {"title": {"text": "slot"}},
-        "legend": {"orientation": "h", "y": -0.15},
+        "xaxis": _time_axis(clock, "slot start (UTC)"),
+        "legend": {"orientation": "h", "y": -0.22},
     }
     if household is None:
         return {"data": [], "layout": layout}, summary, [], None
-    n = WINDOWS.get(window, WINDOWS["7d"])
+    n = window_slots(window, clock)
     first = None
     if n is not None and ctx.slots.settled_through is not None:
         first = ctx.slots.settled_through - n + 1
-    slots = data.household_slots(ctx.engine, household, first)
-    size, points = _bucket_household(slots)
-    xs = [r["slot"] for r in points]
+    slots = data.household_slots(ctx.engine, household, first, clock=clock)
+    size, points = _bucket_household(slots, clock)
+    xs = [r["time"] for r in points]
+    numbers = [r["slot"] for r in points]
+    layout["xaxis"] = _time_axis(clock, _axis_title(clock, size))
+    hover = "%{y} · slot %{customdata}<extra>%{fullData.name}</extra>"
     traces: list[dict[str, Any]] = []
     for key, name, color, sign in (
         ("metered_export_wh", "metered export", "#2ca02c", 1),
@@ -446,6 +523,8 @@ def households_view(
                 "type": "bar",
                 "x": xs,
                 "y": [sign * r[key] for r in points],
+                "customdata": numbers,
+                "hovertemplate": hover,
                 "name": name,
                 "marker": {"color": color},
             }
@@ -459,6 +538,8 @@ def households_view(
                 "type": "scatter",
                 "x": xs,
                 "y": [sign * r[key] for r in points],
+                "customdata": numbers,
+                "hovertemplate": hover,
                 "name": name,
                 "mode": "lines",
                 "line": {"color": color, "shape": "hv"},
@@ -469,12 +550,14 @@ def households_view(
             "type": "scatter",
             "x": xs,
             "y": [r["imbalance_wh"] for r in points],
+            "customdata": numbers,
+            "hovertemplate": hover,
             "name": "imbalance (to grid +)",
             "mode": "markers",
             "marker": {"color": "#000", "size": 4},
         }
     )
-    per = "" if size == 1 else f" (sums per {size} slots)"
+    per = "" if size == 1 else f" (sums per {clock.duration(size)})"
     layout["title"] = {"text": f"Household {data.short_did(household)}: metered vs traded{per}"}
     return {"data": traces, "layout": layout}, summary, slots, household
 
@@ -493,15 +576,17 @@ def _template() -> dict[str, Any]:
 def community_view(
     ctx: Context, window: str
 ) -> tuple[data.CommunityFigures, go.Figure, list[dict[str, Any]]]:
-    """Self-sufficiency, self-consumption and savings over the window, and per day."""
+    """Self-sufficiency, self-consumption and savings over the window, and per day (per hour
+    when the window's slots span three days or less)."""
     info = ctx.info()
-    rows = ctx.slots.window(WINDOWS.get(window, WINDOWS["7d"]))
+    clock = ctx.clock
+    rows = ctx.slots.window(window_slots(window, clock))
     figures = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
     span = (rows[-1].slot - rows[0].slot + 1) if rows else 0
-    per = data.SLOTS_PER_DAY if span > 3 * data.SLOTS_PER_DAY else 4
-    daily = data.bucketed_community(rows, info.feed_in_tariff, info.retail_price, per)
+    per = clock.slots_per_day if span > 3 * clock.slots_per_day else clock.slots_per_hour
+    daily = data.bucketed_community(rows, info.feed_in_tariff, info.retail_price, per, clock=clock)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    days = [d["slot"] for d in daily]
+    days = [d["time"] for d in daily]
     for key, name, color in (
         ("self_sufficiency", "self-sufficiency", "#2ca02c"),
         ("self_consumption", "self-consumption", "#1f77b4"),
@@ -521,8 +606,8 @@ def community_view(
             x=days,
             y=[d["savings_cents"] / 100 for d in daily],
             name="savings vs grid-only (currency units)",
-            customdata=[d["time"] for d in daily],
-            hovertemplate="%{customdata}: %{y:.2f}<extra>savings</extra>",
+            customdata=[d["slot"] for d in daily],
+            hovertemplate="%{y:.2f} · from slot %{customdata}<extra>savings</extra>",
             marker_color="#bcbd22",
             opacity=0.6,
         ),
@@ -532,9 +617,11 @@ def community_view(
         height=380,
         margin={"l": 60, "r": 60, "t": 30, "b": 40},
         template="plotly_white",
-        uirevision=f"community-{window}",
+        uirevision=f"community-{window}-{clock.slot_seconds}",
         legend={"orientation": "h", "y": -0.2},
-        xaxis_title="slot (" + ("days" if per == data.SLOTS_PER_DAY else "hours") + ")",
+        xaxis=_time_axis(
+            clock, "UTC, " + ("per day" if per == clock.slots_per_day else "per hour")
+        ),
     )
     fig.update_yaxes(title_text="%", range=[0, 100], secondary_y=False)
     fig.update_yaxes(title_text="savings", secondary_y=True)
@@ -554,7 +641,7 @@ def ledger_view(ctx: Context) -> dict[str, Any]:
         "closed_through": head.closed_through,
         "transactions": data.transaction_count(ctx.engine),
         "verify": ctx.verify.status(),
-        "blocks": data.latest_blocks(ctx.engine, 10),
+        "blocks": data.latest_blocks(ctx.engine, 10, clock=ctx.clock),
         "latest_transactions": data.latest_transactions(ctx.engine, 15),
     }
 
@@ -603,8 +690,10 @@ def network_view(ctx: Context) -> tuple[NodeStatus | None, go.Figure, go.Figure]
 def alerts_view(ctx: Context) -> list[dict[str, str]]:
     """Every current alert: ledger ones and, when an API is configured, consensus ones."""
     head = data.head_info(ctx.engine)
-    recent = ctx.slots.window(ctx.alert_window_slots)
-    alerts = data.ledger_alerts(recent, head, ctx.verify.status(), ctx.settle_lag_slots)
+    recent = ctx.slots.window(ctx.alert_window())
+    alerts = data.ledger_alerts(
+        recent, head, ctx.verify.status(), ctx.settle_lag_slots, clock=ctx.clock
+    )
     if ctx._head_key is not None and time.time() - ctx._head_changed_at > ctx.stale_after_s:
         since = time.strftime("%H:%M:%S", time.gmtime(ctx._head_changed_at))
         alerts.append(

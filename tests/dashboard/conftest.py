@@ -126,9 +126,14 @@ def screenshot(page: Any, selector: str, name: str) -> Path:
     return path
 
 
-def new_feeder(tmp: Path, slots: int, households: int = 6, seed: int = 1) -> Feeder:
-    """A ledger of ``slots`` settled slots produced by the real engine and store."""
-    feeder = Feeder(f"sqlite:///{tmp / 'ledger.db'}", households=households, seed=seed)
+def new_feeder(
+    tmp: Path, slots: int, households: int = 6, seed: int = 1, first_slot: int = 0
+) -> Feeder:
+    """A ledger of ``slots`` settled slots from ``first_slot`` on, produced by the real engine
+    and store."""
+    feeder = Feeder(
+        f"sqlite:///{tmp / 'ledger.db'}", households=households, seed=seed, first_slot=first_slot
+    )
     feeder.advance(slots)
     return feeder
 

@@ -24,13 +24,15 @@ from node.ledger import LedgerStore
 class Feeder:
     """A simulated microgrid writing into the ledger at ``db``."""
 
-    def __init__(self, db: str, households: int = 6, seed: int = 1) -> None:
+    def __init__(self, db: str, households: int = 6, seed: int = 1, first_slot: int = 0) -> None:
+        """``first_slot``: the first slot traded (slots are Unix time / slot length in a running
+        grid; the simulation's day profile repeats every 96 slots)."""
         self.sim = simulate.build(households, seed)
         self.state = State.initial(self.sim.config)
         self.store = LedgerStore(db)
         self.store.init_genesis(self.sim.config)
         self.index = 0
-        self.next_slot = 0
+        self.next_slot = first_slot
         self.pending_settlements: list[list[Command]] = []
         self._apply(simulate.registrations(self.sim))
 

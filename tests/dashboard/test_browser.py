@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,14 +36,26 @@ from tests.dashboard.status_server import StatusServer, status_doc
 pytestmark = [needs_browser, pytest.mark.slow]
 
 SLOTS = 96
+FIRST = 1_960_032
+"""The first slot: 15-minute slots numbered like a running grid's (Unix time / 900)."""
 LEADER = "did:key:z6MkLeaderOfTheGrid0000000000000000000000000000"
 VIEWS = ("alerts", "market", "book", "households", "community", "ledger", "network")
+
+
+def label(slot: int) -> str:
+    """The UTC start of a 15-minute slot, computed with datetime (not the dashboard's code)."""
+    return datetime.fromtimestamp(slot * 900, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def slot_at(plotly_date: str) -> int:
+    """The 15-minute slot whose delivery contains a Plotly date-axis value."""
+    return int(datetime.fromisoformat(plotly_date).replace(tzinfo=UTC).timestamp() // 900)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     tmp = tmp_path_factory.mktemp("dashboard")
-    feeder = new_feeder(tmp, SLOTS)
+    feeder = new_feeder(tmp, SLOTS, first_slot=FIRST)
     head = feeder.store.head()
     assert head is not None
     status = StatusServer(status_doc(LEADER, head.height, head.hash))
@@ -72,6 +85,18 @@ def test_every_view_shows_data(browser_page: tuple[Any, ConsoleLog]) -> None:
     wait_text(page, "#head-badge", f"height {SLOTS}")
     # market: one point per slot, tariff lines at 32 and 8
     page.wait_for_function(graph_js("market-graph", f"g.data[0].x.length === {SLOTS}"))
+    # plotted against the slots' UTC start, the slot number in customdata
+    assert graph_eval(page, "market-graph", "g.data[0].x[0]") == label(FIRST)
+    assert graph_eval(page, "market-graph", "g.data[0].customdata[0]") == FIRST
+    assert graph_eval(page, "market-graph", "g._fullLayout.xaxis3.type") == "date"
+    page.wait_for_selector("#market-graph .xaxislayer-above text")
+    ticks = page.eval_on_selector_all(
+        "#market-graph .xaxislayer-above text", "es => es.map(e => e.textContent)"
+    )
+    assert ticks and any(label(FIRST)[:4] in t for t in ticks), ticks  # the year shows
+    assert not any(t.rstrip().endswith(("M", "k", "G")) for t in ticks), ticks  # no SI suffix
+    wait_text(page, "#head-badge", f"settled through slot {FIRST + SLOTS - 1} ")
+    wait_text(page, "#head-badge", f"({label(FIRST + SLOTS - 1)} UTC)")
     assert graph_eval(page, "market-graph", "g.data[1].y[0]") == 32
     assert graph_eval(page, "market-graph", "g.data[2].y[0]") == 8
     assert graph_eval(page, "market-graph", "g.data[3].y.some(v => v > 0)")  # local volume
@@ -83,6 +108,7 @@ def test_every_view_shows_data(browser_page: tuple[Any, ConsoleLog]) -> None:
         "() => document.querySelectorAll('#household-summary tbody tr').length === 6"
     )
     page.wait_for_function(graph_js("household-graph", f"g.data[0].x.length === {SLOTS}"))
+    assert graph_eval(page, "household-graph", "g.data[0].x[0]") == label(FIRST)
     # community figures
     wait_text(page, "#kpi-self-sufficiency", "%")
     wait_text(page, "#kpi-self-consumption", "%")
@@ -92,6 +118,9 @@ def test_every_view_shows_data(browser_page: tuple[Any, ConsoleLog]) -> None:
     wait_text(page, "#kpi-verify", "OK")
     assert len(page.inner_text("#head-hash").strip()) == 64
     assert page.locator("#blocks-table tbody tr").count() == 10
+    newest = page.locator("#blocks-table tbody tr").first.locator("td")
+    assert newest.nth(1).inner_text() == str(FIRST + SLOTS - 1)
+    assert newest.nth(2).inner_text() == label(FIRST + SLOTS - 1)
     assert page.locator("#tx-table tbody tr").count() == 15
     # consensus & network from the loopback status API
     wait_text(page, "#kpi-leader", "…")
@@ -119,6 +148,10 @@ def test_csv_export_of_shown_data(
     info.value.save_as(target)
     rows = list(csv.DictReader(io.StringIO(Path(target).read_text())))
     assert len(rows) == SLOTS
+    assert [(int(r["slot"]), r["time"]) for r in rows[:2]] == [
+        (FIRST, label(FIRST)),
+        (FIRST + 1, label(FIRST + 1)),
+    ]
     assert {"slot", "price", "local_wh", "grid_import_wh", "unmatched_bid_wh"} <= set(rows[0])
     with page.expect_download() as info:
         page.click("#csv-households")
@@ -146,8 +179,9 @@ def test_new_slot_appears_without_reload_and_zoom_is_kept(
     zoomed = graph_eval(page, "market-graph", "g.layout.xaxis.range")
     last = world.feeder.advance(2)
     wait_text(page, "#head-badge", f"height {SLOTS + 2}")
-    page.wait_for_function(graph_js("market-graph", f"g.data[0].x.includes({last})"))
-    page.wait_for_function(graph_js("household-graph", f"g.data[0].x.includes({last})"))
+    new_x = f"g.data[0].x.includes('{label(last)}')"
+    page.wait_for_function(graph_js("market-graph", new_x))
+    page.wait_for_function(graph_js("household-graph", new_x))
     wait_text(page, "#kpi-height", str(SLOTS + 2))
     assert graph_eval(page, "market-graph", "g.layout.xaxis.range") == zoomed
     page.evaluate("() => window.__noReload = 1")
@@ -157,27 +191,32 @@ def test_new_slot_appears_without_reload_and_zoom_is_kept(
 
 def test_selecting_a_slot_updates_the_order_book(browser_page: tuple[Any, ConsoleLog]) -> None:
     page, log = browser_page
-    page.fill("#slot-input", "50")
+    page.fill("#slot-input", str(FIRST + 50))
     page.press("#slot-input", "Enter")
-    wait_text(page, "#book-summary", "Slot 50:")
-    page.wait_for_function(graph_js("book-graph", "g.layout.title.text.includes('slot 50')"))
+    wait_text(page, "#book-summary", f"Slot {FIRST + 50}:")
+    title = f"Order book of slot {FIRST + 50} ({label(FIRST + 50)} UTC)"
+    page.wait_for_function(graph_js("book-graph", f"g.layout.title.text === '{title}'"))
     asks = graph_eval(page, "book-graph", "g.data[0].x.length")
     bids = graph_eval(page, "book-graph", "g.data[1].x.length")
     assert asks > 0 and bids > 0
     screenshot(page, "#section-book", "book-slot-50")
-    page.fill("#slot-input", "20")
+    page.fill("#slot-input", str(FIRST + 20))
     page.press("#slot-input", "Enter")
-    wait_text(page, "#book-summary", "Slot 20:")
-    page.wait_for_function(graph_js("book-graph", "g.layout.title.text.includes('slot 20')"))
+    wait_text(page, "#book-summary", f"Slot {FIRST + 20}:")
+    page.wait_for_function(
+        graph_js("book-graph", f"g.layout.title.text.includes('slot {FIRST + 20} ')")
+    )
     assert log.errors == []
 
 
 def test_clicking_a_slot_opens_its_order_book(browser_page: tuple[Any, ConsoleLog]) -> None:
     page, log = browser_page
     lo, hi = graph_eval(page, "market-graph", "g.layout.xaxis.range")  # the user's zoom
-    slot = round((lo + hi) / 2)
+    slot = (slot_at(lo) + slot_at(hi)) // 2
+    assert FIRST < slot < FIRST + SLOTS
     page.locator("#market-graph").scroll_into_view_if_needed()
-    bar = page.locator("#market-graph .barlayer .trace").last.locator(".point path").nth(slot)
+    bars = page.locator("#market-graph .barlayer .trace").last.locator(".point path")
+    bar = bars.nth(slot - FIRST)
     box = bar.bounding_box()
     assert box is not None and box["height"] > 0
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -221,7 +260,7 @@ def test_alerts_follow_the_data(
     page, log = browser_page
     slot = world.feeder.advance_uncleared()
     page.wait_for_selector(".alert[data-code=slot_not_cleared]")
-    wait_text(page, ".alert[data-code=slot_not_cleared]", f"Slot {slot} ")
+    wait_text(page, ".alert[data-code=slot_not_cleared]", f"Slot {slot} ({label(slot)} UTC)")
     engine = create_engine(world.feeder.store.url)
     with engine.begin() as conn:
         conn.execute(

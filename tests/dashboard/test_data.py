@@ -1,19 +1,32 @@
 """The data layer and the API client without a browser: figures against the ledger's own
-postings, the lazy slot cache, alerts, status normalisation, zoom bookkeeping."""
+postings, the lazy slot cache, slot times and windows, alerts, status normalisation, zoom
+bookkeeping."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dash
+import pytest
 from sqlalchemy import func, select
 
 from dashboard import data, views
 from dashboard.api import StatusHistory, api_alerts, normalise
-from dashboard.app import apply_zoom, zoom_from_relayout
+from dashboard.app import apply_zoom, slot_from_click, zoom_from_relayout
 from node.ledger import schema as t
+from node.schedule import Schedule
 from tests.dashboard.conftest import new_feeder
+from tests.dashboard.status_server import StatusServer, status_doc
+
+PROD = data.SlotClock(900)
+DEMO = data.SlotClock(10)
+
+
+def utc(seconds: int, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """A Unix time as the dashboard should label it, computed with datetime."""
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)).strftime(fmt)
 
 
 def test_community_figures_by_hand() -> None:
@@ -87,7 +100,7 @@ def test_slot_cache_loads_lazily_and_incrementally(tmp_path: Path) -> None:
         fresh = data.SlotCache(engine)
         fresh.refresh()
         for slot in (0, 20, 41, 42):
-            assert fresh.window(None)[slot].as_dict() == cache.rows[slot].as_dict()
+            assert fresh.window(None)[slot].as_dict(PROD) == cache.rows[slot].as_dict(PROD)
         engine.dispose()
     finally:
         feeder.close()
@@ -100,15 +113,16 @@ def test_ledger_alerts() -> None:
         data.SlotRow(slot=2, bid_volume_wh=100, ask_volume_wh=0, volume_wh=0),  # one side only
         data.SlotRow(slot=3, bid_volume_wh=100, ask_volume_wh=50, volume_wh=50),
     ]
-    alerts = data.ledger_alerts(rows, head, {"state": "failed", "error": "boom"}, 4)
+    alerts = data.ledger_alerts(rows, head, {"state": "failed", "error": "boom"}, 4, clock=PROD)
     assert [a["code"] for a in alerts] == [
         "ledger_invalid",
         "slot_not_cleared",
         "settlement_overdue",
     ]
-    assert "Slot 1 " in alerts[1]["message"]
+    assert "Slot 1 (1970-01-01 00:15 UTC) did not clear" in alerts[1]["message"]
+    assert "through slot 16 (1970-01-01 04:00 UTC)" in alerts[2]["message"]
     ok_head = data.HeadInfo(height=10, head_hash="ab", settled_through=9, closed_through=11)
-    assert data.ledger_alerts(rows[1:], ok_head, {"state": "ok"}, 4) == []
+    assert data.ledger_alerts(rows[1:], ok_head, {"state": "ok"}, 4, clock=PROD) == []
 
 
 def test_status_normalisation() -> None:
@@ -183,3 +197,139 @@ def test_stale_ledger_and_readings_ahead_of_settlement(tmp_path: Path) -> None:
         assert codes == ["ledger_stale", "settlement_overdue"]
     finally:
         ctx.close()
+
+
+def test_slot_labels_are_the_utc_start_of_the_slot() -> None:
+    # slot s starts at s * slot_seconds Unix seconds (node/schedule.py)
+    assert PROD.label(1_960_000) == utc(1_960_000 * 900) == "2025-11-24 16:00"
+    assert PROD.start(1_960_000) == Schedule(slot_seconds=900).start(1_960_000)
+    slot = Schedule(slot_seconds=10).slot_at(1_796_183_512.3)
+    assert DEMO.label(slot) == utc(slot * 10, "%Y-%m-%d %H:%M:%S") == "2026-12-02 03:51:50"
+    # seconds whenever a slot start can fall inside a minute
+    assert data.SlotClock(90).label(1) == "1970-01-01 00:01:30"
+    assert data.SlotClock(3600).label(24) == "1970-01-02 00:00"
+    assert data.SlotClock(900).label(10**16) == f"slot {10**16}"  # beyond any calendar
+    assert (PROD.slots_per_day, DEMO.slots_per_day, data.SlotClock(7).slots_per_day) == (
+        96,
+        8640,
+        86_400 // 7,
+    )
+    assert data.SlotClock(100_000).slots_per_day == 1  # at least one
+    assert (PROD.duration(4), PROD.duration(96), DEMO.duration(6), DEMO.duration(1)) == (
+        "1 h",
+        "1 day",
+        "1 min",
+        "10 s",
+    )
+    for bad in (0, -10, 1.5, True):
+        with pytest.raises(ValueError):
+            data.SlotClock(bad)  # type: ignore[arg-type]
+
+
+def test_windows_and_buckets_follow_the_slot_length() -> None:
+    assert [views.window_slots(w, PROD) for w in ("1d", "7d", "30d", "all")] == [
+        96,
+        7 * 96,
+        30 * 96,
+        None,
+    ]
+    assert [views.window_slots(w, DEMO) for w in ("1d", "7d", "30d", "all")] == [
+        8640,
+        7 * 8640,
+        30 * 8640,
+        None,
+    ]
+    assert views.window_slots("bogus", DEMO) == 7 * 8640
+    # hours, days, weeks of 15-minute slots, as before; minutes too for 10-second slots
+    assert views.bucket_sizes(PROD) == [1, 4, 96, 672]
+    assert views.bucket_sizes(DEMO) == [1, 6, 30, 90, 360, 8640, 60480]
+    # one day of 10-second slots: 8640 slots drawn as 1440 one-minute buckets
+    first = 179_599_998  # a multiple of 6 slots: buckets start on whole minutes
+    assert first * 10 % 60 == 0
+    rows = [data.SlotRow(slot=first + i, volume_wh=1, price=20) for i in range(8640)]
+    size, points = views._bucket(rows, DEMO)
+    assert (size, len(points)) == (6, 1440)
+    assert points[1]["slot"] == first + 6
+    assert points[1]["time"] == utc((first + 6) * 10, "%Y-%m-%d %H:%M:%S")
+    assert points[1]["time"].endswith(":00") and points[1]["local_wh"] == 6
+    # the same number of 15-minute slots is 90 days: daily buckets
+    assert views._bucket([data.SlotRow(slot=s) for s in range(8640)], PROD)[0] == 96
+
+
+def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:
+    first = 179_618_304  # 2026-12-02 03:44 UTC in 10-second slots, as in `microgrid demo`
+    feeder = new_feeder(tmp_path, 200, households=3, seed=7, first_slot=first)
+    feeder.close()
+    demo = views.Context.open(feeder.store.url, verify_enabled=False, clock=DEMO)
+    prod = views.Context.open(feeder.store.url, verify_enabled=False)
+    try:
+        for ctx in (demo, prod):
+            views.head_view(ctx)
+        assert demo.alert_window() == 8640 and prod.alert_window() == 96
+        # one day of 10-second slots holds all 200; one day of 15-minute slots the newest 96
+        fig, points = views.market_view(demo, "1d")
+        assert [p["slot"] for p in points] == list(range(first, first + 200))
+        expected = [utc(s * 10, "%Y-%m-%d %H:%M:%S") for s in range(first, first + 200)]
+        assert [p["time"] for p in points] == expected
+        assert fig["data"][0]["x"] == expected  # plotted against the slot start ...
+        assert fig["data"][0]["customdata"] == list(range(first, first + 200))  # ... slot rides
+        assert fig["layout"]["xaxis"]["type"] == "date"
+        assert fig["layout"]["xaxis"]["hoverformat"] == "%Y-%m-%d %H:%M:%S"
+        assert [p["slot"] for p in views.market_view(prod, "1d")[1]] == list(
+            range(first + 104, first + 200)
+        )
+        assert views.market_view(prod, "1d")[1][0]["time"] == utc((first + 104) * 900)
+        # households: the window in wall time, x = slot starts
+        hfig, _, slots, _ = views.households_view(demo, None, "1d")
+        assert len(slots) == 200 and slots[0]["time"] == expected[0]
+        assert hfig["data"][0]["x"] == expected
+        assert len(views.households_view(prod, None, "1d")[2]) == 96
+        # community per hour of wall time: 200 slots of 10 s span one hour boundary at most
+        _, cfig, hourly = views.community_view(demo, "all")
+        hours = sorted({(s * 10) // 3600 * 3600 for s in range(first, first + 200)})
+        assert [d["time"] for d in hourly] == [utc(h, "%Y-%m-%d %H:%M:%S") for h in hours]
+        assert sum(d["slots"] for d in hourly) == 200
+        assert list(cfig.data[0].x) == [d["time"] for d in hourly]
+        assert cfig.layout.xaxis.type == "date" and cfig.layout.xaxis.title.text == "UTC, per hour"
+        # ledger tables and the order book title
+        blocks = views.ledger_view(demo)["blocks"]
+        assert blocks[0]["slot"] == first + 199 and blocks[0]["time"] == expected[-1]
+        title = views.orderbook_view(demo, first + 5)[0].layout.title.text
+        assert title == f"Order book of slot {first + 5} ({expected[5]} UTC)"
+        assert data.rows_to_csv(points).splitlines()[1].startswith(f"{first},{expected[0]},")
+    finally:
+        demo.close()
+        prod.close()
+
+
+def test_the_nodes_slot_length_wins(tmp_path: Path) -> None:
+    assert normalise({"slot_seconds": 10}).slot_seconds == 10
+    for junk in ("x", 0, -5, True, None):
+        assert normalise({"slot_seconds": junk}).slot_seconds is None
+    feeder = new_feeder(tmp_path, 3, households=3, seed=3, first_slot=179_618_304)
+    feeder.close()
+    doc = status_doc("did:key:zL", 3, None)
+    assert "slot_seconds" not in doc  # the field is optional: the command line's value stays
+    server = StatusServer(doc)
+    ctx = views.Context.open(feeder.store.url, server.url, verify_enabled=False)
+    try:
+        views.poll_api(ctx)
+        assert ctx.clock == PROD and views.head_view(ctx)["slot_seconds"] == 900
+        server.doc = {**doc, "slot_seconds": 10}
+        assert views.poll_api(ctx)["slot_seconds"] == 10
+        assert ctx.clock == DEMO
+        assert views.head_view(ctx)["slot_seconds"] == 10  # the head changes: views redraw
+        assert views.market_view(ctx, "7d")[1][0]["time"] == utc(179_618_304 * 10, DEMO.time_format)
+        server.stop()
+        views.poll_api(ctx)  # unreachable: keeps what it learnt
+        assert ctx.clock == DEMO
+    finally:
+        ctx.close()
+
+
+def test_a_click_opens_the_slot_in_customdata() -> None:
+    click = {"points": [{"x": "2025-11-24 16:00", "customdata": 1_960_000, "curveNumber": 5}]}
+    assert slot_from_click(click) == 1_960_000
+    assert slot_from_click({"points": [{"x": "2025-11-24 16:00"}, {"customdata": [7]}]}) == 7
+    assert slot_from_click({"points": [{"x": "2025-11-24 16:00"}]}) is dash.no_update
+    assert slot_from_click(None) is dash.no_update

@@ -77,7 +77,10 @@ def test_views_work_without_the_api(chromium: Any, ledger: Feeder, api: str) -> 
 
 def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "dashboard", "--db", ledger.store.url, "--port", "0"],
+        [
+            *[sys.executable, "-m", "node.cli", "dashboard", "--db", ledger.store.url],
+            *["--port", "0", "--slot-seconds", "10"],
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -86,6 +89,7 @@ def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("dashboard on http://127.0.0.1:"), line
+        assert line.rstrip().endswith(", 10 s slots)"), line
         url = line.split()[2]
         deadline = time.monotonic() + 20
         html = ""
@@ -102,6 +106,21 @@ def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+@pytest.mark.parametrize("value", ["0", "-900", "15m"])
+def test_cli_refuses_a_bad_slot_length(ledger: Feeder, value: str) -> None:
+    proc = subprocess.run(
+        [
+            *[sys.executable, "-m", "node.cli", "dashboard", "--db", ledger.store.url],
+            f"--slot-seconds={value}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--slot-seconds" in proc.stderr
 
 
 @needs_browser
