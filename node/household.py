@@ -160,18 +160,11 @@ class HouseholdNode:
             ),
             self.raft_storage,
         )
-        own = str(identity.peer_id)
         self.block_server = BlockServer(store_exporter(self.store), genesis.is_member)
         self.net = NetNode(
             identity,
             genesis,
-            NetSettings(
-                listen=config.listen,
-                peers=[a for a in (*genesis.bootstrap, *config.peers) if own not in a],
-                mdns=config.mdns,
-                metrics_port=config.metrics_port or None,
-                metrics_host=config.metrics_host,
-            ),
+            NetSettings.from_config(config, identity, genesis),
             on_gossip=self._on_gossip,
             slot_policy=default_slot_policy(genesis, wall_clock),
             raft_codec=(encode_message, decode_message),

@@ -40,18 +40,17 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     """Load config, key and genesis, then run the node until a signal stops it."""
     import trio
 
-    from node.genesis import GenesisError, load_genesis
+    from node.genesis import GenesisError
     from node.household import HouseholdNode, NodeError
-    from node.identity import KeyFileError, load_key_file
+    from node.identity import KeyFileError
     from node.ledger.store import LedgerStoreError
     from node.logs import configure
+    from node.net.cli import load_node_files
     from node.raft.errors import StorageCorruption
     from node.replica import ReplicaError
 
     try:
-        config = load_config(args.config)
-        identity = load_key_file(config.key_path)
-        genesis = load_genesis(config.genesis_path)
+        config, identity, genesis = load_node_files(args.config)
     except (ConfigError, KeyFileError, GenesisError) as exc:
         return _fail(str(exc))
     configure(config.log_level, config.log_format)

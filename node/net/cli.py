@@ -14,9 +14,9 @@ from typing import Any
 from market.identity import IdentityError, public_key_from_did
 from market.models import Role
 from market.state import MarketConfig
-from node.config import ConfigError, load_config, starter_config_toml
-from node.genesis import GenesisError, create_genesis, load_genesis, write_genesis
-from node.identity import KeyFileError, create_key_file, load_key_file
+from node.config import ConfigError, NodeConfig, load_config, starter_config_toml
+from node.genesis import Genesis, GenesisError, create_genesis, load_genesis, write_genesis
+from node.identity import KeyFileError, NodeIdentity, create_key_file, load_key_file
 
 CONFIG_NAME = "microgrid.toml"
 KEY_NAME = "node.key"
@@ -170,27 +170,27 @@ def cmd_genesis_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_node_files(
+    config_path: Path | None,
+) -> tuple[NodeConfig, NodeIdentity, Genesis]:
+    """A node's config, key and verified genesis; raises ConfigError, KeyFileError or
+    GenesisError naming the file."""
+    config = load_config(config_path)
+    return config, load_key_file(config.key_path), load_genesis(config.genesis_path)
+
+
 def cmd_net_run(args: argparse.Namespace) -> int:
     """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
     import trio
 
     try:
-        config = load_config(args.config)
-        identity = load_key_file(config.key_path)
-        genesis = load_genesis(config.genesis_path)
+        config, identity, genesis = load_node_files(args.config)
     except (ConfigError, KeyFileError, GenesisError) as exc:
         return _fail(str(exc))
     from node.net.host import NetNode, NetSettings, configure_logging
 
     configure_logging(config.log_level)
-    settings = NetSettings(
-        listen=config.listen,
-        peers=[a for a in (*genesis.bootstrap, *config.peers) if str(identity.peer_id) not in a],
-        mdns=config.mdns,
-        metrics_port=config.metrics_port or None,
-        metrics_host=config.metrics_host,
-    )
-    node = NetNode(identity, genesis, settings)
+    node = NetNode(identity, genesis, NetSettings.from_config(config, identity, genesis))
     print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
 
     async def main() -> None:

@@ -36,7 +36,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
@@ -65,6 +65,9 @@ from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
 from node.net.validator import GossipValidator, PenaltyBox, SlotPolicy, Verdict
 from node.net.wire import TopicKind, WireError, decode_batch, encode_batch, topic_name
+
+if TYPE_CHECKING:
+    from node.config import NodeConfig
 
 log = logging.getLogger("microgrid.net")
 
@@ -168,6 +171,20 @@ class NetSettings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: NodeConfig, identity: NodeIdentity, genesis: Genesis
+                    ) -> NetSettings:  # fmt: skip
+        """A node's settings: its config's addresses, dialling the genesis bootstrap and the
+        config's extra peers (its own address left out)."""
+        own = str(identity.peer_id)
+        return cls(
+            listen=config.listen,
+            peers=[a for a in (*genesis.bootstrap, *config.peers) if own not in a],
+            mdns=config.mdns,
+            metrics_port=config.metrics_port or None,
+            metrics_host=config.metrics_host,
+        )
 
 
 def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time) -> SlotPolicy:
