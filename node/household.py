@@ -171,12 +171,13 @@ class HouseholdNode:
             on_raft=self._on_raft,
             stream_handlers=[(BLOCKS_PROTOCOL, self.block_server.handle)],
         )
+        self.raft_link = _RaftLink(self.net)
         self.driver = ConsensusDriver(
             raft=self.raft,
             storage=self.raft_storage,
             replica=self.replica,
             proposer=self.proposer,
-            transport=_RaftLink(self.net),
+            transport=self.raft_link,
             tick_seconds=config.raft_tick_seconds,
             propose_every=min(0.2, config.raft_tick_seconds),
             snapshot_every=config.raft_snapshot_entries,

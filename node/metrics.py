@@ -43,6 +43,9 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("microgrid_raft_inbound_dropped",
                                   "Raft messages dropped: the driver's inbox was full",
                                   value=stats.dropped_inbound)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_unsent",
+                                  "Raft messages dropped before the network was up",
+                                  value=node.raft_link.unsent)  # fmt: skip
         yield g("microgrid_ledger_height", "Blocks in the ledger", value=state.height)
         yield g("microgrid_ledger_settled_through", "Last settled slot",
                 value=state.settled_through if state.settled_through is not None else -1)

@@ -256,6 +256,7 @@ async def test_household_node_trades_settles_stops_and_resumes(
         # network's metrics
         text = await trio.to_thread.run_sync(scrape, metrics_port)
         assert metric(text, "microgrid_raft_is_leader") == 1
+        assert metric(text, "microgrid_raft_unsent_total") == node.raft_link.unsent
         assert metric(text, "microgrid_ledger_height") >= 1
         assert metric(text, 'microgrid_meter_samples_total{meter="main"}') >= 1
         assert metric(text, 'microgrid_node_events_total{kind="published_reading"}') >= 1
