@@ -411,8 +411,13 @@ class NetNode:
                     await self._serve(task_status)
                 finally:
                     # pitfall 4: close every connection before leaving the pubsub context,
-                    # or in-flight RPCs hit a closed nursery.
+                    # or in-flight RPCs hit a closed nursery. Listeners close first: a peer
+                    # redialling us in that window would otherwise be accepted into a swarm
+                    # whose nursery is already closing ("[ADDCONN_FAIL] ... Nursery is
+                    # closed to new arrivals"), because libp2p's own close drops
+                    # connections before listeners.
                     with trio.CancelScope(shield=True), trio.move_on_after(3):
+                        await self._close_listeners()
                         await self._disconnect_all()
         finally:
             self.metrics.close()
@@ -451,6 +456,14 @@ class NetNode:
     def stop(self) -> None:
         """Ask :meth:`run` to shut down cleanly."""
         self._stop.set()
+
+    async def _close_listeners(self) -> None:
+        network = self.host.get_network()
+        for addr, listener in list(network.listeners.items()):
+            try:
+                await listener.close()  # idempotent: the swarm closes it again on exit
+            except Exception as exc:
+                log.debug("closing listener %s at shutdown: %s", addr, exc)
 
     async def _disconnect_all(self) -> None:
         network = self.host.get_network()
