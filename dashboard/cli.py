@@ -42,8 +42,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--stale-after",
         type=float,
-        default=45.0,
-        help="minutes without anything new in the ledger before a 'stale' alert",
+        default=None,
+        help="minutes without anything new in the ledger before a 'stale' alert "
+        "(default: 3 slots, 45 min at 15-minute slots)",
     )
     p.add_argument(
         "--verify-interval",
@@ -77,7 +78,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         clock=SlotClock(args.slot_seconds),
         settle_lag_slots=args.settle_lag,
         verify_interval=args.verify_interval,
-        stale_after_s=args.stale_after * 60,
+        stale_after_s=None if args.stale_after is None else args.stale_after * 60,
     )
     if args.api:
         poll_api(ctx)  # learn the node's slot length before the first page (never raises)

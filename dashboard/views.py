@@ -43,6 +43,14 @@ MAX_POINTS = 1500
 BUCKET_SECONDS = (60, 300, 900, 3600, data.DAY_SECONDS, 7 * data.DAY_SECONDS)
 """Wall-time bucket lengths a chart may use (those longer than a slot)."""
 
+COMMUNITY_POINTS = 72
+"""At most this many points on the community chart (15-minute slots: hourly up to three days,
+then daily): its ratios are only readable over a few dozen buckets."""
+
+STALE_SLOTS = 3
+"""Without ``--stale-after``, alert when nothing new reached the ledger for this many slots (a
+gate closes every slot, so even a grid without trades changes its ledger each slot)."""
+
 
 def window_slots(window: str, clock: data.SlotClock) -> int | None:
     """The newest N slots a window preset covers (None: everything); unknown presets are 7d."""
@@ -61,13 +69,26 @@ def bucket_sizes(clock: data.SlotClock) -> list[int]:
     return sizes
 
 
-def _bucket_size(n: int, clock: data.SlotClock) -> int:
-    """The smallest bucket size that draws ``n`` slots in at most MAX_POINTS points."""
+def _bucket_size(n: int, clock: data.SlotClock, max_points: int = MAX_POINTS) -> int:
+    """The smallest bucket size that draws ``n`` slots in at most ``max_points`` points."""
     size = 1
     for size in bucket_sizes(clock):
-        if n / size <= MAX_POINTS:
+        if n / size <= max_points:
             break
     return size
+
+
+def bucket_label(size: int, clock: data.SlotClock) -> str:
+    """What a bucket of ``size`` slots is called on an axis: "per slot", "per hour", ..."""
+    if size == 1:
+        return "per slot"
+    seconds = size * clock.slot_seconds
+    for length, name in ((7 * data.DAY_SECONDS, "week"), (data.DAY_SECONDS, "day"),
+                         (3600, "hour"), (60, "minute")):  # fmt: skip
+        if seconds % length == 0:
+            n = seconds // length
+            return f"per {name}" if n == 1 else f"per {n} {name}s"
+    return f"per {seconds} s"
 
 
 def _time_axis(clock: data.SlotClock, title: str) -> dict[str, Any]:
@@ -101,8 +122,8 @@ class Context:
     clock: data.SlotClock = field(default_factory=data.SlotClock)
     """The grid's slot length; :func:`poll_api` replaces it with the node's ``slot_seconds``."""
     settle_lag_slots: int = 4
-    stale_after_s: float = 45 * 60.0
-    """Alert when nothing new reached the ledger for this long (3 slots of 15 minutes)."""
+    stale_after_s: float | None = None
+    """Alert when nothing new reached the ledger for this long (None: STALE_SLOTS slots)."""
     alert_window_slots: int | None = None
     """Slots the ``slot_not_cleared`` alert looks back over (None: one day of the clock's)."""
     api_timeout: float = 1.5
@@ -122,6 +143,12 @@ class Context:
             self.engine, initial_slots=INITIAL_DAYS * self.clock.slots_per_day
         )
         self.verify = data.VerifyCache(self.db_url, min_interval=self.verify_interval)
+
+    def stale_after(self) -> float:
+        """Seconds without anything new in the ledger before the ``ledger_stale`` alert."""
+        if self.stale_after_s is not None:
+            return self.stale_after_s
+        return float(STALE_SLOTS * self.clock.slot_seconds)
 
     def use_slot_seconds(self, slot_seconds: int) -> bool:
         """Switch to another slot length (the node's ``/status`` says so); True if it changed."""
@@ -185,7 +212,7 @@ def head_view(ctx: Context) -> dict[str, Any]:
         "verify_finished_at": status.get("finished_at"),
         "slot_seconds": ctx.clock.slot_seconds,
         "stale_since": (
-            ctx._head_changed_at if now - ctx._head_changed_at > ctx.stale_after_s else None
+            ctx._head_changed_at if now - ctx._head_changed_at > ctx.stale_after() else None
         ),
     }
 
@@ -576,14 +603,15 @@ def _template() -> dict[str, Any]:
 def community_view(
     ctx: Context, window: str
 ) -> tuple[data.CommunityFigures, go.Figure, list[dict[str, Any]]]:
-    """Self-sufficiency, self-consumption and savings over the window, and per day (per hour
-    when the window's slots span three days or less)."""
+    """Self-sufficiency, self-consumption and savings over the window, and per wall-time
+    bucket: the smallest of :func:`bucket_sizes` that draws the window's span in at most
+    COMMUNITY_POINTS points (15-minute slots: per hour up to three days, then per day)."""
     info = ctx.info()
     clock = ctx.clock
     rows = ctx.slots.window(window_slots(window, clock))
     figures = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
     span = (rows[-1].slot - rows[0].slot + 1) if rows else 0
-    per = clock.slots_per_day if span > 3 * clock.slots_per_day else clock.slots_per_hour
+    per = _bucket_size(span, clock, COMMUNITY_POINTS)
     daily = data.bucketed_community(rows, info.feed_in_tariff, info.retail_price, per, clock=clock)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     days = [d["time"] for d in daily]
@@ -619,9 +647,7 @@ def community_view(
         template="plotly_white",
         uirevision=f"community-{window}-{clock.slot_seconds}",
         legend={"orientation": "h", "y": -0.2},
-        xaxis=_time_axis(
-            clock, "UTC, " + ("per day" if per == clock.slots_per_day else "per hour")
-        ),
+        xaxis=_time_axis(clock, "UTC, " + bucket_label(per, clock)),
     )
     fig.update_yaxes(title_text="%", range=[0, 100], secondary_y=False)
     fig.update_yaxes(title_text="savings", secondary_y=True)
@@ -694,7 +720,7 @@ def alerts_view(ctx: Context) -> list[dict[str, str]]:
     alerts = data.ledger_alerts(
         recent, head, ctx.verify.status(), ctx.settle_lag_slots, clock=ctx.clock
     )
-    if ctx._head_key is not None and time.time() - ctx._head_changed_at > ctx.stale_after_s:
+    if ctx._head_key is not None and time.time() - ctx._head_changed_at > ctx.stale_after():
         since = time.strftime("%H:%M:%S", time.gmtime(ctx._head_changed_at))
         alerts.append(
             {

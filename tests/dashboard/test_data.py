@@ -180,6 +180,40 @@ def test_zoom_bookkeeping() -> None:
     assert "xaxis" not in apply_zoom(other, {"revision": "m-7d", "range": [1, 2]})["layout"]
 
 
+def test_bucket_labels_and_community_bucket_sizes() -> None:
+    demo, prod = DEMO, PROD
+    assert [views.bucket_label(n, demo) for n in views.bucket_sizes(demo)] == [
+        "per slot", "per minute", "per 5 minutes", "per 15 minutes", "per hour", "per day",
+        "per week",
+    ]  # fmt: skip
+    assert [views.bucket_label(n, prod) for n in views.bucket_sizes(prod)] == [
+        "per slot", "per hour", "per day", "per week",
+    ]  # fmt: skip
+    assert views.bucket_label(3, data.SlotClock(7)) == "per 21 s"
+    # community: at most COMMUNITY_POINTS points; 15-minute slots hourly up to 3 days
+    assert views._bucket_size(3 * 96, prod, views.COMMUNITY_POINTS) == 4
+    assert views._bucket_size(3 * 96 + 4, prod, views.COMMUNITY_POINTS) == 96
+    assert views._bucket_size(72, demo, views.COMMUNITY_POINTS) == 1
+
+
+def test_stale_alert_defaults_to_three_slots(tmp_path: Path) -> None:
+    feeder = new_feeder(tmp_path, 2, households=2, seed=5)
+    feeder.close()
+    ctx = views.Context.open(feeder.store.url, None, verify_enabled=False, clock=PROD)
+    try:
+        assert ctx.stale_after() == 3 * 900
+        ctx.use_slot_seconds(10)  # the node's /status reports its slot length
+        assert ctx.stale_after() == 30
+        views.head_view(ctx)
+        ctx._head_changed_at -= 31  # as if the head had not changed for 31 s
+        assert views.head_view(ctx)["stale_since"] is not None
+        assert "ledger_stale" in [a["code"] for a in views.alerts_view(ctx)]
+        ctx.stale_after_s = 3600.0  # --stale-after 60 wins over the slot length
+        assert views.head_view(ctx)["stale_since"] is None
+    finally:
+        ctx.close()
+
+
 def test_stale_ledger_and_readings_ahead_of_settlement(tmp_path: Path) -> None:
     feeder = new_feeder(tmp_path, 4, households=3, seed=3)
     feeder.close()
@@ -284,13 +318,20 @@ def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:
         assert len(slots) == 200 and slots[0]["time"] == expected[0]
         assert hfig["data"][0]["x"] == expected
         assert len(views.households_view(prod, None, "1d")[2]) == 96
-        # community per hour of wall time: 200 slots of 10 s span one hour boundary at most
-        _, cfig, hourly = views.community_view(demo, "all")
-        hours = sorted({(s * 10) // 3600 * 3600 for s in range(first, first + 200)})
-        assert [d["time"] for d in hourly] == [utc(h, "%Y-%m-%d %H:%M:%S") for h in hours]
-        assert sum(d["slots"] for d in hourly) == 200
-        assert list(cfig.data[0].x) == [d["time"] for d in hourly]
-        assert cfig.layout.xaxis.type == "date" and cfig.layout.xaxis.title.text == "UTC, per hour"
+        # community per minute of wall time: 200 slots of 10 s are 2,000 s, 34 minutes at most
+        # (per slot would be 200 points, over COMMUNITY_POINTS); 15-minute slots: per hour
+        _, cfig, buckets = views.community_view(demo, "all")
+        minutes = sorted({(s * 10) // 60 * 60 for s in range(first, first + 200)})
+        assert [d["time"] for d in buckets] == [utc(m, "%Y-%m-%d %H:%M:%S") for m in minutes]
+        assert sum(d["slots"] for d in buckets) == 200
+        assert list(cfig.data[0].x) == [d["time"] for d in buckets]
+        assert cfig.layout.xaxis.type == "date"
+        assert cfig.layout.xaxis.title.text == "UTC, per minute"
+        _, pfig, hourly = views.community_view(prod, "all")
+        assert pfig.layout.xaxis.title.text == "UTC, per hour"
+        assert [d["time"] for d in hourly] == sorted(
+            {utc(s * 900 // 3600 * 3600) for s in range(first, first + 200)}
+        )
         # ledger tables and the order book title
         blocks = views.ledger_view(demo)["blocks"]
         assert blocks[0]["slot"] == first + 199 and blocks[0]["time"] == expected[-1]
