@@ -37,6 +37,9 @@ def dump_state(state: State) -> bytes:
         # Books keep log order (it is the auction's time priority); slots are keys.
         "books": {str(s): [_record(o) for o in b.values()] for s, b in state.books.items()},
         "cleared": {str(s): [t.to_json() for t in ts] for s, ts in state.cleared.items()},
+        "closed_books": {
+            str(s): [_record(o) for o in orders] for s, orders in state.closed_books.items()
+        },
         "pending_readings": {
             str(s): {d: _record(r) for d, r in rs.items()}
             for s, rs in state.pending_readings.items()
@@ -81,6 +84,12 @@ def load_state(data: bytes) -> State:
             for s, orders in body["books"].items()
         }
         state.cleared = {int(s): tuple(Trade(**t) for t in ts) for s, ts in body["cleared"].items()}
+        # Snapshots written before closed_books existed load without them: a node installing
+        # one then lacks those slots' orders and clearing rows (docs/ledger.md).
+        state.closed_books = {
+            int(s): tuple(Order.model_validate(o) for o in orders)
+            for s, orders in body.get("closed_books", {}).items()
+        }
         state.pending_readings = {
             int(s): {d: MeterReading.model_validate(r) for d, r in rs.items()}
             for s, rs in body["pending_readings"].items()

@@ -17,10 +17,11 @@ readings for slots whose gate closed and that are not settled yet.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
-from market.auction import MECHANISMS, clear
+from market.auction import MECHANISMS, Clearing, clear
 from market.encoding import canonical_bytes, sha256
 from market.errors import Rejection, RejectReason
 from market.events import (
@@ -46,6 +47,7 @@ from market.models import (
     SettleSlot,
     Side,
     SignedRecord,
+    Trade,
     record_hash,
 )
 from market.settlement import HouseholdSettlement, Metered, Tariffs, settle_slot
@@ -165,6 +167,9 @@ class State:
     """Open slots' orders by id, in log order (dicts keep insertion order)."""
     cleared: dict[int, tuple] = field(default_factory=dict)
     """Closed, unsettled slots: their enriched trades."""
+    closed_books: dict[int, tuple[Order, ...]] = field(default_factory=dict)
+    """Closed, unsettled slots: the books they cleared, in log order. Settlement does not need
+    them; a node that installs a snapshot does, to write those gate closures to its ledger."""
     pending_readings: dict[int, dict[str, MeterReading]] = field(default_factory=dict)
     baselines: dict[str, MeterReading] = field(default_factory=dict)
     """The last reading each household's settlement used."""
@@ -352,6 +357,21 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
 # --- leader-proposed system commands ------------------------------------------------------------
 
 
+def clear_book(
+    config: MarketConfig, slot: int, orders: Sequence[Order]
+) -> tuple[Clearing, tuple[Trade, ...]]:
+    """Clear one slot's book (in log order) as the gate closure does: the clearing, and its
+    trades with slot, buyer and seller filled in. Block sync and snapshot installs use it to
+    recompute a gate closure they did not apply."""
+    clearing = clear(orders, config.mechanism, config.k)
+    owner = {o.id: o.household for o in orders}
+    trades = tuple(
+        t._replace(slot=slot, buyer=owner[t.buy_id], seller=owner[t.sell_id])
+        for t in clearing.trades
+    )
+    return clearing, trades
+
+
 def _close_gate(state: State, slot: int) -> list[Event]:
     if state.closed_through is not None and slot != state.closed_through + 1:
         raise Rejection(
@@ -365,15 +385,10 @@ def _close_gate(state: State, slot: int) -> list[Event]:
         state.settled_through = slot - 1
     book = state.books.pop(slot, {})
     orders = tuple(book.values())
-    cfg = state.config
-    clearing = clear(orders, cfg.mechanism, cfg.k)
-    owner = {o.id: o.household for o in orders}
-    trades = tuple(
-        t._replace(slot=slot, buyer=owner[t.buy_id], seller=owner[t.sell_id])
-        for t in clearing.trades
-    )
+    clearing, trades = clear_book(state.config, slot, orders)
     state.closed_through = slot
     state.cleared[slot] = trades
+    state.closed_books[slot] = orders
     return [GateClosed(slot, clearing, orders, trades)]
 
 
@@ -391,6 +406,7 @@ def _settle(state: State, slot: int) -> list[Event]:
         raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {slot} is not closed")
 
     trades = state.cleared.pop(slot, ())
+    state.closed_books.pop(slot, None)
     readings = state.pending_readings.pop(slot, {})
     households = sorted(state.members)
     metered: dict[str, Metered] = {}

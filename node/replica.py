@@ -134,7 +134,8 @@ class Replica:
         :mod:`node.ledger.sync`). In one transaction the ledger records the gap (merged with an
         earlier one it touches, never dropping one: ``meta.block_sync_needed`` names the missing
         heights, ``block_sync_head`` the hash each gap must chain into), the applied index, the
-        snapshot's members and reputation, and the trades of slots closed but not yet settled;
+        snapshot's members and reputation, and the gate closures (clearing, book, trades) of
+        slots closed but not yet settled;
         ``ledger verify`` reports the gap until it is filled.
         """
         if index <= self.applied_index:

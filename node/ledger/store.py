@@ -138,7 +138,7 @@ class LedgerStore:
                     if isinstance(ev, SlotSettled):
                         _write_settlement(conn, ev)
                     elif isinstance(ev, GateClosed):
-                        _write_gate(conn, ev)
+                        write_gate(conn, ev)
                     elif isinstance(ev, HouseholdRegistered):
                         _write_member(conn, ev)
                 if applied_index is not None:
@@ -186,7 +186,9 @@ def _write_member(conn: Connection, ev: HouseholdRegistered) -> None:
         )
 
 
-def _write_gate(conn: Connection, ev: GateClosed) -> None:
+def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) -> None:
+    """Insert a gate closure's rows: the clearing, the book in log order and (unless
+    ``with_trades`` is false: a snapshot wrote them already) the trades."""
     c = ev.clearing
     conn.execute(
         insert(t.clearings).values(
@@ -218,7 +220,7 @@ def _write_gate(conn: Connection, ev: GateClosed) -> None:
                 for i, o in enumerate(ev.orders)
             ],
         )
-    if ev.trades:
+    if ev.trades and with_trades:
         conn.execute(
             insert(t.trades),
             [{"position": i, **tr.to_json()} for i, tr in enumerate(ev.trades)],

@@ -56,14 +56,14 @@ from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from market.auction import clear
 from market.encoding import EncodingError, canonical_bytes
+from market.events import GateClosed
 from market.ledger import Block
 from market.models import Order, Trade
 from market.snapshot import config_from_json
-from market.state import Reputation, State
+from market.state import Reputation, State, clear_book
 from node.ledger import schema as t
-from node.ledger.store import LedgerStore, LedgerStoreError
+from node.ledger.store import LedgerStore, LedgerStoreError, write_gate
 from node.ledger.verify import (
     SYNC_NEEDED_KEY,
     LedgerFault,
@@ -189,9 +189,10 @@ def record_snapshot(store: LedgerStore, state: State, applied_index: int) -> Non
 
     One transaction: the new gap (merged with a gap it touches, so an earlier gap is never
     lost), the applied index, the ``households`` table from the snapshot's members and
-    reputation (registrations in the skipped entries never reached this ledger), and the trades
-    of slots closed but not settled at the snapshot (hashed into blocks this node will write;
-    the snapshot carries them, so those blocks verify even before the gap is filled).
+    reputation (registrations in the skipped entries never reached this ledger), and the gate
+    closures of slots closed but not settled at the snapshot: clearing, book and trades, from
+    the snapshot's ``closed_books`` (the trades are hashed into blocks this node will write, so
+    those blocks verify even before the gap is filled, and this node can serve them).
     """
     try:
         with _locked(store), store.engine.begin() as conn:
@@ -214,14 +215,30 @@ def record_snapshot(store: LedgerStore, state: State, applied_index: int) -> Non
             )
             _write_households(conn, state)
             for slot, trades in sorted(state.cleared.items()):
-                exists = conn.execute(select(t.trades.c.slot).where(t.trades.c.slot == slot))
-                if trades and exists.first() is None:
-                    conn.execute(
-                        insert(t.trades),
-                        [{"position": i, **tr.to_json()} for i, tr in enumerate(trades)],
-                    )
+                _write_skipped_gate(conn, state, slot, trades)
     except SQLAlchemyError as exc:
         raise LedgerStoreError(f"recording a snapshot in {store.url} failed: {exc}") from exc
+
+
+def _write_skipped_gate(conn: Connection, state: State, slot: int, trades: tuple) -> None:
+    """The rows of the gate closure of ``slot`` (closed, not settled) unless this ledger has
+    them: this node applied that closure itself, or an earlier snapshot brought it."""
+    if conn.execute(select(t.clearings.c.slot).where(t.clearings.c.slot == slot)).first():
+        return
+    have_trades = conn.execute(select(t.trades.c.slot).where(t.trades.c.slot == slot)).first()
+    orders = state.closed_books.get(slot)
+    if orders is None:  # a snapshot from before closed_books: only the trades are known
+        if trades and not have_trades:
+            conn.execute(
+                insert(t.trades), [{"position": i, **tr.to_json()} for i, tr in enumerate(trades)]
+            )
+        return
+    clearing, recomputed = clear_book(state.config, slot, orders)
+    if recomputed != tuple(trades):
+        raise LedgerStoreError(
+            f"snapshot is inconsistent: the book of slot {slot} does not clear to its trades"
+        )
+    write_gate(conn, GateClosed(slot, clearing, orders, recomputed), with_trades=not have_trades)
 
 
 def _write_households(conn: Connection, state: State) -> None:
@@ -945,12 +962,9 @@ def _check_gate(g: dict[str, Any], config: Any) -> None:
         orders.append(order)
     if len({o.id for o in orders}) != len(orders):
         raise BlockSyncError("malformed", f"slot {s} lists an order id twice")
-    c = clear(orders, config.mechanism, config.k)
+    c, enriched = clear_book(config, s, orders)
+    trades = [tr.to_json() for tr in enriched]
     owner = {o.id: o.household for o in orders}
-    trades = [
-        tr._replace(slot=s, buyer=owner[tr.buy_id], seller=owner[tr.sell_id]).to_json()
-        for tr in c.trades
-    ]
     given = [Trade(**tr, slot=s).to_json() for tr in g["trades"]]
     expected = {
         "mechanism": str(c.mechanism),

@@ -500,17 +500,44 @@ def test_an_empty_ledger_gap_at_height_one_fills(grid: Grid) -> None:
     assert_same_ledger(grid.url, url)
 
 
-def test_a_snapshot_without_missing_blocks_keeps_the_ledger_verifying(grid: Grid) -> None:
-    """Only a gate closure was skipped: no gap, and the trades come with the snapshot."""
+def gate_only(grid: Grid, name: str) -> str:
+    """A ledger that skipped, by snapshot, only a gate closure whose slot had not settled."""
     index = grid.index_at(90)  # a gate is ahead here
     k = max(i for i in grid.heights if grid.heights[i] == 90 and not grid.ahead[i] and i < index)
-    url = grid.gapped("gate_only.db", [(k, index)])
+    return grid.gapped(name, [(k, index)])
+
+
+def test_a_snapshot_without_missing_blocks_keeps_the_ledger_whole(grid: Grid) -> None:
+    """Only a gate closure was skipped: no gap; its clearing, book and trades come with the
+    snapshot, so the ledger equals the full one and can serve every block."""
+    url = gate_only(grid, "gate_only.db")
     store = LedgerStore(url)
     assert missing_ranges(store) == []
     store.close()
+    assert_same_ledger(grid.url, url)
+    third = one_gap(grid, "from_gate_only.db", height=110)
+    fill(url, third)
+    assert_same_ledger(grid.url, third)
+
+
+def test_a_snapshot_from_before_closed_books_still_brings_the_trades(grid: Grid) -> None:
+    """An older snapshot has no ``closed_books``: the skipped gate's trades are still written
+    (its block verifies), its orders and clearing rows are not."""
+    index = grid.index_at(90)
+    original = grid.snapshots[index]
+    body = json.loads(original.split(b"\n", 1)[1])
+    assert body.pop("closed_books")  # a gate is ahead: its book is in the snapshot
+    grid.snapshots[index] = canonical_bytes("snapshot", body)
+    try:
+        url = gate_only(grid, "old_snapshot.db")
+    finally:
+        grid.snapshots[index] = original
     report = verify_ledger(url)
     assert report.ok, report.error
     assert report.head_hash == verify_ledger(grid.url).head_hash
+    full, old = dump(grid.url, with_ids=False), dump(url, with_ids=False)
+    assert full["trades"] == old["trades"]
+    assert len(old["clearings"]) == len(full["clearings"]) - 1
 
 
 def test_a_gap_recorded_without_anchors_anchors_on_the_block_after_it(grid: Grid) -> None:
