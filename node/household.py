@@ -37,6 +37,7 @@ from sqlalchemy import func, select
 from dashboard.data import load_clearings, load_settlement_sums
 from market import CancelOrder, MeterReading, Order, RejectReason, Side
 from market.events import Event, GateClosed, Rejected, SlotSettled
+from market.ledger import household_account
 from market.models import MemberRegistration, SignedRecord
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
@@ -541,8 +542,13 @@ class HouseholdNode:
         return {"since": since, "trades": self._rows(q)}
 
     def _get_balances(self, req: Request) -> Any:
-        """Every account's balance per asset (money in minor units, energy in Wh)."""
-        return {"balances": self._rows(select(t.balances).order_by(t.balances.c.account))}
+        """Every account's balance per asset (money in minor units, energy in Wh);
+        ``household=me`` gives only this household's account."""
+        c = t.balances.c
+        q = select(t.balances).order_by(c.account, c.asset)
+        if req.query.get("household") == "me":
+            q = q.where(c.account == household_account(self.identity.did))
+        return {"balances": self._rows(q)}
 
     def _get_slots(self, req: Request) -> Any:
         """Per cleared slot: clearing price, local volume, grid import/export, block. At most

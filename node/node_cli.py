@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from market.ledger import ENERGY, MONEY
 from node.config import ConfigError, load_config
 
 
@@ -89,6 +90,22 @@ def _first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _get_json(base: str, path: str) -> Any:
+    with urllib.request.urlopen(base.rstrip("/") + path, timeout=5) as resp:
+        return json.load(resp)
+
+
+def account_line(balances: list[dict[str, Any]]) -> str:
+    """This household's ledger account in one line: money net received (minor units shown as
+    currency with two decimals) and energy net received (bought and imported minus sold and
+    exported, settled on metered energy)."""
+    amount = {r["asset"]: int(r["amount"]) for r in balances}
+    money, energy = amount.get(MONEY, 0), amount.get(ENERGY, 0)
+    sign = "-" if money < 0 else "+"
+    return (f"money {sign}{abs(money) // 100}.{abs(money) % 100:02d}, energy {energy:+,} Wh "
+            "(net received, settled slots)")  # fmt: skip
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a running node's status (exit 1 if it cannot be reached)."""
     base = args.api
@@ -99,8 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return _fail(str(exc))
         base = f"http://{config.api_host}:{config.api_port}"
     try:
-        with urllib.request.urlopen(base.rstrip("/") + "/status", timeout=5) as resp:
-            doc = json.load(resp)
+        doc = _get_json(base, "/status")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         return _fail(f"cannot reach the node at {base}: {exc}", 1)
     if args.json:
@@ -121,6 +137,12 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"export {reading['export_wh']} Wh at {reading['at']}")  # fmt: skip
     else:
         print("reading   none yet")
+    try:
+        balances = _get_json(base, "/balances?household=me")["balances"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        balances = None  # an older node, or it stopped in between: the rest is still useful
+    if balances is not None:
+        print(f"account   {account_line(balances)}")
     if doc.get("meter_read_failures"):
         print(f"meter     {doc['meter_read_failures']} failed reads")
     return 0

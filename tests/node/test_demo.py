@@ -14,6 +14,7 @@ processes wrote, not against what they report about themselves:
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -25,7 +26,8 @@ import pytest
 import trio
 from sqlalchemy import create_engine, func, select
 
-from node.demo import Demo, DemoSettings, Household
+from market.ledger import household_account
+from node.demo import Demo, DemoSettings, Household, fetch
 from node.ledger import schema as t
 
 pytestmark = pytest.mark.slow
@@ -143,6 +145,17 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
         text = status.stdout.decode()
         assert "raft      learner term" in text and "peers     4/4 connected" in text, text
         assert "reading   slot" in text, text
+        assert re.search(r"account   money [+-]\d+\.\d\d, energy [+-][\d,]+ Wh", text), text
+        # that line's source: only this household's account, which five settled rounds of
+        # metered energy have moved (the full /balances has the grid's and market's too)
+        me = demo.households[-1]
+        mine = await fetch(me.api + "/balances?household=me")
+        everyone = await fetch(me.api + "/balances")
+        assert mine is not None and everyone is not None
+        assert mine["balances"] and {r["account"] for r in mine["balances"]} == {
+            household_account(me.did)
+        }, mine
+        assert {r["account"] for r in everyone["balances"]} > {household_account(me.did)}
     # SIGTERM is a clean shutdown: every node exits 0
     assert [h.process.returncode for h in demo.households if h.process] == [0] * 5
     stopped = await microgrid_status(demo.households[-1])
@@ -253,6 +266,14 @@ async def test_learner_behind_a_compacted_log_installs_a_snapshot_and_syncs_its_
             timeout=STARTUP_TIMEOUT,
         )
     check_all_ledgers(demo)
+    # not only the blocks: every gate closure the learner skipped (clearing, book, trades) is
+    # in its ledger too, from the chunks or the snapshot's closed books
+    ref = demo.households[0].ledger_url
+    closed = min(max(r.slot for r in rows(u, t.clearings)) for u in (ref, learner.ledger_url))
+    for table in (t.clearings, t.orders, t.trades):
+        theirs, its = (sorted(tuple(r) for r in rows(u, table) if r.slot <= closed)
+                       for u in (ref, learner.ledger_url))  # fmt: skip
+        assert its == theirs, table.name
     events = [json.loads(line) for line in (learner.directory / "node.log").read_text()
               .splitlines() if line.startswith("{")]  # fmt: skip
     assert any(e.get("event") == "blocks_synced" for e in events), "no block sync happened"

@@ -11,6 +11,7 @@ from market.signing import Signer
 from market.state import MarketConfig
 from node.genesis import create_genesis, write_genesis
 from node.identity import NodeIdentity, create_key_file
+from node.node_cli import account_line
 
 
 def node_run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -58,3 +59,16 @@ def test_a_node_without_meters_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "error: no [[meters]] configured" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_account_line_shows_money_as_currency_and_energy_in_wh() -> None:
+    mine = [
+        {"account": "household:did:key:z1", "asset": "energy", "amount": -3500},
+        {"account": "household:did:key:z1", "asset": "money", "amount": 1207},
+    ]
+    assert account_line(mine) == (
+        "money +12.07, energy -3,500 Wh (net received, settled slots)"
+    )
+    mine[1]["amount"] = -5
+    assert account_line(mine).startswith("money -0.05, ")
+    assert account_line([]) == "money +0.00, energy +0 Wh (net received, settled slots)"
