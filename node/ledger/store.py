@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
+from market.models import Trade
 from market.state import MarketConfig
 from node.ledger import schema as t
 
@@ -220,11 +221,15 @@ def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) ->
                 for i, o in enumerate(ev.orders)
             ],
         )
-    if ev.trades and with_trades:
-        conn.execute(
-            insert(t.trades),
-            [{"position": i, **tr.to_json()} for i, tr in enumerate(ev.trades)],
-        )
+    if with_trades:
+        write_trades(conn, ev.trades)
+
+
+def write_trades(conn: Connection, trades: Iterable[Trade]) -> None:
+    """Insert one slot's trades (enriched, in clearing order) with their positions."""
+    rows = [{"position": i, **tr.to_json()} for i, tr in enumerate(trades)]
+    if rows:
+        conn.execute(insert(t.trades), rows)
 
 
 def _write_settlement(conn: Connection, ev: SlotSettled) -> None:

@@ -63,7 +63,7 @@ from market.models import Order, Trade
 from market.snapshot import config_from_json
 from market.state import Reputation, State, clear_book
 from node.ledger import schema as t
-from node.ledger.store import LedgerStore, LedgerStoreError, write_gate
+from node.ledger.store import LedgerStore, LedgerStoreError, write_gate, write_trades
 from node.ledger.verify import (
     SYNC_NEEDED_KEY,
     LedgerFault,
@@ -228,10 +228,8 @@ def _write_skipped_gate(conn: Connection, state: State, slot: int, trades: tuple
     have_trades = conn.execute(select(t.trades.c.slot).where(t.trades.c.slot == slot)).first()
     orders = state.closed_books.get(slot)
     if orders is None:  # a snapshot from before closed_books: only the trades are known
-        if trades and not have_trades:
-            conn.execute(
-                insert(t.trades), [{"position": i, **tr.to_json()} for i, tr in enumerate(trades)]
-            )
+        if not have_trades:
+            write_trades(conn, trades)
         return
     clearing, recomputed = clear_book(state.config, slot, orders)
     if recomputed != tuple(trades):

@@ -181,19 +181,18 @@ def test_zoom_bookkeeping() -> None:
 
 
 def test_bucket_labels_and_community_bucket_sizes() -> None:
-    demo, prod = DEMO, PROD
-    assert [views.bucket_label(n, demo) for n in views.bucket_sizes(demo)] == [
+    assert [views.bucket_label(n, DEMO) for n in views.bucket_sizes(DEMO)] == [
         "per slot", "per minute", "per 5 minutes", "per 15 minutes", "per hour", "per day",
         "per week",
     ]  # fmt: skip
-    assert [views.bucket_label(n, prod) for n in views.bucket_sizes(prod)] == [
+    assert [views.bucket_label(n, PROD) for n in views.bucket_sizes(PROD)] == [
         "per slot", "per hour", "per day", "per week",
     ]  # fmt: skip
     assert views.bucket_label(3, data.SlotClock(7)) == "per 21 s"
     # community: at most COMMUNITY_POINTS points; 15-minute slots hourly up to 3 days
-    assert views._bucket_size(3 * 96, prod, views.COMMUNITY_POINTS) == 4
-    assert views._bucket_size(3 * 96 + 4, prod, views.COMMUNITY_POINTS) == 96
-    assert views._bucket_size(72, demo, views.COMMUNITY_POINTS) == 1
+    assert views._bucket_size(3 * 96, PROD, views.COMMUNITY_POINTS) == 4
+    assert views._bucket_size(3 * 96 + 4, PROD, views.COMMUNITY_POINTS) == 96
+    assert views._bucket_size(72, DEMO, views.COMMUNITY_POINTS) == 1
 
 
 def test_stale_alert_defaults_to_three_slots(tmp_path: Path) -> None:
