@@ -26,6 +26,8 @@ class RejectReason(StrEnum):
     DUPLICATE_READING = "duplicate_reading"
     INVALID_COUNTER = "invalid_counter"
     COUNTER_REGRESSION = "counter_regression"
+    IMPLAUSIBLE_READING = "implausible_reading"
+    """A counter rose faster than the household's registered ``max_power_w`` allows."""
     NOT_OPERATOR = "not_operator"
     INVALID_HOUSEHOLD_ID = "invalid_household_id"
     OUT_OF_SEQUENCE = "out_of_sequence"

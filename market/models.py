@@ -3,29 +3,38 @@
 Signed records (``Order``, ``CancelOrder``, ``MeterReading``, ``MemberRegistration``) are frozen,
 strict pydantic models. Their signature covers :meth:`SignedRecord.signing_bytes`, the canonical
 encoding of every other field, tagged with the record kind, so a signature is valid for exactly
-one record of one kind in one microgrid. Values are only type-checked here; whether a quantity
-is positive or a price is inside the band is the engine's decision, so that a bad record reaches
-the engine and is rejected there with a typed reason.
+one record of one kind in one microgrid.
+
+Every integer and string is bounded here, by the shared table in :mod:`market.bounds`: a value
+no store can hold (a nonce of 2**63, a slot of 2**64, a 70 kB id) is refused where it is decoded
+(gossip validation, the API, the Raft log) with a :class:`CommandDecodeError`, identically on
+every node, and can never reach a ledger. Whether a quantity is positive or a price is inside
+the grid's band is the engine's decision, so that such a record reaches the engine and is
+rejected there with a typed reason.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-)
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from market.encoding import canonical_bytes, canonical_json, sha256
+from market.bounds import (
+    DEFAULT_MAX_POWER_W,
+    CounterWh,
+    Did,
+    Identifier,
+    MeterSerial,
+    Nonce,
+    PowerW,
+    Price,
+    QuantityWh,
+    Signature,
+    Slot,
+)
+from market.encoding import canonical_bytes, canonical_json, loads_untrusted, sha256
 from market.identity import verify_signature
 
 MAX_COMMAND_BYTES = 16 * 1024
@@ -58,9 +67,9 @@ class SignedRecord(_Record):
     KIND: ClassVar[str]
     AUTHOR_FIELD: ClassVar[str] = "household"
 
-    grid: StrictStr
-    nonce: StrictInt
-    signature: StrictStr = ""
+    grid: Identifier
+    nonce: Nonce
+    signature: Signature = ""
 
     def unsigned_fields(self) -> dict[str, Any]:
         """Every field except the signature, as plain canonical-encodable values."""
@@ -93,12 +102,12 @@ class Order(SignedRecord):
 
     KIND: ClassVar[str] = "order"
     type: Literal["order"] = "order"
-    id: StrictStr = Field(min_length=1, max_length=128)
-    household: StrictStr
+    id: Identifier
+    household: Did
     side: Side
-    slot: StrictInt
-    quantity_wh: StrictInt
-    price: StrictInt
+    slot: Slot
+    quantity_wh: QuantityWh
+    price: Price
 
 
 class CancelOrder(SignedRecord):
@@ -106,8 +115,8 @@ class CancelOrder(SignedRecord):
 
     KIND: ClassVar[str] = "cancel"
     type: Literal["cancel"] = "cancel"
-    household: StrictStr
-    order_id: StrictStr
+    household: Did
+    order_id: Identifier
 
 
 class MeterReading(SignedRecord):
@@ -119,37 +128,52 @@ class MeterReading(SignedRecord):
 
     KIND: ClassVar[str] = "reading"
     type: Literal["reading"] = "reading"
-    household: StrictStr
-    meter_serial: StrictStr
-    slot: StrictInt
-    import_wh: StrictInt
-    export_wh: StrictInt
+    household: Did
+    meter_serial: MeterSerial
+    slot: Slot
+    import_wh: CounterWh
+    export_wh: CounterWh
 
 
 class MemberRegistration(SignedRecord):
-    """The grid operator admits a household (its DID, meter and replication role)."""
+    """The grid operator admits a household (its DID, meter, replication role and the most
+    power its connection can carry).
+
+    ``max_power_w`` bounds how fast the household's meter counters may rise: the engine refuses
+    a reading implying more (:data:`market.errors.RejectReason.IMPLAUSIBLE_READING`). At its
+    default it is left out of the signed bytes, so registrations signed before the field
+    existed still verify.
+    """
 
     KIND: ClassVar[str] = "registration"
     AUTHOR_FIELD: ClassVar[str] = "operator"
     type: Literal["registration"] = "registration"
-    operator: StrictStr
-    household: StrictStr
-    meter_serial: StrictStr
+    operator: Did
+    household: Did
+    meter_serial: MeterSerial
     role: Role
+    max_power_w: PowerW = DEFAULT_MAX_POWER_W
+
+    def unsigned_fields(self) -> dict[str, Any]:
+        """Every field except the signature (and ``max_power_w`` at its default)."""
+        fields = super().unsigned_fields()
+        if fields["max_power_w"] == DEFAULT_MAX_POWER_W:
+            del fields["max_power_w"]
+        return fields
 
 
 class CloseGate(_Record):
     """Gate closure of a slot, proposed by the Raft leader: the slot's book is cleared."""
 
     type: Literal["close_gate"] = "close_gate"
-    slot: StrictInt
+    slot: Slot
 
 
 class SettleSlot(_Record):
     """Settlement of a slot after its reading deadline, proposed by the Raft leader."""
 
     type: Literal["settle"] = "settle"
-    slot: StrictInt
+    slot: Slot
 
 
 Command = Annotated[
@@ -160,7 +184,22 @@ _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)
 
 
 class CommandDecodeError(ValueError):
-    """Bytes that are not one well-formed command."""
+    """Bytes that are not one well-formed command.
+
+    ``index`` is the command's position in its batch and ``kind`` its ``type`` field when the
+    error is about one command of a batch (None otherwise)."""
+
+    def __init__(self, message: str, *, index: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.index = index
+        self.kind = kind
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``field.path: message`` of a validation error's first fault (never the bad value)."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{loc}: {first['msg']}" if loc else str(first["msg"])
 
 
 def encode_command(command: Command) -> bytes:
@@ -169,15 +208,16 @@ def encode_command(command: Command) -> bytes:
 
 
 def decode_command(data: bytes) -> Command:
-    """Strictly decode one command; raises :class:`CommandDecodeError` with the reason."""
+    """Strictly decode one command; raises :class:`CommandDecodeError` with the reason.
+
+    Every field is checked against :mod:`market.bounds`, so a command this returns can be
+    applied and stored by every node."""
     if len(data) > MAX_COMMAND_BYTES:
         raise CommandDecodeError(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
     try:
         return _COMMAND_ADAPTER.validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise CommandDecodeError(f"malformed command: {loc}: {first['msg']}") from None
+        raise CommandDecodeError(f"malformed command: {_first_error(exc)}") from None
 
 
 _BATCH_PREFIX = b"microgrid/batch/v1\n"
@@ -188,29 +228,53 @@ def encode_batch(commands: Sequence[Command]) -> bytes:
     return _BATCH_PREFIX + canonical_json([c.model_dump(mode="json") for c in commands])
 
 
-def decode_batch(data: bytes) -> list[Command]:
-    """Strictly decode a batch; raises :class:`CommandDecodeError` naming the bad command."""
+def _batch_items(data: bytes) -> list[Any]:
+    """The framing of a batch: size, prefix, a JSON list. Raises :class:`CommandDecodeError`."""
     if len(data) > MAX_BATCH_BYTES:
         raise CommandDecodeError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
     if not data.startswith(_BATCH_PREFIX):
         raise CommandDecodeError("not a microgrid v1 command batch")
-    try:
-        items = json.loads(data[len(_BATCH_PREFIX) :])
+    try:  # nesting is checked before parsing, identically on every node (loads_untrusted)
+        items = loads_untrusted(data[len(_BATCH_PREFIX) :])
     except ValueError as exc:
         raise CommandDecodeError(f"malformed batch: {exc}") from None
     if not isinstance(items, list):
         raise CommandDecodeError("malformed batch: not a list of commands")
-    commands: list[Command] = []
-    for i, item in enumerate(items):
+    return items
+
+
+def _batch_item(i: int, item: Any) -> Command:
+    try:
+        return _COMMAND_ADAPTER.validate_python(item)
+    except (ValidationError, RecursionError) as exc:
+        reason = _first_error(exc) if isinstance(exc, ValidationError) else "nested too deeply"
+        kind = item.get("type") if isinstance(item, dict) else None
+        raise CommandDecodeError(
+            f"malformed command {i} in batch: {reason}",
+            index=i,
+            kind=kind if isinstance(kind, str) and len(kind) <= 32 else None,
+        ) from None
+
+
+def decode_batch(data: bytes) -> list[Command]:
+    """Strictly decode a batch; raises :class:`CommandDecodeError` naming the bad command."""
+    return [_batch_item(i, item) for i, item in enumerate(_batch_items(data))]
+
+
+def decode_batch_lenient(data: bytes) -> list[Command | CommandDecodeError]:
+    """Decode a batch command by command: what the replica applies.
+
+    Raises :class:`CommandDecodeError` only when the framing is bad (size, prefix, not a JSON
+    list); otherwise returns one item per command, in order: the command, or the
+    :class:`CommandDecodeError` (with ``index`` and ``kind``) saying why that one command is
+    malformed. The result depends only on ``data``, so every node gets the same."""
+    results: list[Command | CommandDecodeError] = []
+    for i, item in enumerate(_batch_items(data)):
         try:
-            commands.append(_COMMAND_ADAPTER.validate_python(item))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise CommandDecodeError(
-                f"malformed command {i} in batch: {loc}: {first['msg']}"
-            ) from None
-    return commands
+            results.append(_batch_item(i, item))
+        except CommandDecodeError as exc:
+            results.append(exc)
+    return results
 
 
 class Trade(NamedTuple):

@@ -8,6 +8,10 @@ closure and settlement are commands the Raft leader proposes), no randomness, no
 replay quadratic). Every command is fully validated before anything changes, so a rejected
 command leaves the state exactly as it was and yields a single :class:`~market.events.Rejected`.
 
+Readings must be physically plausible: between two readings of one meter, neither counter may
+rise by more than the household's registered ``max_power_w`` over the slots between them (see
+:func:`plausible_rise_wh`), so settlement never sees energy a meter cannot have measured.
+
 Slot sequencing: gates close strictly one slot after another (``CloseGate(s)`` needs
 ``s == closed_through + 1`` once the first gate has closed) and slots settle in the same order,
 never ahead of their gate. Orders are accepted for open slots up to ``slot_horizon`` ahead;
@@ -21,7 +25,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
+from pydantic import TypeAdapter, ValidationError
+
 from market.auction import MECHANISMS, Clearing, clear
+from market.bounds import (
+    DEFAULT_MAX_POWER_W,
+    DEFAULT_SLOT_SECONDS,
+    MAX_K_DENOMINATOR,
+    MAX_NONCE_WINDOW,
+    MAX_PRICE,
+    MAX_QUANTITY_WH,
+    MAX_SLOT_HORIZON,
+    MAX_SLOT_SECONDS,
+    READING_SLACK_WH,
+    Did,
+    Identifier,
+)
 from market.encoding import canonical_bytes, sha256
 from market.errors import Rejection, RejectReason
 from market.events import (
@@ -52,6 +71,9 @@ from market.models import (
 )
 from market.settlement import HouseholdSettlement, Metered, Tariffs, settle_slot
 
+_IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
+_DID: TypeAdapter[str] = TypeAdapter(Did)
+
 
 @dataclass(frozen=True, slots=True)
 class MarketConfig:
@@ -71,18 +93,39 @@ class MarketConfig:
     max_order_wh: int = 1_000_000
     nonce_window: int = 1024
     """Nonces may arrive out of order within this window below a signer's highest nonce."""
+    slot_seconds: int = DEFAULT_SLOT_SECONDS
+    """Metered seconds per slot: with each member's ``max_power_w`` it bounds how much a meter
+    counter can rise per slot. A real meter meters the genesis slot length; an accelerated
+    simulation (the demo) may meter more per slot, never less."""
 
     def __post_init__(self) -> None:
+        """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
+        for name, adapter in (("grid", _IDENTIFIER), ("operator", _DID)):
+            try:
+                adapter.validate_python(getattr(self, name))
+            except ValidationError as exc:
+                raise ValueError(f"{name}: {exc.errors()[0]['msg']}") from None
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"unknown mechanism {self.mechanism!r}")
-        if not 0 <= self.feed_in_tariff <= self.retail_price:
+        _check_int("feed_in_tariff", self.feed_in_tariff, 0, MAX_PRICE)
+        _check_int("retail_price", self.retail_price, 0, MAX_PRICE)
+        if not self.feed_in_tariff <= self.retail_price:
             raise ValueError("need 0 <= feed_in_tariff <= retail_price")
-        if not 0 <= self.k <= 1:
-            raise ValueError("k must lie in [0, 1]")
+        if not isinstance(self.k, Fraction) or not 0 <= self.k <= 1:
+            raise ValueError("k must be a Fraction in [0, 1]")
+        if self.k.denominator > MAX_K_DENOMINATOR:
+            raise ValueError(f"k's denominator must be at most {MAX_K_DENOMINATOR}")
+        _check_int("slot_horizon", self.slot_horizon, 1, MAX_SLOT_HORIZON)
+        _check_int("max_order_wh", self.max_order_wh, 1, MAX_QUANTITY_WH)
+        _check_int("nonce_window", self.nonce_window, 1, MAX_NONCE_WINDOW)
+        _check_int("slot_seconds", self.slot_seconds, 1, MAX_SLOT_SECONDS)
 
     def to_json(self) -> dict[str, object]:
-        """Canonical fields (k as a fraction string)."""
-        return {
+        """Canonical fields (k as a fraction string).
+
+        ``slot_seconds`` is left out at its default (900), so the genesis hash, genesis files
+        and ledgers of grids created before the field existed stay valid."""
+        doc: dict[str, object] = {
             "grid": self.grid,
             "operator": self.operator,
             "feed_in_tariff": self.feed_in_tariff,
@@ -93,6 +136,9 @@ class MarketConfig:
             "max_order_wh": self.max_order_wh,
             "nonce_window": self.nonce_window,
         }
+        if self.slot_seconds != DEFAULT_SLOT_SECONDS:
+            doc["slot_seconds"] = self.slot_seconds
+        return doc
 
     def genesis_hash(self) -> str:
         """The hash the first block points back to: ties the chain to these rules."""
@@ -102,6 +148,18 @@ class MarketConfig:
     def tariffs(self) -> Tariffs:
         """Feed-in tariff and retail price."""
         return Tariffs(self.feed_in_tariff, self.retail_price)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+
+
+def plausible_rise_wh(max_power_w: int, slot_seconds: int, slots: int) -> int:
+    """Most a meter counter may rise over ``slots`` slots at ``max_power_w``: the energy at that
+    power, rounded down to whole Wh, plus :data:`~market.bounds.READING_SLACK_WH` once for the
+    quantisation of the two counter values compared."""
+    return max_power_w * slot_seconds * slots // 3600 + READING_SLACK_WH
 
 
 @dataclass(slots=True)
@@ -134,6 +192,7 @@ class Member:
 
     meter_serial: str
     role: Role
+    max_power_w: int = DEFAULT_MAX_POWER_W
 
 
 @dataclass(slots=True)
@@ -247,7 +306,7 @@ def _register(state: State, reg: MemberRegistration) -> list[Event]:
         raise Rejection(RejectReason.UNKNOWN_METER, "registration names no meter serial")
     _consume_nonce(state, reg)
     previous = state.members.get(reg.household)
-    state.members[reg.household] = Member(reg.meter_serial, reg.role)
+    state.members[reg.household] = Member(reg.meter_serial, reg.role, reg.max_power_w)
     state.reputation.setdefault(reg.household, Reputation())
     if previous is not None and previous.meter_serial != reg.meter_serial:
         # A replaced meter starts a new counter baseline.
@@ -328,7 +387,14 @@ def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
 
 
 def _check_monotonic(state: State, reading: MeterReading) -> None:
-    """Counters of one meter never go backwards across slots (pending or settled)."""
+    """Counters of one meter never go backwards across slots (pending or settled), and never
+    rise faster than the household's registered power allows.
+
+    The reading is compared with every other known reading of the same meter (the baseline and
+    the pending ones, earlier or later slots): between two readings ``d`` slots apart, each
+    counter may rise by at most :func:`plausible_rise_wh` ``(max_power_w, slot_seconds, d)``.
+    So any two readings settlement differences were checked against each other.
+    """
     known = [
         r
         for r in (
@@ -337,6 +403,7 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
         )
         if r is not None and r.meter_serial == reading.meter_serial
     ]
+    max_power_w = state.members[reading.household].max_power_w
     for other in known:
         earlier = other.slot < reading.slot
         if earlier and (other.import_wh > reading.import_wh or other.export_wh > reading.export_wh):
@@ -352,6 +419,18 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
                 RejectReason.COUNTER_REGRESSION,
                 f"counters above those of later slot {other.slot}",
             )
+        first, last = (other, reading) if earlier else (reading, other)
+        slots = last.slot - first.slot
+        limit = plausible_rise_wh(max_power_w, state.config.slot_seconds, slots)
+        for name in ("import_wh", "export_wh"):
+            rise = getattr(last, name) - getattr(first, name)
+            if rise > limit:
+                raise Rejection(
+                    RejectReason.IMPLAUSIBLE_READING,
+                    f"{name} rose {rise} Wh from slot {first.slot} to {last.slot}: at most "
+                    f"{limit} Wh at {max_power_w} W over {slots} x "
+                    f"{state.config.slot_seconds} s (+{READING_SLACK_WH} Wh)",
+                )
 
 
 # --- leader-proposed system commands ------------------------------------------------------------
@@ -481,5 +560,6 @@ __all__ = [
     "Side",
     "State",
     "apply",
+    "plausible_rise_wh",
     "reading_leaf",
 ]

@@ -2,9 +2,9 @@
 
 It fixes the market rules (:class:`market.state.MarketConfig`), the slot timing, the member
 households (each an operator-signed :class:`market.models.MemberRegistration`: DID, meter
-serial, voter/learner role) and the bootstrap multiaddrs. The operator's signature covers
-:meth:`Genesis.signing_bytes`, the canonical encoding (``market.encoding.canonical_bytes``,
-kind ``genesis-file``) of every field but the signature.
+serial, voter/learner role, rated power) and the bootstrap multiaddrs. The operator's
+signature covers :meth:`Genesis.signing_bytes`, the canonical encoding
+(``market.encoding.canonical_bytes``, kind ``genesis-file``) of every field but the signature.
 
 On disk it is JSON: the signed fields plus ``"signature"``. :func:`load_genesis` refuses a file
 whose signature does not verify, whose members are not signed by the operator, or that is
@@ -23,7 +23,8 @@ from typing import Any
 import multiaddr
 from pydantic import ValidationError
 
-from market.encoding import canonical_bytes, sha256
+from market.bounds import DEFAULT_MAX_POWER_W, DEFAULT_SLOT_SECONDS
+from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.identity import IdentityError, public_key_from_did, verify_signature
 from market.models import MemberRegistration, Role
 from market.signing import Signer
@@ -32,6 +33,8 @@ from node.schedule import Schedule
 
 GENESIS_KIND = "genesis-file"
 MAX_GENESIS_BYTES = 4 * 1024 * 1024
+MAX_INT_DIGITS = 20
+"""Longest integer literal a genesis file may hold: every bounded field fits in 16 digits."""
 
 
 class GenesisError(ValueError):
@@ -140,39 +143,49 @@ def _member_json(m: MemberRegistration) -> dict[str, Any]:
 def create_genesis(
     operator: Signer,
     market: MarketConfig,
-    members: Iterable[tuple[str, str, Role | str]],
+    members: Iterable[tuple[str, str, Role | str] | tuple[str, str, Role | str, int]],
     *,
     slot_seconds: int = 900,
     gate_closure_lead_seconds: int = 300,
     settle_delay_seconds: int = 120,
     bootstrap: Iterable[str] = (),
 ) -> Genesis:
-    """Build and sign a genesis: ``members`` are ``(did, meter_serial, role)`` triples.
+    """Build and sign a genesis: ``members`` are ``(did, meter_serial, role)`` triples, or
+    ``(did, meter_serial, role, max_power_w)`` to name the most power (W) the household's meter
+    can measure (default :data:`~market.bounds.DEFAULT_MAX_POWER_W`).
 
     Each member gets an operator-signed :class:`MemberRegistration` (nonce = its position), and
-    the whole document is signed by ``operator``, which must be ``market.operator``.
+    the whole document is signed by ``operator``, which must be ``market.operator``. Raises
+    :class:`GenesisFormatError` for a value outside the bounds of :mod:`market.bounds`.
     """
     if operator.did != market.operator:
         raise GenesisFormatError(
             f"operator key {operator.did} is not the market's operator {market.operator}"
         )
-    registrations = tuple(
-        MemberRegistration(
-            grid=market.grid,
-            nonce=i,
-            operator=operator.did,
-            household=did,
-            meter_serial=serial,
-            role=Role(role),
-        ).signed_by(operator)
-        for i, (did, serial, role) in enumerate(members)
-    )
+    registrations = []
+    for i, member in enumerate(members):
+        did, serial, role, *power = member
+        try:
+            registration = MemberRegistration(
+                grid=market.grid,
+                nonce=i,
+                operator=operator.did,
+                household=did,
+                meter_serial=serial,
+                role=Role(role),
+                max_power_w=power[0] if power else DEFAULT_MAX_POWER_W,
+            )
+        except ValidationError as exc:
+            raise GenesisFormatError(f"members[{i}].{_first_error(exc)}") from None
+        except ValueError as exc:  # an unknown role
+            raise GenesisFormatError(f"members[{i}]: {exc}") from None
+        registrations.append(registration.signed_by(operator))
     unsigned = Genesis(
         market=market,
         slot_seconds=slot_seconds,
         gate_closure_lead_seconds=gate_closure_lead_seconds,
         settle_delay_seconds=settle_delay_seconds,
-        members=registrations,
+        members=tuple(registrations),
         bootstrap=tuple(bootstrap),
     )
     _check_consistency(unsigned)
@@ -186,18 +199,23 @@ def _market_from_json(doc: Any) -> MarketConfig:
         "grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k",
         "slot_horizon", "max_order_wh", "nonce_window",
     }  # fmt: skip
-    if set(doc) != expected:
-        raise GenesisFormatError(
-            f"market: fields {sorted(set(doc) ^ expected)} missing or unexpected"
-        )
+    # slot_seconds is optional: MarketConfig.to_json leaves it out at its default (900)
+    wrong = (set(doc) ^ expected) - {"slot_seconds"}
+    if wrong:
+        raise GenesisFormatError(f"market: fields {sorted(wrong)} missing or unexpected")
     for name in ("grid", "operator", "mechanism", "k"):
         if not isinstance(doc[name], str):
             raise GenesisFormatError(f"market.{name}: expected a string")
-    for name in ("feed_in_tariff", "retail_price", "slot_horizon", "max_order_wh", "nonce_window"):
+    integers = ["feed_in_tariff", "retail_price", "slot_horizon", "max_order_wh", "nonce_window"]
+    if "slot_seconds" in doc:
+        integers.append("slot_seconds")
+    for name in integers:
         if type(doc[name]) is not int:
             raise GenesisFormatError(f"market.{name}: expected an integer")
     try:
         num, den = doc["k"].split("/")
+        if len(num) > 20 or len(den) > 20:
+            raise ValueError("k: numerator and denominator must have at most 20 digits")
         k = Fraction(int(num), int(den))
         return MarketConfig(
             grid=doc["grid"],
@@ -209,13 +227,10 @@ def _market_from_json(doc: Any) -> MarketConfig:
             slot_horizon=doc["slot_horizon"],
             max_order_wh=doc["max_order_wh"],
             nonce_window=doc["nonce_window"],
+            slot_seconds=doc.get("slot_seconds", DEFAULT_SLOT_SECONDS),
         )
     except (ValueError, ZeroDivisionError) as exc:
         raise GenesisFormatError(f"market: {exc}") from None
-
-
-def _reject_float(text: str) -> Any:
-    raise GenesisFormatError(f"floats are not allowed in a genesis file: {text}")
 
 
 def parse_genesis(data: bytes) -> Genesis:
@@ -223,9 +238,11 @@ def parse_genesis(data: bytes) -> Genesis:
     if len(data) > MAX_GENESIS_BYTES:
         raise GenesisFormatError(f"genesis of {len(data)} bytes exceeds {MAX_GENESIS_BYTES}")
     try:
-        doc = json.loads(data, parse_float=_reject_float, parse_constant=_reject_float)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GenesisFormatError(f"not valid JSON: {exc}") from None
+        # Deep nesting, floats and over-long integers are refused here as GenesisFormatError
+        # (json.loads alone would raise RecursionError or a plain ValueError).
+        doc = loads_untrusted(data, allow_floats=False, max_int_digits=MAX_INT_DIGITS)
+    except ValueError as exc:
+        raise GenesisFormatError(f"not a valid genesis JSON document: {exc}") from None
     if not isinstance(doc, dict):
         raise GenesisFormatError("top level must be an object")
     expected = {
@@ -249,9 +266,7 @@ def parse_genesis(data: bytes) -> Genesis:
         try:
             members.append(MemberRegistration.model_validate(item))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise GenesisFormatError(f"members[{i}].{loc}: {first['msg']}") from None
+            raise GenesisFormatError(f"members[{i}].{_first_error(exc)}") from None
     genesis = Genesis(
         market=market,
         slot_seconds=doc["slot_seconds"],
@@ -283,9 +298,22 @@ def verify_genesis(genesis: Genesis) -> None:
     _check_consistency(genesis)
 
 
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    return f"{loc}: {first['msg']}"
+
+
 def _check_consistency(genesis: Genesis) -> None:
     if genesis.slot_seconds <= 0:
         raise GenesisFormatError(f"slot_seconds must be positive, got {genesis.slot_seconds}")
+    if genesis.market.slot_seconds < genesis.slot_seconds:
+        # The engine bounds meter readings by max_power_w over market.slot_seconds: shorter
+        # than the real slot, it would refuse honest readings at full power.
+        raise GenesisFormatError(
+            f"market.slot_seconds ({genesis.market.slot_seconds}) is shorter than the slot "
+            f"({genesis.slot_seconds} s): honest meter readings would be refused"
+        )
     if genesis.gate_closure_lead_seconds < 0:
         raise GenesisFormatError("gate_closure_lead_seconds must be >= 0")
     if genesis.settle_delay_seconds < 0:

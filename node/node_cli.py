@@ -48,7 +48,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from node.logs import configure
     from node.net.cli import load_node_files
     from node.raft.errors import StorageCorruption
-    from node.replica import ReplicaError
+    from node.replica import ReplicaError, exit_status
 
     try:
         config, identity, genesis = load_node_files(args.config)
@@ -74,13 +74,13 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except fatal as exc:
-        return _fail(str(exc), 1)
+        return _fail(str(exc), exit_status(exc))
     except BaseExceptionGroup as group:
         # raised inside the node's nursery: still a one-line error, not a traceback
         known, rest = group.split(fatal)
         if known is None or rest is not None:
             raise
-        return _fail(str(_first_leaf(known)), 1)
+        return _fail(str(_first_leaf(known)), exit_status(known))
     return 0
 
 

@@ -7,6 +7,12 @@ database transaction. So after a crash the ledger's ``applied_index`` says exact
 entries are in it: on restart the engine state is rebuilt from the newest engine snapshot and
 the entries after it are re-applied to the engine only (they are already in the ledger), then
 new entries go to both. Nothing is lost and nothing is recorded twice.
+
+A batch whose framing is valid is applied command by command: a malformed command becomes a
+``Rejected(malformed)`` naming its index, and the others still apply, identically on every node.
+If applying or recording an entry fails for any other reason (a bug, a value no store can hold,
+a database error), the replica stops with an :class:`EntryError` naming the entry; the node
+exits with :data:`ENTRY_ERROR_EXIT_STATUS` (:func:`exit_status`).
 """
 
 from __future__ import annotations
@@ -22,15 +28,68 @@ from market import (
     RejectReason,
     State,
     apply,
-    decode_batch,
 )
+from market.models import SignedRecord, decode_batch_lenient
 from market.snapshot import dump_state, load_state
 from node.ledger import LedgerStore
 from node.ledger.sync import head_hash_at, record_snapshot
 
+ENTRY_ERROR_EXIT_STATUS = 3
+"""Exit status of a node stopped by an :class:`EntryError` (1: other fatal errors, 2: usage)."""
+
 
 class ReplicaError(RuntimeError):
     """The log and the ledger disagree in a way that must stop the node (a gap, a fork)."""
+
+
+class EntryError(ReplicaError):
+    """A committed log entry could not be applied or recorded: the node must stop.
+
+    ``index`` is the entry's log index, ``commands`` names its commands (``kind by author``, in
+    order), ``cause`` is the exception. The engine state may be half-updated, so the replica
+    refuses every later entry with the same error; a restart replays the log."""
+
+    def __init__(self, index: int, commands: Sequence[str], cause: BaseException) -> None:
+        more = len(commands) - 5
+        shown = ", ".join(commands[:5]) + (f", +{more} more" if more > 0 else "")
+        super().__init__(
+            f"committed log entry {index} ({shown or 'no commands'}) cannot be applied: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.index = index
+        self.commands = tuple(commands)
+        self.cause = cause
+
+
+def describe_entry(data: bytes) -> list[str]:
+    """``kind by author`` of each command in an entry's payload (``malformed`` for a command
+    that does not decode); never raises."""
+    if not data:
+        return []
+    try:
+        items = decode_batch_lenient(data)
+    except CommandDecodeError:
+        return ["malformed batch"]
+    except Exception:  # describing must never mask the error being reported
+        return ["undecodable batch"]
+    out = []
+    for item in items:
+        if isinstance(item, CommandDecodeError):
+            out.append(f"malformed {item.kind or 'command'}")
+        elif isinstance(item, SignedRecord):
+            out.append(f"{item.KIND} by {item.author}")
+        else:
+            out.append(f"{item.type} {getattr(item, 'slot', '')}".strip())
+    return out
+
+
+def exit_status(exc: BaseException) -> int:
+    """The node's exit status for a fatal error (looks inside exception groups):
+    :data:`ENTRY_ERROR_EXIT_STATUS` for an :class:`EntryError`, 1 otherwise."""
+    if isinstance(exc, BaseExceptionGroup):
+        matched, _ = exc.split(EntryError)
+        return ENTRY_ERROR_EXIT_STATUS if matched is not None else 1
+    return ENTRY_ERROR_EXIT_STATUS if isinstance(exc, EntryError) else 1
 
 
 class Replica:
@@ -52,6 +111,8 @@ class Replica:
         logs clearings and settlements and times them). Not called while recovering."""
         self.state = State.initial(config)
         self.applied_index = 0
+        self.failed: EntryError | None = None
+        """Set once an entry failed: the replica then refuses to go on."""
         # The genesis membership is the engine's starting point, not part of the Raft log: it
         # is applied before log index 1 and recorded once, when the ledger is new.
         genesis_events: list[Event] = []
@@ -116,11 +177,16 @@ class Replica:
 
     def apply_entry(self, index: int, data: bytes) -> list[Event]:
         """Apply committed entry ``index`` (idempotent for entries already applied)."""
+        if self.failed is not None:
+            raise self.failed
         if index <= self.applied_index:
             return []
         events = self._apply(index, data)
         if self.store is not None:
-            self.store.record(events, applied_index=index)
+            try:
+                self.store.record(events, applied_index=index)
+            except Exception as exc:
+                raise self._fail(index, data, exc) from exc
         if self.listener is not None and events:
             self.listener(index, events)
         return events
@@ -150,21 +216,38 @@ class Replica:
         """``(applied index, engine snapshot bytes)`` for Raft log compaction."""
         return self.applied_index, dump_state(self.state)
 
+    def _fail(self, index: int, data: bytes, cause: BaseException) -> EntryError:
+        self.failed = EntryError(index, describe_entry(data), cause)
+        return self.failed
+
     def _apply(self, index: int, data: bytes) -> list[Event]:
+        if self.failed is not None:
+            raise self.failed
         if index != self.applied_index + 1:
             raise ReplicaError(f"entry {index} applied after {self.applied_index}: a gap")
-        events: list[Event] = []
-        if data:  # empty entries are Raft's own (leader no-ops, configuration changes)
-            try:
-                commands = decode_batch(data)
-            except CommandDecodeError as exc:
-                # Every node decodes the same bytes the same way, so this is deterministic.
-                commands = []
-                events.append(Rejected(RejectReason.MALFORMED, str(exc), "batch", None))
-            for command in commands:
-                self.state, produced = apply(self.state, command)
-                events.extend(produced)
-                if self.observer is not None:
-                    self.observer(command)
+        try:
+            events = self._apply_commands(data)
+        except Exception as exc:
+            raise self._fail(index, data, exc) from exc
         self.applied_index = index
+        return events
+
+    def _apply_commands(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        if not data:  # empty entries are Raft's own (leader no-ops, configuration changes)
+            return events
+        # Every node decodes the same bytes the same way, so each rejection is deterministic.
+        try:
+            items = decode_batch_lenient(data)
+        except CommandDecodeError as exc:  # bad framing: the whole entry is one rejection
+            return [Rejected(RejectReason.MALFORMED, str(exc), "batch", None)]
+        for item in items:
+            if isinstance(item, CommandDecodeError):
+                kind = item.kind or "command"
+                events.append(Rejected(RejectReason.MALFORMED, str(item), kind, None))
+                continue
+            self.state, produced = apply(self.state, item)
+            events.extend(produced)
+            if self.observer is not None:
+                self.observer(item)
         return events

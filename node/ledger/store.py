@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from market.bounds import STORE_INT
 from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
 from market.models import Trade
 from market.state import MarketConfig
@@ -132,7 +133,11 @@ class LedgerStore:
         applied_index: int | None = None,
         meta: dict[str, str] | None = None,
     ) -> None:
-        """Persist ``events``, the applied log index and ``meta`` in one database transaction."""
+        """Persist ``events``, the applied log index and ``meta`` in one database transaction.
+
+        Raises :class:`LedgerStoreError` (and writes nothing) if the database fails or a value
+        does not fit a 64-bit column (a running balance, or anything that slipped past the
+        models' bounds): never ``OverflowError`` from the driver."""
         try:
             with self.write_lock, self.engine.begin() as conn:
                 for ev in events:
@@ -153,6 +158,11 @@ class LedgerStore:
                     conn.execute(insert(t.meta).values(key=key, value=value))
         except SQLAlchemyError as exc:
             raise LedgerStoreError(f"writing to {self.url} failed: {exc}") from exc
+        except OverflowError as exc:
+            # sqlite3 raises it while binding an int beyond 64 bits; SQLAlchemy does not wrap it.
+            raise LedgerStoreError(
+                f"writing to {self.url} failed: unstorable value: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _meta(conn: Connection) -> dict[str, str]:
@@ -316,13 +326,18 @@ def _apply_balance_deltas(conn: Connection, deltas: dict[tuple[str, str], int]) 
     }
     new_rows = []
     for (account, asset), delta in sorted(deltas.items()):
+        amount = existing.get((account, asset), 0) + delta
+        if not -STORE_INT <= amount <= STORE_INT:
+            raise LedgerStoreError(
+                f"balance of {account} in {asset} would be {amount}, beyond a 64-bit column"
+            )
         if (account, asset) in existing:
             conn.execute(
                 update(t.balances)
                 .where((t.balances.c.account == account) & (t.balances.c.asset == asset))
-                .values(amount=existing[(account, asset)] + delta)
+                .values(amount=amount)
             )
         else:
-            new_rows.append({"account": account, "asset": asset, "amount": delta})
+            new_rows.append({"account": account, "asset": asset, "amount": amount})
     if new_rows:
         conn.execute(insert(t.balances), new_rows)

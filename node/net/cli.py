@@ -11,6 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from market.bounds import MAX_POWER_W, bounded_int
 from market.identity import IdentityError, public_key_from_did
 from market.models import Role
 from market.state import MarketConfig
@@ -42,8 +43,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--operator-key", type=Path, required=True, help="operator's key file")
     c.add_argument("--grid", required=True, help="grid id")
     c.add_argument(
-        "--member", action="append", default=[], metavar="DID,METER,ROLE",
-        help="a member household: did:key, meter serial, voter|learner (repeatable)",
+        "--member", action="append", default=[], metavar="DID,METER,ROLE[,MAX_W]",
+        help="a member household: did:key, meter serial, voter|learner and optionally the "
+        "meter's rated power in W (default 50000); repeatable",
     )  # fmt: skip
     c.add_argument("--feed-in-tariff", type=int, required=True, help="minor units per kWh")
     c.add_argument("--retail-price", type=int, required=True, help="minor units per kWh")
@@ -121,19 +123,24 @@ def cmd_genesis_create(args: argparse.Namespace) -> int:
         operator = load_key_file(args.operator_key).signer
         members = []
         for spec in args.member:
-            parts = spec.split(",")
-            if len(parts) != 3:
-                return _fail(f"--member {spec!r}: expected DID,METER,ROLE")
-            did, meter, role = (p.strip() for p in parts)
+            parts = [p.strip() for p in spec.split(",")]
+            if len(parts) not in (3, 4):
+                return _fail(f"--member {spec!r}: expected DID,METER,ROLE[,MAX_W]")
+            did, meter, role = parts[:3]
             public_key_from_did(did)
             if role not in (Role.VOTER.value, Role.LEARNER.value):
                 return _fail(f"--member {spec!r}: role must be voter or learner")
-            members.append((did, meter, Role(role)))
+            if len(parts) == 4:
+                max_w = bounded_int(parts[3], "MAX_W", low=1, high=MAX_POWER_W)
+                members.append((did, meter, Role(role), max_w))
+            else:
+                members.append((did, meter, Role(role)))
         num, _, den = args.k.partition("/")
         market = MarketConfig(
             grid=args.grid, operator=operator.did, feed_in_tariff=args.feed_in_tariff,
             retail_price=args.retail_price, mechanism=args.mechanism,
             k=Fraction(int(num), int(den or 1)), slot_horizon=args.slot_horizon,
+            slot_seconds=args.slot_seconds,
         )  # fmt: skip
         genesis = create_genesis(
             operator, market, members, slot_seconds=args.slot_seconds,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market import MECHANISMS, SlotSettled, State, apply
+from market.bounds import DEFAULT_MAX_POWER_W
+from market.encoding import canonical_json
 from market.snapshot import SnapshotError, dump_state, load_state, state_digest
 from node import simulate
 
@@ -48,3 +52,78 @@ def test_digest_differs_when_state_differs() -> None:
 def test_bad_snapshot_is_a_typed_error(bad: bytes) -> None:
     with pytest.raises(SnapshotError):
         load_state(bad)
+
+
+def _settled_state() -> State:
+    """A simulated grid with closed, unsettled slots (books, trades, readings, balances)."""
+    sim = simulate.build(3, 7)
+    state = State.initial(sim.config)
+    commands = list(simulate.commands(sim, 4, first_slot=40))
+    for cmd in commands[: len(commands) * 3 // 4]:
+        state, _ = apply(state, cmd)
+    return state
+
+
+def test_old_snapshot_formats_still_load() -> None:
+    """Before max_power_w members were [serial, role]; before closed_books there were none."""
+    state = _settled_state()
+    assert state.closed_books and state.members and state.balances
+    prefix, body = dump_state(state).split(b"\n", 1)
+    doc = json.loads(body)
+    assert all(power == DEFAULT_MAX_POWER_W for _, _, power in doc["members"].values())
+    doc["members"] = {d: [serial, role] for d, (serial, role, _) in doc["members"].items()}
+    del doc["closed_books"]
+    old = prefix + b"\n" + canonical_json(doc)
+    restored = load_state(old)
+    assert restored.members == state.members
+    assert restored.closed_books == {}
+    state.closed_books = {}
+    assert dump_state(restored) == dump_state(state)
+
+
+def test_real_dump_loads_byte_identically() -> None:
+    data = dump_state(_settled_state())
+    assert dump_state(load_state(data)) == data
+
+
+def _body(state: State) -> dict:
+    return json.loads(dump_state(state).split(b"\n", 1)[1])
+
+
+def _with(state: State, **changes: object) -> bytes:
+    return b"microgrid/snapshot/v1\n" + json.dumps({**_body(state), **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"height": "7"}, "height"),
+        ({"height": True}, "height"),
+        ({"members": []}, "members"),
+        ({"members": "x"}, "members"),
+        ({"head_hash": None}, "head_hash"),
+        ({"settled_through": -2}, "settled_through"),
+        ({"balances": [["grid", "money", 2**63]]}, "balances"),
+        ({"extra": 1}, "unexpected"),
+    ],
+)
+def test_mistyped_field_is_a_snapshot_error(change: dict, match: str) -> None:
+    with pytest.raises(SnapshotError, match=match):
+        load_state(_with(_settled_state(), **change))
+
+
+@pytest.mark.parametrize(
+    "k, match",
+    [("Infinity", "config.k"), ("3/2", "k must be"), ("1/0", "config.k"), (0.5, "float")],
+)
+def test_bad_config_is_a_snapshot_error(k: object, match: str) -> None:
+    """The config goes through MarketConfig's own validation; its ValueError is a SnapshotError."""
+    state = _settled_state()
+    config = {**_body(state)["config"], "k": k}
+    with pytest.raises(SnapshotError, match=match):
+        load_state(_with(state, config=config))
+
+
+def test_deep_nesting_is_a_snapshot_error() -> None:
+    with pytest.raises(SnapshotError, match="nested deeper than|brackets do not pair up"):
+        load_state(b"microgrid/snapshot/v1\n" + b"[" * 100_000)
