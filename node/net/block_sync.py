@@ -13,7 +13,9 @@ One request per stream, both frames varint-length-prefixed (``node.net.wire.fram
   ``1``: a UTF-8 reason (``not_available: ...``, ``refused: ...``).
 
 Only members may ask (the authenticated peer id is the household's key). The server reads its
-ledger in a worker thread and answers within ``SERVE_TIMEOUT``.
+ledger in a worker thread and answers within ``SERVE_TIMEOUT``. A malformed or oversized
+request is refused and then reported as a :class:`~node.net.validator.PeerFault` (the host's
+stream guard counts and penalises it).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from market.bounds import SAFE_INT
 from market.identity import IdentityError
 from node.identity import did_from_peer_id
 from node.ledger.sync import MAX_CHUNK_BYTES, BlockSyncError, export_blocks
+from node.net.validator import PeerFault
 from node.net.wire import frame
 
 log = logging.getLogger("microgrid.net.blocks")
@@ -60,13 +66,19 @@ def encode_request(first: int, last: int) -> bytes:
 
 
 def decode_request(data: bytes) -> tuple[int, int]:
-    """``(first, last)`` of a request; ValueError if it is not exactly that."""
+    """``(first, last)`` of a request; ValueError if it is not exactly that.
+
+    Heights are bounded to what the ledger can hold (``market.bounds.SAFE_INT``), so a request
+    for block 2**64 is refused here instead of overflowing the database query.
+    """
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ValueError(f"request of {len(data)} bytes exceeds {MAX_REQUEST_BYTES}")
     doc = json.loads(data)
     if not isinstance(doc, dict) or set(doc) != {"first", "last"}:
         raise ValueError("expected {first, last}")
     first, last = doc["first"], doc["last"]
-    if type(first) is not int or type(last) is not int or not 1 <= first <= last:
-        raise ValueError("first and last must be integers with 1 <= first <= last")
+    if type(first) is not int or type(last) is not int or not 1 <= first <= last <= SAFE_INT:
+        raise ValueError(f"first and last must be integers with 1 <= first <= last <= {SAFE_INT}")
     return first, last
 
 
@@ -87,38 +99,51 @@ class BlockServer:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     async def handle(self, stream: Any) -> None:
-        """One request, one response, then close."""
+        """One request, one response, then close.
+
+        A malformed or oversized request is answered with a refusal and then raises
+        :class:`~node.net.validator.PeerFault` (after the stream is closed), for the host's
+        stream guard to count against the peer and penalise.
+        """
+        fault: PeerFault | None = None
         try:
             with trio.move_on_after(SERVE_TIMEOUT):
-                try:
-                    did = did_from_peer_id(stream.muxed_conn.peer_id)
-                except IdentityError:
-                    did = ""
-                if not did or not self.allowed(did):
-                    self._refuse("not_member")
-                    await stream.write(frame(bytes([ERROR]) + b"refused: not a member"))
-                    return
-                try:
-                    first, last = decode_request(
-                        await read_varint_prefixed_bytes_limited(stream, MAX_REQUEST_BYTES)
-                    )
-                except ValueError as exc:
-                    self._refuse("malformed")
-                    await stream.write(frame(bytes([ERROR]) + f"refused: {exc}".encode()))
-                    return
-                try:
-                    chunk = await trio.to_thread.run_sync(self.export, first, last)
-                except BlockSyncError as exc:
-                    self._refuse(exc.reason)
-                    await stream.write(frame(bytes([ERROR]) + f"{exc.reason}: {exc}".encode()))
-                    return
-                await stream.write(frame(bytes([OK]) + chunk))
-                self.served += 1
+                fault = await self._serve(stream)
         except Exception as exc:  # the requester went away: nothing to answer
             log.debug("block request failed: %s", exc)
         finally:
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await stream.close()
+        if fault is not None:
+            raise fault
+
+    async def _serve(self, stream: Any) -> PeerFault | None:
+        """Answer one request; the fault to report if the request broke the protocol."""
+        try:
+            did = did_from_peer_id(stream.muxed_conn.peer_id)
+        except IdentityError:
+            did = ""
+        if not did or not self.allowed(did):
+            self._refuse("not_member")
+            await stream.write(frame(bytes([ERROR]) + b"refused: not a member"))
+            return None
+        try:
+            first, last = decode_request(
+                await read_varint_prefixed_bytes_limited(stream, MAX_REQUEST_BYTES)
+            )
+        except (ValueError, ParseError, MessageTooLarge) as exc:
+            self._refuse("malformed")
+            await stream.write(frame(bytes([ERROR]) + f"refused: {exc}".encode()))
+            return PeerFault("blocks", "malformed_request", f"{type(exc).__name__}: {exc}")
+        try:
+            chunk = await trio.to_thread.run_sync(self.export, first, last)
+        except BlockSyncError as exc:
+            self._refuse(exc.reason)
+            await stream.write(frame(bytes([ERROR]) + f"{exc.reason}: {exc}".encode()))
+            return None
+        await stream.write(frame(bytes([OK]) + chunk))
+        self.served += 1
+        return None
 
 
 def store_exporter(store: Any) -> Callable[[int, int], bytes]:

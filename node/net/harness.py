@@ -116,6 +116,51 @@ def make_grid(
 
 
 # ---------------------------------------------------------------------------------------
+# a hostile member, in process (tests/net/test_hostile.py)
+
+
+def pubsub_message(identity: Any, topic: str, data: bytes, seqno: int, *,
+                   from_id: bytes | None = None, key: bytes | None = None,
+                   signature: bytes | None = None) -> Any:  # fmt: skip
+    """A gossipsub message signed by ``identity`` as libp2p signs it (strict signing); the
+    keyword arguments replace fields after signing (a forged or broken message)."""
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    msg = rpc_pb2.Message(data=data, topicIDs=[topic], from_id=identity.peer_id.to_bytes(),
+                          seqno=seqno.to_bytes(8, "big"))  # fmt: skip
+    payload = PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString()
+    msg.signature = identity.key_pair.private_key.sign(payload)
+    msg.key = identity.key_pair.public_key.serialize()
+    if from_id is not None:
+        msg.from_id = from_id
+    if key is not None:
+        msg.key = key
+    if signature is not None:
+        msg.signature = signature
+    return msg
+
+
+def rpc_frame(*messages: Any) -> bytes:
+    """A varint-prefixed pubsub RPC publishing ``messages``."""
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.utils.varint import encode_uvarint
+
+    body = rpc_pb2.RPC(publish=list(messages)).SerializeToString()
+    return bytes(encode_uvarint(len(body))) + body
+
+
+async def raw_stream(node: Any, peer: str, protocol: str, timeout: float = 5.0) -> Any:
+    """Open a stream from ``node`` to ``peer`` (base58) speaking ``protocol``, for writing
+    whatever a hostile peer would."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    with trio.fail_after(timeout):
+        return await node.host.new_stream(ID.from_base58(peer), [TProtocol(protocol)])
+
+
+# ---------------------------------------------------------------------------------------
 # parent side
 
 

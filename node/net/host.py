@@ -23,6 +23,19 @@
 - Our own messages are flood-published to every subscribed peer: gossipsub here has no
   floodPublish and sends nothing while our mesh is empty (PRUNE back-off after a reconnect).
 - Shutdown: all peers are disconnected before the pubsub context is left (pitfall 4).
+- No peer's bytes can raise into the node. py-libp2p runs every inbound stream handler in the
+  swarm service's connection nursery, and an exception escaping one fails the host:
+  :func:`install_stream_guard` wraps the swarm's common handler, so an exception resets that
+  stream only and is counted per protocol, reason and peer (``microgrid_net_stream_faults``),
+  and penalised (repeat offenders are banned). Pubsub's read loop, which lets
+  ``google.protobuf.message.DecodeError`` escape (twelve bytes killed a node), is replaced per
+  node by :meth:`NetNode._read_pubsub_stream` (faults typed, per-forwarder message and byte
+  budgets applied before a task is spawned per message, foreign subscriptions ignored, PRUNE
+  peer exchange stripped, control handling bounded). ``push_msg`` is guarded: non-member
+  origins are refused before libp2p's signature check, which raises on a garbage ``msg.key``
+  inside a pubsub task. The blacklist teardown, which raises ``KeyError`` when the peer
+  disconnects during its stream reset (our ban closes the connection at once), is replaced.
+  Each has a canary in tests/net/test_libp2p_canaries.py.
 - Logging: the ``libp2p`` logger is made to propagate and given a level (pitfall 5).
 - Metrics bind 127.0.0.1 (pitfall 7).
 """
@@ -34,28 +47,37 @@ import hashlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import multiaddr
 import trio
+from google.protobuf.message import DecodeError
 from libp2p import new_host
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import ParseError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLarge
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.utils import maybe_consume_signed_record
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.identity import IdentityError
 from market.models import MeterReading, Order, SignedRecord
@@ -63,7 +85,14 @@ from node.genesis import Genesis
 from node.identity import NodeIdentity, did_from_peer_id, peer_id_from_did
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
-from node.net.validator import GossipValidator, PenaltyBox, SlotPolicy, Verdict
+from node.net.validator import (
+    GossipValidator,
+    PeerFault,
+    PenaltyBox,
+    SlotPolicy,
+    TokenBucket,
+    Verdict,
+)
 from node.net.wire import TopicKind, WireError, decode_batch, encode_batch, topic_name
 
 if TYPE_CHECKING:
@@ -76,12 +105,43 @@ LIBP2P_SUBSCRIPTION_CHANNEL_SIZE = pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
 LIBP2P_LOGGER_PROPAGATED_AT_IMPORT = logging.getLogger("libp2p").propagate
 LIBP2P_YAMUX_WINDOW_UPDATE = YamuxStream._auto_tune_and_send_window_update
 """libp2p's own window-update method, kept for the canary test."""
+LIBP2P_READ_PUBSUB_STREAM = Pubsub.continuously_read_stream
+"""libp2p's pubsub read loop, replaced per node by :meth:`NetNode._read_pubsub_stream`."""
+LIBP2P_TEARDOWN_IF_CONNECTED = Pubsub._teardown_if_connected
+"""libp2p's blacklist teardown, replaced per node (KeyError race): kept for the canary test."""
 
 OUTBOUND_HIGH_WATER = 24
 """Our publish waits while a peer's outbound RPC queue (libp2p: 32, drops when full) is this
 full."""
 SUBSCRIPTION_QUEUE = 1024
 """Replaces libp2p's SUBSCRIPTION_CHANNEL_SIZE of 32, which drops silently when full."""
+
+PUBSUB_PROTOCOLS = frozenset(
+    {"/meshsub/1.0.0", "/meshsub/1.1.0", "/meshsub/1.2.0", "/meshsub/2.0.0", "/floodsub/1.0.0"}
+)
+"""Protocol ids that reach pubsub's stream handler (label ``gossip``)."""
+CONNECTION_LOSS: tuple[type[BaseException], ...] = (
+    IOException,  # StreamError (EOF, reset, closed), IncompleteReadError, ...
+    RawConnError,
+    MuxedStreamError,
+    MuxedConnError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    EOFError,
+)
+"""Exceptions that mean the stream or connection went away (not a protocol fault), except the
+``MessageTooLarge`` subclass, which is checked first."""
+FAULT_WEIGHTS: dict[str, float] = {
+    "unexpected": 2.0,
+    "control_error": 2.0,
+    "budget_msgs": 0.2,
+    "budget_bytes": 0.2,
+}
+"""Penalty points per stream fault reason (default :data:`DEFAULT_FAULT_WEIGHT`): garbage is a
+deliberate act or a broken peer; an exception we cannot attribute to the bytes weighs less."""
+DEFAULT_FAULT_WEIGHT = 10.0
+CONTROL_DEADLINE = 10.0
+"""Longest gossipsub may take over one RPC's control messages (it awaits queue sends)."""
 
 GossipHandler = Callable[[TopicKind, tuple[SignedRecord, ...], str], None]
 """Called with (topic kind, records, origin DID) for every delivered, validated batch."""
@@ -116,6 +176,85 @@ async def _batched_window_update(self: Any, *, bytes_read: int = 0) -> None:
             self._pending_recv_release = 0
     if total > 0:
         await self.send_window_update(total, skip_lock=True)
+
+
+def protocol_label(protocol: str | None) -> str:
+    """A bounded metric label for a stream protocol id."""
+    if protocol is None:
+        return "negotiation"
+    if protocol in PUBSUB_PROTOCOLS:
+        return "gossip"
+    if protocol.startswith("/microgrid/"):
+        return protocol.split("/")[2] or "other"
+    if protocol.startswith("/ipfs/id/"):
+        return "identify"
+    if protocol.startswith("/ipfs/ping/"):
+        return "ping"
+    return "other"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def fault_reason(exc: BaseException) -> str:
+    """Why a stream handler failed: a protocol fault's reason, ``closed`` (the stream or
+    connection went away: nobody's fault) or ``unexpected``."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, PeerFault):
+            return leaf.reason
+        if isinstance(leaf, DecodeError):
+            return "malformed_protobuf"
+        if isinstance(leaf, ParseError):
+            return "bad_varint"
+        if isinstance(leaf, MessageTooLarge):
+            return "oversized"
+    if all(isinstance(leaf, CONNECTION_LOSS) for leaf in leaves):
+        return "closed"
+    return "unexpected"
+
+
+StreamFaultHandler = Callable[[ID, str, str, BaseException], None]
+"""``on_fault(peer, protocol label, reason, exception)``."""
+
+
+def install_stream_guard(host: Any, on_fault: StreamFaultHandler) -> None:
+    """Contain every inbound stream handler of ``host`` (idempotent).
+
+    py-libp2p 0.8.1 runs each inbound stream's handler (after protocol negotiation) in the
+    connection's nursery inside the swarm service: an exception escaping *any* protocol handler
+    (pubsub's ``stream_handler`` lets ``google.protobuf.message.DecodeError`` through; its
+    negotiation raises ``StreamFailure``) fails the swarm service and with it the whole host.
+    The guard wraps the swarm's common handler: an exception resets that stream only and is
+    reported to ``on_fault`` with the remote peer, the protocol and :func:`fault_reason`.
+    """
+    network = host.get_network()
+    inner = network.common_stream_handler
+    if getattr(inner, "microgrid_guard", False):
+        return
+
+    async def guarded(net_stream: Any) -> None:
+        try:
+            await inner(net_stream)
+        except Exception as exc:
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await net_stream.reset()
+            faults = [leaf for leaf in _leaves(exc) if isinstance(leaf, PeerFault)]
+            protocol = (
+                faults[0].protocol if faults
+                else protocol_label(getattr(net_stream, "get_protocol", lambda: None)())
+            )  # fmt: skip
+            peer = getattr(getattr(net_stream, "muxed_conn", None), "peer_id", None)
+            if peer is None:
+                log.warning("%s stream failed (no peer): %r", protocol, exc)
+                return
+            on_fault(peer, protocol, fault_reason(exc), exc)
+
+    guarded.microgrid_guard = True  # type: ignore[attr-defined]
+    network.set_stream_handler(guarded)
 
 
 async def _no_auto_connect() -> None:
@@ -168,6 +307,15 @@ class NetSettings:
     raft_queue: int = 256
     publish_wait: float = 2.0
     """Longest our publish waits for room in the peers' outbound queues."""
+    peer_msgs_per_second: float = 200.0
+    peer_msgs_burst: float = 1000.0
+    """Inbound gossip messages one *forwarding* peer may send (token bucket); what exceeds it
+    is dropped before signature checks and validation, counted, and lightly penalised. An
+    honest forwarder relays at most what its origins' rate limits let through, so the budget is
+    never below members x ``rate_per_origin`` (burst: members x ``burst_per_origin``)."""
+    peer_bytes_per_second: float = 4 * 1024 * 1024
+    peer_bytes_burst: float = 16 * 1024 * 1024
+    """Inbound pubsub RPC bytes per forwarding peer: the gossip of an RPC over it is dropped."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -272,7 +420,13 @@ class NetNode:
             penalties=self.penalties,
             on_reject=self._on_reject,
             on_ban=self._on_ban,
+            local_peer=str(identity.peer_id),
         )
+        self.faults: Counter[tuple[str, str, str]] = Counter()
+        """(peer, protocol, reason) -> inbound streams reset for a protocol fault."""
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        """(forwarding peer, reason) -> inbound gossip dropped by the per-peer budgets."""
+        self._peer_budgets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self.topics = {kind: topic_name(genesis.grid, kind) for kind in TopicKind}
         self._kind_of = {name: kind for kind, name in self.topics.items()}
         self.host: Any = None
@@ -361,6 +515,8 @@ class NetNode:
         for kind, name in self.topics.items():
             self.pubsub.set_topic_validator(name, self._make_validator(kind), False)
         self.host.get_network().register_notifee(_Gate(self))
+        self._harden_pubsub()
+        install_stream_guard(self.host, self._on_stream_fault)
 
     def _flood_own_publications(self) -> None:
         """Send our own messages to every peer subscribed to the topic (go's floodPublish).
@@ -510,9 +666,12 @@ class NetNode:
             self.pubsub.add_to_blacklist(peer_id)
         self._queue_action("close", peer_id)
 
-    def _on_reject(self, reason: str, forwarder: str) -> None:
+    def _on_reject(self, reason: str, forwarder: str, culprit: str) -> None:
         self.metrics.gossip_invalid.labels(reason).inc()
         self.metrics.gossip_invalid_by_peer.labels(self.metrics.peer_label(forwarder)).inc()
+        if culprit:
+            label = self.metrics.peer_label(culprit)
+            self.metrics.gossip_penalised_by_peer.labels(label, reason).inc()
 
     async def _actions_loop(self) -> None:
         network = self.host.get_network()
@@ -595,6 +754,176 @@ class NetNode:
             await trio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(self.settings.reconnect_max, delay * 2)
 
+    # -- hostile input ------------------------------------------------------------------
+
+    def _harden_pubsub(self) -> None:
+        """Replace the pubsub pieces a peer's bytes can break (see the module docstring)."""
+        ps = self.pubsub
+        self._libp2p_push_msg = ps.push_msg
+        ps.continuously_read_stream = self._read_pubsub_stream
+        ps.push_msg = self._guarded_push_msg
+        ps._teardown_if_connected = self._teardown_if_connected
+
+    def _penalise(self, peer: str, weight: float) -> None:
+        if peer == str(self.peer_id) or weight <= 0:
+            return
+        if self.penalties.add(peer, weight):
+            self._on_ban(peer)
+
+    def _on_stream_fault(self, peer: ID, protocol: str, reason: str, exc: BaseException) -> None:
+        """An inbound stream of ``peer`` failed: count it; a protocol fault is penalised."""
+        key = str(peer)
+        if reason == "closed":
+            self.metrics.stream_errors.labels(f"{protocol}_closed").inc()
+            log.debug("%s stream from %s ended: %r", protocol, key, exc)
+            return
+        self.faults[(key, protocol, reason)] += 1
+        self.metrics.stream_faults.labels(protocol, reason).inc()
+        self.metrics.stream_faults_by_peer.labels(self.metrics.peer_label(key), protocol).inc()
+        log.warning(
+            "reset %s stream from %s: %s (%s: %s)", protocol, key, reason,
+            type(exc).__name__, exc, exc_info=reason == "unexpected",
+        )  # fmt: skip
+        if protocol == "gossip":
+            # the pubsub session with this peer may be out of step: start a fresh connection
+            self._queue_action("close", peer)
+        self._penalise(key, FAULT_WEIGHTS.get(reason, DEFAULT_FAULT_WEIGHT))
+
+    def _budgets(self, peer: str) -> tuple[TokenBucket, TokenBucket]:
+        budgets = self._peer_budgets.get(peer)
+        if budgets is None:
+            s, members = self.settings, len(self.member_peers)
+            # never below what an honest relay may forward: every origin at its own limit
+            budgets = self._peer_budgets[peer] = (
+                TokenBucket(max(s.peer_msgs_per_second, members * s.rate_per_origin),
+                            max(s.peer_msgs_burst, members * s.burst_per_origin)),
+                TokenBucket(s.peer_bytes_per_second, s.peer_bytes_burst),
+            )  # fmt: skip
+        return budgets
+
+    def _drop_gossip(self, peer: str, reason: str, count: int) -> None:
+        self.dropped[(peer, reason)] += count
+        self.metrics.gossip_dropped.labels(reason).inc(count)
+        self.metrics.gossip_dropped_by_peer.labels(self.metrics.peer_label(peer)).inc(count)
+        self._penalise(peer, min(DEFAULT_FAULT_WEIGHT, FAULT_WEIGHTS[reason] * count))
+
+    async def _read_pubsub_stream(self, stream: Any) -> None:
+        """Replaces ``Pubsub.continuously_read_stream`` (py-libp2p 0.8.1) for this node.
+
+        The same steps as libp2p's loop (frame, parse, sender record, publish, subscriptions,
+        control), except: a frame that is not an RPC, a bad varint or an oversized frame raise
+        :class:`PeerFault` (libp2p lets ``DecodeError`` escape and kill the host); published
+        messages over the forwarding peer's budgets are dropped and counted *before* a task is
+        spawned per message; subscriptions to topics other than ours are ignored (peer state
+        stays bounded); peer exchange in PRUNE is stripped (we dial only members, with our own
+        back-off) and control handling has a deadline; a control message that makes the
+        router raise is a fault. libp2p's optional metrics events are not emitted (off here).
+        """
+        ps = self.pubsub
+        peer_id: ID = stream.muxed_conn.peer_id
+        key = str(peer_id)
+        try:
+            while ps.manager.is_running:
+                try:
+                    incoming = await read_varint_prefixed_bytes_limited(
+                        stream, ps.max_inbound_rpc_size
+                    )
+                except MessageTooLarge as exc:
+                    raise PeerFault("gossip", "oversized", str(exc)) from None
+                except ParseError as exc:
+                    raise PeerFault("gossip", "bad_varint", str(exc)) from None
+                rpc = rpc_pb2.RPC()
+                try:
+                    rpc.ParseFromString(incoming)
+                except DecodeError as exc:
+                    raise PeerFault(
+                        "gossip", "malformed_protobuf", f"{len(incoming)} bytes: {exc}"
+                    ) from None
+                if not maybe_consume_signed_record(rpc, ps.host, peer_id):
+                    continue  # as libp2p: an invalid sender record drops the whole RPC
+                if rpc.publish:
+                    self._accept_publish(peer_id, rpc, len(incoming))
+                if rpc.subscriptions and len(rpc.subscriptions) <= ps.max_subscriptions_per_rpc:
+                    for sub in rpc.subscriptions:
+                        if sub.topicid in self._kind_of:
+                            ps.handle_subscription(peer_id, sub)
+                if rpc.HasField("control"):
+                    for prune in rpc.control.prune:
+                        del prune.peers[:]
+                    try:
+                        with trio.fail_after(CONTROL_DEADLINE):
+                            await ps.router.handle_rpc(rpc, peer_id)
+                    except trio.TooSlowError:
+                        raise PeerFault("gossip", "control_error", "timed out") from None
+                    except CONNECTION_LOSS:
+                        raise
+                    except Exception as exc:
+                        raise PeerFault(
+                            "gossip", "control_error", f"{type(exc).__name__}: {exc}"
+                        ) from exc
+        except (IncompleteReadError, *CONNECTION_LOSS) as exc:
+            # the stream or connection ended (as libp2p: not a fault)
+            log.debug("pubsub stream from %s ended: %r", key, exc)
+
+    def _accept_publish(self, peer_id: ID, rpc: Any, size: int) -> None:
+        """Hand each subscribed message of ``rpc`` to pubsub, within the peer's budgets."""
+        ps = self.pubsub
+        wanted = [m for m in rpc.publish if ps._is_subscribed_to_msg(m)]
+        if not wanted:
+            return
+        key = str(peer_id)
+        msgs, nbytes = self._budgets(key)
+        now = trio.current_time()
+        if not nbytes.take(now, size):
+            self._drop_gossip(key, "budget_bytes", len(wanted))
+            return
+        over = 0
+        for msg in wanted:
+            if not msgs.take(now):
+                over += 1
+                continue
+            ps.manager.run_task(ps.push_msg, peer_id, msg)
+        if over:
+            self._drop_gossip(key, "budget_msgs", over)
+
+    async def _guarded_push_msg(self, msg_forwarder: ID, msg: Any) -> None:
+        """Pubsub's ``push_msg`` for messages from peers, made safe for any content.
+
+        A message whose origin is not a member is rejected by our validator *before* libp2p's
+        signature check: that check deserialises ``msg.key`` when the origin id does not embed
+        its key, and raises on garbage (in a pubsub task: the exception would stop pubsub).
+        Anything else that escapes libp2p's processing is a fault of the forwarder.
+        """
+        if msg_forwarder == self.peer_id:
+            await self._libp2p_push_msg(msg_forwarder, msg)  # our own: errors reach publish()
+            return
+        origin = str(ID(msg.from_id))
+        if origin not in self.member_peers:
+            if not self.pubsub.is_peer_blacklisted(msg_forwarder):
+                kind = next((self._kind_of[t] for t in msg.topicIDs if t in self._kind_of),
+                            TopicKind.ORDERS)  # fmt: skip
+                self.validator.validate(kind, origin, str(msg_forwarder), msg.data)
+            return
+        try:
+            await self._libp2p_push_msg(msg_forwarder, msg)
+        except Exception as exc:
+            self._on_stream_fault(msg_forwarder, "gossip", fault_reason(exc), exc)
+
+    async def _teardown_if_connected(self, peer_id: ID) -> None:
+        """Replaces ``Pubsub._teardown_if_connected`` (run when a peer is blacklisted).
+
+        libp2p's version resets the peer's stream and *then* deletes ``peers[peer_id]``; if
+        the peer disconnects meanwhile (we close a banned peer's connection at once) its
+        dead-peer handler has deleted the entry already and the ``KeyError`` stops pubsub.
+        """
+        ps = self.pubsub
+        stream = ps.peers.get(peer_id)
+        if stream is not None:
+            with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                await stream.reset()
+            ps.peers.pop(peer_id, None)  # libp2p: ``del``, which raises if it is gone already
+        ps._forget_all_subscriptions(peer_id)
+
     # -- gossip -------------------------------------------------------------------------
 
     def _make_validator(self, kind: TopicKind) -> Callable[[ID, Any], bool]:
@@ -603,7 +932,10 @@ class NetNode:
                 # our own publication: validated (and counted) in publish()
                 return _content_msg_id(msg) in self._own_ids
             origin = ID(msg.from_id)
-            return self.validator.validate(kind, str(origin), str(forwarder), msg.data).ok
+            seqno = int.from_bytes(msg.seqno[:8] or b"\x00", "big")
+            return self.validator.validate(
+                kind, str(origin), str(forwarder), msg.data, seqno=seqno
+            ).ok
 
         return validate
 

@@ -40,6 +40,36 @@ class NetMetrics:
             ["peer"],
             registry=r,
         )
+        self.gossip_penalised_by_peer = Counter(
+            "microgrid_gossip_penalised_by_peer",
+            "Rejected gossip messages by penalised culprit (author or forwarder)",
+            ["peer", "reason"],
+            registry=r,
+        )
+        self.gossip_dropped = Counter(
+            "microgrid_gossip_dropped",
+            "Inbound gossip dropped before validation (per-peer budgets)",
+            ["reason"],
+            registry=r,
+        )
+        self.gossip_dropped_by_peer = Counter(
+            "microgrid_gossip_dropped_by_peer",
+            "Inbound gossip dropped before validation, by forwarding peer",
+            ["peer"],
+            registry=r,
+        )
+        self.stream_faults = Counter(
+            "microgrid_net_stream_faults",
+            "Inbound streams reset because a peer's bytes broke the protocol",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.stream_faults_by_peer = Counter(
+            "microgrid_net_stream_faults_by_peer",
+            "Protocol faults by peer",
+            ["peer", "protocol"],
+            registry=r,
+        )
         self.peers_refused = Counter(
             "microgrid_net_peers_refused", "Connections refused", ["reason"], registry=r
         )

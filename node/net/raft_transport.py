@@ -9,7 +9,10 @@ frame, counts the error and reopens the stream after a short back-off.
 
 Inbound, a frame is accepted only if the authenticated remote peer *is* ``message.frm`` (Raft
 node ids are household DIDs, and the DID and the peer id are the same Ed25519 key) and
-``message.to`` is this node; otherwise the frame is counted and the stream reset.
+``message.to`` is this node; otherwise the frame is counted and the stream reset. A frame that
+breaks the protocol (bad varint, oversized, cut short or not completed within
+``write_timeout``, undecodable, forged sender) also raises :class:`~node.net.validator.PeerFault`
+from the handler, for the host's stream guard to count against the peer and penalise.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from typing import Any, Protocol
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.identity import IdentityError
 from node.identity import did_from_peer_id, peer_id_from_did
 from node.net.metrics import NetMetrics
-from node.net.wire import MAX_RAFT_FRAME, RAFT_PROTOCOL, frame
+from node.net.validator import PeerFault
+from node.net.wire import MAX_RAFT_FRAME, RAFT_PROTOCOL, WireError, frame, read_uvarint
 
 log = logging.getLogger("microgrid.net.raft")
 
@@ -199,7 +202,13 @@ class RaftTransport:
         self.metrics.raft_dropped.labels(reason).inc()
 
     async def _handle_stream(self, stream: Any) -> None:
-        """Inbound stream: read frames until EOF; check each sender; hand over."""
+        """Inbound stream: read frames until EOF; check each sender; hand over.
+
+        A peer's protocol violation (bad varint, oversized or incomplete frame, undecodable
+        message, forged sender) resets the stream and raises :class:`PeerFault`, which the
+        host's stream guard (``node.net.host.install_stream_guard``) counts and penalises; the
+        stream or connection going away is only counted here.
+        """
         remote: ID = stream.muxed_conn.peer_id
         try:
             remote_did = did_from_peer_id(remote)
@@ -211,36 +220,74 @@ class RaftTransport:
             self._reject("not_member")
             await _reset(stream)
             return
+        while True:
+            try:
+                data = await self._read_frame(stream)
+            except PeerFault:
+                self._reject("malformed")
+                await _reset(stream)
+                raise
+            except Exception as exc:
+                # EOF/reset when the peer goes away: expected, but counted
+                self._stream_error("read", remote_did, exc)
+                await _reset(stream)
+                return
+            if data is None:
+                await _reset(stream)
+                return
+            try:
+                msg = self.decode(data)
+            except Exception as exc:
+                self._reject("malformed")
+                await _reset(stream)
+                raise PeerFault("raft", "malformed", f"{type(exc).__name__}: {exc}") from None
+            if msg.frm != remote_did or msg.to != self.local_did:
+                self._reject("sender_mismatch")
+                await _reset(stream)
+                raise PeerFault(
+                    "raft", "sender_mismatch",
+                    f"frame claims frm={msg.frm[:24]} to={msg.to[:24]}, came from "
+                    f"{remote_did[:24]}",
+                )  # fmt: skip
+            self.received += 1
+            self.metrics.raft_received.inc()
+            self.on_message(msg)
+
+    async def _read_frame(self, stream: Any) -> bytes | None:
+        """One varint-prefixed frame; None at a clean EOF between frames.
+
+        No deadline on the wait for a frame's first byte (the stream lives as long as the
+        connection; this task is cancelled with the host); the rest of an announced frame must
+        arrive within ``write_timeout``. Raises :class:`PeerFault` for a bad varint, a frame
+        over ``MAX_RAFT_FRAME`` or one cut short.
+        """
+        first = await stream.read(1)
+        if not first:
+            return None
+        prefix = bytearray(first)
         try:
-            while True:
-                # No deadline on the wait for the next frame: the stream lives as long as the
-                # connection and this task is cancelled with the host; a frame's body, once
-                # announced, must arrive within write_timeout.
-                data = await read_varint_prefixed_bytes_limited(stream, MAX_RAFT_FRAME)
-                try:
-                    msg = self.decode(data)
-                except Exception as exc:
-                    self._reject("malformed")
-                    log.info("malformed raft frame from %s: %s", remote, exc)
-                    await _reset(stream)
-                    return
-                if msg.frm != remote_did or msg.to != self.local_did:
-                    self._reject("sender_mismatch")
-                    log.warning(
-                        "raft frame claims frm=%s to=%s but came from %s", msg.frm[:24],
-                        msg.to[:24], remote_did[:24],
-                    )
-                    await _reset(stream)
-                    return
-                self.received += 1
-                self.metrics.raft_received.inc()
-                self.on_message(msg)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            # EOF/reset when the peer goes away: expected, but counted
-            self._stream_error("read", remote_did, exc)
-            await _reset(stream)
+            with trio.fail_after(self.write_timeout):
+                while prefix[-1] & 0x80:
+                    if len(prefix) >= 10:
+                        raise PeerFault("raft", "bad_varint", "length prefix over 10 bytes")
+                    more = await stream.read(1)
+                    if not more:
+                        raise PeerFault("raft", "truncated", "EOF inside a length prefix")
+                    prefix += more
+                length, _ = read_uvarint(bytes(prefix), 0)
+                if length > MAX_RAFT_FRAME:
+                    raise PeerFault("raft", "oversized", f"frame of {length} bytes announced")
+                body = bytearray()
+                while len(body) < length:
+                    chunk = await stream.read(length - len(body))
+                    if not chunk:
+                        raise PeerFault("raft", "truncated", f"EOF after {len(body)}/{length}")
+                    body += chunk
+        except trio.TooSlowError:
+            raise PeerFault("raft", "truncated", "frame not completed in time") from None
+        except WireError as exc:
+            raise PeerFault("raft", "bad_varint", exc.detail) from None
+        return bytes(body)
 
 
 async def _reset(stream: Any) -> None:

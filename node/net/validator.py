@@ -1,24 +1,54 @@
-"""Gossip validation, counting and sender penalties (no libp2p here: pure and unit-testable).
+"""Gossip validation, counting and penalties by culprit (no libp2p here: pure and unit-testable).
 
 gossipsub calls the topic validator before a message is delivered locally or forwarded; a
-rejected message goes nowhere. :class:`GossipValidator` checks, in this order (the first failure
-is the reason counted):
+rejected message goes nowhere. libp2p has already checked the message signature of the origin
+(``msg.from_id``, strict signing), so the origin of every message reaching us is authenticated:
+only the origin can produce a message with new content under its id. :class:`GossipValidator`
+checks, in this order (the first failure is the reason counted):
 
-1. ``non_member_peer``: the origin peer (``msg.from_id``, authenticated by libp2p's message
-   signature) or the forwarding peer is not a member household;
-2. ``rate_limited``: the origin exceeds its token bucket (messages per second, burst);
-3. ``oversized`` / ``malformed`` / ``wrong_topic``: strict batch decoding (:mod:`node.net.wire`);
-4. per record: ``wrong_grid``; ``not_member`` (author not in the genesis); ``author_mismatch``
+1. ``non_member_peer``: the origin or the forwarding peer is not a member household;
+2. ``oversized`` / ``malformed`` / ``wrong_topic``: strict batch decoding (:mod:`node.net.wire`);
+3. per record: ``wrong_grid``; ``not_member`` (author not in the genesis); ``author_mismatch``
    (author is not the origin peer: a household gossips only its own records, which ties the
-   record's signature to the authenticated sender); ``bad_signature``; ``replayed`` (nonce seen
-   before or below the author's window, also within the batch); then the node's slot policy
-   (e.g. ``slot_closed``).
+   record's signature to the authenticated sender); ``bad_signature``; ``equivocation`` (the
+   author signed a *different* record with a nonce it already used); ``replayed`` (the same
+   record again, or a nonce below the author's window, also within the batch); then the node's
+   slot policy (``slot_closed``, ``slot_not_open``, ``slot_too_far``);
+4. ``rate_limited``: the origin exceeds its token bucket (messages per second, burst). Checked
+   last, so only fresh records the author signed draw on its bucket: re-sent old messages of a
+   household cannot drain it.
 
 A batch is accepted or rejected as a whole; nonces are consumed only when it is accepted.
-Every rejection is counted per reason and per forwarding peer, and adds a weighted penalty to
-the forwarder (honest nodes never forward an invalid message, so the forwarder is the culprit).
-A forwarder whose penalty crosses the threshold is banned for a while (the node disconnects and
-blacklists it).
+
+**Culprits.** Every rejection is counted per reason and per forwarding peer, and adds the
+reason's weight (:data:`REASON_WEIGHTS`) to the *culprit* (:data:`REASON_CULPRIT`):
+
+========================  ==========  ====================================================
+reason                    culprit     why
+========================  ==========  ====================================================
+non_member_peer           forwarder   an honest forwarder checks membership first
+oversized, malformed,     forwarder   deterministic checks of the bytes: an honest
+wrong_topic, wrong_grid,              forwarder runs the same validator before forwarding
+not_member,                           and never forwards such a message
+author_mismatch,
+bad_signature
+equivocation              author      two different records with one nonce, both signed by
+                                      the author: proof, whoever relayed them (each copy was
+                                      valid where it was first accepted)
+replayed, rate_limited,   author (*)  the author's signed content or sending rate; an
+slot_closed,                          honest forwarder may have accepted the message
+slot_not_open,                        earlier (its nonce window, bucket and clock differ)
+slot_too_far
+========================  ==========  ====================================================
+
+(*) only when the author provably sent this message now: it came straight from the author
+(forwarder = origin), or its pubsub seqno is above every seqno this node has seen from that
+origin (a household's seqno counter only grows; the seqno is covered by the origin's
+signature). Otherwise it may be an old message of the author re-sent by someone else: it is
+rejected and counted, and nobody is penalised. The author's neighbours receive its messages
+first-hand, so a misbehaving author is still penalised where it is connected. The local node is
+never penalised (its own publications are validated too). A culprit whose points cross the
+threshold is banned for a while (the host disconnects and blacklists it).
 """
 
 from __future__ import annotations
@@ -26,7 +56,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from market.errors import Rejection
 from market.models import SignedRecord
@@ -43,6 +73,7 @@ REASON_WEIGHTS: dict[str, float] = {
     "not_member": 5.0,
     "author_mismatch": 5.0,
     "bad_signature": 10.0,
+    "equivocation": 10.0,
     # an honest node can race gate closure or re-send after a restart: light penalties
     "replayed": 1.0,
     "slot_closed": 0.5,
@@ -50,6 +81,37 @@ REASON_WEIGHTS: dict[str, float] = {
     "slot_too_far": 2.0,
 }
 """Penalty points per rejection reason."""
+
+FORWARDER, AUTHOR = "forwarder", "author"
+REASON_CULPRIT: dict[str, str] = {
+    "non_member_peer": FORWARDER,
+    "oversized": FORWARDER,
+    "malformed": FORWARDER,
+    "wrong_topic": FORWARDER,
+    "wrong_grid": FORWARDER,
+    "not_member": FORWARDER,
+    "author_mismatch": FORWARDER,
+    "bad_signature": FORWARDER,
+    "equivocation": AUTHOR,
+    "replayed": AUTHOR,
+    "rate_limited": AUTHOR,
+    "slot_closed": AUTHOR,
+    "slot_not_open": AUTHOR,
+    "slot_too_far": AUTHOR,
+}
+"""Who is penalised for each rejection reason (the module docstring has the table); reasons
+not listed (e.g. a slot policy's own) are the author's."""
+
+
+class PeerFault(Exception):
+    """A peer's bytes broke a protocol; raised by our stream handlers after they reset the
+    stream, so the host counts ``reason`` for the peer under ``protocol`` and penalises it."""
+
+    def __init__(self, protocol: str, reason: str, detail: str = "") -> None:
+        super().__init__(f"{protocol}: {reason}: {detail}" if detail else f"{protocol}: {reason}")
+        self.protocol = protocol
+        self.reason = reason
+        self.detail = detail
 
 SlotPolicy = Callable[[SignedRecord], str | None]
 """The node's time check for a record: None if acceptable, else a rejection reason."""
@@ -64,14 +126,14 @@ class TokenBucket:
     tokens: float = -1.0
     stamp: float = 0.0
 
-    def take(self, now: float) -> bool:
-        """Take one token at time ``now``; False if the bucket is empty."""
+    def take(self, now: float, amount: float = 1.0) -> bool:
+        """Take ``amount`` tokens at time ``now``; False (taking none) if there are fewer."""
         if self.tokens < 0:
             self.tokens, self.stamp = self.burst, now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= amount:
+            self.tokens -= amount
             return True
         return False
 
@@ -138,14 +200,17 @@ class Verdict:
     reason: str = ""
     detail: str = ""
     records: tuple[SignedRecord, ...] = ()
+    culprit: str = ""
+    """The peer penalised for a rejection ("" if nobody: see the module docstring)."""
 
 
 class GossipValidator:
     """Validates gossip batches of one grid against its member list.
 
     ``members`` maps a member's peer id *string* (base58) to its DID. ``slot_policy`` is the
-    node's clock-dependent check. ``on_reject(reason, forwarder)`` and ``on_ban(forwarder)`` are
-    hooks for metrics and for the host (disconnect and blacklist).
+    node's clock-dependent check. ``on_reject(reason, forwarder, culprit)`` and
+    ``on_ban(peer)`` are hooks for metrics and for the host (disconnect and blacklist);
+    ``local_peer`` (this node) is never penalised.
     """
 
     def __init__(
@@ -159,8 +224,9 @@ class GossipValidator:
         burst_per_origin: float = 100.0,
         penalties: PenaltyBox | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_reject: Callable[[str, str], None] | None = None,
+        on_reject: Callable[[str, str, str], None] | None = None,
         on_ban: Callable[[str], None] | None = None,
+        local_peer: str | None = None,
     ) -> None:
         self.grid = grid
         self.members = dict(members)
@@ -173,32 +239,78 @@ class GossipValidator:
         self.clock = clock
         self.on_reject = on_reject
         self.on_ban = on_ban
+        self.local_peer = local_peer
         self.nonces: dict[str, NonceWindow] = {}
+        self.signatures: dict[str, dict[int, str]] = {}
+        """Per author: the signature of the record accepted under each recent nonce (Ed25519
+        signatures are deterministic, so a different signature means different content)."""
+        self.seqnos: dict[str, int] = {}
+        """Per origin: the highest pubsub seqno seen in a message reaching the validator."""
         self.buckets: dict[str, TokenBucket] = {}
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.rejected_by_peer: Counter[tuple[str, str]] = Counter()
+        """(forwarder, reason) -> count."""
+        self.penalised: Counter[tuple[str, str]] = Counter()
+        """(culprit, reason) -> count."""
+        self.unattributed: Counter[str] = Counter()
+        """Rejections that penalised nobody (possibly re-sent by a third party), by reason."""
 
-    def validate(self, kind: TopicKind, origin: str, forwarder: str, data: bytes) -> Verdict:
-        """Check one message; ``origin``/``forwarder`` are peer id strings.
+    def validate(
+        self, kind: TopicKind, origin: str, forwarder: str, data: bytes, seqno: int | None = None
+    ) -> Verdict:
+        """Check one message; ``origin``/``forwarder`` are peer id strings, ``seqno`` the
+        message's pubsub seqno (None: the caller vouches the message is new from ``origin``).
 
         Never raises on bad input. Records the outcome (counters, nonces, penalties).
         """
-        verdict = self._check(kind, origin, forwarder, data)
+        try:
+            verdict = self._check(kind, origin, forwarder, data)
+        except Exception as exc:  # a record model raising on odd input must not escape
+            verdict = Verdict(False, "malformed", f"{type(exc).__name__}: {exc}")
+        newest = self.seqnos.get(origin)
+        fresh = seqno is None or newest is None or seqno > newest
+        if seqno is not None and origin in self.members and (newest is None or seqno > newest):
+            self.seqnos[origin] = seqno
         if verdict.ok:
             for record in verdict.records:
                 window = self.nonces.setdefault(record.author, NonceWindow())
                 window.consume(record.nonce, self.nonce_window)
+                self._remember_signature(record)
             self.accepted += 1
             return verdict
+        culprit = self._culprit(verdict.reason, origin, forwarder, fresh)
+        verdict = replace(verdict, culprit=culprit)
         self.rejected[verdict.reason] += 1
         self.rejected_by_peer[(forwarder, verdict.reason)] += 1
         if self.on_reject is not None:
-            self.on_reject(verdict.reason, forwarder)
+            self.on_reject(verdict.reason, forwarder, culprit)
+        if not culprit:
+            self.unattributed[verdict.reason] += 1
+            return verdict
+        self.penalised[(culprit, verdict.reason)] += 1
         weight = REASON_WEIGHTS.get(verdict.reason, 5.0)
-        if self.penalties.add(forwarder, weight) and self.on_ban is not None:
-            self.on_ban(forwarder)
+        if self.penalties.add(culprit, weight) and self.on_ban is not None:
+            self.on_ban(culprit)
         return verdict
+
+    def _culprit(self, reason: str, origin: str, forwarder: str, fresh: bool) -> str:
+        """The peer to penalise for ``reason`` ("" for nobody): see the module docstring."""
+        if REASON_CULPRIT.get(reason, AUTHOR) == FORWARDER:
+            culprit = forwarder
+        elif reason == "equivocation" or forwarder == origin or fresh:
+            culprit = origin
+        else:
+            culprit = ""
+        return "" if culprit == self.local_peer else culprit
+
+    def _remember_signature(self, record: SignedRecord) -> None:
+        seen = self.signatures.setdefault(record.author, {})
+        seen[record.nonce] = record.signature
+        if len(seen) > 2 * self.nonce_window:
+            floor = max(seen) - self.nonce_window
+            for nonce in [n for n in seen if n <= floor]:
+                del seen[nonce]
 
     def _check(self, kind: TopicKind, origin: str, forwarder: str, data: bytes) -> Verdict:
         origin_did = self.members.get(origin)
@@ -206,16 +318,11 @@ class GossipValidator:
             return Verdict(False, "non_member_peer", f"origin {origin} is not a member")
         if forwarder not in self.members:
             return Verdict(False, "non_member_peer", f"forwarder {forwarder} is not a member")
-        bucket = self.buckets.get(origin)
-        if bucket is None:
-            bucket = self.buckets[origin] = TokenBucket(self.rate_per_origin, self.burst_per_origin)
-        if not bucket.take(self.clock()):
-            return Verdict(False, "rate_limited", f"origin {origin} exceeds its message rate")
         try:
             records = decode_batch(data, kind)
         except WireError as exc:
             return Verdict(False, exc.reason, exc.detail)
-        seen: set[tuple[str, int]] = set()
+        seen: dict[tuple[str, int], str] = {}
         for i, record in enumerate(records):
             author = record.author
             if record.grid != self.grid:
@@ -229,14 +336,24 @@ class GossipValidator:
             if not record.verify(author):
                 return Verdict(False, "bad_signature", f"record {i} signature does not verify")
             key = (author, record.nonce)
+            earlier = seen.get(key, self.signatures.get(author, {}).get(record.nonce))
+            if earlier is not None and earlier != record.signature:
+                return Verdict(
+                    False, "equivocation", f"record {i}: nonce {record.nonce} signed twice"
+                )
             window = self.nonces.get(author)
             if key in seen or not _fresh(window, record.nonce, self.nonce_window):
                 return Verdict(False, "replayed", f"record {i} nonce {record.nonce} replayed")
-            seen.add(key)
+            seen[key] = record.signature
             if self.slot_policy is not None:
                 reason = self.slot_policy(record)
                 if reason is not None:
                     return Verdict(False, reason, f"record {i} refused by slot policy")
+        bucket = self.buckets.get(origin)
+        if bucket is None:
+            bucket = self.buckets[origin] = TokenBucket(self.rate_per_origin, self.burst_per_origin)
+        if not bucket.take(self.clock()):
+            return Verdict(False, "rate_limited", f"origin {origin} exceeds its message rate")
         return Verdict(True, records=tuple(records))
 
 

@@ -94,6 +94,8 @@ def read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             if b == 0 and pos - start > 1:
                 raise WireError("malformed", "non-minimal varint")
+            if value >= 1 << 64:
+                raise WireError("malformed", "varint longer than 64 bits")
             return value, pos
         shift += 7
         if shift > 63:

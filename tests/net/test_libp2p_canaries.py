@@ -172,3 +172,104 @@ def test_gossipsub_has_no_flood_publish() -> None:
         "floodsub", ""
     ), "gossipsub publish peer selection changed: see NetNode._flood_own_publications"
     assert not hasattr(GossipSub, "flood_publish")
+
+
+async def test_pubsub_stream_handler_lets_decode_errors_kill_the_host() -> None:
+    """A frame that is not an RPC on /meshsub/1.1.0: libp2p's pubsub stream handler does not
+    catch ``DecodeError`` and it fails the swarm service, i.e. the host (we replace the read
+    loop and guard every stream handler: ``install_stream_guard``, ``_read_pubsub_stream``)."""
+    from google.protobuf.message import DecodeError
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import PeerInfo
+    from libp2p.tools.anyio_service import background_trio_service
+
+    kps = [create_new_key_pair(bytes([0x70 + i]) * 32) for i in range(2)]
+    hosts = [new_host(key_pair=kp) for kp in kps]
+    listen = [__import__("multiaddr").Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    victim_error: list[BaseException] = []
+
+    async def victim(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ps = Pubsub(hosts[1], _gossipsub())
+        try:
+            async with hosts[1].run(listen_addrs=listen), background_trio_service(ps), \
+                    background_trio_service(ps.router):  # fmt: skip
+                task_status.started()
+                await trio.sleep_forever()
+        except BaseException as exc:
+            if isinstance(exc, trio.Cancelled):
+                raise
+            victim_error.append(exc)  # the point of the canary
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(victim)
+            async with hosts[0].run(listen_addrs=listen):
+                await hosts[0].connect(PeerInfo(hosts[1].get_id(), hosts[1].get_addrs()))
+                stream = await hosts[0].new_stream(hosts[1].get_id(), [TProtocol("/meshsub/1.1.0")])
+                await stream.write(b"\x0a" + b"\xff" * 10)
+                while not victim_error:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+    leaves: list[BaseException] = []
+    todo = list(victim_error)
+    while todo:
+        exc = todo.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            todo.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    assert any(isinstance(e, DecodeError) for e in leaves), (
+        "py-libp2p's pubsub stream handler no longer lets DecodeError kill the host: "
+        f"revisit NetNode._read_pubsub_stream / install_stream_guard ({victim_error!r})"
+    )
+
+
+def test_pubsub_read_loop_is_the_one_we_replaced() -> None:
+    """``NetNode._read_pubsub_stream`` mirrors libp2p 0.8.1's loop: if libp2p changed it,
+    port the change (or drop our copy if libp2p now contains faults and budgets)."""
+    import hashlib
+
+    source = inspect.getsource(net_host.LIBP2P_READ_PUBSUB_STREAM)
+    assert hashlib.sha256(source.encode()).hexdigest() == (
+        "ac0c4ad87ca39288d70fcc5a58a842613bc8c47f32c171995a5775bc83fa4430"
+    ), "Pubsub.continuously_read_stream changed: review NetNode._read_pubsub_stream"
+    handler = inspect.getsource(Pubsub.stream_handler)
+    assert "self.continuously_read_stream(stream)" in handler, "stream_handler changed"
+    assert "DecodeError" not in handler and "except Exception" not in handler
+
+
+def test_signature_check_raises_on_a_garbage_key() -> None:
+    """libp2p's pubsub signature check deserialises ``msg.key`` when the origin id embeds no
+    key and re-raises its error: inside ``push_msg`` (a pubsub task) that stops pubsub. We
+    refuse non-member origins first (``NetNode._guarded_push_msg``)."""
+    from libp2p.pubsub.validators import signature_validator
+
+    msg = rpc_pb2.Message(from_id=b"\x12\x20" + b"\x01" * 32, data=b"x", seqno=b"\x00" * 8,
+                          topicIDs=["t"], key=b"\xff\xff\xff", signature=b"x")  # fmt: skip
+    with pytest.raises(Exception):  # noqa: B017 - whatever it raises, it must not return
+        signature_validator(msg)
+
+
+async def test_blacklist_teardown_races_the_dead_peer_handler() -> None:
+    """libp2p's ``_teardown_if_connected`` deletes ``peers[peer]`` after awaiting the stream
+    reset; a disconnect in between (we close a banned peer at once) makes it raise KeyError
+    in a pubsub task (we replace it per node: ``NetNode._teardown_if_connected``)."""
+    ps = Pubsub(new_host(key_pair=create_new_key_pair(b"h" * 32)), _gossipsub())
+    peer = ID.from_pubkey(create_new_key_pair(b"i" * 32).public_key)
+
+    class Stream:
+        async def reset(self) -> None:
+            await trio.sleep(0)
+            del ps.peers[peer]  # the dead-peer handler ran meanwhile
+
+    ps.peers[peer] = Stream()  # type: ignore[assignment]
+    with pytest.raises(KeyError):
+        await net_host.LIBP2P_TEARDOWN_IF_CONNECTED(ps, peer)
+
+
+def test_prune_peer_exchange_dials_without_deadline() -> None:
+    """gossipsub dials peers named in a PRUNE's peer exchange, inline in the RPC read loop
+    and without a deadline (we strip PX: members only, our own dialling)."""
+    source = inspect.getsource(GossipSub.handle_prune)
+    assert "await self._do_px(px_peers)" in source, "PRUNE peer exchange changed"
+    assert "host.connect(" in inspect.getsource(GossipSub._do_px)

@@ -11,6 +11,7 @@ import trio
 from node.identity import NodeIdentity
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import RaftTransport, RaftTransportError
+from node.net.validator import PeerFault
 from node.net.wire import encode_uvarint
 from node.raft import Message, MessageType, decode_message, encode_message
 
@@ -97,8 +98,9 @@ async def test_round_trip_and_sender_check() -> None:
         stream = FakeStream(A.peer_id, trio.open_memory_channel[bytes](10)[0], recv)
         forged = encode_message(hb(C.did, B.did, 9))
         await send.send(encode_uvarint(len(forged)) + forged)
-        with trio.fail_after(5):
-            await tb._handle_stream(stream)
+        with trio.fail_after(5), pytest.raises(PeerFault) as fault:
+            await tb._handle_stream(stream)  # reported to the host's stream guard
+        assert fault.value.protocol == "raft" and fault.value.reason == "sender_mismatch"
         assert tb.rejected == {"sender_mismatch": 1} and stream.was_reset
         assert len(got) == 3
         nursery.cancel_scope.cancel()

@@ -156,3 +156,48 @@ def test_default_slot_policy_bounds_orders_by_gate_and_horizon_and_readings_by_s
     assert policy(reading) == "slot_not_open"
     now[0] = float(schedule.end(1000))
     assert policy(reading) is None
+
+
+def test_culprits_author_for_signed_content_forwarder_for_checkable_bytes() -> None:
+    """Equivocation and replays are the author's (if it provably sent the message now);
+    malformed bytes and bad signatures are the forwarder's; we never penalise ourselves."""
+    v = validator(local_peer="me")
+    a, b = str(A.peer_id), str(B.peer_id)
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)]), seqno=10).ok
+    # same nonce, different content, relayed by honest b: the author a is penalised
+    eq = v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1, price=11)]), seqno=11)
+    assert eq.reason == "equivocation" and eq.culprit == a
+    # same nonce inside one batch with different content: equivocation too
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(2), order(2, price=12)]),
+                      seqno=12).reason == "equivocation"  # fmt: skip
+    # a replay in a message newer than any seen from a: the author
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)], 5), seqno=13).culprit == a
+    # an old message of a (seqno not above the newest) relayed by b: nobody is penalised
+    old = v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)], 6), seqno=3)
+    assert old.reason == "replayed" and old.culprit == "" and v.unattributed["replayed"] == 1
+    # ...unless it came straight from the author
+    assert v.validate(TopicKind.ORDERS, a, a, encode_batch([order(1)], 7), seqno=3).culprit == a
+    # checkable bytes: the forwarder
+    assert v.validate(TopicKind.ORDERS, a, b, b"\x01junk", seqno=20).culprit == b
+    bad = encode_batch([order(9, signer=OUT, household=A.did)])
+    assert v.validate(TopicKind.ORDERS, a, b, bad, seqno=21).culprit == b
+    assert not any(c == b for c, r in v.penalised if r in ("equivocation", "replayed"))
+    # our own publications are never penalised
+    local = validator(local_peer=a)
+    assert local.validate(TopicKind.ORDERS, a, a, b"\x01junk").culprit == ""
+    assert local.penalties.score(a) == 0
+
+
+def test_rate_limit_is_checked_after_the_records_so_replays_cannot_drain_it() -> None:
+    now = [0.0]
+    v = GossipValidator("g", MEMBERS, rate_per_origin=1, burst_per_origin=1,
+                        clock=lambda: now[0])  # fmt: skip
+    a, b = str(A.peer_id), str(B.peer_id)
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)]), seqno=1).ok
+    now[0] = 1.0
+    for i in range(5):  # old messages re-sent by b: replayed, the bucket untouched
+        assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(1)], i + 1),
+                          seqno=1).reason == "replayed"  # fmt: skip
+    assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(2)]), seqno=2).ok
+    over = v.validate(TopicKind.ORDERS, a, b, encode_batch([order(3)]), seqno=3)
+    assert over.reason == "rate_limited" and over.culprit == a
