@@ -211,16 +211,19 @@ def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: s
     )
 
 
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    """GET ``url`` and decode its JSON (raises OSError/ValueError)."""
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def get_json(url: str, timeout: float = 2.0, token: str | None = None) -> Any:
+    """GET ``url`` (with the bearer ``token``, if given) and decode its JSON (raises
+    OSError/ValueError)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as resp:  # fmt: skip
         return json.load(resp)
 
 
-async def fetch(url: str, timeout: float = 2.0) -> Any | None:
-    """:func:`get_json` off the trio thread; None when the node does not answer."""
+async def fetch(url: str, timeout: float = 2.0, token: str | None = None) -> Any | None:
+    """:func:`get_json` off the trio thread; None when the node does not answer (or refuses)."""
     try:
-        return await trio.to_thread.run_sync(get_json, url, timeout)
+        return await trio.to_thread.run_sync(get_json, url, timeout, token)
     except (OSError, ValueError, urllib.error.URLError):
         return None
 

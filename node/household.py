@@ -28,7 +28,8 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -36,9 +37,11 @@ from sqlalchemy import func, select
 
 from dashboard.data import load_clearings, load_settlement_sums
 from market import CancelOrder, MeterReading, Order, RejectReason, Side
-from market.events import Event, GateClosed, Rejected, SlotSettled
+from market.bounds import MAX_SLOT
+from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
 from market.ledger import household_account
 from market.models import MemberRegistration, SignedRecord
+from market.state import State
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.api import Api, ApiError, Request
@@ -78,6 +81,27 @@ SLOTS_PAGE = 500
 
 class NodeError(RuntimeError):
     """The node cannot start (not a member, no meter, inconsistent data); says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What the API and the metrics read of the engine, published whole by the thread that
+    applies entries after each entry that changed something: readers on other threads never see
+    the engine's dicts half-updated (that thread mutates :class:`~market.state.State` in place)."""
+
+    state: State
+    """The engine state object it was taken from (identity only: never read from here)."""
+    closed_through: int | None
+    settled_through: int | None
+    height: int
+    head_hash: str
+    own_manual_slots: frozenset[int]
+    """Open slots whose book holds this household's manual order (nonce ``slot*4+3``)."""
+
+    def ledger(self) -> dict[str, Any]:
+        """The status document's ``ledger`` section."""
+        return {"height": self.height, "head_hash": self.head_hash,
+                "closed_through": self.closed_through, "settled_through": self.settled_through}
 
 
 def open_replica(
@@ -198,6 +222,7 @@ class HouseholdNode:
             config.strategy,
             meter_time_scale=scale,
         )
+        self._engine = self._take_snapshot(self.replica.state, rescan=True)
         self.api = Api(config.api_token)
         self._register_routes()
         self.api_port: int | None = None
@@ -297,6 +322,7 @@ class HouseholdNode:
                     "event": "settled", "slot": event.slot, "index": index,
                     "height": event.block.height, "readings": len(event.readings),
                     "hash": event.block.hash})  # fmt: skip
+        self._publish_engine(events)
 
     def _slot_time(self, slot: int, what: str) -> None:
         self.slot_times.setdefault(slot, {})[what] = self.wall_clock()
@@ -468,9 +494,60 @@ class HouseholdNode:
         return {**dict(self.counters), **dict(self.applied_counters)}
 
     # -- the local API ------------------------------------------------------------------------
+    #
+    # Handlers that read the ledger database run in the API's worker threads (``blocking``), so
+    # no client can hold up the trio loop that ticks Raft; what they need of the engine comes
+    # from the published EngineSnapshot, never from the live state the apply thread mutates.
+    # Rows of other households (orders, trades, balances) need the bearer token; /status,
+    # /slots (per-slot totals) and the ``household=me`` views are open.
 
-    def status(self) -> dict[str, Any]:
-        """The ``/status`` document."""
+    def _take_snapshot(self, state: State, events: Sequence[Event] = (), *, rescan: bool = False
+                       ) -> EngineSnapshot:  # fmt: skip
+        """A snapshot of ``state``: call only where ``state`` cannot change meanwhile (on the
+        apply thread, or before the node runs). ``rescan`` reads the own manual orders from the
+        books; otherwise they are carried forward from the last snapshot plus ``events``."""
+        me, nonce = self.identity.did, self.trader.nonce
+        if rescan:
+            manual = {slot for slot, book in state.books.items() for o in book.values()
+                      if o.household == me and o.nonce == nonce(slot, NONCE_MANUAL)}  # fmt: skip
+        else:
+            manual = set(self._engine.own_manual_slots)
+            manual.update(e.order.slot for e in events if isinstance(e, OrderAccepted)
+                          and e.order.household == me
+                          and e.order.nonce == nonce(e.order.slot, NONCE_MANUAL))  # fmt: skip
+        closed = state.closed_through
+        if closed is not None:
+            manual = {slot for slot in manual if slot > closed}
+        return EngineSnapshot(state, closed, state.settled_through, state.height,
+                              state.head_hash, frozenset(manual))  # fmt: skip
+
+    def _publish_engine(self, events: Sequence[Event]) -> None:
+        """Publish a new :class:`EngineSnapshot` (apply thread, after an entry's events). A
+        state object other than the last one's (an installed Raft snapshot) is read afresh."""
+        state = self.replica.state
+        self._engine = self._take_snapshot(state, events, rescan=state is not self._engine.state)
+
+    def engine_snapshot(self) -> EngineSnapshot:
+        """The engine as of the last applied entry that changed it; safe from any thread.
+
+        After an installed Raft snapshot and before the next entry is applied, the published
+        snapshot is of the old state: its scalar fields are then read from the new state (each
+        read is one attribute) and its manual orders are not known (the engine still refuses a
+        second one as a replayed nonce)."""
+        snap = self._engine
+        state = self.replica.state
+        if state is snap.state:
+            return snap
+        return EngineSnapshot(state, state.closed_through, state.settled_through, state.height,
+                              state.head_hash, frozenset())  # fmt: skip
+
+    def status(self, missing_blocks: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """The ``/status`` document (on the trio thread: it reads the Raft core).
+
+        ``missing_blocks``: the ledger's block-sync gaps, read from the database by the caller
+        in a worker thread (None: read here, blocking; for tests and tools)."""
+        if missing_blocks is None:
+            missing_blocks = missing_ranges(self.store)
         connected = {str(p) for p in self.net.connected_peers()}
         peers = {did: pid in connected for pid, did in self.net.member_peers.items()
                  if did != self.identity.did}  # fmt: skip
@@ -482,80 +559,103 @@ class HouseholdNode:
             last_reading=self.last_reading,
             last_reading_at=self.last_reading_at,
         )
+        doc["ledger"] = self.engine_snapshot().ledger()  # not the live state: one consistent view
         doc["membership"] = self.member.role.value
         doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
         doc["slot_seconds"] = self.schedule.slot_seconds
         doc["counters"] = self.all_counters()
-        # read live (one meta row): a snapshot may have opened a gap since the sync task looked
-        doc["block_sync"] = {"missing": [list(r) for r in missing_ranges(self.store)]}
-        doc["slot_times"] = [{"slot": slot, **times}
+        doc["block_sync"] = {"missing": [list(r) for r in missing_blocks]}
+        # the apply thread adds and drops slots: copy the dict, and each small dict, in one step
+        doc["slot_times"] = [{"slot": slot, **dict(times)}
                              for slot, times in sorted(dict(self.slot_times).items())]
         doc["meters"] = {
             name: {"ok": r.ok, "error": None if r.error is None else str(r.error),
                    "power_w": None if r.sample is None else r.sample.power_w}
             for name, r in self.last_poll.items()
         }  # fmt: skip
+        doc["network"] = self._network_faults()
+        doc["api"] = {"connections": self.api.connections,
+                      "responses": {str(k): v for k, v in sorted(self.api.requests.items())},
+                      "rejections": dict(sorted(self.api.rejections.items()))}  # fmt: skip
         return doc
+
+    def _network_faults(self) -> dict[str, Any]:
+        """What peers did wrong below gossip validation: protocol faults per protocol and
+        reason, gossip dropped by the per-peer budgets, peers banned now."""
+        faults: dict[str, int] = {}
+        for (_peer, protocol, reason), n in list(self.net.faults.items()):
+            key = f"{protocol} {reason}"
+            faults[key] = faults.get(key, 0) + n
+        dropped: dict[str, int] = {}
+        for (_peer, reason), n in list(self.net.dropped.items()):
+            dropped[reason] = dropped.get(reason, 0) + n
+        banned = sorted(self.net.member_peers.get(p, p)
+                        for p in list(self.net.penalties.banned_until))  # fmt: skip
+        return {"stream_faults": dict(sorted(faults.items())),
+                "gossip_dropped": dict(sorted(dropped.items())), "banned": banned}  # fmt: skip
 
     def _register_routes(self) -> None:
         api = self.api
-        api.route("GET", "/status")(lambda req: self.status())
-        api.route("GET", "/orders")(self._get_orders)
-        api.route("POST", "/orders")(self._post_order)
-        api.route("GET", "/trades")(self._get_trades)
-        api.route("GET", "/balances")(self._get_balances)
-        api.route("GET", "/slots")(self._get_slots)
+        mine = {"household": ("me",)}
+        api.route("GET", "/status", token=False, params=set())(self._get_status)
+        api.route("GET", "/orders", blocking=True, token=_others_rows,
+                  ints={"slot": (0, MAX_SLOT)}, choices=mine)(self._get_orders)  # fmt: skip
+        api.route("POST", "/orders", token=True, params=set())(self._post_order)
+        api.route("GET", "/trades", blocking=True, token=_others_rows,
+                  ints={"since": (0, MAX_SLOT)}, choices=mine)(self._get_trades)  # fmt: skip
+        api.route("GET", "/balances", blocking=True, token=_others_rows,
+                  choices=mine)(self._get_balances)  # fmt: skip
+        api.route("GET", "/slots", blocking=True, token=False,
+                  ints={"since": (0, MAX_SLOT)})(self._get_slots)  # fmt: skip
 
-    def _slot_query(self, req: Request, name: str = "slot") -> int | None:
-        value = req.query.get(name)
-        if value is None:
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise ApiError(400, f"{name} must be an integer, got {value!r}") from None
+    async def _get_status(self, req: Request) -> Any:
+        """``/status``: the database part in a worker thread, the rest on the trio thread."""
+        missing = await self.api.run_blocking(missing_ranges, self.store)
+        return self.status(missing)
 
     def _rows(self, query: Any) -> list[dict[str, Any]]:
         with self.store.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
     def _get_orders(self, req: Request) -> Any:
-        """Orders of one slot (default: the last cleared slot) from the ledger."""
+        """Orders of one slot (default: the last cleared slot) from the ledger (worker thread);
+        ``household=me`` filters."""
         c = t.orders.c
-        slot = self._slot_query(req)
+        slot = req.ints.get("slot")
         if slot is None:
-            slot = self.replica.state.closed_through
+            slot = self.engine_snapshot().closed_through
         q = select(t.orders).where(c.slot == slot).order_by(c.position)
-        if req.query.get("household") == "me":
+        if _only_mine(req):
             q = q.where(c.household == self.identity.did)
         return {"slot": slot, "orders": self._rows(q)}
 
     def _get_trades(self, req: Request) -> Any:
-        """Trades from slot ``since`` on (default: the last 96 slots); ``household=me`` filters."""
+        """Trades from slot ``since`` on (default: the last 96 slots); ``household=me`` filters
+        (worker thread)."""
         c = t.trades.c
-        since = self._slot_query(req, "since")
+        since = req.ints.get("since")
         if since is None:
-            since = (self.replica.state.closed_through or 0) - 95
+            since = max(0, (self.engine_snapshot().closed_through or 0) - 95)
         q = select(t.trades).where(c.slot >= since).order_by(c.slot, c.position).limit(5000)
-        if req.query.get("household") == "me":
+        if _only_mine(req):
             q = q.where((c.buyer == self.identity.did) | (c.seller == self.identity.did))
         return {"since": since, "trades": self._rows(q)}
 
     def _get_balances(self, req: Request) -> Any:
         """Every account's balance per asset (money in minor units, energy in Wh);
-        ``household=me`` gives only this household's account."""
+        ``household=me`` gives only this household's account (worker thread)."""
         c = t.balances.c
         q = select(t.balances).order_by(c.account, c.asset)
-        if req.query.get("household") == "me":
+        if _only_mine(req):
             q = q.where(c.account == household_account(self.identity.did))
         return {"balances": self._rows(q)}
 
     def _get_slots(self, req: Request) -> Any:
         """Per cleared slot: clearing price, local volume, grid import/export, block. At most
-        ``SLOTS_PAGE`` slots: from ``since`` on, or the newest ones."""
-        since = self._slot_query(req, "since")
+        ``SLOTS_PAGE`` slots: from ``since`` on, or the newest ones (worker thread)."""
+        since = req.ints.get("since")
         if since is None:
-            closed = self.replica.state.closed_through
+            closed = self.engine_snapshot().closed_through
             after, upto = (None if closed is None else closed - SLOTS_PAGE), None
         else:
             after, upto = since - 1, since - 1 + SLOTS_PAGE
@@ -586,14 +686,15 @@ class HouseholdNode:
         return {"blocks": int(count), "slots": out}
 
     def _post_order(self, req: Request) -> Any:
-        """Place a manual order ``{"side", "quantity_wh", "price", "slot"?}`` (signed here)."""
+        """Place a manual order ``{"side", "quantity_wh", "price", "slot"?}`` (signed here; on
+        the trio thread: it queues the order on a trio channel, and reads no database)."""
         body = req.json()
         if not isinstance(body, dict):
             raise ApiError(400, "expected a JSON object")
         try:
             side = Side(body["side"])
             qty, price = body["quantity_wh"], body["price"]
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
             raise ApiError(400, f"side (buy|sell), quantity_wh and price are required: {exc}"
                            ) from None  # fmt: skip
         slot = body.get("slot", self.schedule.open_slot(self.wall_clock()))
@@ -604,6 +705,8 @@ class HouseholdNode:
             raise ApiError(400, f"quantity_wh must be in 1..{market.max_order_wh}")
         if not market.feed_in_tariff <= price <= market.retail_price:
             raise ApiError(400, f"price must be in {market.feed_in_tariff}..{market.retail_price}")
+        if not 0 <= slot <= MAX_SLOT:
+            raise ApiError(400, f"slot must be in 0..{MAX_SLOT}")
         now = self.wall_clock()
         if now >= self.schedule.gate_time(slot):
             raise ApiError(409, f"the gate of slot {slot} has closed")
@@ -613,11 +716,9 @@ class HouseholdNode:
         if slot > last:
             raise ApiError(400, f"slot {slot} is too far ahead (orders go up to slot {last})")
         # One manual order per slot: its nonce is derived from the slot (node/trader.py), so a
-        # second one would be rejected as a replay after the API had accepted it.
-        if slot in self.trader.manual_slots or any(
-            o.household == self.identity.did and o.nonce == self.trader.nonce(slot, NONCE_MANUAL)
-            for o in self.replica.state.books.get(slot, {}).values()
-        ):
+        # second one would be rejected as a replay after the API had accepted it. Signed since
+        # this process started, or in the slot's book (the published engine snapshot).
+        if slot in self.trader.manual_slots or slot in self.engine_snapshot().own_manual_slots:
             raise ApiError(409, f"a manual order for slot {slot} is already placed (one per slot)")
         order = self.trader.sign_order(slot, side, qty, price)
         try:
@@ -627,3 +728,13 @@ class HouseholdNode:
         closed = self.schedule.last_due_gate(now)
         self.trader.manual_slots = {s for s in self.trader.manual_slots if s > closed} | {slot}
         return {"queued": order.id, "slot": slot}
+
+
+def _only_mine(req: Request) -> bool:
+    """``household=me`` (the only filter value: the route refuses another with 400)."""
+    return req.query.get("household") == "me"
+
+
+def _others_rows(req: Request) -> bool:
+    """The token rule of routes with per-household rows: needed unless ``household=me``."""
+    return req.query.get("household") != "me"

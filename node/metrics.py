@@ -15,11 +15,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from node.api import Api
     from node.household import HouseholdNode
 
 
 class NodeCollector(Collector):
-    """Raft role and indices, ledger height, proposer queues, and the node's event counters."""
+    """Raft role and indices, ledger height, proposer queues, the node's event counters and its
+    local API's counters."""
 
     def __init__(self, node: HouseholdNode) -> None:
         self.node = node
@@ -29,7 +31,7 @@ class NodeCollector(Collector):
         node = self.node
         st = node.raft.status()
         stats = node.driver.stats
-        state = node.replica.state
+        engine = node.engine_snapshot()  # not the live state the apply thread mutates
         g = GaugeMetricFamily
         yield g("microgrid_raft_term", "Current Raft term", value=st.term)
         yield g("microgrid_raft_is_leader", "1 if this node leads", value=int(st.role == "leader"))
@@ -46,9 +48,10 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("microgrid_raft_unsent",
                                   "Raft messages dropped before the network was up",
                                   value=node.raft_link.unsent)  # fmt: skip
-        yield g("microgrid_ledger_height", "Blocks in the ledger", value=state.height)
+        yield g("microgrid_ledger_height", "Blocks in the ledger", value=engine.height)
+        settled = engine.settled_through
         yield g("microgrid_ledger_settled_through", "Last settled slot",
-                value=state.settled_through if state.settled_through is not None else -1)
+                value=settled if settled is not None else -1)  # fmt: skip
         yield g("microgrid_proposer_pending", "Records waiting to be proposed",
                 value=len(node.proposer.pending))  # fmt: skip
         yield g("microgrid_proposer_in_flight", "Records proposed, not yet committed",
@@ -62,3 +65,24 @@ class NodeCollector(Collector):
         for kind, count in sorted(node.all_counters().items()):
             events.add_metric([kind], count)
         yield events
+        yield from api_metrics(node.api)
+
+
+def api_metrics(api: Api) -> Iterator[Metric]:
+    """The local API's counters: responses by status code, refusals and early closes by reason,
+    open connections (dicts copied in one step: the trio thread updates them)."""
+    responses = CounterMetricFamily("microgrid_api_responses", "Local API responses by status",
+                                    labels=["code"])  # fmt: skip
+    for code, count in sorted(dict(api.requests).items()):
+        responses.add_metric([str(code)], count)
+    yield responses
+    rejections = CounterMetricFamily(
+        "microgrid_api_rejections",
+        "Local API requests refused and connections closed early, by reason",
+        labels=["reason"],
+    )
+    for reason, count in sorted(dict(api.rejections).items()):
+        rejections.add_metric([reason], count)
+    yield rejections
+    yield GaugeMetricFamily("microgrid_api_connections", "Local API connections being served",
+                            value=api.connections)  # fmt: skip

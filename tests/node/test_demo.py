@@ -150,8 +150,9 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
         # metered energy have moved (the full /balances has the grid's and market's too)
         me = demo.households[-1]
         mine = await fetch(me.api + "/balances?household=me")
-        everyone = await fetch(me.api + "/balances")
+        everyone = await fetch(me.api + "/balances", token=demo.token)
         assert mine is not None and everyone is not None
+        assert await fetch(me.api + "/balances") is None  # other households' rows: token only
         assert mine["balances"] and {r["account"] for r in mine["balances"]} == {
             household_account(me.did)
         }, mine

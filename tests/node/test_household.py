@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import json
+import socket
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -39,6 +40,7 @@ from node.ledger import schema as t
 from node.ledger.verify import verify_ledger
 from node.net.harness import free_ports
 from node.trader import NONCE_MANUAL, NONCE_ORDER, NONCE_READING, NONCES_PER_SLOT
+from tests.node.test_api_abuse import hammer_and_measure
 
 pytestmark = pytest.mark.slow
 
@@ -199,7 +201,7 @@ async def check_api(node: HouseholdNode, grid: Grid) -> dict[str, Any]:
     # a second manual order for the slot would reuse the slot's nonce: refused, not lost
     code, answer = await call(node, "POST", "/orders", {**good, "quantity_wh": 99}, token=TOKEN)
     assert code == 409 and "already placed" in answer["error"], answer
-    code, answer = await call(node, "GET", "/orders?slot=soon")
+    code, answer = await call(node, "GET", "/orders?slot=soon&household=me")
     assert code == 400 and "slot must be an integer" in answer["error"]
     return {"slot": slot, "id": f"{slot}-{grid.identity.did[-8:]}-{NONCE_MANUAL}"}
 
@@ -346,4 +348,81 @@ async def test_a_meter_dead_at_start_seeds_the_forecast_when_it_answers(
         assert trio.current_time() - cleared_at < 1.5 * SLOT_SECONDS
 
     with trio.fail_after(60):
+        await run_until_stopped(node, body)
+
+
+async def test_the_api_of_a_running_node_survives_abuse_and_never_stalls_it(
+    tmp_path: Path, sim: MeterSimulator
+) -> None:
+    """The attacks that once stopped a node are answered with 400s; other households' rows need
+    the token (``household=me`` and /status do not); 200 clients hammering /slots leave the
+    node's trio loop on time (a heartbeat in it) while it goes on applying entries as leader."""
+    grid = await make_grid(tmp_path, sim)
+    metrics_port = free_ports(1)[0]
+    node = HouseholdNode(replace(grid.config, metrics_port=metrics_port), grid.identity,
+                         grid.genesis)  # fmt: skip
+
+    def raw(request: bytes) -> tuple[int, Any]:
+        assert node.api_port is not None
+        with socket.create_connection(("127.0.0.1", node.api_port), timeout=5) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+                if b"\r\n\r\n" in data and data.endswith(b"}"):
+                    break
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head[9:12]), json.loads(body)
+
+    async def body(node: HouseholdNode) -> None:
+        await status_when(node, lambda d: d["raft"]["role"] == "leader", 15)
+        deep = b"[" * 30_000 + b"]" * 30_000
+        attacks = {
+            b"GET /status HTTP/1.1\r\nhost: x\r\nx-a: \xff\r\n\r\n": "ASCII",
+            b"GET /orders?slot=18446744073709551616 HTTP/1.1\r\nhost: x\r\n\r\n":
+                "slot must be an integer",
+            b"GET /slots?since=9223372036854775807 HTTP/1.1\r\nhost: x\r\n\r\n":
+                "since must be an integer",
+            b"POST /orders HTTP/1.1\r\nhost: x\r\nauthorization: Bearer " + TOKEN.encode()
+            + f"\r\ncontent-length: {len(deep)}\r\n\r\n".encode() + deep: "nested deeper",
+        }  # fmt: skip
+        for request, message in attacks.items():
+            code, answer = await trio.to_thread.run_sync(raw, request)
+            assert code == 400 and message in answer["error"], (request[:60], answer)
+        assert node.api.rejections["bad_encoding"] == 1
+        assert node.api.rejections["bad_query"] == 2 and node.api.rejections["bad_json"] == 1
+
+        # the token rule: other households' rows need it, household=me and /status do not
+        for path in ("/orders", "/trades", "/balances"):
+            code, answer = await call(node, "GET", path)
+            assert code == 401 and "bearer token" in answer["error"], (path, answer)
+            assert (await call(node, "GET", path, token=TOKEN))[0] == 200, path
+            assert (await call(node, "GET", path + "?household=me"))[0] == 200, path
+            code, answer = await call(node, "GET", path + "?household=someone", token=TOKEN)
+            assert code == 400 and "household must be one of me" in answer["error"]
+        assert (await call(node, "GET", "/slots"))[0] == 200
+        code, answer = await call(node, "GET", "/status?verbose=1")
+        assert code == 400 and "unknown query parameter 'verbose'" in answer["error"]
+
+        # 200 clients on /slots: the loop that ticks Raft stays on time
+        assert node.api_port is not None
+        applied = node.replica.applied_index
+        term = node.raft.status().term
+        tries: list[float] = []
+        for _ in range(3):
+            counts, lags = await hammer_and_measure(node.api_port, "/slots", 4.0)
+            assert counts.get("200", 0) > 100 and set(counts) <= {"200"}, counts
+            tries.append(lags[int(len(lags) * 0.99)])
+            if tries[-1] < 0.1:
+                break
+        assert min(tries) < 0.1, tries
+        doc = await status_when(node, lambda d: d["raft"]["applied_index"] > applied, 10)
+        assert doc["raft"]["role"] == "leader" and doc["raft"]["term"] == term
+        assert doc["api"]["rejections"]["bad_encoding"] == 1
+        text = await trio.to_thread.run_sync(scrape, metrics_port)
+        assert metric(text, 'microgrid_api_rejections_total{reason="bad_json"}') == 1
+        assert metric(text, 'microgrid_api_responses_total{code="401"}') == 3
+        assert metric(text, 'microgrid_api_responses_total{code="200"}') >= 100
+
+    with trio.fail_after(90):
         await run_until_stopped(node, body)
