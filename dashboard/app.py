@@ -3,12 +3,15 @@
 ``create_app(ctx)`` builds the app; :func:`serve` runs it on a threaded WSGI server (in its own
 thread or process, never on a trio loop). One ``dcc.Interval`` polls the ledger head (a couple of
 cheap queries); the views redraw only when the head changed, and every figure carries a
-``uirevision`` so a refresh keeps the user's zoom and legend choices.
+``uirevision`` so a refresh keeps the user's zoom and legend choices. Callbacks refuse client
+values out of range or of the wrong type with 400, and :mod:`dashboard.http_guard` guards Dash's
+endpoints (request size, callback payloads, component suites, logs).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -18,7 +21,8 @@ from dash import Dash, Input, Output, State, dcc, html
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from dashboard import data, views
+from dashboard import data, http_guard, views
+from dashboard.http_guard import BadInput
 from dashboard.views import Context
 
 INDEX = """<!DOCTYPE html>
@@ -71,6 +75,79 @@ button.csv { font-size: 13px; padding: 3px 10px; cursor: pointer; }
 ZOOMABLE = ("market-graph", "household-graph", "community-graph")
 """Graphs whose x zoom survives live refreshes (see :func:`zoom_from_relayout`)."""
 
+MAX_SLOT = 2**53 - 1
+"""Largest slot number a callback accepts (the browser's largest exact integer); larger ones,
+negative ones and non-numbers are refused with 400."""
+
+MAX_HOUSEHOLD_CHARS = 256
+"""Longest household id the household dropdown may send (a did:key is under 70 characters)."""
+
+
+# --- what callbacks accept from the client (anything else: 400, see dashboard.http_guard) ------
+
+
+def _window(value: Any) -> str:
+    return http_guard.one_of(value, "window", views.WINDOW_DAYS)
+
+
+def _slot(value: Any) -> int | None:
+    """The slot box (or a click's slot): None for "newest", else a slot number in range."""
+    return http_guard.bounded_int(value, "slot", 0, MAX_SLOT)
+
+
+def _household(value: Any) -> str | None:
+    return http_guard.optional_str(value, "household", MAX_HOUSEHOLD_CHARS)
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
+
+
+def _range(value: Any, name: str) -> list[Any] | None:
+    """An x range: None (autorange) or two numbers or date strings."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(_scalar(v) and (not isinstance(v, str) or len(v) <= 64) for v in value)
+    ):
+        return value
+    raise BadInput(f"{name} must be two numbers or dates")
+
+
+def _zoom_state(value: Any) -> dict[str, Any] | None:
+    """A zoom store, as :func:`_register_zoom` writes it."""
+    zoom = http_guard.optional_dict(value, "zoom")
+    if zoom is None:
+        return None
+    if not _scalar(zoom.get("revision")):
+        raise BadInput("zoom revision must be a string")
+    _range(zoom.get("range"), "zoom range")
+    return zoom
+
+
+def _head(value: Any) -> dict[str, Any] | None:
+    """The head store, as ``_poll_head`` writes it (an error, or the head's fields)."""
+    head = http_guard.optional_dict(value, "head")
+    if not head:
+        return head
+    if "error" in head:
+        if isinstance(head["error"], str):
+            return head
+        raise BadInput("head error must be a string")
+    ok = (
+        all(k in head for k in ("height", "head_hash", "settled_through", "verify_state"))
+        and isinstance(head.get("height"), int | None)
+        and isinstance(head.get("head_hash"), str | None)
+        and isinstance(head.get("settled_through"), int | None)
+        and isinstance(head.get("verify_state"), str)
+    )
+    settled = head.get("settled_through")
+    if not ok or (settled is not None and not 0 <= settled <= MAX_SLOT):
+        raise BadInput("head must be the dashboard's head document")
+    return head
+
 
 def zoom_from_relayout(relayout: dict[str, Any] | None) -> Any:
     """The x range a user zoomed to, from a graph's ``relayoutData``.
@@ -105,7 +182,7 @@ def slot_from_click(click: dict[str, Any] | None) -> Any:
         value = point.get("customdata") if isinstance(point, dict) else None
         if isinstance(value, list):
             value = value[0] if value else None
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return int(value)
     return dash.no_update
 
@@ -135,11 +212,16 @@ def _register_zoom(app: Dash, graph: str) -> None:
         prevent_initial_call=True,
     )
     def _zoom(relayout: dict[str, Any] | None, fig: dict[str, Any] | None) -> Any:
+        relayout = http_guard.optional_dict(relayout, "relayoutData")
+        fig = http_guard.optional_dict(fig, "figure")
+        layout = http_guard.optional_dict((fig or {}).get("layout"), "figure layout")
         rng = zoom_from_relayout(relayout)
         if rng is dash.no_update:
             return rng
-        revision = ((fig or {}).get("layout") or {}).get("uirevision")
-        return {"revision": revision, "range": rng}
+        revision = (layout or {}).get("uirevision")
+        if not _scalar(revision):
+            raise BadInput("figure uirevision must be a string")
+        return {"revision": revision, "range": _range(rng, "x range")}
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], table_id: str) -> Any:
@@ -354,6 +436,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
 
     @app.callback(Output("head", "data"), Input("tick", "n_intervals"), State("head", "data"))
     def _poll_head(_n: int, old: dict[str, Any] | None) -> Any:
+        http_guard.optional_count(_n, "n_intervals")
+        old = _head(old)
         try:
             new = views.head_view(ctx)
         except SQLAlchemyError as exc:  # missing file, server down: say so, keep polling
@@ -362,6 +446,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
 
     @app.callback(Output("api", "data"), Input("tick", "n_intervals"))
     def _poll_api(_n: int) -> Any:
+        http_guard.optional_count(_n, "n_intervals")
         return views.poll_api(ctx)
 
     @app.callback(
@@ -372,6 +457,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Input("head", "data"),
     )
     def _header(head: dict[str, Any] | None) -> Any:
+        head = _head(head)
         if not head:
             return dash.no_update
         if "error" in head:
@@ -395,6 +481,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Output("api-badge", "children"), Output("api-badge", "className"), Input("api", "data")
     )
     def _api_badge(api: dict[str, Any] | None) -> Any:
+        api = http_guard.optional_dict(api, "api")
         if not api or not api.get("configured"):
             return "no status API (ledger only)", "badge off"
         if not api.get("reachable"):
@@ -403,6 +490,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
 
     @app.callback(Output("alerts", "children"), Input("head", "data"), Input("api", "data"))
     def _alerts(head: Any, _api: Any) -> Any:
+        head = _head(head)
+        http_guard.optional_dict(_api, "api")
         if head and "error" in head:
             return [
                 html.Div(
@@ -429,6 +518,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("market-graph-zoom", "data"),
     )
     def _market(head: Any, window: str, zoom: Any) -> Any:
+        head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return dash.no_update
         fig, _ = views.market_view(ctx, window)
@@ -440,7 +530,11 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         prevent_initial_call=True,
     )
     def _pick_slot(click: dict[str, Any] | None) -> Any:
-        return slot_from_click(click)
+        click = http_guard.optional_dict(click, "clickData")
+        if not isinstance((click or {}).get("points"), list | None):
+            raise BadInput("clickData points must be a list")
+        slot = slot_from_click(click)
+        return slot if slot is dash.no_update else _slot(slot)
 
     @app.callback(
         Output("book-graph", "figure"),
@@ -449,9 +543,10 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Input("slot-input", "value"),
     )
     def _book(head: Any, slot: Any) -> Any:
+        head, slot = _head(head), _slot(slot)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
-        fig, summary, _ = views.orderbook_view(ctx, _slot(slot))
+        fig, summary, _ = views.orderbook_view(ctx, slot)
         return fig, summary
 
     @app.callback(
@@ -465,6 +560,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("household-graph-zoom", "data"),
     )
     def _households(head: Any, household: str | None, window: str, zoom: Any) -> Any:
+        head, household = _head(head), _household(household)
+        window, zoom = _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return (dash.no_update,) * 4
         fig, summary, _, chosen = views.households_view(ctx, household, window)
@@ -508,6 +605,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         State("community-graph-zoom", "data"),
     )
     def _community(head: Any, window: str, zoom: Any) -> Any:
+        head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
         f, fig, _ = views.community_view(ctx, window)
@@ -527,6 +625,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Output("ledger-summary", "children"), Output("ledger", "children"), Input("head", "data")
     )
     def _ledger(head: Any) -> Any:
+        head = _head(head)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
         v = views.ledger_view(ctx)
@@ -597,6 +696,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         Input("api", "data"),
     )
     def _network(api: dict[str, Any] | None) -> Any:
+        http_guard.optional_dict(api, "api")
         latest, bars, lag = views.network_view(ctx)
         if not ctx.api_url:
             note = html.Div(
@@ -644,6 +744,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         return kpis, bars, lag
 
     _register_csv(app, ctx)
+    http_guard.install(app)
     return app
 
 
@@ -660,7 +761,8 @@ def _register_csv(app: Dash, ctx: Context) -> None:
         prevent_initial_call=True,
     )
     def _csv_market(_n: int, window: str) -> Any:
-        return send("market", views.market_view(ctx, window)[1])
+        http_guard.optional_count(_n, "n_clicks")
+        return send("market", views.market_view(ctx, _window(window))[1])
 
     @app.callback(
         Output("dl-book", "data"),
@@ -669,6 +771,7 @@ def _register_csv(app: Dash, ctx: Context) -> None:
         prevent_initial_call=True,
     )
     def _csv_book(_n: int, slot: Any) -> Any:
+        http_guard.optional_count(_n, "n_clicks")
         return send("orderbook", views.orderbook_view(ctx, _slot(slot))[2])
 
     @app.callback(
@@ -679,6 +782,8 @@ def _register_csv(app: Dash, ctx: Context) -> None:
         prevent_initial_call=True,
     )
     def _csv_households(_n: int, household: str | None, window: str) -> Any:
+        http_guard.optional_count(_n, "n_clicks")
+        household, window = _household(household), _window(window)
         _, summary, slots, chosen = views.households_view(ctx, household, window)
         rows = [{"household": chosen, **r} for r in slots] or summary
         return send("household", rows)
@@ -690,31 +795,27 @@ def _register_csv(app: Dash, ctx: Context) -> None:
         prevent_initial_call=True,
     )
     def _csv_community(_n: int, window: str) -> Any:
-        return send("community", views.community_view(ctx, window)[2])
+        http_guard.optional_count(_n, "n_clicks")
+        return send("community", views.community_view(ctx, _window(window))[2])
 
     @app.callback(
         Output("dl-ledger", "data"), Input("csv-ledger", "n_clicks"), prevent_initial_call=True
     )
     def _csv_ledger(_n: int) -> Any:
+        http_guard.optional_count(_n, "n_clicks")
         return send("blocks", views.ledger_view(ctx)["blocks"])
 
     @app.callback(
         Output("dl-network", "data"), Input("csv-network", "n_clicks"), prevent_initial_call=True
     )
     def _csv_network(_n: int) -> Any:
+        http_guard.optional_count(_n, "n_clicks")
         rows = [
             {k: v for k, v in p.as_dict().items() if k != "invalid_messages"}
             | {f"invalid_{k}": v for k, v in p.invalid_messages.items()}
             for p in ctx.history.polls()
         ]
         return send("network", rows)
-
-
-def _slot(value: Any) -> int | None:
-    try:
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _opt(value: Any) -> str:
@@ -735,7 +836,9 @@ def serve(app: Dash, host: str = "127.0.0.1", port: int = 8050) -> BaseWSGIServe
     ``shutdown()`` to stop it.
     """
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    return make_server(host, port, app.server, threaded=True)
+    return make_server(
+        host, port, app.server, threaded=True, request_handler=http_guard.ClippedLogHandler
+    )
 
 
 def wait_for_verify(ctx: Context, timeout: float) -> dict[str, Any]:
