@@ -13,6 +13,7 @@ found the model (see :mod:`meter.sunspec`).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -22,6 +23,12 @@ from typing import Any, Literal
 from meter.codec import TYPE_WIDTH, WordOrder, width
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+MODBUS_MAX_REGISTERS = 125
+"""Most registers one Modbus read returns (and so the widest field a profile may have)."""
+MIN_SCALE, MAX_SCALE = 1e-12, 1e12
+"""Bounds on the magnitude of a field's scale: anything outside is a typo, not a meter."""
+MAX_RATED_POWER_W = 10**8
+"""100 MW: far beyond any household or feeder connection (``market.bounds.MAX_POWER_W``)."""
 Function = Literal["input", "holding"]
 
 REQUIRED_FIELDS = ("import_energy", "export_energy", "power")
@@ -146,52 +153,95 @@ class Profile:
         return replace(self, fields=fields, model=f"{self.model} {model_id}")
 
 
-def _field(name: str, raw: dict[str, Any], *, where: str, relative: bool = False) -> FieldSpec:
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _int(value: Any, low: int, high: int, what: str) -> int:
+    """``value`` if it is an integer in ``low..high``, else a :class:`ProfileError`."""
+    if not _is_int(value) or not low <= value <= high:
+        raise ProfileError(f"{what} must be an integer in {low}..{high}, not {value!r}")
+    return value
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> Any:
+    if not isinstance(value, str) or value not in allowed:
+        raise ProfileError(f"{what} must be {' or '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _field(name: str, raw: Any, *, where: str, relative: bool = False) -> FieldSpec:
     key = "offset" if relative else "address"
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: field {name!r} must be a table")
     if key not in raw:
         raise ProfileError(f"{where}: field {name!r} needs {key!r}")
-    type_name = raw.get("type", "float32")
-    if type_name != "string" and type_name not in TYPE_WIDTH:
-        raise ProfileError(f"{where}: field {name!r} has unknown type {type_name!r}")
-    function = raw.get("function", "holding" if relative else "input")
-    if function not in ("input", "holding"):
-        raise ProfileError(f"{where}: field {name!r}: function must be input or holding")
-    word_order = raw.get("word_order", "big")
-    if word_order not in ("big", "little"):
-        raise ProfileError(f"{where}: field {name!r}: word_order must be big or little")
-    unit = raw.get("unit", "")
-    if unit not in UNIT_FACTORS:
-        raise ProfileError(f"{where}: field {name!r} has unknown unit {unit!r}")
-    address = int(raw[key])
-    if not 0 <= address <= 0xFFFF:
-        raise ProfileError(f"{where}: field {name!r}: address out of range")
     known = {"address", "offset", "type", "function", "word_order", "unit", "scale",
              "scale_factor", "counter", "min", "max", "length"}
     unknown = set(raw) - known
     if unknown:
         raise ProfileError(f"{where}: field {name!r} has unknown keys {sorted(unknown)}")
+    what = f"{where}: field {name!r}"
+    type_name = raw.get("type", "float32")
+    if not isinstance(type_name, str) or (type_name != "string" and type_name not in TYPE_WIDTH):
+        raise ProfileError(f"{where}: field {name!r} has unknown type {type_name!r}")
+    function = _choice(raw.get("function", "holding" if relative else "input"),
+                       ("input", "holding"), f"{what}: function")  # fmt: skip
+    word_order = _choice(raw.get("word_order", "big"), ("big", "little"), f"{what}: word_order")
+    unit = raw.get("unit", "")
+    if not isinstance(unit, str) or unit not in UNIT_FACTORS:
+        raise ProfileError(f"{where}: field {name!r} has unknown unit {unit!r}")
+    address = raw[key]
+    if not _is_int(address) or not 0 <= address <= 0xFFFF:
+        raise ProfileError(f"{what}: address out of range 0..0xFFFF: {address!r}")
+    scale = raw.get("scale", 1)
+    if not _is_number(scale) or not MIN_SCALE <= abs(scale) <= MAX_SCALE:
+        raise ProfileError(f"{what}: scale must be a number of magnitude "
+                           f"{MIN_SCALE:g}..{MAX_SCALE:g}, not {scale!r}")  # fmt: skip
+    scale_factor = raw.get("scale_factor")
+    if scale_factor is not None and not isinstance(scale_factor, str):
+        raise ProfileError(f"{what}: scale_factor must name a field, not {scale_factor!r}")
+    counter = raw.get("counter", False)
+    if type(counter) is not bool:
+        raise ProfileError(f"{what}: counter must be true or false, not {counter!r}")
+    limits = {k: raw.get(k) for k in ("min", "max")}
+    for k, v in limits.items():
+        if v is not None and not _is_number(v):
+            raise ProfileError(f"{what}: {k} must be a finite number, not {v!r}")
+    length = raw.get("length")
+    if length is not None:
+        length = _int(length, 1, MODBUS_MAX_REGISTERS, f"{what}: length")
     spec = FieldSpec(
         name=name,
         address=address,
         function=function,
         type=type_name,
         word_order=word_order,
-        scale=Decimal(str(raw.get("scale", 1))),
-        scale_factor=raw.get("scale_factor"),
+        scale=Decimal(str(scale)),
+        scale_factor=scale_factor,
         unit=unit,
-        counter=bool(raw.get("counter", False)),
-        min=None if raw.get("min") is None else float(raw["min"]),
-        max=None if raw.get("max") is None else float(raw["max"]),
-        length=raw.get("length"),
+        counter=counter,
+        min=None if limits["min"] is None else float(limits["min"]),
+        max=None if limits["max"] is None else float(limits["max"]),
+        length=length,
     )
     try:
-        spec.count  # noqa: B018 - validates string length
+        count = spec.count
     except ValueError as exc:
         raise ProfileError(f"{where}: field {name!r}: {exc}") from None
+    if address + count - 1 > 0xFFFF:
+        raise ProfileError(f"{what}: registers {address}..{address + count - 1} pass 0xFFFF")
     return spec
 
 
-def _fields(raw: dict[str, Any], *, where: str, relative: bool = False) -> dict[str, FieldSpec]:
+def _fields(raw: Any, *, where: str, relative: bool = False,
+            max_registers: int = MODBUS_MAX_REGISTERS) -> dict[str, FieldSpec]:  # fmt: skip
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{where}: fields must be a table of field tables")
     fields = {n: _field(n, v, where=where, relative=relative) for n, v in raw.items()}
     for spec in fields.values():
         if spec.scale_factor and spec.scale_factor not in fields:
@@ -199,60 +249,112 @@ def _fields(raw: dict[str, Any], *, where: str, relative: bool = False) -> dict[
                 f"{where}: field {spec.name!r} refers to unknown scale factor "
                 f"{spec.scale_factor!r}"
             )
+        if spec.count > max_registers:
+            raise ProfileError(f"{where}: field {spec.name!r} is wider than max_registers "
+                               f"({spec.count} > {max_registers})")  # fmt: skip
     return fields
 
 
-def parse_profile(data: dict[str, Any], *, source: str = "<data>") -> Profile:
-    """Build a :class:`Profile` from the parsed TOML document ``data``."""
-    meta = data.get("meter")
+def _check_required(fields: dict[str, FieldSpec], where: str) -> None:
+    """The fields a sample is built from must decode to numbers; energies must be counters."""
+    for name in REQUIRED_FIELDS:
+        spec = fields.get(name)
+        if spec is None:
+            continue
+        if spec.type in ("string", "sunssf"):
+            raise ProfileError(f"{where}: field {name!r} must be numeric, not {spec.type}")
+        if name != "power" and not spec.counter:
+            raise ProfileError(f"{where}: field {name!r} must be a counter (counter = true)")
+
+
+def _int_list(value: Any, low: int, high: int, what: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not value:
+        raise ProfileError(f"{what} must be a non-empty list of integers")
+    return tuple(_int(v, low, high, what) for v in value)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ProfileError(f"{what} must be a string, not {value!r}")
+    return value
+
+
+def parse_profile(data: Any, *, source: str = "<data>") -> Profile:
+    """Build a :class:`Profile` from the parsed TOML document ``data``.
+
+    Raises :class:`ProfileError` for anything malformed (and nothing else), so a profile that
+    parses can be planned and decoded: every address and width fits Modbus, every limit and
+    scale is a finite number, every flag a boolean.
+    """
+    meta = data.get("meter") if isinstance(data, dict) else None
     if not isinstance(meta, dict) or "name" not in meta:
         raise ProfileError(f"{source}: needs a [meter] table with a name")
+    limits = _int(meta.get("max_registers", 125), 1, MODBUS_MAX_REGISTERS,
+                  f"{source}: max_registers")  # fmt: skip
     sunspec = None
     fields: dict[str, FieldSpec] = {}
-    if meta.get("kind", "fixed") == "sunspec":
+    kind = meta.get("kind", "fixed")
+    if kind == "sunspec":
         raw = data.get("sunspec", {})
-        families = tuple(
-            SunSpecFamily(
-                models=tuple(int(m) for m in fam["models"]),
-                length=int(fam["length"]),
-                fields=_fields(fam.get("fields", {}), where=source, relative=True),
-            )
-            for fam in raw.get("family", [])
-        )
+        if not isinstance(raw, dict) or not isinstance(raw.get("family", []), list):
+            raise ProfileError(f"{source}: [sunspec] must be a table with [[sunspec.family]]")
+        families = []
+        for i, fam in enumerate(raw.get("family", [])):
+            what = f"{source}: sunspec.family[{i}]"
+            if not isinstance(fam, dict) or "models" not in fam or "length" not in fam:
+                raise ProfileError(f"{what} needs models and length")
+            families.append(SunSpecFamily(
+                models=_int_list(fam["models"], 1, 0xFFFE, f"{what}.models"),
+                length=_int(fam["length"], 0, 0xFFFF, f"{what}.length"),
+                fields=_fields(fam.get("fields", {}), where=source, relative=True,
+                               max_registers=limits),
+            ))  # fmt: skip
         if not families:
             raise ProfileError(f"{source}: a SunSpec profile needs [[sunspec.family]] entries")
         for fam in families:
             missing = [f for f in REQUIRED_FIELDS if f not in fam.fields]
             if missing:
                 raise ProfileError(f"{source}: SunSpec family {fam.models} lacks {missing}")
+            _check_required(fam.fields, f"{source}: SunSpec family {fam.models}")
         sunspec = SunSpecSpec(
-            base_addresses=tuple(int(a) for a in raw.get("base_addresses", (40000, 0, 50000))),
-            families=families,
-            serial_offset=int(raw.get("serial_offset", 50)),
-            serial_length=int(raw.get("serial_length", 16)),
-        )
-    else:
-        fields = _fields(data.get("fields", {}), where=source)
+            base_addresses=_int_list(raw.get("base_addresses", [40000, 0, 50000]), 0, 0xFFFF,
+                                     f"{source}: sunspec.base_addresses"),
+            families=tuple(families),
+            serial_offset=_int(raw.get("serial_offset", 50), 0, 0xFFFF,
+                               f"{source}: sunspec.serial_offset"),
+            serial_length=_int(raw.get("serial_length", 16), 1, limits,
+                               f"{source}: sunspec.serial_length"),
+        )  # fmt: skip
+    elif kind == "fixed":
+        fields = _fields(data.get("fields", {}), where=source, max_registers=limits)
         missing = [f for f in (*REQUIRED_FIELDS, "serial") if f not in fields]
         if missing:
             raise ProfileError(f"{source}: profile lacks required fields {missing}")
-    limits = meta.get("max_registers", 125)
-    if not 1 <= limits <= 125:
-        raise ProfileError(f"{source}: max_registers must be 1..125")
+        _check_required(fields, source)
+    else:
+        raise ProfileError(f"{source}: meter kind must be fixed or sunspec, not {kind!r}")
+    invert = meta.get("invert_power", False)
+    if type(invert) is not bool:
+        raise ProfileError(f"{source}: invert_power must be true or false")
+    notes = meta.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ProfileError(f"{source}: notes must be a list of strings")
+    name = meta["name"]
     return Profile(
-        name=str(meta["name"]),
-        manufacturer=str(meta.get("manufacturer", "")),
-        model=str(meta.get("model", meta["name"])),
-        description=str(meta.get("description", "")),
+        name=_text(name, f"{source}: meter.name"),
+        manufacturer=_text(meta.get("manufacturer", ""), f"{source}: meter.manufacturer"),
+        model=_text(meta.get("model", name), f"{source}: meter.model"),
+        description=_text(meta.get("description", ""), f"{source}: meter.description"),
         fields=fields,
-        rated_power_w=int(meta.get("rated_power_w", 50_000)),
-        invert_power=bool(meta.get("invert_power", False)),
-        max_registers=int(limits),
-        max_gap=int(meta.get("max_gap", 16)),
+        rated_power_w=_int(meta.get("rated_power_w", 50_000), 1, MAX_RATED_POWER_W,
+                           f"{source}: rated_power_w"),
+        invert_power=invert,
+        max_registers=limits,
+        max_gap=_int(meta.get("max_gap", 16), 0, MODBUS_MAX_REGISTERS, f"{source}: max_gap"),
         sunspec=sunspec,
         source=source,
-        notes=tuple(meta.get("notes", ())),
-    )
+        notes=tuple(notes),
+    )  # fmt: skip
 
 
 def available_profiles() -> list[str]:
@@ -271,6 +373,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
         )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, a 4301-digit integer
         raise ProfileError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: nested too deeply") from None
     return parse_profile(data, source=str(path))

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
+from market.bounds import MAX_COUNTER_WH
 from meter.codec import decode, float32_step
 from meter.events import ImplausibleValue
 from meter.plan import ReadBlock
@@ -103,13 +104,20 @@ def decode_sample(meter: str, profile: Profile, blocks: list[ReadBlock],
                 f"[{spec.min}, {spec.max}]", field=name, value=float(exact),
             )
         if spec.counter:
-            counters[name] = int(exact.to_integral_value(ROUND_HALF_EVEN))
+            wh = int(exact.to_integral_value(ROUND_HALF_EVEN))
+            if not 0 <= wh <= MAX_COUNTER_WH:
+                raise ImplausibleValue(meter, f"{name} counter {wh} Wh outside 0..{MAX_COUNTER_WH}",
+                                       field=name, value=wh)  # fmt: skip
+            counters[name] = wh
             step = (Decimal(float32_step(float(value))) if spec.type == "float32"
                     else Decimal(1)) * factor
             resolution[name] = max(1, int(step.to_integral_value(ROUND_CEILING)))
             values[name] = counters[name]
         else:
-            values[name] = float(exact)
+            as_float = float(exact)
+            if not math.isfinite(as_float):  # a finite register times a large scale
+                raise ImplausibleValue(meter, f"{name} = {exact} overflows a float", field=name)
+            values[name] = as_float
     serial_value = raw["serial"][1] if "serial" in raw else None
     if serial_value is None or serial_value == "":
         raise ImplausibleValue(meter, "serial number missing", field="serial")

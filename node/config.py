@@ -42,7 +42,9 @@ is accepted for ``genesis_path``.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -119,6 +121,8 @@ _POSITIVE_FLOATS = {"meter_poll_seconds", "meter_time_scale", "raft_tick_seconds
 _POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks", "raft_snapshot_entries"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 _PARITIES = ("N", "E", "O", "M", "S")
+_FRACTION = re.compile(r"[-+]?[0-9]{1,12}(\.[0-9]{1,12})?(/[0-9]{1,12})?")
+"""What a strategy.safety may look like: 4/5, 0.8, 1 (bounded, no exponent)."""
 
 
 def _number(name: str, value: Any, source: str, kind: type) -> Any:
@@ -131,12 +135,18 @@ def _number(name: str, value: Any, source: str, kind: type) -> Any:
         value = float(value)
     if type(value) is not kind:
         raise ConfigError(f"{source}: {name} must be {'an integer' if kind is int else 'a number'}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{source}: {name} must be a finite number, not {value}")
     return value
 
 
 def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
     """``tcp://host:port`` or ``rtu:///dev/ttyUSB0?baudrate=9600&parity=N&stopbits=1``."""
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        parts.hostname  # noqa: B018 - raises ValueError on a malformed [IPv6] host
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {text!r} is not a valid URL: {exc}") from None
     if parts.scheme == "tcp" and parts.hostname:
         try:
             port = 502 if parts.port is None else parts.port
@@ -203,8 +213,12 @@ def _strategy(value: Any, source: str) -> Strategy:
                 raise ConfigError(f"{source}: strategy.{key} must be a non-negative integer")
             kwargs[key] = value[key]
     if "safety" in value:
+        text = str(value["safety"]).strip()
         try:
-            safety = Fraction(str(value["safety"]))
+            # No exponents: Fraction("1e-99999999") takes minutes to build its denominator.
+            if type(value["safety"]) is bool or not _FRACTION.fullmatch(text):
+                raise ValueError(text)
+            safety = Fraction(text)
         except (ValueError, ZeroDivisionError):
             raise ConfigError(f'{source}: strategy.safety must be a fraction like "4/5"') from None
         if not 0 < safety <= 1:
@@ -299,8 +313,10 @@ def load_config(
             doc = tomllib.loads(path.read_text())
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, a 4301-digit integer
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
         unknown = set(doc) - names
         if unknown:
             raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
