@@ -99,7 +99,7 @@ def test_parse_genesis_raises_only_genesis_errors(data: bytes) -> None:
 
 def test_deeply_nested_genesis_is_a_genesis_error() -> None:
     """json.loads raises RecursionError on b'[' * 100_000 (100 kB, under MAX_GENESIS_BYTES)."""
-    with pytest.raises(GenesisFormatError, match="nested deeper than|brackets do not pair up"):
+    with pytest.raises(GenesisFormatError, match=r"nested deeper than|brackets do not pair up"):
         parse_genesis(b"[" * 100_000)
 
 

@@ -125,5 +125,5 @@ def test_bad_config_is_a_snapshot_error(k: object, match: str) -> None:
 
 
 def test_deep_nesting_is_a_snapshot_error() -> None:
-    with pytest.raises(SnapshotError, match="nested deeper than|brackets do not pair up"):
+    with pytest.raises(SnapshotError, match=r"nested deeper than|brackets do not pair up"):
         load_state(b"microgrid/snapshot/v1\n" + b"[" * 100_000)
