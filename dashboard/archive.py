@@ -5,9 +5,9 @@ dashboard and ``microgrid ledger verify`` work on it unchanged. Copying is idemp
 incremental: each run copies only blocks above the archive's height, in chunks of blocks, each
 chunk in one target transaction together with everything the chunk's slots produced
 (transactions and postings with their original ids, clearings, orders, trades, readings,
-settlements) and the balance deltas of its postings. A crash leaves whole chunks; a re-run resumes
-after the last one. ``households`` (cumulative reputation, not hashed) is refreshed from the
-source at the end of a run.
+settlements, feeder checks) and the balance deltas of its postings. A crash leaves whole chunks;
+a re-run resumes after the last one. ``households`` (cumulative reputation, not hashed) is
+refreshed from the source at the end of a run.
 
 Safety: an archive is bound to one microgrid by the genesis hash in ``meta``; a source of another
 grid is refused, and so is a source whose block at the archive's height has another hash (a
@@ -134,6 +134,15 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
     _put(target, t.trades, by_slot(t.trades, t.trades.c.slot, t.trades.c.position))
     _put(target, t.readings, by_slot(t.readings, t.readings.c.slot, t.readings.c.position))
     _put(target, t.settlements, by_slot(t.settlements, t.settlements.c.slot))
+    fc = t.feeder_checks.c
+    _put(
+        target,
+        t.feeder_checks,
+        _rows(
+            source,
+            select(t.feeder_checks).where(fc.block_height.between(first, last)).order_by(fc.slot),
+        ),
+    )
     deltas: dict[tuple[str, str], int] = {}
     for row in postings:
         key = (row["account"], row["asset"])

@@ -8,6 +8,7 @@ from market.auction import MECHANISMS, Clearing, ClearingError, clear
 from market.errors import RejectReason
 from market.events import (
     Event,
+    FeederReadingAccepted,
     GateClosed,
     HouseholdRegistered,
     OrderAccepted,
@@ -16,12 +17,14 @@ from market.events import (
     Rejected,
     SlotSettled,
 )
+from market.feeder import FeederCheck, FeederStatus, feeder_check
 from market.ledger import Block, Posting, Transaction
 from market.models import (
     CancelOrder,
     CloseGate,
     Command,
     CommandDecodeError,
+    FeederReading,
     MemberRegistration,
     MeterReading,
     Order,
@@ -47,6 +50,10 @@ __all__ = [
     "Command",
     "CommandDecodeError",
     "Event",
+    "FeederCheck",
+    "FeederReading",
+    "FeederReadingAccepted",
+    "FeederStatus",
     "GateClosed",
     "HouseholdRegistered",
     "MarketConfig",
@@ -74,4 +81,5 @@ __all__ = [
     "decode_command",
     "encode_batch",
     "encode_command",
+    "feeder_check",
 ]

@@ -7,8 +7,16 @@ from typing import TYPE_CHECKING
 
 from market.auction import Clearing
 from market.errors import RejectReason
+from market.feeder import FeederCheck
 from market.ledger import Block, Transaction
-from market.models import CancelOrder, MemberRegistration, MeterReading, Order, Trade
+from market.models import (
+    CancelOrder,
+    FeederReading,
+    MemberRegistration,
+    MeterReading,
+    Order,
+    Trade,
+)
 from market.settlement import HouseholdSettlement
 
 if TYPE_CHECKING:
@@ -65,6 +73,14 @@ class ReadingAccepted:
 
 
 @dataclass(frozen=True, slots=True)
+class FeederReadingAccepted:
+    """A signed feeder reading (the operator's meter at the transformer) waits for its slot's
+    settlement."""
+
+    reading: FeederReading
+
+
+@dataclass(frozen=True, slots=True)
 class SlotSettled:
     """A slot was settled into a new block."""
 
@@ -76,6 +92,8 @@ class SlotSettled:
     trades: tuple[Trade, ...]
     reputation: tuple[tuple[str, Reputation], ...]
     """Snapshot of every member's reputation after this slot, by DID."""
+    feeder: FeederCheck | None = None
+    """The slot's feeder check (None in a grid without a feeder meter)."""
 
 
 Event = (
@@ -85,5 +103,6 @@ Event = (
     | OrderCancelled
     | GateClosed
     | ReadingAccepted
+    | FeederReadingAccepted
     | SlotSettled
 )

@@ -6,9 +6,9 @@ energy are conserved. Assets are ``money`` (integer minor currency units) and ``
 imbalance) and ``market`` (keeps McAfee's trade-reduction surplus).
 
 One block per settled slot. Its hash covers the height, slot, previous block hash, the Merkle
-roots of its transactions, trades and readings, and the state hash: the hash of every account
-balance after the block. Anyone holding the raw rows can recompute all of it
-(``microgrid ledger verify``).
+roots of its transactions, trades and readings, the state hash (the hash of every account
+balance after the block) and, in a grid with a feeder meter, the hash of the slot's feeder
+check. Anyone holding the raw rows can recompute all of it (``microgrid ledger verify``).
 """
 
 from __future__ import annotations
@@ -129,10 +129,13 @@ class Block:
     reading_root: str
     state_hash: str
     tx_count: int
+    feeder: str | None = None
+    """Hex hash of the slot's feeder check (:class:`market.feeder.FeederCheck`) in a grid with
+    a feeder meter; None (and left out of the header, so older blocks hash as before) else."""
 
     def to_json(self) -> dict[str, Any]:
-        """Header fields (everything the block hash covers)."""
-        return {
+        """Header fields (everything the block hash covers); ``feeder`` only when set."""
+        doc: dict[str, Any] = {
             "height": self.height,
             "slot": self.slot,
             "prev_hash": self.prev_hash,
@@ -142,6 +145,9 @@ class Block:
             "state_hash": self.state_hash,
             "tx_count": self.tx_count,
         }
+        if self.feeder is not None:
+            doc["feeder"] = self.feeder
+        return doc
 
     @property
     def hash(self) -> str:

@@ -162,6 +162,26 @@ class MemberRegistration(SignedRecord):
         return fields
 
 
+class FeederReading(SignedRecord):
+    """Cumulative counters of the feeder meter (the operator's meter at the transformer) at the
+    end of a slot, signed by the grid operator.
+
+    ``import_wh`` counts energy delivered from the upstream grid into the feeder, ``export_wh``
+    energy the feeder sent back upstream. Over a slot, the feeder's net import must equal the
+    households' metered net import plus line losses, within the grid's loss band
+    (``MarketConfig.feeder_*``); settlement records the comparison in the slot's block.
+    """
+
+    KIND: ClassVar[str] = "feeder_reading"
+    AUTHOR_FIELD: ClassVar[str] = "operator"
+    type: Literal["feeder_reading"] = "feeder_reading"
+    operator: Did
+    meter_serial: MeterSerial
+    slot: Slot
+    import_wh: CounterWh
+    export_wh: CounterWh
+
+
 class CloseGate(_Record):
     """Gate closure of a slot, proposed by the Raft leader: the slot's book is cleared."""
 
@@ -177,7 +197,13 @@ class SettleSlot(_Record):
 
 
 Command = Annotated[
-    Order | CancelOrder | MeterReading | MemberRegistration | CloseGate | SettleSlot,
+    Order
+    | CancelOrder
+    | MeterReading
+    | FeederReading
+    | MemberRegistration
+    | CloseGate
+    | SettleSlot,
     Field(discriminator="type"),
 ]
 _COMMAND_ADAPTER: TypeAdapter[Command] = TypeAdapter(Command)

@@ -30,7 +30,7 @@ from market.bounds import (
 )
 from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.ledger import ASSETS, GRID, MARKET, household_account
-from market.models import MeterReading, Order, Role, Trade
+from market.models import FeederReading, MeterReading, Order, Role, Trade
 from market.state import MarketConfig, Member, NonceWindow, Reputation, State
 
 SNAPSHOT_KIND = "snapshot"
@@ -44,7 +44,7 @@ class SnapshotError(ValueError):
     """Bytes that are not a snapshot this version can load."""
 
 
-def _record(r: Order | MeterReading) -> dict[str, Any]:
+def _record(r: Order | MeterReading | FeederReading) -> dict[str, Any]:
     return r.model_dump(mode="json")
 
 
@@ -77,6 +77,11 @@ def dump_state(state: State) -> bytes:
         "height": state.height,
         "head_hash": state.head_hash,
     }
+    if state.config.has_feeder:  # only then: a grid without a feeder dumps what it always did
+        body["pending_feeder"] = {str(s): _record(r) for s, r in state.pending_feeder.items()}
+        body["feeder_baseline"] = (
+            None if state.feeder_baseline is None else _record(state.feeder_baseline)
+        )
     return canonical_bytes(SNAPSHOT_KIND, body)
 
 
@@ -89,7 +94,11 @@ _CONFIG_FIELDS = frozenset(
     {"grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k", "slot_horizon",
      "max_order_wh", "nonce_window"}
 )  # fmt: skip
-"""What :meth:`MarketConfig.to_json` writes; ``slot_seconds`` too unless it is the default."""
+"""What :meth:`MarketConfig.to_json` always writes; ``slot_seconds`` too unless it is the
+default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter."""
+_FEEDER_CONFIG_FIELDS = frozenset(
+    {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
+)
 _K = re.compile(r"(0|[1-9][0-9]{0,19})/([1-9][0-9]{0,19})")
 """``k`` as ``to_json`` writes it: ``numerator/denominator`` in decimal (never parsed by
 ``Fraction(str)``, which would take ``"1e-999999999"`` and work for minutes)."""
@@ -99,9 +108,13 @@ def config_from_json(data: Any) -> MarketConfig:
     """Inverse of :meth:`MarketConfig.to_json`; raises :class:`SnapshotError` for anything else
     (a wrong field set, a ``k`` that is no fraction string, or rules ``MarketConfig`` refuses)."""
     doc = _object(data, "config")
-    wrong = (set(doc) ^ _CONFIG_FIELDS) - {"slot_seconds"}
+    wrong = (set(doc) ^ _CONFIG_FIELDS) - {"slot_seconds"} - _FEEDER_CONFIG_FIELDS
     if wrong:
         raise SnapshotError(f"config: fields {sorted(wrong)[:10]} missing or unexpected")
+    feeder = set(doc) & _FEEDER_CONFIG_FIELDS
+    if feeder and (feeder != _FEEDER_CONFIG_FIELDS or doc["feeder_serial"] == ""):
+        # to_json writes all four, with a serial, or none: anything else would not round-trip
+        raise SnapshotError("config: the feeder_* fields come all four, with a serial, or not")
     k = doc["k"]
     match = _K.fullmatch(k) if isinstance(k, str) else None
     if match is None:
@@ -121,10 +134,12 @@ _MAX_INT_DIGITS = 20
 _BODY_FIELDS = frozenset(
     {"config", "members", "nonces", "books", "cleared", "closed_books", "pending_readings",
      "baselines", "closed_through", "settled_through", "balances", "reputation", "height",
-     "head_hash"}
+     "head_hash", "pending_feeder", "feeder_baseline"}
 )  # fmt: skip
 _OPTIONAL_FIELDS = frozenset({"closed_books"})
 """Snapshots written before closed_books existed lack it."""
+_FEEDER_FIELDS = frozenset({"pending_feeder", "feeder_baseline"})
+"""Present exactly when the grid has a feeder meter (older snapshots never do)."""
 _TRADE_FIELDS = frozenset(Trade._fields)
 _SLOT_KEY = re.compile(r"0|[1-9][0-9]{0,12}")
 _HEAD_HASH = re.compile(r"([0-9a-f]{64})?")
@@ -235,6 +250,15 @@ def _reading(value: Any, did: str, where: str, slot: int | None = None) -> Meter
     return reading
 
 
+def _feeder_reading(value: Any, config: MarketConfig, where: str, slot: int) -> FeederReading:
+    reading = _model(FeederReading, value, where)
+    if reading.slot != slot or reading.operator != config.operator:
+        raise SnapshotError(f"{where}: the feeder reading is not the operator's of this slot")
+    if reading.meter_serial != config.feeder_serial or reading.grid != config.grid:
+        raise SnapshotError(f"{where}: the feeder reading is not of this grid's feeder meter")
+    return reading
+
+
 def _balance(fields: Any, where: str) -> tuple[tuple[str, str], int]:
     account, asset, amount = _array(fields, where, (3,))
     if not isinstance(account, str):
@@ -281,7 +305,8 @@ def load_state(data: bytes) -> State:
     :mod:`market.bounds`, the market rules through :class:`MarketConfig`'s own validation, and
     that records sit under their own slot and household. Deep nesting, floats and over-long
     integers are refused by the JSON decoder. Snapshots written before ``max_power_w`` and
-    ``closed_books`` existed still load."""
+    ``closed_books`` existed still load; ``pending_feeder`` and ``feeder_baseline`` are there
+    exactly when the grid has a feeder meter (so older snapshots, of grids without one, load)."""
     if not isinstance(data, (bytes, bytearray)) or not data.startswith(_PREFIX):
         raise SnapshotError("not a microgrid v1 engine snapshot")
     try:
@@ -299,12 +324,16 @@ def _load_body(text: bytes) -> State:
     except ValueError as exc:
         raise SnapshotError(f"not canonical JSON: {exc}") from None
     body = _object(body, "snapshot")
-    missing = _BODY_FIELDS - _OPTIONAL_FIELDS - set(body)
-    unexpected = set(body) - _BODY_FIELDS
+    if "config" not in body:
+        raise SnapshotError("fields ['config'] missing or unexpected")
+    config = config_from_json(body["config"])
+    expected = _BODY_FIELDS if config.has_feeder else _BODY_FIELDS - _FEEDER_FIELDS
+    missing = expected - _OPTIONAL_FIELDS - set(body)
+    unexpected = set(body) - expected
     if missing or unexpected:
         wrong = sorted(missing | unexpected)[:10]
         raise SnapshotError(f"fields {wrong} missing or unexpected")
-    state = State(config=config_from_json(body["config"]))
+    state = State(config=config)
     state.members = _by_did(body["members"], "members", lambda _, m, w: _member(m, w))
     state.nonces = _by_did(body["nonces"], "nonces", lambda _, n, w: _nonce_window(n, w))
     state.books = _by_slot(
@@ -339,4 +368,14 @@ def _load_body(text: bytes) -> State:
     if not isinstance(head_hash, str) or _HEAD_HASH.fullmatch(head_hash) is None:
         raise SnapshotError("head_hash: expected a hex SHA-256")
     state.head_hash = head_hash
+    if config.has_feeder:
+        state.pending_feeder = _by_slot(
+            body["pending_feeder"],
+            "pending_feeder",
+            lambda s, r, w: _feeder_reading(r, config, w, s),
+        )
+        baseline = body["feeder_baseline"]
+        if baseline is not None:
+            slot = _model(FeederReading, baseline, "feeder_baseline").slot
+            state.feeder_baseline = _feeder_reading(baseline, config, "feeder_baseline", slot)
     return state

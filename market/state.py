@@ -12,6 +12,11 @@ Readings must be physically plausible: between two readings of one meter, neithe
 rise by more than the household's registered ``max_power_w`` over the slots between them (see
 :func:`plausible_rise_wh`), so settlement never sees energy a meter cannot have measured.
 
+In a grid with a feeder meter (``MarketConfig.feeder_serial``), the operator signs a
+:class:`~market.models.FeederReading` per slot, checked like a household's reading (against
+``feeder_max_power_w``); settlement compares the feeder's net import with the households'
+(:mod:`market.feeder`) and hashes the outcome into the block header.
+
 Slot sequencing: gates close strictly one slot after another (``CloseGate(s)`` needs
 ``s == closed_through + 1`` once the first gate has closed) and slots settle in the same order,
 never ahead of their gate. Orders are accepted for open slots up to ``slot_horizon`` ahead;
@@ -31,8 +36,10 @@ from market.auction import MECHANISMS, Clearing, clear
 from market.bounds import (
     DEFAULT_MAX_POWER_W,
     DEFAULT_SLOT_SECONDS,
+    MAX_COUNTER_WH,
     MAX_K_DENOMINATOR,
     MAX_NONCE_WINDOW,
+    MAX_POWER_W,
     MAX_PRICE,
     MAX_QUANTITY_WH,
     MAX_SLOT_HORIZON,
@@ -40,11 +47,13 @@ from market.bounds import (
     READING_SLACK_WH,
     Did,
     Identifier,
+    MeterSerial,
 )
 from market.encoding import canonical_bytes, sha256
 from market.errors import Rejection, RejectReason
 from market.events import (
     Event,
+    FeederReadingAccepted,
     GateClosed,
     HouseholdRegistered,
     OrderAccepted,
@@ -53,12 +62,14 @@ from market.events import (
     Rejected,
     SlotSettled,
 )
+from market.feeder import FeederCheck, HouseholdFlow, feeder_check
 from market.identity import IdentityError, public_key_from_did
 from market.ledger import Block, roots, state_hash
 from market.models import (
     CancelOrder,
     CloseGate,
     Command,
+    FeederReading,
     MemberRegistration,
     MeterReading,
     Order,
@@ -73,6 +84,14 @@ from market.settlement import HouseholdSettlement, Metered, Tariffs, settle_slot
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _DID: TypeAdapter[str] = TypeAdapter(Did)
+_METER_SERIAL: TypeAdapter[str] = TypeAdapter(MeterSerial)
+
+DEFAULT_FEEDER_MAX_POWER_W = 1_000_000
+"""The feeder meter's rated power unless the genesis says otherwise (1 MW)."""
+DEFAULT_FEEDER_LOSS_PERMILLE = 50
+"""Allowed line losses unless the genesis says otherwise: 5 % of the energy households moved."""
+DEFAULT_FEEDER_TOLERANCE_WH = 100
+"""Absolute slack of the feeder check unless the genesis says otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +116,15 @@ class MarketConfig:
     """Metered seconds per slot: with each member's ``max_power_w`` it bounds how much a meter
     counter can rise per slot. A real meter meters the genesis slot length; an accelerated
     simulation (the demo) may meter more per slot, never less."""
+    feeder_serial: str = ""
+    """Serial of the feeder meter at the transformer; "" means the grid has none (no feeder
+    check, and :class:`~market.models.FeederReading` is rejected ``unknown_meter``)."""
+    feeder_max_power_w: int = DEFAULT_FEEDER_MAX_POWER_W
+    """Bounds the feeder counters' rise per slot, like a household's ``max_power_w``."""
+    feeder_loss_permille: int = DEFAULT_FEEDER_LOSS_PERMILLE
+    """Allowed line losses, per mille of the energy the households moved (import + export)."""
+    feeder_tolerance_wh: int = DEFAULT_FEEDER_TOLERANCE_WH
+    """Absolute slack of the feeder check (meter resolution, timing)."""
 
     def __post_init__(self) -> None:
         """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
@@ -119,12 +147,28 @@ class MarketConfig:
         _check_int("max_order_wh", self.max_order_wh, 1, MAX_QUANTITY_WH)
         _check_int("nonce_window", self.nonce_window, 1, MAX_NONCE_WINDOW)
         _check_int("slot_seconds", self.slot_seconds, 1, MAX_SLOT_SECONDS)
+        if not isinstance(self.feeder_serial, str):
+            raise ValueError("feeder_serial must be a string")
+        if self.feeder_serial:
+            try:
+                _METER_SERIAL.validate_python(self.feeder_serial)
+            except ValidationError as exc:
+                raise ValueError(f"feeder_serial: {exc.errors()[0]['msg']}") from None
+        _check_int("feeder_max_power_w", self.feeder_max_power_w, 0, MAX_POWER_W)
+        _check_int("feeder_loss_permille", self.feeder_loss_permille, 0, 1000)
+        _check_int("feeder_tolerance_wh", self.feeder_tolerance_wh, 0, MAX_COUNTER_WH)
+
+    @property
+    def has_feeder(self) -> bool:
+        """True if the grid has a feeder meter (and so a feeder check per block)."""
+        return self.feeder_serial != ""
 
     def to_json(self) -> dict[str, object]:
         """Canonical fields (k as a fraction string).
 
-        ``slot_seconds`` is left out at its default (900), so the genesis hash, genesis files
-        and ledgers of grids created before the field existed stay valid."""
+        ``slot_seconds`` is left out at its default (900), and the four ``feeder_*`` fields
+        unless the grid has a feeder meter, so the genesis hash, genesis files and ledgers of
+        grids created before the fields existed stay valid."""
         doc: dict[str, object] = {
             "grid": self.grid,
             "operator": self.operator,
@@ -138,6 +182,11 @@ class MarketConfig:
         }
         if self.slot_seconds != DEFAULT_SLOT_SECONDS:
             doc["slot_seconds"] = self.slot_seconds
+        if self.has_feeder:
+            doc["feeder_serial"] = self.feeder_serial
+            doc["feeder_max_power_w"] = self.feeder_max_power_w
+            doc["feeder_loss_permille"] = self.feeder_loss_permille
+            doc["feeder_tolerance_wh"] = self.feeder_tolerance_wh
         return doc
 
     def genesis_hash(self) -> str:
@@ -232,6 +281,10 @@ class State:
     pending_readings: dict[int, dict[str, MeterReading]] = field(default_factory=dict)
     baselines: dict[str, MeterReading] = field(default_factory=dict)
     """The last reading each household's settlement used."""
+    pending_feeder: dict[int, FeederReading] = field(default_factory=dict)
+    """Closed, unsettled slots: the feeder reading accepted for each."""
+    feeder_baseline: FeederReading | None = None
+    """The last feeder reading a settlement used."""
     closed_through: int | None = None
     settled_through: int | None = None
     balances: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -258,6 +311,8 @@ def apply(state: State, command: Command) -> tuple[State, list[Event]]:
             events = _cancel_order(state, command)
         elif isinstance(command, MeterReading):
             events = _submit_reading(state, command)
+        elif isinstance(command, FeederReading):
+            events = _submit_feeder_reading(state, command)
         elif isinstance(command, MemberRegistration):
             events = _register(state, command)
         elif isinstance(command, CloseGate):
@@ -281,7 +336,7 @@ def _authenticate(state: State, record: SignedRecord) -> None:
     if record.grid != state.config.grid:
         raise Rejection(RejectReason.WRONG_GRID, f"record is for grid {record.grid!r}")
     author = record.author
-    if isinstance(record, MemberRegistration):
+    if isinstance(record, (MemberRegistration, FeederReading)):
         if author != state.config.operator:
             raise Rejection(RejectReason.NOT_OPERATOR, f"{author} is not the grid operator")
     elif author not in state.members:
@@ -404,6 +459,18 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
         if r is not None and r.meter_serial == reading.meter_serial
     ]
     max_power_w = state.members[reading.household].max_power_w
+    _check_counters(reading, known, max_power_w, state.config.slot_seconds)
+
+
+def _check_counters(
+    reading: MeterReading | FeederReading,
+    known: Sequence[MeterReading | FeederReading],
+    max_power_w: int,
+    slot_seconds: int,
+) -> None:
+    """Compare ``reading`` with every ``known`` reading of the same meter: no counter below an
+    earlier one or above a later one (``counter_regression``), no rise beyond
+    :func:`plausible_rise_wh` between the two (``implausible_reading``)."""
     for other in known:
         earlier = other.slot < reading.slot
         if earlier and (other.import_wh > reading.import_wh or other.export_wh > reading.export_wh):
@@ -421,7 +488,7 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
             )
         first, last = (other, reading) if earlier else (reading, other)
         slots = last.slot - first.slot
-        limit = plausible_rise_wh(max_power_w, state.config.slot_seconds, slots)
+        limit = plausible_rise_wh(max_power_w, slot_seconds, slots)
         for name in ("import_wh", "export_wh"):
             rise = getattr(last, name) - getattr(first, name)
             if rise > limit:
@@ -429,8 +496,38 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
                     RejectReason.IMPLAUSIBLE_READING,
                     f"{name} rose {rise} Wh from slot {first.slot} to {last.slot}: at most "
                     f"{limit} Wh at {max_power_w} W over {slots} x "
-                    f"{state.config.slot_seconds} s (+{READING_SLACK_WH} Wh)",
+                    f"{slot_seconds} s (+{READING_SLACK_WH} Wh)",
                 )
+
+
+def _submit_feeder_reading(state: State, reading: FeederReading) -> list[Event]:
+    """The operator's feeder-meter reading of a closed, unsettled slot (one per slot)."""
+    _authenticate(state, reading)
+    cfg = state.config
+    if not cfg.has_feeder:
+        raise Rejection(RejectReason.UNKNOWN_METER, "this grid has no feeder meter")
+    if reading.meter_serial != cfg.feeder_serial:
+        raise Rejection(
+            RejectReason.UNKNOWN_METER,
+            f"meter {reading.meter_serial!r} is not the feeder meter {cfg.feeder_serial!r}",
+        )
+    if state.closed_through is None or reading.slot > state.closed_through:
+        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {reading.slot} not closed")
+    if state.settled_through is not None and reading.slot <= state.settled_through:
+        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {reading.slot} is already settled")
+    if reading.slot in state.pending_feeder:
+        raise Rejection(
+            RejectReason.DUPLICATE_READING, f"feeder of slot {reading.slot} already read"
+        )
+    known = [
+        r
+        for r in (state.feeder_baseline, *state.pending_feeder.values())
+        if r is not None and r.meter_serial == reading.meter_serial
+    ]
+    _check_counters(reading, known, cfg.feeder_max_power_w, cfg.slot_seconds)
+    _consume_nonce(state, reading)
+    state.pending_feeder[reading.slot] = reading
+    return [FeederReadingAccepted(reading)]
 
 
 # --- leader-proposed system commands ------------------------------------------------------------
@@ -503,6 +600,7 @@ def _settle(state: State, slot: int) -> list[Event]:
         used.append(reading)
 
     transactions, settlements = settle_slot(slot, trades, households, metered, state.config.tariffs)
+    feeder = _feeder_check(state, slot, settlements)
     for tx in transactions:
         for p in tx.postings:
             key = (p.account, p.asset)
@@ -523,6 +621,7 @@ def _settle(state: State, slot: int) -> list[Event]:
         reading_root=reading_root,
         state_hash=state_hash(height, state.balances),
         tx_count=len(transactions),
+        feeder=None if feeder is None else feeder.hash,
     )
     state.height = height
     state.head_hash = block.hash
@@ -530,9 +629,38 @@ def _settle(state: State, slot: int) -> list[Event]:
     reputation = tuple((did, replace(state.reputation[did])) for did in households)
     return [
         SlotSettled(
-            slot, block, tuple(transactions), tuple(settlements), tuple(used), trades, reputation
+            slot,
+            block,
+            tuple(transactions),
+            tuple(settlements),
+            tuple(used),
+            trades,
+            reputation,
+            feeder,
         )
     ]
+
+
+def _feeder_check(
+    state: State, slot: int, settlements: Sequence[HouseholdSettlement]
+) -> FeederCheck | None:
+    """The feeder check of ``slot`` (None without a feeder meter); the reading it used becomes
+    the feeder baseline."""
+    cfg = state.config
+    if not cfg.has_feeder:
+        return None
+    reading = state.pending_feeder.pop(slot, None)
+    check = feeder_check(
+        slot,
+        reading,
+        state.feeder_baseline,
+        (HouseholdFlow(s.measured, s.import_wh, s.export_wh) for s in settlements),
+        loss_permille=cfg.feeder_loss_permille,
+        tolerance_wh=cfg.feeder_tolerance_wh,
+    )
+    if reading is not None:
+        state.feeder_baseline = reading
+    return check
 
 
 def reading_leaf(reading: MeterReading) -> bytes:
@@ -553,6 +681,9 @@ def _update_reputation(
 
 
 __all__ = [
+    "DEFAULT_FEEDER_LOSS_PERMILLE",
+    "DEFAULT_FEEDER_MAX_POWER_W",
+    "DEFAULT_FEEDER_TOLERANCE_WH",
     "MarketConfig",
     "Member",
     "NonceWindow",

@@ -192,6 +192,16 @@ def create_genesis(
     return replace(unsigned, signature=operator.sign(unsigned.signing_bytes()))
 
 
+_FEEDER_FIELDS = (
+    "feeder_serial",
+    "feeder_max_power_w",
+    "feeder_loss_permille",
+    "feeder_tolerance_wh",
+)
+"""Optional market rules of a grid with a feeder meter (``MarketConfig.to_json`` writes them
+only then, so genesis files of grids without one are unchanged)."""
+
+
 def _market_from_json(doc: Any) -> MarketConfig:
     if not isinstance(doc, Mapping):
         raise GenesisFormatError("market: expected an object")
@@ -199,16 +209,28 @@ def _market_from_json(doc: Any) -> MarketConfig:
         "grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k",
         "slot_horizon", "max_order_wh", "nonce_window",
     }  # fmt: skip
-    # slot_seconds is optional: MarketConfig.to_json leaves it out at its default (900)
-    wrong = (set(doc) ^ expected) - {"slot_seconds"}
+    # slot_seconds is optional: MarketConfig.to_json leaves it out at its default (900); the
+    # feeder_* fields come all four (a grid with a feeder meter) or not at all
+    wrong = (set(doc) ^ expected) - {"slot_seconds", *_FEEDER_FIELDS}
     if wrong:
         raise GenesisFormatError(f"market: fields {sorted(wrong)} missing or unexpected")
-    for name in ("grid", "operator", "mechanism", "k"):
+    feeder = set(doc) & set(_FEEDER_FIELDS)
+    if feeder and feeder != set(_FEEDER_FIELDS):
+        missing = sorted(set(_FEEDER_FIELDS) - feeder)
+        raise GenesisFormatError(f"market: feeder fields {missing} missing")
+    strings = ["grid", "operator", "mechanism", "k"]
+    if feeder:
+        strings.append("feeder_serial")
+    for name in strings:
         if not isinstance(doc[name], str):
             raise GenesisFormatError(f"market.{name}: expected a string")
+    if feeder and not doc["feeder_serial"]:
+        raise GenesisFormatError("market.feeder_serial: empty (leave the feeder fields out)")
     integers = ["feed_in_tariff", "retail_price", "slot_horizon", "max_order_wh", "nonce_window"]
     if "slot_seconds" in doc:
         integers.append("slot_seconds")
+    if feeder:
+        integers.extend(_FEEDER_FIELDS[1:])
     for name in integers:
         if type(doc[name]) is not int:
             raise GenesisFormatError(f"market.{name}: expected an integer")
@@ -228,6 +250,7 @@ def _market_from_json(doc: Any) -> MarketConfig:
             max_order_wh=doc["max_order_wh"],
             nonce_window=doc["nonce_window"],
             slot_seconds=doc.get("slot_seconds", DEFAULT_SLOT_SECONDS),
+            **{name: doc[name] for name in _FEEDER_FIELDS if name in doc},
         )
     except (ValueError, ZeroDivisionError) as exc:
         raise GenesisFormatError(f"market: {exc}") from None

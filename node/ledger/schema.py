@@ -145,6 +145,28 @@ settlements = Table(
     Index("ix_settlements_household", "household", "slot"),
 )
 
+feeder_checks = Table(
+    "feeder_checks",
+    metadata,
+    # One row per block of a grid with a feeder meter (MarketConfig.feeder_serial): the
+    # operator-signed feeder reading the slot's check used (if any) and the comparison of the
+    # feeder's net import with the households' metered net import. Its canonical hash is the
+    # block header's ``feeder`` field, so a changed or deleted row breaks the block hash.
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("block_height", ForeignKey("blocks.height"), nullable=False, unique=True),
+    Column("status", String(24), nullable=False),
+    # ok | mismatch | no_feeder_reading | households_unmeasured
+    Column("meter_serial", Text, nullable=True),
+    Column("import_wh", BigInteger, nullable=True),
+    Column("export_wh", BigInteger, nullable=True),
+    Column("nonce", BigInteger, nullable=True),
+    Column("signature", String(128), nullable=True),
+    Column("feeder_net_wh", BigInteger, nullable=True),
+    Column("households_net_wh", BigInteger, nullable=True),
+    Column("difference_wh", BigInteger, nullable=True),
+    Column("allowed_loss_wh", BigInteger, nullable=True),
+)
+
 households = Table(
     "households",
     metadata,

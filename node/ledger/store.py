@@ -2,8 +2,9 @@
 
 A node applies a committed log entry to the engine and hands the resulting events, with the
 entry's log index, to :meth:`LedgerStore.record`: blocks, their transactions and postings,
-balances, orders, trades, readings and the applied index land together or not at all, so a
-restart neither loses nor re-applies an entry and nothing half-written reaches the ledger.
+balances, orders, trades, readings, the feeder check and the applied index land together or
+not at all, so a restart neither loses nor re-applies an entry and nothing half-written reaches
+the ledger.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from market.bounds import STORE_INT
 from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
+from market.feeder import FeederCheck
 from market.models import Trade
 from market.state import MarketConfig
 from node.ledger import schema as t
@@ -244,7 +246,11 @@ def write_trades(conn: Connection, trades: Iterable[Trade]) -> None:
 
 def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
     b = ev.block
-    conn.execute(insert(t.blocks).values(hash=b.hash, **b.to_json()))
+    header = b.to_json()
+    header.pop("feeder", None)  # not a column: recomputed from the feeder_checks row
+    conn.execute(insert(t.blocks).values(hash=b.hash, **header))
+    if ev.feeder is not None:
+        conn.execute(insert(t.feeder_checks).values(feeder_check_row(ev.feeder, b.height)))
     deltas: dict[tuple[str, str], int] = {}
     for pos, tx in enumerate(ev.transactions):
         tx_pk = conn.execute(
@@ -313,6 +319,11 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
                 reputation_permille=rep.score_permille,
             )
         )
+
+
+def feeder_check_row(check: FeederCheck, block_height: int) -> dict[str, Any]:
+    """The ``feeder_checks`` row of a block's feeder check."""
+    return {"slot": check.slot, "block_height": block_height, **check.to_json()}
 
 
 def _apply_balance_deltas(conn: Connection, deltas: dict[tuple[str, str], int]) -> None:

@@ -27,13 +27,19 @@ A chunk (:func:`export_blocks`) is ``microgrid/blocksync/v1\\n`` + canonical JSO
                  "readings": [{grid, household, meter_serial, slot, import_wh, export_wh,
                                nonce, signature}],
                  "settlements": [{household, measured, import_wh, export_wh, sold_wh,
-                                  bought_wh, imbalance_wh, delivered_wh, consumed_wh}]}],
+                                  bought_wh, imbalance_wh, delivered_wh, consumed_wh}],
+                 "feeder": {status, meter_serial, import_wh, export_wh, nonce, signature,
+                            feeder_net_wh, households_net_wh, difference_wh,
+                            allowed_loss_wh}}],
      "gates": [{slot, mechanism, price, volume_wh, bid_volume_wh, ask_volume_wh, order_count,
                 participants, "orders": [{order_id, household, side, quantity_wh, price,
                                           nonce, signature}],
                 "trades": [{buy_id, sell_id, buyer, seller, quantity_wh, price,
                             sell_price}]}],
-     "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count]]}
+     "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count, feeder]]}
+
+``feeder`` (the block's ``feeder_checks`` row; in a link, its hash) is there only in a grid with
+a feeder meter: a grid without one exchanges exactly the chunks it did before.
 
 List order is row order (``position``). ``gates`` holds the gate closures (clearing, book,
 trades) of the blocks' slots and, when the chunk reaches the requested last height, of up to
@@ -58,6 +64,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from market.encoding import EncodingError, canonical_bytes
 from market.events import GateClosed
+from market.feeder import FeederCheck, FeederStatus
 from market.ledger import Block
 from market.models import Order, Trade
 from market.snapshot import config_from_json
@@ -272,8 +279,35 @@ def _block_doc(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in _HEADER_FIELDS}
 
 
+_FEEDER_FIELDS = (
+    "status",
+    "meter_serial",
+    "import_wh",
+    "export_wh",
+    "nonce",
+    "signature",
+    "feeder_net_wh",
+    "households_net_wh",
+    "difference_wh",
+    "allowed_loss_wh",
+)
+"""A chunk's ``feeder`` object: the ``feeder_checks`` row without slot and block height."""
+
+
+def _feeder_hash(doc: dict[str, Any] | None) -> str | None:
+    """The block header's ``feeder`` field for a chunk's ``feeder`` object (None: no feeder).
+    Raises :class:`BlockSyncError` ``malformed`` for an unknown status."""
+    if doc is None:
+        return None
+    try:
+        status = FeederStatus(doc["status"])
+    except ValueError:
+        raise BlockSyncError("malformed", f"feeder status {doc['status']!r} is unknown") from None
+    return FeederCheck(0, status, *(doc[k] for k in _FEEDER_FIELDS[1:])).hash
+
+
 def _link_doc(row: dict[str, Any]) -> list[Any]:
-    return [
+    doc = [
         row["slot"],
         row["tx_root"],
         row["trade_root"],
@@ -281,6 +315,18 @@ def _link_doc(row: dict[str, Any]) -> list[Any]:
         row["state_hash"],
         row["tx_count"],
     ]
+    if row.get("feeder") is not None:
+        doc.append(_feeder_hash(row["feeder"]))
+    return doc
+
+
+def _feeder_docs(conn: Connection, first: int, last: int) -> dict[int, dict[str, Any]]:
+    """The ``feeder_checks`` rows of blocks ``first..last`` as chunk objects, by height."""
+    f = t.feeder_checks.c
+    return {
+        r["block_height"]: {k: r[k] for k in _FEEDER_FIELDS}
+        for r in _rows(conn, select(t.feeder_checks).where(f.block_height.between(first, last)))
+    }
 
 
 def _gate_docs(conn: Connection, lo: int | None, hi: int) -> dict[int, dict[str, Any]]:
@@ -343,6 +389,9 @@ def export_blocks(store: LedgerStore, first: int, last: int) -> bytes:
         if not headers:
             raise BlockSyncError("not_available", f"block {first} is not in this ledger")
         last = headers[-1]["height"]
+        feeders = _feeder_docs(conn, first, last)
+        for h in headers:
+            h["feeder"] = feeders.get(h["height"])
         prev_slot = conn.execute(select(b.slot).where(b.height == first - 1)).scalar()
         candidates = headers[:MAX_CHUNK_BLOCKS]
         hi = candidates[-1]["slot"]
@@ -386,6 +435,8 @@ def _block_bodies(conn: Connection, headers: list[dict[str, Any]]) -> list[dict[
             "readings": [],
             "settlements": [],
         }
+        if h["feeder"] is not None:
+            by_height[h["height"]]["feeder"] = h["feeder"]
     slot_height = {h["slot"]: h["height"] for h in headers}
     for r in txs:
         by_height[r["block_height"]]["transactions"].append(
@@ -546,15 +597,22 @@ def _list(item: Check) -> Check:
     return check
 
 
-def _obj(spec: dict[str, Check]) -> Check:
+def _obj(spec: dict[str, Check], optional: dict[str, Check] | None = None) -> Check:
+    """An object of exactly the fields of ``spec``, plus any of ``optional``."""
+    extra_spec = optional or {}
+
     def check(v: Any, where: str) -> None:
         if type(v) is not dict:
             raise _bad(where, f"expected an object, got {type(v).__name__}")
-        if set(v) != set(spec):
-            extra, missing = sorted(set(v) - set(spec)), sorted(set(spec) - set(v))
+        if set(v) - set(extra_spec) != set(spec):
+            extra = sorted(set(v) - set(spec) - set(extra_spec))
+            missing = sorted(set(spec) - set(v))
             raise _bad(where, f"unknown fields {extra}, missing fields {missing}")
         for key, item in spec.items():
             item(v[key], f"{where}.{key}")
+        for key, item in extra_spec.items():
+            if key in v:
+                item(v[key], f"{where}.{key}")
 
     return check
 
@@ -565,6 +623,22 @@ def _tuple(*items: Check) -> Check:
             raise _bad(where, f"expected a list of {len(items)}")
         for i, (x, item) in enumerate(zip(v, items, strict=True)):
             item(x, f"{where}[{i}]")
+
+    return check
+
+
+def _link_item(v: Any, where: str) -> None:
+    """A link header: six items, a seventh (the feeder check hash) in a grid with a feeder."""
+    if type(v) is list and len(v) == 7:
+        _tuple(_int, _hex, _hex, _hex, _hex, _nat, _hex)(v, where)
+    else:
+        _tuple(_int, _hex, _hex, _hex, _hex, _nat)(v, where)
+
+
+def _opt(item: Check) -> Check:
+    def check(v: Any, where: str) -> None:
+        if v is not None:
+            item(v, where)
 
     return check
 
@@ -630,7 +704,23 @@ _CHUNK = _obj(
                             }
                         )
                     ),
-                }
+                },
+                {
+                    "feeder": _obj(
+                        {
+                            "status": _str(24),
+                            "meter_serial": _opt(_str(128)),
+                            "import_wh": _opt_int,
+                            "export_wh": _opt_int,
+                            "nonce": _opt_int,
+                            "signature": _opt(_str(128)),
+                            "feeder_net_wh": _opt_int,
+                            "households_net_wh": _opt_int,
+                            "difference_wh": _opt_int,
+                            "allowed_loss_wh": _opt_int,
+                        }
+                    )
+                },
             )
         ),
         "gates": _list(
@@ -673,7 +763,7 @@ _CHUNK = _obj(
                 }
             )
         ),
-        "link": _list(_tuple(_int, _hex, _hex, _hex, _hex, _nat)),
+        "link": _list(_link_item),
     }
 )
 
@@ -786,7 +876,7 @@ def _import(conn: Connection, chunk: dict[str, Any]) -> list[tuple[int, int]]:
     prev = before.hash if before is not None else meta["genesis_hash"]
     for blk in blocks:
         where = f"block {blk['height']} (slot {blk['slot']})"
-        header = Block(*(blk[k] for k in _HEADER_FIELDS[:-1]))
+        header = Block(*(blk[k] for k in _HEADER_FIELDS[:-1]), _feeder_hash(blk.get("feeder")))
         if header.hash != blk["hash"]:
             raise BlockSyncError("bad_block", f"{where}: header fields do not hash to its hash")
         if blk["prev_hash"] != prev:
@@ -803,11 +893,11 @@ def _import(conn: Connection, chunk: dict[str, Any]) -> list[tuple[int, int]]:
             f"chunk ends at block {m} and links only to {m + len(link)}, short of the gap's "
             f"end {gap.last}: ask for the whole missing range",
         )
-    for j, (slot, tx_root, trade_root, reading_root, state_h, tx_count) in enumerate(
+    for j, (slot, tx_root, trade_root, reading_root, state_h, tx_count, *feeder) in enumerate(
         link[: gap.last - m]
     ):
         prev = Block(
-            m + 1 + j, slot, prev, tx_root, trade_root, reading_root, state_h, tx_count
+            m + 1 + j, slot, prev, tx_root, trade_root, reading_root, state_h, tx_count, *feeder
         ).hash
     anchor = gap.head or _successor_prev_hash(conn, gap.last)
     if prev != anchor:
@@ -1019,6 +1109,12 @@ def _insert(
                 deltas[(acc, asset)] = deltas.get((acc, asset), 0) + amount
         _put(conn, t.readings, [{"position": i, **r} for i, r in enumerate(blk["readings"])])
         _put(conn, t.settlements, [{"slot": blk["slot"], **s} for s in blk["settlements"]])
+        if "feeder" in blk:
+            _put(
+                conn,
+                t.feeder_checks,
+                [{"slot": blk["slot"], "block_height": blk["height"], **blk["feeder"]}],
+            )
     for g, have_trades in gates:
         rows = _gate_rows(g)
         _put(conn, t.clearings, [rows["clearing"]])

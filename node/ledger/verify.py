@@ -3,8 +3,12 @@
 Checks, block by block in height order: heights are contiguous from 1; each block points to the
 previous block's hash (the first to the genesis hash in ``meta``); every transaction's id matches
 its postings and its postings sum to zero per asset; the block's transaction, trade and reading
-Merkle roots; every reading's signature; the state hash over the running balances; the block's
-own hash. Finally the ``balances`` table must equal the sum of all postings.
+Merkle roots; every reading's signature; the state hash over the running balances; in a grid with
+a feeder meter (``feeder_serial`` in the market rules in ``meta``), the block's ``feeder_checks``
+row: the feeder reading's operator signature, and the check recomputed from that reading, the
+previous block's and the slot's ``settlements`` rows; the block's own hash, with the row's hash
+as its ``feeder`` field. Finally the ``balances`` table must equal the sum of all postings (and
+no feeder row may lie outside the blocks).
 
 A ledger with a block-sync gap (``meta.block_sync_needed``, left by an installed Raft snapshot,
 see :mod:`node.ledger.sync`) is verified up to the first missing height and then reported as
@@ -13,17 +17,21 @@ incomplete ("blocks 5..9 missing: block sync pending"); once the gap is filled i
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from itertools import groupby
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from market.feeder import FeederCheck, FeederStatus, HouseholdFlow, feeder_check
 from market.ledger import ASSETS, Block, Posting, Transaction, roots, state_hash
-from market.models import MeterReading, Trade
-from market.state import reading_leaf
+from market.models import FeederReading, MeterReading, Trade
+from market.snapshot import SnapshotError, config_from_json
+from market.state import MarketConfig, reading_leaf
 from node.ledger import schema as t
 from node.ledger.store import make_engine
 
@@ -129,6 +137,14 @@ def _verify(
     if "genesis_hash" not in meta:
         raise LedgerFault("meta table has no genesis_hash: not a microgrid ledger")
     prev_hash = meta["genesis_hash"]
+    config = _config(meta)
+    feeder_config = config if config is not None and config.has_feeder else None
+    if feeder_config is None:
+        stray = conn.execute(select(t.feeder_checks.c.block_height).limit(1)).scalar()
+        if stray is not None:
+            raise LedgerFault(f"block {stray}: a feeder check row in a grid without a feeder meter")
+    feeder_rows = 0
+    feeder_baseline: FeederReading | None = None
     balances: dict[tuple[str, str], int] = {}
     pending = pending_ranges(meta) if upto is None else []
     limit = upto if upto is not None else (pending[0][0] - 1 if pending else None)
@@ -137,6 +153,12 @@ def _verify(
         prev_hash = before.scalar()
         if prev_hash is None:
             raise LedgerFault(f"block {start - 1}, where verification starts, is missing")
+        if feeder_config is not None:
+            before_row = conn.execute(
+                select(t.feeder_checks).where(t.feeder_checks.c.block_height == start - 1)
+            ).first()
+            if before_row is not None:
+                feeder_baseline = _feeder_reading(before_row, feeder_config, f"block {start - 1}")
         p, tx = t.postings.c, t.transactions.c
         for row in conn.execute(
             select(p.account, p.asset, func.sum(p.amount).label("amount"))
@@ -241,6 +263,21 @@ def _verify(
             )
         if state_hash(row.height, balances) != row.state_hash:
             raise LedgerFault(f"{where}: state hash does not match the balances after this block")
+        feeder_hash = None
+        if feeder_config is not None:
+            feeder_row = conn.execute(
+                select(t.feeder_checks).where(t.feeder_checks.c.block_height == row.height)
+            ).first()
+            if feeder_row is None:
+                raise LedgerFault(f"{where}: the feeder check row is missing")
+            feeder_rows += 1
+            check = _check_feeder_row(
+                conn, feeder_row, row.slot, feeder_config, feeder_baseline, where
+            )
+            feeder_hash = check.hash
+            reading = _feeder_reading(feeder_row, feeder_config, where)
+            if reading is not None:
+                feeder_baseline = reading
         block = Block(
             row.height,
             row.slot,
@@ -250,6 +287,7 @@ def _verify(
             row.reading_root,
             row.state_hash,
             row.tx_count,
+            feeder_hash,
         )
         if block.hash != row.hash:
             raise LedgerFault(f"{where}: header fields do not hash to the stored block hash")
@@ -277,6 +315,12 @@ def _verify(
         total = sum(v for (_, a), v in balances.items() if a == asset)
         if total != 0:
             raise LedgerFault(f"total {asset} over all accounts is {total}, not 0")
+    if start == 1 and feeder_config is not None:
+        total_rows = conn.execute(select(func.count()).select_from(t.feeder_checks)).scalar()
+        if total_rows != feeder_rows:
+            raise LedgerFault(
+                f"{total_rows} feeder check rows, but {feeder_rows} blocks with a feeder check"
+            )
     stored = {(r.account, r.asset): r.amount for r in conn.execute(select(t.balances))}
     if stored != balances:
         diff = sorted(set(stored.items()) ^ set(balances.items()))[:1]
@@ -287,3 +331,91 @@ def _verify(
 
 def _gap_list(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(f"{a}..{b}" for a, b in ranges)
+
+
+def _config(meta: dict[str, str]) -> MarketConfig | None:
+    """The market rules in ``meta`` (None if there are none: then no feeder checks)."""
+    if "config" not in meta:
+        return None
+    try:
+        return config_from_json(json.loads(meta["config"]))
+    except (ValueError, SnapshotError) as exc:
+        raise LedgerFault(f"meta config is unreadable: {exc}") from None
+
+
+_READING_COLUMNS = ("meter_serial", "import_wh", "export_wh", "nonce", "signature")
+
+
+def _feeder_reading(row: Any, config: MarketConfig, where: str) -> FeederReading | None:
+    """The operator-signed feeder reading a ``feeder_checks`` row holds (None if the row has
+    none); :class:`LedgerFault` if it is partial, malformed or its signature does not verify."""
+    values = [getattr(row, c) for c in _READING_COLUMNS]
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise LedgerFault(f"{where}: the feeder check row holds a partial feeder reading")
+    try:
+        reading = FeederReading(
+            grid=config.grid,
+            operator=config.operator,
+            slot=row.slot,
+            **dict(zip(_READING_COLUMNS, values, strict=True)),
+        )
+    except ValueError as exc:
+        raise LedgerFault(f"{where}: the feeder reading is malformed: {exc}") from None
+    if not reading.verify(config.operator):
+        raise LedgerFault(f"{where}: the feeder reading has an invalid operator signature")
+    return reading
+
+
+def _check_feeder_row(
+    conn: Connection,
+    row: Any,
+    slot: int,
+    config: MarketConfig,
+    baseline: FeederReading | None,
+    where: str,
+) -> FeederCheck:
+    """Recompute the feeder check of ``slot`` from the row's reading, the previous block's
+    (``baseline``) and the slot's settlements rows; it must equal the row."""
+    if row.slot != slot:
+        raise LedgerFault(f"{where}: the feeder check row is of slot {row.slot}")
+    try:
+        status = FeederStatus(row.status)
+    except ValueError:
+        raise LedgerFault(f"{where}: feeder check status {row.status!r} is unknown") from None
+    stored = FeederCheck(
+        slot,
+        status,
+        row.meter_serial,
+        row.import_wh,
+        row.export_wh,
+        row.nonce,
+        row.signature,
+        row.feeder_net_wh,
+        row.households_net_wh,
+        row.difference_wh,
+        row.allowed_loss_wh,
+    )
+    reading = _feeder_reading(row, config, where)
+    s = t.settlements.c
+    flows = [
+        HouseholdFlow(bool(r.measured), r.import_wh, r.export_wh)
+        for r in conn.execute(
+            select(s.measured, s.import_wh, s.export_wh).where(s.slot == slot).order_by(s.household)
+        )
+    ]
+    recomputed = feeder_check(
+        slot,
+        reading,
+        baseline,
+        flows,
+        loss_permille=config.feeder_loss_permille,
+        tolerance_wh=config.feeder_tolerance_wh,
+    )
+    if recomputed != stored:
+        raise LedgerFault(
+            f"{where}: feeder check row does not match its reading, the previous feeder reading "
+            f"and the settlements (row {status}, recomputed {recomputed.status})"
+        )
+    return stored

@@ -20,6 +20,7 @@ from market.models import (
     CancelOrder,
     Command,
     CommandDecodeError,
+    FeederReading,
     decode_batch,
     decode_batch_lenient,
     decode_command,
@@ -48,7 +49,16 @@ def seed_commands() -> tuple[Command, ...]:
     cancel = CancelOrder(
         grid=sim.config.grid, household=home.did, order_id=order.id, nonce=99
     ).signed_by(home)
-    return (*commands, cancel)
+    feeder = FeederReading(
+        grid=sim.config.grid,
+        operator=sim.operator.did,
+        meter_serial="FEEDER 1",
+        slot=41,
+        import_wh=12_345,
+        export_wh=678,
+        nonce=41 * 4 + 2,
+    ).signed_by(sim.operator)
+    return (*commands, cancel, feeder)
 
 
 def check_command_round_trip(command: Command) -> None:
@@ -136,7 +146,9 @@ def test_lenient_batch_decoding_reports_each_bad_command(data: bytes) -> None:
 
 def test_seed_commands_cover_every_kind_and_round_trip() -> None:
     kinds = {c.type for c in seed_commands()}
-    assert kinds == {"registration", "order", "cancel", "reading", "close_gate", "settle"}
+    assert kinds == {
+        "registration", "order", "cancel", "reading", "feeder_reading", "close_gate", "settle"
+    }  # fmt: skip
     for command in seed_commands():
         check_command_round_trip(command)
     check_batch_round_trip(list(seed_commands()))

@@ -27,13 +27,21 @@ from tests.fuzz.strategies import (
     prefixed,
     raw_bytes,
 )
+from tests.ledger.feeder_grid import feeder_commands
 
 PREFIX = b"microgrid/snapshot/v1\n"
 
 
 @cache
 def valid_dumps() -> tuple[bytes, ...]:
-    """Dumps of one simulated grid's state after several cut points of its command log."""
+    """Dumps of one simulated grid's state after several cut points of its command log, and of
+    a grid with a feeder meter (pending feeder readings, a feeder baseline)."""
+    return plain_dumps() + feeder_dumps()
+
+
+@cache
+def plain_dumps() -> tuple[bytes, ...]:
+    """Dumps of a grid without a feeder meter."""
     sim = simulate.build(3, 5)
     commands = list(simulate.commands(sim, 4, first_slot=40))
     state = State.initial(sim.config)
@@ -42,6 +50,20 @@ def valid_dumps() -> tuple[bytes, ...]:
         state, _ = apply(state, cmd)
         if i % 5 == 4:
             out.append(dump_state(state))
+    return tuple(out)
+
+
+@cache
+def feeder_dumps() -> tuple[bytes, ...]:
+    """Dumps of a grid with a feeder meter, each with a pending feeder reading."""
+    config, commands = feeder_commands(2, 4, 5)
+    state = State.initial(config)
+    out = []
+    for cmd in commands:
+        state, _ = apply(state, cmd)
+        if state.pending_feeder:
+            out.append(dump_state(state))
+    assert out and state.feeder_baseline is not None
     return tuple(out)
 
 
@@ -68,18 +90,29 @@ def test_load_state_raises_only_snapshot_error(data: bytes) -> None:
 
 
 def _body_with(**changes: object) -> bytes:
-    body = json.loads(valid_dumps()[-1][len(PREFIX) :])
+    body = json.loads(plain_dumps()[-1][len(PREFIX) :])
     body.update(changes)
     return PREFIX + json.dumps(body).encode()
 
 
 def _config_with(**changes: object) -> dict[str, object]:
-    return {**json.loads(valid_dumps()[0][len(PREFIX) :])["config"], **changes}
+    return {**json.loads(plain_dumps()[0][len(PREFIX) :])["config"], **changes}
+
+
+def _feeder_body_with(**changes: object) -> bytes:
+    body = json.loads(feeder_dumps()[-1][len(PREFIX) :])
+    body.update(changes)
+    return PREFIX + json.dumps(body).encode()
+
+
+def _feeder_reading(**changes: object) -> dict[str, object]:
+    body = json.loads(feeder_dumps()[-1][len(PREFIX) :])
+    return {**next(iter(body["pending_feeder"].values())), **changes}
 
 
 def _first(field: str) -> tuple[str, object]:
     """The first key and value of a (non-empty) dict field of the last dump."""
-    return next(iter(json.loads(valid_dumps()[-1][len(PREFIX) :])[field].items()))
+    return next(iter(json.loads(plain_dumps()[-1][len(PREFIX) :])[field].items()))
 
 
 MALFORMED = {
@@ -116,6 +149,36 @@ MALFORMED = {
     "balance amount is a float": _body_with(balances=[["grid", "money", 1.5]]),
     "closed_through is a string": _body_with(closed_through="40"),
     "NaN": _body_with(height=float("nan")),
+    # the feeder meter's fields
+    "feeder fields in a grid without feeder": _body_with(pending_feeder={}, feeder_baseline=None),
+    "feeder grid without pending_feeder": PREFIX
+    + json.dumps(
+        {
+            k: v
+            for k, v in json.loads(feeder_dumps()[-1][len(PREFIX) :]).items()
+            if k != "pending_feeder"
+        }
+    ).encode(),
+    "pending_feeder is a list": _feeder_body_with(pending_feeder=[]),
+    "feeder reading under another slot": _feeder_body_with(pending_feeder={"7": _feeder_reading()}),
+    "feeder reading of another meter": _feeder_body_with(
+        feeder_baseline=_feeder_reading(meter_serial="OTHER")
+    ),
+    "feeder reading counter is a string": _feeder_body_with(
+        feeder_baseline=_feeder_reading(import_wh="1")
+    ),
+    "feeder reading is a household reading": _feeder_body_with(
+        feeder_baseline={**_feeder_reading(type="reading")}
+    ),
+    "config with half the feeder fields": _body_with(
+        config=_config_with(feeder_serial="F", feeder_loss_permille=5)
+    ),
+    "config feeder_loss_permille above 1000": _feeder_body_with(
+        config={
+            **json.loads(feeder_dumps()[-1][len(PREFIX) :])["config"],
+            "feeder_loss_permille": 1001,
+        }
+    ),
 }
 
 

@@ -8,6 +8,7 @@ from market import (
     CancelOrder,
     CloseGate,
     Event,
+    FeederReading,
     MarketConfig,
     MemberRegistration,
     MeterReading,
@@ -36,14 +37,30 @@ class World:
     homes: dict[str, Signer] = field(default_factory=dict)
     nonces: dict[str, int] = field(default_factory=dict)
     mechanism: str = "uniform"
+    feeder_serial: str = ""
+    """A feeder meter's serial: "" is a grid without one."""
+    feeder_loss_permille: int = 50
+    feeder_tolerance_wh: int = 100
+    feeder_max_power_w: int = 1_000_000
 
     def __post_init__(self) -> None:
+        feeder = (
+            {
+                "feeder_serial": self.feeder_serial,
+                "feeder_loss_permille": self.feeder_loss_permille,
+                "feeder_tolerance_wh": self.feeder_tolerance_wh,
+                "feeder_max_power_w": self.feeder_max_power_w,
+            }
+            if self.feeder_serial
+            else {}
+        )
         self.config = MarketConfig(
             grid=GRID,
             operator=self.operator.did,
             feed_in_tariff=8,
             retail_price=32,
             mechanism=self.mechanism,
+            **feeder,  # type: ignore[arg-type]
         )
         self.state = State.initial(self.config)
 
@@ -94,6 +111,28 @@ class World:
             nonce=self.nonce(s.did),
         ).signed_by(s)
 
+    def feeder(
+        self,
+        slot: int,
+        imp: int,
+        exp: int,
+        *,
+        serial: str | None = None,
+        nonce: int | None = None,
+        signer: Signer | None = None,
+    ) -> FeederReading:
+        """The operator's feeder reading of ``slot`` (nonce ``slot * 4 + 2``, as nodes sign)."""
+        by = signer or self.operator
+        return FeederReading(
+            grid=GRID,
+            operator=by.did,
+            meter_serial=serial or self.feeder_serial or "FEEDER",
+            slot=slot,
+            import_wh=imp,
+            export_wh=exp,
+            nonce=slot * 4 + 2 if nonce is None else nonce,
+        ).signed_by(by)
+
     def cancel(self, name: str, order_id: str) -> CancelOrder:
         s = self.homes[name]
         return CancelOrder(
@@ -131,6 +170,8 @@ def _comparable(state: State) -> tuple:
         state.cleared,
         state.pending_readings,
         state.baselines,
+        state.pending_feeder,
+        state.feeder_baseline,
         state.closed_through,
         state.settled_through,
         state.balances,
