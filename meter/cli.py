@@ -24,6 +24,7 @@ import trio
 from meter.profile import ProfileError, available_profiles, load_profile
 from meter.reader import MeterConfig, MeterReader, PollResult
 from meter.sim.faults import FAULT_KINDS, parse_fault
+from meter.sim.feeder import DEFAULT_FEEDER_DEVICE, DEFAULT_FEEDER_LOSS
 from meter.sim.server import DEFAULT_START, MeterSimulator
 from meter.transport import Endpoint, SerialEndpoint, TcpEndpoint
 
@@ -71,6 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                      "(default: SDM630, every fourth household SunSpec)")
     sim.add_argument("--fault", action="append", default=[], metavar="DEV:KIND[=VALUE]",
                      help=f"fault at start ({', '.join(FAULT_KINDS)}); repeatable")
+    sim.add_argument("--feeder", action="store_true",
+                     help="also serve a feeder meter (the operator's meter at the transformer): "
+                     "the households' net flow plus line losses")
+    sim.add_argument("--feeder-device", type=int, default=DEFAULT_FEEDER_DEVICE,
+                     help=f"the feeder meter's device id (default {DEFAULT_FEEDER_DEVICE})")
+    sim.add_argument("--feeder-loss", type=float, default=DEFAULT_FEEDER_LOSS,
+                     help="line losses as a share of the energy the households move "
+                     f"(default {DEFAULT_FEEDER_LOSS})")
+    sim.add_argument("--feeder-profile", default="sdm630",
+                     help="the feeder meter's profile (default sdm630)")
     sim.add_argument("--duration", type=float, default=0.0,
                      help="stop after this many real seconds (default: run until Ctrl-C)")
     sim.add_argument("--status-every", type=float, default=10.0,
@@ -147,8 +158,9 @@ def _status(sim: MeterSimulator) -> str:
     imp = sum(1 for s in states.values() if s.power_w > 0)
     exp = sum(1 for s in states.values() if s.power_w < 0)
     net = sum(s.power_w for s in states.values())
+    feeder = "" if sim.feeder is None else f" feeder={sim.feeder_state().power_w:.0f} W"
     return (f"{sim.now():%Y-%m-%d %H:%M:%S} households={len(states)} importing={imp} "
-            f"exporting={exp} net={net:.0f} W requests={sim.requests}")
+            f"exporting={exp} net={net:.0f} W{feeder} requests={sim.requests}")
 
 
 def _command(sim: MeterSimulator, line: str) -> bool:
@@ -187,7 +199,9 @@ def cmd_sim(args: argparse.Namespace) -> int:
             seed=args.seed, host=args.host, port=args.port,
             port_per_household=args.port_per_household, serial_device=args.serial,
             serial_baudrate=args.baud, tcp=not args.no_tcp, speed=args.speed, start=args.start,
-            latitude=args.latitude, faults=args.fault,
+            latitude=args.latitude, faults=args.fault, feeder=args.feeder,
+            feeder_device=args.feeder_device, feeder_loss=args.feeder_loss,
+            feeder_profile=args.feeder_profile,
         )
         sim.start()
     except (ValueError, ProfileError, RuntimeError) as exc:
@@ -214,6 +228,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
         print(f"  device {d}: {c.profile}{model}"
               f" serial {c.serial} pv {c.pv_kwp} kWp load {c.annual_kwh:.0f} kWh/a"
               f" battery {c.battery_kwh} kWh", flush=True)
+    if sim.feeder is not None:
+        f = sim.feeder.config
+        print(f"  device {f.device_id}: feeder {f.profile} serial {f.serial} loss {f.loss:g}",
+              flush=True)
     started = time.monotonic()
     next_status = started + args.status_every if args.status_every > 0 else float("inf")
     try:

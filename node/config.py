@@ -28,6 +28,13 @@ profile = "sdm630"               # a shipped profile name or a .toml path
 endpoint = "tcp://192.168.1.50:502"   # or "rtu:///dev/ttyUSB0?baudrate=9600&parity=N"
 device_id = 1
 
+[feeder]                         # optional: the grid operator's feeder meter (operator node)
+name = "feeder"
+profile = "sdm630"
+endpoint = "tcp://192.168.1.60:502"
+device_id = 100
+operator_key_path = "operator.key"   # the genesis operator's key (mode 0600)
+
 [strategy]                       # all optional
 sell_floor = 14                  # minor units per kWh
 buy_cap = 24
@@ -77,6 +84,15 @@ class MeterSetting:
 
 
 @dataclass(frozen=True)
+class FeederSetting:
+    """The feeder meter this node reads and signs for, as the grid operator (``[feeder]``)."""
+
+    meter: MeterSetting
+    operator_key_path: Path
+    """The genesis operator's key file (relative paths: to the config file's directory)."""
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Where a node finds its key and genesis, where it listens and keeps its data."""
 
@@ -102,6 +118,7 @@ class NodeConfig:
     raft_snapshot_entries: int = 5000
     meters: tuple[MeterSetting, ...] = ()
     strategy: Strategy = field(default_factory=Strategy)
+    feeder: FeederSetting | None = None
 
     @property
     def ledger_url(self) -> str:
@@ -175,6 +192,21 @@ def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
     raise ConfigError(f"{source}: {text!r} is not tcp://HOST:PORT or rtu:///DEVICE?baudrate=N")
 
 
+_METER_KEYS = {"name", "profile", "endpoint", "device_id"}
+
+
+def _meter(item: dict[str, Any], where: str) -> MeterSetting:
+    """One meter table's ``name``, ``profile``, ``endpoint`` and ``device_id``, checked."""
+    for key in ("name", "profile", "endpoint"):
+        if not isinstance(item.get(key), str) or not item[key]:
+            raise ConfigError(f"{where}: {key} must be a non-empty string")
+    device_id = item.get("device_id", 1)
+    if type(device_id) is not int or not 0 <= device_id <= 247:
+        raise ConfigError(f"{where}: device_id must be an integer in 0..247")
+    return MeterSetting(item["name"], item["profile"], parse_endpoint(item["endpoint"], where),
+                        device_id)  # fmt: skip
+
+
 def _meters(value: Any, source: str) -> tuple[MeterSetting, ...]:
     if not isinstance(value, list):
         raise ConfigError(f"{source}: meters must be a list of [[meters]] tables")
@@ -183,20 +215,28 @@ def _meters(value: Any, source: str) -> tuple[MeterSetting, ...]:
         where = f"{source}: meters[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where} must be a table")
-        unknown = set(item) - {"name", "profile", "endpoint", "device_id"}
+        unknown = set(item) - _METER_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
-        for key in ("name", "profile", "endpoint"):
-            if not isinstance(item.get(key), str) or not item[key]:
-                raise ConfigError(f"{where}: {key} must be a non-empty string")
-        device_id = item.get("device_id", 1)
-        if type(device_id) is not int or not 0 <= device_id <= 247:
-            raise ConfigError(f"{where}: device_id must be an integer in 0..247")
-        out.append(MeterSetting(item["name"], item["profile"],
-                                parse_endpoint(item["endpoint"], where), device_id))  # fmt: skip
+        out.append(_meter(item, where))
     if len({m.name for m in out}) != len(out):
         raise ConfigError(f"{source}: meter names must be unique")
     return tuple(out)
+
+
+def _feeder(value: Any, source: str) -> FeederSetting:
+    """``[feeder]``: a meter table like ``[[meters]]`` plus ``operator_key_path`` (kept
+    relative here; :func:`load_config` resolves it against the file's directory)."""
+    where = f"{source}: feeder"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [feeder] must be a table")
+    unknown = set(value) - _METER_KEYS - {"operator_key_path"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
+    key_path = value.get("operator_key_path")
+    if not isinstance(key_path, str) or not key_path:
+        raise ConfigError(f"{where}: operator_key_path must be a non-empty string path")
+    return FeederSetting(_meter(value, where), Path(key_path))
 
 
 def _strategy(value: Any, source: str) -> Strategy:
@@ -283,12 +323,17 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return _meters(value, source)
     if name == "strategy":
         return _strategy(value, source)
+    if name == "feeder":
+        return _feeder(value, source)
     raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
 
 
 def _check(config: NodeConfig, source: str) -> NodeConfig:
     if config.raft_election_ticks <= config.raft_heartbeat_ticks:
         raise ConfigError(f"{source}: raft_election_ticks must exceed raft_heartbeat_ticks")
+    if config.feeder is not None and config.feeder.meter.name in {m.name for m in config.meters}:
+        raise ConfigError(f"{source}: feeder: name {config.feeder.meter.name!r} is also a "
+                          "[[meters]] name; meter names must be unique")
     return config
 
 
@@ -322,9 +367,12 @@ def load_config(
             raise ConfigError(f"{path}: unknown settings {sorted(unknown)}")
         values = {k: _coerce(k, v, str(path)) for k, v in doc.items()}
         values = {k: base / v if k in _PATHS else v for k, v in values.items()}
+        feeder = values.get("feeder")
+        if feeder is not None and not feeder.operator_key_path.is_absolute():
+            values["feeder"] = replace(feeder, operator_key_path=base / feeder.operator_key_path)
         config = replace(config, **values)
     overrides = {}
-    for name in names - {"meters", "strategy"}:
+    for name in names - {"meters", "strategy", "feeder"}:
         env = ENV_PREFIX + name.upper()
         if env in environ:
             overrides[name] = _coerce(name, environ[env], env)

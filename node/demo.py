@@ -12,11 +12,18 @@ simulated households. The simulated clock runs during each slot but stands still
 ``freeze`` seconds, so the counters a node reads just after a slot boundary are exactly the
 meters' values at that boundary (recorded in ``truth.jsonl``; tests compare the ledgers with
 it). A real meter needs none of this: its slot is as long as the market's.
+
+With ``--feeder`` the simulator also serves a feeder meter (the operator's meter at the
+transformer: the households' net flow plus 2 % line losses, device 100), the genesis registers
+its serial (``feeder_serial``), and household h1 doubles as the operator's node: its config gets
+``[feeder]`` with the demo's operator key, so it signs and gossips a feeder reading per slot and
+every ledger records the slot's feeder check (``feeder_checks``; the table's last column).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -41,11 +48,13 @@ import trio
 from market.models import Role
 from market.state import MarketConfig
 from meter.reader import MeterConfig, MeterReader
+from meter.sim.feeder import DEFAULT_FEEDER_DEVICE
 from meter.sim.household import make_households
 from meter.sim.server import MeterSimulator
 from meter.transport import TcpEndpoint
 from node.genesis import create_genesis, write_genesis
 from node.identity import create_key_file
+from node.ledger import schema as t
 from node.ledger.verify import VerifyReport, verify_ledger
 from node.net.harness import free_ports
 from node.schedule import Schedule
@@ -53,6 +62,10 @@ from node.schedule import Schedule
 SIM_SLOT_SECONDS = 900
 SIM_START = dt.datetime(2025, 6, 21, 9, 0)
 """Mid-morning of a June day: PV households have surplus while others still draw."""
+FEEDER_PROFILE = "sdm630"
+FEEDER_MAX_HOUSEHOLDS = 10
+"""The simulated feeder is an SDM630 (69 kW rated, the reader's plausibility limit): enough for
+ten demo households' combined flow."""
 
 
 @dataclass
@@ -76,6 +89,8 @@ class DemoSettings:
     replaced within a short demo slot; a real node uses the config defaults (1 s, 5-10 s)."""
     raft_snapshot_entries: int = 5000
     """Log compaction interval (tests make it small to exercise snapshots and block sync)."""
+    feeder: bool = False
+    """Serve a feeder meter and let h1 sign its readings with the operator key (``--feeder``)."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -144,12 +159,14 @@ class SimClock:
     """Drives the simulator's clock from the wall clock (see the module docstring)."""
 
     def __init__(self, sim: MeterSimulator, schedule: Schedule, freeze: float, first_slot: int,
-                 truth_path: Path) -> None:  # fmt: skip
+                 truth_path: Path, feeder_truth_path: Path | None = None) -> None:  # fmt: skip
         self.sim = sim
         self.schedule = schedule
         self.freeze = freeze
         self.first_slot = first_slot
         self.truth_path = truth_path
+        self.feeder_truth_path = feeder_truth_path
+        """Where the feeder meter's counters at each slot boundary go (with a feeder)."""
         self.recorded: set[int] = set()
 
     def sim_time(self, t: float) -> float:
@@ -174,6 +191,13 @@ class SimClock:
                         "slot": ended, "device_id": device_id, "serial": state.serial,
                         "import_wh": state.import_wh, "export_wh": state.export_wh,
                     }) + "\n")  # fmt: skip
+            if self.sim.feeder is not None and self.feeder_truth_path is not None:
+                f = self.sim.feeder_state()
+                with self.feeder_truth_path.open("a") as fh:
+                    fh.write(json.dumps({
+                        "slot": ended, "device_id": f.device_id, "serial": f.serial,
+                        "import_wh": f.import_wh, "export_wh": f.export_wh,
+                    }) + "\n")  # fmt: skip
 
     async def run(self) -> None:
         """Step every 50 ms until cancelled."""
@@ -183,9 +207,17 @@ class SimClock:
 
 
 def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: str,
-                 peers_token: str) -> str:  # fmt: skip
+                 peers_token: str, feeder_device: int | None = None) -> str:  # fmt: skip
     s = settings
     scale = SIM_SLOT_SECONDS / (s.slot_seconds - s.freeze_seconds) * 1.25
+    feeder = "" if feeder_device is None else (
+        "\n[feeder]   # this household's node is also the operator's: it signs feeder readings\n"
+        'name = "feeder"\n'
+        f'profile = "{FEEDER_PROFILE}"\n'
+        f'endpoint = "tcp://127.0.0.1:{sim_port}"\n'
+        f"device_id = {feeder_device}\n"
+        'operator_key_path = "../operator.key"\n'
+    )  # fmt: skip
     return (
         "# written by `microgrid demo`\n"
         'key_path = "node.key"\n'
@@ -208,6 +240,7 @@ def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: s
         f'profile = "{profile}"\n'
         f'endpoint = "tcp://127.0.0.1:{sim_port}"\n'
         f"device_id = {h.device_id}\n"
+        + feeder
     )
 
 
@@ -257,6 +290,11 @@ class Demo:
         """Where the simulator's counters at each slot boundary are written."""
         return self.directory / "truth.jsonl"
 
+    @property
+    def feeder_truth_path(self) -> Path:
+        """Where the simulated feeder meter's counters at each slot boundary are written."""
+        return self.directory / "feeder-truth.jsonl"
+
     # -- setup ------------------------------------------------------------------------------
 
     async def prepare(self) -> None:
@@ -272,9 +310,14 @@ class Demo:
             if i % 3 == 1 else c
             for i, c in enumerate(make_households(s.households, s.seed))
         ]  # fmt: skip
-        self.sim = MeterSimulator(configs, seed=s.seed, speed=0, start=SIM_START).start()
+        self.sim = MeterSimulator(configs, seed=s.seed, speed=0, start=SIM_START,
+                                  feeder=s.feeder, feeder_device=DEFAULT_FEEDER_DEVICE,
+                                  feeder_profile=FEEDER_PROFILE).start()  # fmt: skip
         sim_port = self.sim.ports[0]
-        serials = await self._probe_serials(sim_port, configs)
+        probe: list[tuple[int, str]] = [(c.device_id, c.profile) for c in configs]
+        if self.sim.feeder_device is not None:
+            probe.append((self.sim.feeder_device, FEEDER_PROFILE))
+        serials = await self._probe_serials(sim_port, probe)
         ports = free_ports(2 * s.households)
         operator_key = self.directory / "operator.key"
         operator = create_key_file(operator_key).signer
@@ -285,14 +328,21 @@ class Demo:
             h = Household(i, f"h{i + 1}", directory, identity.did, str(identity.peer_id),
                           c.device_id, ports[2 * i], ports[2 * i + 1])  # fmt: skip
             directory.joinpath("microgrid.toml").write_text(
-                _node_config(h, s, sim_port, c.profile, self.token)
+                _node_config(h, s, sim_port, c.profile, self.token,
+                             self.sim.feeder_device if i == 0 else None)
             )
             os.chmod(directory / "microgrid.toml", 0o600)
             self.households.append(h)
             self.names[h.did] = h.name
+        feeder_rules: dict[str, Any] = {}
+        if self.sim.feeder_device is not None:
+            # 50 permille of allowed losses against the simulator's 20, 100 Wh of slack
+            feeder_rules = {"feeder_serial": serials[self.sim.feeder_device],
+                            "feeder_max_power_w": 1_000_000, "feeder_loss_permille": 50,
+                            "feeder_tolerance_wh": 100}  # fmt: skip
         market = MarketConfig(
             grid="demo", operator=operator.did, feed_in_tariff=s.feed_in_tariff,
-            retail_price=s.retail_price, mechanism="uniform", k=Fraction(1, 2),
+            retail_price=s.retail_price, mechanism="uniform", k=Fraction(1, 2), **feeder_rules,
         )  # fmt: skip
         genesis = create_genesis(
             operator,
@@ -308,24 +358,26 @@ class Demo:
         write_genesis(genesis, self.directory / "genesis.json")
         first_slot = self.schedule.slot_at(time.time())
         self.clock = SimClock(self.sim, self.schedule, s.freeze_seconds, first_slot,
-                              self.truth_path)  # fmt: skip
+                              self.truth_path, self.feeder_truth_path)  # fmt: skip
         self.clock.step(time.time())
 
-    async def _probe_serials(self, port: int, configs: list[Any]) -> dict[int, str]:
-        """Read each simulated meter once, over Modbus, for the serial the genesis registers."""
-        reader = MeterReader([MeterConfig(f"d{c.device_id}", c.profile,
-                                          TcpEndpoint("127.0.0.1", port), c.device_id)
-                              for c in configs])  # fmt: skip
+    async def _probe_serials(self, port: int, meters: list[tuple[int, str]]) -> dict[int, str]:
+        """Read each simulated meter ``(device id, profile)`` once, over Modbus, for the serial
+        the genesis registers."""
+        reader = MeterReader([MeterConfig(f"d{device_id}", profile,
+                                          TcpEndpoint("127.0.0.1", port), device_id)
+                              for device_id, profile in meters])  # fmt: skip
         try:
-            results = await reader.poll_all()
+            with trio.fail_after(30):
+                results = await reader.poll_all()
         finally:
             reader.close()
         serials = {}
-        for c in configs:
-            r = results[f"d{c.device_id}"]
+        for device_id, _ in meters:
+            r = results[f"d{device_id}"]
             if r.sample is None:
-                raise RuntimeError(f"simulated meter {c.device_id} did not answer: {r.error}")
-            serials[c.device_id] = r.sample.serial
+                raise RuntimeError(f"simulated meter {device_id} did not answer: {r.error}")
+            serials[device_id] = r.sample.serial
         return serials
 
     async def start_node(self, h: Household) -> None:
@@ -417,8 +469,10 @@ class Demo:
 
     def header(self) -> str:
         """The table's heading line."""
+        feeder = f" {'feeder':>22}" if self.settings.feeder else ""
         return (f"{'round':>5} {'slot':>10} {'price':>5} {'local Wh':>9} {'grid in Wh':>10} "
-                f"{'grid out Wh':>11} {'leader':>6} {'height':>6} {'nodes':>5}")  # fmt: skip
+                f"{'grid out Wh':>11} {'leader':>6} {'height':>6} {'nodes':>5}"
+                + feeder)  # fmt: skip
 
     async def print_new_rounds(self) -> int:
         """Print a row for each slot settled on every live node since the last call."""
@@ -433,6 +487,10 @@ class Demo:
         if page is None:
             return 0
         printed = 0
+        checks: dict[int, str] = {}
+        if self.settings.feeder:
+            with contextlib.suppress(Exception):  # a display column: never stop the demo
+                checks = await trio.to_thread.run_sync(feeder_checks, source.ledger_url)
         for row in page["slots"]:
             if not row["settled"] or row["height"] is None or row["height"] > common:
                 continue
@@ -442,11 +500,12 @@ class Demo:
             printed += 1
             self.printed_through = row["slot"]
             agree = sum(1 for h in heights if h >= row["height"])
+            feeder = f" {checks.get(row['slot'], '-'):>22}" if self.settings.feeder else ""
             price = "-" if row["price"] is None else str(row["price"])
             self.out(f"{self.rounds:>5} {row['slot']:>10} {price:>5} {row['local_wh']:>9} "
                      f"{row['grid_import_wh']:>10} {row['grid_export_wh']:>11} "
                      f"{self.leader_name(docs):>6} {row['height']:>6} "
-                     f"{agree:>2}/{len(self.households):<2}")  # fmt: skip
+                     f"{agree:>2}/{len(self.households):<2}{feeder}")  # fmt: skip
         return printed
 
     async def wait_rounds(self, rounds: int, timeout: float) -> None:
@@ -501,6 +560,23 @@ class Demo:
             self.sim.stop()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def feeder_checks(ledger_url: str) -> dict[int, str]:
+    """Slot -> the recorded feeder check in a ledger, e.g. ``ok +212 Wh`` (the difference
+    between the feeder's and the households' net import), or the status alone."""
+    from sqlalchemy import create_engine, select
+
+    engine = create_engine(ledger_url)
+    try:
+        with engine.connect() as conn:
+            c = t.feeder_checks.c
+            rows = conn.execute(select(c.slot, c.status, c.difference_wh)
+                                .order_by(c.slot.desc()).limit(200))
+            return {int(r.slot): r.status if r.difference_wh is None
+                    else f"{r.status} {r.difference_wh:+d} Wh" for r in rows}  # fmt: skip
+    finally:
+        engine.dispose()
 
 
 def _same_height(docs: dict[str, dict[str, Any]]) -> bool:
@@ -572,6 +648,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dir", type=Path, default=None,
                    help="keep keys, genesis and ledgers here (default: a temporary directory)")
     p.add_argument("--seed", type=int, default=1, help="seed of the simulated households")
+    p.add_argument("--feeder", action="store_true",
+                   help="add a feeder meter at the transformer; h1 signs its readings as the "
+                   "operator and every settled slot records the feeder check")
     p.set_defaults(func=cmd_demo)
 
 
@@ -583,13 +662,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not 4 <= args.slot_seconds <= 900:
         print("error: --slot-seconds must be in 4..900", file=sys.stderr)
         return 2
+    if args.feeder and args.households > FEEDER_MAX_HOUSEHOLDS:
+        print(f"error: --feeder supports at most {FEEDER_MAX_HOUSEHOLDS} households",
+              file=sys.stderr)
+        return 2
     if args.rounds is not None and args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
     settings = DemoSettings(
         households=args.households, slot_seconds=args.slot_seconds, rounds=args.rounds,
         dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
-        directory=args.dir, seed=args.seed,
+        directory=args.dir, seed=args.seed, feeder=args.feeder,
     )  # fmt: skip
     try:
         return trio.run(run_demo, settings, lambda line: print(line, flush=True))

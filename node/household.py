@@ -13,6 +13,9 @@ Parts and who calls whom (all background tasks live in :meth:`HouseholdNode.run`
 - The meter task polls the household's meters; just after each slot ends it signs the slot's
   :class:`~market.MeterReading` and the agent's :class:`~market.Order` for the next open slot
   (:class:`~node.trader.Trader`), and gossips them.
+- With ``[feeder]`` configured (the grid operator's node), the feeder task reads the feeder
+  meter just after each slot ends and signs the slot's :class:`~market.models.FeederReading`
+  with the operator key, and gossips it like the household's own readings.
 - The API task serves ``/status``, ``/orders``, ``/trades``, ``/balances`` and ``/slots`` on
   127.0.0.1; ``POST /orders`` (bearer token) places a manual order.
 
@@ -40,15 +43,16 @@ from market import CancelOrder, MeterReading, Order, RejectReason, Side
 from market.bounds import MAX_SLOT
 from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
 from market.ledger import household_account
-from market.models import MemberRegistration, SignedRecord
+from market.models import FeederReading, MemberRegistration, SignedRecord
+from market.signing import Signer
 from market.state import State
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.api import Api, ApiError, Request
-from node.config import NodeConfig
+from node.config import FeederSetting, NodeConfig
 from node.consensus import ConsensusDriver
 from node.genesis import Genesis
-from node.identity import NodeIdentity
+from node.identity import KeyFileError, NodeIdentity, load_key_file
 from node.ledger import LedgerStore
 from node.ledger import schema as t
 from node.ledger.store import LedgerStoreError
@@ -68,7 +72,7 @@ from node.raft import Config, EntryType, Message, RaftNode, decode_message, enco
 from node.raft.storage_sql import SQLStorage
 from node.replica import Replica
 from node.status import status_document
-from node.trader import NONCE_MANUAL, MeterMismatch, Trader
+from node.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
 
 log = logging.getLogger("microgrid.node")
 
@@ -77,6 +81,8 @@ BLOCK_SYNC_IDLE_SECONDS = 3.0
 BLOCK_SYNC_RETRY_SECONDS = 2.0
 SLOTS_PAGE = 500
 """Most slots one ``GET /slots`` answers with."""
+NONCE_FEEDER = 2
+"""The operator's feeder readings have nonces ``slot * 4 + 2`` (docs/node.md)."""
 
 
 class NodeError(RuntimeError):
@@ -160,6 +166,10 @@ class HouseholdNode:
             raise NodeError(f"{identity.did} is not a member of grid {genesis.grid!r}")
         if not config.meters:
             raise NodeError("no [[meters]] configured: a household node trades what it meters")
+        self.operator: Signer | None = (
+            None if config.feeder is None else operator_signer(config.feeder, genesis)
+        )
+        """The grid operator's signer, for the feeder readings (only with ``[feeder]``)."""
         self.config = config
         self.identity = identity
         self.genesis = genesis
@@ -209,8 +219,9 @@ class HouseholdNode:
             wall_clock=wall_clock,
         )
         scale = config.meter_time_scale
+        meters = [*config.meters, *([config.feeder.meter] if config.feeder else [])]
         self.reader = MeterReader(
-            [MeterConfig(m.name, m.profile, m.endpoint, m.device_id) for m in config.meters],
+            [MeterConfig(m.name, m.profile, m.endpoint, m.device_id) for m in meters],
             clock=lambda: time.monotonic() * scale,
             wall_clock=wall_clock,
         )
@@ -234,6 +245,10 @@ class HouseholdNode:
         self.last_reading: MeterReading | None = None
         self.last_reading_at: str | None = None
         self.last_poll: dict[str, PollResult] = {}
+        self.last_feeder_reading: FeederReading | None = None
+        self.last_feeder_poll: PollResult | None = None
+        self.last_feeder_error: str | None = None
+        """Why the last slot's feeder reading was not signed (None after a signed one)."""
         self._meter_failing: dict[str, tuple[str, float]] = {}
         self.slot_times: dict[int, dict[str, float]] = {}
         """Wall-clock seconds at which this node applied each recent slot's clearing
@@ -259,6 +274,8 @@ class HouseholdNode:
                         self.api.serve, self.config.api_host, self.config.api_port
                     )
                 nursery.start_soon(self._meter_loop)
+                if self.config.feeder is not None:
+                    nursery.start_soon(self._feeder_loop)
                 nursery.start_soon(self._publish_manual)
                 nursery.start_soon(self._block_sync_loop)
                 log.info(
@@ -287,7 +304,7 @@ class HouseholdNode:
 
     def _on_gossip(self, kind: TopicKind, records: tuple[SignedRecord, ...], origin: str) -> None:
         for record in records:
-            if isinstance(record, Order | CancelOrder | MeterReading):
+            if isinstance(record, Order | CancelOrder | MeterReading | FeederReading):
                 self.proposer.offer(record)
                 self.counters[f"gossip_{record.KIND}"] += 1
 
@@ -347,7 +364,10 @@ class HouseholdNode:
                     del self._meter_failing[name]
                     log.info("meter answers again", extra={"event": "meter_ok", "meter": name})
                 continue
-            self.counters["meter_read_failures"] += 1
+            if self.config.feeder is not None and name == self.config.feeder.meter.name:
+                self.counters["feeder_read_failures"] += 1  # not the household's meters
+            else:
+                self.counters["meter_read_failures"] += 1
             error = str(result.error)
             # a dead meter is polled every few seconds: log a change of error, else once a
             # minute (the counter has every failure)
@@ -413,6 +433,78 @@ class HouseholdNode:
         self.last_reading_at = dt.datetime.fromtimestamp(result.sample.time, dt.UTC).isoformat()
         await self._publish(TopicKind.READINGS, reading)
 
+    # -- the feeder meter (the grid operator's node) ----------------------------------------
+
+    async def _feeder_loop(self) -> None:
+        """``read_delay_seconds`` after each slot end, sign and gossip the feeder reading."""
+        slot = self.schedule.slot_at(self.wall_clock())
+        while True:
+            boundary = self.schedule.end(slot) + self.config.read_delay_seconds
+            await trio.sleep(max(0.0, boundary - self.wall_clock()))
+            if self.wall_clock() < boundary:
+                continue  # woke early (an injected clock): wait again
+            await self._feeder_slot_ended(slot)
+            slot = max(slot + 1, self.schedule.slot_at(self.wall_clock()))
+
+    async def _feeder_slot_ended(self, slot: int) -> None:
+        """Read the feeder meter for ``slot`` (retrying until its reading deadline), sign the
+        :class:`FeederReading` with the operator key and publish it."""
+        assert self.config.feeder is not None and self.operator is not None
+        name = self.config.feeder.meter.name
+        deadline = self.schedule.settle_time(slot) - self.schedule.settle_delay_seconds / 4
+        while True:
+            result = await self.reader.poll(name)
+            self.last_feeder_poll = result
+            if result.sample is not None:
+                break
+            self.counters["feeder_read_failures"] += 1
+            if self.wall_clock() + 0.5 >= deadline:
+                self.counters["feeder_readings_missed"] += 1
+                self.last_feeder_error = f"slot {slot}: no feeder reading: {result.error}"
+                log.error("no feeder reading for slot", extra={
+                    "event": "feeder_reading_missed", "slot": slot,
+                    "error": str(result.error)})  # fmt: skip
+                return
+            await trio.sleep(0.5)
+        sample = result.sample
+        serial = self.genesis.market.feeder_serial
+        if sample.serial != serial:
+            self.counters["feeder_mismatch"] += 1
+            self.last_feeder_error = (f"feeder meter {name!r} reports serial {sample.serial!r}, "
+                                      f"but the genesis registers {serial!r}")  # fmt: skip
+            log.error(self.last_feeder_error, extra={"event": "feeder_mismatch", "slot": slot})
+            return
+        reading = FeederReading(
+            grid=self.genesis.grid,
+            nonce=slot * NONCES_PER_SLOT + NONCE_FEEDER,
+            operator=self.operator.did,
+            meter_serial=serial,
+            slot=slot,
+            import_wh=sample.import_wh,
+            export_wh=sample.export_wh,
+        ).signed_by(self.operator)
+        self.last_feeder_reading = reading
+        self.last_feeder_error = None
+        await self._publish(TopicKind.READINGS, reading)
+
+    def feeder_status(self) -> dict[str, Any] | None:
+        """The status document's ``feeder`` section (None without ``[feeder]``)."""
+        if self.config.feeder is None:
+            return None
+        poll, reading = self.last_feeder_poll, self.last_feeder_reading
+        return {
+            "meter": self.config.feeder.meter.name,
+            "ok": poll is not None and poll.ok and self.last_feeder_error is None,
+            "error": self.last_feeder_error if self.last_feeder_error is not None else (
+                None if poll is None or poll.error is None else str(poll.error)),
+            "last_reading": None if reading is None else {
+                "slot": reading.slot, "import_wh": reading.import_wh,
+                "export_wh": reading.export_wh, "nonce": reading.nonce,
+                "meter_serial": reading.meter_serial},
+            "readings_missed": self.counters["feeder_readings_missed"],
+            "read_failures": self.counters["feeder_read_failures"],
+        }  # fmt: skip
+
     async def _place_order(self, slot: int) -> None:
         order = self.trader.order_for(slot)
         if order is not None:
@@ -420,7 +512,7 @@ class HouseholdNode:
 
     async def _publish(self, kind: TopicKind, record: SignedRecord) -> None:
         """Gossip one own record and queue it for proposal here too."""
-        assert isinstance(record, Order | CancelOrder | MeterReading)
+        assert isinstance(record, Order | CancelOrder | MeterReading | FeederReading)
         try:
             await self.net.publish(kind, [record])
         except PublishError as exc:
@@ -573,6 +665,7 @@ class HouseholdNode:
                    "power_w": None if r.sample is None else r.sample.power_w}
             for name, r in self.last_poll.items()
         }  # fmt: skip
+        doc["feeder"] = self.feeder_status()
         doc["network"] = self._network_faults()
         doc["api"] = {"connections": self.api.connections,
                       "responses": {str(k): v for k, v in sorted(self.api.requests.items())},
@@ -728,6 +821,23 @@ class HouseholdNode:
         closed = self.schedule.last_due_gate(now)
         self.trader.manual_slots = {s for s in self.trader.manual_slots if s > closed} | {slot}
         return {"queued": order.id, "slot": slot}
+
+
+def operator_signer(feeder: FeederSetting, genesis: Genesis) -> Signer:
+    """The operator's signer from ``[feeder]``'s key file; :class:`NodeError` if the file is
+    unusable, the key is not the genesis operator's, or the grid has no feeder meter."""
+    try:
+        signer = load_key_file(feeder.operator_key_path).signer
+    except KeyFileError as exc:
+        raise NodeError(f"[feeder] operator_key_path: {exc}") from None
+    operator = genesis.market.operator
+    if signer.did != operator:
+        raise NodeError(f"[feeder] operator key {feeder.operator_key_path} is {signer.did}, but "
+                        f"the genesis operator of grid {genesis.grid!r} is {operator}")
+    if not genesis.market.feeder_serial:
+        raise NodeError(f"[feeder] is configured, but grid {genesis.grid!r} has no feeder meter "
+                        "(its genesis market has no feeder_serial)")
+    return signer
 
 
 def _only_mine(req: Request) -> bool:

@@ -5,8 +5,9 @@
 """
 
 from meter.sim.faults import Faults
+from meter.sim.feeder import Feeder, FeederConfig
 from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
 from meter.sim.server import MeterSimulator
 
-__all__ = ["Faults", "Household", "HouseholdConfig", "MeterSimulator", "MeterState",
-           "make_households"]
+__all__ = ["Faults", "Feeder", "FeederConfig", "Household", "HouseholdConfig",
+           "MeterSimulator", "MeterState", "make_households"]

@@ -9,6 +9,11 @@ images rebuilt after every simulation step, so a request always sees one consist
 Time: with ``speed > 0`` simulated time follows the wall clock times ``speed``; with
 ``speed = 0`` it moves only through :meth:`MeterSimulator.advance` (tests). Either way the
 state at simulated time T depends only on the seed and T: same seed, same run.
+
+Feeder: with ``feeder=True`` a feeder meter (the operator's meter at the transformer,
+:mod:`meter.sim.feeder`) is served at ``feeder_device`` (default 100) next to the households;
+its counters integrate the households' net flow plus ``feeder_loss`` of the energy they move,
+stepped in the same loop as the households.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from meter.profile import Profile, load_profile
 from meter.sim.faults import Faults, parse_fault
+from meter.sim.feeder import (
+    DEFAULT_FEEDER_DEVICE,
+    DEFAULT_FEEDER_LOSS,
+    Feeder,
+    FeederConfig,
+    feeder_serial,
+)
 from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
 from meter.sim.registers import Image, fixed_image, sunspec_image
 from meter.sim.solar import Clouds
@@ -57,6 +69,10 @@ class MeterSimulator:
         latitude: float = 52.5,
         step_s: float = 5.0,
         faults: Sequence[str] = (),
+        feeder: bool = False,
+        feeder_device: int = DEFAULT_FEEDER_DEVICE,
+        feeder_loss: float = DEFAULT_FEEDER_LOSS,
+        feeder_profile: str = "sdm630",
     ) -> None:
         configs = (make_households(households, seed) if isinstance(households, int)
                    else list(households))
@@ -77,7 +93,15 @@ class MeterSimulator:
         self.profiles: dict[int, Profile] = {
             c.device_id: load_profile(c.profile) for c in configs
         }
-        self.faults: dict[int, Faults] = {c.device_id: Faults() for c in configs}
+        self.feeder: Feeder | None = None
+        if feeder:
+            if not 1 <= feeder_device <= 247 or feeder_device in self.households:
+                raise ValueError(f"feeder device id {feeder_device} must be in 1..247 and not a "
+                                 "household's")
+            self.feeder = Feeder(FeederConfig(device_id=feeder_device, profile=feeder_profile,
+                                              serial=feeder_serial(seed), loss=feeder_loss))
+            self.profiles[feeder_device] = load_profile(feeder_profile)
+        self.faults: dict[int, Faults] = {d: Faults() for d in self._meters()}
         self._images: dict[int, dict[str, Image]] = {}
         self._lock = threading.RLock()
         self._sim_time = 0.0
@@ -89,7 +113,7 @@ class MeterSimulator:
         self.ports: list[int] = []
         self._rebind: list[int] = []
         self.requests = 0
-        for device_id in self.households:
+        for device_id in self._meters():
             self._rebuild(device_id)
         for text in faults:
             device_id, kind, value = parse_fault(text)
@@ -111,22 +135,50 @@ class MeterSimulator:
         """The simulated wall-clock time."""
         return self.start_time + dt.timedelta(seconds=self._sim_time)
 
+    @property
+    def feeder_device(self) -> int | None:
+        """The feeder meter's device id (None without a feeder)."""
+        return None if self.feeder is None else self.feeder.config.device_id
+
+    def _meters(self) -> dict[int, Household | Feeder]:
+        """Every served meter by device id: the households, then the feeder (if any)."""
+        meters: dict[int, Household | Feeder] = dict(self.households)
+        if self.feeder is not None:
+            meters[self.feeder.config.device_id] = self.feeder
+        return meters
+
+    def _meter(self, device_id: int) -> Household | Feeder:
+        """One served meter by device id (KeyError if there is none)."""
+        h = self.households.get(device_id)
+        if h is not None:
+            return h
+        if self.feeder is not None and device_id == self.feeder.config.device_id:
+            return self.feeder
+        raise KeyError(device_id)
+
     def state(self, device_id: int) -> MeterState:
-        """The truth about one meter right now."""
+        """The truth about one meter (a household's or the feeder's) right now."""
         with self._lock:
-            return self.households[device_id].state
+            return self._meter(device_id).state
+
+    def feeder_state(self) -> MeterState:
+        """The truth about the feeder meter right now (ValueError without a feeder)."""
+        with self._lock:
+            if self.feeder is None:
+                raise ValueError("the simulator has no feeder meter (feeder=False)")
+            return self.feeder.state
 
     def states(self) -> dict[int, MeterState]:
         """The truth about every meter right now."""
         with self._lock:
             return {d: h.state for d, h in self.households.items()}
 
-    def config(self, device_id: int) -> HouseholdConfig:
-        """A household's static configuration."""
-        return self.households[device_id].config
+    def config(self, device_id: int) -> HouseholdConfig | FeederConfig:
+        """A household's (or the feeder's) static configuration."""
+        return self._meter(device_id).config
 
     def _rebuild(self, device_id: int) -> None:
-        h, profile = self.households[device_id], self.profiles[device_id]
+        h, profile = self._meter(device_id), self.profiles[device_id]
         bad = self.faults[device_id].bad_power
         if profile.is_sunspec:
             self._images[device_id] = sunspec_image(profile, h.config.sunspec_model, h.state, bad,
@@ -144,8 +196,11 @@ class MeterSimulator:
             while self._sim_time + self.step_s <= target_s + 1e-9:
                 for h in self.households.values():
                     h.step(self.step_s)
+                if self.feeder is not None:
+                    self.feeder.step(self.step_s,
+                                     (h.state.power_w for h in self.households.values()))
                 self._sim_time += self.step_s
-            for device_id in self.households:
+            for device_id in self._meters():
                 self._rebuild(device_id)
 
     # ----- faults ----------------------------------------------------------------------
@@ -160,7 +215,7 @@ class MeterSimulator:
         ``serial_change`` (meter replaced: new serial, fresh counters).
         """
         with self._lock:
-            f, h = self.faults[device_id], self.households[device_id]
+            f, h = self.faults[device_id], self._meter(device_id)
             if kind == "no_answer":
                 f.no_answer = True
             elif kind == "slow":
@@ -244,7 +299,7 @@ class MeterSimulator:
         servers: list[Any] = []
         try:
             if self.tcp and self.port_per_household:
-                for i, device_id in enumerate(self.households):
+                for i, device_id in enumerate(self._meters()):
                     port = (self._rebind[i] if self._rebind else self.port + i if self.port
                             else 0)
                     servers.append(ModbusTcpServer(
@@ -253,7 +308,7 @@ class MeterSimulator:
             elif self.tcp:
                 port = self._rebind[0] if self._rebind else self.port
                 servers.append(ModbusTcpServer(
-                    [self._device(d, d) for d in self.households],
+                    [self._device(d, d) for d in self._meters()],
                     address=(self.host, port), ignore_missing_devices=True))
             for server in servers:
                 await server.serve_forever(background=True)
@@ -262,7 +317,7 @@ class MeterSimulator:
                 self.ports.append(server.transport.sockets[0].getsockname()[1])
             if self.serial_device:
                 serial = ModbusSerialServer(
-                    [self._device(d, d) for d in self.households], port=self.serial_device,
+                    [self._device(d, d) for d in self._meters()], port=self.serial_device,
                     baudrate=self.serial_baudrate, ignore_missing_devices=True,
                     reconnect_delay=0.5)
                 await serial.serve_forever(background=True)

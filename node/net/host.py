@@ -80,7 +80,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.identity import IdentityError
-from market.models import MeterReading, Order, SignedRecord
+from market.models import FeederReading, MeterReading, Order, SignedRecord
 from node.genesis import Genesis
 from node.identity import NodeIdentity, did_from_peer_id, peer_id_from_did
 from node.net.metrics import NetMetrics
@@ -350,7 +350,7 @@ def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time
         if isinstance(record, Order) and record.slot > schedule.last_due_gate(now) + horizon:
             # also keeps a far-future nonce from pushing the author's window past its readings
             return "slot_too_far"
-        if isinstance(record, MeterReading) and now < schedule.end(record.slot):
+        if isinstance(record, MeterReading | FeederReading) and now < schedule.end(record.slot):
             return "slot_not_open"
         return None
 
@@ -414,6 +414,7 @@ class NetNode:
             genesis.grid,
             self.member_peers,
             nonce_window=genesis.market.nonce_window,
+            operator=genesis.market.operator,
             slot_policy=slot_policy if slot_policy is not None else default_slot_policy(genesis),
             rate_per_origin=self.settings.rate_per_origin,
             burst_per_origin=self.settings.burst_per_origin,

@@ -13,7 +13,12 @@ checks, in this order (the first failure is the reason counted):
    record's signature to the authenticated sender); ``bad_signature``; ``equivocation`` (the
    author signed a *different* record with a nonce it already used); ``replayed`` (the same
    record again, or a nonce below the author's window, also within the batch); then the node's
-   slot policy (``slot_closed``, ``slot_not_open``, ``slot_too_far``);
+   slot policy (``slot_closed``, ``slot_not_open``, ``slot_too_far``).
+   A :class:`~market.models.FeederReading` is authored by the genesis operator, who is not a
+   member peer: instead of ``not_member`` and ``author_mismatch`` it must name the genesis
+   operator (``not_operator``) and carry the operator's valid signature, and it may come from
+   any member origin (the node holding the operator key, or a relay); the signature proves
+   authorship. Its nonces use the operator's own window, like any author's;
 4. ``rate_limited``: the origin exceeds its token bucket (messages per second, burst). Checked
    last, so only fresh records the author signed draw on its bucket: re-sent old messages of a
    household cannot drain it.
@@ -31,6 +36,7 @@ oversized, malformed,     forwarder   deterministic checks of the bytes: an hone
 wrong_topic, wrong_grid,              forwarder runs the same validator before forwarding
 not_member,                           and never forwards such a message
 author_mismatch,
+not_operator,
 bad_signature
 equivocation              author      two different records with one nonce, both signed by
                                       the author: proof, whoever relayed them (each copy was
@@ -59,7 +65,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from market.errors import Rejection
-from market.models import SignedRecord
+from market.models import FeederReading, SignedRecord
 from market.state import NonceWindow
 from node.net.wire import TopicKind, WireError, decode_batch
 
@@ -72,6 +78,7 @@ REASON_WEIGHTS: dict[str, float] = {
     "wrong_grid": 5.0,
     "not_member": 5.0,
     "author_mismatch": 5.0,
+    "not_operator": 5.0,
     "bad_signature": 10.0,
     "equivocation": 10.0,
     # an honest node can race gate closure or re-send after a restart: light penalties
@@ -91,6 +98,7 @@ REASON_CULPRIT: dict[str, str] = {
     "wrong_grid": FORWARDER,
     "not_member": FORWARDER,
     "author_mismatch": FORWARDER,
+    "not_operator": FORWARDER,
     "bad_signature": FORWARDER,
     "equivocation": AUTHOR,
     "replayed": AUTHOR,
@@ -210,7 +218,8 @@ class GossipValidator:
     ``members`` maps a member's peer id *string* (base58) to its DID. ``slot_policy`` is the
     node's clock-dependent check. ``on_reject(reason, forwarder, culprit)`` and
     ``on_ban(peer)`` are hooks for metrics and for the host (disconnect and blacklist);
-    ``local_peer`` (this node) is never penalised.
+    ``local_peer`` (this node) is never penalised. ``operator`` is the genesis operator's DID,
+    the only author of feeder readings (None: every feeder reading is ``not_operator``).
     """
 
     def __init__(
@@ -227,8 +236,10 @@ class GossipValidator:
         on_reject: Callable[[str, str, str], None] | None = None,
         on_ban: Callable[[str], None] | None = None,
         local_peer: str | None = None,
+        operator: str | None = None,
     ) -> None:
         self.grid = grid
+        self.operator = operator
         self.members = dict(members)
         self.member_dids = set(self.members.values())
         self.nonce_window = nonce_window
@@ -327,9 +338,15 @@ class GossipValidator:
             author = record.author
             if record.grid != self.grid:
                 return Verdict(False, "wrong_grid", f"record {i} is for grid {record.grid!r}")
-            if author not in self.member_dids:
+            if isinstance(record, FeederReading):
+                # the operator's record, relayed by a member: the signature proves authorship
+                if self.operator is None or author != self.operator:
+                    return Verdict(
+                        False, "not_operator", f"record {i} operator {author} is not the grid's"
+                    )
+            elif author not in self.member_dids:
                 return Verdict(False, "not_member", f"record {i} author {author} is not a member")
-            if author != origin_did:
+            elif author != origin_did:
                 return Verdict(
                     False, "author_mismatch", f"record {i} by {author} sent by {origin_did}"
                 )

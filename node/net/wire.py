@@ -22,6 +22,7 @@ from market.models import (
     MAX_COMMAND_BYTES,
     CancelOrder,
     CommandDecodeError,
+    FeederReading,
     MeterReading,
     Order,
     SignedRecord,
@@ -47,7 +48,7 @@ class TopicKind(StrEnum):
 
 TOPIC_RECORDS: dict[TopicKind, tuple[type[SignedRecord], ...]] = {
     TopicKind.ORDERS: (Order, CancelOrder),
-    TopicKind.READINGS: (MeterReading,),
+    TopicKind.READINGS: (MeterReading, FeederReading),
 }
 
 

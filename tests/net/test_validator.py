@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from market.models import CloseGate, MeterReading, Order, Side
+from market.models import CloseGate, FeederReading, MeterReading, Order, Side
 from market.signing import Signer
 from node.genesis import load_genesis
 from node.identity import NodeIdentity
@@ -201,3 +201,91 @@ def test_rate_limit_is_checked_after_the_records_so_replays_cannot_drain_it() ->
     assert v.validate(TopicKind.ORDERS, a, b, encode_batch([order(2)]), seqno=2).ok
     over = v.validate(TopicKind.ORDERS, a, b, encode_batch([order(3)]), seqno=3)
     assert over.reason == "rate_limited" and over.culprit == a
+
+
+OPERATOR = Signer.from_seed(b"o" * 32)
+
+
+def feeder(nonce: int = 4 * 12 + 2, signer: Signer = OPERATOR, operator: str | None = None,
+           **kw: object) -> FeederReading:  # fmt: skip
+    fields = dict(grid="g", nonce=nonce, operator=operator or signer.did, meter_serial="F1",
+                  slot=(nonce - 2) // 4, import_wh=1_000, export_wh=10)  # fmt: skip
+    fields.update(kw)
+    return FeederReading(**fields).signed_by(signer)  # type: ignore[arg-type]
+
+
+def test_feeder_readings_ride_the_readings_topic_only() -> None:
+    data = encode_batch([feeder()])
+    assert decode_batch(data, TopicKind.READINGS) == [feeder()]
+    with pytest.raises(WireError) as exc:
+        decode_batch(data, TopicKind.ORDERS)
+    assert exc.value.reason == "wrong_topic"
+
+
+def test_feeder_reading_by_the_operator_is_accepted_from_any_member_origin() -> None:
+    """The operator is not a member peer: its signature proves authorship, so the author==origin
+    rule does not apply; its nonces have a window of their own."""
+    v = validator(operator=OPERATOR.did)
+    a, b = str(A.peer_id), str(B.peer_id)
+    first = v.validate(TopicKind.READINGS, a, a, encode_batch([feeder(50)]))
+    assert first.ok and first.records == (feeder(50),)
+    # published by another member and relayed: fine too
+    assert v.validate(TopicKind.READINGS, b, a, encode_batch([feeder(54)])).ok
+    # a household reading and a feeder reading in one batch from a: each by its own rule
+    reading = MeterReading(grid="g", nonce=49, household=A.did, meter_serial="m", slot=12,
+                           import_wh=1, export_wh=0).signed_by(A.signer)  # fmt: skip
+    assert v.validate(TopicKind.READINGS, a, b, encode_batch([reading, feeder(58)])).ok
+    # the operator's window is per operator: the same nonce again is a replay, whoever sends it
+    again = v.validate(TopicKind.READINGS, b, b, encode_batch([feeder(54)]))
+    assert again.reason == "replayed" and again.culprit == b
+    # ... and a household nonce equal to an operator nonce is unaffected
+    mine = MeterReading(grid="g", nonce=50, household=A.did, meter_serial="m", slot=12,
+                        import_wh=1, export_wh=0).signed_by(A.signer)  # fmt: skip
+    assert v.validate(TopicKind.READINGS, a, a, encode_batch([mine])).ok
+    assert set(v.nonces) == {A.did, OPERATOR.did}
+    # the operator signing different counters under a used nonce: equivocation
+    eq = v.validate(TopicKind.READINGS, a, b, encode_batch([feeder(58, import_wh=2_000)]))
+    assert eq.reason == "equivocation"
+    # far below the operator's window: replayed
+    v2 = validator(operator=OPERATOR.did, nonce_window=8)
+    assert v2.validate(TopicKind.READINGS, a, a, encode_batch([feeder(102)])).ok
+    assert v2.validate(TopicKind.READINGS, a, a, encode_batch([feeder(50)])).reason == "replayed"
+
+
+def test_feeder_reading_rejections() -> None:
+    v = validator(operator=OPERATOR.did)
+    a, b = str(A.peer_id), str(B.peer_id)
+    cases = {
+        # signed by a member household that claims to be the operator in the record
+        "not_operator": encode_batch([feeder(signer=A.signer)]),
+        # signed by an outsider in its own name
+        "bad_signature": encode_batch([feeder(signer=OUT, operator=OPERATOR.did)]),
+        "wrong_grid": encode_batch([feeder(grid="h")]),
+    }
+    for reason, data in cases.items():
+        verdict = v.validate(TopicKind.READINGS, a, b, data)
+        assert not verdict.ok and verdict.reason == reason, (reason, verdict)
+        assert verdict.culprit == b  # deterministic checks: the forwarder's
+    # a feeder reading not signed by the operator is refused even from an otherwise valid
+    # origin, and a non-member origin is still refused first
+    outsider = str(NodeIdentity.from_seed(b"q" * 32).peer_id)
+    assert v.validate(TopicKind.READINGS, outsider, a,
+                      encode_batch([feeder()])).reason == "non_member_peer"  # fmt: skip
+    # a validator that knows no operator refuses every feeder reading
+    assert validator().validate(TopicKind.READINGS, a, a,
+                                encode_batch([feeder()])).reason == "not_operator"  # fmt: skip
+    # nothing above consumed a nonce: the genuine record is still accepted
+    assert v.validate(TopicKind.READINGS, a, a, encode_batch([feeder()])).ok
+
+
+def test_default_slot_policy_refuses_feeder_readings_before_their_slot_ends(
+    tmp_path: Path,
+) -> None:
+    _, _, path = make_grid(tmp_path, 2, slot_seconds=900)
+    genesis = load_genesis(path)
+    now = [float(genesis.schedule.start(1000))]
+    policy = default_slot_policy(genesis, clock=lambda: now[0])
+    record = feeder(1000 * 4 + 2)
+    assert policy(record) == "slot_not_open"
+    now[0] = float(genesis.schedule.end(1000))
+    assert policy(record) is None
