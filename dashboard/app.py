@@ -72,7 +72,7 @@ button.csv { font-size: 13px; padding: 3px 10px; cursor: pointer; }
 </html>"""
 
 
-ZOOMABLE = ("market-graph", "household-graph", "community-graph")
+ZOOMABLE = ("market-graph", "household-graph", "community-graph", "feeder-graph")
 """Graphs whose x zoom survives live refreshes (see :func:`zoom_from_relayout`)."""
 
 MAX_SLOT = 2**53 - 1
@@ -384,6 +384,11 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                         [
                             html.Div(id="community-kpis", className="kpis"),
                             dcc.Graph(id="community-graph", config={"displaylogo": False}),
+                            html.Div(
+                                dcc.Graph(id="feeder-graph", config={"displaylogo": False}),
+                                id="feeder-block",
+                                style={"display": "none"},
+                            ),
                         ],
                         csv="community",
                     ),
@@ -501,11 +506,15 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
                 )
             ]
         alerts = views.alerts_view(ctx)
+        feeder = _feeder_summary(views.feeder_summary_view(ctx), ctx.alert_window())
         if not alerts:
-            return [html.Div("No alerts.", className="alert none", id="no-alerts")]
+            return [html.Div("No alerts.", className="alert none", id="no-alerts"), *feeder]
         return [
-            html.Div(a["message"], className=f"alert {a['level']}", **{"data-code": a["code"]})
-            for a in alerts
+            *(
+                html.Div(a["message"], className=f"alert {a['level']}", **{"data-code": a["code"]})
+                for a in alerts
+            ),
+            *feeder,
         ]
 
     for graph in ZOOMABLE:
@@ -620,6 +629,22 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
             _kpi("settled slots", str(f.slots)),
         ]
         return kpis, fig
+
+    @app.callback(
+        Output("feeder-graph", "figure"),
+        Output("feeder-block", "style"),
+        Input("head", "data"),
+        Input("window", "value"),
+        State("feeder-graph-zoom", "data"),
+    )
+    def _feeder(head: Any, window: str, zoom: Any) -> Any:
+        head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
+        if not head or "error" in head:
+            return dash.no_update, dash.no_update
+        fig, _ = views.feeder_view(ctx, window)
+        if fig is None:  # a grid without a feeder meter: nothing new on the page
+            return {"data": [], "layout": {}}, {"display": "none"}
+        return apply_zoom(fig, zoom), {"display": "block"}
 
     @app.callback(
         Output("ledger-summary", "children"), Output("ledger", "children"), Input("head", "data")
@@ -816,6 +841,31 @@ def _register_csv(app: Dash, ctx: Context) -> None:
             for p in ctx.history.polls()
         ]
         return send("network", rows)
+
+
+def _feeder_summary(summary: data.FeederSummary | None, window_slots: int) -> list[Any]:
+    """The small "feeder check" line under the alerts (nothing for a grid without a feeder):
+    incomplete checks are counted here, not raised as alerts."""
+    if summary is None:
+        return []
+    parts = [f"{summary.ok} ok", f"{summary.mismatch} mismatch"]
+    if summary.incomplete:
+        why = []
+        if summary.no_feeder_reading:
+            why.append(f"{summary.no_feeder_reading} without a feeder reading")
+        if summary.households_unmeasured:
+            why.append(f"{summary.households_unmeasured} with unmeasured households")
+        parts.append(f"feeder check incomplete: {summary.incomplete} ({', '.join(why)})")
+    else:
+        parts.append("feeder check incomplete: 0")
+    return [
+        html.Div(
+            f"Feeder check, {summary.slots} slots checked of the newest {window_slots}: "
+            + " · ".join(parts),
+            className="muted",
+            id="feeder-summary",
+        )
+    ]
 
 
 def _opt(value: Any) -> str:

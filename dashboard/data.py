@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, case, event, func, select
+from sqlalchemy import Engine, case, event, func, inspect, select
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
@@ -230,6 +230,18 @@ class SlotRow:
     unmeasured: int = 0
     height: int | None = None
     block_hash: str | None = None
+    feeder_status: str | None = None
+    """The slot's feeder check (``feeder_checks.status``: ok, mismatch, no_feeder_reading,
+    households_unmeasured); None when the ledger has no check for it (a grid without a feeder
+    meter, or a ledger older than the table)."""
+    feeder_net_wh: int | None = None
+    """The feeder meter's net import over the slot (None unless the check is ok/mismatch)."""
+    feeder_households_net_wh: int | None = None
+    """Σ of the measured households' net import the check compared it with."""
+    feeder_difference_wh: int | None = None
+    """feeder net − households' net (positive: the feeder saw more import than the meters)."""
+    feeder_allowed_loss_wh: int | None = None
+    """Upper bound of the difference the check allowed (tolerance + line losses)."""
 
     @property
     def unmatched_bid_wh(self) -> int:
@@ -305,6 +317,88 @@ def load_clearings(conn: Connection, after: int | None, upto: int | None = None)
             )
         )
     return rows
+
+
+FEEDER_FIELDS = (
+    "feeder_status",
+    "feeder_net_wh",
+    "feeder_households_net_wh",
+    "feeder_difference_wh",
+    "feeder_allowed_loss_wh",
+)
+""":class:`SlotRow` attributes loaded from ``feeder_checks``."""
+
+FEEDER_INCOMPLETE = ("no_feeder_reading", "households_unmeasured")
+"""Feeder check statuses that compared nothing ("feeder check incomplete", not alerts)."""
+
+
+def has_feeder_table(conn: Connection) -> bool:
+    """Whether the ledger has the ``feeder_checks`` table (ledgers of older nodes and archives
+    made before it lack it: their grids show no feeder)."""
+    return inspect(conn).has_table(t.feeder_checks.name)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def load_feeder_checks(
+    conn: Connection, after: int | None, upto: int | None = None
+) -> dict[int, dict[str, Any]]:
+    """The ``feeder_checks`` rows of slots in ``(after, upto]`` as :data:`FEEDER_FIELDS` dicts
+    per slot; empty when the ledger has no such table.
+
+    The table's existence is checked first rather than catching the error: on PostgreSQL a
+    failed statement aborts the whole transaction the other queries run in.
+    """
+    if not has_feeder_table(conn):
+        return {}
+    f = t.feeder_checks.c
+    q = select(
+        f.slot, f.status, f.feeder_net_wh, f.households_net_wh, f.difference_wh, f.allowed_loss_wh
+    ).order_by(f.slot)
+    if after is not None:
+        q = q.where(f.slot > after)
+    if upto is not None:
+        q = q.where(f.slot <= upto)
+    return {
+        int(r.slot): {
+            "feeder_status": str(r.status),
+            "feeder_net_wh": _opt_int(r.feeder_net_wh),
+            "feeder_households_net_wh": _opt_int(r.households_net_wh),
+            "feeder_difference_wh": _opt_int(r.difference_wh),
+            "feeder_allowed_loss_wh": _opt_int(r.allowed_loss_wh),
+        }
+        for r in conn.execute(q)
+    }
+
+
+def recent_feeder_checks(
+    engine: Engine, limit: int = 96, *, clock: SlotClock
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` feeder checks, newest first, with every column of the table and the
+    slot's label (``time``); empty for a ledger without the table or a grid without a feeder."""
+    with engine.connect() as conn:
+        if not has_feeder_table(conn):
+            return []
+        f = t.feeder_checks.c
+        rows = conn.execute(select(t.feeder_checks).order_by(f.slot.desc()).limit(limit)).all()
+    return [
+        {
+            "slot": int(r.slot),
+            "time": clock.label(int(r.slot)),
+            "height": int(r.block_height),
+            "status": str(r.status),
+            "meter_serial": r.meter_serial,
+            "import_wh": _opt_int(r.import_wh),
+            "export_wh": _opt_int(r.export_wh),
+            "feeder_net_wh": _opt_int(r.feeder_net_wh),
+            "households_net_wh": _opt_int(r.households_net_wh),
+            "difference_wh": _opt_int(r.difference_wh),
+            "allowed_loss_wh": _opt_int(r.allowed_loss_wh),
+        }
+        for r in rows
+    ]
 
 
 def load_settlement_sums(
@@ -406,13 +500,16 @@ class SlotCache:
                 "grid_export_wh",
                 "households",
                 "unmeasured",
+                *FEEDER_FIELDS,
             ):
                 setattr(row, key, getattr(old, key))
         self.rows[row.slot] = row
 
     def _load_blocks(self, conn: Connection, after: int, upto: int | None) -> int | None:
-        """Mark slots in ``(after, upto]`` settled with their block and sums; newest slot."""
+        """Mark slots in ``(after, upto]`` settled with their block, sums and feeder check;
+        newest slot."""
         sums = load_settlement_sums(conn, after, upto)
+        feeder = load_feeder_checks(conn, after, upto)
         b = t.blocks.c
         bq = select(b.slot, b.height, b.hash).where(b.slot > after).order_by(b.slot)
         if upto is not None:
@@ -425,6 +522,8 @@ class SlotCache:
             row.height = int(blk.height)
             row.block_hash = blk.hash
             for key, value in sums.get(slot, {}).items():
+                setattr(row, key, value)
+            for key, value in feeder.get(slot, {}).items():
                 setattr(row, key, value)
             last = slot
         return last
@@ -864,8 +963,9 @@ def ledger_alerts(
     *,
     clock: SlotClock,
 ) -> list[dict[str, str]]:
-    """Alerts the ledger itself shows: a slot that did not clear, settlement overdue, a ledger
-    that does not verify. ``rows`` are the slots to look at (the recent window)."""
+    """Alerts the ledger itself shows: a slot that did not clear, a slot whose feeder check
+    found a mismatch, settlement overdue, a ledger that does not verify. ``rows`` are the slots
+    to look at (the recent window)."""
     alerts: list[dict[str, str]] = []
     if verify.get("state") == "failed":
         alerts.append(
@@ -887,6 +987,8 @@ def ledger_alerts(
                     ),
                 }
             )
+        if r.feeder_status == "mismatch":
+            alerts.append(feeder_mismatch_alert(r, clock))
     if head.closed_through is not None:
         settled = head.settled_through if head.settled_through is not None else -1
         behind = head.closed_through - settled
@@ -904,6 +1006,56 @@ def ledger_alerts(
                 }
             )
     return alerts
+
+
+def feeder_mismatch_alert(row: SlotRow, clock: SlotClock) -> dict[str, str]:
+    """The ``feeder_mismatch`` alert of a slot whose feeder check failed: the feeder meter's net
+    import and the households' metered net differ by more than the grid's loss band."""
+    diff = row.feeder_difference_wh
+    sign = "" if diff is None or diff < 0 else "+"
+    return {
+        "level": "danger",
+        "code": "feeder_mismatch",
+        "message": (
+            f"Slot {row.slot} ({clock.label(row.slot)} UTC) does not add up at the feeder: "
+            f"difference {sign}{diff} Wh (feeder net import {row.feeder_net_wh} Wh, "
+            f"households' meters {row.feeder_households_net_wh} Wh, allowed losses up to "
+            f"{row.feeder_allowed_loss_wh} Wh)"
+        ),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class FeederSummary:
+    """Feeder checks of a set of slots, counted by status."""
+
+    slots: int
+    """Slots with a feeder check."""
+    ok: int
+    mismatch: int
+    no_feeder_reading: int
+    households_unmeasured: int
+
+    @property
+    def incomplete(self) -> int:
+        """Checks that compared nothing ("feeder check incomplete")."""
+        return self.no_feeder_reading + self.households_unmeasured
+
+
+def feeder_summary(rows: Iterable[SlotRow]) -> FeederSummary | None:
+    """Count the feeder checks of ``rows`` by status; None when none of them has a check (a
+    grid without a feeder meter, or a ledger without the ``feeder_checks`` table)."""
+    counts = {"ok": 0, "mismatch": 0, "no_feeder_reading": 0, "households_unmeasured": 0}
+    n = 0
+    for r in rows:
+        if r.feeder_status is None:
+            continue
+        n += 1
+        if r.feeder_status in counts:
+            counts[r.feeder_status] += 1
+    if n == 0:
+        return None
+    return FeederSummary(slots=n, **counts)
 
 
 def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:

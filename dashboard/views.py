@@ -654,6 +654,143 @@ def community_view(
     return figures, fig, daily
 
 
+# --- feeder check -----------------------------------------------------------------------------
+
+
+def _feeder_points(
+    rows: list[data.SlotRow], clock: data.SlotClock
+) -> tuple[int, list[dict[str, Any]]]:
+    """Settled slots with a feeder check as chart points: single slots, or sums per wall-time
+    bucket above MAX_POINTS slots.
+
+    A slot's households' net is the figure its check compared (ok/mismatch), else the
+    settlements' Σ import − export. A bucket sums both over its compared slots only (feeder
+    net None when none compared), and counts its mismatches.
+    """
+    checked = [r for r in rows if r.settled and r.feeder_status is not None]
+    size = _bucket_size(len(checked), clock)
+    out: dict[int, dict[str, Any]] = {}
+    for r in checked:
+        compared = r.feeder_net_wh is not None
+        households = (
+            r.feeder_households_net_wh
+            if compared and r.feeder_households_net_wh is not None
+            else r.import_wh - r.export_wh
+        )
+        mismatch = r.feeder_status == "mismatch"
+        if size == 1:
+            out[r.slot] = {
+                "slot": r.slot,
+                "time": clock.label(r.slot),
+                "status": r.feeder_status,
+                "feeder_net_wh": r.feeder_net_wh,
+                "households_net_wh": households,
+                "difference_wh": r.feeder_difference_wh,
+                "allowed_loss_wh": r.feeder_allowed_loss_wh,
+                "mismatches": int(mismatch),
+            }
+            continue
+        key = r.slot // size * size
+        b = out.setdefault(
+            key,
+            {
+                "slot": key,
+                "time": clock.label(key),
+                "status": "",
+                "feeder_net_wh": None,
+                "households_net_wh": None,
+                "difference_wh": None,
+                "allowed_loss_wh": None,
+                "mismatches": 0,
+            },
+        )
+        b["mismatches"] += int(mismatch)
+        b["status"] = "mismatch" if b["mismatches"] else "checked"
+        if compared:
+            for k, v in (
+                ("feeder_net_wh", r.feeder_net_wh),
+                ("households_net_wh", households),
+                ("difference_wh", r.feeder_difference_wh),
+            ):
+                b[k] = (b[k] or 0) + (v or 0)
+    return size, [out[k] for k in sorted(out)]
+
+
+def feeder_view(ctx: Context, window: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The feeder meter's net import per slot next to the households' metered net, mismatching
+    slots marked (a red cross on the feeder's bar, the difference in its hover text).
+
+    Returns ``(None, [])`` when no slot of the window has a feeder check: a grid without a
+    feeder meter (or a ledger older than the ``feeder_checks`` table) shows nothing new. The
+    figure is a plain dict; x is the slots' UTC start, ``customdata`` the slot number.
+    """
+    clock = ctx.clock
+    rows = ctx.slots.window(window_slots(window, clock))
+    size, points = _feeder_points(rows, clock)
+    if not points:
+        return None, []
+    xs = [p["time"] for p in points]
+    slots = [p["slot"] for p in points]
+    hover = "%{y} Wh · slot %{customdata}<extra>%{fullData.name}</extra>"
+    bad = [p for p in points if p["mismatches"]]
+    traces: list[dict[str, Any]] = [
+        {
+            "type": "bar",
+            "x": xs,
+            "y": [p["feeder_net_wh"] for p in points],
+            "customdata": slots,
+            "hovertemplate": hover,
+            "name": "feeder meter: net import",
+            "marker": {"color": "#1f77b4"},
+        },
+        {
+            "type": "scatter",
+            "x": xs,
+            "y": [p["households_net_wh"] for p in points],
+            "customdata": slots,
+            "hovertemplate": hover,
+            "name": "households' meters: net import",
+            "mode": "lines+markers",
+            "line": {"color": "#ff7f0e"},
+            "marker": {"size": 5},
+        },
+        {
+            "type": "scatter",
+            "x": [p["time"] for p in bad],
+            "y": [
+                p["feeder_net_wh"] if p["feeder_net_wh"] is not None else p["households_net_wh"]
+                for p in bad
+            ],
+            "customdata": [[p["slot"], p["difference_wh"], p["mismatches"]] for p in bad],
+            "hovertemplate": (
+                "slot %{customdata[0]}: difference %{customdata[1]} Wh"
+                "<extra>feeder mismatch</extra>"
+            ),
+            "name": "feeder mismatch",
+            "mode": "markers",
+            "marker": {"color": "#c62828", "symbol": "x", "size": 12},
+        },
+    ]
+    per = "" if size == 1 else f" (sums per {clock.duration(size)} over the compared slots)"
+    layout: dict[str, Any] = {
+        "height": 320,
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
+        "template": _template(),
+        "hovermode": "closest",
+        "uirevision": f"feeder-{window}-{clock.slot_seconds}",
+        "title": {"text": f"Feeder meter vs households' meters: net import, Wh{per}"},
+        "xaxis": _time_axis(clock, _axis_title(clock, size)),
+        "yaxis": {"title": {"text": "Wh (import +, export −)"}},
+        "legend": {"orientation": "h", "y": -0.25},
+    }
+    return {"data": traces, "layout": layout}, points
+
+
+def feeder_summary_view(ctx: Context) -> data.FeederSummary | None:
+    """The feeder checks of the alert window counted by status (None: no feeder)."""
+    return data.feeder_summary(ctx.slots.window(ctx.alert_window()))
+
+
 # --- ledger -----------------------------------------------------------------------------------
 
 

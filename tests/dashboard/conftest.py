@@ -8,6 +8,7 @@ fail in CI.
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import shutil
@@ -17,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import case, create_engine, func, insert, select
 
 from dashboard.app import create_app, serve
 from dashboard.views import Context
+from market import Command, MeterReading, SettleSlot, State
+from market.models import FeederReading
+from node import simulate
+from node.ledger import LedgerStore
+from node.ledger import schema as t
 from tests.dashboard.feeder import Feeder
 
 CHROMIUM = os.environ.get("MICROGRID_CHROMIUM", "/usr/bin/chromium")
@@ -158,3 +165,186 @@ def wait_text(page: Any, selector: str, needle: str) -> None:
         "([s, n]) => { const e = document.querySelector(s); return e && e.innerText.includes(n); }",
         arg=[selector, needle],
     )
+
+
+FEEDER_TOLERANCE_WH = 100
+FEEDER_LOSS_PERMILLE = 50
+
+
+def write_feeder_checks(
+    url: str, special: dict[int, tuple[str, int]] | None = None, after: int | None = None
+) -> dict[int, dict[str, Any]]:
+    """Insert a ``feeder_checks`` row for every block of the ledger at ``url`` above slot
+    ``after`` (as the store will once the engine computes feeder checks; the blocks must exist
+    for the foreign key). The numbers follow the spec: households' net = Σ measured
+    (import − export) from the settlements, allowed loss = tolerance + 5 % of the energy moved.
+
+    ``special`` maps a slot to ``(status, difference_wh)``: ``mismatch`` with that difference,
+    ``no_feeder_reading`` or ``households_unmeasured`` (difference ignored); every other slot is
+    ``ok`` with a difference of +10 Wh. Returns the inserted rows by slot.
+    """
+    special = special or {}
+    s = t.settlements.c
+    engine = create_engine(url)
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        with engine.begin() as conn:
+            net = {
+                int(r.slot): (int(r.net), int(r.moved))
+                for r in conn.execute(
+                    select(
+                        s.slot,
+                        func.sum(case((s.measured, s.import_wh - s.export_wh), else_=0)).label(
+                            "net"
+                        ),
+                        func.sum(case((s.measured, s.import_wh + s.export_wh), else_=0)).label(
+                            "moved"
+                        ),
+                    ).group_by(s.slot)
+                )
+            }
+            base = conn.execute(
+                select(func.max(t.feeder_checks.c.import_wh), func.max(t.feeder_checks.c.export_wh))
+            ).first()
+            imp, exp = (int(base[0] or 10_000_000), int(base[1] or 5_000_000)) if base else (0, 0)
+            blocks = select(t.blocks.c.slot, t.blocks.c.height).order_by(t.blocks.c.slot)
+            if after is not None:
+                blocks = blocks.where(t.blocks.c.slot > after)
+            for blk in conn.execute(blocks).all():
+                slot = int(blk.slot)
+                households, moved = net.get(slot, (0, 0))
+                status, diff = special.get(slot, ("ok", 10))
+                row: dict[str, Any] = {
+                    "slot": slot,
+                    "block_height": int(blk.height),
+                    "status": status,
+                    **dict.fromkeys(
+                        ("meter_serial", "import_wh", "export_wh", "nonce", "signature"), None
+                    ),
+                    **dict.fromkeys(
+                        (
+                            "feeder_net_wh",
+                            "households_net_wh",
+                            "difference_wh",
+                            "allowed_loss_wh",
+                        ),
+                        None,
+                    ),
+                }
+                if status != "no_feeder_reading":
+                    feeder_net = households + diff
+                    imp += max(feeder_net, 0)
+                    exp += max(-feeder_net, 0)
+                    row |= {
+                        "meter_serial": "FEEDER-1",
+                        "import_wh": imp,
+                        "export_wh": exp,
+                        "nonce": slot * 4 + 2,
+                        "signature": "00" * 64,
+                    }
+                if status in ("ok", "mismatch"):
+                    row |= {
+                        "feeder_net_wh": households + diff,
+                        "households_net_wh": households,
+                        "difference_wh": diff,
+                        "allowed_loss_wh": FEEDER_TOLERANCE_WH
+                        + FEEDER_LOSS_PERMILLE * moved // 1000,
+                    }
+                rows[slot] = row
+            if rows:
+                conn.execute(insert(t.feeder_checks), list(rows.values()))
+    finally:
+        engine.dispose()
+    return rows
+
+
+FEEDER_SERIAL = "FEEDER0001"
+
+
+class FeederGrid(Feeder):
+    """A :class:`Feeder` whose grid has a feeder meter: before each slot's settlement the
+    operator's signed :class:`FeederReading` is applied, so the engine computes the feeder check
+    and the store writes its ``feeder_checks`` row with the block.
+
+    The feeder measures the households' net import plus 2 % line losses of the energy they
+    moved; ``tamper`` adds Wh to the feeder's net over a slot (a slot that does not add up), and
+    slots in ``skip`` get no feeder reading.
+    """
+
+    def __init__(
+        self,
+        db: str,
+        households: int = 6,
+        seed: int = 1,
+        first_slot: int = 0,
+        tamper: dict[int, int] | None = None,
+        skip: set[int] | None = None,
+    ) -> None:
+        """Like :class:`Feeder`, with ``feeder_serial`` in the genesis."""
+        self.tamper = tamper or {}
+        self.skip = skip or set()
+        self.counters: dict[str, tuple[int, int]] = {}
+        self.flow: dict[int, tuple[int, int]] = {}
+        self.feeder_import_wh = self.feeder_export_wh = 0
+        self.sim = simulate.build(households, seed)
+        self.sim.config = dataclasses.replace(self.sim.config, feeder_serial=FEEDER_SERIAL)
+        self.state = State.initial(self.sim.config)
+        self.store = LedgerStore(db)
+        self.store.init_genesis(self.sim.config)
+        self.index = 0
+        self.next_slot = first_slot
+        self.pending_settlements: list[list[Command]] = []
+        self._apply(simulate.registrations(self.sim))
+
+    def _apply(self, commands: list[Command]) -> None:
+        out: list[Command] = []
+        for command in commands:
+            if isinstance(command, MeterReading):
+                imp, exp = self.counters.get(command.household, (0, 0))
+                net, moved = self.flow.get(command.slot, (0, 0))
+                rise_in, rise_out = command.import_wh - imp, command.export_wh - exp
+                self.flow[command.slot] = (net + rise_in - rise_out, moved + rise_in + rise_out)
+                self.counters[command.household] = (command.import_wh, command.export_wh)
+            elif isinstance(command, SettleSlot) and command.slot not in self.skip:
+                out.append(self.feeder_reading(command.slot))
+            out.append(command)
+        super()._apply(out)
+
+    def feeder_reading(self, slot: int) -> FeederReading:
+        """The operator's signed reading of the feeder meter at the end of ``slot``."""
+        net, moved = self.flow.pop(slot, (0, 0))
+        feeder_net = net + moved * 2 // 100 + self.tamper.get(slot, 0)
+        self.feeder_import_wh += max(feeder_net, 0)
+        self.feeder_export_wh += max(-feeder_net, 0)
+        return FeederReading(
+            grid=self.sim.config.grid,
+            operator=self.sim.operator.did,
+            meter_serial=FEEDER_SERIAL,
+            slot=slot,
+            import_wh=self.feeder_import_wh,
+            export_wh=self.feeder_export_wh,
+            nonce=slot * 4 + 2,
+        ).signed_by(self.sim.operator)
+
+
+def new_feeder_grid(
+    tmp: Path,
+    slots: int,
+    households: int = 6,
+    seed: int = 1,
+    first_slot: int = 0,
+    tamper: dict[int, int] | None = None,
+    skip: set[int] | None = None,
+) -> FeederGrid:
+    """A ledger of a grid with a feeder meter: ``slots`` settled slots with their feeder checks,
+    produced by the real engine and store (see :class:`FeederGrid`)."""
+    grid = FeederGrid(
+        f"sqlite:///{tmp / 'ledger.db'}",
+        households=households,
+        seed=seed,
+        first_slot=first_slot,
+        tamper=tamper,
+        skip=skip,
+    )
+    grid.advance(slots)
+    return grid

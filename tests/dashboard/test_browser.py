@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from dashboard.data import recent_feeder_checks
 from dashboard.views import Context
 from tests.dashboard.conftest import (
     ConsoleLog,
@@ -28,6 +29,7 @@ from tests.dashboard.conftest import (
     graph_js,
     needs_browser,
     new_feeder,
+    new_feeder_grid,
     screenshot,
     wait_text,
 )
@@ -277,3 +279,42 @@ def test_alerts_follow_the_data(
     screenshot(page, "#section-alerts", "alerts")
     screenshot(page, "#section-ledger", "ledger-invalid")
     assert log.errors == []
+
+
+def test_feeder_mismatch_is_rendered(chromium: Any, tmp_path: Path) -> None:
+    """A grid with a feeder meter (checks computed by the engine): its mismatch alert, the
+    "incomplete" summary and the feeder figure (own small ledger and dashboard, so the module's
+    tampered ledger does not matter)."""
+    bad = FIRST + 12
+    grid = new_feeder_grid(
+        tmp_path, 16, households=4, seed=3, first_slot=FIRST, tamper={bad: -2500}
+    )
+    ctx = Context.open(grid.store.url, verify_interval=0.3)
+    (check,) = [
+        c for c in recent_feeder_checks(ctx.engine, 16, clock=ctx.clock) if c["slot"] == bad
+    ]
+    assert check["status"] == "mismatch"
+    dash = RunningDashboard(ctx)
+    page = chromium.new_page()
+    try:
+        log = ConsoleLog(page)
+        page.goto(dash.url)
+        alert = ".alert[data-code=feeder_mismatch]"
+        page.wait_for_selector(alert)
+        wait_text(page, alert, f"Slot {bad} ({label(bad)} UTC) does not add up at the feeder")
+        wait_text(page, alert, f"difference {check['difference_wh']} Wh")
+        wait_text(
+            page, "#feeder-summary", "feeder check incomplete: 1 (1 without a feeder reading)"
+        )
+        wait_text(page, "#kpi-verify", "OK")
+        page.wait_for_selector("#feeder-block", state="visible")
+        page.wait_for_function(graph_js("feeder-graph", "g.data[0].x.length === 16"))
+        assert graph_eval(page, "feeder-graph", "g.data[2].x") == [label(bad)]
+        assert page.locator(".alert[data-code=ledger_invalid]").count() == 0
+        screenshot(page, "#section-community", "community-feeder")
+        screenshot(page, "#section-alerts", "alerts-feeder")
+        assert log.errors == []
+    finally:
+        page.close()
+        dash.stop()
+        grid.close()
