@@ -98,7 +98,8 @@ async def test_member_attacks_are_refused_and_the_grid_keeps_settling(tmp_path: 
 
         # 2. a replay: the same valid order twice
         replayed_before = invalid(await grid.statuses(), "replayed")
-        valid = pill.order(slot=open_slot + 1, quantity_wh=10, nonce=4 * (open_slot + 1) + 3)
+        ahead = schedule.open_slot(time.time()) + 1
+        valid = pill.order(slot=ahead, quantity_wh=10, nonce=4 * ahead + 3)
         await pill.publish(TopicKind.ORDERS, raw_batch([valid], 1))
         await trio.sleep(0.5)
         await pill.publish(TopicKind.ORDERS, raw_batch([valid], 2))
@@ -157,9 +158,11 @@ async def test_member_attacks_are_refused_and_the_grid_keeps_settling(tmp_path: 
         await pill.publish(TopicKind.READINGS, raw_batch([fake]))
         await grid.wait_settled(1)
 
-        # 6. a flood of valid-looking gossip from one member while the grid trades
+        # 6. a flood of valid-looking gossip from one member while the grid trades (for a slot
+        #    whose gate is still open now, so each order is refused only for the flood itself)
+        flood_slot = schedule.open_slot(time.time()) + 2
         for i in range(1500):
-            order = pill.order(slot=open_slot + 3, nonce=2 * 10**9 + i, id=f"f{i}")
+            order = pill.order(slot=flood_slot, nonce=2 * 10**9 + i, id=f"f{i}")
             await pill.publish(TopicKind.ORDERS, raw_batch([order], 100 + i))
         assert not grid.all_alive(), "a gossip flood killed a node"
         docs = await grid.statuses()
