@@ -72,13 +72,14 @@ class Grid:
 
 
 @asynccontextmanager
-async def hostile_grid(tmp_path: Path, honest: int = 4, attackers: int = 1
-                       ) -> AsyncIterator[Grid]:  # fmt: skip
+async def hostile_grid(tmp_path: Path, honest: int = 4, attackers: int = 1,
+                       feeder: bool = False) -> AsyncIterator[Grid]:  # fmt: skip
     """Start the honest households' nodes and wait for their first settled slot; the last
-    ``attackers`` member keys are the test's."""
+    ``attackers`` member keys are the test's. ``feeder``: the grid has a feeder meter, read and
+    signed by h1 with the operator's key (``microgrid demo --feeder``)."""
     demo = Demo(
         DemoSettings(households=honest + attackers, slot_seconds=SLOT_SECONDS, dashboard=False,
-                     directory=tmp_path / "grid", voters=3),
+                     directory=tmp_path / "grid", voters=3, feeder=feeder),
         out=lambda line: None,
     )  # fmt: skip
     try:

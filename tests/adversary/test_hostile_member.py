@@ -8,8 +8,10 @@ and afterwards the grid settles further slots and every ledger verifies with equ
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +317,61 @@ async def test_an_equivocating_member_is_blamed_and_its_honest_relays_are_not(
         again.stop()
         await grid.wait_settled(1)
         check_ledgers(grid)
+
+
+INFLATED_WH = 2_000
+"""What the lying member adds to its export counter each slot: well inside its meter's rated
+power (50 kW over a metered 15 minutes is 12.5 kWh), so no per-meter check can refuse it."""
+
+
+async def test_a_member_inflating_its_export_within_its_rated_power_fails_the_feeder_check(
+    tmp_path: Path,
+) -> None:
+    """The member reads its real meter every slot and reports its export counter 2 kWh higher
+    than the meter says, growing each slot: every reading is plausible on its own, but the slot
+    no longer adds up at the transformer, and every ledger records the mismatch."""
+    async with hostile_grid(tmp_path, feeder=True) as grid:
+        schedule = grid.demo.schedule
+        liar = grid.hostile_member()
+        await liar.start(grid.nursery)
+        await liar.wait_connected([h.peer_id for h in grid.honest])
+        device = grid.attackers[0].device_id
+
+        def meter_at(slot: int) -> tuple[int, int] | None:
+            """The liar's real meter counters at the end of ``slot`` (what its meter showed)."""
+            for line in reversed(grid.demo.truth_path.read_text().splitlines()):
+                r = json.loads(line)
+                if r["slot"] == slot and r["device_id"] == device:
+                    return round(r["import_wh"]), round(r["export_wh"])
+            return None
+
+        lied: list[int] = []
+        first = schedule.slot_at(time.time())
+        for n, slot in enumerate(range(first, first + 5)):
+            await trio.sleep(max(0.0, schedule.end(slot) + 0.4 - time.time()))
+            with trio.fail_after(2):
+                while (counters := meter_at(slot)) is None:
+                    await trio.sleep(0.05)
+            imp, exp = counters
+            reading = liar.reading(slot=slot, import_wh=imp, export_wh=exp + n * INFLATED_WH,
+                                   nonce=4 * slot + 1)  # fmt: skip
+            await liar.publish(TopicKind.READINGS, raw_batch([reading], n + 1))
+            if n > 0:
+                lied.append(slot)
+        await grid.wait_settled(2)
+        liar.stop()
+        check_ledgers(grid)
+        for h in grid.honest:
+            checks = {r.slot: r for r in ledger_rows(h.ledger_url, t.feeder_checks)}
+            measured: dict[int, list[bool]] = defaultdict(list)
+            for r in ledger_rows(h.ledger_url, t.settlements):
+                measured[r.slot].append(r.measured)
+            # slots every household's meter measured (else the check is incomplete, not a verdict)
+            mismatched = [s for s in lied if measured.get(s) and all(measured[s])]
+            assert len(mismatched) >= 2, (lied, dict(measured))
+            for slot in mismatched:
+                row = checks[slot]
+                assert row.status == "mismatch", (slot, row)
+                # the feeder saw the lie: the households' net import is 2 kWh too low
+                assert INFLATED_WH - row.allowed_loss_wh < row.difference_wh, row
+                assert row.difference_wh <= INFLATED_WH + row.allowed_loss_wh, row
