@@ -1,7 +1,7 @@
 """The libp2p host of a household node: TCP + Noise + yamux, gossipsub topics, Raft streams.
 
 :class:`NetNode` owns one py-libp2p 0.8.1 host and everything around it. Read
-../shared/reference/libp2p.md first; each workaround below names the pitfall or bug it avoids:
+docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
 
 - Only Noise (no plaintext/secio/TLS fallback) and only yamux are offered.
 - ``ConnectionConfig(max_connections_per_peer=1)``: the default of 3 adds 250 ms to each dial

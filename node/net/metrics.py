@@ -1,7 +1,7 @@
 """Prometheus metrics of the network layer, on a registry of their own, served on 127.0.0.1.
 
 libp2p's own ``Metrics.start_prometheus_server`` binds 0.0.0.0 (pitfall 7 of
-../shared/reference/libp2p.md); :meth:`NetMetrics.serve` binds ``127.0.0.1`` unless told
+docs/libp2p.md); :meth:`NetMetrics.serve` binds ``127.0.0.1`` unless told
 otherwise. Peer labels are bounded: only member peer ids, everything else is ``other``.
 """
 
