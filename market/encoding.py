@@ -49,7 +49,6 @@ def json_nesting_problem(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> str | 
     return None if not skeleton else f"nested deeper than {max_depth} levels"
 
 
-
 def loads_untrusted(
     data: bytes | str,
     *,

@@ -12,7 +12,8 @@ Pure integer arithmetic, no I/O: the engine computes the check at ``SettleSlot``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -65,24 +66,27 @@ class FeederCheck:
     def to_json(self) -> dict[str, Any]:
         """The fields the block's ``feeder`` hash covers (every field but ``slot``, which the
         block header carries itself)."""
-        return {
-            "status": str(self.status),
-            "meter_serial": self.meter_serial,
-            "import_wh": self.import_wh,
-            "export_wh": self.export_wh,
-            "nonce": self.nonce,
-            "signature": self.signature,
-            "feeder_net_wh": self.feeder_net_wh,
-            "households_net_wh": self.households_net_wh,
-            "difference_wh": self.difference_wh,
-            "allowed_loss_wh": self.allowed_loss_wh,
-        }
+        doc = {name: getattr(self, name) for name in FEEDER_CHECK_FIELDS}
+        doc["status"] = str(self.status)
+        return doc
+
+    @classmethod
+    def from_json(cls, slot: int, doc: Mapping[str, Any]) -> FeederCheck:
+        """Inverse of :meth:`to_json` (also takes a ``feeder_checks`` row's mapping); raises
+        :class:`ValueError` for an unknown status."""
+        status = FeederStatus(doc["status"])
+        return cls(slot, status, *(doc[name] for name in FEEDER_CHECK_FIELDS[1:]))
 
     @property
     def hash(self) -> str:
         """Hex SHA-256 of the canonical encoding (kind ``feeder_check``): the block header's
         ``feeder`` field."""
         return sha256(canonical_bytes(FEEDER_CHECK_KIND, self.to_json())).hex()
+
+
+FEEDER_CHECK_FIELDS = tuple(f.name for f in dataclasses.fields(FeederCheck) if f.name != "slot")
+"""The fields of :meth:`FeederCheck.to_json`, in order: a ``feeder_checks`` row without slot
+and block height, and a block-sync chunk's ``feeder`` object."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,7 @@ def feeder_check(
 
 
 __all__ = [
+    "FEEDER_CHECK_FIELDS",
     "FEEDER_CHECK_KIND",
     "FeederCheck",
     "FeederStatus",

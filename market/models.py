@@ -221,7 +221,7 @@ class CommandDecodeError(ValueError):
         self.kind = kind
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
     """``field.path: message`` of a validation error's first fault (never the bad value)."""
     first = exc.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -243,10 +243,14 @@ def decode_command(data: bytes) -> Command:
     try:
         return _COMMAND_ADAPTER.validate_json(data)
     except ValidationError as exc:
-        raise CommandDecodeError(f"malformed command: {_first_error(exc)}") from None
+        raise CommandDecodeError(f"malformed command: {first_error(exc)}") from None
 
 
 _BATCH_PREFIX = b"microgrid/batch/v1\n"
+_MAX_BATCH_INT_DIGITS = 4300
+"""CPython's default int-conversion limit, fixed here: the interpreter's own limit can be
+changed per process (``-X int_max_str_digits``, ``sys.set_int_max_str_digits``), and whether a
+long integer rejects the whole batch or only its command must not depend on that."""
 
 
 def encode_batch(commands: Sequence[Command]) -> bytes:
@@ -260,8 +264,8 @@ def _batch_items(data: bytes) -> list[Any]:
         raise CommandDecodeError(f"batch of {len(data)} bytes exceeds {MAX_BATCH_BYTES}")
     if not data.startswith(_BATCH_PREFIX):
         raise CommandDecodeError("not a microgrid v1 command batch")
-    try:  # nesting is checked before parsing, identically on every node (loads_untrusted)
-        items = loads_untrusted(data[len(_BATCH_PREFIX) :])
+    try:  # nesting and integer length are checked before parsing, identically on every node
+        items = loads_untrusted(data[len(_BATCH_PREFIX) :], max_int_digits=_MAX_BATCH_INT_DIGITS)
     except ValueError as exc:
         raise CommandDecodeError(f"malformed batch: {exc}") from None
     if not isinstance(items, list):
@@ -272,8 +276,8 @@ def _batch_items(data: bytes) -> list[Any]:
 def _batch_item(i: int, item: Any) -> Command:
     try:
         return _COMMAND_ADAPTER.validate_python(item)
-    except (ValidationError, RecursionError) as exc:
-        reason = _first_error(exc) if isinstance(exc, ValidationError) else "nested too deeply"
+    except ValidationError as exc:  # no RecursionError: _batch_items bounds the nesting
+        reason = first_error(exc)
         kind = item.get("type") if isinstance(item, dict) else None
         raise CommandDecodeError(
             f"malformed command {i} in batch: {reason}",

@@ -426,10 +426,7 @@ def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
             RejectReason.UNKNOWN_METER,
             f"meter {reading.meter_serial!r} is not the registered {member.meter_serial!r}",
         )
-    if state.closed_through is None or reading.slot > state.closed_through:
-        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {reading.slot} not closed")
-    if state.settled_through is not None and reading.slot <= state.settled_through:
-        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {reading.slot} is already settled")
+    _check_reading_slot(state, reading.slot)
     if reading.import_wh < 0 or reading.export_wh < 0:
         raise Rejection(RejectReason.INVALID_COUNTER, "meter counters must be non-negative")
     pending = state.pending_readings.get(reading.slot, {})
@@ -439,6 +436,15 @@ def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
     _consume_nonce(state, reading)
     state.pending_readings.setdefault(reading.slot, {})[reading.household] = reading
     return [ReadingAccepted(reading)]
+
+
+def _check_reading_slot(state: State, slot: int) -> None:
+    """A reading (a household's or the feeder's) is for a slot whose gate closed and which has
+    not settled yet."""
+    if state.closed_through is None or slot > state.closed_through:
+        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {slot} not closed")
+    if state.settled_through is not None and slot <= state.settled_through:
+        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {slot} is already settled")
 
 
 def _check_monotonic(state: State, reading: MeterReading) -> None:
@@ -511,10 +517,7 @@ def _submit_feeder_reading(state: State, reading: FeederReading) -> list[Event]:
             RejectReason.UNKNOWN_METER,
             f"meter {reading.meter_serial!r} is not the feeder meter {cfg.feeder_serial!r}",
         )
-    if state.closed_through is None or reading.slot > state.closed_through:
-        raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {reading.slot} not closed")
-    if state.settled_through is not None and reading.slot <= state.settled_through:
-        raise Rejection(RejectReason.SLOT_SETTLED, f"slot {reading.slot} is already settled")
+    _check_reading_slot(state, reading.slot)
     if reading.slot in state.pending_feeder:
         raise Rejection(
             RejectReason.DUPLICATE_READING, f"feeder of slot {reading.slot} already read"

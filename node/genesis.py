@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from market.bounds import DEFAULT_MAX_POWER_W, DEFAULT_SLOT_SECONDS
 from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.identity import IdentityError, public_key_from_did, verify_signature
-from market.models import MemberRegistration, Role
+from market.models import MemberRegistration, Role, first_error
 from market.signing import Signer
 from market.state import MarketConfig
 from node.schedule import Schedule
@@ -176,7 +176,7 @@ def create_genesis(
                 max_power_w=power[0] if power else DEFAULT_MAX_POWER_W,
             )
         except ValidationError as exc:
-            raise GenesisFormatError(f"members[{i}].{_first_error(exc)}") from None
+            raise GenesisFormatError(f"members[{i}].{first_error(exc)}") from None
         except ValueError as exc:  # an unknown role
             raise GenesisFormatError(f"members[{i}]: {exc}") from None
         registrations.append(registration.signed_by(operator))
@@ -289,7 +289,7 @@ def parse_genesis(data: bytes) -> Genesis:
         try:
             members.append(MemberRegistration.model_validate(item))
         except ValidationError as exc:
-            raise GenesisFormatError(f"members[{i}].{_first_error(exc)}") from None
+            raise GenesisFormatError(f"members[{i}].{first_error(exc)}") from None
     genesis = Genesis(
         market=market,
         slot_seconds=doc["slot_seconds"],
@@ -319,12 +319,6 @@ def verify_genesis(genesis: Genesis) -> None:
                 f"members[{i}] ({reg.household}) is not signed by the operator {genesis.operator}"
             )
     _check_consistency(genesis)
-
-
-def _first_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    return f"{loc}: {first['msg']}"
 
 
 def _check_consistency(genesis: Genesis) -> None:

@@ -221,8 +221,6 @@ class Replica:
         return self.failed
 
     def _apply(self, index: int, data: bytes) -> list[Event]:
-        if self.failed is not None:
-            raise self.failed
         if index != self.applied_index + 1:
             raise ReplicaError(f"entry {index} applied after {self.applied_index}: a gap")
         try:

@@ -64,7 +64,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from market.encoding import EncodingError, canonical_bytes
 from market.events import GateClosed
-from market.feeder import FeederCheck, FeederStatus
+from market.feeder import FEEDER_CHECK_FIELDS, FeederCheck
 from market.ledger import Block
 from market.models import Order, Trade
 from market.snapshot import config_from_json
@@ -279,31 +279,15 @@ def _block_doc(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in _HEADER_FIELDS}
 
 
-_FEEDER_FIELDS = (
-    "status",
-    "meter_serial",
-    "import_wh",
-    "export_wh",
-    "nonce",
-    "signature",
-    "feeder_net_wh",
-    "households_net_wh",
-    "difference_wh",
-    "allowed_loss_wh",
-)
-"""A chunk's ``feeder`` object: the ``feeder_checks`` row without slot and block height."""
-
-
 def _feeder_hash(doc: dict[str, Any] | None) -> str | None:
     """The block header's ``feeder`` field for a chunk's ``feeder`` object (None: no feeder).
     Raises :class:`BlockSyncError` ``malformed`` for an unknown status."""
     if doc is None:
         return None
     try:
-        status = FeederStatus(doc["status"])
+        return FeederCheck.from_json(0, doc).hash
     except ValueError:
         raise BlockSyncError("malformed", f"feeder status {doc['status']!r} is unknown") from None
-    return FeederCheck(0, status, *(doc[k] for k in _FEEDER_FIELDS[1:])).hash
 
 
 def _link_doc(row: dict[str, Any]) -> list[Any]:
@@ -324,7 +308,7 @@ def _feeder_docs(conn: Connection, first: int, last: int) -> dict[int, dict[str,
     """The ``feeder_checks`` rows of blocks ``first..last`` as chunk objects, by height."""
     f = t.feeder_checks.c
     return {
-        r["block_height"]: {k: r[k] for k in _FEEDER_FIELDS}
+        r["block_height"]: {k: r[k] for k in FEEDER_CHECK_FIELDS}
         for r in _rows(conn, select(t.feeder_checks).where(f.block_height.between(first, last)))
     }
 

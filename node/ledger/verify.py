@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from market.feeder import FeederCheck, FeederStatus, HouseholdFlow, feeder_check
+from market.feeder import FeederCheck, HouseholdFlow, feeder_check
 from market.ledger import ASSETS, Block, Posting, Transaction, roots, state_hash
 from market.models import FeederReading, MeterReading, Trade
 from market.snapshot import SnapshotError, config_from_json
@@ -271,11 +271,11 @@ def _verify(
             if feeder_row is None:
                 raise LedgerFault(f"{where}: the feeder check row is missing")
             feeder_rows += 1
+            reading = _feeder_reading(feeder_row, feeder_config, where)
             check = _check_feeder_row(
-                conn, feeder_row, row.slot, feeder_config, feeder_baseline, where
+                conn, feeder_row, row.slot, feeder_config, reading, feeder_baseline, where
             )
             feeder_hash = check.hash
-            reading = _feeder_reading(feeder_row, feeder_config, where)
             if reading is not None:
                 feeder_baseline = reading
         block = Block(
@@ -373,31 +373,19 @@ def _check_feeder_row(
     row: Any,
     slot: int,
     config: MarketConfig,
+    reading: FeederReading | None,
     baseline: FeederReading | None,
     where: str,
 ) -> FeederCheck:
-    """Recompute the feeder check of ``slot`` from the row's reading, the previous block's
-    (``baseline``) and the slot's settlements rows; it must equal the row."""
+    """Recompute the feeder check of ``slot`` from the row's reading (``reading``, already
+    checked by :func:`_feeder_reading`), the previous block's (``baseline``) and the slot's
+    settlements rows; it must equal the row."""
     if row.slot != slot:
         raise LedgerFault(f"{where}: the feeder check row is of slot {row.slot}")
     try:
-        status = FeederStatus(row.status)
+        stored = FeederCheck.from_json(slot, row._mapping)
     except ValueError:
         raise LedgerFault(f"{where}: feeder check status {row.status!r} is unknown") from None
-    stored = FeederCheck(
-        slot,
-        status,
-        row.meter_serial,
-        row.import_wh,
-        row.export_wh,
-        row.nonce,
-        row.signature,
-        row.feeder_net_wh,
-        row.households_net_wh,
-        row.difference_wh,
-        row.allowed_loss_wh,
-    )
-    reading = _feeder_reading(row, config, where)
     s = t.settlements.c
     flows = [
         HouseholdFlow(bool(r.measured), r.import_wh, r.export_wh)
@@ -416,6 +404,6 @@ def _check_feeder_row(
     if recomputed != stored:
         raise LedgerFault(
             f"{where}: feeder check row does not match its reading, the previous feeder reading "
-            f"and the settlements (row {status}, recomputed {recomputed.status})"
+            f"and the settlements (row {stored.status}, recomputed {recomputed.status})"
         )
     return stored

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from market import Command, FeederReading, MeterReading, SettleSlot, encode_batch
+from market import Command, FeederReading, MeterReading, SettleSlot
 from market.state import MarketConfig
 from node import simulate
+from tests.node.test_replica import as_log
 
 FEEDER_SERIAL = "FEEDER-SIM-1"
 
@@ -65,14 +66,6 @@ def feeder_commands(
 def feeder_log_entries(
     households: int, slots: int, seed: int, **kwargs: object
 ) -> tuple[MarketConfig, list[tuple[int, bytes]]]:
-    """The commands as a committed log: batches of a few, with Raft's empty entries between."""
+    """The commands as a committed log (:func:`tests.node.test_replica.as_log`)."""
     config, commands = feeder_commands(households, slots, seed, **kwargs)  # type: ignore[arg-type]
-    entries: list[tuple[int, bytes]] = []
-    i = 0
-    while i < len(commands):
-        size = 1 + (i * 7 + seed) % 5
-        entries.append((len(entries) + 1, encode_batch(commands[i : i + size])))
-        if len(entries) % 9 == 0:
-            entries.append((len(entries) + 1, b""))
-        i += size
-    return config, entries
+    return config, as_log(commands, seed)

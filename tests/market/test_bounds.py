@@ -7,6 +7,7 @@ refused where it is decoded, with a typed reason, identically on every node.
 from __future__ import annotations
 
 import json
+import sys
 from fractions import Fraction
 from typing import Any
 
@@ -157,6 +158,23 @@ def test_a_batch_decodes_command_by_command() -> None:
     assert second == decode_command(canonical_json(good))
     assert isinstance(third, CommandDecodeError) and (third.index, third.kind) == (2, None)
     assert "command 2" in str(third)
+
+
+def test_a_long_integer_rejects_the_batch_whatever_the_interpreter_limit() -> None:
+    """Python's int-conversion limit (4300 digits by default) can be changed per process; the
+    batch decoder fixes it, so whether the entry is rejected whole does not depend on it."""
+    whole = _BATCH_PREFIX + b'[{"type":"settle","slot":' + b"1" * 4301 + b"}]"
+    one = _BATCH_PREFIX + b'[{"type":"settle","slot":' + b"1" * 4300 + b"}]"
+    default = sys.get_int_max_str_digits()
+    for limit in (0, default):
+        sys.set_int_max_str_digits(limit)
+        try:
+            with pytest.raises(CommandDecodeError, match=r"malformed batch: .*4301 digits"):
+                decode_batch_lenient(whole)
+            (item,) = decode_batch_lenient(one)
+            assert isinstance(item, CommandDecodeError) and item.kind == "settle"
+        finally:
+            sys.set_int_max_str_digits(default)
 
 
 @pytest.mark.parametrize(

@@ -287,7 +287,7 @@ def test_two_replicas_write_byte_identical_blocks(grid) -> None:
     w.ok(SettleSlot(slot=2))  # no feeder reading for slot 2
     commands = feeder_log(w, m, range(3, 9))
     a, b = w.state.copy(), load_state(dump_state(w.state))
-    blocks_a, blocks_b = [], []
+    blocks_a, blocks_b, statuses = [], [], []
     for i, command in enumerate(commands):
         a, ev_a = apply(a, command)
         b, ev_b = apply(b, command)
@@ -295,11 +295,13 @@ def test_two_replicas_write_byte_identical_blocks(grid) -> None:
             b.pending_feeder = dict(reversed(list(b.pending_feeder.items())))
         blocks_a += [canonical_bytes("block", e.block.to_json()) for e in ev_a if _is_block(e)]
         blocks_b += [canonical_bytes("block", e.block.to_json()) for e in ev_b if _is_block(e)]
+        statuses += [e.feeder.status for e in ev_a if _is_block(e)]
     assert len(blocks_a) == 6 and blocks_a == blocks_b
     assert all(json.loads(blk.split(b"\n", 1)[1])["feeder"] for blk in blocks_a)
     assert state_digest(a) == state_digest(b)
-    statuses = [a.feeder_baseline.slot]
-    assert statuses == [8]
+    # slot 3 has no baseline of slot 2 (slot 2 had no feeder reading); slots 4..8 compare
+    assert statuses == [FeederStatus.NO_FEEDER_READING] + [FeederStatus.OK] * 5
+    assert a.feeder_baseline is not None and a.feeder_baseline.slot == 8
 
 
 def test_snapshot_round_trip_mid_slot_continues_identically(grid) -> None:

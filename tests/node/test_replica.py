@@ -36,9 +36,13 @@ POISON_NONCE = 2**63 + 5
 
 
 def log_entries(households: int, slots: int, seed: int) -> tuple[object, list[tuple[int, bytes]]]:
-    """A committed log: batches of a few commands, with Raft's empty entries in between."""
+    """A committed log of a simulated grid (:func:`as_log`)."""
     sim = simulate.build(households, seed)
-    commands = list(simulate.commands(sim, slots, first_slot=40))
+    return sim.config, as_log(list(simulate.commands(sim, slots, first_slot=40)), seed)
+
+
+def as_log(commands: list, seed: int) -> list[tuple[int, bytes]]:
+    """``commands`` as a committed log: batches of a few, with Raft's empty entries between."""
     entries: list[tuple[int, bytes]] = []
     i = 0
     while i < len(commands):
@@ -47,7 +51,7 @@ def log_entries(households: int, slots: int, seed: int) -> tuple[object, list[tu
         if len(entries) % 9 == 0:
             entries.append((len(entries) + 1, b""))
         i += size
-    return sim.config, entries
+    return entries
 
 
 def reference_head(config, entries) -> str:
