@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -257,17 +257,18 @@ class MeterReader:
         self._emit(m, events)
         return PollResult(name, sample, error, tuple(events))
 
-    async def poll_all(self) -> dict[str, PollResult]:
-        """Poll every meter in parallel; one result per meter."""
+    async def poll_all(self, names: Sequence[str] | None = None) -> dict[str, PollResult]:
+        """Poll every meter (or those named) in parallel; one result per meter."""
         results: dict[str, PollResult] = {}
+        chosen = list(self._meters) if names is None else [n for n in self._meters if n in names]
 
         async def one(name: str) -> None:
             results[name] = await self.poll(name)
 
         async with trio.open_nursery() as nursery:
-            for name in self._meters:
+            for name in chosen:
                 nursery.start_soon(one, name)
-        return {name: results[name] for name in self._meters}
+        return {name: results[name] for name in chosen}
 
     async def run(self, interval_s: float, send: trio.MemorySendChannel[PollResult]) -> None:
         """Poll every meter every ``interval_s`` seconds and send each result, forever."""

@@ -23,7 +23,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
@@ -212,7 +212,7 @@ class Api:
     token: str
     limits: ApiLimits = field(default_factory=ApiLimits)
     routes: dict[tuple[str, str], Route] = field(default_factory=dict)
-    requests: dict[int, int] = field(default_factory=dict)
+    requests: Counter[int] = field(default_factory=Counter)
     """Responses sent, by status code (for metrics)."""
     rejections: Counter[str] = field(default_factory=Counter)
     """Requests refused and connections closed early, by reason (for metrics)."""
@@ -307,7 +307,7 @@ class Api:
                 parsed[name] = value
         for name, values in route.choices.items():
             request.choice_param(name, values)
-        request = Request(method, path, query, body, headers, self.limits.max_json_depth, parsed)
+        request = replace(request, ints=parsed)
         needs_token = route.token(request) if callable(route.token) else route.token
         if needs_token and not self.authorized(headers):
             raise ApiError(401, "missing or wrong bearer token")
@@ -502,7 +502,7 @@ class Api:
                 drained += len(data)
 
     def _count(self, status: int) -> None:
-        self.requests[status] = self.requests.get(status, 0) + 1
+        self.requests[status] += 1
 
 
 def _peer(stream: trio.SocketStream) -> str:

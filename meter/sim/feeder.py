@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from meter.sim.household import MeterState
+from meter.sim.household import MeterState, SimulatedMeter
 
 DEFAULT_FEEDER_DEVICE = 100
 DEFAULT_FEEDER_LOSS = 0.02
@@ -35,8 +35,9 @@ class FeederConfig:
 
 
 @dataclass(eq=False)
-class Feeder:
-    """The feeder meter's state; :meth:`step` integrates one step of the households' flows."""
+class Feeder(SimulatedMeter):
+    """The feeder meter's state; :meth:`step` integrates one step of the households' flows
+    (counter faults: :class:`~meter.sim.household.SimulatedMeter`)."""
 
     config: FeederConfig
     state: MeterState = field(init=False)
@@ -60,23 +61,9 @@ class Feeder:
         moved = sum(abs(p) for p in powers)
         power = net + self.config.loss * moved
         s = self.state
-        imp = s.import_wh + max(power, 0.0) * dt_s / 3600
-        exp = s.export_wh + max(-power, 0.0) * dt_s / 3600
+        imp, exp = self.counters_after(power, dt_s)
         self.state = replace(s, time_s=s.time_s + dt_s, power_w=power, load_w=max(power, 0.0),
                              import_wh=imp, export_wh=exp)
-
-    def reset_counters(self) -> None:
-        """Fault: the meter's counters restart from zero."""
-        self.state = replace(self.state, import_wh=0.0, export_wh=0.0)
-
-    def jump_counters(self, wh: float) -> None:
-        """Fault: the import counter jumps by ``wh``."""
-        self.state = replace(self.state, import_wh=self.state.import_wh + wh)
-
-    def change_serial(self) -> None:
-        """Fault: the meter is replaced by one with another serial and fresh counters."""
-        self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,
-                             export_wh=3_000.0)
 
 
 def feeder_serial(seed: int) -> int:

@@ -77,8 +77,35 @@ class MeterState:
         return simple.get(name, 0.0)
 
 
+class SimulatedMeter:
+    """What every simulated meter (a household's, the feeder's) has: its :class:`MeterState`,
+    counters that integrate its grid power, and the counter faults the simulator injects."""
+
+    state: MeterState
+
+    def counters_after(self, power_w: float, dt_s: float) -> tuple[float, float]:
+        """The import and export counters (Wh) after ``dt_s`` seconds at ``power_w``
+        (positive = import)."""
+        s = self.state
+        return (s.import_wh + max(power_w, 0.0) * dt_s / 3600,
+                s.export_wh + max(-power_w, 0.0) * dt_s / 3600)  # fmt: skip
+
+    def reset_counters(self) -> None:
+        """Fault: the meter's counters restart from zero (as after a meter reset)."""
+        self.state = replace(self.state, import_wh=0.0, export_wh=0.0)
+
+    def jump_counters(self, wh: float) -> None:
+        """Fault: the import counter jumps by ``wh`` (a corrupted or tampered register)."""
+        self.state = replace(self.state, import_wh=self.state.import_wh + wh)
+
+    def change_serial(self) -> None:
+        """Fault: the meter is replaced by one with another serial and fresh counters."""
+        self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,
+                             export_wh=3_000.0)
+
+
 @dataclass(eq=False)
-class Household:
+class Household(SimulatedMeter):
     """A household's simulation state; :meth:`step` advances it by one fixed step."""
 
     config: HouseholdConfig
@@ -139,8 +166,7 @@ class Household:
                 battery = -min(net, c.battery_kw * 1000, soc * 3600 / dt_s)
             soc += battery * dt_s / 3600
         grid = net + battery
-        imp = s.import_wh + max(grid, 0.0) * dt_s / 3600
-        exp = s.export_wh + max(-grid, 0.0) * dt_s / 3600
+        imp, exp = self.counters_after(grid, dt_s)
         u = _uniforms(self.seed, c.index, int(t // dt_s))
         v = 230.0 + 3.0 * math.sin(t / 7200.0) - grid / 3000.0 + u[0] - 0.5
         self.state = MeterState(
@@ -148,19 +174,6 @@ class Household:
             round(v, 2), round(v + 2 * u[1] - 1, 2), round(v + 2 * u[2] - 1, 2),
             round(49.96 + 0.08 * u[3], 3),
         )
-
-    def reset_counters(self) -> None:
-        """Fault: the meter's counters restart from zero (as after a meter reset)."""
-        self.state = replace(self.state, import_wh=0.0, export_wh=0.0)
-
-    def jump_counters(self, wh: float) -> None:
-        """Fault: the import counter jumps by ``wh`` (a corrupted or tampered register)."""
-        self.state = replace(self.state, import_wh=self.state.import_wh + wh)
-
-    def change_serial(self) -> None:
-        """Fault: the meter is replaced by one with another serial and fresh counters."""
-        self.state = replace(self.state, serial=self.state.serial + 1, import_wh=12_000.0,
-                             export_wh=3_000.0)
 
 
 @functools.cache

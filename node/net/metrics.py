@@ -21,70 +21,53 @@ class NetMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._members = set(member_peers)
         r = self.registry
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, list(labels), registry=r)
+
         self.peers = Gauge("microgrid_net_peers", "Connected peers", registry=r)
-        self.gossip_in = Counter(
-            "microgrid_gossip_in", "Gossip messages delivered locally", ["topic"], registry=r
+        self.gossip_in = counter("microgrid_gossip_in", "Gossip messages delivered locally",
+                                 "topic")  # fmt: skip
+        self.gossip_records_in = counter("microgrid_gossip_records_in",
+                                         "Records delivered by gossip", "topic")  # fmt: skip
+        self.gossip_out = counter("microgrid_gossip_out", "Gossip messages published", "topic")
+        # rejected and dropped gossip: each by reason, and by (bounded) peer label
+        self.gossip_invalid = counter("microgrid_gossip_invalid", "Rejected gossip messages",
+                                      "reason")  # fmt: skip
+        self.gossip_invalid_by_peer = counter(
+            "microgrid_gossip_invalid_by_peer", "Rejected gossip messages by forwarding peer",
+            "peer",
         )
-        self.gossip_records_in = Counter(
-            "microgrid_gossip_records_in", "Records delivered by gossip", ["topic"], registry=r
-        )
-        self.gossip_out = Counter(
-            "microgrid_gossip_out", "Gossip messages published", ["topic"], registry=r
-        )
-        self.gossip_invalid = Counter(
-            "microgrid_gossip_invalid", "Rejected gossip messages", ["reason"], registry=r
-        )
-        self.gossip_invalid_by_peer = Counter(
-            "microgrid_gossip_invalid_by_peer",
-            "Rejected gossip messages by forwarding peer",
-            ["peer"],
-            registry=r,
-        )
-        self.gossip_penalised_by_peer = Counter(
+        self.gossip_penalised_by_peer = counter(
             "microgrid_gossip_penalised_by_peer",
             "Rejected gossip messages by penalised culprit (author or forwarder)",
-            ["peer", "reason"],
-            registry=r,
+            "peer", "reason",
         )
-        self.gossip_dropped = Counter(
+        self.gossip_dropped = counter(
             "microgrid_gossip_dropped",
-            "Inbound gossip dropped before validation (per-peer budgets)",
-            ["reason"],
-            registry=r,
+            "Inbound gossip dropped before validation (per-peer budgets)", "reason",
         )
-        self.gossip_dropped_by_peer = Counter(
+        self.gossip_dropped_by_peer = counter(
             "microgrid_gossip_dropped_by_peer",
-            "Inbound gossip dropped before validation, by forwarding peer",
-            ["peer"],
-            registry=r,
+            "Inbound gossip dropped before validation, by forwarding peer", "peer",
         )
-        self.stream_faults = Counter(
+        self.stream_faults = counter(
             "microgrid_net_stream_faults",
             "Inbound streams reset because a peer's bytes broke the protocol",
-            ["protocol", "reason"],
-            registry=r,
+            "protocol", "reason",
         )
-        self.stream_faults_by_peer = Counter(
-            "microgrid_net_stream_faults_by_peer",
-            "Protocol faults by peer",
-            ["peer", "protocol"],
-            registry=r,
-        )
-        self.peers_refused = Counter(
-            "microgrid_net_peers_refused", "Connections refused", ["reason"], registry=r
-        )
-        self.peers_banned = Counter("microgrid_net_peers_banned", "Peer bans", registry=r)
-        self.dials = Counter("microgrid_net_dials", "Dial attempts", ["result"], registry=r)
-        self.raft_sent = Counter("microgrid_raft_frames_sent", "Raft frames sent", registry=r)
-        self.raft_received = Counter(
-            "microgrid_raft_frames_received", "Raft frames received and accepted", registry=r
-        )
-        self.raft_dropped = Counter(
-            "microgrid_raft_frames_dropped", "Raft frames dropped", ["reason"], registry=r
-        )
-        self.stream_errors = Counter(
-            "microgrid_stream_errors", "Stream errors", ["kind"], registry=r
-        )
+        self.stream_faults_by_peer = counter("microgrid_net_stream_faults_by_peer",
+                                             "Protocol faults by peer", "peer", "protocol")
+        self.peers_refused = counter("microgrid_net_peers_refused", "Connections refused",
+                                     "reason")  # fmt: skip
+        self.peers_banned = counter("microgrid_net_peers_banned", "Peer bans")
+        self.dials = counter("microgrid_net_dials", "Dial attempts", "result")
+        self.raft_sent = counter("microgrid_raft_frames_sent", "Raft frames sent")
+        self.raft_received = counter("microgrid_raft_frames_received",
+                                     "Raft frames received and accepted")  # fmt: skip
+        self.raft_dropped = counter("microgrid_raft_frames_dropped", "Raft frames dropped",
+                                    "reason")  # fmt: skip
+        self.stream_errors = counter("microgrid_stream_errors", "Stream errors", "kind")
         self.rtt = Histogram(
             "microgrid_peer_rtt_seconds",
             "Ping round-trip time to peers",

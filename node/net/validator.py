@@ -280,9 +280,10 @@ class GossipValidator:
         except Exception as exc:  # a record model raising on odd input must not escape
             verdict = Verdict(False, "malformed", f"{type(exc).__name__}: {exc}")
         newest = self.seqnos.get(origin)
-        fresh = seqno is None or newest is None or seqno > newest
-        if seqno is not None and origin in self.members and (newest is None or seqno > newest):
+        newer = seqno is not None and (newest is None or seqno > newest)
+        if newer and origin in self.members:
             self.seqnos[origin] = seqno
+        fresh = seqno is None or newer
         if verdict.ok:
             for record in verdict.records:
                 window = self.nonces.setdefault(record.author, NonceWindow())

@@ -157,6 +157,16 @@ def test_feeder_faults_and_other_device_id() -> None:
             assert trio.run(_poll_bounded, reader).sample is not None
         finally:
             reader.close()
+    # the one-shot counter faults act on the feeder's counters, and only on the feeder's
+    households = sim.states()
+    before = sim.feeder_state()
+    sim.set_fault(42, "counter_jump", 5_000)
+    assert sim.feeder_state().import_wh == before.import_wh + 5_000
+    sim.set_fault(42, "counter_reset")
+    assert (sim.feeder_state().import_wh, sim.feeder_state().export_wh) == (0.0, 0.0)
+    sim.set_fault(42, "serial_change")
+    assert sim.feeder_state().serial == before.serial + 1
+    assert sim.states() == households
 
 
 def test_meter_sim_cli_serves_a_feeder() -> None:

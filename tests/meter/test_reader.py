@@ -175,3 +175,14 @@ async def test_shared_gateway_connection(sim: MeterSimulator) -> None:
         d = int(name[2:])
         assert result.sample is not None, result.error
         assert result.sample.import_wh == expected_counter_wh(sim, d, sim.state(d).import_wh)
+
+
+async def test_poll_all_can_leave_meters_out(sim: MeterSimulator, reader: MeterReader) -> None:
+    """A node polls its own meters without the feeder meter it also reads (and in order)."""
+    names = list((await reader.poll_all()).keys())
+    assert len(names) >= 2
+    chosen = names[1:]
+    results = await reader.poll_all(chosen)
+    assert list(results) == chosen
+    assert all(r.ok for r in results.values())
+    assert await reader.poll_all([]) == {}
