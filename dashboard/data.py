@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, case, event, func, inspect, select
+from sqlalchemy import Engine, Select, case, event, func, inspect, select
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
@@ -282,6 +282,15 @@ def _i(value: Any) -> int:
     return int(value) if value is not None else 0
 
 
+def _slots_in(q: Select[Any], slot: Any, after: int | None, upto: int | None) -> Select[Any]:
+    """``q`` restricted to ``after < slot <= upto`` (None: unbounded on that side)."""
+    if after is not None:
+        q = q.where(slot > after)
+    if upto is not None:
+        q = q.where(slot <= upto)
+    return q
+
+
 def load_clearings(conn: Connection, after: int | None, upto: int | None = None) -> list[SlotRow]:
     """Clearing rows (with trade money sums) of slots in ``(after, upto]``."""
     c = t.clearings.c
@@ -292,12 +301,8 @@ def load_clearings(conn: Connection, after: int | None, upto: int | None = None)
         func.sum(tr.quantity_wh * tr.price).label("pay"),
         func.sum(tr.quantity_wh * tr.sell_price).label("get"),
     ).group_by(tr.slot)
-    if after is not None:
-        q = q.where(c.slot > after)
-        tq = tq.where(tr.slot > after)
-    if upto is not None:
-        q = q.where(c.slot <= upto)
-        tq = tq.where(tr.slot <= upto)
+    q = _slots_in(q, c.slot, after, upto)
+    tq = _slots_in(tq, tr.slot, after, upto)
     money = {int(r.slot): (_i(r.pay), _i(r.get)) for r in conn.execute(tq)}
     rows = []
     for r in conn.execute(q):
@@ -328,9 +333,6 @@ FEEDER_FIELDS = (
 )
 """:class:`SlotRow` attributes loaded from ``feeder_checks``."""
 
-FEEDER_INCOMPLETE = ("no_feeder_reading", "households_unmeasured")
-"""Feeder check statuses that compared nothing ("feeder check incomplete", not alerts)."""
-
 
 def has_feeder_table(conn: Connection) -> bool:
     """Whether the ledger has the ``feeder_checks`` table (ledgers of older nodes and archives
@@ -346,21 +348,15 @@ def load_feeder_checks(
     conn: Connection, after: int | None, upto: int | None = None
 ) -> dict[int, dict[str, Any]]:
     """The ``feeder_checks`` rows of slots in ``(after, upto]`` as :data:`FEEDER_FIELDS` dicts
-    per slot; empty when the ledger has no such table.
-
-    The table's existence is checked first rather than catching the error: on PostgreSQL a
-    failed statement aborts the whole transaction the other queries run in.
+    per slot. The table must exist (see :func:`has_feeder_table`): the caller checks first
+    rather than catching the error, since on PostgreSQL a failed statement aborts the whole
+    transaction the other queries run in.
     """
-    if not has_feeder_table(conn):
-        return {}
     f = t.feeder_checks.c
     q = select(
         f.slot, f.status, f.feeder_net_wh, f.households_net_wh, f.difference_wh, f.allowed_loss_wh
     ).order_by(f.slot)
-    if after is not None:
-        q = q.where(f.slot > after)
-    if upto is not None:
-        q = q.where(f.slot <= upto)
+    q = _slots_in(q, f.slot, after, upto)
     return {
         int(r.slot): {
             "feeder_status": str(r.status),
@@ -371,34 +367,6 @@ def load_feeder_checks(
         }
         for r in conn.execute(q)
     }
-
-
-def recent_feeder_checks(
-    engine: Engine, limit: int = 96, *, clock: SlotClock
-) -> list[dict[str, Any]]:
-    """The newest ``limit`` feeder checks, newest first, with every column of the table and the
-    slot's label (``time``); empty for a ledger without the table or a grid without a feeder."""
-    with engine.connect() as conn:
-        if not has_feeder_table(conn):
-            return []
-        f = t.feeder_checks.c
-        rows = conn.execute(select(t.feeder_checks).order_by(f.slot.desc()).limit(limit)).all()
-    return [
-        {
-            "slot": int(r.slot),
-            "time": clock.label(int(r.slot)),
-            "height": int(r.block_height),
-            "status": str(r.status),
-            "meter_serial": r.meter_serial,
-            "import_wh": _opt_int(r.import_wh),
-            "export_wh": _opt_int(r.export_wh),
-            "feeder_net_wh": _opt_int(r.feeder_net_wh),
-            "households_net_wh": _opt_int(r.households_net_wh),
-            "difference_wh": _opt_int(r.difference_wh),
-            "allowed_loss_wh": _opt_int(r.allowed_loss_wh),
-        }
-        for r in rows
-    ]
 
 
 def load_settlement_sums(
@@ -415,10 +383,7 @@ def load_settlement_sums(
         func.count().label("n"),
         func.sum(case((s.measured, 0), else_=1)).label("unmeasured"),
     ).group_by(s.slot)
-    if after is not None:
-        q = q.where(s.slot > after)
-    if upto is not None:
-        q = q.where(s.slot <= upto)
+    q = _slots_in(q, s.slot, after, upto)
     return {
         int(r.slot): {
             "import_wh": _i(r.imp),
@@ -452,6 +417,9 @@ class SlotCache:
     floor: int | None = None
     """Every slot from here up to ``cleared_through`` is loaded."""
     genesis_hash: str | None = None
+    feeder_table: bool = False
+    """Whether the ledger has ``feeder_checks`` (once seen, never asked again: tables are not
+    dropped; until then asked on every refresh, so an upgraded node's ledger is picked up)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refresh(self) -> None:
@@ -469,6 +437,7 @@ class SlotCache:
                 self.rows.clear()
                 self.cleared_through = self.settled_through = self.traded_through = None
                 self.floor = None
+                self.feeder_table = False
                 self.genesis_hash = genesis
             if self.floor is None:
                 newest = conn.execute(select(func.max(t.clearings.c.slot))).scalar()
@@ -509,11 +478,11 @@ class SlotCache:
         """Mark slots in ``(after, upto]`` settled with their block, sums and feeder check;
         newest slot."""
         sums = load_settlement_sums(conn, after, upto)
-        feeder = load_feeder_checks(conn, after, upto)
+        if not self.feeder_table:
+            self.feeder_table = has_feeder_table(conn)
+        feeder = load_feeder_checks(conn, after, upto) if self.feeder_table else {}
         b = t.blocks.c
-        bq = select(b.slot, b.height, b.hash).where(b.slot > after).order_by(b.slot)
-        if upto is not None:
-            bq = bq.where(b.slot <= upto)
+        bq = _slots_in(select(b.slot, b.height, b.hash).order_by(b.slot), b.slot, after, upto)
         last = None
         for blk in conn.execute(bq):
             slot = int(blk.slot)

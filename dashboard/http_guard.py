@@ -87,10 +87,10 @@ class HttpStats:
 
 
 def clip(text: str, limit: int = MAX_LOG_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, control characters escaped: one bounded log line."""
-    cut = text[:limit]
-    escaped = repr(cut)[1:-1]
-    return escaped + ("…" if len(text) > limit else "")
+    """``text`` with control characters escaped, cut to ``limit`` characters: one bounded log
+    line (cut after escaping, so escapes cannot make it longer)."""
+    escaped = repr(text[: limit + 1])[1:-1]
+    return escaped if len(escaped) <= limit else escaped[:limit] + "…"
 
 
 def _where(exc: BaseException) -> str:
@@ -287,9 +287,7 @@ def install(app: Dash, max_body: int = MAX_BODY_BYTES) -> HttpStats:
         return _error(404, "Not Found")
 
     @server.errorhandler(Exception)
-    def _server_error(exc: Exception) -> Any:
-        if isinstance(exc, HTTPException):
-            return _http_error(exc)
+    def _server_error(exc: Exception) -> Any:  # Flask sends HTTPExceptions to _http_error
         log.error(
             "500 %s: %s %s at %s",
             _summary(),

@@ -8,7 +8,6 @@ fail in CI.
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import os
 import shutil
@@ -22,10 +21,8 @@ from sqlalchemy import case, create_engine, func, insert, select
 
 from dashboard.app import create_app, serve
 from dashboard.views import Context
-from market import Command, MeterReading, SettleSlot, State
+from market import Command, MeterReading, SettleSlot
 from market.models import FeederReading
-from node import simulate
-from node.ledger import LedgerStore
 from node.ledger import schema as t
 from tests.dashboard.feeder import Feeder
 
@@ -167,6 +164,34 @@ def wait_text(page: Any, selector: str, needle: str) -> None:
     )
 
 
+def callback_payload(
+    dep: dict[str, Any], values: dict[str, Any], changed: list[str] | None = None
+) -> dict[str, Any]:
+    """The body Dash's renderer posts to ``/_dash-update-component`` for the callback ``dep``
+    (an entry of ``/_dash-dependencies``), with these ``id.property`` values; ``changed``
+    defaults to its first input."""
+
+    def spec(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for i in items:
+            value = values.get(f"{i['id']}.{i['property']}")
+            out.append({"id": i["id"], "property": i["property"], "value": value})
+        return out
+
+    output = dep["output"]
+    outputs = [
+        {"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")
+    ]
+    first = f"{dep['inputs'][0]['id']}.{dep['inputs'][0]['property']}"
+    return {
+        "output": output,
+        "outputs": outputs if len(outputs) > 1 else outputs[0],
+        "inputs": spec(dep["inputs"]),
+        "state": spec(dep["state"]),
+        "changedPropIds": changed if changed is not None else [first],
+    }
+
+
 FEEDER_TOLERANCE_WH = 100
 FEEDER_LOSS_PERMILLE = 50
 
@@ -258,6 +283,17 @@ def write_feeder_checks(
     return rows
 
 
+def feeder_check_rows(url: str) -> dict[int, dict[str, Any]]:
+    """The ``feeder_checks`` rows of the ledger at ``url`` by slot, read straight from the table
+    (what the engine and store wrote, not the dashboard's reading of it)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {r.slot: r._asdict() for r in conn.execute(select(t.feeder_checks))}
+    finally:
+        engine.dispose()
+
+
 FEEDER_SERIAL = "FEEDER0001"
 
 
@@ -286,15 +322,7 @@ class FeederGrid(Feeder):
         self.counters: dict[str, tuple[int, int]] = {}
         self.flow: dict[int, tuple[int, int]] = {}
         self.feeder_import_wh = self.feeder_export_wh = 0
-        self.sim = simulate.build(households, seed)
-        self.sim.config = dataclasses.replace(self.sim.config, feeder_serial=FEEDER_SERIAL)
-        self.state = State.initial(self.sim.config)
-        self.store = LedgerStore(db)
-        self.store.init_genesis(self.sim.config)
-        self.index = 0
-        self.next_slot = first_slot
-        self.pending_settlements: list[list[Command]] = []
-        self._apply(simulate.registrations(self.sim))
+        super().__init__(db, households, seed, first_slot, feeder_serial=FEEDER_SERIAL)
 
     def _apply(self, commands: list[Command]) -> None:
         out: list[Command] = []

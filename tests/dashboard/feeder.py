@@ -8,6 +8,8 @@ cross, gates that close while settlement lags behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 from market import (
     CloseGate,
     Command,
@@ -24,10 +26,20 @@ from node.ledger import LedgerStore
 class Feeder:
     """A simulated microgrid writing into the ledger at ``db``."""
 
-    def __init__(self, db: str, households: int = 6, seed: int = 1, first_slot: int = 0) -> None:
+    def __init__(
+        self,
+        db: str,
+        households: int = 6,
+        seed: int = 1,
+        first_slot: int = 0,
+        feeder_serial: str | None = None,
+    ) -> None:
         """``first_slot``: the first slot traded (slots are Unix time / slot length in a running
-        grid; the simulation's day profile repeats every 96 slots)."""
+        grid; the simulation's day profile repeats every 96 slots). ``feeder_serial``: the
+        genesis names a feeder meter (see ``conftest.FeederGrid``)."""
         self.sim = simulate.build(households, seed)
+        if feeder_serial is not None:
+            self.sim.config = dataclasses.replace(self.sim.config, feeder_serial=feeder_serial)
         self.state = State.initial(self.sim.config)
         self.store = LedgerStore(db)
         self.store.init_genesis(self.sim.config)

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from dashboard.data import recent_feeder_checks
 from dashboard.views import Context
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,
+    feeder_check_rows,
     graph_eval,
     graph_js,
     needs_browser,
@@ -290,9 +290,7 @@ def test_feeder_mismatch_is_rendered(chromium: Any, tmp_path: Path) -> None:
         tmp_path, 16, households=4, seed=3, first_slot=FIRST, tamper={bad: -2500}
     )
     ctx = Context.open(grid.store.url, verify_interval=0.3)
-    (check,) = [
-        c for c in recent_feeder_checks(ctx.engine, 16, clock=ctx.clock) if c["slot"] == bad
-    ]
+    check = feeder_check_rows(grid.store.url)[bad]
     assert check["status"] == "mismatch"
     dash = RunningDashboard(ctx)
     page = chromium.new_page()

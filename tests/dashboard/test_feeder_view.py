@@ -25,7 +25,13 @@ from sqlalchemy import create_engine, text
 from dashboard import data, views
 from dashboard.app import create_app
 from node.ledger.verify import verify_ledger
-from tests.dashboard.conftest import new_feeder, new_feeder_grid, write_feeder_checks
+from tests.dashboard.conftest import (
+    callback_payload,
+    feeder_check_rows,
+    new_feeder,
+    new_feeder_grid,
+    write_feeder_checks,
+)
 from tests.dashboard.feeder import Feeder
 
 FIRST = 1_960_032
@@ -61,21 +67,7 @@ def call(app: Dash, output: str, values: dict[str, Any]) -> dict[str, Any]:
     """Call one of the app's callbacks as Dash's renderer does; its response by component."""
     client = app.server.test_client()
     deps = {d["output"]: d for d in client.get("/_dash-dependencies").get_json()}
-    dep = deps[output]
-
-    def spec(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{**i, "value": values.get(f"{i['id']}.{i['property']}")} for i in items]
-
-    outputs = [
-        {"id": o.split(".")[0], "property": o.split(".")[1]} for o in output.strip(".").split("...")
-    ]
-    body = {
-        "output": output,
-        "outputs": outputs if len(outputs) > 1 else outputs[0],
-        "inputs": spec(dep["inputs"]),
-        "state": spec(dep["state"]),
-        "changedPropIds": [f"{dep['inputs'][0]['id']}.{dep['inputs'][0]['property']}"],
-    }
+    body = callback_payload(deps[output], values)
     response = client.post("/_dash-update-component", json=body)
     assert response.status_code == 200, response.data[:300]
     return json.loads(response.data)["response"]
@@ -119,9 +111,7 @@ def test_the_engines_feeder_checks_on_the_dashboard(tmp_path: Path) -> None:
     assert verify_ledger(grid.store.url).ok
     ctx = open_ctx(grid.store.url)
     try:
-        checks = {
-            c["slot"]: c for c in data.recent_feeder_checks(ctx.engine, SLOTS, clock=ctx.clock)
-        }
+        checks = feeder_check_rows(grid.store.url)
         assert len(checks) == SLOTS
         bad = checks[MISMATCH]
         assert bad["status"] == "mismatch" and bad["difference_wh"] < -1700
@@ -208,10 +198,6 @@ def test_a_mismatch_is_an_alert_naming_its_slot_and_difference(ledger: Feeder) -
         assert households["y"][NO_READING - FIRST] is not None
         assert marks["x"] == [label(MISMATCH)]
         assert marks["customdata"] == [[MISMATCH, -1500, 1]]
-        # the newest checks, as a table would list them
-        recent = data.recent_feeder_checks(ctx.engine, 5, clock=ctx.clock)
-        assert [c["slot"] for c in recent] == list(range(FIRST + SLOTS - 1, FIRST + SLOTS - 6, -1))
-        assert recent[0]["time"] == label(FIRST + SLOTS - 1) and recent[0]["status"] == "ok"
         # the real app renders the same
         shown = page(ctx)
         codes = texts(shown["alerts"])
@@ -255,11 +241,16 @@ def test_only_mismatches_within_the_alert_window_alert(ledger: Feeder) -> None:
         ctx.close()
 
 
-def test_new_checks_reach_the_cache_with_their_blocks(ledger: Feeder) -> None:
+def test_new_checks_reach_the_cache_with_their_blocks(
+    ledger: Feeder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_feeder_checks(ledger.store.url)
     ctx = open_ctx(ledger.store.url)
     try:
         assert not [a for a in views.alerts_view(ctx) if a["code"] == "feeder_mismatch"]
+        assert ctx.slots.feeder_table
+        # the table, once seen, is not looked up again on each refresh
+        monkeypatch.setattr(data, "has_feeder_table", lambda _conn: pytest.fail("asked again"))
         last = ledger.advance(2)
         # the store writes a block's check with the block; here, before the next head poll
         write_feeder_checks(ledger.store.url, {last: ("mismatch", 4000)}, after=last - 2)
@@ -283,11 +274,11 @@ def test_a_grid_without_a_feeder_shows_nothing_new(ledger: Feeder, ledger_kind: 
     try:
         with ctx.engine.connect() as conn:
             assert data.has_feeder_table(conn) == (ledger_kind == "no rows")
+        assert ctx.slots.feeder_table == (ledger_kind == "no rows")
         assert not any(r.feeder_status for r in ctx.slots.window(None))
         assert not [a for a in views.alerts_view(ctx) if a["code"].startswith("feeder")]
         assert views.feeder_summary_view(ctx) is None
         assert views.feeder_view(ctx, "all") == (None, [])
-        assert data.recent_feeder_checks(ctx.engine, clock=ctx.clock) == []
         shown = page(ctx)
         assert texts(shown["alerts"]) == [("no-alerts", "No alerts.")]
         assert shown["style"] == {"display": "none"}

@@ -19,7 +19,7 @@ import pytest
 from dashboard import http_guard, views
 from dashboard.app import MAX_SLOT
 from dashboard.views import Context
-from tests.dashboard.conftest import RunningDashboard, new_feeder
+from tests.dashboard.conftest import RunningDashboard, callback_payload, new_feeder
 from tests.dashboard.feeder import Feeder
 
 SLOTS = 12
@@ -93,30 +93,7 @@ class Client:
         self, output: str, values: dict[str, Any], changed: list[str] | None = None
     ) -> dict[str, Any]:
         """The body Dash's renderer sends for ``output`` with these ``id.property`` values."""
-        dep = self.deps[output]
-
-        def spec(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [
-                {
-                    "id": i["id"],
-                    "property": i["property"],
-                    "value": values.get(f"{i['id']}.{i['property']}"),
-                }
-                for i in items
-            ]
-
-        outputs = [
-            {"id": o.split(".")[0], "property": o.split(".")[1]}
-            for o in output.strip(".").split("...")
-        ]
-        first = f"{dep['inputs'][0]['id']}.{dep['inputs'][0]['property']}"
-        return {
-            "output": output,
-            "outputs": outputs if len(outputs) > 1 else outputs[0],
-            "inputs": spec(dep["inputs"]),
-            "state": spec(dep["state"]),
-            "changedPropIds": changed if changed is not None else [first],
-        }
+        return callback_payload(self.deps[output], values, changed)
 
     def call(self, output: str, values: dict[str, Any]) -> tuple[int, bytes]:
         return self.post(self.payload(output, values))
@@ -587,8 +564,18 @@ def test_malformed_request_line_is_logged_clipped(
 
 
 def test_stats_count_every_status(client: Client) -> None:
-    stats = client.stats()
-    for status in ("200", "400", "404", "413", "415"):
-        assert stats.get(status, 0) >= 1, stats
-    status, body = client.get(http_guard.STATS_PATH)
-    assert status == 200 and "responses" in json.loads(body)
+    """Each answer moves exactly its own status's counter by one (self-contained: it does not
+    rely on other tests having run first)."""
+    sends = {
+        "200": lambda: client.get("/"),
+        "400": lambda: client.post("not json{"),
+        "404": lambda: client.get("/nonexistent/path"),
+        "413": lambda: client.post(json.dumps({"output": "x" * (2 * 1024 * 1024)})),
+        "415": lambda: client.request("POST", UPDATE, "{}", content_type="text/plain"),
+    }
+    for status, send in sends.items():
+        before = client.stats()  # counted itself once it has answered: one more 200
+        assert send()[0] == int(status)
+        expected = {**before, "200": before.get("200", 0) + 1}
+        expected[status] = expected.get(status, 0) + 1
+        assert client.stats() == expected, status

@@ -26,11 +26,11 @@ from node.ledger.sync import CHUNK_KIND, BlockSyncError, decode_chunk, export_bl
 from node.net.block_sync import MAX_REQUEST_BYTES, decode_request, encode_request
 from node.replica import Replica
 from tests.fuzz.strategies import (
+    any_of_json,
     expect_only,
     fuzz_settings,
     json_mutated,
     mutated,
-    prefixed,
     raw_bytes,
 )
 from tests.node.test_replica import log_entries
@@ -59,9 +59,7 @@ def valid_chunks() -> tuple[bytes, ...]:
 def chunk_inputs(draw: st.DrawFn) -> bytes:
     valid = draw(st.sampled_from(valid_chunks()))
     doc = json.loads(valid[len(PREFIX) :])
-    return draw(
-        st.one_of(raw_bytes(), prefixed(PREFIX), mutated(valid), json_mutated(doc, PREFIX))
-    )
+    return draw(any_of_json(doc, valid, PREFIX))
 
 
 def test_real_chunks_decode() -> None:

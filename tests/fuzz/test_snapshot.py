@@ -20,12 +20,9 @@ from market import State, apply
 from market.snapshot import SnapshotError, dump_state, load_state
 from node import simulate
 from tests.fuzz.strategies import (
+    any_of_json,
     expect_only,
     fuzz_settings,
-    json_mutated,
-    mutated,
-    prefixed,
-    raw_bytes,
 )
 from tests.ledger.feeder_grid import feeder_commands
 
@@ -71,7 +68,7 @@ def feeder_dumps() -> tuple[bytes, ...]:
 def snapshot_inputs(draw: st.DrawFn) -> bytes:
     valid = draw(st.sampled_from(valid_dumps()))
     doc = json.loads(valid[len(PREFIX) :])
-    return draw(st.one_of(raw_bytes(), prefixed(PREFIX), mutated(valid), json_mutated(doc, PREFIX)))
+    return draw(any_of_json(doc, valid, PREFIX))
 
 
 def test_real_dumps_load_back_to_their_bytes() -> None:
