@@ -21,15 +21,18 @@ demo: $(STAMP)
 	rm -rf demo-run
 	$(BIN)/microgrid demo --households $(HOUSEHOLDS) --rounds $(ROUNDS) --dir demo-run
 
-## The whole suite: lint, then every test (soak/nemesis runs bounded and seeded).
+## The whole suite: lint, import contracts (pyproject.toml [tool.importlinter]), then every test
+## (soak/nemesis runs bounded and seeded).
 ## PostgreSQL tests use the local Debian server (.ci/postgres.sh starts it; skipped if it can't).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	MICROGRID_TEST_PG=$${MICROGRID_TEST_PG:-$$(bash .ci/postgres.sh 2>/dev/null || true)} \
 		$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 ## Benchmarks run in their own environment (peer libraries such as pymarket pin old pandas).
 BENCH_VENV ?= .venv-bench

@@ -3,7 +3,9 @@
 Every function here takes an :class:`~sqlalchemy.Engine` on a ledger database (SQLite file or
 PostgreSQL, the tables of ``node/ledger/schema.py``) and returns plain Python values: dicts,
 lists, ints. No Dash, no Plotly: the callbacks in :mod:`dashboard.app` stay thin, and
-``bench/dashboard_bench.py`` times the same functions.
+``bench/dashboard_bench.py`` times the same functions. The per-slot queries the node's HTTP API
+shares (:class:`~node.ledger.queries.SlotRow`, ``load_clearings`` …) are in
+:mod:`node.ledger.queries`.
 
 Slots are numbered as in the running system (``node/schedule.py``): slot ``s`` delivers during
 ``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. A :class:`SlotClock` carries
@@ -29,10 +31,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Select, case, event, func, inspect, select
+from sqlalchemy import Engine, event, func, select
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
+from node.ledger.queries import (
+    FEEDER_FIELDS,
+    SlotRow,
+    has_feeder_table,
+    load_block_refs,
+    load_clearings,
+    load_feeder_checks,
+    load_settlement_sums,
+    sum_int,
+)
 from node.ledger.store import make_engine
 from node.ledger.verify import VerifyReport, verify_ledger
 
@@ -201,199 +213,31 @@ def head_info(engine: Engine) -> HeadInfo:
 
 
 # --- per-slot aggregates ----------------------------------------------------------------------
+# The queries (:class:`SlotRow`, ``load_clearings`` …) live in :mod:`node.ledger.queries`, shared
+# with the node's HTTP API; here: their display form and the incremental cache.
 
 
-@dataclass(slots=True)
-class SlotRow:
-    """Aggregates of one slot: its clearing, its settlement and its block."""
-
-    slot: int
-    mechanism: str = ""
-    price: int | None = None
-    volume_wh: int = 0
-    bid_volume_wh: int = 0
-    ask_volume_wh: int = 0
-    order_count: int = 0
-    participants: int = 0
-    buyer_pay_wh_price: int = 0
-    """Σ quantity × buyer price over the slot's trades (Wh·cent/kWh; /1000 gives cents)."""
-    seller_get_wh_price: int = 0
-    """Σ quantity × seller price over the slot's trades."""
-    settled: bool = False
-    import_wh: int = 0
-    export_wh: int = 0
-    grid_import_wh: int = 0
-    """Σ of negative imbalances: energy the households bought from the grid."""
-    grid_export_wh: int = 0
-    """Σ of positive imbalances: energy the households sold to the grid."""
-    households: int = 0
-    unmeasured: int = 0
-    height: int | None = None
-    block_hash: str | None = None
-    feeder_status: str | None = None
-    """The slot's feeder check (``feeder_checks.status``: ok, mismatch, no_feeder_reading,
-    households_unmeasured); None when the ledger has no check for it (a grid without a feeder
-    meter, or a ledger older than the table)."""
-    feeder_net_wh: int | None = None
-    """The feeder meter's net import over the slot (None unless the check is ok/mismatch)."""
-    feeder_households_net_wh: int | None = None
-    """Σ of the measured households' net import the check compared it with."""
-    feeder_difference_wh: int | None = None
-    """feeder net − households' net (positive: the feeder saw more import than the meters)."""
-    feeder_allowed_loss_wh: int | None = None
-    """Upper bound of the difference the check allowed (tolerance + line losses)."""
-
-    @property
-    def unmatched_bid_wh(self) -> int:
-        """Bid volume that found no seller."""
-        return self.bid_volume_wh - self.volume_wh
-
-    @property
-    def unmatched_ask_wh(self) -> int:
-        """Ask volume that found no buyer."""
-        return self.ask_volume_wh - self.volume_wh
-
-    def as_dict(self, clock: SlotClock) -> dict[str, Any]:
-        """A flat dict for tables and CSV (``time``: the slot's UTC start)."""
-        return {
-            "slot": self.slot,
-            "time": clock.label(self.slot),
-            "mechanism": self.mechanism,
-            "price": self.price,
-            "local_wh": self.volume_wh,
-            "grid_import_wh": self.grid_import_wh,
-            "grid_export_wh": self.grid_export_wh,
-            "bid_volume_wh": self.bid_volume_wh,
-            "ask_volume_wh": self.ask_volume_wh,
-            "unmatched_bid_wh": self.unmatched_bid_wh,
-            "unmatched_ask_wh": self.unmatched_ask_wh,
-            "orders": self.order_count,
-            "participants": self.participants,
-            "settled": self.settled,
-            "metered_import_wh": self.import_wh,
-            "metered_export_wh": self.export_wh,
-            "height": self.height,
-            "block_hash": self.block_hash,
-        }
-
-
-def _i(value: Any) -> int:
-    """PostgreSQL SUM of BIGINT is NUMERIC (Decimal); SQLite gives int or None."""
-    return int(value) if value is not None else 0
-
-
-def _slots_in(q: Select[Any], slot: Any, after: int | None, upto: int | None) -> Select[Any]:
-    """``q`` restricted to ``after < slot <= upto`` (None: unbounded on that side)."""
-    if after is not None:
-        q = q.where(slot > after)
-    if upto is not None:
-        q = q.where(slot <= upto)
-    return q
-
-
-def load_clearings(conn: Connection, after: int | None, upto: int | None = None) -> list[SlotRow]:
-    """Clearing rows (with trade money sums) of slots in ``(after, upto]``."""
-    c = t.clearings.c
-    q = select(t.clearings).order_by(c.slot)
-    tr = t.trades.c
-    tq = select(
-        tr.slot,
-        func.sum(tr.quantity_wh * tr.price).label("pay"),
-        func.sum(tr.quantity_wh * tr.sell_price).label("get"),
-    ).group_by(tr.slot)
-    q = _slots_in(q, c.slot, after, upto)
-    tq = _slots_in(tq, tr.slot, after, upto)
-    money = {int(r.slot): (_i(r.pay), _i(r.get)) for r in conn.execute(tq)}
-    rows = []
-    for r in conn.execute(q):
-        pay, get = money.get(int(r.slot), (0, 0))
-        rows.append(
-            SlotRow(
-                slot=int(r.slot),
-                mechanism=r.mechanism,
-                price=None if r.price is None else int(r.price),
-                volume_wh=int(r.volume_wh),
-                bid_volume_wh=int(r.bid_volume_wh),
-                ask_volume_wh=int(r.ask_volume_wh),
-                order_count=int(r.order_count),
-                participants=int(r.participants),
-                buyer_pay_wh_price=pay,
-                seller_get_wh_price=get,
-            )
-        )
-    return rows
-
-
-FEEDER_FIELDS = (
-    "feeder_status",
-    "feeder_net_wh",
-    "feeder_households_net_wh",
-    "feeder_difference_wh",
-    "feeder_allowed_loss_wh",
-)
-""":class:`SlotRow` attributes loaded from ``feeder_checks``."""
-
-
-def has_feeder_table(conn: Connection) -> bool:
-    """Whether the ledger has the ``feeder_checks`` table (ledgers of older nodes and archives
-    made before it lack it: their grids show no feeder)."""
-    return inspect(conn).has_table(t.feeder_checks.name)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def load_feeder_checks(
-    conn: Connection, after: int | None, upto: int | None = None
-) -> dict[int, dict[str, Any]]:
-    """The ``feeder_checks`` rows of slots in ``(after, upto]`` as :data:`FEEDER_FIELDS` dicts
-    per slot. The table must exist (see :func:`has_feeder_table`): the caller checks first
-    rather than catching the error, since on PostgreSQL a failed statement aborts the whole
-    transaction the other queries run in.
-    """
-    f = t.feeder_checks.c
-    q = select(
-        f.slot, f.status, f.feeder_net_wh, f.households_net_wh, f.difference_wh, f.allowed_loss_wh
-    ).order_by(f.slot)
-    q = _slots_in(q, f.slot, after, upto)
+def slot_row_dict(row: SlotRow, clock: SlotClock) -> dict[str, Any]:
+    """A flat dict of ``row`` for tables and CSV (``time``: the slot's UTC start)."""
     return {
-        int(r.slot): {
-            "feeder_status": str(r.status),
-            "feeder_net_wh": _opt_int(r.feeder_net_wh),
-            "feeder_households_net_wh": _opt_int(r.households_net_wh),
-            "feeder_difference_wh": _opt_int(r.difference_wh),
-            "feeder_allowed_loss_wh": _opt_int(r.allowed_loss_wh),
-        }
-        for r in conn.execute(q)
-    }
-
-
-def load_settlement_sums(
-    conn: Connection, after: int | None, upto: int | None = None
-) -> dict[int, dict[str, int]]:
-    """Per-slot sums of the settlements table for slots in ``(after, upto]``."""
-    s = t.settlements.c
-    q = select(
-        s.slot,
-        func.sum(s.import_wh).label("imp"),
-        func.sum(s.export_wh).label("exp"),
-        func.sum(case((s.imbalance_wh < 0, -s.imbalance_wh), else_=0)).label("gin"),
-        func.sum(case((s.imbalance_wh > 0, s.imbalance_wh), else_=0)).label("gout"),
-        func.count().label("n"),
-        func.sum(case((s.measured, 0), else_=1)).label("unmeasured"),
-    ).group_by(s.slot)
-    q = _slots_in(q, s.slot, after, upto)
-    return {
-        int(r.slot): {
-            "import_wh": _i(r.imp),
-            "export_wh": _i(r.exp),
-            "grid_import_wh": _i(r.gin),
-            "grid_export_wh": _i(r.gout),
-            "households": _i(r.n),
-            "unmeasured": _i(r.unmeasured),
-        }
-        for r in conn.execute(q)
+        "slot": row.slot,
+        "time": clock.label(row.slot),
+        "mechanism": row.mechanism,
+        "price": row.price,
+        "local_wh": row.volume_wh,
+        "grid_import_wh": row.grid_import_wh,
+        "grid_export_wh": row.grid_export_wh,
+        "bid_volume_wh": row.bid_volume_wh,
+        "ask_volume_wh": row.ask_volume_wh,
+        "unmatched_bid_wh": row.unmatched_bid_wh,
+        "unmatched_ask_wh": row.unmatched_ask_wh,
+        "orders": row.order_count,
+        "participants": row.participants,
+        "settled": row.settled,
+        "metered_import_wh": row.import_wh,
+        "metered_export_wh": row.export_wh,
+        "height": row.height,
+        "block_hash": row.block_hash,
     }
 
 
@@ -481,15 +325,12 @@ class SlotCache:
         if not self.feeder_table:
             self.feeder_table = has_feeder_table(conn)
         feeder = load_feeder_checks(conn, after, upto) if self.feeder_table else {}
-        b = t.blocks.c
-        bq = _slots_in(select(b.slot, b.height, b.hash).order_by(b.slot), b.slot, after, upto)
         last = None
-        for blk in conn.execute(bq):
-            slot = int(blk.slot)
+        for slot, block in load_block_refs(conn, after, upto).items():
             row = self.rows.setdefault(slot, SlotRow(slot=slot))
             row.settled = True
-            row.height = int(blk.height)
-            row.block_hash = blk.hash
+            row.height = block.height
+            row.block_hash = block.hash
             for key, value in sums.get(slot, {}).items():
                 setattr(row, key, value)
             for key, value in feeder.get(slot, {}).items():
@@ -785,7 +626,7 @@ def bucketed_community(
 def transaction_count(engine: Engine) -> int:
     """Number of ledger transactions (Σ of the block headers' tx_count)."""
     with engine.connect() as conn:
-        return _i(conn.execute(select(func.sum(t.blocks.c.tx_count))).scalar())
+        return sum_int(conn.execute(select(func.sum(t.blocks.c.tx_count))).scalar())
 
 
 def latest_blocks(engine: Engine, limit: int = 10, *, clock: SlotClock) -> list[dict[str, Any]]:
@@ -829,7 +670,7 @@ def latest_transactions(engine: Engine, limit: int = 20) -> list[dict[str, Any]]
                 .where(p.transaction_id.in_(ids), p.amount > 0)
                 .group_by(p.transaction_id, p.asset)
             ):
-                moved.setdefault(int(r.transaction_id), {})[r.asset] = _i(r.amt)
+                moved.setdefault(int(r.transaction_id), {})[r.asset] = sum_int(r.amt)
     return [
         {
             "height": int(r.block_height),

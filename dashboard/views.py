@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from dashboard import data
 from dashboard.api import NodeStatus, StatusHistory, api_alerts, fetch_status
+from node.ledger.queries import SlotRow
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +232,11 @@ def poll_api(ctx: Context) -> dict[str, Any]:
 # --- market -----------------------------------------------------------------------------------
 
 
-def _bucket(rows: list[data.SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
+def _bucket(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
     """Rows as chart points: single slots, or wall-time buckets above MAX_POINTS slots."""
     size = _bucket_size(len(rows), clock)
     if size == 1:
-        return 1, [r.as_dict(clock) for r in rows]
+        return 1, [data.slot_row_dict(r, clock) for r in rows]
     out: dict[int, dict[str, Any]] = {}
     weighted: dict[int, list[int]] = {}
     for r in rows:
@@ -657,9 +658,7 @@ def community_view(
 # --- feeder check -----------------------------------------------------------------------------
 
 
-def _feeder_points(
-    rows: list[data.SlotRow], clock: data.SlotClock
-) -> tuple[int, list[dict[str, Any]]]:
+def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
     """Settled slots with a feeder check as chart points: single slots, or sums per wall-time
     bucket above MAX_POINTS slots.
 

@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 
-from market.bounds import MAX_COUNTER_WH
 from meter.codec import decode, float32_step
 from meter.events import ImplausibleValue
 from meter.plan import ReadBlock
 from meter.profile import REQUIRED_FIELDS, FieldSpec, Profile
 
 Value = int | float | str | None
+
+MAX_COUNTER_WH = 10**15  # equals market.bounds.MAX_COUNTER_WH (tests/meter/test_bounds.py checks)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ from typing import Any
 import trio
 from sqlalchemy import func, select
 
-from dashboard.data import load_clearings, load_settlement_sums
 from market import CancelOrder, MeterReading, Order, RejectReason, Side
 from market.bounds import MAX_SLOT
 from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
@@ -55,6 +54,7 @@ from node.genesis import Genesis
 from node.identity import KeyFileError, NodeIdentity, load_key_file
 from node.ledger import LedgerStore
 from node.ledger import schema as t
+from node.ledger.queries import load_block_refs, load_clearings, load_settlement_sums
 from node.ledger.store import LedgerStoreError
 from node.ledger.sync import BlockSyncError, import_blocks, missing_ranges
 from node.metrics import NodeCollector
@@ -751,16 +751,10 @@ class HouseholdNode:
             after, upto = (None if closed is None else closed - SLOTS_PAGE), None
         else:
             after, upto = since - 1, since - 1 + SLOTS_PAGE
-        b = t.blocks.c
-        blocks_q = select(b.slot, b.height, b.hash)
-        if after is not None:
-            blocks_q = blocks_q.where(b.slot > after)
-        if upto is not None:
-            blocks_q = blocks_q.where(b.slot <= upto)
         with self.store.engine.connect() as conn:
             rows = load_clearings(conn, after, upto)
             sums = load_settlement_sums(conn, after, upto)
-            blocks = {int(r.slot): (int(r.height), r.hash) for r in conn.execute(blocks_q)}
+            blocks = load_block_refs(conn, after, upto)
             count = conn.execute(select(func.count()).select_from(t.blocks)).scalar_one()
         out = []
         for row in rows:
@@ -773,7 +767,8 @@ class HouseholdNode:
                 "grid_export_wh": s["grid_export_wh"] if s else None,
                 "metered_import_wh": s["import_wh"] if s else None,
                 "metered_export_wh": s["export_wh"] if s else None,
-                "height": block[0] if block else None, "block_hash": block[1] if block else None,
+                "height": block.height if block else None,
+                "block_hash": block.hash if block else None,
             })  # fmt: skip
         return {"blocks": int(count), "slots": out}
 

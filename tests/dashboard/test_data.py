@@ -16,6 +16,7 @@ from dashboard import data, views
 from dashboard.api import StatusHistory, api_alerts, normalise
 from dashboard.app import apply_zoom, slot_from_click, zoom_from_relayout
 from node.ledger import schema as t
+from node.ledger.queries import SlotRow
 from node.schedule import Schedule
 from tests.dashboard.conftest import new_feeder
 from tests.dashboard.status_server import StatusServer, status_doc
@@ -32,7 +33,7 @@ def utc(seconds: int, fmt: str = "%Y-%m-%d %H:%M") -> str:
 def test_community_figures_by_hand() -> None:
     rows = [
         # 1000 Wh drawn, 400 exported: 400 covered locally, 600 from the feeder
-        data.SlotRow(
+        SlotRow(
             slot=0,
             settled=True,
             import_wh=1000,
@@ -44,8 +45,8 @@ def test_community_figures_by_hand() -> None:
             seller_get_wh_price=300 * 20,
         ),
         # only export: nothing consumed locally
-        data.SlotRow(slot=1, settled=True, import_wh=0, export_wh=500, grid_export_wh=500),
-        data.SlotRow(slot=2, settled=False, import_wh=999, export_wh=999),  # not settled: ignored
+        SlotRow(slot=1, settled=True, import_wh=0, export_wh=500, grid_export_wh=500),
+        SlotRow(slot=2, settled=False, import_wh=999, export_wh=999),  # not settled: ignored
     ]
     f = data.community_figures(rows, feed_in=8, retail=32)
     assert (f.slots, f.import_wh, f.export_wh) == (2, 1000, 900)
@@ -100,7 +101,9 @@ def test_slot_cache_loads_lazily_and_incrementally(tmp_path: Path) -> None:
         fresh = data.SlotCache(engine)
         fresh.refresh()
         for slot in (0, 20, 41, 42):
-            assert fresh.window(None)[slot].as_dict(PROD) == cache.rows[slot].as_dict(PROD)
+            assert data.slot_row_dict(fresh.window(None)[slot], PROD) == data.slot_row_dict(
+                cache.rows[slot], PROD
+            )
         engine.dispose()
     finally:
         feeder.close()
@@ -109,9 +112,9 @@ def test_slot_cache_loads_lazily_and_incrementally(tmp_path: Path) -> None:
 def test_ledger_alerts() -> None:
     head = data.HeadInfo(height=10, head_hash="ab", settled_through=9, closed_through=16)
     rows = [
-        data.SlotRow(slot=1, bid_volume_wh=100, ask_volume_wh=50, volume_wh=0),
-        data.SlotRow(slot=2, bid_volume_wh=100, ask_volume_wh=0, volume_wh=0),  # one side only
-        data.SlotRow(slot=3, bid_volume_wh=100, ask_volume_wh=50, volume_wh=50),
+        SlotRow(slot=1, bid_volume_wh=100, ask_volume_wh=50, volume_wh=0),
+        SlotRow(slot=2, bid_volume_wh=100, ask_volume_wh=0, volume_wh=0),  # one side only
+        SlotRow(slot=3, bid_volume_wh=100, ask_volume_wh=50, volume_wh=50),
     ]
     alerts = data.ledger_alerts(rows, head, {"state": "failed", "error": "boom"}, 4, clock=PROD)
     assert [a["code"] for a in alerts] == [
@@ -279,14 +282,14 @@ def test_windows_and_buckets_follow_the_slot_length() -> None:
     # one day of 10-second slots: 8640 slots drawn as 1440 one-minute buckets
     first = 179_599_998  # a multiple of 6 slots: buckets start on whole minutes
     assert first * 10 % 60 == 0
-    rows = [data.SlotRow(slot=first + i, volume_wh=1, price=20) for i in range(8640)]
+    rows = [SlotRow(slot=first + i, volume_wh=1, price=20) for i in range(8640)]
     size, points = views._bucket(rows, DEMO)
     assert (size, len(points)) == (6, 1440)
     assert points[1]["slot"] == first + 6
     assert points[1]["time"] == utc((first + 6) * 10, "%Y-%m-%d %H:%M:%S")
     assert points[1]["time"].endswith(":00") and points[1]["local_wh"] == 6
     # the same number of 15-minute slots is 90 days: daily buckets
-    assert views._bucket([data.SlotRow(slot=s) for s in range(8640)], PROD)[0] == 96
+    assert views._bucket([SlotRow(slot=s) for s in range(8640)], PROD)[0] == 96
 
 
 def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:

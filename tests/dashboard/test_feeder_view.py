@@ -24,6 +24,7 @@ from sqlalchemy import create_engine, text
 
 from dashboard import data, views
 from dashboard.app import create_app
+from node.ledger import queries
 from node.ledger.verify import verify_ledger
 from tests.dashboard.conftest import (
     callback_payload,
@@ -273,7 +274,7 @@ def test_a_grid_without_a_feeder_shows_nothing_new(ledger: Feeder, ledger_kind: 
     ctx = open_ctx(ledger.store.url)
     try:
         with ctx.engine.connect() as conn:
-            assert data.has_feeder_table(conn) == (ledger_kind == "no rows")
+            assert queries.has_feeder_table(conn) == (ledger_kind == "no rows")
         assert ctx.slots.feeder_table == (ledger_kind == "no rows")
         assert not any(r.feeder_status for r in ctx.slots.window(None))
         assert not [a for a in views.alerts_view(ctx) if a["code"].startswith("feeder")]
@@ -292,7 +293,7 @@ def test_a_grid_without_a_feeder_shows_nothing_new(ledger: Feeder, ledger_kind: 
 def test_feeder_points_are_bucketed_over_long_windows() -> None:
     clock = data.SlotClock(900)
     rows = [
-        data.SlotRow(
+        queries.SlotRow(
             slot=s,
             settled=True,
             import_wh=500,
