@@ -32,7 +32,6 @@ reads only ``id``, ``side``, ``quantity_wh`` and ``price`` of each order.
 
 from __future__ import annotations
 
-import gc
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -216,14 +215,8 @@ def clear(
     k = Fraction(k)
     if not 0 <= k <= 1:
         raise ClearingError(f"k must lie in [0, 1], got {k}")
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # clearing allocates many acyclic tuples; collections would only cost time
-    try:
-        bids, asks = _sorted_sides(orders)
-        return _clear_sorted(bids, asks, mechanism, k)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    bids, asks = _sorted_sides(orders)
+    return _clear_sorted(bids, asks, mechanism, k)
 
 
 def _clear_sorted(bids: _Side, asks: _Side, mechanism: str, k: Fraction) -> Clearing:

@@ -5,6 +5,14 @@ way). Its loop: wait for a peer message or the next tick, step or tick the core,
 propose due work, then drain ``Ready``: persist (in a worker thread: SQLite fsyncs), send,
 apply committed entries through the :class:`~node.replica.Replica`, ``advance``. Messages are
 sent only after what they promise is on disk, as Raft requires.
+
+Every ``snapshot_every`` applied entries it compacts the log. The core's checks and the update
+of its in-memory log run in this task; serialising the engine state and the SQL run in a
+worker thread, while this task waits for them, so nothing else steps the core or applies to
+the replica meanwhile (other tasks only read: ``status()``, the published engine snapshot).
+A refusal (a membership change applied after the index) is counted as postponed and retried
+after ``compact_retry_seconds``; any other failure is logged with its traceback, counted, and
+retried after ``compact_failure_backoff`` seconds, while the node keeps applying.
 """
 
 from __future__ import annotations
@@ -19,7 +27,18 @@ import trio
 
 from market import encode_batch
 from node.proposer import EngineView, Proposer
-from node.raft import EntryType, Message, NotLeader, RaftNode, Ready, Storage
+from node.raft import (
+    EntryType,
+    Message,
+    NotLeader,
+    RaftError,
+    RaftNode,
+    Ready,
+    Snapshot,
+    SnapshotMetadata,
+    Storage,
+)
+from node.raft.node import persist_compaction
 from node.replica import Replica
 
 log = logging.getLogger(__name__)
@@ -42,6 +61,11 @@ class DriverStats:
     proposed_commands: int = 0
     applied_entries: int = 0
     snapshots: int = 0
+    """Log compactions done."""
+    compactions_postponed: int = 0
+    """Compactions refused by the core (a membership change pending): retried later."""
+    compaction_failures: int = 0
+    """Compactions that failed (storage error, a bug): logged with the traceback."""
     dropped_inbound: int = 0
     leader_changes: int = 0
 
@@ -59,6 +83,10 @@ class ConsensusDriver:
     propose_every: float = 0.2
     snapshot_every: int = 5000
     """Compact the log after this many applied entries (0: never)."""
+    compact_retry_seconds: float = 1.0
+    """Wait before retrying a postponed compaction (checks only: cheap)."""
+    compact_failure_backoff: float = 60.0
+    """Wait before retrying a failed compaction (not hot: it serialises the engine)."""
     wall_clock: Callable[[], float] = time.time
     inbox_size: int = 1024
     stats: DriverStats = field(default_factory=DriverStats)
@@ -66,6 +94,7 @@ class ConsensusDriver:
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
         self._last_snapshot = self.replica.applied_index
+        self._compact_not_before = float("-inf")
         self._leader: str | None = None
 
     def deliver(self, message: Message) -> None:
@@ -156,13 +185,40 @@ class ConsensusDriver:
 
     async def _maybe_compact(self) -> None:
         applied = self.replica.applied_index
+        held = self.storage.snapshot().metadata.index  # e.g. one installed from the leader
+        self._last_snapshot = max(self._last_snapshot, held)
         if not self.snapshot_every or applied - self._last_snapshot < self.snapshot_every:
             return
-        index, data = self.replica.snapshot()
-        try:
-            self.raft.compact(index, data)
-        except Exception as exc:  # a pending membership change: try again later
-            log.info("log compaction at %d postponed: %s", index, exc)
+        if trio.current_time() < self._compact_not_before:
             return
-        self._last_snapshot = index
+        try:  # on this task: the core is not thread-safe
+            meta = self.raft.compaction_metadata(applied)
+        except RaftError as exc:  # a membership change applied after `applied`: expected
+            self.stats.compactions_postponed += 1
+            self._compact_not_before = trio.current_time() + self.compact_retry_seconds
+            log.info("log compaction at %d postponed: %s", applied, exc)
+            return
+        try:
+            snap = await trio.to_thread.run_sync(self._write_compaction, meta)
+            self.raft.adopt_compaction(snap)  # back on this task: the core's in-memory log
+        except Exception:
+            self.stats.compaction_failures += 1
+            self._compact_not_before = trio.current_time() + self.compact_failure_backoff
+            log.exception(
+                "log compaction at %d failed; the log keeps growing, retry in %.0f s",
+                applied,
+                self.compact_failure_backoff,
+            )
+            return
+        self._last_snapshot = applied
         self.stats.snapshots += 1
+
+    def _write_compaction(self, meta: SnapshotMetadata) -> Snapshot:
+        """Worker thread: serialise the engine state and write the snapshot durably. The driver
+        task waits for it, so the replica does not change and the core is not stepped."""
+        index, data = self.replica.snapshot()
+        if index != meta.index:
+            raise RuntimeError(f"replica at {index} while compacting at {meta.index}")
+        snap = Snapshot(meta, data)
+        persist_compaction(self.storage, snap)
+        return snap

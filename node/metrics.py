@@ -45,6 +45,14 @@ class NodeCollector(Collector):
         yield CounterMetricFamily("microgrid_raft_inbound_dropped",
                                   "Raft messages dropped: the driver's inbox was full",
                                   value=stats.dropped_inbound)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_compactions", "Raft log compactions done",
+                                  value=stats.snapshots)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_compactions_postponed",
+                                  "Raft log compactions postponed (a membership change pending)",
+                                  value=stats.compactions_postponed)  # fmt: skip
+        yield CounterMetricFamily("microgrid_raft_compaction_failures",
+                                  "Raft log compactions that failed (logged with the traceback)",
+                                  value=stats.compaction_failures)  # fmt: skip
         yield CounterMetricFamily("microgrid_raft_unsent",
                                   "Raft messages dropped before the network was up",
                                   value=node.raft_link.unsent)  # fmt: skip

@@ -17,6 +17,7 @@ exits with :data:`ENTRY_ERROR_EXIT_STATUS` (:func:`exit_status`).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Sequence
 
 from market import (
@@ -223,10 +224,21 @@ class Replica:
     def _apply(self, index: int, data: bytes) -> list[Event]:
         if index != self.applied_index + 1:
             raise ReplicaError(f"entry {index} applied after {self.applied_index}: a gap")
+        # The cyclic garbage collector is paused while a batch applies (the pure engine leaves
+        # process-wide settings alone; this shell owns them). Clearing a slot allocates many
+        # acyclic tuples, and collections triggered by them only cost time: clearing a
+        # 100k-order book took 384-401 ms best of 9 with the collector on against 232-248 ms
+        # with it paused (uniform, pay_as_bid, mcafee; timed in one process). Re-enabled only if
+        # it was on, so a caller that turned it off keeps it off.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             events = self._apply_commands(data)
         except Exception as exc:
             raise self._fail(index, data, exc) from exc
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self.applied_index = index
         return events
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from node.raft.codec import decode_conf_change, encode_conf_change
 from node.raft.config import Config
-from node.raft.errors import RaftError
+from node.raft.errors import RaftError, SnapshotOutOfDate
 from node.raft.progress import ProgressState
 from node.raft.raft import Raft
 from node.raft.storage import Storage
@@ -25,6 +25,7 @@ from node.raft.types import (
     Ready,
     Role,
     Snapshot,
+    SnapshotMetadata,
     SoftState,
     Status,
 )
@@ -101,20 +102,48 @@ class RaftNode:
 
     def compact(self, index: int, data: bytes) -> Snapshot:
         """Record the application's snapshot ``data`` taken at applied ``index`` and drop the
-        log up to it. The snapshot's membership is the one in force at ``index``."""
+        log up to it. The snapshot's membership is the one in force at ``index``.
+
+        All in the caller's thread. A caller that wants the slow parts (serialising ``data``,
+        durable writes) off the thread that owns this node splits it in three:
+        :meth:`compaction_metadata` (here), :func:`persist_compaction` (a worker thread),
+        :meth:`adopt_compaction` (here again)."""
+        snap = Snapshot(self.compaction_metadata(index), data)
+        persist_compaction(self.storage, snap)
+        self.adopt_compaction(snap)
+        return self.storage.snapshot()
+
+    def compaction_metadata(self, index: int) -> SnapshotMetadata:
+        """Check that the log may be compacted at applied ``index`` and return the snapshot's
+        metadata (``index``, its term, the membership in force). Raises ``RaftError`` when it
+        may not: ``index`` not applied yet, a membership change applied after it (pending until
+        a later snapshot covers it), no newer than the storage's snapshot, or a storage without
+        snapshots. Reads the core: call it from the task that owns this node."""
         if index > self.raft.log.applied:
             raise RaftError(f"cannot snapshot at {index}: only {self.raft.log.applied} applied")
         if index < self.raft.conf_index:
             raise RaftError(
                 f"cannot snapshot at {index}: membership changed at {self.raft.conf_index}"
             )
-        create = getattr(self.storage, "create_snapshot", None)
-        compact = getattr(self.storage, "compact", None)
-        if create is None or compact is None:
+        if not _supports_snapshots(self.storage):
             raise RaftError("storage does not support snapshots")
-        snap: Snapshot = create(index, self.raft.conf_state(), data)
-        compact(index)
-        return snap
+        held = self.storage.snapshot().metadata.index
+        if index <= held:
+            raise SnapshotOutOfDate(f"cannot snapshot at {index}: the storage holds {held}")
+        return SnapshotMetadata(index, self.storage.term(index), self.raft.conf_state())
+
+    def adopt_compaction(self, snap: Snapshot) -> None:
+        """Make a compaction the core can see: after :func:`persist_compaction` wrote ``snap``
+        durably, update the storage's in-memory log (the view the core reads) to start at
+        ``snap``. For a storage without a durable side (``MemoryStorage``) this records the
+        snapshot and drops the log. Call from the task that owns this node."""
+        adopt = getattr(self.storage, "adopt_compaction", None)
+        if adopt is not None:
+            adopt(snap)
+            return
+        m = snap.metadata
+        self.storage.create_snapshot(m.index, m.conf_state, snap.data)  # type: ignore[attr-defined]
+        self.storage.compact(m.index)  # type: ignore[attr-defined]
 
     # -- outputs ---------------------------------------------------------------------------
     def has_ready(self) -> bool:
@@ -208,3 +237,20 @@ class RaftNode:
             progress=progress,
             lead_transferee=r.lead_transferee if r.lead_transferee != NONE else None,
         )
+
+
+def _supports_snapshots(storage: Storage) -> bool:
+    if hasattr(storage, "persist_compaction") and hasattr(storage, "adopt_compaction"):
+        return True
+    return hasattr(storage, "create_snapshot") and hasattr(storage, "compact")
+
+
+def persist_compaction(storage: Storage, snap: Snapshot) -> None:
+    """The durable half of a compaction (see :meth:`RaftNode.compact`): write ``snap`` and drop
+    the entries it covers, for a storage that has a durable side (``SQLStorage``); a no-op for
+    one that does not. Touches neither the core nor the in-memory log the core reads, so it may
+    run in a worker thread while the task owning the node waits for it, then calls
+    :meth:`RaftNode.adopt_compaction`."""
+    persist = getattr(storage, "persist_compaction", None)
+    if persist is not None:
+        persist(snap)

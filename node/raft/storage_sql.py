@@ -378,3 +378,20 @@ class SQLStorage:
         with self._tx() as conn:
             conn.execute(delete(raft_entries).where(raft_entries.c.idx <= index))
         self._mem.compact(index)
+
+    def persist_compaction(self, snap: Snapshot) -> None:
+        """Durable half of a compaction: write ``snap`` and drop the entries it covers, in one
+        transaction. Reads and writes only the database, never the in-memory mirror the Raft
+        core reads, so it may run in a worker thread while the core's owner waits;
+        :meth:`adopt_compaction` then updates the mirror. Entries at or below a stored snapshot
+        are skipped at open, so a crash between the two halves loses nothing."""
+        with self.engine.begin() as conn:  # its own transaction: never joins another thread's
+            self._write_snapshot(conn, snap)
+            conn.execute(delete(raft_entries).where(raft_entries.c.idx <= snap.metadata.index))
+
+    def adopt_compaction(self, snap: Snapshot) -> None:
+        """In-memory half of a compaction persisted by :meth:`persist_compaction`: the mirror
+        takes the snapshot and drops the entries it covers (the core's thread)."""
+        m = snap.metadata
+        self._mem.create_snapshot(m.index, m.conf_state, snap.data)
+        self._mem.compact(m.index)

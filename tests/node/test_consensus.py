@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from market import MeterReading, Order
+from market.snapshot import dump_state
 from node import simulate
 from node.consensus import ConsensusDriver
 from node.ledger import LedgerStore, verify_ledger
@@ -158,3 +159,124 @@ async def test_cluster_trades_settles_and_survives_a_partitioned_leader(
     assert sum(rep.sold_wh for rep in any_state.reputation.values()) > 0
     stats = [d.stats for d in net.drivers.values()]
     assert sum(s.proposals for s in stats) > 0 and all(s.applied_entries > 0 for s in stats)
+
+
+# -- log compaction: off the trio thread, failures counted ---------------------------------------
+
+
+def _solo_driver(tmp_path: Path, snapshot_every: int = 5) -> ConsensusDriver:
+    """One voter on real SQLite Raft storage, leading at once; no ledger store."""
+    sim = simulate.build(households=2, seed=1)
+    raft = RaftNode(
+        Config(id="n1", voters=("n1",), election_tick=10, heartbeat_tick=1, seed=0),
+        SQLStorage(f"sqlite:///{tmp_path / 'raft.db'}"),
+    )
+    raft.campaign()
+    return ConsensusDriver(
+        raft=raft,
+        storage=raft.storage,
+        replica=Replica(sim.config),
+        proposer=Proposer(SCHEDULE),
+        transport=Network().transport_for("n1"),
+        snapshot_every=snapshot_every,
+    )
+
+
+async def _commit(driver: ConsensusDriver, n: int) -> None:
+    """Commit and apply ``n`` empty entries through the driver's own Ready loop."""
+    for _ in range(n):
+        driver.raft.propose(b"")
+    await driver._drain_ready()
+
+
+def _stored_entries(storage: SQLStorage) -> list[int]:
+    from sqlalchemy import text
+
+    with storage.engine.connect() as conn:
+        return [r[0] for r in conn.execute(text("SELECT idx FROM raft_entries ORDER BY idx"))]
+
+
+async def test_compaction_truncates_the_log_off_the_trio_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = _solo_driver(tmp_path)
+    storage = driver.storage
+    assert isinstance(storage, SQLStorage)
+    threads: list[bool] = []
+    serialise = driver.replica.snapshot
+
+    def snapshot_recording_thread() -> tuple[int, bytes]:
+        try:
+            trio.lowlevel.current_trio_token()
+            threads.append(True)  # on the trio thread
+        except RuntimeError:
+            threads.append(False)
+        return serialise()
+
+    monkeypatch.setattr(driver.replica, "snapshot", snapshot_recording_thread)
+    await _commit(driver, 8)
+    applied = driver.replica.applied_index
+    assert applied >= 8
+    assert driver.stats.snapshots == 1 and driver.stats.compaction_failures == 0
+    assert threads == [False]  # the engine was serialised in a worker thread
+    assert storage.snapshot().metadata.index == applied
+    assert storage.first_index() == applied + 1  # the core's view of the log is truncated
+    assert driver.raft.status().first_index == applied + 1
+    assert _stored_entries(storage) == []  # and so is the database
+    await _commit(driver, 2)  # the node goes on; the new entries are kept
+    assert _stored_entries(storage) == [applied + 1, applied + 2]
+    storage.close()
+    reopened = SQLStorage(f"sqlite:///{tmp_path / 'raft.db'}")
+    assert reopened.snapshot().metadata.index == applied
+    assert reopened.snapshot().data == dump_state(driver.replica.state)  # empty entries since
+    assert reopened.first_index() == applied + 1 and reopened.last_index() == applied + 2
+    reopened.close()
+
+
+async def test_a_storage_failure_during_compaction_is_logged_counted_and_not_retried_hot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import text
+
+    driver = _solo_driver(tmp_path)
+    storage = driver.storage
+    assert isinstance(storage, SQLStorage)
+    with storage.engine.begin() as conn:  # the snapshot row can no longer be written
+        conn.execute(text("DROP TABLE raft_snapshot"))
+    with caplog.at_level("INFO", logger="node.consensus"):
+        await _commit(driver, 8)
+    assert driver.stats.compaction_failures == 1 and driver.stats.snapshots == 0
+    (record,) = [r for r in caplog.records if "compaction" in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
+    assert "raft_snapshot" in caplog.text  # the traceback names the cause
+    applied = driver.replica.applied_index
+    assert storage.first_index() == 1 and storage.snapshot().metadata.index == 0  # untouched
+    assert _stored_entries(storage)[-1] == applied
+    await _commit(driver, 8)  # the node keeps applying, and backs off before trying again
+    assert driver.replica.applied_index == applied + 8
+    assert driver.stats.compaction_failures == 1
+
+
+async def test_a_refused_compaction_is_postponed_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.raft import RaftError
+
+    driver = _solo_driver(tmp_path)
+    driver.compact_retry_seconds = 0.0
+    real_check = driver.raft.compaction_metadata
+
+    def refuse(index: int) -> object:
+        raise RaftError(f"cannot snapshot at {index}: membership changed at {index + 1}")
+
+    monkeypatch.setattr(driver.raft, "compaction_metadata", refuse)
+    with caplog.at_level("INFO", logger="node.consensus"):
+        await _commit(driver, 8)
+    assert driver.stats.compactions_postponed == 1 and driver.stats.snapshots == 0
+    assert driver.stats.compaction_failures == 0
+    (record,) = [r for r in caplog.records if "postponed" in r.getMessage()]
+    assert record.levelname == "INFO" and record.exc_info is None
+    monkeypatch.setattr(driver.raft, "compaction_metadata", real_check)
+    await _commit(driver, 1)  # retried later: done
+    assert driver.stats.snapshots == 1
+    assert driver.storage.snapshot().metadata.index == driver.replica.applied_index

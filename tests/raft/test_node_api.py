@@ -161,6 +161,72 @@ def test_compact_requires_applied_index() -> None:
     assert st.first_index() == node.status().applied + 1
 
 
+def _drain(node: RaftNode, st: MemoryStorage) -> None:
+    while node.has_ready():
+        rd = node.ready()
+        _persist(st, rd)
+        node.advance(rd)
+
+
+def test_compaction_checks_refuse_before_any_write() -> None:
+    """compaction_metadata refuses (RaftError) an unapplied index, one before an applied
+    membership change and one the storage already covers; it writes nothing."""
+    node, st = _single()
+    node.campaign()
+    _drain(node, st)
+    node.propose(b"x")
+    _drain(node, st)
+    before = node.status().applied
+    node.add_learner("b")
+    _drain(node, st)
+    changed = node.status().applied
+    assert changed > before
+    with pytest.raises(RaftError, match="only"):
+        node.compaction_metadata(changed + 1)
+    with pytest.raises(RaftError, match="membership changed"):
+        node.compaction_metadata(before)
+    assert st.first_index() == 1 and st.snapshot().metadata.index == 0
+    meta = node.compaction_metadata(changed)
+    assert meta.index == changed and meta.term == st.term(changed)
+    assert meta.conf_state.learners == ("b",)
+    node.compact(changed, b"state")
+    assert st.snapshot().metadata.index == changed and st.first_index() == changed + 1
+    with pytest.raises(RaftError, match="holds"):
+        node.compaction_metadata(changed)
+
+
+def test_split_compaction_on_sqlite_matches_compact(tmp_path: Path) -> None:
+    """persist_compaction (durable, touches no in-memory state) then adopt_compaction (the
+    core's view) leave SQLStorage as compact() does, and survive a reopen."""
+    from node.raft import Snapshot
+    from node.raft.node import persist_compaction
+    from node.raft.storage_sql import SQLStorage
+
+    url = f"sqlite:///{tmp_path / 'raft.db'}"
+    st = SQLStorage(url)
+    node = RaftNode(Config(id="a", voters=("a",), seed=1), st)
+    node.campaign()
+    for _ in range(5):
+        node.propose(b"x")
+    while node.has_ready():
+        rd = node.ready()
+        st.save_ready(rd)
+        node.advance(rd)
+    applied = node.status().applied
+    snap = Snapshot(node.compaction_metadata(applied), b"state")
+    persist_compaction(st, snap)
+    assert st.first_index() == 1  # the core's view is unchanged until adopted
+    assert node.status().first_index == 1
+    node.adopt_compaction(snap)
+    assert st.first_index() == applied + 1 and st.snapshot() == snap
+    assert node.status().first_index == applied + 1
+    st.close()
+    again = SQLStorage(url)
+    assert again.snapshot() == snap and again.first_index() == applied + 1
+    assert again.last_index() == applied
+    again.close()
+
+
 FORBIDDEN = {"trio", "socket", "time", "asyncio", "sqlite3", "sqlalchemy", "threading", "os"}
 
 
