@@ -507,6 +507,9 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
             ]
         alerts = views.alerts_view(ctx)
         feeder = _feeder_summary(views.feeder_summary_view(ctx), ctx.alert_window())
+        notice = ctx.slot_notice()
+        if notice:  # a notice, not an alert: the grid may well be fine
+            feeder = [html.Div(notice, className="alert secondary", id="slot-notice"), *feeder]
         if not alerts:
             return [html.Div("No alerts.", className="alert none", id="no-alerts"), *feeder]
         return [

@@ -30,7 +30,9 @@ from node.ledger.store import make_engine
 from node.ledger.verify import verify_ledger
 
 CHUNK_BLOCKS = 200
-COPIED_META = ("schema_version", "grid", "genesis_hash", "config")
+COPIED_META = ("schema_version", "grid", "genesis_hash", "config", "schedule")
+"""Meta entries an archive takes from its source; ``schedule`` (the grid's slot timing, which
+the dashboard reads) is also added later to an archive bound before its source recorded it."""
 
 
 class ArchiveError(RuntimeError):
@@ -87,6 +89,13 @@ def _bind(source: Connection, target: Connection) -> tuple[int, str | None]:
             f"{dst_meta.get('genesis_hash', '')[:16]}…), source is grid {src_meta.get('grid')!r} "
             f"(genesis {src_meta['genesis_hash'][:16]}…): refusing to mix ledgers"
         )
+    elif "schedule" in src_meta and dst_meta.get("schedule") != src_meta["schedule"]:
+        if "schedule" in dst_meta:
+            raise ArchiveError(
+                f"target records the schedule {dst_meta['schedule']}, source "
+                f"{src_meta['schedule']}: refusing to mix ledgers"
+            )
+        _put(target, t.meta, [{"key": "schedule", "value": src_meta["schedule"]}])
     head = target.execute(
         select(t.blocks.c.height, t.blocks.c.hash).order_by(t.blocks.c.height.desc()).limit(1)
     ).first()

@@ -32,9 +32,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--slot-seconds",
         type=_positive_int,
-        default=900,
-        help="the grid's slot length (genesis slot_seconds; default 900); with --api, the "
-        "node's /status slot_seconds wins when it reports one",
+        default=None,
+        help="override the grid's slot length in seconds. By default the dashboard reads it "
+        "from the ledger (meta 'schedule', recorded by the node); for an older ledger without "
+        "one, from the node's /status with --api, else the genesis default 900 (with a notice)",
     )
     p.add_argument(
         "--settle-lag", type=int, default=4, help="slots a settlement may lag its gate closure"
@@ -69,24 +70,26 @@ def register(subparsers: Any) -> None:
 
 def _dashboard(args: argparse.Namespace) -> int:
     from dashboard.app import create_app, serve
-    from dashboard.data import SlotClock
-    from dashboard.views import Context, poll_api
+    from dashboard.views import SLOT_SOURCES, Context, poll_api
 
     ctx = Context.open(
         args.db,
         args.api,
-        clock=SlotClock(args.slot_seconds),
+        slot_seconds=args.slot_seconds,
         settle_lag_slots=args.settle_lag,
         verify_interval=args.verify_interval,
         stale_after_s=None if args.stale_after is None else args.stale_after * 60,
     )
     if args.api:
         poll_api(ctx)  # learn the node's slot length before the first page (never raises)
+    notice = ctx.slot_notice()
+    if notice:
+        print(f"notice: {notice}", file=sys.stderr, flush=True)
     app = create_app(ctx, refresh_ms=int(args.refresh * 1000))
     server = serve(app, args.host, args.port)
     print(
         f"dashboard on http://{args.host}:{server.server_port}/ (ledger {args.db}, "
-        f"{ctx.clock.slot_seconds} s slots)",
+        f"{ctx.clock.slot_seconds} s slots {SLOT_SOURCES[ctx.slot_source]})",
         flush=True,
     )
     try:

@@ -9,8 +9,9 @@ shares (:class:`~node.ledger.queries.SlotRow`, ``load_clearings`` …) are in
 
 Slots are numbered as in the running system (``node/schedule.py``): slot ``s`` delivers during
 ``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. A :class:`SlotClock` carries
-``L`` (from ``microgrid dashboard --slot-seconds`` or the node's ``/status``) to every function
-that turns slots into times; there is no module-level slot length.
+``L`` to every function that turns slots into times; there is no module-level slot length. ``L``
+comes from the ledger's ``schedule`` meta entry (:func:`ledger_slot_seconds`, written by the
+node), else ``microgrid dashboard --slot-seconds`` (an override) or the node's ``/status``.
 
 Money is in integer minor units (cents) and energy in integer Wh, as in the ledger. Derived money
 figures (costs, savings) are computed from energy and prices in integer arithmetic and rounded
@@ -45,7 +46,7 @@ from node.ledger.queries import (
     load_settlement_sums,
     sum_int,
 )
-from node.ledger.store import make_engine
+from node.ledger.store import SCHEDULE_KEY, make_engine
 from node.ledger.verify import VerifyReport, verify_ledger
 
 DEFAULT_SLOT_SECONDS = 900
@@ -177,6 +178,27 @@ def ledger_info(engine: Engine) -> LedgerInfo:
         mechanism=str(config.get("mechanism", "?")),
         config=config,
     )
+
+
+def ledger_slot_seconds(engine: Engine) -> int | None:
+    """The grid's slot length from the ledger's ``schedule`` meta entry (the genesis
+    ``slot_seconds``, written by the node when it opens its ledger); None when the ledger does
+    not record it (a ledger of an older node, or one no node has opened yet) or it is unreadable.
+
+    Not the ``config`` entry's ``slot_seconds``: that is the metered seconds per slot of the
+    market rules, which may be longer than the wall-clock slot."""
+    with engine.connect() as conn:
+        value = conn.execute(select(t.meta.c.value).where(t.meta.c.key == SCHEDULE_KEY)).scalar()
+    if value is None:
+        return None
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    seconds = doc.get("slot_seconds") if isinstance(doc, dict) else None
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
+        return None
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

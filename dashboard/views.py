@@ -23,6 +23,7 @@ import plotly
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard import data
 from dashboard.api import NodeStatus, StatusHistory, api_alerts, fetch_status
@@ -113,6 +114,19 @@ COLORS = {
 }
 
 
+SLOT_OVERRIDE = "override"
+SLOT_LEDGER = "ledger"
+SLOT_API = "api"
+SLOT_DEFAULT = "default"
+SLOT_SOURCES = {
+    SLOT_OVERRIDE: "from --slot-seconds",
+    SLOT_LEDGER: "from the ledger's schedule",
+    SLOT_API: "from the node's /status",
+    SLOT_DEFAULT: "the genesis default",
+}
+"""How the page and the log name each source of the slot length."""
+
+
 @dataclass
 class Context:
     """Everything a view needs: the read-only engine, caches and the API client state."""
@@ -121,7 +135,13 @@ class Context:
     engine: Engine
     api_url: str | None = None
     clock: data.SlotClock = field(default_factory=data.SlotClock)
-    """The grid's slot length; :func:`poll_api` replaces it with the node's ``slot_seconds``."""
+    """The grid's slot length: see :attr:`slot_source`."""
+    slot_source: str = SLOT_DEFAULT
+    """Where :attr:`clock` comes from, strongest first: :data:`SLOT_OVERRIDE` (``--slot-seconds``),
+    :data:`SLOT_LEDGER` (the ledger's ``schedule`` meta), :data:`SLOT_API` (the node's
+    ``/status``, for a ledger that does not record its schedule), :data:`SLOT_DEFAULT` (the
+    genesis default, with a notice). :meth:`open` and :func:`head_view` read the ledger,
+    :func:`poll_api` the node."""
     settle_lag_slots: int = 4
     stale_after_s: float | None = None
     """Alert when nothing new reached the ledger for this long (None: STALE_SLOTS slots)."""
@@ -151,16 +171,23 @@ class Context:
             return self.stale_after_s
         return float(STALE_SLOTS * self.clock.slot_seconds)
 
-    def use_slot_seconds(self, slot_seconds: int) -> bool:
-        """Switch to another slot length (the node's ``/status`` says so); True if it changed."""
+    def use_slot_seconds(self, slot_seconds: int, source: str = SLOT_API) -> bool:
+        """Switch to another slot length (the ledger's schedule or the node's ``/status`` says
+        so); True if it changed."""
         with self._lock:
-            if slot_seconds == self.clock.slot_seconds:
+            changed = slot_seconds != self.clock.slot_seconds
+            if changed or source != self.slot_source:
+                log.log(
+                    logging.INFO if source == SLOT_LEDGER else logging.WARNING,
+                    "slot length %d s (%s) replaces %d s (%s)",
+                    slot_seconds,
+                    SLOT_SOURCES.get(source, source),
+                    self.clock.slot_seconds,
+                    SLOT_SOURCES.get(self.slot_source, self.slot_source),
+                )
+            self.slot_source = source
+            if not changed:
                 return False
-            log.warning(
-                "slot length %d s (the node's /status) replaces %d s",
-                slot_seconds,
-                self.clock.slot_seconds,
-            )
             self.clock = data.SlotClock(slot_seconds)
             self.slots.initial_slots = INITIAL_DAYS * self.clock.slots_per_day
             return True
@@ -171,10 +198,52 @@ class Context:
             return self.alert_window_slots
         return self.clock.slots_per_day
 
+    def learn_schedule(self) -> bool:
+        """Take the slot length from the ledger's ``schedule`` meta unless ``--slot-seconds``
+        overrides it or it was read already; True if the clock changed. A ledger that is
+        missing or unreadable, or records no schedule (yet), leaves the clock as it is."""
+        if self.slot_source in (SLOT_OVERRIDE, SLOT_LEDGER):
+            return False
+        try:
+            seconds = data.ledger_slot_seconds(self.engine)
+        except SQLAlchemyError:
+            return False
+        if seconds is None:
+            return False
+        return self.use_slot_seconds(seconds, SLOT_LEDGER)
+
+    def slot_notice(self) -> str | None:
+        """What the page says when the slot length is only the genesis default."""
+        if self.slot_source != SLOT_DEFAULT:
+            return None
+        return (
+            "The ledger does not record its grid's slot length (its node records it on its "
+            f"next start): assuming the genesis default of {self.clock.slot_seconds} s slots. "
+            "Start the dashboard with --api (the node's slot length) or --slot-seconds to "
+            "say otherwise."
+        )
+
     @classmethod
-    def open(cls, db_url: str, api_url: str | None = None, **kwargs: Any) -> Context:
-        """A context on the ledger at ``db_url`` (opened read-only)."""
-        return cls(db_url=db_url, engine=data.open_engine(db_url), api_url=api_url, **kwargs)
+    def open(
+        cls,
+        db_url: str,
+        api_url: str | None = None,
+        *,
+        slot_seconds: int | None = None,
+        **kwargs: Any,
+    ) -> Context:
+        """A context on the ledger at ``db_url`` (opened read-only).
+
+        The slot length is ``slot_seconds`` (or ``clock``) when given, an override; otherwise
+        the ledger's ``schedule`` meta, else the node's ``/status`` (:func:`poll_api`), else the
+        genesis default (900 s, with :meth:`slot_notice`)."""
+        if slot_seconds is not None:
+            kwargs["clock"] = data.SlotClock(slot_seconds)
+        if "clock" in kwargs:
+            kwargs.setdefault("slot_source", SLOT_OVERRIDE)
+        ctx = cls(db_url=db_url, engine=data.open_engine(db_url), api_url=api_url, **kwargs)
+        ctx.learn_schedule()
+        return ctx
 
     def close(self) -> None:
         """Release the database connections."""
@@ -197,6 +266,7 @@ def head_view(ctx: Context) -> dict[str, Any]:
     Also refreshes the slot cache and starts a background verification when one is due.
     """
     head = data.head_info(ctx.engine)
+    ctx.learn_schedule()  # a ledger the node opened (or restarted on) after the dashboard
     if ctx.verify_enabled:
         ctx.verify.poke(head.key())
     ctx.slots.refresh()
@@ -224,8 +294,12 @@ def poll_api(ctx: Context) -> dict[str, Any]:
         return {"configured": False}
     status = fetch_status(ctx.api_url, timeout=ctx.api_timeout)
     ctx.history.add(status)
-    if status.reachable and status.slot_seconds is not None:
-        ctx.use_slot_seconds(status.slot_seconds)
+    if (
+        status.reachable
+        and status.slot_seconds is not None
+        and ctx.slot_source in (SLOT_API, SLOT_DEFAULT)  # the ledger and the override win
+    ):
+        ctx.use_slot_seconds(status.slot_seconds, SLOT_API)
     return {"configured": True, **status.as_dict()}
 
 

@@ -402,8 +402,7 @@ class Demo:
             self.dashboard = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "node.cli", "dashboard", "--db", first.ledger_url,
                  "--api", first.api, "--port", str(self.settings.dashboard_port),
-                 "--refresh", str(max(2, self.settings.slot_seconds // 2)),
-                 "--slot-seconds", str(self.settings.slot_seconds)],
+                 "--refresh", str(max(2, self.settings.slot_seconds // 2))],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
 

@@ -182,6 +182,9 @@ class HouseholdNode:
         retry = min(5.0, self.schedule.slot_seconds / 2)
         self.proposer = Proposer(self.schedule, retry_after=retry)
         self.replica = open_replica(genesis, self.store, self.raft_storage)
+        # after the replica bound the ledger to the grid (init_genesis): readers such as the
+        # dashboard take the wall-clock slot length from here; older ledgers get it now
+        self.store.record_schedule(self.schedule)
         self.replica.observer = self.proposer.committed
         self.replica.listener = self._on_applied
         voters = genesis.voters

@@ -25,6 +25,22 @@ from market.feeder import FeederCheck
 from market.models import Trade
 from market.state import MarketConfig
 from node.ledger import schema as t
+from node.schedule import Schedule
+
+SCHEDULE_KEY = "schedule"
+"""Meta entry holding the grid's wall-clock schedule (the genesis timings) as JSON."""
+
+
+def schedule_json(schedule: Schedule) -> str:
+    """The ``schedule`` meta value: the genesis names of the three timings, canonical JSON."""
+    return json.dumps(
+        {
+            "slot_seconds": schedule.slot_seconds,
+            "gate_closure_lead_seconds": schedule.gate_lead_seconds,
+            "settle_delay_seconds": schedule.settle_delay_seconds,
+        },
+        sort_keys=True,
+    )
 
 
 class LedgerStoreError(RuntimeError):
@@ -104,6 +120,29 @@ class LedgerStore:
                     f"{stored.get('genesis_hash', '')[:16]}…, not {config.grid!r} {genesis[:16]}…"
                 )
 
+    def record_schedule(self, schedule: Schedule) -> None:
+        """Write the grid's schedule (genesis slot length, gate-closure lead, settle delay) to
+        meta ``schedule`` if it is absent; refuses a ledger that records another schedule.
+
+        Call it after :meth:`init_genesis` (an empty meta table is how that one recognises a new
+        ledger). Readers such as the dashboard take the wall-clock slot length from here."""
+        value = schedule_json(schedule)
+        try:
+            with self.write_lock, self.engine.begin() as conn:
+                stored = conn.execute(
+                    select(t.meta.c.value).where(t.meta.c.key == SCHEDULE_KEY)
+                ).scalar()
+                if stored is None:
+                    conn.execute(insert(t.meta).values(key=SCHEDULE_KEY, value=value))
+                    return
+        except SQLAlchemyError as exc:
+            raise LedgerStoreError(f"writing to {self.url} failed: {exc}") from exc
+        if _schedule_doc(stored) != json.loads(value):
+            raise LedgerStoreError(
+                f"{self.url} records the schedule {stored}, not {value}: "
+                "a ledger belongs to one grid"
+            )
+
     def meta(self) -> dict[str, str]:
         """All meta entries."""
         with self.engine.connect() as conn:
@@ -165,6 +204,13 @@ class LedgerStore:
             raise LedgerStoreError(
                 f"writing to {self.url} failed: unstorable value: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _schedule_doc(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
 
 
 def _meta(conn: Connection) -> dict[str, str]:

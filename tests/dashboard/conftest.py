@@ -24,6 +24,7 @@ from dashboard.views import Context
 from market import Command, MeterReading, SettleSlot
 from market.models import FeederReading
 from node.ledger import schema as t
+from node.schedule import Schedule
 from tests.dashboard.feeder import Feeder
 
 CHROMIUM = os.environ.get("MICROGRID_CHROMIUM", "/usr/bin/chromium")
@@ -131,12 +132,22 @@ def screenshot(page: Any, selector: str, name: str) -> Path:
 
 
 def new_feeder(
-    tmp: Path, slots: int, households: int = 6, seed: int = 1, first_slot: int = 0
+    tmp: Path,
+    slots: int,
+    households: int = 6,
+    seed: int = 1,
+    first_slot: int = 0,
+    schedule: Schedule | None = None,
 ) -> Feeder:
     """A ledger of ``slots`` settled slots from ``first_slot`` on, produced by the real engine
-    and store."""
+    and store; ``schedule``: the grid's schedule, recorded in meta as a node does (None: a
+    ledger of an older node, without one)."""
     feeder = Feeder(
-        f"sqlite:///{tmp / 'ledger.db'}", households=households, seed=seed, first_slot=first_slot
+        f"sqlite:///{tmp / 'ledger.db'}",
+        households=households,
+        seed=seed,
+        first_slot=first_slot,
+        schedule=schedule,
     )
     feeder.advance(slots)
     return feeder

@@ -21,6 +21,7 @@ from market import (
 )
 from node import simulate
 from node.ledger import LedgerStore
+from node.schedule import Schedule
 
 
 class Feeder:
@@ -33,16 +34,21 @@ class Feeder:
         seed: int = 1,
         first_slot: int = 0,
         feeder_serial: str | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         """``first_slot``: the first slot traded (slots are Unix time / slot length in a running
         grid; the simulation's day profile repeats every 96 slots). ``feeder_serial``: the
-        genesis names a feeder meter (see ``conftest.FeederGrid``)."""
+        genesis names a feeder meter (see ``conftest.FeederGrid``). ``schedule``: recorded in
+        meta as a node does (``LedgerStore.record_schedule``); None leaves the ledger without
+        one, like a ledger of an older node."""
         self.sim = simulate.build(households, seed)
         if feeder_serial is not None:
             self.sim.config = dataclasses.replace(self.sim.config, feeder_serial=feeder_serial)
         self.state = State.initial(self.sim.config)
         self.store = LedgerStore(db)
         self.store.init_genesis(self.sim.config)
+        if schedule is not None:
+            self.store.record_schedule(schedule)
         self.index = 0
         self.next_slot = first_slot
         self.pending_settlements: list[list[Command]] = []

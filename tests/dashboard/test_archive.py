@@ -7,6 +7,7 @@ with that reason, never in CI.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from dashboard.archive import ArchiveError, archive
 from node.cli import main as cli_main
 from node.ledger import schema as t
 from node.ledger import verify_ledger
+from node.ledger.store import schedule_json
+from node.schedule import Schedule
 from tests.conftest import needs_pg
 from tests.dashboard.conftest import (
     ConsoleLog,
@@ -96,6 +99,66 @@ def test_archive_to_sqlite_is_incremental_and_verifies(tmp_path: Path) -> None:
 @needs_pg
 def test_archive_to_postgres_is_incremental_and_verifies(tmp_path: Path, pg_url: str) -> None:
     run_archive_case(tmp_path, pg_url)
+
+
+def meta_of(url: str) -> dict[str, str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {r.key: r.value for r in conn.execute(select(t.meta.c.key, t.meta.c.value))}
+    finally:
+        engine.dispose()
+
+
+def run_schedule_case(tmp_path: Path, target: str) -> None:
+    """Issue 13: the archive copies meta ``schedule`` (the dashboard's slot length), also into
+    an archive bound before its source recorded one, and refuses a source with another."""
+    feeder = new_feeder(tmp_path, 4, households=3, seed=3)  # a ledger of an older node
+    try:
+        archive(feeder.store.url, target)
+        assert "schedule" not in meta_of(target)
+        feeder.store.record_schedule(Schedule(10, 3, 2))  # the node's next start
+        feeder.advance(2)
+        assert archive(feeder.store.url, target).copied_blocks == 2
+        assert meta_of(target)["schedule"] == meta_of(feeder.store.url)["schedule"]
+        archived = views.Context.open(target, verify_enabled=False)
+        try:
+            assert (archived.clock.slot_seconds, archived.slot_source) == (10, views.SLOT_LEDGER)
+        finally:
+            archived.close()
+        feeder.store.set_meta("schedule", schedule_json(Schedule(900, 3, 2)))
+        feeder.advance(1)
+        with pytest.raises(ArchiveError, match=r"schedule .*refusing to mix ledgers"):
+            archive(feeder.store.url, target)
+        assert verify_ledger(target).height == 6
+    finally:
+        feeder.close()
+
+
+def run_schedule_bind_case(tmp_path: Path, target: str) -> None:
+    """A fresh archive takes meta ``schedule`` with the grid binding."""
+    feeder = new_feeder(tmp_path, 2, households=3, seed=5, schedule=Schedule(10, 3, 2))
+    try:
+        archive(feeder.store.url, target)
+    finally:
+        feeder.close()
+    assert json.loads(meta_of(target)["schedule"])["slot_seconds"] == 10
+
+
+def test_archive_copies_the_schedule_to_sqlite(tmp_path: Path) -> None:
+    (tmp_path / "bind").mkdir()
+    run_schedule_bind_case(tmp_path / "bind", f"sqlite:///{tmp_path / 'bound.db'}")
+    run_schedule_case(tmp_path, f"sqlite:///{tmp_path / 'archive.db'}")
+
+
+@needs_pg
+def test_archive_binding_copies_the_schedule_to_postgres(tmp_path: Path, pg_url: str) -> None:
+    run_schedule_bind_case(tmp_path, pg_url)
+
+
+@needs_pg
+def test_archive_copies_the_schedule_to_postgres(tmp_path: Path, pg_url: str) -> None:
+    run_schedule_case(tmp_path, pg_url)
 
 
 @needs_pg

@@ -26,6 +26,7 @@ from dashboard import data, views
 from dashboard.app import create_app
 from node.ledger import queries
 from node.ledger.verify import verify_ledger
+from node.schedule import Schedule
 from tests.dashboard.conftest import (
     callback_payload,
     feeder_check_rows,
@@ -50,7 +51,10 @@ def label(slot: int) -> str:
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Feeder]:
-    feeder = new_feeder(tmp_path, SLOTS, households=4, seed=3, first_slot=FIRST)
+    # a current node's ledger: it records its (15-minute) schedule, so the page has no notice
+    feeder = new_feeder(
+        tmp_path, SLOTS, households=4, seed=3, first_slot=FIRST, schedule=Schedule()
+    )
     try:
         yield feeder
     finally:

@@ -89,7 +89,7 @@ def test_cli_serves_the_dashboard(ledger: Feeder, tmp_path: Path) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("dashboard on http://127.0.0.1:"), line
-        assert line.rstrip().endswith(", 10 s slots)"), line
+        assert line.rstrip().endswith(", 10 s slots from --slot-seconds)"), line
         url = line.split()[2]
         deadline = time.monotonic() + 20
         html = ""

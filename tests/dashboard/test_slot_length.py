@@ -1,14 +1,22 @@
-"""The page of a grid with 10-second slots (``microgrid demo``) whose slot length the dashboard
-learns from the node's ``/status`` (started with the default 900 s): UTC labels with seconds,
-in charts, tables, the header and the order book, and a click on a bar still opens its slot."""
+"""The page of a grid with 10-second slots (``microgrid demo``): the dashboard takes the slot
+length from the ledger's ``schedule`` meta (issue 13: no ``--slot-seconds`` needed), or, for a
+ledger of an older node without one, from the node's ``/status``, else the genesis default with
+a notice. UTC labels with seconds, in charts, tables, the header and the order book, and a click
+on a bar still opens its slot."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dashboard import views
+from dashboard.data import SlotClock
 from dashboard.views import Context
+from node.schedule import Schedule
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,
@@ -63,3 +71,155 @@ def test_ten_second_slots_from_the_status_api(chromium: Any, tmp_path: Path) -> 
         dash.stop()
         status.stop()
         feeder.close()
+
+
+DEMO_SCHEDULE = Schedule(slot_seconds=10, gate_lead_seconds=3, settle_delay_seconds=2)
+"""``microgrid demo``'s genesis timings, as its nodes record them in their ledgers."""
+
+
+def today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def recent_first_slot() -> int:
+    """The first of SLOTS 10-second slots ending now: a ledger of a demo running today."""
+    return int(time.time()) // 10 - SLOTS
+
+
+def test_the_ledgers_schedule_gives_the_slot_length_without_a_flag(tmp_path: Path) -> None:
+    """Issue 13: a demo ledger (10 s slots, recorded in meta ``schedule``) opened without
+    ``--slot-seconds`` is plotted at today's date, not in the year 12216."""
+    first = recent_first_slot()
+    feeder = new_feeder(tmp_path, SLOTS, households=3, seed=4, first_slot=first,
+                        schedule=DEMO_SCHEDULE)  # fmt: skip
+    feeder.close()
+    # the node's /status disagreeing does not move what the ledger says
+    status = StatusServer({**status_doc("did:key:zL", SLOTS, None), "slot_seconds": 900})
+    ctx = Context.open(feeder.store.url, status.url, verify_enabled=False, api_timeout=0.5)
+    try:
+        assert (ctx.clock, ctx.slot_source) == (SlotClock(10), views.SLOT_LEDGER)
+        assert ctx.slot_notice() is None
+        views.poll_api(ctx)
+        assert ctx.clock == SlotClock(10)
+        head = views.head_view(ctx)
+        assert head["slot_seconds"] == 10
+        points = views.market_view(ctx, "7d")[1]
+        assert [p["time"] for p in points] == [label(s) for s in range(first, first + SLOTS)]
+        assert points[-1]["time"].startswith(today())
+        assert ctx.clock.label(head["settled_through"]).startswith(today())
+    finally:
+        ctx.close()
+        status.stop()
+    # --slot-seconds still overrides the ledger
+    override = Context.open(feeder.store.url, slot_seconds=900, verify_enabled=False)
+    try:
+        assert (override.clock, override.slot_source) == (SlotClock(900), views.SLOT_OVERRIDE)
+        views.head_view(override)
+        assert override.clock == SlotClock(900)
+    finally:
+        override.close()
+
+
+def test_an_older_ledger_falls_back_to_the_api_then_the_default(tmp_path: Path) -> None:
+    """A ledger without meta ``schedule``: the node's ``/status`` when ``--api`` is given, else
+    the genesis default 900 s with a notice; once the node records the schedule, it wins."""
+    first = recent_first_slot()
+    feeder = new_feeder(tmp_path, SLOTS, households=3, seed=4, first_slot=first)
+    plain = Context.open(feeder.store.url, verify_enabled=False)
+    status = StatusServer({**status_doc("did:key:zL", SLOTS, None), "slot_seconds": 10})
+    api = Context.open(feeder.store.url, status.url, verify_enabled=False, api_timeout=0.5)
+    try:
+        assert (plain.clock, plain.slot_source) == (SlotClock(900), views.SLOT_DEFAULT)
+        notice = plain.slot_notice()
+        assert notice is not None and "900 s slots" in notice and "--slot-seconds" in notice
+        views.poll_api(api)
+        assert (api.clock, api.slot_source) == (SlotClock(10), views.SLOT_API)
+        assert api.slot_notice() is None
+        # the node restarts and records its schedule: the ledger now says 10 s
+        feeder.store.record_schedule(DEMO_SCHEDULE)
+        assert views.head_view(plain)["slot_seconds"] == 10
+        assert (plain.slot_source, plain.slot_notice()) == (views.SLOT_LEDGER, None)
+        assert views.market_view(plain, "7d")[1][-1]["time"] == label(first + SLOTS - 1)
+    finally:
+        plain.close()
+        api.close()
+        status.stop()
+        feeder.close()
+
+
+def test_cli_takes_the_slot_length_from_the_ledger(tmp_path: Path) -> None:
+    feeder = new_feeder(tmp_path, 3, households=3, seed=4, first_slot=recent_first_slot(),
+                        schedule=DEMO_SCHEDULE)  # fmt: skip
+    feeder.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "dashboard", "--db", feeder.store.url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.rstrip().endswith(", 10 s slots from the ledger's schedule)"), line
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "notice:" not in err
+
+
+def test_cli_says_when_it_assumes_the_default(tmp_path: Path) -> None:
+    feeder = new_feeder(tmp_path, 3, households=3, seed=4)
+    feeder.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "dashboard", "--db", feeder.store.url, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.rstrip().endswith(", 900 s slots the genesis default)"), line
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "notice: The ledger does not record its grid's slot length" in err
+
+
+@needs_browser
+def test_the_page_shows_todays_date_without_a_flag(chromium: Any, tmp_path: Path) -> None:
+    """Issue 13 in the browser: a demo ledger, no ``--slot-seconds`` and no API: today's date
+    in the charts and the header, and no notice; an older ledger shows the notice."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    first = recent_first_slot()
+    feeder = new_feeder(tmp_path / "new", SLOTS, households=3, seed=4, first_slot=first,
+                        schedule=DEMO_SCHEDULE)  # fmt: skip
+    old = new_feeder(tmp_path / "old", 3, households=3, seed=4)
+    dash = RunningDashboard(Context.open(feeder.store.url))
+    old_dash = RunningDashboard(Context.open(old.store.url))
+    page = chromium.new_page()
+    try:
+        log = ConsoleLog(page)
+        page.goto(dash.url)
+        day = today()
+        page.wait_for_function(graph_js("market-graph", f"g.data[0].x[0] === '{label(first)}'"))
+        assert graph_eval(page, "market-graph", "g.data[0].x.length") == SLOTS
+        assert graph_eval(page, "market-graph", "g.data[0].x.at(-1)").startswith(day)
+        last = first + SLOTS - 1
+        wait_text(page, "#head-badge", f"settled through slot {last} ({label(last)} UTC)")
+        wait_text(page, "#head-badge", day)
+        wait_text(page, "#blocks-table", day)
+        page.wait_for_selector("#no-alerts")
+        assert page.locator("#slot-notice").count() == 0
+        assert "12216" not in page.inner_text("body")
+        assert log.errors == []
+        page.goto(old_dash.url)
+        wait_text(page, "#slot-notice", "assuming the genesis default of 900 s slots")
+        assert log.errors == []
+    finally:
+        page.close()
+        dash.stop()
+        old_dash.stop()
+        feeder.close()
+        old.close()

@@ -1,7 +1,9 @@
-"""LedgerStore.record refuses values no 64-bit column holds, with LedgerStoreError (issue 12)."""
+"""LedgerStore.record refuses values no 64-bit column holds, with LedgerStoreError (issue 12);
+record_schedule writes the grid's schedule once and refuses another (issue 13)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ from market.bounds import STORE_INT
 from market.state import clear_book
 from node.ledger import LedgerStore
 from node.ledger import schema as t
-from node.ledger.store import LedgerStoreError
+from node.ledger.store import LedgerStoreError, schedule_json
+from node.schedule import Schedule
 from tests.market.world import World
 
 
@@ -39,3 +42,44 @@ def test_an_unstorable_value_is_a_ledger_store_error_and_writes_nothing(tmp_path
         assert conn.execute(select(t.orders.c.nonce)).scalar_one() == STORE_INT
     assert store.applied_index() == 1
     store.close()
+
+
+def test_record_schedule_inserts_once_and_refuses_another_grids(tmp_path: Path) -> None:
+    """Issue 13: meta ``schedule`` holds the genesis timings; recording the same schedule again
+    is a no-op, a different one is refused (a ledger belongs to one grid)."""
+    store = LedgerStore(f"sqlite:///{tmp_path / 'l.db'}")
+    store.init_genesis(World().config)
+    schedule = Schedule(slot_seconds=10, gate_lead_seconds=3, settle_delay_seconds=2)
+    store.record_schedule(schedule)
+    meta = store.meta()
+    assert json.loads(meta["schedule"]) == {
+        "slot_seconds": 10,
+        "gate_closure_lead_seconds": 3,
+        "settle_delay_seconds": 2,
+    }
+    assert meta["schedule"] == schedule_json(schedule)
+    store.record_schedule(Schedule(10, 3, 2))  # idempotent
+    assert store.meta() == meta
+    for other in (Schedule(900, 3, 2), Schedule(10, 300, 2), Schedule(10, 3, 120)):
+        with pytest.raises(LedgerStoreError, match="a ledger belongs to one grid"):
+            store.record_schedule(other)
+    assert store.meta() == meta
+    # an equivalent JSON spelling of the same schedule is the same schedule
+    store.set_meta("schedule", json.dumps(json.loads(meta["schedule"]), indent=1))
+    store.record_schedule(schedule)
+    store.close()
+
+
+def test_a_new_ledger_with_a_schedule_still_binds_to_its_grid(tmp_path: Path) -> None:
+    """record_schedule after init_genesis (as the node does) leaves the grid binding intact,
+    and a reopened store accepts the same grid and schedule again."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    config = World().config
+    with LedgerStore(url) as store:
+        store.init_genesis(config)
+        store.record_schedule(Schedule())
+    with LedgerStore(url) as store:
+        store.init_genesis(config)
+        store.record_schedule(Schedule())
+        assert store.meta()["genesis_hash"] == config.genesis_hash()
+        assert json.loads(store.meta()["schedule"])["slot_seconds"] == 900

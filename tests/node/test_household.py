@@ -37,6 +37,7 @@ from node.genesis import Genesis, create_genesis
 from node.household import HouseholdNode
 from node.identity import NodeIdentity, create_key_file
 from node.ledger import schema as t
+from node.ledger.store import LedgerStoreError
 from node.ledger.verify import verify_ledger
 from node.net.harness import free_ports
 from node.trader import NONCE_MANUAL, NONCE_ORDER, NONCE_READING, NONCES_PER_SLOT
@@ -426,3 +427,37 @@ async def test_the_api_of_a_running_node_survives_abuse_and_never_stalls_it(
 
     with trio.fail_after(90):
         await run_until_stopped(node, body)
+
+
+def close_unstarted(node: HouseholdNode) -> None:
+    node.reader.close()
+    node.store.close()
+    node.raft_storage.close()
+
+
+async def test_the_node_records_its_grids_schedule_in_the_ledger(
+    tmp_path: Path, sim: MeterSimulator
+) -> None:
+    """Issue 13: the ledger's meta ``schedule`` holds the genesis timings (the dashboard reads
+    its slot length there); an older ledger gets it on the node's next start, and a ledger that
+    records another schedule is refused (a ledger belongs to one grid)."""
+    grid = await make_grid(tmp_path, sim)
+    expected = {"slot_seconds": SLOT_SECONDS, "gate_closure_lead_seconds": 1,
+                "settle_delay_seconds": 1}  # fmt: skip
+    node = HouseholdNode(grid.config, grid.identity, grid.genesis)
+    try:
+        meta = node.store.meta()
+        assert json.loads(meta["schedule"]) == expected
+        assert meta["genesis_applied"] == "1" and "config" in meta  # init_genesis ran first
+        with node.store.engine.begin() as conn:  # as a ledger of an older node
+            conn.execute(sa.delete(t.meta).where(t.meta.c.key == "schedule"))
+    finally:
+        close_unstarted(node)
+    node = HouseholdNode(grid.config, grid.identity, grid.genesis)
+    try:
+        assert json.loads(node.store.meta()["schedule"]) == expected
+        node.store.set_meta("schedule", json.dumps({**expected, "slot_seconds": 900}))
+    finally:
+        close_unstarted(node)
+    with pytest.raises(LedgerStoreError, match="a ledger belongs to one grid"):
+        HouseholdNode(grid.config, grid.identity, grid.genesis)
