@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -390,11 +390,12 @@ class Demo:
         )
         h.starts += 1
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        """Start the simulator clock, every node and (unless disabled) the dashboard."""
+    async def start(self, nursery: trio.Nursery, only: Sequence[Household] | None = None) -> None:
+        """Start the simulator clock, every node (or those in ``only``: tests hold the other
+        households' keys) and (unless disabled) the dashboard."""
         assert self.clock is not None
         nursery.start_soon(self.clock.run)
-        for h in self.households:
+        for h in self.households if only is None else only:
             await self.start_node(h)
         if self.settings.dashboard:
             first = self.households[0]

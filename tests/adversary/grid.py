@@ -16,13 +16,13 @@ from typing import Any
 
 import trio
 
-from node.demo import Demo, DemoSettings, Household, fetch
+from node.demo import Demo, Household, fetch
 from node.genesis import load_genesis
 from node.identity import load_key_file
 from node.ledger.verify import verify_ledger
 from tests.adversary.member import HostileMember
+from tests.node.test_demo import SLOT_SECONDS, running_demo
 
-SLOT_SECONDS = 8
 STARTUP_TIMEOUT = 120
 
 
@@ -77,34 +77,19 @@ async def hostile_grid(tmp_path: Path, honest: int = 4, attackers: int = 1,
     """Start the honest households' nodes and wait for their first settled slot; the last
     ``attackers`` member keys are the test's. ``feeder``: the grid has a feeder meter, read and
     signed by h1 with the operator's key (``microgrid demo --feeder``)."""
-    demo = Demo(
-        DemoSettings(households=honest + attackers, slot_seconds=SLOT_SECONDS, dashboard=False,
-                     directory=tmp_path / "grid", voters=3, feeder=feeder),
-        out=lambda line: None,
-    )  # fmt: skip
-    try:
-        await demo.prepare()
-        async with trio.open_nursery() as nursery:
-            assert demo.clock is not None
-            nursery.start_soon(demo.clock.run)
-            for h in demo.households[:honest]:
-                await demo.start_node(h)
-            grid = Grid(demo, demo.households[:honest], demo.households[honest:], nursery)
-            try:
-                with trio.fail_after(STARTUP_TIMEOUT):
-                    while await grid.height() < 1:
-                        assert not grid.all_alive(), f"exited at start: {grid.all_alive()}"
-                        await trio.sleep(0.5)
-                yield grid
-            finally:
-                with trio.CancelScope(shield=True):
-                    await demo.stop_all(quiesce_timeout=3 * SLOT_SECONDS)
-                nursery.cancel_scope.cancel()
-    finally:
-        for h in demo.households:
-            if h.alive:
-                demo.kill(h)
-        demo.close()
+    async with (
+        running_demo(tmp_path, honest + attackers, run=honest, voters=3, feeder=feeder) as demo,
+        trio.open_nursery() as nursery,
+    ):
+        grid = Grid(demo, demo.households[:honest], demo.households[honest:], nursery)
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while await grid.height() < 1:
+                assert not grid.all_alive(), f"exited at start: {grid.all_alive()}"
+                await trio.sleep(0.5)
+        try:
+            yield grid
+        finally:
+            nursery.cancel_scope.cancel()  # the attackers' hosts, before the nodes stop
 
 
 def check_ledgers(grid: Grid) -> tuple[int, str]:

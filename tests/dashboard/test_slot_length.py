@@ -147,12 +147,11 @@ def test_an_older_ledger_falls_back_to_the_api_then_the_default(tmp_path: Path) 
         feeder.close()
 
 
-def test_cli_takes_the_slot_length_from_the_ledger(tmp_path: Path) -> None:
-    feeder = new_feeder(tmp_path, 3, households=3, seed=4, first_slot=recent_first_slot(),
-                        schedule=DEMO_SCHEDULE)  # fmt: skip
-    feeder.close()
+def dashboard_start(url: str) -> tuple[str, str]:
+    """Start ``microgrid dashboard --db url`` with no other flag: its first line, and what it
+    wrote on stderr until it was stopped."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "dashboard", "--db", feeder.store.url, "--port", "0"],
+        [sys.executable, "-m", "node.cli", "dashboard", "--db", url, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -160,29 +159,26 @@ def test_cli_takes_the_slot_length_from_the_ledger(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        assert line.rstrip().endswith(", 10 s slots from the ledger's schedule)"), line
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)
+    return line, err
+
+
+def test_cli_takes_the_slot_length_from_the_ledger(tmp_path: Path) -> None:
+    feeder = new_feeder(tmp_path, 3, households=3, seed=4, first_slot=recent_first_slot(),
+                        schedule=DEMO_SCHEDULE)  # fmt: skip
+    feeder.close()
+    line, err = dashboard_start(feeder.store.url)
+    assert line.rstrip().endswith(", 10 s slots from the ledger's schedule)"), line
     assert "notice:" not in err
 
 
 def test_cli_says_when_it_assumes_the_default(tmp_path: Path) -> None:
     feeder = new_feeder(tmp_path, 3, households=3, seed=4)
     feeder.close()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "dashboard", "--db", feeder.store.url, "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.rstrip().endswith(", 900 s slots the genesis default)"), line
-    finally:
-        proc.terminate()
-        _, err = proc.communicate(timeout=20)
+    line, err = dashboard_start(feeder.store.url)
+    assert line.rstrip().endswith(", 900 s slots the genesis default)"), line
     assert "notice: The ledger does not record its grid's slot length" in err
 
 

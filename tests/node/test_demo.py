@@ -38,9 +38,10 @@ STARTUP_TIMEOUT = 90
 
 
 @asynccontextmanager
-async def running_demo(tmp_path: Path, households: int = 5, **settings: Any
-                       ) -> AsyncIterator[Demo]:  # fmt: skip
-    """A started demo; stopped (and its simulator closed) on the way out."""
+async def running_demo(tmp_path: Path, households: int = 5, *, run: int | None = None,
+                       **settings: Any) -> AsyncIterator[Demo]:  # fmt: skip
+    """A started demo; stopped (and its simulator closed) on the way out. ``run``: start only
+    the first ``run`` households' nodes (the adversary tests hold the others' keys)."""
     lines: list[str] = []
     demo = Demo(
         DemoSettings(households=households, slot_seconds=SLOT_SECONDS, dashboard=False,
@@ -50,7 +51,7 @@ async def running_demo(tmp_path: Path, households: int = 5, **settings: Any
     try:
         await demo.prepare()
         async with trio.open_nursery() as nursery:
-            await demo.start(nursery)
+            await demo.start(nursery, None if run is None else demo.households[:run])
             try:
                 yield demo
             finally:
