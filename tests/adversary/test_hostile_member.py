@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import trio
-from sqlalchemy import create_engine, select
 
 from node.ledger import schema as t
 from node.net.wire import TopicKind
 from tests.adversary.grid import SLOT_SECONDS, Grid, check_ledgers, hostile_grid
 from tests.adversary.member import BLOCKS, MESHSUB, RAFT, raw_batch
+from tests.node.test_demo import rows
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +62,6 @@ def http_raw(port: int, request: bytes, timeout: float = 5.0) -> int | None:
     if not head.startswith(b"HTTP/1.1 "):
         return None
     return int(head[9:12])
-
-
-def ledger_rows(url: str, table: Any) -> list[Any]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return list(conn.execute(select(table)))
-    finally:
-        engine.dispose()
 
 
 async def test_member_attacks_are_refused_and_the_grid_keeps_settling(tmp_path: Path) -> None:
@@ -180,11 +171,11 @@ async def test_member_attacks_are_refused_and_the_grid_keeps_settling(tmp_path: 
         height, _ = check_ledgers(grid)
         assert height >= 3
         for h in grid.honest:
-            readings = {r.slot: r for r in ledger_rows(h.ledger_url, t.readings)
+            readings = {r.slot: r for r in rows(h.ledger_url, t.readings)
                         if r.household == pill.did}  # fmt: skip
             assert ended in readings and readings[ended].export_wh == 5_000, readings
             assert ended + 1 not in readings, readings[ended + 1]
-            settled = [s for s in ledger_rows(h.ledger_url, t.settlements)
+            settled = [s for s in rows(h.ledger_url, t.settlements)
                        if s.household == pill.did]  # fmt: skip
             assert all(s.export_wh < 10**6 for s in settled), settled
 
@@ -362,9 +353,9 @@ async def test_a_member_inflating_its_export_within_its_rated_power_fails_the_fe
         liar.stop()
         check_ledgers(grid)
         for h in grid.honest:
-            checks = {r.slot: r for r in ledger_rows(h.ledger_url, t.feeder_checks)}
+            checks = {r.slot: r for r in rows(h.ledger_url, t.feeder_checks)}
             measured: dict[int, list[bool]] = defaultdict(list)
-            for r in ledger_rows(h.ledger_url, t.settlements):
+            for r in rows(h.ledger_url, t.settlements):
                 measured[r.slot].append(r.measured)
             # slots every household's meter measured (else the check is incomplete, not a verdict)
             mismatched = [s for s in lied if measured.get(s) and all(measured[s])]
