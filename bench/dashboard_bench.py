@@ -93,7 +93,7 @@ class Generator:
         self.tx_from = self.slots - TX_DAYS * SLOTS_PER_DAY
 
     def profile(self, i: int, slot: int, cloud: float) -> tuple[int, int]:
-        """(pv Wh, load Wh) of household i in slot (same shapes as node/simulate.py)."""
+        """(pv Wh, load Wh) of household i in slot (same shapes as node/tools/market_sim.py)."""
         sod = slot % SLOTS_PER_DAY
         pv = int(self.pv_peak[i] * SUN[sod] * cloud / 4)
         load = int(self.base[i] * PEAK[sod] * self.rng.uniform(0.7, 1.4) / 4)

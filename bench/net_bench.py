@@ -12,7 +12,7 @@ For each N (default 5, 10, 20) it prints:
   milliseconds per gossip message per receiving node (independent of machine load).
 
 Then, in-process: Ed25519 verifications/s of the raw library (``cryptography``), of
-``market.identity.verify_signature``, of ``Order.verify`` (canonical encoding + verify) and of
+``market.did.verify_signature``, of ``Order.verify`` (canonical encoding + verify) and of
 the whole gossip validator per record, each as a ratio to the raw library.
 
 Everything is bounded (``trio.fail_after`` per grid size). ``python -m bench.net_bench
@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from node.net.harness import NodeProc, make_grid, wait_mesh
+from node.testing.harness import NodeProc, make_grid, wait_mesh
 
 
 def pct(values: list[float], q: float) -> float:
@@ -163,11 +163,11 @@ def verify_rates(seconds: float = 1.0) -> dict[str, float]:
     """Signature verifications per second: raw library vs our paths."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from market.identity import verify_signature
+    from market.did import verify_signature
     from market.models import Order, Side
-    from node.identity import NodeIdentity
     from node.net.validator import GossipValidator
     from node.net.wire import TopicKind, encode_batch
+    from node.setup.keyfile import NodeIdentity
 
     ident = NodeIdentity.from_seed(b"v" * 32)
     order = Order(grid="g", nonce=1, id="o", household=ident.did, side=Side.BUY, slot=5,

@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from node.demo import Demo, DemoSettings
+from node.tools.demo import Demo, DemoSettings
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -98,7 +98,7 @@ class CpuSampler:
 RAFT_TIMING = {
     "demo": {},  # DemoSettings' defaults: tick 0.1 s, heartbeat 2 ticks, election 15 ticks
     "production": {"raft_tick_seconds": 0.25, "raft_election_ticks": 20,
-                   "raft_heartbeat_ticks": 4},  # node/config.py's defaults
+                   "raft_heartbeat_ticks": 4},  # node/setup/config.py's defaults
 }  # fmt: skip
 
 

@@ -37,9 +37,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.net.harness import free_ports
 from node.raft import Config, MemoryStorage, RaftNode, Storage
 from node.raft.storage_sql import SQLStorage
+from node.tools.ports import free_ports
 
 PAYLOAD = b"x" * 32
 

@@ -7,7 +7,7 @@ lists, ints. No Dash, no Plotly: the callbacks in :mod:`dashboard.app` stay thin
 shares (:class:`~node.ledger.queries.SlotRow`, ``load_clearings`` …) are in
 :mod:`node.ledger.queries`.
 
-Slots are numbered as in the running system (``node/schedule.py``): slot ``s`` delivers during
+Slots are numbered as in the running system (``market/schedule.py``): slot ``s`` delivers during
 ``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. A :class:`SlotClock` carries
 ``L`` to every function that turns slots into times; there is no module-level slot length. ``L``
 comes from the ledger's ``schedule`` meta entry (:func:`ledger_slot_seconds`, written by the
@@ -59,7 +59,7 @@ DAY_SECONDS = 86_400
 class SlotClock:
     """How slot numbers map to wall time: slot ``s`` starts at ``s * slot_seconds`` Unix seconds.
 
-    The same rule as :class:`node.schedule.Schedule`; labels are UTC.
+    The same rule as :class:`market.schedule.Schedule`; labels are UTC.
     """
 
     slot_seconds: int = DEFAULT_SLOT_SECONDS

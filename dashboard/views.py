@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard import data
-from dashboard.api import NodeStatus, StatusHistory, api_alerts, fetch_status
+from dashboard.node_client import NodeStatus, StatusHistory, api_alerts, fetch_status
 from node.ledger.queries import SlotRow
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ No I/O, no clock, no randomness, no floats. Feed committed commands to :func:`ap
 book directly with :func:`clear`.
 """
 
+from market.accounting import Block, Posting, Transaction
 from market.auction import MECHANISMS, Clearing, ClearingError, clear
 from market.errors import RejectReason
 from market.events import (
@@ -18,7 +19,6 @@ from market.events import (
     SlotSettled,
 )
 from market.feeder import FeederCheck, FeederStatus, feeder_check
-from market.ledger import Block, Posting, Transaction
 from market.models import (
     CancelOrder,
     CloseGate,
@@ -26,9 +26,9 @@ from market.models import (
     CommandDecodeError,
     FeederReading,
     MemberRegistration,
+    MemberRole,
     MeterReading,
     Order,
-    Role,
     SettleSlot,
     Side,
     Trade,
@@ -58,6 +58,7 @@ __all__ = [
     "HouseholdRegistered",
     "MarketConfig",
     "MemberRegistration",
+    "MemberRole",
     "MeterReading",
     "Order",
     "OrderAccepted",
@@ -67,7 +68,6 @@ __all__ = [
     "RejectReason",
     "Rejected",
     "Reputation",
-    "Role",
     "SettleSlot",
     "Side",
     "SlotSettled",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from market.accounting import Block, Transaction
 from market.auction import Clearing
 from market.errors import RejectReason
 from market.feeder import FeederCheck
-from market.ledger import Block, Transaction
 from market.models import (
     CancelOrder,
     FeederReading,

@@ -34,8 +34,8 @@ from market.bounds import (
     Signature,
     Slot,
 )
+from market.did import verify_signature
 from market.encoding import canonical_bytes, canonical_json, loads_untrusted, sha256
-from market.identity import verify_signature
 
 MAX_COMMAND_BYTES = 16 * 1024
 """Upper bound on one encoded command; anything larger is rejected before parsing."""
@@ -50,7 +50,7 @@ class Side(StrEnum):
     SELL = "sell"
 
 
-class Role(StrEnum):
+class MemberRole(StrEnum):
     """A household's role in replication: a Raft voter or a non-voting learner."""
 
     VOTER = "voter"
@@ -151,7 +151,7 @@ class MemberRegistration(SignedRecord):
     operator: Did
     household: Did
     meter_serial: MeterSerial
-    role: Role
+    role: MemberRole
     max_power_w: PowerW = DEFAULT_MAX_POWER_W
 
     def unsigned_fields(self) -> dict[str, Any]:

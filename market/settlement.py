@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from market.ledger import (
+from market.accounting import (
     ENERGY,
     GRID,
     MARKET,

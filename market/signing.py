@@ -9,7 +9,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from market.identity import did_from_public_key
+from market.did import did_from_public_key
 
 
 class Signer:

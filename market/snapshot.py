@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from market.accounting import ASSETS, GRID, MARKET, household_account
 from market.bounds import (
     MAX_NONCE,
     MAX_NONCE_WINDOW,
@@ -29,8 +30,7 @@ from market.bounds import (
     MeterSerial,
 )
 from market.encoding import canonical_bytes, loads_untrusted, sha256
-from market.ledger import ASSETS, GRID, MARKET, household_account
-from market.models import FeederReading, MeterReading, Order, Role, Trade
+from market.models import FeederReading, MemberRole, MeterReading, Order, Trade
 from market.state import MarketConfig, Member, NonceWindow, Reputation, State
 
 SNAPSHOT_KIND = "snapshot"
@@ -147,7 +147,7 @@ _ACCOUNT_PREFIX = household_account("")
 _DID: TypeAdapter[str] = TypeAdapter(Did)
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _METER_SERIAL: TypeAdapter[str] = TypeAdapter(MeterSerial)
-_ROLES = frozenset(r.value for r in Role)
+_ROLES = frozenset(r.value for r in MemberRole)
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -205,8 +205,8 @@ def _member(fields: Any, where: str) -> Member:
         raise SnapshotError(f"{where}[1]: role must be one of {sorted(_ROLES)}")
     if rest:
         power = _int(rest[0], f"{where}[2] (max_power_w)", 0, MAX_POWER_W)
-        return Member(serial, Role(role), power)
-    return Member(serial, Role(role))
+        return Member(serial, MemberRole(role), power)
+    return Member(serial, MemberRole(role))
 
 
 def _nonce_window(fields: Any, where: str) -> NonceWindow:

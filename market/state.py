@@ -32,6 +32,7 @@ from fractions import Fraction
 
 from pydantic import TypeAdapter, ValidationError
 
+from market.accounting import Block, roots, state_hash
 from market.auction import MECHANISMS, Clearing, clear
 from market.bounds import (
     DEFAULT_MAX_POWER_W,
@@ -49,6 +50,7 @@ from market.bounds import (
     Identifier,
     MeterSerial,
 )
+from market.did import IdentityError, public_key_from_did
 from market.encoding import canonical_bytes, sha256
 from market.errors import Rejection, RejectReason
 from market.events import (
@@ -63,17 +65,15 @@ from market.events import (
     SlotSettled,
 )
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
-from market.identity import IdentityError, public_key_from_did
-from market.ledger import Block, roots, state_hash
 from market.models import (
     CancelOrder,
     CloseGate,
     Command,
     FeederReading,
     MemberRegistration,
+    MemberRole,
     MeterReading,
     Order,
-    Role,
     SettleSlot,
     Side,
     SignedRecord,
@@ -240,7 +240,7 @@ class Member:
     """A registered household."""
 
     meter_serial: str
-    role: Role
+    role: MemberRole
     max_power_w: int = DEFAULT_MAX_POWER_W
 
 

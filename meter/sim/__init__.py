@@ -6,8 +6,16 @@
 
 from meter.sim.faults import Faults
 from meter.sim.feeder import Feeder, FeederConfig
-from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
+from meter.sim.household import HouseholdConfig, MeterState, SimulatedHousehold, make_households
 from meter.sim.server import MeterSimulator
 
-__all__ = ["Faults", "Feeder", "FeederConfig", "Household", "HouseholdConfig",
-           "MeterSimulator", "MeterState", "make_households"]
+__all__ = [
+           "Faults",
+           "Feeder",
+           "FeederConfig",
+           "HouseholdConfig",
+           "MeterSimulator",
+           "MeterState",
+           "SimulatedHousehold",
+           "make_households",
+]

@@ -105,7 +105,7 @@ class SimulatedMeter:
 
 
 @dataclass(eq=False)
-class Household(SimulatedMeter):
+class SimulatedHousehold(SimulatedMeter):
     """A household's simulation state; :meth:`step` advances it by one fixed step."""
 
     config: HouseholdConfig
@@ -136,7 +136,7 @@ class Household(SimulatedMeter):
         return (*_calendar(self.start.date(), int(day)), sod)
 
     def load_w(self, t: float) -> float:
-        """Household consumption at simulated time ``t`` (W)."""
+        """SimulatedHousehold consumption at simulated time ``t`` (W)."""
         shifted = t + self.config.shift_s
         month, weekday, doy, sod = self._clock(shifted)
         base = h25_power_w(month, weekday, doy, sod, self.config.annual_kwh)

@@ -42,7 +42,7 @@ from meter.sim.feeder import (
     FeederConfig,
     feeder_serial,
 )
-from meter.sim.household import Household, HouseholdConfig, MeterState, make_households
+from meter.sim.household import HouseholdConfig, MeterState, SimulatedHousehold, make_households
 from meter.sim.registers import Image, fixed_image, sunspec_image
 from meter.sim.solar import Clouds
 
@@ -88,7 +88,7 @@ class MeterSimulator:
         self.step_s = step_s
         clouds = Clouds(seed)
         self.households = {
-            c.device_id: Household(c, seed, start, latitude, clouds) for c in configs
+            c.device_id: SimulatedHousehold(c, seed, start, latitude, clouds) for c in configs
         }
         self.profiles: dict[int, Profile] = {
             c.device_id: load_profile(c.profile) for c in configs
@@ -140,14 +140,14 @@ class MeterSimulator:
         """The feeder meter's device id (None without a feeder)."""
         return None if self.feeder is None else self.feeder.config.device_id
 
-    def _meters(self) -> dict[int, Household | Feeder]:
+    def _meters(self) -> dict[int, SimulatedHousehold | Feeder]:
         """Every served meter by device id: the households, then the feeder (if any)."""
-        meters: dict[int, Household | Feeder] = dict(self.households)
+        meters: dict[int, SimulatedHousehold | Feeder] = dict(self.households)
         if self.feeder is not None:
             meters[self.feeder.config.device_id] = self.feeder
         return meters
 
-    def _meter(self, device_id: int) -> Household | Feeder:
+    def _meter(self, device_id: int) -> SimulatedHousehold | Feeder:
         """One served meter by device id (KeyError if there is none)."""
         h = self.households.get(device_id)
         if h is not None:

@@ -23,9 +23,9 @@ from market.bounds import STORE_INT
 from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
 from market.feeder import FeederCheck
 from market.models import Trade
+from market.schedule import Schedule
 from market.state import MarketConfig
 from node.ledger import schema as t
-from node.schedule import Schedule
 
 SCHEDULE_KEY = "schedule"
 """Meta entry holding the grid's wall-clock schedule (the genesis timings) as JSON."""

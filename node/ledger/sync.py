@@ -1,8 +1,8 @@
 """Block sync, the database side: fill the ledger gap an installed Raft snapshot leaves.
 
 A node that fell behind a compacted Raft log installs an engine snapshot
-(:meth:`node.replica.Replica.install_snapshot`): the engine continues from it at once, but the
-ledger lacks the blocks between its head and the snapshot's height, and new blocks are appended
+(:meth:`node.daemon.replica.Replica.install_snapshot`): the engine continues from it at once, but
+the ledger lacks the blocks between its head and the snapshot's height, and new blocks are appended
 after that gap. :func:`record_snapshot` writes down what is missing (meta, below); a peer's
 :func:`export_blocks` reads a chunk of those blocks with everything their slots produced, and
 :func:`import_blocks` checks the chunk and inserts it, one database transaction per chunk.
@@ -62,10 +62,10 @@ from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from market.accounting import Block
 from market.encoding import EncodingError, canonical_bytes
 from market.events import GateClosed
 from market.feeder import FEEDER_CHECK_FIELDS, FeederCheck
-from market.ledger import Block
 from market.models import Order, Trade
 from market.snapshot import config_from_json
 from market.state import Reputation, State, clear_book

@@ -27,8 +27,8 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
+from market.accounting import ASSETS, Block, Posting, Transaction, roots, state_hash
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
-from market.ledger import ASSETS, Block, Posting, Transaction, roots, state_hash
 from market.models import FeederReading, MeterReading, Trade
 from market.snapshot import SnapshotError, config_from_json
 from market.state import MarketConfig, reading_leaf

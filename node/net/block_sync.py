@@ -34,11 +34,11 @@ from libp2p.peer.id import ID
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.bounds import SAFE_INT
-from market.identity import IdentityError
-from node.identity import did_from_peer_id
+from market.did import IdentityError
 from node.ledger.sync import MAX_CHUNK_BYTES, BlockSyncError, export_blocks
 from node.net.validator import PeerFault
 from node.net.wire import frame
+from node.setup.keyfile import did_from_peer_id
 
 log = logging.getLogger("microgrid.net.blocks")
 

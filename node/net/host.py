@@ -79,10 +79,8 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
-from market.identity import IdentityError
+from market.did import IdentityError
 from market.models import FeederReading, MeterReading, Order, SignedRecord
-from node.genesis import Genesis
-from node.identity import NodeIdentity, did_from_peer_id, peer_id_from_did
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
 from node.net.validator import (
@@ -94,9 +92,11 @@ from node.net.validator import (
     Verdict,
 )
 from node.net.wire import TopicKind, WireError, decode_batch, encode_batch, topic_name
+from node.setup.genesis import Genesis
+from node.setup.keyfile import NodeIdentity, did_from_peer_id, peer_id_from_did
 
 if TYPE_CHECKING:
-    from node.config import NodeConfig
+    from node.setup.config import NodeConfig
 
 log = logging.getLogger("microgrid.net")
 

@@ -27,11 +27,11 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from market.identity import IdentityError
-from node.identity import did_from_peer_id, peer_id_from_did
+from market.did import IdentityError
 from node.net.metrics import NetMetrics
 from node.net.validator import PeerFault
 from node.net.wire import MAX_RAFT_FRAME, RAFT_PROTOCOL, WireError, frame, read_uvarint
+from node.setup.keyfile import did_from_peer_id, peer_id_from_did
 
 log = logging.getLogger("microgrid.net.raft")
 

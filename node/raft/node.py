@@ -22,8 +22,8 @@ from node.raft.types import (
     EntryType,
     HardState,
     Message,
+    RaftRole,
     Ready,
-    Role,
     Snapshot,
     SnapshotMetadata,
     SoftState,
@@ -89,14 +89,15 @@ class RaftNode:
     def report_snapshot_failed(self, peer: str) -> None:
         """Transport: sending a snapshot to ``peer`` failed; the leader will retry later."""
         pr = self.raft.prs.get(peer)
-        if self.raft.role == Role.LEADER and pr is not None and pr.state == ProgressState.SNAPSHOT:
+        leader = self.raft.role == RaftRole.LEADER
+        if leader and pr is not None and pr.state == ProgressState.SNAPSHOT:
             pr.become_probe()
 
     def report_unreachable(self, peer: str) -> None:
         """Transport: a message to ``peer`` could not be delivered; stop pipelining to it
         and probe again."""
         pr = self.raft.prs.get(peer)
-        leading = self.raft.role == Role.LEADER
+        leading = self.raft.role == RaftRole.LEADER
         if leading and pr is not None and pr.state == ProgressState.REPLICATE:
             pr.become_probe()
 
@@ -219,7 +220,7 @@ class RaftNode:
         """A snapshot of this node's state."""
         r = self.raft
         progress = {}
-        if r.role == Role.LEADER:
+        if r.role == RaftRole.LEADER:
             progress = {p: (pr.match, pr.next, str(pr.state)) for p, pr in r.prs.items()}
         cs = r.conf_state()
         return Status(

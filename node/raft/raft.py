@@ -35,7 +35,7 @@ from node.raft.types import (
     HardState,
     Message,
     MessageType,
-    Role,
+    RaftRole,
     Snapshot,
     SoftState,
 )
@@ -66,7 +66,7 @@ class Raft:
         self.term = 0
         self.vote = NONE
         self.lead = NONE
-        self.role = Role.FOLLOWER
+        self.role = RaftRole.FOLLOWER
         self.msgs: list[Message] = []
         self.votes: dict[str, bool] = {}
         self.election_elapsed = 0
@@ -91,13 +91,13 @@ class Raft:
         return HardState(self.term, self.vote, self.log.committed)
 
     def soft_state(self) -> SoftState:
-        """Role, leader and term for the application."""
+        """RaftRole, leader and term for the application."""
         return SoftState(self.public_role(), self.lead, self.term)
 
-    def public_role(self) -> Role:
+    def public_role(self) -> RaftRole:
         """The role, reporting a non-leading learner as LEARNER."""
-        if self.role == Role.FOLLOWER and self.id in self.learners:
-            return Role.LEARNER
+        if self.role == RaftRole.FOLLOWER and self.id in self.learners:
+            return RaftRole.LEARNER
         return self.role
 
     def conf_state(self) -> ConfState:
@@ -206,25 +206,25 @@ class Raft:
         """Follow ``lead`` (or nobody) at ``term``."""
         self._reset(term)
         self.lead = lead
-        self.role = Role.FOLLOWER
+        self.role = RaftRole.FOLLOWER
 
     def become_pre_candidate(self) -> None:
         """Start a pre-vote: no term change, no vote cast."""
         self.votes = {}
         self.lead = NONE
-        self.role = Role.PRE_CANDIDATE
+        self.role = RaftRole.PRE_CANDIDATE
 
     def become_candidate(self) -> None:
         """Start a real election at term + 1, voting for ourselves."""
         self._reset(self.term + 1)
         self.vote = self.id
-        self.role = Role.CANDIDATE
+        self.role = RaftRole.CANDIDATE
 
     def become_leader(self) -> None:
         """Lead: replicate an empty entry of the new term to commit everything before it."""
         self._reset(self.term)
         self.lead = self.id
-        self.role = Role.LEADER
+        self.role = RaftRole.LEADER
         self.prs[self.id].become_replicate()
         self.append_entries([Entry(0, 0, b"")])
         # No membership change until this term's first entry is applied (Ongaro's fix).
@@ -233,7 +233,7 @@ class Raft:
     # -- elections -------------------------------------------------------------------------
     def hup(self, transfer: bool = False) -> None:
         """Start an election (pre-vote first when enabled, unless forced by a transfer)."""
-        if self.role == Role.LEADER or not self.promotable():
+        if self.role == RaftRole.LEADER or not self.promotable():
             return
         if self._has_unapplied_conf_change():
             return
@@ -289,7 +289,7 @@ class Raft:
     # -- ticks -----------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance the logical clock by one tick."""
-        if self.role == Role.LEADER:
+        if self.role == RaftRole.LEADER:
             self._tick_heartbeat()
         else:
             self._tick_election()
@@ -352,7 +352,7 @@ class Raft:
         return self.log.last_index()
 
     def _check_can_propose(self) -> None:
-        if self.role != Role.LEADER:
+        if self.role != RaftRole.LEADER:
             raise NotLeader(self.lead or None, self.term)
         if self.lead_transferee != NONE:
             raise ProposalDropped(f"leadership transfer to {self.lead_transferee} in progress")
@@ -418,7 +418,7 @@ class Raft:
         else:
             self.prs.pop(nid, None)
             self._snap_elapsed.pop(nid, None)
-        if self.role == Role.LEADER:
+        if self.role == RaftRole.LEADER:
             if self.id not in self.voters:
                 # Removed or demoted leader: make sure followers learn the commit, step down.
                 self.bcast_append()
@@ -431,7 +431,9 @@ class Raft:
                         self.send_append(p, send_if_empty=False)
                 if self.lead_transferee != NONE and self.lead_transferee not in self.voters:
                     self.lead_transferee = NONE
-        elif self.role in (Role.CANDIDATE, Role.PRE_CANDIDATE) and self.id not in self.voters:
+        elif self.role in (RaftRole.CANDIDATE, RaftRole.PRE_CANDIDATE) and (
+            self.id not in self.voters
+        ):
             self.become_follower(self.term, NONE)
         return self.conf_state()
 
@@ -491,9 +493,9 @@ class Raft:
             self.send(self._msg(resp, m.frm, reject=True))
 
     def _step_role(self, m: Message) -> None:
-        if self.role == Role.LEADER:
+        if self.role == RaftRole.LEADER:
             self._step_leader(m)
-        elif self.role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+        elif self.role in (RaftRole.CANDIDATE, RaftRole.PRE_CANDIDATE):
             self._step_candidate(m)
         else:
             self._step_follower(m)
@@ -561,7 +563,9 @@ class Raft:
 
     def _step_candidate(self, m: Message) -> None:
         my_resp = (
-            MessageType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MessageType.VOTE_RESP
+            MessageType.PRE_VOTE_RESP
+            if self.role == RaftRole.PRE_CANDIDATE
+            else MessageType.VOTE_RESP
         )
         if m.type == MessageType.APP:
             self.become_follower(m.term, m.frm)
@@ -575,7 +579,7 @@ class Raft:
         elif m.type == my_resp:
             res = self._poll(m.frm, not m.reject)
             if res == VoteResult.WON:
-                if self.role == Role.PRE_CANDIDATE:
+                if self.role == RaftRole.PRE_CANDIDATE:
                     self._campaign(pre=False)
                 else:
                     self.become_leader()

@@ -39,7 +39,7 @@ class HardState:
         return self.term == 0 and self.vote == NONE and self.commit == 0
 
 
-class Role(enum.StrEnum):
+class RaftRole(enum.StrEnum):
     """A node's role as reported by ``status()`` and ``SoftState``."""
 
     FOLLOWER = "follower"
@@ -53,7 +53,7 @@ class Role(enum.StrEnum):
 class SoftState:
     """Volatile state worth telling the application about; never persisted."""
 
-    role: Role
+    role: RaftRole
     leader: str
     term: int
 

@@ -1,6 +1,6 @@
 """A grid of real household processes with member keys in the attacker's hands.
 
-The grid is the demo layout (node/demo.py): the meter simulator over Modbus TCP, a signed
+The grid is the demo layout (node/tools/demo.py): the meter simulator over Modbus TCP, a signed
 genesis, one ``microgrid node run`` process per honest household (three voters, the rest
 learners), real libp2p on 127.0.0.1 and a SQLite ledger each. The last households' keys are not
 run as nodes: the test holds them as :class:`~tests.adversary.member.HostileMember` hosts.
@@ -16,10 +16,10 @@ from typing import Any
 
 import trio
 
-from node.demo import Demo, Household, fetch
-from node.genesis import load_genesis
-from node.identity import load_key_file
 from node.ledger.verify import verify_ledger
+from node.setup.genesis import load_genesis
+from node.setup.keyfile import load_key_file
+from node.tools.demo import Demo, DemoHousehold, fetch
 from tests.adversary.member import HostileMember
 from tests.node.test_demo import SLOT_SECONDS, running_demo
 
@@ -31,12 +31,12 @@ class Grid:
     """The running grid: the demo, its honest households and the attacker's member key."""
 
     demo: Demo
-    honest: list[Household]
-    attackers: list[Household]
+    honest: list[DemoHousehold]
+    attackers: list[DemoHousehold]
     """Member households whose keys the test holds instead of running their nodes."""
     nursery: trio.Nursery
 
-    def hostile_member(self, peers: list[Household] | None = None, key: int = 0
+    def hostile_member(self, peers: list[DemoHousehold] | None = None, key: int = 0
                        ) -> HostileMember:  # fmt: skip
         """A new host holding attacker key ``key``, dialling ``peers`` (default: all honest)."""
         h = self.attackers[key]
@@ -104,6 +104,6 @@ def check_ledgers(grid: Grid) -> tuple[int, str]:
     return height, head
 
 
-async def api_json(h: Household, path: str) -> Any:
+async def api_json(h: DemoHousehold, path: str) -> Any:
     """GET a node API path (None when it does not answer)."""
     return await fetch(h.api + path)

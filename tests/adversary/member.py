@@ -17,11 +17,11 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from market.encoding import canonical_bytes, canonical_json
-from node.genesis import Genesis
-from node.identity import NodeIdentity
-from node.net.harness import free_ports
 from node.net.host import NetNode, NetSettings
 from node.net.wire import TopicKind, encode_uvarint
+from node.setup.genesis import Genesis
+from node.setup.keyfile import NodeIdentity
+from node.tools.ports import free_ports
 
 MESHSUB = "/meshsub/1.1.0"
 RAFT = "/microgrid/raft/1"

@@ -23,8 +23,8 @@ from dashboard.app import create_app, serve
 from dashboard.views import Context
 from market import Command, MeterReading, SettleSlot
 from market.models import FeederReading
+from market.schedule import Schedule
 from node.ledger import schema as t
-from node.schedule import Schedule
 from tests.dashboard.feeder import Feeder
 
 CHROMIUM = os.environ.get("MICROGRID_CHROMIUM", "/usr/bin/chromium")

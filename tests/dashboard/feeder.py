@@ -1,6 +1,6 @@
 """Feeding a real ledger slot by slot through the contract engine and the ledger store.
 
-Unlike ``simulate.run`` (one call, one run), a :class:`Feeder` keeps the engine state and the
+Unlike ``market_sim.run`` (one call, one run), a :class:`Feeder` keeps the engine state and the
 store open, so a test can append slots to a ledger while a dashboard is reading it, and can
 produce the situations the alerts are about through the real engine: a slot whose orders do not
 cross, gates that close while settlement lags behind.
@@ -19,9 +19,9 @@ from market import (
     State,
     apply,
 )
-from node import simulate
+from market.schedule import Schedule
 from node.ledger import LedgerStore
-from node.schedule import Schedule
+from node.tools import market_sim
 
 
 class Feeder:
@@ -41,7 +41,7 @@ class Feeder:
         genesis names a feeder meter (see ``conftest.FeederGrid``). ``schedule``: recorded in
         meta as a node does (``LedgerStore.record_schedule``); None leaves the ledger without
         one, like a ledger of an older node."""
-        self.sim = simulate.build(households, seed)
+        self.sim = market_sim.build(households, seed)
         if feeder_serial is not None:
             self.sim.config = dataclasses.replace(self.sim.config, feeder_serial=feeder_serial)
         self.state = State.initial(self.sim.config)
@@ -52,7 +52,7 @@ class Feeder:
         self.index = 0
         self.next_slot = first_slot
         self.pending_settlements: list[list[Command]] = []
-        self._apply(simulate.registrations(self.sim))
+        self._apply(market_sim.registrations(self.sim))
 
     def close(self) -> None:
         """Close the store."""
@@ -75,7 +75,7 @@ class Feeder:
         """Trade and settle ``slots`` more slots; returns the last slot settled."""
         self._settle_pending()
         for _ in range(slots):
-            trading, settling = simulate.slot_commands(self.sim, self.next_slot)
+            trading, settling = market_sim.slot_commands(self.sim, self.next_slot)
             self._apply(trading)
             self._apply(settling)
             self.next_slot += 1
@@ -85,7 +85,7 @@ class Feeder:
         """One slot whose bids (at the feed-in tariff) never reach the asks (at retail)."""
         self._settle_pending()
         slot = self.next_slot
-        trading, settling = simulate.slot_commands(self.sim, slot)
+        trading, settling = market_sim.slot_commands(self.sim, slot)
         cfg = self.sim.config
         signers = {h.signer.did: h for h in self.sim.households}
         orders = [c for c in trading if isinstance(c, Order)]
@@ -126,7 +126,7 @@ class Feeder:
     def close_gates_only(self, slots: int) -> int:
         """Close ``slots`` more gates without settling them (settlement falls behind)."""
         for _ in range(slots):
-            trading, settling = simulate.slot_commands(self.sim, self.next_slot)
+            trading, settling = market_sim.slot_commands(self.sim, self.next_slot)
             self._apply(trading)
             self.pending_settlements.append(settling)
             self.next_slot += 1

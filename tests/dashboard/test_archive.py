@@ -19,11 +19,11 @@ from sqlalchemy import create_engine, func, select, text
 
 from dashboard import data, views
 from dashboard.archive import ArchiveError, archive
+from market.schedule import Schedule
 from node.cli import main as cli_main
 from node.ledger import schema as t
 from node.ledger import verify_ledger
 from node.ledger.store import schedule_json
-from node.schedule import Schedule
 from tests.conftest import needs_pg
 from tests.dashboard.conftest import (
     ConsoleLog,

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import func, select
 
 from dashboard import data, views
-from dashboard.api import StatusHistory, api_alerts, normalise
 from dashboard.app import apply_zoom, slot_from_click, zoom_from_relayout
+from dashboard.node_client import StatusHistory, api_alerts, normalise
+from market.schedule import Schedule
 from node.ledger import schema as t
 from node.ledger.queries import SlotRow
-from node.schedule import Schedule
 from tests.dashboard.conftest import new_feeder
 from tests.dashboard.status_server import StatusServer, status_doc
 
@@ -236,7 +236,7 @@ def test_stale_ledger_and_readings_ahead_of_settlement(tmp_path: Path) -> None:
 
 
 def test_slot_labels_are_the_utc_start_of_the_slot() -> None:
-    # slot s starts at s * slot_seconds Unix seconds (node/schedule.py)
+    # slot s starts at s * slot_seconds Unix seconds (market/schedule.py)
     assert PROD.label(1_960_000) == utc(1_960_000 * 900) == "2025-11-24 16:00"
     assert PROD.start(1_960_000) == Schedule(slot_seconds=900).start(1_960_000)
     slot = Schedule(slot_seconds=10).slot_at(1_796_183_512.3)

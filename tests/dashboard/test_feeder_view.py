@@ -24,9 +24,9 @@ from sqlalchemy import create_engine, text
 
 from dashboard import data, views
 from dashboard.app import create_app
+from market.schedule import Schedule
 from node.ledger import queries
 from node.ledger.verify import verify_ledger
-from node.schedule import Schedule
 from tests.dashboard.conftest import (
     callback_payload,
     feeder_check_rows,

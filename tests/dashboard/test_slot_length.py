@@ -16,7 +16,7 @@ from typing import Any
 from dashboard import views
 from dashboard.data import SlotClock
 from dashboard.views import Context
-from node.schedule import Schedule
+from market.schedule import Schedule
 from tests.dashboard.conftest import (
     ConsoleLog,
     RunningDashboard,

@@ -21,10 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from market.encoding import canonical_bytes
+from node.daemon.replica import Replica
 from node.ledger import LedgerStore
 from node.ledger.sync import CHUNK_KIND, BlockSyncError, decode_chunk, export_blocks
 from node.net.block_sync import MAX_REQUEST_BYTES, decode_request, encode_request
-from node.replica import Replica
 from tests.fuzz.strategies import (
     any_of_json,
     expect_only,

@@ -27,7 +27,7 @@ from market.models import (
     encode_batch,
     encode_command,
 )
-from node import simulate
+from node.tools import market_sim
 from tests.fuzz.strategies import (
     any_of_json,
     expect_only,
@@ -42,8 +42,8 @@ BATCH_PREFIX = b"microgrid/batch/v1\n"
 def seed_commands() -> tuple[Command, ...]:
     """One simulated grid's commands (registrations, orders, readings, gates, settlements)
     and a cancel: every command kind, as the engine sees them."""
-    sim = simulate.build(3, 7)
-    commands = list(simulate.commands(sim, 3, first_slot=40))
+    sim = market_sim.build(3, 7)
+    commands = list(market_sim.commands(sim, 3, first_slot=40))
     order = next(c for c in commands if c.type == "order")
     home = sim.households[0].signer
     cancel = CancelOrder(

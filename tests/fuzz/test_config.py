@@ -1,4 +1,4 @@
-"""Fuzz the node config loader ``node.config.load_config`` (TOML file + environment).
+"""Fuzz the node config loader ``node.setup.config.load_config`` (TOML file + environment).
 
 Contract: only :class:`ConfigError` escapes, in bounded time, for any file bytes and any
 ``MICROGRID_*`` values; a config that loads holds only sane values (finite positive intervals,
@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.config import (
+from node.setup.config import (
     ConfigError,
     NodeConfig,
     SerialEndpoint,

@@ -1,4 +1,4 @@
-"""Fuzz the genesis file parser ``node.genesis.parse_genesis``.
+"""Fuzz the genesis file parser ``node.setup.genesis.parse_genesis``.
 
 Contract: only a :class:`GenesisError` (format, signature or member error) escapes, in bounded
 time; a genesis that parses writes back (``to_json_bytes``) to a file that parses to an equal
@@ -20,10 +20,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from market.encoding import canonical_bytes, sha256
-from market.models import Role
+from market.models import MemberRole
 from market.signing import Signer
 from market.state import MarketConfig
-from node.genesis import (
+from node.setup.genesis import (
     GENESIS_KIND,
     Genesis,
     GenesisError,
@@ -31,7 +31,7 @@ from node.genesis import (
     create_genesis,
     parse_genesis,
 )
-from node.identity import peer_id_from_did
+from node.setup.keyfile import peer_id_from_did
 from tests.fuzz.strategies import edited_doc, fuzz_settings, mutated, raw_bytes
 
 OPERATOR = Signer.from_seed(sha256(b"fuzz/operator"))
@@ -47,7 +47,8 @@ def valid_genesis() -> Genesis:
     return create_genesis(
         OPERATOR,
         market,
-        [(h.did, f"M{i}", Role.VOTER if i < 2 else Role.LEARNER) for i, h in enumerate(HOMES)],
+        [(h.did, f"M{i}", MemberRole.VOTER if i < 2 else MemberRole.LEARNER)
+         for i, h in enumerate(HOMES)],
         bootstrap=[f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}"],
     )
 
@@ -111,7 +112,7 @@ def test_huge_integer_in_genesis_is_a_genesis_error(data: bytes) -> None:
 
 
 def test_long_operator_did_is_refused_quickly() -> None:
-    """market.identity.b58decode is quadratic (a 4 MiB DID would take tens of minutes); the
+    """market.did.b58decode is quadratic (a 4 MiB DID would take tens of minutes); the
     operator DID must be length-checked before it is decoded."""
     doc = json.loads(valid_genesis().to_json_bytes())
     doc["market"]["operator"] = "did:key:z" + "2" * 100_000

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from market import State, apply
 from market.snapshot import SnapshotError, dump_state, load_state
-from node import simulate
+from node.tools import market_sim
 from tests.fuzz.strategies import (
     any_of_json,
     expect_only,
@@ -39,8 +39,8 @@ def valid_dumps() -> tuple[bytes, ...]:
 @cache
 def plain_dumps() -> tuple[bytes, ...]:
     """Dumps of a grid without a feeder meter."""
-    sim = simulate.build(3, 5)
-    commands = list(simulate.commands(sim, 4, first_slot=40))
+    sim = market_sim.build(3, 5)
+    commands = list(market_sim.commands(sim, 4, first_slot=40))
     state = State.initial(sim.config)
     out = [dump_state(state)]
     for i, cmd in enumerate(commands):

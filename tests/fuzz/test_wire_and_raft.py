@@ -24,7 +24,6 @@ from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.models import CancelOrder, MeterReading, Order, SignedRecord
-from node import simulate
 from node.net.wire import (
     MAX_RAFT_FRAME,
     TopicKind,
@@ -53,6 +52,7 @@ from node.raft.types import (
     Snapshot,
     SnapshotMetadata,
 )
+from node.tools import market_sim
 from tests.fuzz.strategies import expect_only, fuzz_settings, mutated, raw_bytes
 
 # --- gossip batches -----------------------------------------------------------------------------
@@ -61,8 +61,8 @@ from tests.fuzz.strategies import expect_only, fuzz_settings, mutated, raw_bytes
 @cache
 def topic_records() -> dict[TopicKind, tuple[SignedRecord, ...]]:
     """Real signed records of a simulated grid, by the topic they travel on."""
-    sim = simulate.build(3, 11)
-    commands = list(simulate.commands(sim, 3, first_slot=40))
+    sim = market_sim.build(3, 11)
+    commands = list(market_sim.commands(sim, 3, first_slot=40))
     orders = [c for c in commands if isinstance(c, Order)]
     home = sim.households[1].signer
     cancel = CancelOrder(

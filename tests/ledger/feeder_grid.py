@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from market import Command, FeederReading, MeterReading, SettleSlot
 from market.state import MarketConfig
-from node import simulate
+from node.tools import market_sim
 from tests.node.test_replica import as_log
 
 FEEDER_SERIAL = "FEEDER-SIM-1"
@@ -25,13 +25,13 @@ def feeder_commands(
     """Registrations, then per slot the orders, gate, readings, the feeder reading (except for
     slots in ``missing_feeder``) and the settlement. The feeder meters the households' net
     import plus ``loss_permille`` of the energy they moved (the grid allows 50)."""
-    sim = simulate.build(households, seed)
+    sim = market_sim.build(households, seed)
     sim.config = replace(sim.config, feeder_serial=FEEDER_SERIAL)
-    out: list[Command] = list(simulate.registrations(sim))
+    out: list[Command] = list(market_sim.registrations(sim))
     counters = [10_000_000, 2_000_000]
     previous = {h.signer.did: (h.import_wh, h.export_wh) for h in sim.households}
     for slot in range(first_slot, first_slot + slots):
-        trading, settling = simulate.slot_commands(sim, slot)
+        trading, settling = market_sim.slot_commands(sim, slot)
         out += trading
         net = moved = 0
         for r in settling:

@@ -12,11 +12,11 @@ import pytest
 
 from market import FeederStatus, SlotSettled, State, apply
 from market.encoding import canonical_bytes
-from node import simulate
+from node.daemon.replica import Replica
 from node.ledger import LedgerStore, LedgerStoreError, verify_ledger
 from node.ledger import sync as block_sync
 from node.ledger.sync import BlockSyncError, decode_chunk, export_blocks, import_blocks
-from node.replica import Replica
+from node.tools import market_sim
 from tests.conftest import needs_pg
 from tests.ledger.feeder_grid import FEEDER_SERIAL, feeder_commands, feeder_log_entries
 from tests.ledger.test_sync import TABLES, fill
@@ -146,7 +146,7 @@ def test_a_consistently_rewritten_feeder_row_breaks_the_block_hash(ledger) -> No
 
 def test_a_feeder_row_in_a_grid_without_feeder_fails_verify(tmp_path: Path) -> None:
     path = tmp_path / "plain.db"
-    simulate.run(households=3, slots=4, seed=2, db=f"sqlite:///{path}")
+    market_sim.run(households=3, slots=4, seed=2, db=f"sqlite:///{path}")
     assert rows(path, "SELECT count(*) FROM feeder_checks") == [(0,)]
     assert verify_ledger(f"sqlite:///{path}").ok
     tamper(path, "INSERT INTO feeder_checks (slot, block_height, status) VALUES (2, 3, 'ok')")
@@ -303,7 +303,7 @@ def test_a_chunk_with_a_tampered_feeder_row_is_refused(
 def test_a_chunk_without_feeder_objects_stays_as_before(tmp_path: Path) -> None:
     """A grid without a feeder meter exchanges exactly the chunks it did: no feeder keys."""
     url = f"sqlite:///{tmp_path / 'plain.db'}"
-    simulate.run(households=3, slots=5, seed=2, db=url)
+    market_sim.run(households=3, slots=5, seed=2, db=url)
     store = LedgerStore(url)
     try:
         chunk = decode_chunk(export_blocks(store, 1, 5))

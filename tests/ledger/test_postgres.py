@@ -10,16 +10,17 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from node import simulate
 from node.ledger import verify_ledger
+from node.tools import market_sim
 from tests.conftest import needs_pg
 
 pytestmark = needs_pg
 
 
 def test_postgres_ledger_is_identical_to_sqlite_and_verifies(pg_url: str, tmp_path: Path) -> None:
-    pg_state = simulate.run(households=5, slots=30, seed=11, db=pg_url)
-    lite_state = simulate.run(households=5, slots=30, seed=11, db=f"sqlite:///{tmp_path / 'l.db'}")
+    pg_state = market_sim.run(households=5, slots=30, seed=11, db=pg_url)
+    lite_url = f"sqlite:///{tmp_path / 'l.db'}"
+    lite_state = market_sim.run(households=5, slots=30, seed=11, db=lite_url)
     assert pg_state.head_hash == lite_state.head_hash
     report = verify_ledger(pg_url)
     assert report.ok, report.error
@@ -27,7 +28,7 @@ def test_postgres_ledger_is_identical_to_sqlite_and_verifies(pg_url: str, tmp_pa
 
 
 def test_postgres_tampering_is_caught(pg_url: str) -> None:
-    simulate.run(households=4, slots=12, seed=5, db=pg_url)
+    market_sim.run(households=4, slots=12, seed=5, db=pg_url)
     engine = create_engine(pg_url)
     with engine.begin() as conn:
         conn.execute(

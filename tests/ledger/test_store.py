@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 
 from market import GateClosed, Order
 from market.bounds import STORE_INT
+from market.schedule import Schedule
 from market.state import clear_book
 from node.ledger import LedgerStore
 from node.ledger import schema as t
 from node.ledger.store import LedgerStoreError, schedule_json
-from node.schedule import Schedule
 from tests.market.world import World
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from market import decode_batch, encode_batch
 from market.encoding import canonical_bytes
-from node import simulate
+from node.daemon.replica import Replica, ReplicaError
 from node.ledger import LedgerStore, verify_ledger
 from node.ledger import sync as block_sync
 from node.ledger.sync import (
@@ -24,7 +24,7 @@ from node.ledger.sync import (
     import_blocks,
     missing_ranges,
 )
-from node.replica import Replica, ReplicaError
+from node.tools import market_sim
 from tests.node.test_replica import log_entries
 
 TABLES = (
@@ -444,7 +444,7 @@ def test_a_chunk_reaching_past_the_gap_is_refused(grid: Grid) -> None:
 def test_a_chunk_from_another_grid_is_refused(tmp_path: Path, gapped_pristine) -> None:
     url, _ = gapped_pristine
     other = f"sqlite:///{tmp_path / 'other.db'}"
-    simulate.run(households=3, slots=12, seed=99, db=other)
+    market_sim.run(households=3, slots=12, seed=99, db=other)
     store = LedgerStore(other)
     data = export_blocks(store, 1, 12)
     store.close()

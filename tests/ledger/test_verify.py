@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from market import SlotSettled, State, apply
-from node import simulate
 from node.ledger import LedgerStore, LedgerStoreError, verify_ledger
+from node.tools import market_sim
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> tuple[str, Path, State]:
     path = tmp_path / "ledger.db"
     url = f"sqlite:///{path}"
-    state = simulate.run(households=5, slots=40, seed=7, db=url)
+    state = market_sim.run(households=5, slots=40, seed=7, db=url)
     return url, path, state
 
 
@@ -141,12 +141,12 @@ def test_missing_database_is_reported_not_raised(tmp_path: Path) -> None:
 
 def test_a_failed_write_leaves_nothing_half_written(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    sim = simulate.build(3, seed=3)
+    sim = market_sim.build(3, seed=3)
     store = LedgerStore(url)
     store.init_genesis(sim.config)
     state = State.initial(sim.config)
     settled_events = None
-    for i, cmd in enumerate(simulate.commands(sim, 3), start=1):
+    for i, cmd in enumerate(market_sim.commands(sim, 3), start=1):
         state, events = apply(state, cmd)
         store.record(events, applied_index=i)
         if any(isinstance(e, SlotSettled) for e in events):
@@ -163,9 +163,9 @@ def test_a_failed_write_leaves_nothing_half_written(tmp_path: Path) -> None:
 
 def test_store_refuses_another_grids_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    LedgerStore(url).init_genesis(simulate.build(3, seed=1).config)
+    LedgerStore(url).init_genesis(market_sim.build(3, seed=1).config)
     with pytest.raises(LedgerStoreError, match="genesis"):
-        LedgerStore(url).init_genesis(simulate.build(3, seed=2).config)
+        LedgerStore(url).init_genesis(market_sim.build(3, seed=2).config)
 
 
 def test_cli_verify_prints_height_and_head_and_fails_loudly(ledger) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from market import MECHANISMS, ClearingError, clear
-from market.ledger import money_for
+from market.accounting import money_for
 from tests.market.books import Bid, book
 
 mechanisms = st.sampled_from(MECHANISMS)

@@ -17,9 +17,9 @@ from market import (
     CommandDecodeError,
     MarketConfig,
     MemberRegistration,
+    MemberRole,
     Rejected,
     RejectReason,
-    Role,
     SlotSettled,
     decode_batch,
     decode_batch_lenient,
@@ -323,7 +323,7 @@ def test_the_bound_follows_the_registered_power_and_slot_length() -> None:
     w.register("alice")
     small = MemberRegistration(
         grid=GRID, operator=w.operator.did, household=w.homes["alice"].did,
-        meter_serial="M-alice", role=Role.LEARNER, max_power_w=3_600,
+        meter_serial="M-alice", role=MemberRole.LEARNER, max_power_w=3_600,
         nonce=w.nonce(w.operator.did),
     ).signed_by(w.operator)  # fmt: skip
     w.ok(small)  # re-registered with a 3.6 kW connection: 60 Wh per 60-second slot
@@ -348,7 +348,7 @@ def test_registration_signatures_are_unchanged_at_the_default_power() -> None:
     operator = signer("operator")
     fields = {
         "grid": GRID, "nonce": 1, "operator": operator.did, "household": ALICE.did,
-        "meter_serial": "M-1", "role": Role.VOTER,
+        "meter_serial": "M-1", "role": MemberRole.VOTER,
     }  # fmt: skip
     default = MemberRegistration(**fields).signed_by(operator)
     legacy = {k: str(v) for k, v in fields.items() if k != "nonce"} | {"nonce": 1}
@@ -372,7 +372,7 @@ def test_a_rejected_reading_never_reaches_settlement() -> None:
 
 
 def test_a_genesis_carries_each_members_power_and_the_metered_slot_length() -> None:
-    from node.genesis import GenesisFormatError, create_genesis, parse_genesis
+    from node.setup.genesis import GenesisFormatError, create_genesis, parse_genesis
 
     operator = signer("operator")
     market = config(operator=operator.did, slot_seconds=60)

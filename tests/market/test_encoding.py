@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from market import CommandDecodeError, Order, Side, decode_command, encode_command
-from market.encoding import EncodingError, canonical_bytes, canonical_json, merkle_root
-from market.identity import (
+from market.did import (
     IdentityError,
     b58decode,
     b58encode,
@@ -16,6 +15,7 @@ from market.identity import (
     public_key_from_did,
     verify_signature,
 )
+from market.encoding import EncodingError, canonical_bytes, canonical_json, merkle_root
 from market.models import MAX_COMMAND_BYTES
 from tests.market.world import signer
 

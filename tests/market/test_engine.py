@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from market import GateClosed, RejectReason, SlotSettled
-from market.ledger import ENERGY, GRID, MONEY, household_account, money_for
+from market.accounting import ENERGY, GRID, MONEY, household_account, money_for
 from tests.market.world import World
 
 
@@ -144,7 +144,7 @@ def test_system_commands_out_of_sequence_are_rejected() -> None:
 
 
 def test_membership_is_signed_by_the_operator() -> None:
-    from market import MemberRegistration, Role
+    from market import MemberRegistration, MemberRole
 
     w = trading_world()
     impostor = w.homes["alice"]
@@ -153,7 +153,7 @@ def test_membership_is_signed_by_the_operator() -> None:
         operator=impostor.did,
         household=impostor.did,
         meter_serial="X",
-        role=Role.VOTER,
+        role=MemberRole.VOTER,
         nonce=1,
     ).signed_by(impostor)
     assert w.rejected(reg).reason == RejectReason.NOT_OPERATOR
@@ -162,7 +162,7 @@ def test_membership_is_signed_by_the_operator() -> None:
         operator=w.operator.did,
         household="did:key:zNOTAKEY",
         meter_serial="X",
-        role=Role.VOTER,
+        role=MemberRole.VOTER,
         nonce=w.nonce(w.operator.did),
     ).signed_by(w.operator)
     assert w.rejected(bad_did).reason == RejectReason.INVALID_HOUSEHOLD_ID

@@ -23,8 +23,8 @@ from market import (
 from market.bounds import MAX_COUNTER_WH, MAX_POWER_W
 from market.encoding import canonical_bytes, sha256
 from market.snapshot import SnapshotError, config_from_json, dump_state, load_state, state_digest
-from node import simulate
-from node.genesis import GenesisFormatError, create_genesis, parse_genesis
+from node.setup.genesis import GenesisFormatError, create_genesis, parse_genesis
+from node.tools import market_sim
 from tests.market.world import GRID, World, signer
 
 SERIAL = "FEEDER 0001"
@@ -173,7 +173,7 @@ def test_a_missing_feeder_reading_is_recorded_and_the_next_slot_rebaselines(grid
 def test_grid_without_feeder_records_no_check_and_hashes_blocks_as_before() -> None:
     # Head and full-state digest of this run, computed with the code before the feeder check
     # existed (commit e1e3648): a grid without a feeder keeps every hash.
-    state = simulate.run(households=4, slots=12, seed=3)
+    state = market_sim.run(households=4, slots=12, seed=3)
     assert state.height == 12
     assert state.head_hash == "c000df4fb6e910627201dcd3218b087d4018a4a93284a4c9ba273f03797a0aa5"
     assert state.config.genesis_hash() == (

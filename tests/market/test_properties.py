@@ -23,8 +23,8 @@ from market import (
     decode_command,
     encode_command,
 )
-from market.ledger import ASSETS, ENERGY, GRID, household_account
-from node import simulate
+from market.accounting import ASSETS, ENERGY, GRID, household_account
+from node.tools import market_sim
 
 
 def run_commands(config, commands) -> tuple[State, list[SlotSettled]]:
@@ -38,8 +38,8 @@ def run_commands(config, commands) -> tuple[State, list[SlotSettled]]:
 
 
 def sim_commands(households: int, slots: int, seed: int, mechanism: str):
-    sim = simulate.build(households, seed, mechanism)
-    return sim.config, list(simulate.commands(sim, slots, first_slot=30))
+    sim = market_sim.build(households, seed, mechanism)
+    return sim.config, list(market_sim.commands(sim, slots, first_slot=30))
 
 
 @settings(max_examples=15, deadline=None)

@@ -12,14 +12,14 @@ from market import MECHANISMS, SlotSettled, State, apply
 from market.bounds import DEFAULT_MAX_POWER_W
 from market.encoding import canonical_json
 from market.snapshot import SnapshotError, dump_state, load_state, state_digest
-from node import simulate
+from node.tools import market_sim
 
 
 @settings(max_examples=10, deadline=None)
 @given(st.integers(2, 6), st.integers(1, 2**16), st.sampled_from(MECHANISMS), st.data())
 def test_restore_at_any_point_continues_identically(households, seed, mechanism, data) -> None:
-    sim = simulate.build(households, seed, mechanism)
-    commands = list(simulate.commands(sim, 10, first_slot=36))
+    sim = market_sim.build(households, seed, mechanism)
+    commands = list(market_sim.commands(sim, 10, first_slot=36))
     cut = data.draw(st.integers(0, len(commands)))
     original = State.initial(sim.config)
     for cmd in commands[:cut]:
@@ -38,8 +38,8 @@ def test_restore_at_any_point_continues_identically(households, seed, mechanism,
 
 
 def test_digest_differs_when_state_differs() -> None:
-    sim = simulate.build(3, 1)
-    commands = list(simulate.commands(sim, 2))
+    sim = market_sim.build(3, 1)
+    commands = list(market_sim.commands(sim, 2))
     s = State.initial(sim.config)
     digests = set()
     for cmd in commands:
@@ -56,9 +56,9 @@ def test_bad_snapshot_is_a_typed_error(bad: bytes) -> None:
 
 def _settled_state() -> State:
     """A simulated grid with closed, unsettled slots (books, trades, readings, balances)."""
-    sim = simulate.build(3, 7)
+    sim = market_sim.build(3, 7)
     state = State.initial(sim.config)
-    commands = list(simulate.commands(sim, 4, first_slot=40))
+    commands = list(market_sim.commands(sim, 4, first_slot=40))
     for cmd in commands[: len(commands) * 3 // 4]:
         state, _ = apply(state, cmd)
     return state

@@ -11,10 +11,10 @@ from market import (
     FeederReading,
     MarketConfig,
     MemberRegistration,
+    MemberRole,
     MeterReading,
     Order,
     Rejected,
-    Role,
     SettleSlot,
     State,
     apply,
@@ -76,7 +76,7 @@ class World:
             operator=self.operator.did,
             household=s.did,
             meter_serial=serial or f"M-{name}",
-            role=Role.LEARNER,
+            role=MemberRole.LEARNER,
             nonce=self.nonce(self.operator.did),
         ).signed_by(self.operator)
         self.ok(reg)

@@ -8,8 +8,6 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 
-from node.genesis import load_genesis
-from node.identity import NodeIdentity
 from node.ledger.sync import BlockSyncError
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
@@ -19,8 +17,10 @@ from node.net.block_sync import (
     encode_request,
     fetch_blocks,
 )
-from node.net.harness import make_grid
 from node.net.host import NetNode, NetSettings
+from node.setup.genesis import load_genesis
+from node.setup.keyfile import NodeIdentity
+from node.testing.harness import make_grid
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import trio
 
 from market.models import MeterReading, Order, Side
 from market.signing import Signer
-from node.net.harness import NodeProc, NodeSpec, make_grid, named_seed, wait_mesh
 from node.net.wire import MAX_GOSSIP_BYTES, encode_batch, encode_uvarint
+from node.testing.harness import NodeProc, NodeSpec, make_grid, named_seed, wait_mesh
 
 pytestmark = pytest.mark.slow
 
@@ -255,7 +255,7 @@ async def test_microgrid_net_run_stops_cleanly_on_sigint(tmp_path: Path) -> None
     import signal
     import sys
 
-    from node.identity import create_key_file
+    from node.setup.keyfile import create_key_file
 
     specs, _, genesis = make_grid(tmp_path, 2)
     node_dir = tmp_path / "h0"

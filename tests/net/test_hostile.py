@@ -21,14 +21,14 @@ import trio
 from libp2p.pubsub.pb import rpc_pb2
 
 from market.models import Order, Side
-from node.genesis import Genesis, load_genesis
-from node.identity import NodeIdentity
 from node.net.block_sync import BLOCKS_PROTOCOL, BlockServer, fetch_blocks
-from node.net.harness import NodeSpec, make_grid, pubsub_message, raw_stream, rpc_frame
 from node.net.host import NetNode, NetSettings
 from node.net.raft_transport import RAFT_PROTOCOL
 from node.net.wire import TopicKind, encode_batch, encode_uvarint, frame, read_uvarint
 from node.raft import Message, MessageType, decode_message, encode_message
+from node.setup.genesis import Genesis, load_genesis
+from node.setup.keyfile import NodeIdentity
+from node.testing.harness import NodeSpec, make_grid, pubsub_message, raw_stream, rpc_frame
 
 pytestmark = pytest.mark.slow
 
@@ -285,7 +285,7 @@ async def test_equivocation_is_blamed_on_its_author_not_the_relays(tmp_path: Pat
     e_spec, h1, h2, h3 = specs
     honest = [h1, h2, h3]
     # fresh ports for the attacker's two hosts (same key)
-    from node.net.harness import free_ports
+    from node.tools.ports import free_ports
 
     p1, p2 = free_ports(2)
     e1 = grid.node(0, NodeSpec("e1", e_spec.seed, p1, e_spec.did, e_spec.peer_id), [h1])

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from market.identity import IdentityError
-from market.models import MemberRegistration, Role
+from market.did import IdentityError
+from market.models import MemberRegistration, MemberRole
 from market.signing import Signer
 from market.state import MarketConfig
 from node.cli import main as cli_main
-from node.config import ConfigError, NodeConfig, load_config, starter_config_toml
-from node.genesis import (
+from node.setup.config import ConfigError, NodeConfig, load_config, starter_config_toml
+from node.setup.genesis import (
     GenesisFormatError,
     GenesisMemberError,
     GenesisSignatureError,
@@ -24,7 +24,7 @@ from node.genesis import (
     parse_genesis,
     write_genesis,
 )
-from node.identity import (
+from node.setup.keyfile import (
     KeyFileError,
     NodeIdentity,
     create_key_file,
@@ -95,7 +95,8 @@ def _genesis(**kw: object) -> object:
     market = MarketConfig(grid="g", operator=OPERATOR.did, feed_in_tariff=8, retail_price=30)
     return create_genesis(
         OPERATOR, market,
-        [(h.did, f"m{i}", Role.VOTER if i < 2 else Role.LEARNER) for i, h in enumerate(HOUSES)],
+        [(h.did, f"m{i}", MemberRole.VOTER if i < 2 else MemberRole.LEARNER)
+         for i, h in enumerate(HOUSES)],
         slot_seconds=60, gate_closure_lead_seconds=10,
         bootstrap=["/ip4/127.0.0.1/tcp/4001/p2p/" + str(NodeIdentity.from_seed(SEED).peer_id)],
         **kw,  # type: ignore[arg-type]
@@ -135,7 +136,7 @@ def test_genesis_refuses_member_not_signed_by_operator() -> None:
     genesis = _genesis()
     rogue = MemberRegistration(
         grid="g", nonce=9, operator=OPERATOR.did, household=Signer.from_seed(b"r" * 32).did,
-        meter_serial="mr", role=Role.VOTER,
+        meter_serial="mr", role=MemberRole.VOTER,
     ).signed_by(HOUSES[0])  # fmt: skip
     doc = _doc(genesis)
     doc["members"].append({**rogue.unsigned_fields(), "signature": rogue.signature})
@@ -171,7 +172,7 @@ def test_genesis_requires_p2p_bootstrap() -> None:
         create_genesis(
             OPERATOR,
             MarketConfig(grid="g", operator=OPERATOR.did, feed_in_tariff=8, retail_price=30),
-            [(HOUSES[0].did, "m", Role.VOTER)],
+            [(HOUSES[0].did, "m", MemberRole.VOTER)],
             bootstrap=["/ip4/127.0.0.1/tcp/1"],
         )
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import trio
 
-from node.identity import NodeIdentity
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import RaftTransport, RaftTransportError
 from node.net.validator import PeerFault
 from node.net.wire import encode_uvarint
 from node.raft import Message, MessageType, decode_message, encode_message
+from node.setup.keyfile import NodeIdentity
 
 A = NodeIdentity.from_seed(b"a" * 32)
 B = NodeIdentity.from_seed(b"b" * 32)

@@ -8,9 +8,6 @@ import pytest
 
 from market.models import CloseGate, FeederReading, MeterReading, Order, Side
 from market.signing import Signer
-from node.genesis import load_genesis
-from node.identity import NodeIdentity
-from node.net.harness import make_grid
 from node.net.host import default_slot_policy
 from node.net.validator import GossipValidator, PenaltyBox, TokenBucket
 from node.net.wire import (
@@ -23,6 +20,9 @@ from node.net.wire import (
     read_uvarint,
     topic_name,
 )
+from node.setup.genesis import load_genesis
+from node.setup.keyfile import NodeIdentity
+from node.testing.harness import make_grid
 
 A = NodeIdentity.from_seed(b"a" * 32)
 B = NodeIdentity.from_seed(b"b" * 32)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from market import Side
-from node.agent import Forecaster, Strategy, plan_order
+from node.agent.strategy import Forecaster, Strategy, plan_order
 from tests.market.world import World
 
 CONFIG = World().config  # feed-in 8, retail 32

@@ -7,7 +7,7 @@ import json
 
 import trio
 
-from node.api import Api, ApiError, Request
+from node.daemon.http_api import Api, ApiError, Request
 
 
 def make_api() -> Api:

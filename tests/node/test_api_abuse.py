@@ -18,7 +18,7 @@ import trio
 
 from market.bounds import MAX_SLOT
 from market.encoding import json_nesting_problem
-from node.api import Api, ApiError, ApiLimits, Request
+from node.daemon.http_api import Api, ApiError, ApiLimits, Request
 
 TOKEN = "s3cret-token"
 

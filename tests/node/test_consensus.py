@@ -15,15 +15,15 @@ import pytest
 import trio
 
 from market import MeterReading, Order
+from market.schedule import Schedule
 from market.snapshot import dump_state
-from node import simulate
-from node.consensus import ConsensusDriver
+from node.daemon.consensus import ConsensusDriver
+from node.daemon.proposer import Proposer
+from node.daemon.replica import Replica
 from node.ledger import LedgerStore, verify_ledger
-from node.proposer import Proposer
 from node.raft import Config, MemoryStorage, Message, RaftNode
 from node.raft.storage_sql import SQLStorage
-from node.replica import Replica
-from node.schedule import Schedule
+from node.tools import market_sim
 
 SPEED = 10.0
 FIRST_SLOT = 40  # 10:00 in the simulation's day: households have surplus and deficit
@@ -55,11 +55,11 @@ class _Link:
 
 
 def build_cluster(tmp_path: Path, wall: Callable[[], float], durable: bool = False):
-    sim = simulate.build(households=5, seed=4)
+    sim = market_sim.build(households=5, seed=4)
     ids = [h.signer.did for h in sim.households[:3]]
     net = Network()
     replicas = {}
-    registrations = simulate.registrations(sim)
+    registrations = market_sim.registrations(sim)
     for i, node_id in enumerate(ids):
         store = LedgerStore(f"sqlite:///{tmp_path / f'n{i}.db'}")
         proposer = Proposer(SCHEDULE, retry_after=2 * SPEED)
@@ -86,7 +86,7 @@ def build_cluster(tmp_path: Path, wall: Callable[[], float], durable: bool = Fal
 async def feed_households(sim, net: Network, wall: Callable[[], float], slots: int) -> None:
     """Gossip stand-in: offer each slot's orders before its gate, readings after it ends."""
     for slot in range(FIRST_SLOT, FIRST_SLOT + slots):
-        trading, settling = simulate.slot_commands(sim, slot)
+        trading, settling = market_sim.slot_commands(sim, slot)
         await _sleep_until_wall(wall, SCHEDULE.gate_time(slot) - 2)
         for driver in net.drivers.values():
             for cmd in trading:
@@ -166,7 +166,7 @@ async def test_cluster_trades_settles_and_survives_a_partitioned_leader(
 
 def _solo_driver(tmp_path: Path, snapshot_every: int = 5) -> ConsensusDriver:
     """One voter on real SQLite Raft storage, leading at once; no ledger store."""
-    sim = simulate.build(households=2, seed=1)
+    sim = market_sim.build(households=2, seed=1)
     raft = RaftNode(
         Config(id="n1", voters=("n1",), election_tick=10, heartbeat_tick=1, seed=0),
         SQLStorage(f"sqlite:///{tmp_path / 'raft.db'}"),
@@ -243,7 +243,7 @@ async def test_a_storage_failure_during_compaction_is_logged_counted_and_not_ret
     assert isinstance(storage, SQLStorage)
     with storage.engine.begin() as conn:  # the snapshot row can no longer be written
         conn.execute(text("DROP TABLE raft_snapshot"))
-    with caplog.at_level("INFO", logger="node.consensus"):
+    with caplog.at_level("INFO", logger="node.daemon.consensus"):
         await _commit(driver, 8)
     assert driver.stats.compaction_failures == 1 and driver.stats.snapshots == 0
     (record,) = [r for r in caplog.records if "compaction" in r.getMessage()]
@@ -270,7 +270,7 @@ async def test_a_refused_compaction_is_postponed_and_counted(
         raise RaftError(f"cannot snapshot at {index}: membership changed at {index + 1}")
 
     monkeypatch.setattr(driver.raft, "compaction_metadata", refuse)
-    with caplog.at_level("INFO", logger="node.consensus"):
+    with caplog.at_level("INFO", logger="node.daemon.consensus"):
         await _commit(driver, 8)
     assert driver.stats.compactions_postponed == 1 and driver.stats.snapshots == 0
     assert driver.stats.compaction_failures == 0

@@ -26,9 +26,9 @@ import pytest
 import trio
 from sqlalchemy import create_engine, func, select
 
-from market.ledger import household_account
-from node.demo import Demo, DemoSettings, Household, fetch
+from market.accounting import household_account
 from node.ledger import schema as t
+from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
     engine.dispose()
 
 
-async def microgrid_status(h: Household) -> Any:
+async def microgrid_status(h: DemoHousehold) -> Any:
     """``microgrid status --config`` of one household, as a user runs it."""
     return await trio.run_process(
         [sys.executable, "-m", "node.cli", "status", "--config", str(h.config_path)],
@@ -184,7 +184,7 @@ async def microgrid_status(h: Household) -> Any:
     )  # fmt: skip
 
 
-def by_name(demo: Demo, name: str) -> Household:
+def by_name(demo: Demo, name: str) -> DemoHousehold:
     return next(h for h in demo.households if h.name == name)
 
 

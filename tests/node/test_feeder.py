@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from market.models import Role
+from market.models import MemberRole
 from market.signing import Signer
 from market.state import MarketConfig
-from node.config import ConfigError, load_config
-from node.demo import Demo
-from node.genesis import Genesis, create_genesis
-from node.household import HouseholdNode, NodeError
-from node.identity import NodeIdentity, create_key_file
+from node.daemon.household_node import HouseholdNode, NodeError
 from node.ledger import schema as t
+from node.setup.config import ConfigError, load_config
+from node.setup.genesis import Genesis, create_genesis
+from node.setup.keyfile import NodeIdentity, create_key_file
+from node.tools.demo import Demo
 from tests.node.test_demo import (
     SLOT_SECONDS,
     STARTUP_TIMEOUT,
@@ -103,7 +103,7 @@ def _grid(tmp_path: Path, operator: Signer, member: NodeIdentity, feeder_serial:
     rules: dict[str, Any] = {"feeder_serial": feeder_serial} if feeder_serial else {}
     market = MarketConfig(grid="feeder-test", operator=operator.did, feed_in_tariff=8,
                           retail_price=30, **rules)  # fmt: skip
-    return create_genesis(operator, market, [(member.did, "meter-1", Role.VOTER)],
+    return create_genesis(operator, market, [(member.did, "meter-1", MemberRole.VOTER)],
                           slot_seconds=60)  # fmt: skip
 
 
@@ -134,8 +134,8 @@ def test_node_refuses_to_start_without_the_genesis_operator_key(tmp_path: Path, 
 def test_proposer_forgets_a_committed_feeder_reading() -> None:
     """Queued like a household's reading, and never re-proposed once it reached the log."""
     from market.models import FeederReading
-    from node.proposer import EngineView, Proposer
-    from node.schedule import Schedule
+    from market.schedule import Schedule
+    from node.daemon.proposer import EngineView, Proposer
 
     operator = Signer.from_seed(b"o" * 32)
     reading = FeederReading(grid="g", nonce=4 * 7 + 2, operator=operator.did, meter_serial="F",

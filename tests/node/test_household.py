@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import trio
 
 from market import Rejected, RejectReason
-from market.models import Role
+from market.models import MemberRole
 from market.signing import Signer
 from market.snapshot import state_digest
 from market.state import MarketConfig
@@ -32,15 +32,15 @@ from meter.sample import MeterSample
 from meter.sim.household import make_households
 from meter.sim.server import MeterSimulator
 from meter.transport import TcpEndpoint
-from node.config import MeterSetting, NodeConfig
-from node.genesis import Genesis, create_genesis
-from node.household import HouseholdNode
-from node.identity import NodeIdentity, create_key_file
+from node.agent.trader import NONCE_MANUAL, NONCE_ORDER, NONCE_READING, NONCES_PER_SLOT
+from node.daemon.household_node import HouseholdNode
 from node.ledger import schema as t
 from node.ledger.store import LedgerStoreError
 from node.ledger.verify import verify_ledger
-from node.net.harness import free_ports
-from node.trader import NONCE_MANUAL, NONCE_ORDER, NONCE_READING, NONCES_PER_SLOT
+from node.setup.config import MeterSetting, NodeConfig
+from node.setup.genesis import Genesis, create_genesis
+from node.setup.keyfile import NodeIdentity, create_key_file
+from node.tools.ports import free_ports
 from tests.node.test_api_abuse import hammer_and_measure
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ async def make_grid(tmp_path: Path, sim: MeterSimulator) -> Grid:
     market = MarketConfig(grid="test-house", operator=operator.did, feed_in_tariff=8,
                           retail_price=30, k=Fraction(1, 2))  # fmt: skip
     genesis = create_genesis(
-        operator, market, [(identity.did, truth.serial, Role.VOTER)],
+        operator, market, [(identity.did, truth.serial, MemberRole.VOTER)],
         slot_seconds=SLOT_SECONDS, gate_closure_lead_seconds=1, settle_delay_seconds=1,
     )  # fmt: skip
     config = NodeConfig(

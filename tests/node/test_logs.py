@@ -1,4 +1,4 @@
-"""node/logs.py: JSON lines and key=value text, one handler, libp2p records included.
+"""node/daemon/logs.py: JSON lines and key=value text, one handler, libp2p records included.
 
 ``configure`` replaces the root logger's handlers. pytest swaps its own capture handlers on the
 root logger per test phase, so the state is saved and restored within the test call itself
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from node import logs
+from node.daemon import logs
 
 
 @contextmanager

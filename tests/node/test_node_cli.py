@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from market.models import Role
+from market.models import MemberRole
 from market.signing import Signer
 from market.state import MarketConfig
-from node.genesis import create_genesis, write_genesis
-from node.identity import NodeIdentity, create_key_file
-from node.node_cli import account_line
+from node.cli.run import account_line
+from node.setup.genesis import create_genesis, write_genesis
+from node.setup.keyfile import NodeIdentity, create_key_file
 
 
 def node_run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -24,7 +24,7 @@ def node_run(config: Path) -> subprocess.CompletedProcess[str]:
 def grid(tmp_path: Path, member: str) -> None:
     operator = Signer.from_seed(b"o" * 32)
     market = MarketConfig(grid="g", operator=operator.did, feed_in_tariff=8, retail_price=30)
-    genesis = create_genesis(operator, market, [(member, "SIM1", Role.VOTER)])
+    genesis = create_genesis(operator, market, [(member, "SIM1", MemberRole.VOTER)])
     write_genesis(genesis, tmp_path / "genesis.json")
 
 

@@ -1,4 +1,4 @@
-"""node/config.py: meters, strategy, API settings, MICROGRID_* overrides and their errors.
+"""node/setup/config.py: meters, strategy, API settings, MICROGRID_* overrides and their errors.
 
 tests/net/test_identity_genesis_config.py covers the basics (listen, metrics, peers, mdns,
 key_path overrides; unknown top-level keys, invalid TOML, bad metrics port, mdns, log level).
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from meter.transport import SerialEndpoint, TcpEndpoint
-from node.agent import Strategy
-from node.config import (
+from node.agent.strategy import Strategy
+from node.setup.config import (
     ConfigError,
     MeterSetting,
     NodeConfig,

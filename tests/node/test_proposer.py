@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from market import CloseGate, SettleSlot, SlotSettled, State, apply
-from node import simulate
-from node.proposer import EngineView, Proposer
-from node.schedule import Schedule
+from market.schedule import Schedule
+from node.daemon.proposer import EngineView, Proposer
+from node.tools import market_sim
 
 SCHED = Schedule(slot_seconds=60, gate_lead_seconds=10, settle_delay_seconds=5)
 
@@ -24,8 +24,8 @@ def view(state: State) -> EngineView:
 
 
 def test_records_are_proposed_once_and_retried_only_after_timeout() -> None:
-    sim = simulate.build(3, seed=1)
-    trading, _ = simulate.slot_commands(sim, 5)
+    sim = market_sim.build(3, seed=1)
+    trading, _ = market_sim.slot_commands(sim, 5)
     order = trading[0]
     p = Proposer(SCHED, retry_after=5)
     quiet = EngineView(closed_through=0, settled_through=-1)  # nothing else due before t=50
@@ -38,9 +38,9 @@ def test_records_are_proposed_once_and_retried_only_after_timeout() -> None:
 
 
 def test_gates_and_settlements_follow_the_clock_in_slot_order() -> None:
-    sim = simulate.build(3, seed=2)
+    sim = market_sim.build(3, seed=2)
     state = State.initial(sim.config)
-    for reg in simulate.registrations(sim):
+    for reg in market_sim.registrations(sim):
         state, _ = apply(state, reg)
     p = Proposer(SCHED, retry_after=1000)
     applied: list = []

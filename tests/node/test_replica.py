@@ -13,23 +13,29 @@ from market import (
     CloseGate,
     MarketConfig,
     MemberRegistration,
+    MemberRole,
     Rejected,
     RejectReason,
-    Role,
     SettleSlot,
     decode_batch,
     encode_batch,
     encode_command,
 )
+from market.accounting import MONEY, household_account
 from market.bounds import STORE_INT
 from market.encoding import canonical_bytes, canonical_json
-from market.ledger import MONEY, household_account
 from market.snapshot import state_digest
-from node import simulate
+from node.daemon.replica import (
+    ENTRY_ERROR_EXIT_STATUS,
+    EntryError,
+    Replica,
+    ReplicaError,
+    exit_status,
+)
 from node.ledger import LedgerStore, verify_ledger
 from node.ledger import schema as t
 from node.ledger.store import LedgerStoreError
-from node.replica import ENTRY_ERROR_EXIT_STATUS, EntryError, Replica, ReplicaError, exit_status
+from node.tools import market_sim
 from tests.market.world import GRID, World, signer
 
 POISON_NONCE = 2**63 + 5
@@ -37,8 +43,8 @@ POISON_NONCE = 2**63 + 5
 
 def log_entries(households: int, slots: int, seed: int) -> tuple[object, list[tuple[int, bytes]]]:
     """A committed log of a simulated grid (:func:`as_log`)."""
-    sim = simulate.build(households, seed)
-    return sim.config, as_log(list(simulate.commands(sim, slots, first_slot=40)), seed)
+    sim = market_sim.build(households, seed)
+    return sim.config, as_log(list(market_sim.commands(sim, slots, first_slot=40)), seed)
 
 
 def as_log(commands: list, seed: int) -> list[tuple[int, bytes]]:
@@ -140,7 +146,7 @@ def hostile_log() -> tuple[MarketConfig, list[MemberRegistration], list[tuple[in
     regs = [
         MemberRegistration(
             grid=GRID, operator=w.operator.did, household=w.homes[name].did,
-            meter_serial=f"M-{name}", role=Role.VOTER, nonce=i + 1,
+            meter_serial=f"M-{name}", role=MemberRole.VOTER, nonce=i + 1,
         ).signed_by(w.operator)
         for i, name in enumerate(("alice", "bob"))
     ]  # fmt: skip
@@ -240,7 +246,7 @@ def test_an_engine_failure_stops_the_replica_and_its_recovery_naming_the_entry(
     def broken_apply(state: object, command: object) -> None:
         raise ZeroDivisionError("a bug in the engine")
 
-    monkeypatch.setattr("node.replica.apply", broken_apply)
+    monkeypatch.setattr("node.daemon.replica.apply", broken_apply)
     store = LedgerStore(url)
     with pytest.raises(EntryError, match=r"committed log entry 1 .*ZeroDivisionError") as caught:
         Replica.recover(config, store, None, iter(entries), genesis=[])

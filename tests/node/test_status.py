@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import trio
 
-from dashboard.api import fetch_status
-from node import simulate
-from node.api import Api, Request
-from node.consensus import ConsensusDriver
-from node.proposer import Proposer
+from dashboard.node_client import fetch_status
+from market.schedule import Schedule
+from node.daemon.consensus import ConsensusDriver
+from node.daemon.http_api import Api, Request
+from node.daemon.proposer import Proposer
+from node.daemon.replica import Replica
+from node.daemon.status import status_document
 from node.raft import Config, MemoryStorage, RaftNode
-from node.replica import Replica
-from node.schedule import Schedule
-from node.status import status_document
+from node.tools import market_sim
 
 
 class _Nowhere:
@@ -23,9 +23,9 @@ class _Nowhere:
 
 
 async def test_dashboard_reads_what_the_node_serves(tmp_path) -> None:
-    sim = simulate.build(households=3, seed=9)
+    sim = market_sim.build(households=3, seed=9)
     me = sim.households[0].signer.did
-    replica = Replica(sim.config, genesis=simulate.registrations(sim))
+    replica = Replica(sim.config, genesis=market_sim.registrations(sim))
     schedule = Schedule(slot_seconds=60, gate_lead_seconds=10, settle_delay_seconds=5)
     wall = [10_000.0]  # a wall clock the test advances
     raft = RaftNode(Config(id=me, voters=(me,), seed=1), MemoryStorage())

@@ -7,11 +7,11 @@ from fractions import Fraction
 import pytest
 
 from market import MarketConfig, MeterReading, Order, Side, encode_command
+from market.schedule import Schedule
 from market.signing import Signer
 from meter.sample import MeterSample
-from node.agent import Strategy
-from node.schedule import Schedule
-from node.trader import (
+from node.agent.strategy import Strategy
+from node.agent.trader import (
     NONCE_CANCEL,
     NONCE_MANUAL,
     NONCE_ORDER,

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from node.raft import Entry, HardState, Ready
-from node.raft.simulation import Simulation
 from node.raft.storage_sql import SQLStorage
+from node.testing.raft_simulation import RaftSimulation
 
 
 def cluster(d: Path, seed: int, run: int) -> None:
     """Run a simulated group over SQLite files until killed."""
-    sim = Simulation(3, seed, storage_factory=lambda nid: SQLStorage(f"sqlite:///{d / nid}.db"))
+    sim = RaftSimulation(3, seed, storage_factory=lambda nid: SQLStorage(f"sqlite:///{d / nid}.db"))
     sim.wait_leader(400)
     reported: set[bytes] = set()
     i = 0

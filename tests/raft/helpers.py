@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from node.raft.simulation import Simulation
+from node.testing.raft_simulation import RaftSimulation
 
 
 def seeds(count: int, base: int = 0) -> list[int]:
@@ -34,6 +34,6 @@ def scaled(count: int, soak: bool, default: int, full: int) -> int:
     return full if soak else default
 
 
-def voters_alive(sim: Simulation) -> list[str]:
+def voters_alive(sim: RaftSimulation) -> list[str]:
     """Running voters of the genesis configuration."""
     return [i for i in sim.voter_ids if sim.nodes.get(i) is not None]

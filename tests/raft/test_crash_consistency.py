@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from node.raft.simulation import Simulation
 from node.raft.storage_sql import SQLStorage
+from node.testing.raft_simulation import RaftSimulation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_cluster_killed_mid_run_keeps_acknowledged_entries(tmp_path: Path, soak:
         storages[nid] = SQLStorage(f"sqlite:///{tmp_path / nid}.db")
         return storages[nid]
 
-    sim = Simulation(3, 99, storage_factory=factory)
+    sim = RaftSimulation(3, 99, storage_factory=factory)
     sim.wait_leader(400)
     sim.propose()
     sim.converge(400)

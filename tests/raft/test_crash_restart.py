@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.raft import MessageType, Ready
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -14,7 +14,7 @@ def test_full_cluster_simultaneous_restart(seed_count: int) -> None:
     without pre-vote up to a much higher term, must not overwrite committed entries."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, pre_vote=False, check_quorum=False)
+        sim = RaftSimulation(5, seed, pre_vote=False, check_quorum=False)
         lead = sim.wait_leader()
         stale = sim.rng.choice([i for i in sim.ids if i != lead])
         sim.isolate(stale)
@@ -45,7 +45,7 @@ def test_crash_between_vote_and_persist(seed_count: int, when: str) -> None:
     simulator checks every grant on the wire and the persisted hard state)."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, net=NetConfig(max_delay=2))
+        sim = RaftSimulation(3, seed, net=NetConfig(max_delay=2))
         crashes = {"n": 0}
 
         def hook(nid: str, rd: Ready) -> str | None:
@@ -78,7 +78,7 @@ def test_crash_before_persisting_entries_loses_no_ack(seed_count: int) -> None:
     """Crashing nodes before they persist appended entries never loses an acknowledged one."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, net=NetConfig(max_delay=1))
+        sim = RaftSimulation(3, seed, net=NetConfig(max_delay=1))
 
         def hook(nid: str, rd: Ready) -> str | None:
             if rd.entries and sim.rng.randrange(20) == 0:
@@ -112,7 +112,7 @@ def test_churn_with_crashes(seed_count: int, soak: bool) -> None:
     rounds = 600 if soak else 200
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, net=NetConfig.unreliable())
+        sim = RaftSimulation(5, seed, net=NetConfig.unreliable())
         for _ in range(rounds):
             r = sim.rng.randrange(100)
             if r < 30:
@@ -139,7 +139,7 @@ def test_term_and_vote_survive_restart(seed_count: int) -> None:
     """After a restart a node comes back with the term and vote it persisted."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         sim.wait_leader()
         for nid in sim.ids:
             before = sim.node(nid).status()
@@ -155,7 +155,7 @@ def test_term_and_vote_survive_restart(seed_count: int) -> None:
 def test_vote_survives_crash_after_grant_sent() -> None:
     """n3 grants n1 its vote for term t, the grant goes out, n3 crashes and restarts:
     asked by n2 in the same term t, it must refuse (the vote was persisted first)."""
-    sim = Simulation(3, seed=7, pre_vote=False, check_quorum=False, election_tick=50)
+    sim = RaftSimulation(3, seed=7, pre_vote=False, check_quorum=False, election_tick=50)
     sim.block("n1", "n2")
     sim.block("n2", "n1")
     sim.block("n3", "n1")  # n1 never learns it won n3's vote

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from node.raft.nemesis import run
-from node.raft.simulation import InvariantViolation, Simulation
+from node.testing.raft_nemesis import run
+from node.testing.raft_simulation import InvariantViolation, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def test_same_seed_same_run_across_hash_seeds() -> None:
     for hs in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hs, PYTHONPATH=str(ROOT))
         res = subprocess.run(
-            [sys.executable, "-m", "node.raft.nemesis", "--seed", "3", "--steps", "80"],
+            [sys.executable, "-m", "node.testing.raft_nemesis", "--seed", "3", "--steps", "80"],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -46,7 +46,7 @@ def test_failure_reports_seed_and_replay_hint(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("RAFT_SEED", raising=False)
 
     def broken(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         sim.wait_leader()
         lead = sim.leader()
         assert lead is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from node.raft import MessageType
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -14,7 +14,7 @@ def test_initial_election(seed_count: int) -> None:
 
     def scenario(seed: int) -> None:
         n = (3, 5, 7)[seed % 3]
-        sim = Simulation(n, seed)
+        sim = RaftSimulation(n, seed)
         lead = sim.wait_leader(100)
         term = sim.node(lead).raft.term
         assert all(sim.node(i).raft.term == term for i in sim.ids)
@@ -29,7 +29,7 @@ def test_reelection_after_leader_loss(seed_count: int) -> None:
     """A lost leader is replaced; when it returns it follows the new leader."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed)
         old = sim.wait_leader()
         if seed % 2:
             sim.crash(old)
@@ -54,7 +54,7 @@ def test_no_leader_with_majority_down(seed_count: int) -> None:
 
     def scenario(seed: int) -> None:
         n = (3, 5, 7)[seed % 3]
-        sim = Simulation(n, seed)
+        sim = RaftSimulation(n, seed)
         sim.wait_leader()
         for nid in sim.ids[: n // 2 + 1]:
             sim.crash(nid)
@@ -71,7 +71,7 @@ def test_many_elections_under_random_disconnects(seed_count: int) -> None:
     """Disconnect random minorities over and over: a connected majority always re-elects."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         sim.wait_leader()
         for _ in range(6):
             down = sim.rng.sample(sim.ids, sim.rng.randint(0, 2))
@@ -99,7 +99,7 @@ def test_election_message_budget(seed_count: int) -> None:
 
     def scenario(seed: int) -> None:
         n = 3 + 2 * (seed % 3)
-        sim = Simulation(n, seed)
+        sim = RaftSimulation(n, seed)
         sim.wait_leader()
         votes = sum(
             sim.sent[t]
@@ -126,7 +126,7 @@ def test_idle_heartbeat_message_budget(seed_count: int) -> None:
     def scenario(seed: int) -> None:
         n = 3 + 2 * (seed % 3)
         hb = 1 + seed % 3
-        sim = Simulation(n, seed, heartbeat_tick=hb)
+        sim = RaftSimulation(n, seed, heartbeat_tick=hb)
         sim.wait_leader()
         sim.converge()
         sim.run(5)
@@ -146,7 +146,7 @@ def test_leader_isolated_in_minority_steps_down(seed_count: int) -> None:
     timeout or two, and the majority elects a new leader meanwhile."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         old = sim.wait_leader()
         others = [i for i in sim.ids if i != old]
         buddy = others[0] if seed % 2 else None
@@ -163,7 +163,7 @@ def test_bridge_partition_terms_stay_bounded(seed_count: int) -> None:
     the group keeps or quickly settles on one leader and terms stay bounded."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         sim.wait_leader()
         ids = list(sim.ids)
         sim.rng.shuffle(ids)
@@ -183,7 +183,7 @@ def test_disruptive_rejoin_without_prevote_vs_with(seed_count: int) -> None:
     """A node that was partitioned does not bump the group's term on rejoin with pre-vote."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         lead = sim.wait_leader()
         loner = next(i for i in sim.ids if i != lead)
         sim.isolate(loner)
@@ -200,7 +200,7 @@ def test_leader_election_on_unreliable_network(seed_count: int) -> None:
     """Elections succeed despite loss, duplication, reordering and timer jitter."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, net=NetConfig.unreliable())
+        sim = RaftSimulation(5, seed, net=NetConfig.unreliable())
         sim.wait_leader(300)
 
     for_seeds(seed_count, scenario)
@@ -213,7 +213,7 @@ def test_elections_without_optional_features(
     """Plain Raft (and each optional feature alone) still elects and stays safe."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, pre_vote=pre_vote, check_quorum=check_quorum)
+        sim = RaftSimulation(5, seed, pre_vote=pre_vote, check_quorum=check_quorum)
         old = sim.wait_leader()
         sim.crash(old)
         sim.wait_leader()
@@ -230,7 +230,7 @@ def test_asymmetric_partition_follower_cannot_hear_leader(seed_count: int) -> No
     leader and term stay put."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         lead = sim.wait_leader()
         sim.converge()
         deaf = sim.rng.choice([i for i in sim.ids if i != lead])
@@ -250,7 +250,7 @@ def test_asymmetric_partition_leader_cannot_hear_anyone(seed_count: int) -> None
     acknowledgements: check-quorum makes it step down, and a new leader takes over."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         old = sim.wait_leader()
         for o in sim.ids:
             if o != old:

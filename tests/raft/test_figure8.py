@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from node.raft import Config, Entry, HardState, MemoryStorage, Message, MessageType, RaftNode
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -35,7 +35,7 @@ def test_leader_does_not_commit_old_term_entry_by_counting() -> None:
     assert n.status().commit == 3
 
 
-def _figure8(sim: Simulation, iterations: int, unreliable: bool) -> None:
+def _figure8(sim: RaftSimulation, iterations: int, unreliable: bool) -> None:
     up_min = 3
     for _ in range(iterations):
         lead = sim.leader()
@@ -69,7 +69,7 @@ def test_figure8(seed_count: int, soak: bool) -> None:
     iterations = 400 if soak else 150
 
     def scenario(seed: int) -> None:
-        sim = Simulation(
+        sim = RaftSimulation(
             5, seed, pre_vote=seed % 2 == 0, net=NetConfig(max_delay=3), max_size_per_msg=1
         )
         sim.wait_leader()
@@ -85,7 +85,7 @@ def test_figure8_unreliable(seed_count: int, soak: bool) -> None:
 
     def scenario(seed: int) -> None:
         net = NetConfig(drop_pm=100, dup_pm=50, max_delay=8, jitter_pm=50)
-        sim = Simulation(5, seed, net=net, max_size_per_msg=1)
+        sim = RaftSimulation(5, seed, net=net, max_size_per_msg=1)
         sim.wait_leader(400)
         _figure8(sim, iterations, unreliable=True)
 
@@ -98,7 +98,7 @@ def test_figure8_scripted(seed_count: int) -> None:
     newer-term entry at that index) can still win and overwrite it."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, max_size_per_msg=1)
+        sim = RaftSimulation(5, seed, max_size_per_msg=1)
         s1 = sim.wait_leader()
         sim.converge()
         s2, s3, s4, s5 = [i for i in sim.ids if i != s1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from node.raft import ConfChangeRejected
-from node.raft.simulation import Simulation
+from node.testing.raft_simulation import RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -12,7 +12,7 @@ def test_learners_replicate_and_never_campaign(seed_count: int) -> None:
     start an election."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, learners=2)
+        sim = RaftSimulation(3, seed, learners=2)
         sim.wait_leader()
         for _ in range(10):
             sim.propose()
@@ -36,7 +36,7 @@ def test_learners_never_count_toward_quorum(seed_count: int) -> None:
     acknowledge."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, learners=4, check_quorum=False)
+        sim = RaftSimulation(3, seed, learners=4, check_quorum=False)
         lead = sim.wait_leader()
         sim.converge()
         commit = sim.node(lead).raft.log.committed
@@ -60,7 +60,7 @@ def test_learner_join_by_snapshot_and_promotion(seed_count: int) -> None:
     promoted to voter, then counts toward quorum and can lead."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, snapshot_threshold=12)
+        sim = RaftSimulation(3, seed, snapshot_threshold=12)
         sim.wait_leader()
         for _ in range(40):
             sim.propose()
@@ -101,7 +101,7 @@ def test_learner_cannot_be_transfer_target_nor_demote_leader(seed_count: int) ->
     """Leadership is never handed to a learner; a leader cannot demote itself."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, learners=1)
+        sim = RaftSimulation(3, seed, learners=1)
         lead = sim.wait_leader()
         sim.converge()
         sim.node(lead).transfer_leader(sim.learner_ids[0])

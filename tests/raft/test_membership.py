@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from node.raft import ConfChangeRejected
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
-def _voters_everywhere(sim: Simulation, nodes: list[str]) -> set[tuple[str, ...]]:
+def _voters_everywhere(sim: RaftSimulation, nodes: list[str]) -> set[tuple[str, ...]]:
     return {sim.node(n).status().voters for n in nodes}
 
 
@@ -16,7 +16,7 @@ def test_add_then_remove_voter(seed_count: int) -> None:
     ends with the same configuration and keeps committing."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         lead = sim.wait_leader()
         sim.propose()
         sim.converge()
@@ -44,7 +44,7 @@ def test_no_second_change_while_one_is_pending(seed_count: int) -> None:
     """A leader refuses a membership change until the previous one has been applied."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         lead = sim.wait_leader()
         sim.converge()
         sim.add_node("n4")
@@ -70,7 +70,7 @@ def test_new_leader_waits_for_its_first_entry_before_changes(seed_count: int) ->
     term is applied (the fix for the single-server-change bug in Raft's leader changes)."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, net=NetConfig(min_delay=1, max_delay=1))
+        sim = RaftSimulation(3, seed, net=NetConfig(min_delay=1, max_delay=1))
         sim.run_until(lambda: sim.leader() is not None, 200)
         lead = sim.leader()
         assert lead is not None
@@ -92,7 +92,7 @@ def test_remove_leader(seed_count: int) -> None:
     elect a leader among themselves and keep committing; the old leader is left out."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed)
         old = sim.wait_leader()
         sim.propose()
         sim.converge()
@@ -116,7 +116,7 @@ def test_remove_partitioned_node(seed_count: int) -> None:
     disrupts the group (pre-vote, check-quorum) nor receives new entries."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         lead = sim.wait_leader()
         sim.converge()
         gone = sim.rng.choice([i for i in sim.ids if i != lead])
@@ -144,7 +144,7 @@ def test_membership_changes_under_faults(seed_count: int) -> None:
     all members converge on one configuration."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, net=NetConfig(drop_pm=50, max_delay=2, jitter_pm=30))
+        sim = RaftSimulation(3, seed, net=NetConfig(drop_pm=50, max_delay=2, jitter_pm=30))
         sim.add_node("n4")
         sim.add_node("n5")
         changes = 0

@@ -1,10 +1,10 @@
-"""Everything at once: the seeded nemesis of ``node.raft.nemesis`` over many seeds."""
+"""Everything at once: the seeded nemesis of ``node.testing.raft_nemesis`` over many seeds."""
 
 from __future__ import annotations
 
 import pytest
 
-from node.raft.nemesis import run
+from node.testing.raft_nemesis import run
 from tests.raft.helpers import for_seeds
 
 
@@ -12,7 +12,7 @@ from tests.raft.helpers import for_seeds
 def test_nemesis(seed_count: int, soak: bool) -> None:
     """Partitions of every shape, crashes, loss, snapshots, membership changes and
     transfers together: invariants hold at every step and the group converges after.
-    Replay a seed with ``python -m node.raft.nemesis --seed N``."""
+    Replay a seed with ``python -m node.testing.raft_nemesis --seed N``."""
     steps = 500 if soak else 250
 
     def scenario(seed: int) -> None:

@@ -254,9 +254,9 @@ def test_core_is_pure() -> None:
 def test_transport_feedback_resets_flow_control() -> None:
     """report_unreachable puts a pipelining follower back to probing;
     report_snapshot_failed lets the leader retry a snapshot."""
-    from node.raft.simulation import Simulation
+    from node.testing.raft_simulation import RaftSimulation
 
-    sim = Simulation(3, seed=2, snapshot_threshold=8)
+    sim = RaftSimulation(3, seed=2, snapshot_threshold=8)
     lead = sim.wait_leader()
     sim.propose()
     sim.converge()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from node.raft import MessageType, NotLeader
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
-def _applied_once(sim: Simulation, nid: str) -> list[bytes]:
+def _applied_once(sim: RaftSimulation, nid: str) -> list[bytes]:
     cmds = sim.applied_commands(nid)
     assert len(cmds) == len(set(cmds)), "a command was applied twice"
     return cmds
@@ -17,7 +17,7 @@ def test_basic_agreement(seed_count: int) -> None:
     """Commands proposed at the leader are applied by every node in the same order."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 3), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 3), seed)
         sim.wait_leader()
         sent = []
         for _ in range(30):
@@ -36,7 +36,7 @@ def test_agreement_with_follower_cut_off_and_catch_up(seed_count: int) -> None:
     """A disconnected follower misses nothing: it catches up after reconnecting."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed)
         lead = sim.wait_leader()
         f = sim.rng.choice([i for i in sim.ids if i != lead])
         sim.propose()
@@ -57,7 +57,7 @@ def test_no_agreement_without_majority(seed_count: int) -> None:
     """With a majority of followers gone, a leader's new entries are never committed."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, check_quorum=False)
+        sim = RaftSimulation(5, seed, check_quorum=False)
         lead = sim.wait_leader()
         sim.converge()
         commit = sim.node(lead).raft.log.committed
@@ -79,7 +79,7 @@ def test_partitioned_leader_suffix_truncated_on_rejoin(seed_count: int) -> None:
     """An old leader's uncommitted entries are replaced by the new leader's on rejoin."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed)
         old = sim.wait_leader()
         sim.converge()
         sim.isolate(old)
@@ -103,7 +103,7 @@ def test_fast_backup_over_long_divergent_logs(seed_count: int) -> None:
     per entry (the etcd/6.824 'backup' test with term-based rejection hints)."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, max_inflight=1024)
+        sim = RaftSimulation(5, seed, max_inflight=1024)
         lead = sim.wait_leader()
         sim.propose()
         sim.converge()
@@ -144,7 +144,7 @@ def test_concurrent_proposals_each_appear_once(seed_count: int) -> None:
     changes: every acknowledged command is applied exactly once, in one order everywhere."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, net=NetConfig(max_delay=1))
+        sim = RaftSimulation(5, seed, net=NetConfig(max_delay=1))
         sim.wait_leader()
         for round_ in range(40):
             for c in range(3):
@@ -177,7 +177,7 @@ def test_unreliable_network_agreement(seed_count: int, soak: bool) -> None:
     rounds = 400 if soak else 150
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, net=NetConfig.unreliable())
+        sim = RaftSimulation(5, seed, net=NetConfig.unreliable())
         sim.wait_leader(300)
         for _ in range(rounds):
             if sim.rng.randrange(3) == 0:
@@ -194,7 +194,7 @@ def test_proposal_on_follower_carries_leader_hint(seed_count: int) -> None:
     """A follower refuses proposals with NotLeader naming the leader it knows."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         lead = sim.wait_leader()
         for nid in sim.ids:
             if nid == lead:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from node.raft import Message, MessageType
-from node.raft.simulation import NetConfig, Simulation
+from node.testing.raft_simulation import NetConfig, RaftSimulation
 from tests.raft.helpers import for_seeds
 
 THRESHOLD = 16
 
 
-def _log_len(sim: Simulation, nid: str) -> int:
+def _log_len(sim: RaftSimulation, nid: str) -> int:
     st = sim.storages[nid]
     return st.last_index() - st.first_index() + 1
 
@@ -19,7 +19,7 @@ def test_snapshot_catch_up_of_slow_follower_with_bounded_log(seed_count: int) ->
     back by a snapshot; no node's log ever grows much beyond the threshold."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed, snapshot_threshold=THRESHOLD)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed, snapshot_threshold=THRESHOLD)
         lead = sim.wait_leader()
         slow = sim.rng.choice([i for i in sim.ids if i != lead])
         sim.isolate(slow)
@@ -44,7 +44,7 @@ def test_snapshot_lost_in_transit_is_resent(seed_count: int) -> None:
     """Snapshots dropped by the network are retried until the follower installs one."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed, snapshot_threshold=THRESHOLD)
+        sim = RaftSimulation(3, seed, snapshot_threshold=THRESHOLD)
         lead = sim.wait_leader()
         slow = next(i for i in sim.ids if i != lead)
         sim.isolate(slow)
@@ -71,7 +71,7 @@ def test_snapshots_under_unreliable_network_and_restarts(seed_count: int) -> Non
     """Compaction, snapshot installs, crashes and restarts over a lossy network."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed, snapshot_threshold=THRESHOLD, net=NetConfig.unreliable())
+        sim = RaftSimulation(5, seed, snapshot_threshold=THRESHOLD, net=NetConfig.unreliable())
         for i in range(100):
             if sim.rng.randrange(2) == 0:
                 sim.propose()

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from node.raft import ConfState, Entry, HardState, Ready, StorageCorruption
-from node.raft.simulation import Simulation
 from node.raft.storage_sql import SQLStorage
+from node.testing.raft_simulation import RaftSimulation
 from tests.conftest import PG_ADMIN_URL, needs_pg
 
 pytestmark = needs_pg
@@ -48,7 +48,7 @@ def test_postgres_backed_group(pg_url: str) -> None:
             conn.execute(text(f'CREATE DATABASE "{n}"'))
     try:
         urls = dict(zip(("n1", "n2", "n3"), (f"{base}/{n}" for n in names), strict=True))
-        sim = Simulation(3, 5, storage_factory=lambda nid: SQLStorage(urls[nid]))
+        sim = RaftSimulation(3, 5, storage_factory=lambda nid: SQLStorage(urls[nid]))
         sim.wait_leader()
         for _ in range(10):
             sim.propose()

@@ -19,8 +19,8 @@ from node.raft import (
     SnapshotMetadata,
     StorageCorruption,
 )
-from node.raft.simulation import Simulation
 from node.raft.storage_sql import SQLStorage
+from node.testing.raft_simulation import RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -147,7 +147,7 @@ def test_simulated_cluster_on_sqlite_survives_restarts(tmp_path: Path, seed_coun
         def factory(nid: str) -> SQLStorage:
             return SQLStorage(_url(d / f"{nid}.db"))
 
-        sim = Simulation(3, seed, storage_factory=factory, snapshot_threshold=10)
+        sim = RaftSimulation(3, seed, storage_factory=factory, snapshot_threshold=10)
         sim.wait_leader()
         for i in range(25):
             sim.propose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from node.raft import MessageType, ProposalDropped
-from node.raft.simulation import Simulation
+from node.testing.raft_simulation import RaftSimulation
 from tests.raft.helpers import for_seeds
 
 
@@ -11,7 +11,7 @@ def test_transfer_to_caught_up_target(seed_count: int) -> None:
     """The target starts an election at once (no pre-vote, lease overridden) and wins."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3 + 2 * (seed % 2), seed)
+        sim = RaftSimulation(3 + 2 * (seed % 2), seed)
         old = sim.wait_leader()
         sim.propose()
         sim.converge()
@@ -33,7 +33,7 @@ def test_transfer_to_slow_target(seed_count: int) -> None:
     meanwhile."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(3, seed)
+        sim = RaftSimulation(3, seed)
         old = sim.wait_leader()
         target = sim.rng.choice([i for i in sim.ids if i != old])
         sim.isolate(target)
@@ -60,7 +60,7 @@ def test_transfer_to_dead_target_aborts(seed_count: int) -> None:
     leader keeps leading and accepts proposals again."""
 
     def scenario(seed: int) -> None:
-        sim = Simulation(5, seed)
+        sim = RaftSimulation(5, seed)
         old = sim.wait_leader()
         sim.converge()
         target = sim.rng.choice([i for i in sim.ids if i != old])

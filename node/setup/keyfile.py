@@ -19,7 +19,7 @@ from libp2p.crypto.ed25519 import Ed25519PublicKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.peer.id import ID
 
-from market.identity import IdentityError, did_from_public_key, public_key_from_did
+from market.did import IdentityError, did_from_public_key, public_key_from_did
 from market.signing import Signer
 
 SEED_BYTES = 32

@@ -28,7 +28,7 @@ from node.raft.config import Config
 from node.raft.errors import ProposalDropped, RaftError
 from node.raft.node import RaftNode
 from node.raft.storage import MemoryStorage, Storage
-from node.raft.types import Entry, EntryType, Message, MessageType, Ready, Role
+from node.raft.types import Entry, EntryType, Message, MessageType, RaftRole, Ready
 
 
 class InvariantViolation(AssertionError):
@@ -81,7 +81,7 @@ class App:
         return cls(int.from_bytes(data[:8], "big"), data[8:24])
 
 
-class Simulation:
+class RaftSimulation:
     """A Raft group of ``n`` voters (ids n1..nN) plus ``learners`` learners, seeded."""
 
     def __init__(
@@ -236,7 +236,7 @@ class Simulation:
         best: tuple[int, str] | None = None
         for nid in self.alive():
             n = self.node(nid)
-            if n.raft.role == Role.LEADER and (best is None or n.raft.term > best[0]):
+            if n.raft.role == RaftRole.LEADER and (best is None or n.raft.term > best[0]):
                 best = (n.raft.term, nid)
         return best[1] if best else None
 
@@ -475,7 +475,7 @@ class Simulation:
             if r.term < self._seen_term.get(nid, 0):
                 self._fail(f"{nid} term went down from {self._seen_term[nid]} to {r.term}")
             self._seen_term[nid] = r.term
-            if r.role == Role.LEADER:
+            if r.role == RaftRole.LEADER:
                 prev = self.leaders.setdefault(r.term, nid)
                 if prev != nid:
                     self._fail(f"two leaders in term {r.term}: {prev} and {nid}")

@@ -1,4 +1,4 @@
-"""CLI: ``microgrid node run --config FILE`` and ``microgrid status``."""
+"""CLI: running a node (``microgrid node run``, ``net run``) and asking it (``status``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from market.ledger import ENERGY, MONEY
-from node.config import ConfigError, load_config
+from market.accounting import ENERGY, MONEY
+from node.setup.config import ConfigError, load_config
 
 
 def register(subparsers: Any) -> None:
-    """Add ``node run`` and ``status`` to the ``microgrid`` command."""
+    """Add ``node run``, ``status`` and ``net run`` to the ``microgrid`` command."""
     n = subparsers.add_parser("node", help="run this household's node")
     ns = n.add_subparsers(dest="node_command", metavar="ACTION")
     ns.required = True
@@ -31,6 +31,13 @@ def register(subparsers: Any) -> None:
     s.add_argument("--json", action="store_true", help="print the raw status document")
     s.set_defaults(func=cmd_status)
 
+    n = subparsers.add_parser("net", help="run the network layer of a node")
+    ns = n.add_subparsers(dest="net_command", metavar="ACTION")
+    ns.required = True
+    r = ns.add_parser("run", help="run a node's libp2p host until interrupted")
+    r.add_argument("--config", type=Path, default=None, help="config file (microgrid.toml)")
+    r.set_defaults(func=cmd_net_run)
+
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
@@ -41,14 +48,14 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     """Load config, key and genesis, then run the node until a signal stops it."""
     import trio
 
-    from node.genesis import GenesisError
-    from node.household import HouseholdNode, NodeError
-    from node.identity import KeyFileError
+    from node.daemon.household_node import HouseholdNode, NodeError
+    from node.daemon.logs import configure
+    from node.daemon.replica import ReplicaError, exit_status
     from node.ledger.store import LedgerStoreError
-    from node.logs import configure
-    from node.net.cli import load_node_files
     from node.raft.errors import StorageCorruption
-    from node.replica import ReplicaError, exit_status
+    from node.setup.files import load_node_files
+    from node.setup.genesis import GenesisError
+    from node.setup.keyfile import KeyFileError
 
     try:
         config, identity, genesis = load_node_files(args.config)
@@ -145,4 +152,41 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"account   {account_line(balances)}")
     if doc.get("meter_read_failures"):
         print(f"meter     {doc['meter_read_failures']} failed reads")
+    return 0
+
+
+def cmd_net_run(args: argparse.Namespace) -> int:
+    """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
+    import trio
+
+    from node.setup.files import load_node_files
+    from node.setup.genesis import GenesisError
+    from node.setup.keyfile import KeyFileError
+
+    try:
+        config, identity, genesis = load_node_files(args.config)
+    except (ConfigError, KeyFileError, GenesisError) as exc:
+        return _fail(str(exc))
+    from node.net.host import NetNode, NetSettings, configure_logging
+
+    configure_logging(config.log_level)
+    node = NetNode(identity, genesis, NetSettings.from_config(config, identity, genesis))
+    print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                # SIGINT/SIGTERM stop the node cleanly (peers disconnected, pitfall 4)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        node.stop()
+                        return
+
+            nursery.start_soon(on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    print("stopped", flush=True)
     return 0

@@ -1,6 +1,6 @@
 """Scripted node processes for multi-process tests and benchmarks on 127.0.0.1.
 
-The child (``python -m node.net.harness --seed HEX --genesis PATH --listen ADDR``) runs one
+The child (``python -m node.testing.harness --seed HEX --genesis PATH --listen ADDR``) runs one
 :class:`~node.net.host.NetNode` and speaks JSON lines: commands on stdin, events on stdout.
 
 Commands: ``publish`` (hex batch, validated like production), ``publish_raw`` (hex bytes
@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +28,10 @@ from typing import Any
 
 import trio
 
-from market.models import Role
+from market.models import MemberRole
 from market.signing import Signer
 from market.state import MarketConfig
+from node.tools.ports import free_ports
 
 SEED_PREFIX = b"microgrid-test-"
 
@@ -41,19 +41,6 @@ def named_seed(name: str) -> bytes:
     import hashlib
 
     return hashlib.sha256(SEED_PREFIX + name.encode()).digest()
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1 (bound, noted, released)."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -87,8 +74,8 @@ def make_grid(
     slot_seconds: int = 900,
 ) -> tuple[list[NodeSpec], list[NodeSpec], Path]:
     """Create ``members`` member households (+ ``outsiders``) and a signed genesis file."""
-    from node.genesis import create_genesis, write_genesis
-    from node.identity import NodeIdentity
+    from node.setup.genesis import create_genesis, write_genesis
+    from node.setup.keyfile import NodeIdentity
 
     ports = free_ports(members + outsiders)
     specs = []
@@ -103,7 +90,7 @@ def make_grid(
         operator,
         market,
         [
-            (s.did, f"meter-{s.name}", Role.VOTER if i < 3 else Role.LEARNER)
+            (s.did, f"meter-{s.name}", MemberRole.VOTER if i < 3 else MemberRole.LEARNER)
             for i, s in enumerate(specs[:members])
         ],
         slot_seconds=slot_seconds,
@@ -179,7 +166,7 @@ class NodeProc:
         """Spawn the child and start reading its output (tasks live in ``nursery``)."""
         self.events = []
         cmd = [
-            sys.executable, "-m", "node.net.harness", "--seed", self.spec.seed.hex(),
+            sys.executable, "-m", "node.testing.harness", "--seed", self.spec.seed.hex(),
             "--genesis", str(self.genesis), "--listen", self.spec.listen, *self.extra_args,
         ]  # fmt: skip
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -294,12 +281,12 @@ def _emit(**event: Any) -> None:
 async def _child(args: argparse.Namespace) -> None:
     from libp2p.peer.id import ID
 
-    from node.genesis import load_genesis
-    from node.identity import NodeIdentity
     from node.net.host import NetNode, NetSettings, PublishError, configure_logging
     from node.net.raft_transport import RAFT_PROTOCOL_ID
     from node.net.wire import TopicKind, decode_batch, frame
     from node.raft import Message, MessageType, decode_message, encode_message
+    from node.setup.genesis import load_genesis
+    from node.setup.keyfile import NodeIdentity
 
     configure_logging(args.log_level)
     identity = NodeIdentity.from_seed(bytes.fromhex(args.seed))
@@ -417,7 +404,7 @@ async def _child(args: argparse.Namespace) -> None:
             ok = node.raft.send(msg)
             _emit(ev="raft_sent", ok=ok, to=cmd["to"])
         elif name == "raft_forged":
-            from node.identity import peer_id_from_did
+            from node.setup.keyfile import peer_id_from_did
 
             msg = Message(type=MessageType.HEARTBEAT, to=cmd["to"], frm=cmd["frm"], term=7)
             try:
@@ -456,7 +443,7 @@ def _rss_kb() -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of a child node process."""
-    parser = argparse.ArgumentParser(prog="python -m node.net.harness")
+    parser = argparse.ArgumentParser(prog="python -m node.testing.harness")
     parser.add_argument("--seed", required=True)
     parser.add_argument("--genesis", required=True)
     parser.add_argument("--listen", required=True)

@@ -1,6 +1,6 @@
 """A seeded nemesis for the simulator: every fault at once, and a replay CLI.
 
-``python -m node.raft.nemesis --seed 7 --nodes 5 --steps 400`` runs one seeded nemesis
+``python -m node.testing.raft_nemesis --seed 7 --nodes 5 --steps 400`` runs one seeded nemesis
 (partitions of every shape, crashes and restarts, lossy network, snapshots, membership
 changes, leader transfers, client proposals) with the simulator's invariant checks after
 every step, then heals and checks convergence. The same seed replays the same run.
@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from node.raft.errors import RaftError
-from node.raft.simulation import InvariantViolation, NetConfig, Simulation
+from node.testing.raft_simulation import InvariantViolation, NetConfig, RaftSimulation
 
 
-def nemesis(sim: Simulation, steps: int) -> dict[str, int]:
+def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
     """Inflict ``steps`` rounds of random faults and traffic; returns what was done."""
     rng = sim.rng
     done: dict[str, int] = {}
@@ -99,7 +99,7 @@ def run(seed: int, nodes: int = 5, steps: int = 300) -> dict[str, int]:
     also picks whether pre-vote and check-quorum are on (both on for half the seeds)."""
     net = NetConfig(drop_pm=50, dup_pm=30, max_delay=3, jitter_pm=30)
     variant = seed % 4
-    sim = Simulation(
+    sim = RaftSimulation(
         nodes,
         seed,
         net=net,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         except InvariantViolation as exc:
             print(f"seed {seed}: FAILED: {exc}")
             print(
-                f"replay: python -m node.raft.nemesis --seed {seed} --nodes {args.nodes} "
+                f"replay: python -m node.testing.raft_nemesis --seed {seed} --nodes {args.nodes} "
                 f"--steps {args.steps}"
             )
             return 1

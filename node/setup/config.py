@@ -61,7 +61,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from meter.transport import Endpoint, SerialEndpoint, TcpEndpoint
-from node.agent import Strategy
+from node.agent.strategy import Strategy
 
 ENV_PREFIX = "MICROGRID_"
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/4001"

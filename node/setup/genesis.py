@@ -24,12 +24,12 @@ import multiaddr
 from pydantic import ValidationError
 
 from market.bounds import DEFAULT_MAX_POWER_W, DEFAULT_SLOT_SECONDS
+from market.did import IdentityError, public_key_from_did, verify_signature
 from market.encoding import canonical_bytes, loads_untrusted, sha256
-from market.identity import IdentityError, public_key_from_did, verify_signature
-from market.models import MemberRegistration, Role, first_error
+from market.models import MemberRegistration, MemberRole, first_error
+from market.schedule import Schedule
 from market.signing import Signer
 from market.state import MarketConfig
-from node.schedule import Schedule
 
 GENESIS_KIND = "genesis-file"
 MAX_GENESIS_BYTES = 4 * 1024 * 1024
@@ -97,7 +97,7 @@ class Genesis:
     @property
     def voters(self) -> tuple[str, ...]:
         """DIDs of the Raft voters, sorted."""
-        return tuple(sorted(d for d, m in self._by_did.items() if m.role == Role.VOTER))
+        return tuple(sorted(d for d, m in self._by_did.items() if m.role == MemberRole.VOTER))
 
     def unsigned_fields(self) -> dict[str, Any]:
         """Every signed field as plain canonical-encodable values."""
@@ -143,7 +143,7 @@ def _member_json(m: MemberRegistration) -> dict[str, Any]:
 def create_genesis(
     operator: Signer,
     market: MarketConfig,
-    members: Iterable[tuple[str, str, Role | str] | tuple[str, str, Role | str, int]],
+    members: Iterable[tuple[str, str, MemberRole | str] | tuple[str, str, MemberRole | str, int]],
     *,
     slot_seconds: int = 900,
     gate_closure_lead_seconds: int = 300,
@@ -172,7 +172,7 @@ def create_genesis(
                 operator=operator.did,
                 household=did,
                 meter_serial=serial,
-                role=Role(role),
+                role=MemberRole(role),
                 max_power_w=power[0] if power else DEFAULT_MAX_POWER_W,
             )
         except ValidationError as exc:
@@ -346,7 +346,7 @@ def _check_consistency(genesis: Genesis) -> None:
         if reg.household in seen:
             raise GenesisMemberError(f"members[{i}]: {reg.household} is listed twice")
         seen.add(reg.household)
-    if genesis.members and not any(m.role == Role.VOTER for m in genesis.members):
+    if genesis.members and not any(m.role == MemberRole.VOTER for m in genesis.members):
         raise GenesisMemberError("at least one member must be a voter")
     for addr in genesis.bootstrap:
         try:

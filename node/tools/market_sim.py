@@ -8,10 +8,8 @@ morning and evening peaks); the Modbus meter simulator in ``meter/`` has the rea
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,10 +20,10 @@ from market import (
     GateClosed,
     MarketConfig,
     MemberRegistration,
+    MemberRole,
     MeterReading,
     Order,
     Rejected,
-    Role,
     SettleSlot,
     Side,
     SlotSettled,
@@ -60,7 +58,7 @@ class SimHousehold:
 
 
 @dataclass
-class Simulation:
+class MarketSimulation:
     """A simulated microgrid: operator, households and the market rules."""
 
     config: MarketConfig
@@ -73,7 +71,7 @@ class Simulation:
 
 def build(
     households: int = 6, seed: int = 1, mechanism: str = "uniform", grid: str = "demo-grid"
-) -> Simulation:
+) -> MarketSimulation:
     """A simulation of ``households`` households; the same seed gives the same run."""
     rng = random.Random(seed)
     operator = Signer.from_seed(sha256(f"operator/{grid}/{seed}".encode()))
@@ -99,7 +97,7 @@ def build(
                 ask_markdown=rng.randrange(0, 10),
             )
         )
-    return Simulation(config, operator, homes, rng)
+    return MarketSimulation(config, operator, homes, rng)
 
 
 def _pv_w(home: SimHousehold, slot: int, cloud: float) -> int:
@@ -118,12 +116,12 @@ def _load_w(home: SimHousehold, slot: int, rng: random.Random) -> int:
     return int(home.base_load_w * peak * rng.uniform(0.7, 1.4))
 
 
-def registrations(sim: Simulation) -> list[Command]:
+def registrations(sim: MarketSimulation) -> list[Command]:
     """The operator's signed registrations of every household."""
     out: list[Command] = []
     for home in sim.households:
         sim.operator_nonce += 1
-        role = Role.VOTER if home.index < 3 else Role.LEARNER
+        role = MemberRole.VOTER if home.index < 3 else MemberRole.LEARNER
         out.append(
             MemberRegistration(
                 grid=sim.config.grid,
@@ -137,7 +135,7 @@ def registrations(sim: Simulation) -> list[Command]:
     return out
 
 
-def slot_commands(sim: Simulation, slot: int) -> tuple[list[Command], list[Command]]:
+def slot_commands(sim: MarketSimulation, slot: int) -> tuple[list[Command], list[Command]]:
     """Commands for one slot: (orders + gate closure, readings + settlement).
 
     Each household forecasts its net energy for the slot and offers at most the forecast
@@ -195,7 +193,7 @@ def slot_commands(sim: Simulation, slot: int) -> tuple[list[Command], list[Comma
     return trading, settling
 
 
-def commands(sim: Simulation, slots: int, first_slot: int = 0) -> Iterator[Command]:
+def commands(sim: MarketSimulation, slots: int, first_slot: int = 0) -> Iterator[Command]:
     """Every command of a run, in log order."""
     yield from registrations(sim)
     for slot in range(first_slot, first_slot + slots):
@@ -256,25 +254,3 @@ def _print_row(out: Any, ev: SlotSettled, gate: GateClosed) -> None:
         f"{ev.block.hash[:16]}",
         file=out,
     )
-
-
-def register(subparsers: Any) -> None:
-    """Add ``microgrid simulate``."""
-    p = subparsers.add_parser(
-        "simulate", help="simulate a microgrid's market over a day of slots (engine + ledger)"
-    )
-    p.add_argument("--households", type=int, default=6)
-    p.add_argument("--slots", type=int, default=96, help="15-minute slots (96 = one day)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--mechanism", default="uniform", choices=["uniform", "pay_as_bid", "mcafee"])
-    p.add_argument("--db", default=None, help="ledger database URL (e.g. sqlite:///ledger.db)")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.households < 2 or args.slots < 1:
-        print("need at least 2 households and 1 slot", file=sys.stderr)
-        return 2
-    state = run(args.households, args.slots, args.seed, args.mechanism, args.db, out=sys.stdout)
-    print(f"\nsettled {state.height} slots; head block {state.head_hash}")
-    return 0

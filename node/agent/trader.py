@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from market import MarketConfig, MeterReading, Order, Side
+from market.schedule import Schedule
 from market.signing import Signer
 from meter.sample import MeterSample
-from node.agent import Forecaster, Strategy, plan_order
-from node.schedule import Schedule
+from node.agent.strategy import Forecaster, Strategy, plan_order
 
 NONCE_ORDER = 0
 NONCE_READING = 1

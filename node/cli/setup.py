@@ -1,30 +1,29 @@
-"""CLI: ``microgrid init``, ``identity``, ``genesis create|show``, ``net run``."""
+"""CLI: ``microgrid init``, ``identity`` and ``genesis create|show``: setting a household up."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import secrets
-import signal
 import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from market.bounds import MAX_POWER_W, bounded_int
-from market.identity import IdentityError, public_key_from_did
-from market.models import Role
+from market.did import IdentityError, public_key_from_did
+from market.models import MemberRole
 from market.state import MarketConfig
-from node.config import ConfigError, NodeConfig, load_config, starter_config_toml
-from node.genesis import Genesis, GenesisError, create_genesis, load_genesis, write_genesis
-from node.identity import KeyFileError, NodeIdentity, create_key_file, load_key_file
+from node.setup.config import ConfigError, load_config, starter_config_toml
+from node.setup.genesis import GenesisError, create_genesis, load_genesis, write_genesis
+from node.setup.keyfile import KeyFileError, create_key_file, load_key_file
 
 CONFIG_NAME = "microgrid.toml"
 KEY_NAME = "node.key"
 
 
 def register(subparsers: Any) -> None:
-    """Add ``init``, ``identity``, ``genesis`` and ``net`` to the ``microgrid`` command."""
+    """Add ``init``, ``identity`` and ``genesis`` to the ``microgrid`` command."""
     p = subparsers.add_parser("init", help="create this household's key and a starter config")
     p.add_argument("--dir", type=Path, default=Path("."), help="node directory (default: .)")
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/4001", help="listen multiaddr")
@@ -64,12 +63,6 @@ def register(subparsers: Any) -> None:
     s.add_argument("path", type=Path)
     s.set_defaults(func=cmd_genesis_show)
 
-    n = subparsers.add_parser("net", help="run the network layer of a node")
-    ns = n.add_subparsers(dest="net_command", metavar="ACTION")
-    ns.required = True
-    r = ns.add_parser("run", help="run a node's libp2p host until interrupted")
-    r.add_argument("--config", type=Path, default=None, help=f"config file (e.g. {CONFIG_NAME})")
-    r.set_defaults(func=cmd_net_run)
 
 
 def _fail(message: str) -> int:
@@ -128,13 +121,13 @@ def cmd_genesis_create(args: argparse.Namespace) -> int:
                 return _fail(f"--member {spec!r}: expected DID,METER,ROLE[,MAX_W]")
             did, meter, role = parts[:3]
             public_key_from_did(did)
-            if role not in (Role.VOTER.value, Role.LEARNER.value):
+            if role not in (MemberRole.VOTER.value, MemberRole.LEARNER.value):
                 return _fail(f"--member {spec!r}: role must be voter or learner")
             if len(parts) == 4:
                 max_w = bounded_int(parts[3], "MAX_W", low=1, high=MAX_POWER_W)
-                members.append((did, meter, Role(role), max_w))
+                members.append((did, meter, MemberRole(role), max_w))
             else:
-                members.append((did, meter, Role(role)))
+                members.append((did, meter, MemberRole(role)))
         num, _, den = args.k.partition("/")
         market = MarketConfig(
             grid=args.grid, operator=operator.did, feed_in_tariff=args.feed_in_tariff,
@@ -174,46 +167,4 @@ def cmd_genesis_show(args: argparse.Namespace) -> int:
         print(f"member:    {m.household} {m.meter_serial} {m.role.value}")
     for a in genesis.bootstrap:
         print(f"bootstrap: {a}")
-    return 0
-
-
-def load_node_files(
-    config_path: Path | None,
-) -> tuple[NodeConfig, NodeIdentity, Genesis]:
-    """A node's config, key and verified genesis; raises ConfigError, KeyFileError or
-    GenesisError naming the file."""
-    config = load_config(config_path)
-    return config, load_key_file(config.key_path), load_genesis(config.genesis_path)
-
-
-def cmd_net_run(args: argparse.Namespace) -> int:
-    """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
-    import trio
-
-    try:
-        config, identity, genesis = load_node_files(args.config)
-    except (ConfigError, KeyFileError, GenesisError) as exc:
-        return _fail(str(exc))
-    from node.net.host import NetNode, NetSettings, configure_logging
-
-    configure_logging(config.log_level)
-    node = NetNode(identity, genesis, NetSettings.from_config(config, identity, genesis))
-    print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                # SIGINT/SIGTERM stop the node cleanly (peers disconnected, pitfall 4)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        node.stop()
-                        return
-
-            nursery.start_soon(on_signal)
-            await node.run()
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
-    print("stopped", flush=True)
     return 0

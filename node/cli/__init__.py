@@ -17,16 +17,16 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("node.demo", "run a demo microgrid on this machine"),
-    "init": ("node.net.cli", "create this household's key and a starter config"),
-    "identity": ("node.net.cli", "print the peer id and did:key of a key file"),
-    "genesis": ("node.net.cli", "create or inspect a signed genesis file"),
-    "node": ("node.node_cli", "run this household's node"),
-    "status": ("node.node_cli", "ask a running node for its status"),
-    "net": ("node.net.cli", "run the network layer of a node"),
-    "ledger": ("node.ledger.cli", "inspect and verify a ledger database"),
+    "demo": ("node.cli.tools", "run a demo microgrid on this machine"),
+    "init": ("node.cli.setup", "create this household's key and a starter config"),
+    "identity": ("node.cli.setup", "print the peer id and did:key of a key file"),
+    "genesis": ("node.cli.setup", "create or inspect a signed genesis file"),
+    "node": ("node.cli.run", "run this household's node"),
+    "status": ("node.cli.run", "ask a running node for its status"),
+    "net": ("node.cli.run", "run the network layer of a node"),
+    "ledger": ("node.cli.ledger", "inspect and verify a ledger database"),
     "simulate": (
-        "node.simulate",
+        "node.cli.tools",
         "simulate a microgrid's market over a day of slots (engine + ledger)",
     ),
     "meter": ("meter.cli", "Modbus meters: check wiring, list profiles"),

@@ -22,7 +22,6 @@ every ledger records the slot's feeder check (``feeder_checks``; the table's las
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import json
@@ -45,19 +44,19 @@ from typing import Any, TextIO
 
 import trio
 
-from market.models import Role
+from market.models import MemberRole
+from market.schedule import Schedule
 from market.state import MarketConfig
 from meter.reader import MeterConfig, MeterReader
 from meter.sim.feeder import DEFAULT_FEEDER_DEVICE
 from meter.sim.household import make_households
 from meter.sim.server import MeterSimulator
 from meter.transport import TcpEndpoint
-from node.genesis import create_genesis, write_genesis
-from node.identity import create_key_file
 from node.ledger import schema as t
 from node.ledger.verify import VerifyReport, verify_ledger
-from node.net.harness import free_ports
-from node.schedule import Schedule
+from node.setup.genesis import create_genesis, write_genesis
+from node.setup.keyfile import create_key_file
+from node.tools.ports import free_ports
 
 SIM_SLOT_SECONDS = 900
 SIM_START = dt.datetime(2025, 6, 21, 9, 0)
@@ -110,7 +109,7 @@ class DemoSettings:
 
 
 @dataclass
-class Household:
+class DemoHousehold:
     """One household of the demo: its directory, ports and process."""
 
     index: int
@@ -147,7 +146,7 @@ class Household:
 
 
 @dataclass
-class Verdict:
+class DemoVerdict:
     """The outcome of a demo run: every ledger verified and all heads equal."""
 
     reports: dict[str, VerifyReport]
@@ -206,7 +205,7 @@ class SimClock:
             await trio.sleep(0.05)
 
 
-def _node_config(h: Household, settings: DemoSettings, sim_port: int, profile: str,
+def _node_config(h: DemoHousehold, settings: DemoSettings, sim_port: int, profile: str,
                  peers_token: str, feeder_device: int | None = None) -> str:  # fmt: skip
     s = settings
     scale = SIM_SLOT_SECONDS / (s.slot_seconds - s.freeze_seconds) * 1.25
@@ -276,7 +275,7 @@ class Demo:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.schedule = Schedule(settings.slot_seconds, settings.gate_lead_seconds,
                                  settings.settle_delay_seconds)  # fmt: skip
-        self.households: list[Household] = []
+        self.households: list[DemoHousehold] = []
         self.sim: MeterSimulator | None = None
         self.clock: SimClock | None = None
         self.dashboard: trio.Process | None = None
@@ -325,7 +324,7 @@ class Demo:
             directory = self.directory / f"h{i + 1}"
             directory.mkdir()
             identity = create_key_file(directory / "node.key")
-            h = Household(i, f"h{i + 1}", directory, identity.did, str(identity.peer_id),
+            h = DemoHousehold(i, f"h{i + 1}", directory, identity.did, str(identity.peer_id),
                           c.device_id, ports[2 * i], ports[2 * i + 1])  # fmt: skip
             directory.joinpath("microgrid.toml").write_text(
                 _node_config(h, s, sim_port, c.profile, self.token,
@@ -347,7 +346,8 @@ class Demo:
         genesis = create_genesis(
             operator,
             market,
-            [(h.did, serials[h.device_id], Role.VOTER if h.index < s.voters else Role.LEARNER)
+            [(h.did, serials[h.device_id],
+              MemberRole.VOTER if h.index < s.voters else MemberRole.LEARNER)
              for h in self.households],
             slot_seconds=s.slot_seconds,
             gate_closure_lead_seconds=s.gate_lead_seconds,
@@ -380,7 +380,7 @@ class Demo:
             serials[device_id] = r.sample.serial
         return serials
 
-    async def start_node(self, h: Household) -> None:
+    async def start_node(self, h: DemoHousehold) -> None:
         """Start (or restart) one household's node process."""
         if h.log is None:
             h.log = (h.directory / "node.log").open("a")
@@ -390,7 +390,9 @@ class Demo:
         )
         h.starts += 1
 
-    async def start(self, nursery: trio.Nursery, only: Sequence[Household] | None = None) -> None:
+    async def start(
+        self, nursery: trio.Nursery, only: Sequence[DemoHousehold] | None = None
+    ) -> None:
         """Start the simulator clock, every node (or those in ``only``: tests hold the other
         households' keys) and (unless disabled) the dashboard."""
         assert self.clock is not None
@@ -409,13 +411,13 @@ class Demo:
 
     # -- control ----------------------------------------------------------------------------
 
-    def kill(self, h: Household) -> None:
+    def kill(self, h: DemoHousehold) -> None:
         """SIGKILL a node (a crash: nothing is flushed or closed)."""
         if h.alive:
             assert h.process is not None
             h.process.kill()
 
-    async def terminate(self, h: Household, timeout: float = 15.0) -> int | None:
+    async def terminate(self, h: DemoHousehold, timeout: float = 15.0) -> int | None:
         """SIGTERM a node and wait for it to exit (SIGKILL after ``timeout``)."""
         if h.process is None:
             return None
@@ -432,7 +434,7 @@ class Demo:
         """``/status`` of every live node that answers, by household name."""
         out: dict[str, dict[str, Any]] = {}
 
-        async def one(h: Household) -> None:
+        async def one(h: DemoHousehold) -> None:
             doc = await fetch(h.api + "/status")
             if doc is not None:
                 out[h.name] = doc
@@ -539,19 +541,19 @@ class Demo:
                 h.log.close()
                 h.log = None
 
-    def verdict(self) -> Verdict:
+    def verdict(self) -> DemoVerdict:
         """Verify every ledger and compare their heads."""
         reports = {h.name: verify_ledger(h.ledger_url) for h in self.households}
         bad = {n: r.error for n, r in reports.items() if not r.ok}
         heads = {(r.height, r.head_hash) for r in reports.values()}
         if bad:
-            return Verdict(reports, False, f"ledgers failing verification: {bad}")
+            return DemoVerdict(reports, False, f"ledgers failing verification: {bad}")
         if len(heads) != 1:
-            return Verdict(reports, False, f"ledgers differ: {sorted(heads, key=str)}")
+            return DemoVerdict(reports, False, f"ledgers differ: {sorted(heads, key=str)}")
         ((height, head),) = heads
         if height == 0:
-            return Verdict(reports, False, "no slot was settled")
-        return Verdict(reports, True, f"all {len(reports)} ledgers verify; height {height}, "
+            return DemoVerdict(reports, False, "no slot was settled")
+        return DemoVerdict(reports, True, f"all {len(reports)} ledgers verify; height {height}, "
                                       f"head {head}")  # fmt: skip
 
     def close(self) -> None:
@@ -633,49 +635,3 @@ async def _shielded_stop(demo: Demo) -> None:
         for h in demo.households:
             if h.alive:
                 await demo.terminate(h, timeout=5)
-
-
-def register(subparsers: Any) -> None:
-    """Add ``demo`` to the ``microgrid`` command."""
-    p = subparsers.add_parser("demo", help="run a demo microgrid on this machine")
-    p.add_argument("--households", type=int, default=5, help="number of households (2-40)")
-    p.add_argument("--slot-seconds", type=int, default=10,
-                   help="real seconds per slot (each a simulated 15 minutes; 4-900)")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="stop after this many settled rounds and print the verdict")
-    p.add_argument("--no-dashboard", action="store_true", help="do not start the dashboard")
-    p.add_argument("--dashboard-port", type=int, default=8050)
-    p.add_argument("--dir", type=Path, default=None,
-                   help="keep keys, genesis and ledgers here (default: a temporary directory)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the simulated households")
-    p.add_argument("--feeder", action="store_true",
-                   help="add a feeder meter at the transformer; h1 signs its readings as the "
-                   "operator and every settled slot records the feeder check")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo; exit 0 only if every ledger verifies and all heads are equal."""
-    if not 2 <= args.households <= 40:
-        print("error: --households must be in 2..40", file=sys.stderr)
-        return 2
-    if not 4 <= args.slot_seconds <= 900:
-        print("error: --slot-seconds must be in 4..900", file=sys.stderr)
-        return 2
-    if args.feeder and args.households > FEEDER_MAX_HOUSEHOLDS:
-        print(f"error: --feeder supports at most {FEEDER_MAX_HOUSEHOLDS} households",
-              file=sys.stderr)
-        return 2
-    if args.rounds is not None and args.rounds < 1:
-        print("error: --rounds must be at least 1", file=sys.stderr)
-        return 2
-    settings = DemoSettings(
-        households=args.households, slot_seconds=args.slot_seconds, rounds=args.rounds,
-        dashboard=not args.no_dashboard, dashboard_port=args.dashboard_port,
-        directory=args.dir, seed=args.seed, feeder=args.feeder,
-    )  # fmt: skip
-    try:
-        return trio.run(run_demo, settings, lambda line: print(line, flush=True))
-    except FileExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

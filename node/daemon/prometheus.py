@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from node.api import Api
-    from node.household import HouseholdNode
+    from node.daemon.household_node import HouseholdNode
+    from node.daemon.http_api import Api
 
 
 class NodeCollector(Collector):

@@ -4,15 +4,15 @@ program (``microgrid node run --config FILE``).
 Parts and who calls whom (all background tasks live in :meth:`HouseholdNode.run`'s nursery):
 
 - :class:`~node.net.host.NetNode` gossips signed records and carries Raft messages. Every
-  validated record heard is offered to the :class:`~node.proposer.Proposer`; every Raft message
-  goes to the :class:`~node.consensus.ConsensusDriver`.
+  validated record heard is offered to the :class:`~node.daemon.proposer.Proposer`; every Raft
+  message goes to the :class:`~node.daemon.consensus.ConsensusDriver`.
 - The driver runs the Raft core; on the leader it proposes batches of queued records and the
   gate closures and settlements that are due by the wall clock; on every node it applies the
-  committed log through the :class:`~node.replica.Replica` (engine + ledger, with the applied
+  committed log through the :class:`~node.daemon.replica.Replica` (engine + ledger, with the applied
   index in the same database transaction).
 - The meter task polls the household's meters; just after each slot ends it signs the slot's
   :class:`~market.MeterReading` and the agent's :class:`~market.Order` for the next open slot
-  (:class:`~node.trader.Trader`), and gossips them.
+  (:class:`~node.agent.trader.Trader`), and gossips them.
 - With ``[feeder]`` configured (the grid operator's node), the feeder task reads the feeder
   meter just after each slot ends and signs the slot's :class:`~market.models.FeederReading`
   with the operator key, and gossips it like the household's own readings.
@@ -39,25 +39,26 @@ import trio
 from sqlalchemy import func, select
 
 from market import CancelOrder, MeterReading, Order, RejectReason, Side
+from market.accounting import household_account
 from market.bounds import MAX_SLOT
 from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
-from market.ledger import household_account
 from market.models import FeederReading, MemberRegistration, SignedRecord
 from market.signing import Signer
 from market.state import State
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
-from node.api import Api, ApiError, Request
-from node.config import FeederSetting, NodeConfig
-from node.consensus import ConsensusDriver
-from node.genesis import Genesis
-from node.identity import KeyFileError, NodeIdentity, load_key_file
+from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
+from node.daemon.consensus import ConsensusDriver
+from node.daemon.http_api import Api, ApiError, Request
+from node.daemon.prometheus import NodeCollector
+from node.daemon.proposer import Proposer
+from node.daemon.replica import Replica
+from node.daemon.status import status_document
 from node.ledger import LedgerStore
 from node.ledger import schema as t
 from node.ledger.queries import load_block_refs, load_clearings, load_settlement_sums
 from node.ledger.store import LedgerStoreError
 from node.ledger.sync import BlockSyncError, import_blocks, missing_ranges
-from node.metrics import NodeCollector
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
     BlockServer,
@@ -67,12 +68,11 @@ from node.net.block_sync import (
 )
 from node.net.host import NetNode, NetSettings, PublishError, default_slot_policy
 from node.net.wire import TopicKind
-from node.proposer import Proposer
 from node.raft import Config, EntryType, Message, RaftNode, decode_message, encode_message
 from node.raft.storage_sql import SQLStorage
-from node.replica import Replica
-from node.status import status_document
-from node.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
+from node.setup.config import FeederSetting, NodeConfig
+from node.setup.genesis import Genesis
+from node.setup.keyfile import KeyFileError, NodeIdentity, load_key_file
 
 log = logging.getLogger("microgrid.node")
 
@@ -805,7 +805,7 @@ class HouseholdNode:
         last = self.schedule.last_due_gate(now) + market.slot_horizon
         if slot > last:
             raise ApiError(400, f"slot {slot} is too far ahead (orders go up to slot {last})")
-        # One manual order per slot: its nonce is derived from the slot (node/trader.py), so a
+        # One manual order per slot: its nonce is derived from the slot (node/agent/trader.py), so a
         # second one would be rejected as a replay after the API had accepted it. Signed since
         # this process started, or in the slot's book (the published engine snapshot).
         if slot in self.trader.manual_slots or slot in self.engine_snapshot().own_manual_slots:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from market import CancelOrder, CloseGate, Command, MeterReading, Order, SettleSlot
 from market.models import FeederReading, record_hash
-from node.schedule import Schedule
+from market.schedule import Schedule
 
 Record = Order | CancelOrder | MeterReading | FeederReading
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from market import MeterReading
-from node.consensus import ConsensusDriver
+from node.daemon.consensus import ConsensusDriver
 
 
 def status_document(

@@ -3,7 +3,7 @@
 One task owns the :class:`~node.raft.RaftNode` (it is not thread-safe and needs no locks that
 way). Its loop: wait for a peer message or the next tick, step or tick the core, let the leader
 propose due work, then drain ``Ready``: persist (in a worker thread: SQLite fsyncs), send,
-apply committed entries through the :class:`~node.replica.Replica`, ``advance``. Messages are
+apply committed entries through the :class:`~node.daemon.replica.Replica`, ``advance``. Messages are
 sent only after what they promise is on disk, as Raft requires.
 
 Every ``snapshot_every`` applied entries it compacts the log. The core's checks and the update
@@ -26,7 +26,8 @@ from typing import Protocol
 import trio
 
 from market import encode_batch
-from node.proposer import EngineView, Proposer
+from node.daemon.proposer import EngineView, Proposer
+from node.daemon.replica import Replica
 from node.raft import (
     EntryType,
     Message,
@@ -39,7 +40,6 @@ from node.raft import (
     Storage,
 )
 from node.raft.node import persist_compaction
-from node.replica import Replica
 
 log = logging.getLogger(__name__)
 

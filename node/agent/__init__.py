@@ -1,0 +1,1 @@
+"""The household's agent: what to offer or bid, and what to sign (pure, sans-I/O)."""

@@ -1,0 +1,1 @@
+"""Tools built on the node: the demo microgrid and the deterministic market simulation."""
