@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from fractions import Fraction
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -31,7 +30,7 @@ from market.bounds import (
 )
 from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.models import FeederReading, MemberRole, MeterReading, Order, Trade
-from market.state import MarketConfig, Member, NonceWindow, Reputation, State
+from market.state import MarketConfig, MarketConfigError, Member, NonceWindow, Reputation, State
 
 SNAPSHOT_KIND = "snapshot"
 _PREFIX = f"microgrid/{SNAPSHOT_KIND}/v1\n".encode()
@@ -90,41 +89,13 @@ def state_digest(state: State) -> str:
     return sha256(dump_state(state)).hex()
 
 
-_CONFIG_FIELDS = frozenset(
-    {"grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k", "slot_horizon",
-     "max_order_wh", "nonce_window"}
-)  # fmt: skip
-"""What :meth:`MarketConfig.to_json` always writes; ``slot_seconds`` too unless it is the
-default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter."""
-_FEEDER_CONFIG_FIELDS = frozenset(
-    {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
-)
-_K = re.compile(r"(0|[1-9][0-9]{0,19})/([1-9][0-9]{0,19})")
-"""``k`` as ``to_json`` writes it: ``numerator/denominator`` in decimal (never parsed by
-``Fraction(str)``, which would take ``"1e-999999999"`` and work for minutes)."""
-
-
 def config_from_json(data: Any) -> MarketConfig:
-    """Inverse of :meth:`MarketConfig.to_json`; raises :class:`SnapshotError` for anything else
-    (a wrong field set, a ``k`` that is no fraction string, or rules ``MarketConfig`` refuses)."""
-    doc = _object(data, "config")
-    wrong = (set(doc) ^ _CONFIG_FIELDS) - {"slot_seconds"} - _FEEDER_CONFIG_FIELDS
-    if wrong:
-        raise SnapshotError(f"config: fields {sorted(wrong)[:10]} missing or unexpected")
-    feeder = set(doc) & _FEEDER_CONFIG_FIELDS
-    if feeder and (feeder != _FEEDER_CONFIG_FIELDS or doc["feeder_serial"] == ""):
-        # to_json writes all four, with a serial, or none: anything else would not round-trip
-        raise SnapshotError("config: the feeder_* fields come all four, with a serial, or not")
-    k = doc["k"]
-    match = _K.fullmatch(k) if isinstance(k, str) else None
-    if match is None:
-        raise SnapshotError("config.k: expected a fraction 'numerator/denominator'")
-    fields = dict(doc)
-    fields["k"] = Fraction(int(match[1]), int(match[2]))
+    """Inverse of :meth:`MarketConfig.to_json` (:meth:`MarketConfig.from_json`); raises
+    :class:`SnapshotError` for anything else."""
     try:
-        return MarketConfig(**fields)
-    except (ValueError, TypeError) as exc:
-        raise SnapshotError(f"config: {exc}") from None
+        return MarketConfig.from_json(data)
+    except MarketConfigError as exc:
+        raise SnapshotError(exc.within("config")) from None
 
 
 # --- checks of untrusted snapshot values --------------------------------------------------------

@@ -26,6 +26,7 @@ readings for slots whose gate closed and that are not settled yet.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -94,6 +95,34 @@ DEFAULT_FEEDER_TOLERANCE_WH = 100
 """Absolute slack of the feeder check unless the genesis says otherwise."""
 
 
+class MarketConfigError(ValueError):
+    """Market rules read from a file or a peer that :meth:`MarketConfig.from_json` refuses."""
+
+    def __init__(self, problem: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {problem}" if field else problem)
+        self.problem = problem
+        self.field = field
+
+    def within(self, where: str) -> str:
+        """The message with the document's path in front, e.g. ``market.k: ...``."""
+        return f"{where}.{self.field}: {self.problem}" if self.field else f"{where}: {self.problem}"
+
+
+_CONFIG_FIELDS = frozenset(
+    {"grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k", "slot_horizon",
+     "max_order_wh", "nonce_window"}
+)  # fmt: skip
+"""What :meth:`MarketConfig.to_json` always writes; ``slot_seconds`` too unless it is the
+default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter."""
+_FEEDER_CONFIG_FIELDS = frozenset(
+    {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
+)
+_CONFIG_STRINGS = frozenset({"grid", "operator", "mechanism", "k", "feeder_serial"})
+_K = re.compile(r"(0|[1-9][0-9]{0,19})/([1-9][0-9]{0,19})")
+"""``k`` as ``to_json`` writes it: ``numerator/denominator`` in decimal (never parsed by
+``Fraction(str)``, which would take ``"1e-999999999"`` and work for minutes)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MarketConfig:
     """The market rules of one microgrid, fixed by its signed genesis."""
@@ -157,6 +186,39 @@ class MarketConfig:
         _check_int("feeder_max_power_w", self.feeder_max_power_w, 0, MAX_POWER_W)
         _check_int("feeder_loss_permille", self.feeder_loss_permille, 0, 1000)
         _check_int("feeder_tolerance_wh", self.feeder_tolerance_wh, 0, MAX_COUNTER_WH)
+
+    @classmethod
+    def from_json(cls, doc: object) -> MarketConfig:
+        """Inverse of :meth:`to_json`, for rules read from a genesis file, a snapshot or a
+        ledger: exactly the fields ``to_json`` writes, strings as strings, integers as
+        integers (never a bool or a float), ``k`` as ``numerator/denominator`` in decimal,
+        then every bound of ``__post_init__``. Raises :class:`MarketConfigError` naming the
+        field."""
+        if not isinstance(doc, dict):
+            raise MarketConfigError("expected an object")
+        wrong = (set(doc) ^ _CONFIG_FIELDS) - {"slot_seconds"} - _FEEDER_CONFIG_FIELDS
+        if wrong:
+            raise MarketConfigError(f"fields {sorted(map(str, wrong))[:10]} missing or unexpected")
+        feeder = set(doc) & _FEEDER_CONFIG_FIELDS
+        if feeder and feeder != _FEEDER_CONFIG_FIELDS:
+            missing = sorted(_FEEDER_CONFIG_FIELDS - feeder)
+            raise MarketConfigError(f"feeder fields {missing} missing (all four or none)")
+        for name, value in doc.items():
+            want = str if name in _CONFIG_STRINGS else int
+            if type(value) is not want:
+                kind = "a string" if want is str else "an integer"
+                raise MarketConfigError(f"expected {kind}", name)
+        if feeder and not doc["feeder_serial"]:
+            raise MarketConfigError("empty (leave the feeder fields out)", "feeder_serial")
+        match = _K.fullmatch(doc["k"])
+        if match is None:
+            raise MarketConfigError("expected a fraction 'numerator/denominator'", "k")
+        fields = dict(doc)
+        fields["k"] = Fraction(int(match[1]), int(match[2]))
+        try:
+            return cls(**fields)
+        except (ValueError, TypeError, ZeroDivisionError) as exc:
+            raise MarketConfigError(str(exc)) from None
 
     @property
     def has_feeder(self) -> bool:

@@ -14,22 +14,21 @@ malformed, each with a typed :class:`GenesisError` subclass.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import multiaddr
 from pydantic import ValidationError
 
-from market.bounds import DEFAULT_MAX_POWER_W, DEFAULT_SLOT_SECONDS
+from market.bounds import DEFAULT_MAX_POWER_W
 from market.did import IdentityError, public_key_from_did, verify_signature
 from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.models import MemberRegistration, MemberRole, first_error
 from market.schedule import Schedule
 from market.signing import Signer
-from market.state import MarketConfig
+from market.state import MarketConfig, MarketConfigError
 
 GENESIS_KIND = "genesis-file"
 MAX_GENESIS_BYTES = 4 * 1024 * 1024
@@ -192,68 +191,11 @@ def create_genesis(
     return replace(unsigned, signature=operator.sign(unsigned.signing_bytes()))
 
 
-_FEEDER_FIELDS = (
-    "feeder_serial",
-    "feeder_max_power_w",
-    "feeder_loss_permille",
-    "feeder_tolerance_wh",
-)
-"""Optional market rules of a grid with a feeder meter (``MarketConfig.to_json`` writes them
-only then, so genesis files of grids without one are unchanged)."""
-
-
 def _market_from_json(doc: Any) -> MarketConfig:
-    if not isinstance(doc, Mapping):
-        raise GenesisFormatError("market: expected an object")
-    expected = {
-        "grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k",
-        "slot_horizon", "max_order_wh", "nonce_window",
-    }  # fmt: skip
-    # slot_seconds is optional: MarketConfig.to_json leaves it out at its default (900); the
-    # feeder_* fields come all four (a grid with a feeder meter) or not at all
-    wrong = (set(doc) ^ expected) - {"slot_seconds", *_FEEDER_FIELDS}
-    if wrong:
-        raise GenesisFormatError(f"market: fields {sorted(wrong)} missing or unexpected")
-    feeder = set(doc) & set(_FEEDER_FIELDS)
-    if feeder and feeder != set(_FEEDER_FIELDS):
-        missing = sorted(set(_FEEDER_FIELDS) - feeder)
-        raise GenesisFormatError(f"market: feeder fields {missing} missing")
-    strings = ["grid", "operator", "mechanism", "k"]
-    if feeder:
-        strings.append("feeder_serial")
-    for name in strings:
-        if not isinstance(doc[name], str):
-            raise GenesisFormatError(f"market.{name}: expected a string")
-    if feeder and not doc["feeder_serial"]:
-        raise GenesisFormatError("market.feeder_serial: empty (leave the feeder fields out)")
-    integers = ["feed_in_tariff", "retail_price", "slot_horizon", "max_order_wh", "nonce_window"]
-    if "slot_seconds" in doc:
-        integers.append("slot_seconds")
-    if feeder:
-        integers.extend(_FEEDER_FIELDS[1:])
-    for name in integers:
-        if type(doc[name]) is not int:
-            raise GenesisFormatError(f"market.{name}: expected an integer")
     try:
-        num, den = doc["k"].split("/")
-        if len(num) > 20 or len(den) > 20:
-            raise ValueError("k: numerator and denominator must have at most 20 digits")
-        k = Fraction(int(num), int(den))
-        return MarketConfig(
-            grid=doc["grid"],
-            operator=doc["operator"],
-            feed_in_tariff=doc["feed_in_tariff"],
-            retail_price=doc["retail_price"],
-            mechanism=doc["mechanism"],
-            k=k,
-            slot_horizon=doc["slot_horizon"],
-            max_order_wh=doc["max_order_wh"],
-            nonce_window=doc["nonce_window"],
-            slot_seconds=doc.get("slot_seconds", DEFAULT_SLOT_SECONDS),
-            **{name: doc[name] for name in _FEEDER_FIELDS if name in doc},
-        )
-    except (ValueError, ZeroDivisionError) as exc:
-        raise GenesisFormatError(f"market: {exc}") from None
+        return MarketConfig.from_json(doc)
+    except MarketConfigError as exc:
+        raise GenesisFormatError(exc.within("market")) from None
 
 
 def parse_genesis(data: bytes) -> Genesis:
