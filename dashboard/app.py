@@ -5,7 +5,8 @@ thread or process, never on a trio loop). One ``dcc.Interval`` polls the ledger 
 cheap queries); the views redraw only when the head changed, and every figure carries a
 ``uirevision`` so a refresh keeps the user's zoom and legend choices. Callbacks refuse client
 values out of range or of the wrong type with 400, and :mod:`dashboard.http_guard` guards Dash's
-endpoints (request size, callback payloads, component suites, logs).
+endpoints (request size, callback payloads, component suites, logs). The page's styles are
+``dashboard/assets/dashboard.css``, served by Dash from :data:`ASSETS`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dash
@@ -25,6 +29,9 @@ from dashboard import data, http_guard, views
 from dashboard.http_guard import BadInput
 from dashboard.views import Context
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+"""Static files Dash serves under ``/assets/`` and links from the page (the stylesheet)."""
+
 INDEX = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -32,38 +39,6 @@ INDEX = """<!DOCTYPE html>
 <title>{%title%}</title>
 {%favicon%}
 {%css%}
-<style>
-body { font-family: system-ui, sans-serif; margin: 0; background: #f4f6f8; color: #222; }
-header { position: sticky; top: 0; z-index: 10; background: #17324d; color: #fff;
-  padding: 8px 16px; display: flex; gap: 18px; align-items: center; flex-wrap: wrap; }
-header h1 { font-size: 18px; margin: 0 12px 0 0; }
-header label { color: #fff; }
-header nav a { color: #cfe3ff; margin-right: 10px; text-decoration: none; font-size: 14px; }
-.badge { padding: 2px 8px; border-radius: 10px; font-size: 13px; background: #4a6076; }
-.badge.ok { background: #2e7d32; } .badge.failed { background: #c62828; }
-.badge.pending { background: #8d6e63; } .badge.off { background: #607d8b; }
-main { padding: 12px 16px; }
-section { background: #fff; border-radius: 6px; padding: 10px 14px; margin-bottom: 14px;
-  box-shadow: 0 1px 2px rgba(0,0,0,.08); }
-section h2 { font-size: 17px; margin: 4px 0 8px; }
-.controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; margin-bottom: 6px; }
-.controls label { font-size: 14px; }
-.kpis { display: flex; gap: 12px; flex-wrap: wrap; }
-.kpi { border: 1px solid #dde3ea; border-radius: 6px; padding: 8px 12px; min-width: 150px; }
-.kpi .v { font-size: 20px; font-weight: 600; } .kpi .k { font-size: 12px; color: #555; }
-table.grid { border-collapse: collapse; font-size: 13px; width: 100%; }
-table.grid th, table.grid td { border-bottom: 1px solid #e3e7eb; padding: 3px 6px;
-  text-align: left; font-variant-numeric: tabular-nums; }
-table.grid th { background: #f0f3f6; }
-.alert { padding: 6px 10px; border-radius: 4px; margin: 4px 0; font-size: 14px; }
-.alert.danger { background: #fdecea; border-left: 4px solid #c62828; }
-.alert.warning { background: #fff8e1; border-left: 4px solid #f9a825; }
-.alert.secondary { background: #eceff1; border-left: 4px solid #607d8b; }
-.alert.none { background: #e8f5e9; border-left: 4px solid #2e7d32; }
-.mono { font-family: ui-monospace, monospace; font-size: 12px; word-break: break-all; }
-.muted { color: #666; font-size: 13px; }
-button.csv { font-size: 13px; padding: 3px 10px; cursor: pointer; }
-</style>
 </head>
 <body>
 {%app_entry%}
@@ -259,14 +234,17 @@ def _money(cents: int) -> str:
 
 
 def _section(sid: str, title: str, children: list[Any], csv: str | None = None) -> html.Section:
+    """A titled section; ``csv``: the section's "Download CSV" button (an entry of
+    :data:`CSV_DOWNLOADS`, by its ``csv-<name>`` button id's name)."""
     head: list[Any] = [html.H2(title)]
     if csv:
+        download = next(d for d in CSV_DOWNLOADS if d.button_id == f"csv-{csv}")
         head = [
             html.Div(
                 [
                     html.H2(title, style={"flex": "1"}),
-                    html.Button("Download CSV", id=f"csv-{csv}", className="csv", n_clicks=0),
-                    dcc.Download(id=f"dl-{csv}"),
+                    html.Button("Download CSV", id=download.button_id, className="csv", n_clicks=0),
+                    dcc.Download(id=download.download_id),
                 ],
                 className="controls",
             )
@@ -435,6 +413,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         update_title=None,
         serve_locally=True,
         suppress_callback_exceptions=False,
+        assets_folder=str(ASSETS),
     )
     app.index_string = INDEX
     app.layout = lambda: layout(ctx, refresh_ms)
@@ -470,7 +449,9 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         info = ctx.info()
         short = (head["head_hash"] or "—")[:12]
         settled = head["settled_through"]
-        through = "—" if settled is None else f"{settled} ({ctx.clock.label(settled)} UTC)"
+        through = (
+            "—" if settled is None else f"{settled} ({data.slot_label(ctx.schedule, settled)} UTC)"
+        )
         state = head["verify_state"]
         label = {"ok": "ledger verified", "failed": "ledger FAILS verification"}.get(
             state, "verifying…"
@@ -533,8 +514,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return dash.no_update
-        fig, _ = views.market_view(ctx, window)
-        return apply_zoom(fig, zoom)
+        return apply_zoom(views.market_view(ctx, window).figure, zoom)
 
     @app.callback(
         Output("slot-input", "value"),
@@ -558,8 +538,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         head, slot = _head(head), _slot(slot)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
-        fig, summary, _ = views.orderbook_view(ctx, slot)
-        return fig, summary
+        book = views.orderbook_view(ctx, slot)
+        return book.figure, book.summary
 
     @app.callback(
         Output("household-graph", "figure"),
@@ -576,15 +556,15 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         window, zoom = _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return (dash.no_update,) * 4
-        fig, summary, _, chosen = views.households_view(ctx, household, window)
-        fig = apply_zoom(fig, zoom)
+        view = views.households_view(ctx, household, window)
+        fig = apply_zoom(view.figure, zoom)
         table_rows = [
             {
                 **r,
                 "balance": _money(r["balance_cents"]),
                 "reputation": f"{r['reputation_permille'] / 10:.1f} %",
             }
-            for r in summary
+            for r in view.summary
         ]
         table = _table(
             table_rows,
@@ -605,9 +585,9 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         )
         options = [
             {"label": f"{r['short']} ({r['meter']}, {r['role']})", "value": r["household"]}
-            for r in summary
+            for r in view.summary
         ]
-        return fig, table, options, chosen
+        return fig, table, options, view.household
 
     @app.callback(
         Output("community-kpis", "children"),
@@ -620,8 +600,9 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
-        f, fig, _ = views.community_view(ctx, window)
-        fig = apply_zoom(fig, zoom)
+        view = views.community_view(ctx, window)
+        f = view.figures
+        fig = apply_zoom(view.figure, zoom)
         kpis = [
             _kpi("self-sufficiency", _pct(f.self_sufficiency), "kpi-self-sufficiency"),
             _kpi("self-consumption", _pct(f.self_consumption), "kpi-self-consumption"),
@@ -644,7 +625,7 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         head, window, zoom = _head(head), _window(window), _zoom_state(zoom)
         if not head or "error" in head:
             return dash.no_update, dash.no_update
-        fig, _ = views.feeder_view(ctx, window)
+        fig = views.feeder_view(ctx, window).figure
         if fig is None:  # a grid without a feeder meter: nothing new on the page
             return {"data": [], "layout": {}}, {"display": "none"}
         return apply_zoom(fig, zoom), {"display": "block"}
@@ -725,7 +706,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
     )
     def _network(api: dict[str, Any] | None) -> Any:
         http_guard.optional_dict(api, "api")
-        latest, bars, lag = views.network_view(ctx)
+        network = views.network_view(ctx)
+        latest, bars, lag = network.latest, network.invalid_figure, network.lag_figure
         if not ctx.api_url:
             note = html.Div(
                 "No node status API configured (start with --api URL): consensus and network "
@@ -771,79 +753,110 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         ]
         return kpis, bars, lag
 
-    _register_csv(app, ctx)
+    for download in CSV_DOWNLOADS:
+        _register_csv(app, ctx, download)
     http_guard.install(app)
     return app
 
 
-def _register_csv(app: Dash, ctx: Context) -> None:
-    """One download per view: the data the view shows, as CSV."""
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A page control a CSV download reads: its component id and its validator (which refuses
+    out-of-range client values with 400, as the views' own callbacks do)."""
 
-    def send(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        return dcc.send_string(data.rows_to_csv(rows), f"microgrid-{name}.csv")
+    component_id: str
+    check: Callable[[Any], Any]
+
+
+CONTROLS: dict[str, Control] = {
+    "window": Control("window", _window),
+    "slot": Control("slot-input", _slot),
+    "household": Control("household", _household),
+}
+"""The controls a CSV download may read, by the keyword its rows function takes."""
+
+
+@dataclass(frozen=True, slots=True)
+class CsvDownload:
+    """One "Download CSV" button: what it downloads and under which file name."""
+
+    button_id: str
+    download_id: str
+    """The ``dcc.Download`` next to the button."""
+    filename: str
+    rows: Callable[..., list[dict[str, Any]]]
+    """``rows(ctx, **controls)``: the data its view shows, as flat dicts."""
+    controls: tuple[str, ...] = ()
+    """Keys of :data:`CONTROLS` whose values ``rows`` takes as keyword arguments."""
+
+
+def _market_rows(ctx: Context, window: str) -> list[dict[str, Any]]:
+    return views.market_view(ctx, window).points
+
+
+def _book_rows(ctx: Context, slot: int | None) -> list[dict[str, Any]]:
+    return views.orderbook_view(ctx, slot).orders
+
+
+def _household_rows(ctx: Context, household: str | None, window: str) -> list[dict[str, Any]]:
+    """The chosen household's slots, else (no slot yet) every household's summary."""
+    view = views.households_view(ctx, household, window)
+    return [{"household": view.household, **r} for r in view.slots] or view.summary
+
+
+def _community_rows(ctx: Context, window: str) -> list[dict[str, Any]]:
+    return views.community_view(ctx, window).buckets
+
+
+def _ledger_rows(ctx: Context) -> list[dict[str, Any]]:
+    return views.ledger_view(ctx)["blocks"]
+
+
+def _network_rows(ctx: Context) -> list[dict[str, Any]]:
+    """Every poll of the node's status API, one column per invalid-message reason."""
+    return [
+        {k: v for k, v in p.as_dict().items() if k != "invalid_messages"}
+        | {f"invalid_{k}": v for k, v in p.invalid_messages.items()}
+        for p in ctx.history.polls()
+    ]
+
+
+CSV_DOWNLOADS: tuple[CsvDownload, ...] = (
+    CsvDownload("csv-market", "dl-market", "microgrid-market.csv", _market_rows, ("window",)),
+    CsvDownload("csv-book", "dl-book", "microgrid-orderbook.csv", _book_rows, ("slot",)),
+    CsvDownload(
+        "csv-households",
+        "dl-households",
+        "microgrid-household.csv",
+        _household_rows,
+        ("household", "window"),
+    ),
+    CsvDownload(
+        "csv-community", "dl-community", "microgrid-community.csv", _community_rows, ("window",)
+    ),
+    CsvDownload("csv-ledger", "dl-ledger", "microgrid-blocks.csv", _ledger_rows),
+    CsvDownload("csv-network", "dl-network", "microgrid-network.csv", _network_rows),
+)
+"""One download per view: the data the view shows, as CSV."""
+
+
+def _register_csv(app: Dash, ctx: Context, download: CsvDownload) -> None:
+    """The callback of one "Download CSV" button."""
+    controls = [CONTROLS[name] for name in download.controls]
 
     @app.callback(
-        Output("dl-market", "data"),
-        Input("csv-market", "n_clicks"),
-        State("window", "value"),
+        Output(download.download_id, "data"),
+        Input(download.button_id, "n_clicks"),
+        *(State(c.component_id, "value") for c in controls),
         prevent_initial_call=True,
     )
-    def _csv_market(_n: int, window: str) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        return send("market", views.market_view(ctx, _window(window))[1])
-
-    @app.callback(
-        Output("dl-book", "data"),
-        Input("csv-book", "n_clicks"),
-        State("slot-input", "value"),
-        prevent_initial_call=True,
-    )
-    def _csv_book(_n: int, slot: Any) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        return send("orderbook", views.orderbook_view(ctx, _slot(slot))[2])
-
-    @app.callback(
-        Output("dl-households", "data"),
-        Input("csv-households", "n_clicks"),
-        State("household", "value"),
-        State("window", "value"),
-        prevent_initial_call=True,
-    )
-    def _csv_households(_n: int, household: str | None, window: str) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        household, window = _household(household), _window(window)
-        _, summary, slots, chosen = views.households_view(ctx, household, window)
-        rows = [{"household": chosen, **r} for r in slots] or summary
-        return send("household", rows)
-
-    @app.callback(
-        Output("dl-community", "data"),
-        Input("csv-community", "n_clicks"),
-        State("window", "value"),
-        prevent_initial_call=True,
-    )
-    def _csv_community(_n: int, window: str) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        return send("community", views.community_view(ctx, _window(window))[2])
-
-    @app.callback(
-        Output("dl-ledger", "data"), Input("csv-ledger", "n_clicks"), prevent_initial_call=True
-    )
-    def _csv_ledger(_n: int) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        return send("blocks", views.ledger_view(ctx)["blocks"])
-
-    @app.callback(
-        Output("dl-network", "data"), Input("csv-network", "n_clicks"), prevent_initial_call=True
-    )
-    def _csv_network(_n: int) -> Any:
-        http_guard.optional_count(_n, "n_clicks")
-        rows = [
-            {k: v for k, v in p.as_dict().items() if k != "invalid_messages"}
-            | {f"invalid_{k}": v for k, v in p.invalid_messages.items()}
-            for p in ctx.history.polls()
-        ]
-        return send("network", rows)
+    def _csv(n_clicks: Any, *values: Any) -> Any:
+        http_guard.optional_count(n_clicks, "n_clicks")
+        kwargs = {
+            name: c.check(v) for name, c, v in zip(download.controls, controls, values, strict=True)
+        }
+        rows = download.rows(ctx, **kwargs)
+        return dcc.send_string(data.rows_to_csv(rows), download.filename)
 
 
 def _feeder_summary(summary: data.FeederSummary | None, window_slots: int) -> list[Any]:

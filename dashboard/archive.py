@@ -22,10 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, delete, func, insert, select, update
+from sqlalchemy import Engine, Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
+from node.ledger.rows import (
+    BalanceOverflowError,
+    apply_balance_deltas,
+    fetch_rows,
+    insert_rows,
+    read_meta,
+)
 from node.ledger.store import make_engine
 from node.ledger.verify import verify_ledger
 
@@ -59,30 +66,17 @@ class ArchiveResult:
         )
 
 
-def _meta(conn: Connection) -> dict[str, str]:
-    return {r.key: r.value for r in conn.execute(select(t.meta.c.key, t.meta.c.value))}
-
-
-def _rows(conn: Connection, query: Any) -> list[dict[str, Any]]:
-    return [dict(r._mapping) for r in conn.execute(query)]
-
-
-def _put(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(insert(table), rows)
-
-
 def _bind(source: Connection, target: Connection) -> tuple[int, str | None]:
     """Check (or write) the target's grid binding; return its height and head hash."""
-    src_meta = _meta(source)
+    src_meta = read_meta(source)
     if "genesis_hash" not in src_meta:
         raise ArchiveError("source has no genesis_hash in meta: not a microgrid ledger")
-    dst_meta = _meta(target)
+    dst_meta = read_meta(target)
     if not dst_meta:
-        _put(
+        insert_rows(
             target, t.meta, [{"key": k, "value": src_meta[k]} for k in COPIED_META if k in src_meta]
         )
-        _put(target, t.meta, [{"key": "archive_height", "value": "0"}])
+        insert_rows(target, t.meta, [{"key": "archive_height", "value": "0"}])
     elif dst_meta.get("genesis_hash") != src_meta["genesis_hash"]:
         raise ArchiveError(
             f"target archives grid {dst_meta.get('grid')!r} (genesis "
@@ -95,7 +89,7 @@ def _bind(source: Connection, target: Connection) -> tuple[int, str | None]:
                 f"target records the schedule {dst_meta['schedule']}, source "
                 f"{src_meta['schedule']}: refusing to mix ledgers"
             )
-        _put(target, t.meta, [{"key": "schedule", "value": src_meta["schedule"]}])
+        insert_rows(target, t.meta, [{"key": "schedule", "value": src_meta["schedule"]}])
     head = target.execute(
         select(t.blocks.c.height, t.blocks.c.hash).order_by(t.blocks.c.height.desc()).limit(1)
     ).first()
@@ -113,7 +107,9 @@ def _bind(source: Connection, target: Connection) -> tuple[int, str | None]:
 def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -> int:
     """Copy blocks ``first..last`` (heights) and what their slots produced; returns count."""
     b, tx, p = t.blocks.c, t.transactions.c, t.postings.c
-    blocks = _rows(source, select(t.blocks).where(b.height.between(first, last)).order_by(b.height))
+    blocks = fetch_rows(
+        source, select(t.blocks).where(b.height.between(first, last)).order_by(b.height)
+    )
     if not blocks:
         return 0
     prev_slot = source.execute(select(b.slot).where(b.height == first - 1)).scalar()
@@ -122,32 +118,34 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
 
     def by_slot(table: Table, *order: Any) -> list[dict[str, Any]]:
         c = table.c
-        return _rows(source, select(table).where(and_(c.slot > lo, c.slot <= hi)).order_by(*order))
+        return fetch_rows(
+            source, select(table).where(and_(c.slot > lo, c.slot <= hi)).order_by(*order)
+        )
 
-    txs = _rows(
+    txs = fetch_rows(
         source,
         select(t.transactions).where(tx.block_height.between(first, last)).order_by(tx.id),
     )
-    postings = _rows(
+    postings = fetch_rows(
         source,
         select(t.postings)
         .join(t.transactions, p.transaction_id == tx.id)
         .where(tx.block_height.between(first, last))
         .order_by(p.id),
     )
-    _put(target, t.blocks, blocks)
-    _put(target, t.transactions, txs)
-    _put(target, t.postings, postings)
-    _put(target, t.clearings, by_slot(t.clearings, t.clearings.c.slot))
-    _put(target, t.orders, by_slot(t.orders, t.orders.c.slot, t.orders.c.position))
-    _put(target, t.trades, by_slot(t.trades, t.trades.c.slot, t.trades.c.position))
-    _put(target, t.readings, by_slot(t.readings, t.readings.c.slot, t.readings.c.position))
-    _put(target, t.settlements, by_slot(t.settlements, t.settlements.c.slot))
+    insert_rows(target, t.blocks, blocks)
+    insert_rows(target, t.transactions, txs)
+    insert_rows(target, t.postings, postings)
+    insert_rows(target, t.clearings, by_slot(t.clearings, t.clearings.c.slot))
+    insert_rows(target, t.orders, by_slot(t.orders, t.orders.c.slot, t.orders.c.position))
+    insert_rows(target, t.trades, by_slot(t.trades, t.trades.c.slot, t.trades.c.position))
+    insert_rows(target, t.readings, by_slot(t.readings, t.readings.c.slot, t.readings.c.position))
+    insert_rows(target, t.settlements, by_slot(t.settlements, t.settlements.c.slot))
     fc = t.feeder_checks.c
-    _put(
+    insert_rows(
         target,
         t.feeder_checks,
-        _rows(
+        fetch_rows(
             source,
             select(t.feeder_checks).where(fc.block_height.between(first, last)).order_by(fc.slot),
         ),
@@ -156,31 +154,18 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
     for row in postings:
         key = (row["account"], row["asset"])
         deltas[key] = deltas.get(key, 0) + int(row["amount"])
-    _apply_deltas(target, deltas)
+    try:
+        apply_balance_deltas(target, deltas)
+    except BalanceOverflowError as exc:
+        raise ArchiveError(f"blocks {first}..{last}: {exc}") from None
     target.execute(update(t.meta).where(t.meta.c.key == "archive_height").values(value=str(last)))
     return len(blocks)
 
 
-def _apply_deltas(conn: Connection, deltas: dict[tuple[str, str], int]) -> None:
-    bal = t.balances.c
-    existing = {(r.account, r.asset): int(r.amount) for r in conn.execute(select(t.balances))}
-    new = []
-    for (account, asset), delta in sorted(deltas.items()):
-        if (account, asset) in existing:
-            conn.execute(
-                update(t.balances)
-                .where(and_(bal.account == account, bal.asset == asset))
-                .values(amount=existing[(account, asset)] + delta)
-            )
-        else:
-            new.append({"account": account, "asset": asset, "amount": delta})
-    _put(conn, t.balances, new)
-
-
 def _refresh_households(source: Connection, target: Connection) -> None:
-    rows = _rows(source, select(t.households).order_by(t.households.c.did))
+    rows = fetch_rows(source, select(t.households).order_by(t.households.c.did))
     target.execute(delete(t.households))
-    _put(target, t.households, rows)
+    insert_rows(target, t.households, rows)
 
 
 def archive_engines(

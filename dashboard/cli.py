@@ -89,7 +89,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     server = serve(app, args.host, args.port)
     print(
         f"dashboard on http://{args.host}:{server.server_port}/ (ledger {args.db}, "
-        f"{ctx.clock.slot_seconds} s slots {SLOT_SOURCES[ctx.slot_source]})",
+        f"{ctx.schedule.slot_seconds} s slots {SLOT_SOURCES[ctx.slot_source]})",
         flush=True,
     )
     try:

@@ -8,9 +8,10 @@ shares (:class:`~node.ledger.queries.SlotRow`, ``load_clearings`` …) are in
 :mod:`node.ledger.queries`.
 
 Slots are numbered as in the running system (``market/schedule.py``): slot ``s`` delivers during
-``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. A :class:`SlotClock` carries
-``L`` to every function that turns slots into times; there is no module-level slot length. ``L``
-comes from the ledger's ``schedule`` meta entry (:func:`ledger_slot_seconds`, written by the
+``[s * L, (s + 1) * L)`` Unix seconds, ``L`` the grid's slot length. The node's own
+:class:`~market.schedule.Schedule` carries ``L`` to every function that turns slots into times
+(:func:`slot_label` and friends format them); there is no module-level slot length. ``L`` comes
+from the ledger's ``schedule`` meta entry (:func:`ledger_slot_seconds`, written by the
 node), else ``microgrid dashboard --slot-seconds`` (an override) or the node's ``/status``.
 
 Money is in integer minor units (cents) and energy in integer Wh, as in the ledger. Derived money
@@ -30,11 +31,12 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.engine import Connection
 
+from market.schedule import DAY_SECONDS, Schedule
 from node.ledger import schema as t
 from node.ledger.queries import (
     FEEDER_FIELDS,
@@ -49,80 +51,45 @@ from node.ledger.queries import (
 from node.ledger.store import SCHEDULE_KEY, make_engine
 from node.ledger.verify import VerifyReport, verify_ledger
 
-DEFAULT_SLOT_SECONDS = 900
-"""A production grid's slot length (15 minutes); ``microgrid demo`` runs 10-second slots."""
+DEFAULT_SLOT_SECONDS = Schedule().slot_seconds
+"""A production grid's slot length (15 minutes, the genesis default); ``microgrid demo`` runs
+10-second slots."""
 
-DAY_SECONDS = 86_400
+
+def time_format(schedule: Schedule) -> str:
+    """Format of slot labels, with seconds when slots are not whole minutes (strftime; the same
+    directives serve as Plotly's d3 ``hoverformat``)."""
+    return "%Y-%m-%d %H:%M:%S" if schedule.slot_seconds % 60 else "%Y-%m-%d %H:%M"
 
 
-@dataclass(frozen=True, slots=True)
-class SlotClock:
-    """How slot numbers map to wall time: slot ``s`` starts at ``s * slot_seconds`` Unix seconds.
+def slot_label(schedule: Schedule, slot: int) -> str:
+    """UTC start of ``slot``: ``2026-12-02 10:15`` (``03:51:40`` for sub-minute slots).
 
-    The same rule as :class:`market.schedule.Schedule`; labels are UTC.
+    Also a value Plotly reads on a date axis. A slot beyond what the C library can date
+    (a typo in the slot box) is labelled ``slot N``.
     """
+    day, seconds = divmod(schedule.start(slot), DAY_SECONDS)
+    try:
+        date = _utc_date(day)
+    except (OverflowError, OSError, ValueError):
+        return f"slot {slot}"
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if schedule.slot_seconds % 60:
+        return f"{date} {hours:02d}:{minutes:02d}:{seconds:02d}"
+    return f"{date} {hours:02d}:{minutes:02d}"
 
-    slot_seconds: int = DEFAULT_SLOT_SECONDS
 
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.slot_seconds, bool)
-            or not isinstance(self.slot_seconds, int)
-            or self.slot_seconds <= 0
-        ):
-            raise ValueError(f"slot_seconds must be a positive integer, got {self.slot_seconds!r}")
-
-    @property
-    def slots_per_day(self) -> int:
-        """Slots in one day of wall time (at least 1)."""
-        return self.slots_in(DAY_SECONDS)
-
-    @property
-    def slots_per_hour(self) -> int:
-        """Slots in one hour of wall time (at least 1)."""
-        return self.slots_in(3600)
-
-    def slots_in(self, seconds: int) -> int:
-        """How many whole slots ``seconds`` of wall time hold (at least 1)."""
-        return max(1, seconds // self.slot_seconds)
-
-    def start(self, slot: int) -> int:
-        """Unix time at which ``slot``'s delivery starts."""
-        return slot * self.slot_seconds
-
-    @property
-    def time_format(self) -> str:
-        """Format of labels, with seconds when slots are not whole minutes (strftime; the same
-        directives serve as Plotly's d3 ``hoverformat``)."""
-        return "%Y-%m-%d %H:%M:%S" if self.slot_seconds % 60 else "%Y-%m-%d %H:%M"
-
-    def label(self, slot: int) -> str:
-        """UTC start of ``slot``: ``2026-12-02 10:15`` (``03:51:40`` for sub-minute slots).
-
-        Also a value Plotly reads on a date axis. A slot beyond what the C library can date
-        (a typo in the slot box) is labelled ``slot N``.
-        """
-        day, seconds = divmod(self.start(slot), DAY_SECONDS)
-        try:
-            date = _utc_date(day)
-        except (OverflowError, OSError, ValueError):
-            return f"slot {slot}"
-        hours, seconds = divmod(seconds, 3600)
-        minutes, seconds = divmod(seconds, 60)
-        if self.slot_seconds % 60:
-            return f"{date} {hours:02d}:{minutes:02d}:{seconds:02d}"
-        return f"{date} {hours:02d}:{minutes:02d}"
-
-    def duration(self, slots: int) -> str:
-        """``slots`` slots as a wall-time span: ``15 min``, ``1 h``, ``1 day``, ``10 s``."""
-        seconds = slots * self.slot_seconds
-        for unit, name in ((7 * DAY_SECONDS, "week"), (DAY_SECONDS, "day"), (3600, "h")):
-            if seconds % unit == 0:
-                n = seconds // unit
-                return f"{n} {name}" + ("s" if n != 1 and name != "h" else "")
-        if seconds % 60 == 0:
-            return f"{seconds // 60} min"
-        return f"{seconds} s"
+def duration_label(schedule: Schedule, slots: int) -> str:
+    """``slots`` slots as a wall-time span: ``15 min``, ``1 h``, ``1 day``, ``10 s``."""
+    seconds = slots * schedule.slot_seconds
+    for unit, name in ((7 * DAY_SECONDS, "week"), (DAY_SECONDS, "day"), (3600, "h")):
+        if seconds % unit == 0:
+            n = seconds // unit
+            return f"{n} {name}" + ("s" if n != 1 and name != "h" else "")
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -239,11 +206,11 @@ def head_info(engine: Engine) -> HeadInfo:
 # with the node's HTTP API; here: their display form and the incremental cache.
 
 
-def slot_row_dict(row: SlotRow, clock: SlotClock) -> dict[str, Any]:
+def slot_row_dict(row: SlotRow, schedule: Schedule) -> dict[str, Any]:
     """A flat dict of ``row`` for tables and CSV (``time``: the slot's UTC start)."""
     return {
         "slot": row.slot,
-        "time": clock.label(row.slot),
+        "time": slot_label(schedule, row.slot),
         "mechanism": row.mechanism,
         "price": row.price,
         "local_wh": row.volume_wh,
@@ -442,7 +409,16 @@ def order_book(engine: Engine, slot: int) -> OrderBook:
     )
 
 
-def step_curve(orders: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+class StepCurve(NamedTuple):
+    """A supply or demand curve as plot coordinates (unpacks as ``xs, ys``)."""
+
+    energy_wh: list[int]
+    """x: cumulative quantity in Wh."""
+    price: list[int]
+    """y: the price of the order at that quantity (cents/kWh)."""
+
+
+def step_curve(orders: Sequence[dict[str, Any]]) -> StepCurve:
     """Cumulative-quantity step curve (x in Wh, y in price) of orders already sorted."""
     xs: list[int] = []
     ys: list[int] = []
@@ -451,7 +427,7 @@ def step_curve(orders: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
         xs.extend([total, total + order["quantity_wh"]])
         ys.extend([order["price"], order["price"]])
         total += order["quantity_wh"]
-    return xs, ys
+    return StepCurve(energy_wh=xs, price=ys)
 
 
 # --- households -------------------------------------------------------------------------------
@@ -492,7 +468,7 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
 
 
 def household_slots(
-    engine: Engine, household: str, first_slot: int | None = None, *, clock: SlotClock
+    engine: Engine, household: str, first_slot: int | None = None, *, schedule: Schedule
 ) -> list[dict[str, Any]]:
     """Metered vs traded energy and imbalance of one household per settled slot."""
     s = t.settlements.c
@@ -515,7 +491,7 @@ def household_slots(
         return [
             {
                 "slot": int(r.slot),
-                "time": clock.label(int(r.slot)),
+                "time": slot_label(schedule, int(r.slot)),
                 "measured": bool(r.measured),
                 "metered_import_wh": int(r.import_wh),
                 "metered_export_wh": int(r.export_wh),
@@ -614,11 +590,12 @@ def bucketed_community(
     retail: int,
     per: int | None = None,
     *,
-    clock: SlotClock,
+    schedule: Schedule,
 ) -> list[dict[str, Any]]:
-    """:func:`community_figures` per bucket of ``per`` slots (a day of ``clock``'s by default)."""
+    """:func:`community_figures` per bucket of ``per`` slots (by default a day of
+    ``schedule``'s)."""
     if per is None:
-        per = clock.slots_per_day
+        per = schedule.slots_per_day
     buckets: dict[int, list[SlotRow]] = {}
     for r in rows:
         buckets.setdefault(r.slot // per * per, []).append(r)
@@ -630,7 +607,7 @@ def bucketed_community(
         out.append(
             {
                 "slot": first,
-                "time": clock.label(first),
+                "time": slot_label(schedule, first),
                 "slots": f.slots,
                 "self_sufficiency": f.self_sufficiency,
                 "self_consumption": f.self_consumption,
@@ -651,7 +628,7 @@ def transaction_count(engine: Engine) -> int:
         return sum_int(conn.execute(select(func.sum(t.blocks.c.tx_count))).scalar())
 
 
-def latest_blocks(engine: Engine, limit: int = 10, *, clock: SlotClock) -> list[dict[str, Any]]:
+def latest_blocks(engine: Engine, limit: int = 10, *, schedule: Schedule) -> list[dict[str, Any]]:
     """The newest blocks, newest first."""
     b = t.blocks.c
     with engine.connect() as conn:
@@ -664,7 +641,7 @@ def latest_blocks(engine: Engine, limit: int = 10, *, clock: SlotClock) -> list[
         {
             "height": int(r.height),
             "slot": int(r.slot),
-            "time": clock.label(int(r.slot)),
+            "time": slot_label(schedule, int(r.slot)),
             "hash": r.hash,
             "prev_hash": r.prev_hash,
             "tx_count": int(r.tx_count),
@@ -793,7 +770,7 @@ def ledger_alerts(
     verify: dict[str, Any],
     settle_lag_slots: int = 4,
     *,
-    clock: SlotClock,
+    schedule: Schedule,
 ) -> list[dict[str, str]]:
     """Alerts the ledger itself shows: a slot that did not clear, a slot whose feeder check
     found a mismatch, settlement overdue, a ledger that does not verify. ``rows`` are the slots
@@ -814,13 +791,13 @@ def ledger_alerts(
                     "level": "warning",
                     "code": "slot_not_cleared",
                     "message": (
-                        f"Slot {r.slot} ({clock.label(r.slot)} UTC) did not clear: "
+                        f"Slot {r.slot} ({slot_label(schedule, r.slot)} UTC) did not clear: "
                         f"{r.bid_volume_wh} Wh bid and {r.ask_volume_wh} Wh offered, no trade"
                     ),
                 }
             )
         if r.feeder_status == "mismatch":
-            alerts.append(feeder_mismatch_alert(r, clock))
+            alerts.append(feeder_mismatch_alert(r, schedule))
     if head.closed_through is not None:
         settled = head.settled_through if head.settled_through is not None else -1
         behind = head.closed_through - settled
@@ -831,7 +808,7 @@ def ledger_alerts(
                     "code": "settlement_overdue",
                     "message": (
                         f"Settlement overdue: gates closed through slot {head.closed_through} "
-                        f"({clock.label(head.closed_through)} UTC) "
+                        f"({slot_label(schedule, head.closed_through)} UTC) "
                         f"but settled only through {head.settled_through if settled >= 0 else '-'}"
                         f" ({behind} slots behind, limit {settle_lag_slots})"
                     ),
@@ -840,7 +817,7 @@ def ledger_alerts(
     return alerts
 
 
-def feeder_mismatch_alert(row: SlotRow, clock: SlotClock) -> dict[str, str]:
+def feeder_mismatch_alert(row: SlotRow, schedule: Schedule) -> dict[str, str]:
     """The ``feeder_mismatch`` alert of a slot whose feeder check failed: the feeder meter's net
     import and the households' metered net differ by more than the grid's loss band."""
     diff = row.feeder_difference_wh
@@ -849,7 +826,8 @@ def feeder_mismatch_alert(row: SlotRow, clock: SlotClock) -> dict[str, str]:
         "level": "danger",
         "code": "feeder_mismatch",
         "message": (
-            f"Slot {row.slot} ({clock.label(row.slot)} UTC) does not add up at the feeder: "
+            f"Slot {row.slot} ({slot_label(schedule, row.slot)} UTC) does not add up at the "
+            "feeder: "
             f"difference {sign}{diff} Wh (feeder net import {row.feeder_net_wh} Wh, "
             f"households' meters {row.feeder_households_net_wh} Wh, allowed losses up to "
             f"{row.feeder_allowed_loss_wh} Wh)"

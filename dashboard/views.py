@@ -6,7 +6,8 @@ onto components; ``bench/dashboard_bench.py`` times them and measures their JSON
 
 Charts over slots plot against each slot's UTC start on a date axis (the slot number rides along
 as ``customdata``: hover text, and what a click on the market chart opens). Windows and buckets
-are wall-time spans, turned into slot counts with the context's :class:`~dashboard.data.SlotClock`.
+are wall-time spans, turned into slot counts with the context's
+:class:`~market.schedule.Schedule` (the node's own type; only its slot length matters here).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard import data
 from dashboard.node_client import NodeStatus, StatusHistory, api_alerts, fetch_status
+from market.schedule import Schedule
 from node.ledger.queries import SlotRow
 
 log = logging.getLogger(__name__)
@@ -54,37 +56,37 @@ STALE_SLOTS = 3
 gate closes every slot, so even a grid without trades changes its ledger each slot)."""
 
 
-def window_slots(window: str, clock: data.SlotClock) -> int | None:
+def window_slots(window: str, schedule: Schedule) -> int | None:
     """The newest N slots a window preset covers (None: everything); unknown presets are 7d."""
     days = WINDOW_DAYS.get(window, WINDOW_DAYS[DEFAULT_WINDOW])
-    return None if days is None else days * clock.slots_per_day
+    return None if days is None else days * schedule.slots_per_day
 
 
-def bucket_sizes(clock: data.SlotClock) -> list[int]:
+def bucket_sizes(schedule: Schedule) -> list[int]:
     """Candidate bucket sizes in slots: 1, then 1 min, 5 min, 15 min, 1 h, 1 day, 1 week of
     slots where that is longer than one slot (900 s slots: 1, 4, 96, 672)."""
     sizes = [1]
     for seconds in BUCKET_SECONDS:
-        n = clock.slots_in(seconds)
+        n = schedule.slots_in(seconds)
         if n > sizes[-1]:
             sizes.append(n)
     return sizes
 
 
-def _bucket_size(n: int, clock: data.SlotClock, max_points: int = MAX_POINTS) -> int:
+def _bucket_size(n: int, schedule: Schedule, max_points: int = MAX_POINTS) -> int:
     """The smallest bucket size that draws ``n`` slots in at most ``max_points`` points."""
     size = 1
-    for size in bucket_sizes(clock):
+    for size in bucket_sizes(schedule):
         if n / size <= max_points:
             break
     return size
 
 
-def bucket_label(size: int, clock: data.SlotClock) -> str:
+def bucket_label(size: int, schedule: Schedule) -> str:
     """What a bucket of ``size`` slots is called on an axis: "per slot", "per hour", ..."""
     if size == 1:
         return "per slot"
-    seconds = size * clock.slot_seconds
+    seconds = size * schedule.slot_seconds
     for length, name in ((7 * data.DAY_SECONDS, "week"), (data.DAY_SECONDS, "day"),
                          (3600, "hour"), (60, "minute")):  # fmt: skip
         if seconds % length == 0:
@@ -93,13 +95,13 @@ def bucket_label(size: int, clock: data.SlotClock) -> str:
     return f"per {seconds} s"
 
 
-def _time_axis(clock: data.SlotClock, title: str) -> dict[str, Any]:
-    """A date x axis over slot starts (UTC) with the clock's hover format."""
-    return {"type": "date", "hoverformat": clock.time_format, "title": {"text": title}}
+def _time_axis(schedule: Schedule, title: str) -> dict[str, Any]:
+    """A date x axis over slot starts (UTC) with the schedule's hover format."""
+    return {"type": "date", "hoverformat": data.time_format(schedule), "title": {"text": title}}
 
 
-def _axis_title(clock: data.SlotClock, size: int) -> str:
-    per = "" if size == 1 else f", per {clock.duration(size)}"
+def _axis_title(schedule: Schedule, size: int) -> str:
+    per = "" if size == 1 else f", per {data.duration_label(schedule, size)}"
     return f"slot start (UTC){per}"
 
 
@@ -134,19 +136,20 @@ class Context:
     db_url: str
     engine: Engine
     api_url: str | None = None
-    clock: data.SlotClock = field(default_factory=data.SlotClock)
-    """The grid's slot length: see :attr:`slot_source`."""
+    schedule: Schedule = field(default_factory=Schedule)
+    """The grid's slots in wall time (only :attr:`~market.schedule.Schedule.slot_seconds` is
+    used; the gate and settlement timings are the genesis defaults): see :attr:`slot_source`."""
     slot_source: str = SLOT_DEFAULT
-    """Where :attr:`clock` comes from, strongest first: :data:`SLOT_OVERRIDE` (``--slot-seconds``),
-    :data:`SLOT_LEDGER` (the ledger's ``schedule`` meta), :data:`SLOT_API` (the node's
-    ``/status``, for a ledger that does not record its schedule), :data:`SLOT_DEFAULT` (the
-    genesis default, with a notice). :meth:`open` and :func:`head_view` read the ledger,
+    """Where :attr:`schedule`'s slot length comes from, strongest first: :data:`SLOT_OVERRIDE`
+    (``--slot-seconds``), :data:`SLOT_LEDGER` (the ledger's ``schedule`` meta), :data:`SLOT_API`
+    (the node's ``/status``, for a ledger that does not record its schedule), :data:`SLOT_DEFAULT`
+    (the genesis default, with a notice). :meth:`open` and :func:`head_view` read the ledger,
     :func:`poll_api` the node."""
     settle_lag_slots: int = 4
     stale_after_s: float | None = None
     """Alert when nothing new reached the ledger for this long (None: STALE_SLOTS slots)."""
     alert_window_slots: int | None = None
-    """Slots the ``slot_not_cleared`` alert looks back over (None: one day of the clock's)."""
+    """Slots the ``slot_not_cleared`` alert looks back over (None: one day of the schedule's)."""
     api_timeout: float = 1.5
     slots: data.SlotCache = field(init=False)
     verify: data.VerifyCache = field(init=False)
@@ -161,7 +164,7 @@ class Context:
 
     def __post_init__(self) -> None:
         self.slots = data.SlotCache(
-            self.engine, initial_slots=INITIAL_DAYS * self.clock.slots_per_day
+            self.engine, initial_slots=INITIAL_DAYS * self.schedule.slots_per_day
         )
         self.verify = data.VerifyCache(self.db_url, min_interval=self.verify_interval)
 
@@ -169,39 +172,39 @@ class Context:
         """Seconds without anything new in the ledger before the ``ledger_stale`` alert."""
         if self.stale_after_s is not None:
             return self.stale_after_s
-        return float(STALE_SLOTS * self.clock.slot_seconds)
+        return float(STALE_SLOTS * self.schedule.slot_seconds)
 
     def use_slot_seconds(self, slot_seconds: int, source: str = SLOT_API) -> bool:
         """Switch to another slot length (the ledger's schedule or the node's ``/status`` says
         so); True if it changed."""
         with self._lock:
-            changed = slot_seconds != self.clock.slot_seconds
+            changed = slot_seconds != self.schedule.slot_seconds
             if changed or source != self.slot_source:
                 log.log(
                     logging.INFO if source == SLOT_LEDGER else logging.WARNING,
                     "slot length %d s (%s) replaces %d s (%s)",
                     slot_seconds,
                     SLOT_SOURCES.get(source, source),
-                    self.clock.slot_seconds,
+                    self.schedule.slot_seconds,
                     SLOT_SOURCES.get(self.slot_source, self.slot_source),
                 )
             self.slot_source = source
             if not changed:
                 return False
-            self.clock = data.SlotClock(slot_seconds)
-            self.slots.initial_slots = INITIAL_DAYS * self.clock.slots_per_day
+            self.schedule = Schedule(slot_seconds)
+            self.slots.initial_slots = INITIAL_DAYS * self.schedule.slots_per_day
             return True
 
     def alert_window(self) -> int:
         """Slots the ledger alerts look back over."""
         if self.alert_window_slots is not None:
             return self.alert_window_slots
-        return self.clock.slots_per_day
+        return self.schedule.slots_per_day
 
     def learn_schedule(self) -> bool:
         """Take the slot length from the ledger's ``schedule`` meta unless ``--slot-seconds``
-        overrides it or it was read already; True if the clock changed. A ledger that is
-        missing or unreadable, or records no schedule (yet), leaves the clock as it is."""
+        overrides it or it was read already; True if the schedule changed. A ledger that is
+        missing or unreadable, or records no schedule (yet), leaves the schedule as it is."""
         if self.slot_source in (SLOT_OVERRIDE, SLOT_LEDGER):
             return False
         try:
@@ -218,7 +221,7 @@ class Context:
             return None
         return (
             "The ledger does not record its grid's slot length (its node records it on its "
-            f"next start): assuming the genesis default of {self.clock.slot_seconds} s slots. "
+            f"next start): assuming the genesis default of {self.schedule.slot_seconds} s slots. "
             "Start the dashboard with --api (the node's slot length) or --slot-seconds to "
             "say otherwise."
         )
@@ -234,12 +237,12 @@ class Context:
     ) -> Context:
         """A context on the ledger at ``db_url`` (opened read-only).
 
-        The slot length is ``slot_seconds`` (or ``clock``) when given, an override; otherwise
+        The slot length is ``slot_seconds`` (or ``schedule``) when given, an override; otherwise
         the ledger's ``schedule`` meta, else the node's ``/status`` (:func:`poll_api`), else the
         genesis default (900 s, with :meth:`slot_notice`)."""
         if slot_seconds is not None:
-            kwargs["clock"] = data.SlotClock(slot_seconds)
-        if "clock" in kwargs:
+            kwargs["schedule"] = Schedule(slot_seconds)
+        if "schedule" in kwargs:
             kwargs.setdefault("slot_source", SLOT_OVERRIDE)
         ctx = cls(db_url=db_url, engine=data.open_engine(db_url), api_url=api_url, **kwargs)
         ctx.learn_schedule()
@@ -281,7 +284,7 @@ def head_view(ctx: Context) -> dict[str, Any]:
         "closed_through": head.closed_through,
         "verify_state": status["state"],
         "verify_finished_at": status.get("finished_at"),
-        "slot_seconds": ctx.clock.slot_seconds,
+        "slot_seconds": ctx.schedule.slot_seconds,
         "stale_since": (
             ctx._head_changed_at if now - ctx._head_changed_at > ctx.stale_after() else None
         ),
@@ -306,11 +309,21 @@ def poll_api(ctx: Context) -> dict[str, Any]:
 # --- market -----------------------------------------------------------------------------------
 
 
-def _bucket(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
+@dataclass(frozen=True, slots=True)
+class ChartPoints:
+    """The points a chart over slots draws: single slots, or wall-time buckets of slots."""
+
+    bucket_size: int
+    """Slots per point (1: one point per slot)."""
+    points: list[dict[str, Any]]
+    """One flat dict per point, oldest first (``slot``: its first slot, ``time``: its label)."""
+
+
+def _bucket(rows: list[SlotRow], schedule: Schedule) -> ChartPoints:
     """Rows as chart points: single slots, or wall-time buckets above MAX_POINTS slots."""
-    size = _bucket_size(len(rows), clock)
+    size = _bucket_size(len(rows), schedule)
     if size == 1:
-        return 1, [data.slot_row_dict(r, clock) for r in rows]
+        return ChartPoints(1, [data.slot_row_dict(r, schedule) for r in rows])
     out: dict[int, dict[str, Any]] = {}
     weighted: dict[int, list[int]] = {}
     for r in rows:
@@ -319,7 +332,7 @@ def _bucket(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[
             key,
             {
                 "slot": key,
-                "time": clock.label(key),
+                "time": data.slot_label(schedule, key),
                 "price": None,
                 "local_wh": 0,
                 "grid_import_wh": 0,
@@ -343,7 +356,7 @@ def _bucket(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[
             w[1] += r.volume_wh
     for key, (num, den) in weighted.items():
         out[key]["price"] = round(num / den, 2)
-    return size, [out[k] for k in sorted(out)]
+    return ChartPoints(size, [out[k] for k in sorted(out)])
 
 
 @functools.lru_cache(maxsize=8)
@@ -374,7 +387,17 @@ def _market_layout(price_title: str, x_title: str, hoverformat: str) -> str:
     return json.dumps(fig.to_plotly_json()["layout"], cls=plotly.utils.PlotlyJSONEncoder)
 
 
-def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+@dataclass(frozen=True, slots=True)
+class MarketView:
+    """The market chart and the points it draws."""
+
+    figure: dict[str, Any]
+    """Price, volumes and participants per point (a plain Plotly figure dict)."""
+    points: list[dict[str, Any]]
+    """The chart's points (slots, or buckets of slots): the table and CSV rows."""
+
+
+def market_view(ctx: Context, window: str) -> MarketView:
     """Clearing price with tariff lines, local vs grid volume, unmatched volume, participants.
 
     The figure is a plain dict (traces without plotly's per-property validation: a year of
@@ -382,19 +405,20 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
     ``customdata`` is its slot number (a bucket's first slot), which a click opens.
     """
     info = ctx.info()
-    clock = ctx.clock
-    rows = ctx.slots.window(window_slots(window, clock))
-    size, points = _bucket(rows, clock)
+    schedule = ctx.schedule
+    rows = ctx.slots.window(window_slots(window, schedule))
+    chart = _bucket(rows, schedule)
+    size, points = chart.bucket_size, chart.points
     xs = [p["time"] for p in points]
     slots = [p["slot"] for p in points]
     layout = json.loads(
         _market_layout(
             "Clearing price (cents/kWh)" + (" — volume-weighted per bucket" if size > 1 else ""),
-            _axis_title(clock, size),
-            clock.time_format,
+            _axis_title(schedule, size),
+            data.time_format(schedule),
         )
     )
-    layout["uirevision"] = f"market-{window}-{clock.slot_seconds}"
+    layout["uirevision"] = f"market-{window}-{schedule.slot_seconds}"
     hover = "%{y} · slot %{customdata}<extra>%{fullData.name}</extra>"
     data_: list[dict[str, Any]] = [
         {
@@ -478,7 +502,7 @@ def market_view(ctx: Context, window: str) -> tuple[dict[str, Any], list[dict[st
             "yaxis": "y3",
         }
     )
-    return {"data": data_, "layout": layout}, points
+    return MarketView(figure={"data": data_, "layout": layout}, points=points)
 
 
 # --- order book -------------------------------------------------------------------------------
@@ -491,7 +515,19 @@ def default_book_slot(ctx: Context) -> int | None:
     return ctx.slots.cleared_through
 
 
-def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list[dict[str, Any]]]:
+@dataclass(frozen=True, slots=True)
+class OrderBookView:
+    """One slot's order book: its chart, a one-line summary and its orders."""
+
+    figure: go.Figure
+    """Supply and demand step curves with the clearing point and the tariff lines."""
+    summary: str
+    """What happened in the slot, in one line (bids, asks, cleared volume and price)."""
+    orders: list[dict[str, Any]]
+    """Every order of the slot (bids highest price first, then asks lowest first): the CSV."""
+
+
+def orderbook_view(ctx: Context, slot: int | None) -> OrderBookView:
     """Supply and demand step curves of one slot with its clearing point."""
     if slot is None:
         slot = default_book_slot(ctx)
@@ -505,14 +541,18 @@ def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list
         uirevision=f"book-{slot}",
     )
     if slot is None:
-        return fig, "No slot has closed yet.", []
+        return OrderBookView(fig, "No slot has closed yet.", [])
     book = data.order_book(ctx.engine, slot)
     for orders, name, color in (
         (book.asks, "supply (asks)", COLORS["ask"]),
         (book.bids, "demand (bids)", COLORS["bid"]),
     ):
-        xs, ys = data.step_curve(orders)
-        fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode="lines", line={"color": color}))
+        curve = data.step_curve(orders)
+        fig.add_trace(
+            go.Scatter(
+                x=curve.energy_wh, y=curve.price, name=name, mode="lines", line={"color": color}
+            )
+        )
     if book.volume_wh and book.price is not None:
         fig.add_trace(
             go.Scatter(
@@ -528,7 +568,9 @@ def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list
     info = ctx.info()
     fig.add_hline(y=info.retail_price, line_dash="dash", line_width=1, line_color="#888")
     fig.add_hline(y=info.feed_in_tariff, line_dash="dot", line_width=1, line_color="#888")
-    fig.update_layout(title=f"Order book of slot {slot} ({ctx.clock.label(slot)} UTC)")
+    fig.update_layout(
+        title=f"Order book of slot {slot} ({data.slot_label(ctx.schedule, slot)} UTC)"
+    )
     if not book.cleared:
         summary = f"Slot {slot}: gate not closed (no clearing recorded)."
     elif book.volume_wh == 0:
@@ -543,7 +585,7 @@ def orderbook_view(ctx: Context, slot: int | None) -> tuple[go.Figure, str, list
             f"{book.volume_wh} Wh at {price} ({book.mechanism})."
         )
     rows = [{"slot": slot, **o, "household": o["household"]} for o in [*book.bids, *book.asks]]
-    return fig, summary, rows
+    return OrderBookView(figure=fig, summary=summary, orders=rows)
 
 
 # --- households -------------------------------------------------------------------------------
@@ -558,13 +600,11 @@ HOUSEHOLD_KEYS = (
 )
 
 
-def _bucket_household(
-    slots: list[dict[str, Any]], clock: data.SlotClock
-) -> tuple[int, list[dict[str, Any]]]:
+def _bucket_household(slots: list[dict[str, Any]], schedule: Schedule) -> ChartPoints:
     """A household's slots as chart points: single slots, or sums per wall-time bucket."""
-    size = _bucket_size(len(slots), clock)
+    size = _bucket_size(len(slots), schedule)
     if size == 1:
-        return 1, slots
+        return ChartPoints(1, slots)
     out: dict[int, dict[str, Any]] = {}
     for r in slots:
         key = r["slot"] // size * size
@@ -572,23 +612,35 @@ def _bucket_household(
         if b is None:
             b = out[key] = {
                 "slot": key,
-                "time": clock.label(key),
+                "time": data.slot_label(schedule, key),
                 **dict.fromkeys(HOUSEHOLD_KEYS, 0),
             }
         for k in HOUSEHOLD_KEYS:
             b[k] += r[k]
-    return size, [out[k] for k in sorted(out)]
+    return ChartPoints(size, [out[k] for k in sorted(out)])
 
 
-def households_view(
-    ctx: Context, household: str | None, window: str
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], str | None]:
+@dataclass(frozen=True, slots=True)
+class HouseholdsView:
+    """Every household's figures and the chosen household's slots."""
+
+    figure: dict[str, Any]
+    """Metered vs traded energy of :attr:`household` per point (a plain Plotly figure dict)."""
+    summary: list[dict[str, Any]]
+    """One row per household (:func:`dashboard.data.household_summary`): the table."""
+    slots: list[dict[str, Any]]
+    """Every settled slot of :attr:`household` in the window (unbucketed): the CSV."""
+    household: str | None
+    """The household shown: the one asked for if it exists, else the first (None: none)."""
+
+
+def households_view(ctx: Context, household: str | None, window: str) -> HouseholdsView:
     """Table of every household and per-slot metered vs traded energy of the chosen one.
 
     Windows longer than MAX_POINTS slots are drawn as sums per wall-time bucket (the CSV keeps
     every slot). x is the slots' UTC start; the figure is a plain dict, like the market's.
     """
-    clock = ctx.clock
+    schedule = ctx.schedule
     summary = data.household_summary(ctx.engine)
     if household is None or household not in {r["household"] for r in summary}:
         household = summary[0]["household"] if summary else None
@@ -598,22 +650,23 @@ def households_view(
         "template": _template(),
         "barmode": "relative",
         "hovermode": "x unified",
-        "uirevision": f"household-{household}-{window}-{clock.slot_seconds}",
+        "uirevision": f"household-{household}-{window}-{schedule.slot_seconds}",
         "yaxis": {"title": {"text": "Wh (export up, import down)"}},
-        "xaxis": _time_axis(clock, "slot start (UTC)"),
+        "xaxis": _time_axis(schedule, "slot start (UTC)"),
         "legend": {"orientation": "h", "y": -0.22},
     }
     if household is None:
-        return {"data": [], "layout": layout}, summary, [], None
-    n = window_slots(window, clock)
+        return HouseholdsView({"data": [], "layout": layout}, summary, [], None)
+    n = window_slots(window, schedule)
     first = None
     if n is not None and ctx.slots.settled_through is not None:
         first = ctx.slots.settled_through - n + 1
-    slots = data.household_slots(ctx.engine, household, first, clock=clock)
-    size, points = _bucket_household(slots, clock)
+    slots = data.household_slots(ctx.engine, household, first, schedule=schedule)
+    chart = _bucket_household(slots, schedule)
+    size, points = chart.bucket_size, chart.points
     xs = [r["time"] for r in points]
     numbers = [r["slot"] for r in points]
-    layout["xaxis"] = _time_axis(clock, _axis_title(clock, size))
+    layout["xaxis"] = _time_axis(schedule, _axis_title(schedule, size))
     hover = "%{y} · slot %{customdata}<extra>%{fullData.name}</extra>"
     traces: list[dict[str, Any]] = []
     for key, name, color, sign in (
@@ -659,9 +712,11 @@ def households_view(
             "marker": {"color": "#000", "size": 4},
         }
     )
-    per = "" if size == 1 else f" (sums per {clock.duration(size)})"
+    per = "" if size == 1 else f" (sums per {data.duration_label(schedule, size)})"
     layout["title"] = {"text": f"Household {data.short_did(household)}: metered vs traded{per}"}
-    return {"data": traces, "layout": layout}, summary, slots, household
+    return HouseholdsView(
+        figure={"data": traces, "layout": layout}, summary=summary, slots=slots, household=household
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -675,19 +730,31 @@ def _template() -> dict[str, Any]:
 # --- community --------------------------------------------------------------------------------
 
 
-def community_view(
-    ctx: Context, window: str
-) -> tuple[data.CommunityFigures, go.Figure, list[dict[str, Any]]]:
+@dataclass(frozen=True, slots=True)
+class CommunityView:
+    """The community's figures over a window, and per wall-time bucket."""
+
+    figures: data.CommunityFigures
+    """Self-sufficiency, self-consumption, costs and savings over the whole window."""
+    figure: go.Figure
+    """The ratios and savings per bucket."""
+    buckets: list[dict[str, Any]]
+    """One row per bucket (:func:`dashboard.data.bucketed_community`): the CSV."""
+
+
+def community_view(ctx: Context, window: str) -> CommunityView:
     """Self-sufficiency, self-consumption and savings over the window, and per wall-time
     bucket: the smallest of :func:`bucket_sizes` that draws the window's span in at most
     COMMUNITY_POINTS points (15-minute slots: per hour up to three days, then per day)."""
     info = ctx.info()
-    clock = ctx.clock
-    rows = ctx.slots.window(window_slots(window, clock))
+    schedule = ctx.schedule
+    rows = ctx.slots.window(window_slots(window, schedule))
     figures = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
     span = (rows[-1].slot - rows[0].slot + 1) if rows else 0
-    per = _bucket_size(span, clock, COMMUNITY_POINTS)
-    daily = data.bucketed_community(rows, info.feed_in_tariff, info.retail_price, per, clock=clock)
+    per = _bucket_size(span, schedule, COMMUNITY_POINTS)
+    daily = data.bucketed_community(
+        rows, info.feed_in_tariff, info.retail_price, per, schedule=schedule
+    )
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     days = [d["time"] for d in daily]
     for key, name, color in (
@@ -720,19 +787,19 @@ def community_view(
         height=380,
         margin={"l": 60, "r": 60, "t": 30, "b": 40},
         template="plotly_white",
-        uirevision=f"community-{window}-{clock.slot_seconds}",
+        uirevision=f"community-{window}-{schedule.slot_seconds}",
         legend={"orientation": "h", "y": -0.2},
-        xaxis=_time_axis(clock, "UTC, " + bucket_label(per, clock)),
+        xaxis=_time_axis(schedule, "UTC, " + bucket_label(per, schedule)),
     )
     fig.update_yaxes(title_text="%", range=[0, 100], secondary_y=False)
     fig.update_yaxes(title_text="savings", secondary_y=True)
-    return figures, fig, daily
+    return CommunityView(figures=figures, figure=fig, buckets=daily)
 
 
 # --- feeder check -----------------------------------------------------------------------------
 
 
-def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, list[dict[str, Any]]]:
+def _feeder_points(rows: list[SlotRow], schedule: Schedule) -> ChartPoints:
     """Settled slots with a feeder check as chart points: single slots, or sums per wall-time
     bucket above MAX_POINTS slots.
 
@@ -741,7 +808,7 @@ def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, lis
     net None when none compared), and counts its mismatches.
     """
     checked = [r for r in rows if r.settled and r.feeder_status is not None]
-    size = _bucket_size(len(checked), clock)
+    size = _bucket_size(len(checked), schedule)
     out: dict[int, dict[str, Any]] = {}
     for r in checked:
         compared = r.feeder_net_wh is not None
@@ -754,7 +821,7 @@ def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, lis
         if size == 1:
             out[r.slot] = {
                 "slot": r.slot,
-                "time": clock.label(r.slot),
+                "time": data.slot_label(schedule, r.slot),
                 "status": r.feeder_status,
                 "feeder_net_wh": r.feeder_net_wh,
                 "households_net_wh": households,
@@ -768,7 +835,7 @@ def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, lis
             key,
             {
                 "slot": key,
-                "time": clock.label(key),
+                "time": data.slot_label(schedule, key),
                 "status": "",
                 "feeder_net_wh": None,
                 "households_net_wh": None,
@@ -786,22 +853,35 @@ def _feeder_points(rows: list[SlotRow], clock: data.SlotClock) -> tuple[int, lis
                 ("difference_wh", r.feeder_difference_wh),
             ):
                 b[k] = (b[k] or 0) + (v or 0)
-    return size, [out[k] for k in sorted(out)]
+    return ChartPoints(size, [out[k] for k in sorted(out)])
 
 
-def feeder_view(ctx: Context, window: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+@dataclass(frozen=True, slots=True)
+class FeederView:
+    """The feeder meter next to the households' meters."""
+
+    figure: dict[str, Any] | None
+    """Feeder vs households' net import per point (a plain Plotly figure dict); None when no
+    slot of the window has a feeder check."""
+    points: list[dict[str, Any]]
+    """The chart's points (slots, or sums per bucket)."""
+
+
+def feeder_view(ctx: Context, window: str) -> FeederView:
     """The feeder meter's net import per slot next to the households' metered net, mismatching
     slots marked (a red cross on the feeder's bar, the difference in its hover text).
 
-    Returns ``(None, [])`` when no slot of the window has a feeder check: a grid without a
-    feeder meter (or a ledger older than the ``feeder_checks`` table) shows nothing new. The
-    figure is a plain dict; x is the slots' UTC start, ``customdata`` the slot number.
+    Its figure is None (and it has no points) when no slot of the window has a feeder check: a
+    grid without a feeder meter (or a ledger older than the ``feeder_checks`` table) shows
+    nothing new. The figure is a plain dict; x is the slots' UTC start, ``customdata`` the slot
+    number.
     """
-    clock = ctx.clock
-    rows = ctx.slots.window(window_slots(window, clock))
-    size, points = _feeder_points(rows, clock)
+    schedule = ctx.schedule
+    rows = ctx.slots.window(window_slots(window, schedule))
+    chart = _feeder_points(rows, schedule)
+    size, points = chart.bucket_size, chart.points
     if not points:
-        return None, []
+        return FeederView(None, [])
     xs = [p["time"] for p in points]
     slots = [p["slot"] for p in points]
     hover = "%{y} Wh · slot %{customdata}<extra>%{fullData.name}</extra>"
@@ -844,19 +924,23 @@ def feeder_view(ctx: Context, window: str) -> tuple[dict[str, Any] | None, list[
             "marker": {"color": "#c62828", "symbol": "x", "size": 12},
         },
     ]
-    per = "" if size == 1 else f" (sums per {clock.duration(size)} over the compared slots)"
+    per = (
+        ""
+        if size == 1
+        else f" (sums per {data.duration_label(schedule, size)} over the compared slots)"
+    )
     layout: dict[str, Any] = {
         "height": 320,
         "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
         "template": _template(),
         "hovermode": "closest",
-        "uirevision": f"feeder-{window}-{clock.slot_seconds}",
+        "uirevision": f"feeder-{window}-{schedule.slot_seconds}",
         "title": {"text": f"Feeder meter vs households' meters: net import, Wh{per}"},
-        "xaxis": _time_axis(clock, _axis_title(clock, size)),
+        "xaxis": _time_axis(schedule, _axis_title(schedule, size)),
         "yaxis": {"title": {"text": "Wh (import +, export −)"}},
         "legend": {"orientation": "h", "y": -0.25},
     }
-    return {"data": traces, "layout": layout}, points
+    return FeederView(figure={"data": traces, "layout": layout}, points=points)
 
 
 def feeder_summary_view(ctx: Context) -> data.FeederSummary | None:
@@ -877,7 +961,7 @@ def ledger_view(ctx: Context) -> dict[str, Any]:
         "closed_through": head.closed_through,
         "transactions": data.transaction_count(ctx.engine),
         "verify": ctx.verify.status(),
-        "blocks": data.latest_blocks(ctx.engine, 10, clock=ctx.clock),
+        "blocks": data.latest_blocks(ctx.engine, 10, schedule=ctx.schedule),
         "latest_transactions": data.latest_transactions(ctx.engine, 15),
     }
 
@@ -885,7 +969,19 @@ def ledger_view(ctx: Context) -> dict[str, Any]:
 # --- consensus and network ----------------------------------------------------------------------
 
 
-def network_view(ctx: Context) -> tuple[NodeStatus | None, go.Figure, go.Figure]:
+@dataclass(frozen=True, slots=True)
+class NetworkView:
+    """The node's latest status and the consensus charts."""
+
+    latest: NodeStatus | None
+    """The newest poll of the node's status API (None: not polled, or no API)."""
+    invalid_figure: go.Figure
+    """Invalid gossip messages by reason."""
+    lag_figure: go.Figure
+    """Commit and apply lag over the dashboard's polls."""
+
+
+def network_view(ctx: Context) -> NetworkView:
     """Latest node status and two charts: invalid messages by reason, lag over time."""
     latest = ctx.history.latest()
     bars = go.Figure()
@@ -920,7 +1016,7 @@ def network_view(ctx: Context) -> tuple[NodeStatus | None, go.Figure, go.Figure]
         title="Commit / apply lag (log entries) over the dashboard's polls (UTC)",
         uirevision="lag",
     )
-    return latest, bars, lag
+    return NetworkView(latest=latest, invalid_figure=bars, lag_figure=lag)
 
 
 def alerts_view(ctx: Context) -> list[dict[str, str]]:
@@ -928,7 +1024,7 @@ def alerts_view(ctx: Context) -> list[dict[str, str]]:
     head = data.head_info(ctx.engine)
     recent = ctx.slots.window(ctx.alert_window())
     alerts = data.ledger_alerts(
-        recent, head, ctx.verify.status(), ctx.settle_lag_slots, clock=ctx.clock
+        recent, head, ctx.verify.status(), ctx.settle_lag_slots, schedule=ctx.schedule
     )
     if ctx._head_key is not None and time.time() - ctx._head_changed_at > ctx.stale_after():
         since = time.strftime("%H:%M:%S", time.gmtime(ctx._head_changed_at))

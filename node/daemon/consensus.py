@@ -3,13 +3,23 @@
 One task owns the :class:`~node.raft.RaftNode` (it is not thread-safe and needs no locks that
 way). Its loop: wait for a peer message or the next tick, step or tick the core, let the leader
 propose due work, then drain ``Ready``: persist (in a worker thread: SQLite fsyncs), send,
-apply committed entries through the :class:`~node.daemon.replica.Replica`, ``advance``. Messages are
-sent only after what they promise is on disk, as Raft requires.
+apply committed entries through the :class:`~node.daemon.replica.Replica` (in a worker thread:
+clearing a large book takes a while), ``advance``. Messages are sent only after what they
+promise is on disk, as Raft requires.
+
+Threads. While a worker thread runs, this task waits for it and nothing else may touch what the
+worker touches: the storage's in-memory log (``save_ready`` updates it after its transaction),
+the engine state (mutated in place) and the replica's applied index. So no other task, and no
+other thread, reads the core, the storage or the replica: they read :attr:`ConsensusDriver.view`,
+a :class:`ConsensusView` this task publishes whole (one reference) whenever no worker runs:
+after each ``Ready`` and after compaction. What applying produced for others is handed over on
+this task too: the replica's ``observer`` (the proposer's ``committed``) and :attr:`on_applied`
+are called here, after the worker returned, never from the worker.
 
 Every ``snapshot_every`` applied entries it compacts the log. The core's checks and the update
 of its in-memory log run in this task; serialising the engine state and the SQL run in a
 worker thread, while this task waits for them, so nothing else steps the core or applies to
-the replica meanwhile (other tasks only read: ``status()``, the published engine snapshot).
+the replica meanwhile (other tasks only read the published :attr:`ConsensusDriver.view`).
 A refusal (a membership change applied after the index) is counted as postponed and retried
 after ``compact_retry_seconds``; any other failure is logged with its traceback, counted, and
 retried after ``compact_failure_backoff`` seconds, while the node keeps applying.
@@ -20,12 +30,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
 
-from market import encode_batch
+from market import Command, encode_batch
+from market.events import Event
 from node.daemon.proposer import EngineView, Proposer
 from node.daemon.replica import Replica
 from node.raft import (
@@ -37,6 +48,7 @@ from node.raft import (
     Ready,
     Snapshot,
     SnapshotMetadata,
+    Status,
     Storage,
 )
 from node.raft.node import persist_compaction
@@ -70,6 +82,37 @@ class DriverStats:
     leader_changes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ConsensusView:
+    """One consistent picture of the driver, taken on its task while no worker thread runs:
+    the core's status, the replica's applied index and the engine's ledger summary as of that
+    index, and the counters. Safe to read from any task or thread (it never changes)."""
+
+    raft: Status
+    applied_index: int
+    height: int
+    head_hash: str
+    closed_through: int | None
+    settled_through: int | None
+    stats: DriverStats
+
+    def ledger(self) -> dict[str, object]:
+        """The status document's ``ledger`` section."""
+        return {"height": self.height, "head_hash": self.head_hash,
+                "closed_through": self.closed_through,
+                "settled_through": self.settled_through}  # fmt: skip
+
+
+@dataclass
+class _Applied:
+    """What one batch of committed entries produced in the worker thread, for the driver's
+    task: the commands applied (for the replica's observer) and each entry's events."""
+
+    commands: list[Command] = field(default_factory=list)
+    entries: list[tuple[int, list[Event]]] = field(default_factory=list)
+    snapshot_installed: bool = False
+
+
 @dataclass
 class ConsensusDriver:
     """Drives one Raft peer and applies what commits."""
@@ -90,12 +133,30 @@ class ConsensusDriver:
     wall_clock: Callable[[], float] = time.time
     inbox_size: int = 1024
     stats: DriverStats = field(default_factory=DriverStats)
+    on_applied: Callable[[list[tuple[int, list[Event]]], bool], None] | None = None
+    """Called on the driver's task after each batch of committed entries was applied, with
+    ``(index, events)`` per entry and whether a snapshot from the leader was installed (the
+    engine state may be read there: no worker runs). An exception stops the driver."""
 
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
         self._last_snapshot = self.replica.applied_index
         self._compact_not_before = float("-inf")
         self._leader: str | None = None
+        self.view: ConsensusView = self._take_view()
+        """The latest :class:`ConsensusView` (replaced whole: read it from anywhere)."""
+
+    def _take_view(self) -> ConsensusView:
+        """On the driver's task, while no worker thread runs."""
+        state = self.replica.state
+        return ConsensusView(
+            self.raft.status(), self.replica.applied_index, state.height, state.head_hash,
+            state.closed_through, state.settled_through, replace(self.stats),
+        )  # fmt: skip
+
+    def publish_view(self) -> None:
+        """Publish a fresh :attr:`view` (the driver's task, or before it runs)."""
+        self.view = self._take_view()
 
     def deliver(self, message: Message) -> None:
         """Hand a received message to the driver; dropped (and counted) when the inbox is full."""
@@ -159,11 +220,30 @@ class ConsensusDriver:
             for message in rd.messages:
                 self.transport.send(message)
             if rd.committed_entries or rd.snapshot is not None:
-                await trio.to_thread.run_sync(self._apply, rd)
+                observer = self.replica.observer
+                applied = _Applied()
+                try:
+                    await trio.to_thread.run_sync(self._apply, rd, applied)
+                finally:  # back on this task: hand over what was applied, even before a failure
+                    self._applied(observer, applied)
             self.raft.advance(rd)
+            self.publish_view()
         await self._maybe_compact()
+        self.publish_view()
+
+    def _applied(self, observer: Callable[[Command], None] | None, applied: _Applied) -> None:
+        """Driver's task: count, tell the observer and :attr:`on_applied` what was applied."""
+        self.stats.applied_entries += len(applied.entries)
+        if observer is not None:
+            for command in applied.commands:
+                observer(command)
+        if self.on_applied is not None and (applied.entries or applied.snapshot_installed):
+            self.on_applied(applied.entries, applied.snapshot_installed)
 
     def _persist(self, rd: Ready) -> None:
+        """Worker thread: make ``rd`` durable. SQLStorage also updates its in-memory log here,
+        after the transaction: the core is not stepped and no one else reads the storage
+        meanwhile (they read :attr:`view`)."""
         save_ready = getattr(self.storage, "save_ready", None)
         if save_ready is not None:  # SQLStorage: the whole Ready in one transaction
             save_ready(rd)
@@ -175,13 +255,21 @@ class ConsensusDriver:
         if rd.hard_state is not None:
             self.storage.set_hard_state(rd.hard_state)
 
-    def _apply(self, rd: Ready) -> None:
-        if rd.snapshot is not None and rd.snapshot.metadata.index > self.replica.applied_index:
-            self.replica.install_snapshot(rd.snapshot.metadata.index, rd.snapshot.data)
-        for entry in rd.committed_entries:
-            data = entry.data if entry.type == EntryType.NORMAL else b""
-            self.replica.apply_entry(entry.index, data)
-            self.stats.applied_entries += 1
+    def _apply(self, rd: Ready, out: _Applied) -> None:
+        """Worker thread: apply ``rd``'s snapshot and committed entries, collecting into ``out``
+        what the driver's task hands over afterwards. The replica's observer is routed into
+        ``out`` meanwhile (restored after), so it is never called from this thread."""
+        replica = self.replica
+        observer, replica.observer = replica.observer, out.commands.append
+        try:
+            if rd.snapshot is not None and rd.snapshot.metadata.index > replica.applied_index:
+                replica.install_snapshot(rd.snapshot.metadata.index, rd.snapshot.data)
+                out.snapshot_installed = True
+            for entry in rd.committed_entries:
+                data = entry.data if entry.type == EntryType.NORMAL else b""
+                out.entries.append((entry.index, replica.apply_entry(entry.index, data)))
+        finally:
+            replica.observer = observer
 
     async def _maybe_compact(self) -> None:
         applied = self.replica.applied_index
@@ -212,6 +300,7 @@ class ConsensusDriver:
             return
         self._last_snapshot = applied
         self.stats.snapshots += 1
+        self.publish_view()
 
     def _write_compaction(self, meta: SnapshotMetadata) -> Snapshot:
         """Worker thread: serialise the engine state and write the snapshot durably. The driver

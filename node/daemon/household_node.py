@@ -56,9 +56,12 @@ from node.daemon.replica import Replica
 from node.daemon.status import status_document
 from node.ledger import LedgerStore
 from node.ledger import schema as t
+from node.ledger.chunk import BlockSyncError
+from node.ledger.chunk_import import import_blocks
+from node.ledger.gaps import missing_ranges
 from node.ledger.queries import load_block_refs, load_clearings, load_settlement_sums
+from node.ledger.rows import fetch_rows
 from node.ledger.store import LedgerStoreError
-from node.ledger.sync import BlockSyncError, import_blocks, missing_ranges
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
     BlockServer,
@@ -91,9 +94,11 @@ class NodeError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class EngineSnapshot:
-    """What the API and the metrics read of the engine, published whole by the thread that
-    applies entries after each entry that changed something: readers on other threads never see
-    the engine's dicts half-updated (that thread mutates :class:`~market.state.State` in place)."""
+    """What the API and the metrics read of the engine, published whole (one reference) by the
+    consensus driver's task after each batch of applied entries, while no worker thread applies:
+    readers on any thread never see the engine's dicts half-updated (the apply worker mutates
+    :class:`~market.state.State` in place), and it always belongs with the driver's published
+    :class:`~node.daemon.consensus.ConsensusView` (both are replaced in one trio step)."""
 
     state: State
     """The engine state object it was taken from (identity only: never read from here)."""
@@ -103,11 +108,6 @@ class EngineSnapshot:
     head_hash: str
     own_manual_slots: frozenset[int]
     """Open slots whose book holds this household's manual order (nonce ``slot*4+3``)."""
-
-    def ledger(self) -> dict[str, Any]:
-        """The status document's ``ledger`` section."""
-        return {"height": self.height, "head_hash": self.head_hash,
-                "closed_through": self.closed_through, "settled_through": self.settled_through}
 
 
 def open_replica(
@@ -185,8 +185,8 @@ class HouseholdNode:
         # after the replica bound the ledger to the grid (init_genesis): readers such as the
         # dashboard take the wall-clock slot length from here; older ledgers get it now
         self.store.record_schedule(self.schedule)
+        # called on the driver's task once a batch was applied, never from the apply worker
         self.replica.observer = self.proposer.committed
-        self.replica.listener = self._on_applied
         voters = genesis.voters
         self.raft = RaftNode(
             Config(
@@ -220,6 +220,7 @@ class HouseholdNode:
             propose_every=min(0.2, config.raft_tick_seconds),
             snapshot_every=config.raft_snapshot_entries,
             wall_clock=wall_clock,
+            on_applied=self._on_batch_applied,
         )
         scale = config.meter_time_scale
         meters = [*config.meters, *([config.feeder.meter] if config.feeder else [])]
@@ -241,10 +242,8 @@ class HouseholdNode:
         self._register_routes()
         self.api_port: int | None = None
         self.counters: Counter[str] = Counter()
-        """Event counts kept on the trio thread (gossip, meters, publishing, block sync)."""
-        self.applied_counters: Counter[str] = Counter()
-        """Event counts kept by the apply worker thread (engine rejections): a Counter of its
-        own, so the two threads never race on one key's read-modify-write."""
+        """Event counts, all kept on the trio thread (gossip, meters, publishing, block sync,
+        engine rejections: the driver hands applied events over on its task)."""
         self.last_reading: MeterReading | None = None
         self.last_reading_at: str | None = None
         self.last_poll: dict[str, PollResult] = {}
@@ -314,14 +313,23 @@ class HouseholdNode:
     def _on_raft(self, message: Any) -> None:
         self.driver.deliver(message)
 
+    def _on_batch_applied(self, entries: list[tuple[int, list[Event]]], installed: bool) -> None:
+        """The driver applied a batch of entries (``installed``: after a snapshot from the
+        leader): count, log and time what they produced, then publish the engine. On the
+        driver's task, while no worker thread applies."""
+        for index, events in entries:
+            self._on_applied(index, events)
+        self._publish_engine([e for _, events in entries for e in events], rescan=installed)
+
     def _on_applied(self, index: int, events: list[Event]) -> None:
-        """Log and time each clearing and settlement as this node applies it (worker thread)."""
+        """Count, log and time each rejection, clearing and settlement of one applied entry
+        (the trio thread)."""
         for event in events:
             if isinstance(event, Rejected):
                 # every node sees every rejection; a household is told about its own
-                self.applied_counters[f"engine_rejected_{event.reason.value}"] += 1
+                self.counters[f"engine_rejected_{event.reason.value}"] += 1
                 if event.author == self.identity.did:
-                    self.applied_counters["own_rejected"] += 1
+                    self.counters["own_rejected"] += 1
                     # a replayed nonce is mostly a re-proposed copy of a record that already
                     # counted (the proposer retries what did not commit in time)
                     level = logging.INFO if event.reason is RejectReason.REPLAYED_NONCE else (
@@ -342,7 +350,6 @@ class HouseholdNode:
                     "event": "settled", "slot": event.slot, "index": index,
                     "height": event.block.height, "readings": len(event.readings),
                     "hash": event.block.hash})  # fmt: skip
-        self._publish_engine(events)
 
     def _slot_time(self, slot: int, what: str) -> None:
         self.slot_times.setdefault(slot, {})[what] = self.wall_clock()
@@ -537,8 +544,8 @@ class HouseholdNode:
     async def _block_sync_loop(self) -> None:
         """Fill the ledger's gaps (left by an installed Raft snapshot) from connected members.
 
-        Each chunk is checked before it lands (:func:`node.ledger.sync.import_blocks`); a peer
-        that sends a bad chunk is skipped for this round and counted.
+        Each chunk is checked before it lands (:func:`node.ledger.chunk_import.import_blocks`);
+        a peer that sends a bad chunk is skipped for this round and counted.
         """
         while True:
             gaps = await trio.to_thread.run_sync(missing_ranges, self.store)
@@ -584,22 +591,24 @@ class HouseholdNode:
 
     def all_counters(self) -> dict[str, int]:
         """Every event count of this node (status document and metrics)."""
-        # dict() of a dict copies it in one step under the GIL, safe against the other thread
-        return {**dict(self.counters), **dict(self.applied_counters)}
+        # dict() of a dict copies it in one step under the GIL: safe from the metrics thread
+        return dict(self.counters)
 
     # -- the local API ------------------------------------------------------------------------
     #
     # Handlers that read the ledger database run in the API's worker threads (``blocking``), so
     # no client can hold up the trio loop that ticks Raft; what they need of the engine comes
-    # from the published EngineSnapshot, never from the live state the apply thread mutates.
+    # from the published EngineSnapshot, and /status from the driver's published view, never
+    # from the live core, storage or engine state the driver's worker threads update.
     # Rows of other households (orders, trades, balances) need the bearer token; /status,
     # /slots (per-slot totals) and the ``household=me`` views are open.
 
     def _take_snapshot(self, state: State, events: Sequence[Event] = (), *, rescan: bool = False
                        ) -> EngineSnapshot:  # fmt: skip
         """A snapshot of ``state``: call only where ``state`` cannot change meanwhile (on the
-        apply thread, or before the node runs). ``rescan`` reads the own manual orders from the
-        books; otherwise they are carried forward from the last snapshot plus ``events``."""
+        driver's task between batches, or before the node runs). ``rescan`` reads the own manual
+        orders from the books; otherwise they are carried forward from the last snapshot plus
+        ``events``."""
         me, nonce = self.identity.did, self.trader.nonce
         if rescan:
             manual = {slot for slot, book in state.books.items() for o in book.values()
@@ -615,28 +624,20 @@ class HouseholdNode:
         return EngineSnapshot(state, closed, state.settled_through, state.height,
                               state.head_hash, frozenset(manual))  # fmt: skip
 
-    def _publish_engine(self, events: Sequence[Event]) -> None:
-        """Publish a new :class:`EngineSnapshot` (apply thread, after an entry's events). A
+    def _publish_engine(self, events: Sequence[Event], *, rescan: bool = False) -> None:
+        """Publish a new :class:`EngineSnapshot` (the driver's task, after a batch's events). A
         state object other than the last one's (an installed Raft snapshot) is read afresh."""
         state = self.replica.state
-        self._engine = self._take_snapshot(state, events, rescan=state is not self._engine.state)
+        rescan = rescan or state is not self._engine.state
+        self._engine = self._take_snapshot(state, events, rescan=rescan)
 
     def engine_snapshot(self) -> EngineSnapshot:
-        """The engine as of the last applied entry that changed it; safe from any thread.
-
-        After an installed Raft snapshot and before the next entry is applied, the published
-        snapshot is of the old state: its scalar fields are then read from the new state (each
-        read is one attribute) and its manual orders are not known (the engine still refuses a
-        second one as a replayed nonce)."""
-        snap = self._engine
-        state = self.replica.state
-        if state is snap.state:
-            return snap
-        return EngineSnapshot(state, state.closed_through, state.settled_through, state.height,
-                              state.head_hash, frozenset())  # fmt: skip
+        """The engine as of the last applied batch; safe from any thread (one reference)."""
+        return self._engine
 
     def status(self, missing_blocks: list[tuple[int, int]] | None = None) -> dict[str, Any]:
-        """The ``/status`` document (on the trio thread: it reads the Raft core).
+        """The ``/status`` document (on the trio thread: it reads the network's state; consensus
+        and ledger come from the driver's published view).
 
         ``missing_blocks``: the ledger's block-sync gaps, read from the database by the caller
         in a worker thread (None: read here, blocking; for tests and tools)."""
@@ -653,15 +654,13 @@ class HouseholdNode:
             last_reading=self.last_reading,
             last_reading_at=self.last_reading_at,
         )
-        doc["ledger"] = self.engine_snapshot().ledger()  # not the live state: one consistent view
         doc["membership"] = self.member.role.value
         doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
         doc["slot_seconds"] = self.schedule.slot_seconds
         doc["counters"] = self.all_counters()
         doc["block_sync"] = {"missing": [list(r) for r in missing_blocks]}
-        # the apply thread adds and drops slots: copy the dict, and each small dict, in one step
-        doc["slot_times"] = [{"slot": slot, **dict(times)}
-                             for slot, times in sorted(dict(self.slot_times).items())]
+        doc["slot_times"] = [{"slot": slot, **times}
+                             for slot, times in sorted(self.slot_times.items())]  # fmt: skip
         doc["meters"] = {
             name: {"ok": r.ok, "error": None if r.error is None else str(r.error),
                    "power_w": None if r.sample is None else r.sample.power_w}
@@ -710,7 +709,7 @@ class HouseholdNode:
 
     def _rows(self, query: Any) -> list[dict[str, Any]]:
         with self.store.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return fetch_rows(conn, query)
 
     def _get_orders(self, req: Request) -> Any:
         """Orders of one slot (default: the last cleared slot) from the ledger (worker thread);

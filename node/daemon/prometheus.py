@@ -29,15 +29,18 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Build the metric families from the node's current state."""
         node = self.node
-        st = node.raft.status()
-        stats = node.driver.stats
-        engine = node.engine_snapshot()  # not the live state the apply thread mutates
+        # The scrape runs on prometheus's own thread: it reads only what the driver publishes
+        # whole on its task (never the live Raft core, replica or engine the trio task steps).
+        view = node.driver.view
+        st = view.raft
+        stats = view.stats
+        engine = node.engine_snapshot()
         g = GaugeMetricFamily
         yield g("microgrid_raft_term", "Current Raft term", value=st.term)
         yield g("microgrid_raft_is_leader", "1 if this node leads", value=int(st.role == "leader"))
         yield g("microgrid_raft_commit_index", "Highest committed log index", value=st.commit)
         yield g("microgrid_raft_applied_index", "Highest applied log index",
-                value=node.replica.applied_index)  # fmt: skip
+                value=view.applied_index)  # fmt: skip
         yield CounterMetricFamily("microgrid_raft_leader_changes", "Leaders seen",
                                   value=stats.leader_changes)  # fmt: skip
         yield CounterMetricFamily("microgrid_raft_proposals", "Batches proposed as leader",

@@ -33,7 +33,8 @@ from market import (
 from market.models import SignedRecord, decode_batch_lenient
 from market.snapshot import dump_state, load_state
 from node.ledger import LedgerStore
-from node.ledger.sync import head_hash_at, record_snapshot
+from node.ledger.gaps import head_hash_at
+from node.ledger.snapshot_record import record_snapshot
 
 ENTRY_ERROR_EXIT_STATUS = 3
 """Exit status of a node stopped by an :class:`EntryError` (1: other fatal errors, 2: usage)."""
@@ -198,12 +199,12 @@ class Replica:
         The engine continues from the snapshot at once. The ledger cannot be rebuilt from an
         engine snapshot: blocks between the ledger's head and the snapshot's height must be
         fetched from a peer's ledger and checked against the snapshot's head hash (block sync,
-        :mod:`node.ledger.sync`). In one transaction the ledger records the gap (merged with an
-        earlier one it touches, never dropping one: ``meta.block_sync_needed`` names the missing
-        heights, ``block_sync_head`` the hash each gap must chain into), the applied index, the
-        snapshot's members and reputation, and the gate closures (clearing, book, trades) of
-        slots closed but not yet settled;
-        ``ledger verify`` reports the gap until it is filled.
+        :mod:`node.ledger.snapshot_record`). In one transaction the ledger records the gap
+        (merged with an earlier one it touches, never dropping one: ``meta.block_sync_needed``
+        names the missing heights, ``block_sync_head`` the hash each gap must chain into), the
+        applied index, the snapshot's members and reputation, and the gate closures (clearing,
+        book, trades) of slots closed but not yet settled; ``ledger verify`` reports the gap
+        until it is filled.
         """
         if index <= self.applied_index:
             return

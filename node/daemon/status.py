@@ -1,7 +1,10 @@
 """The node's status document (``GET /status``), as the dashboard and ``microgrid status`` read it.
 
 One function assembles it from the parts' own counters, so the document's shape lives in one
-place (documented in docs/dashboard.md, "Status API the dashboard reads").
+place (documented in docs/dashboard.md, "Status API the dashboard reads"). Consensus and ledger
+come from one :class:`~node.daemon.consensus.ConsensusView`, the driver's published picture:
+never from the live core, storage or engine, which the driver's worker threads update (so the
+applied index, the commit index and the ledger's height always belong together).
 """
 
 from __future__ import annotations
@@ -22,21 +25,24 @@ def status_document(
     last_reading: MeterReading | None = None,
     last_reading_at: str | None = None,
 ) -> dict[str, Any]:
-    """The status of one node: consensus, peers, ledger, rejected gossip, meter health."""
-    st = driver.raft.status()
-    state = driver.replica.state
+    """The status of one node: consensus, peers, ledger, rejected gossip, meter health.
+
+    Safe from any task or thread: it reads only the driver's published view and the
+    arguments."""
+    view = driver.view
+    st, stats = view.raft, view.stats
     peers = dict(peers_up or {})
     up = sum(1 for ok in peers.values() if ok)
     return {
         "node": st.id,
-        "grid": state.config.grid,
+        "grid": driver.replica.config.grid,
         "raft": {
             "role": st.role,
             "term": st.term,
             "leader": st.leader,
-            "leader_changes": driver.stats.leader_changes,
+            "leader_changes": stats.leader_changes,
             "commit_index": st.commit,
-            "applied_index": driver.replica.applied_index,
+            "applied_index": view.applied_index,
             "last_index": st.last_index,
             "voters": list(st.voters),
             "learners": list(st.learners),
@@ -54,18 +60,13 @@ def status_document(
                 "export_wh": last_reading.export_wh,
             }
         ),
-        "ledger": {
-            "height": state.height,
-            "head_hash": state.head_hash,
-            "closed_through": state.closed_through,
-            "settled_through": state.settled_through,
-        },
+        "ledger": view.ledger(),
         "invalid_messages": dict(invalid_messages or {}),
         "meter_read_failures": meter_read_failures,
         "driver": {
-            "proposals": driver.stats.proposals,
-            "applied_entries": driver.stats.applied_entries,
-            "dropped_inbound": driver.stats.dropped_inbound,
-            "snapshots": driver.stats.snapshots,
+            "proposals": stats.proposals,
+            "applied_entries": stats.applied_entries,
+            "dropped_inbound": stats.dropped_inbound,
+            "snapshots": stats.snapshots,
         },
     }

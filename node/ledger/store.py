@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +20,13 @@ from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from market.bounds import STORE_INT
 from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
 from market.feeder import FeederCheck
 from market.models import Trade
 from market.schedule import Schedule
 from market.state import MarketConfig
 from node.ledger import schema as t
+from node.ledger.rows import BalanceOverflowError, apply_balance_deltas, read_meta
 
 SCHEDULE_KEY = "schedule"
 """Meta entry holding the grid's wall-clock schedule (the genesis timings) as JSON."""
@@ -102,7 +103,7 @@ class LedgerStore:
         """Bind this database to a microgrid; refuses a database of another grid or rules."""
         genesis = config.genesis_hash()
         with self.engine.begin() as conn:
-            stored = _meta(conn)
+            stored = read_meta(conn)
             if not stored:
                 conn.execute(
                     insert(t.meta),
@@ -146,7 +147,7 @@ class LedgerStore:
     def meta(self) -> dict[str, str]:
         """All meta entries."""
         with self.engine.connect() as conn:
-            return _meta(conn)
+            return read_meta(conn)
 
     def set_meta(self, key: str, value: str) -> None:
         """Insert or replace one meta entry."""
@@ -206,15 +207,18 @@ class LedgerStore:
             ) from exc
 
 
+def write_locked(store: LedgerStore) -> AbstractContextManager[Any]:
+    """The store's process-wide write lock (a no-op context for a store without one): held by
+    every write transaction of this process."""
+    lock = getattr(store, "write_lock", None)
+    return lock if lock is not None else nullcontext()
+
+
 def _schedule_doc(value: str) -> Any:
     try:
         return json.loads(value)
     except ValueError:
         return None
-
-
-def _meta(conn: Connection) -> dict[str, str]:
-    return {row.key: row.value for row in conn.execute(select(t.meta))}
 
 
 def _write_member(conn: Connection, ev: HouseholdRegistered) -> None:
@@ -326,7 +330,10 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
         )
         for p in tx.postings:
             deltas[(p.account, p.asset)] = deltas.get((p.account, p.asset), 0) + p.amount
-    _apply_balance_deltas(conn, deltas)
+    try:
+        apply_balance_deltas(conn, deltas)
+    except BalanceOverflowError as exc:
+        raise LedgerStoreError(str(exc)) from None
     if ev.readings:
         conn.execute(
             insert(t.readings),
@@ -370,31 +377,3 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
 def feeder_check_row(check: FeederCheck, block_height: int) -> dict[str, Any]:
     """The ``feeder_checks`` row of a block's feeder check."""
     return {"slot": check.slot, "block_height": block_height, **check.to_json()}
-
-
-def _apply_balance_deltas(conn: Connection, deltas: dict[tuple[str, str], int]) -> None:
-    if not deltas:
-        return
-    existing = {
-        (row.account, row.asset): row.amount
-        for row in conn.execute(
-            select(t.balances.c.account, t.balances.c.asset, t.balances.c.amount)
-        )
-    }
-    new_rows = []
-    for (account, asset), delta in sorted(deltas.items()):
-        amount = existing.get((account, asset), 0) + delta
-        if not -STORE_INT <= amount <= STORE_INT:
-            raise LedgerStoreError(
-                f"balance of {account} in {asset} would be {amount}, beyond a 64-bit column"
-            )
-        if (account, asset) in existing:
-            conn.execute(
-                update(t.balances)
-                .where((t.balances.c.account == account) & (t.balances.c.asset == asset))
-                .values(amount=amount)
-            )
-        else:
-            new_rows.append({"account": account, "asset": asset, "amount": amount})
-    if new_rows:
-        conn.execute(insert(t.balances), new_rows)

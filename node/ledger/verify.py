@@ -11,7 +11,7 @@ as its ``feeder`` field. Finally the ``balances`` table must equal the sum of al
 no feeder row may lie outside the blocks).
 
 A ledger with a block-sync gap (``meta.block_sync_needed``, left by an installed Raft snapshot,
-see :mod:`node.ledger.sync`) is verified up to the first missing height and then reported as
+see :mod:`node.ledger.gaps`) is verified up to the first missing height and then reported as
 incomplete ("blocks 5..9 missing: block sync pending"); once the gap is filled it verifies whole.
 """
 

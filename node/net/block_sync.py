@@ -3,14 +3,15 @@
 A node that installed a Raft snapshot (it fell behind a compacted log) has a gap in its ledger:
 the engine continued from the snapshot, the blocks in between were never applied here. It asks a
 connected member for them, a chunk at a time, and imports what it gets only after checking it
-(:func:`node.ledger.sync.import_blocks`: hashes, signatures, roots, chain, balances): a peer
-cannot make it accept a block that is not the grid's.
+(:func:`node.ledger.chunk_import.import_blocks`: hashes, signatures, roots, chain, balances):
+a peer cannot make it accept a block that is not the grid's.
 
 One request per stream, both frames varint-length-prefixed (``node.net.wire.frame``):
 
 - request: canonical JSON ``{"first": a, "last": b}`` (at most ``MAX_REQUEST_BYTES``);
-- response: one status byte, then ``0``: the chunk (``node.ledger.sync.export_blocks``), or
-  ``1``: a UTF-8 reason (``not_available: ...``, ``refused: ...``).
+- response: one status byte, then ``0``: the chunk (``node.ledger.chunk_export.export_blocks``,
+  format in :mod:`node.ledger.chunk`), or ``1``: a UTF-8 reason (``not_available: ...``,
+  ``refused: ...``).
 
 Only members may ask (the authenticated peer id is the household's key). The server reads its
 ledger in a worker thread and answers within ``SERVE_TIMEOUT``. A malformed or oversized
@@ -35,7 +36,8 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.bounds import SAFE_INT
 from market.did import IdentityError
-from node.ledger.sync import MAX_CHUNK_BYTES, BlockSyncError, export_blocks
+from node.ledger.chunk import MAX_CHUNK_BYTES, BlockSyncError
+from node.ledger.chunk_export import export_blocks
 from node.net.validator import PeerFault
 from node.net.wire import frame
 from node.setup.keyfile import did_from_peer_id

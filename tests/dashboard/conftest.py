@@ -21,11 +21,9 @@ from sqlalchemy import case, create_engine, func, insert, select
 
 from dashboard.app import create_app, serve
 from dashboard.views import Context
-from market import Command, MeterReading, SettleSlot
-from market.models import FeederReading
 from market.schedule import Schedule
 from node.ledger import schema as t
-from tests.dashboard.feeder import Feeder
+from tests.dashboard.feeder import Feeder, FeederGrid
 
 CHROMIUM = os.environ.get("MICROGRID_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -303,67 +301,6 @@ def feeder_check_rows(url: str) -> dict[int, dict[str, Any]]:
             return {r.slot: r._asdict() for r in conn.execute(select(t.feeder_checks))}
     finally:
         engine.dispose()
-
-
-FEEDER_SERIAL = "FEEDER0001"
-
-
-class FeederGrid(Feeder):
-    """A :class:`Feeder` whose grid has a feeder meter: before each slot's settlement the
-    operator's signed :class:`FeederReading` is applied, so the engine computes the feeder check
-    and the store writes its ``feeder_checks`` row with the block.
-
-    The feeder measures the households' net import plus 2 % line losses of the energy they
-    moved; ``tamper`` adds Wh to the feeder's net over a slot (a slot that does not add up), and
-    slots in ``skip`` get no feeder reading.
-    """
-
-    def __init__(
-        self,
-        db: str,
-        households: int = 6,
-        seed: int = 1,
-        first_slot: int = 0,
-        tamper: dict[int, int] | None = None,
-        skip: set[int] | None = None,
-    ) -> None:
-        """Like :class:`Feeder`, with ``feeder_serial`` in the genesis."""
-        self.tamper = tamper or {}
-        self.skip = skip or set()
-        self.counters: dict[str, tuple[int, int]] = {}
-        self.flow: dict[int, tuple[int, int]] = {}
-        self.feeder_import_wh = self.feeder_export_wh = 0
-        super().__init__(db, households, seed, first_slot, feeder_serial=FEEDER_SERIAL)
-
-    def _apply(self, commands: list[Command]) -> None:
-        out: list[Command] = []
-        for command in commands:
-            if isinstance(command, MeterReading):
-                imp, exp = self.counters.get(command.household, (0, 0))
-                net, moved = self.flow.get(command.slot, (0, 0))
-                rise_in, rise_out = command.import_wh - imp, command.export_wh - exp
-                self.flow[command.slot] = (net + rise_in - rise_out, moved + rise_in + rise_out)
-                self.counters[command.household] = (command.import_wh, command.export_wh)
-            elif isinstance(command, SettleSlot) and command.slot not in self.skip:
-                out.append(self.feeder_reading(command.slot))
-            out.append(command)
-        super()._apply(out)
-
-    def feeder_reading(self, slot: int) -> FeederReading:
-        """The operator's signed reading of the feeder meter at the end of ``slot``."""
-        net, moved = self.flow.pop(slot, (0, 0))
-        feeder_net = net + moved * 2 // 100 + self.tamper.get(slot, 0)
-        self.feeder_import_wh += max(feeder_net, 0)
-        self.feeder_export_wh += max(-feeder_net, 0)
-        return FeederReading(
-            grid=self.sim.config.grid,
-            operator=self.sim.operator.did,
-            meter_serial=FEEDER_SERIAL,
-            slot=slot,
-            import_wh=self.feeder_import_wh,
-            export_wh=self.feeder_export_wh,
-            nonce=slot * 4 + 2,
-        ).signed_by(self.sim.operator)
 
 
 def new_feeder_grid(

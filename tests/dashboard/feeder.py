@@ -3,7 +3,8 @@
 Unlike ``market_sim.run`` (one call, one run), a :class:`Feeder` keeps the engine state and the
 store open, so a test can append slots to a ledger while a dashboard is reading it, and can
 produce the situations the alerts are about through the real engine: a slot whose orders do not
-cross, gates that close while settlement lags behind.
+cross, gates that close while settlement lags behind. A :class:`FeederGrid` is the same with a
+feeder meter, its commands those of :func:`tests.ledger.feeder_grid.feeder_commands`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 from market import (
     CloseGate,
     Command,
+    FeederReading,
     Order,
     Rejected,
     Side,
@@ -22,6 +24,7 @@ from market import (
 from market.schedule import Schedule
 from node.ledger import LedgerStore
 from node.tools import market_sim
+from tests.ledger.feeder_grid import FEEDER_SERIAL, feeder_commands
 
 
 class Feeder:
@@ -38,7 +41,7 @@ class Feeder:
     ) -> None:
         """``first_slot``: the first slot traded (slots are Unix time / slot length in a running
         grid; the simulation's day profile repeats every 96 slots). ``feeder_serial``: the
-        genesis names a feeder meter (see ``conftest.FeederGrid``). ``schedule``: recorded in
+        genesis names a feeder meter (see :class:`FeederGrid`). ``schedule``: recorded in
         meta as a node does (``LedgerStore.record_schedule``); None leaves the ledger without
         one, like a ledger of an older node."""
         self.sim = market_sim.build(households, seed)
@@ -131,3 +134,73 @@ class Feeder:
             self.pending_settlements.append(settling)
             self.next_slot += 1
         return self.next_slot - 1
+
+
+class FeederGrid(Feeder):
+    """A :class:`Feeder` whose grid has a feeder meter (``FEEDER_SERIAL`` in the genesis): each
+    slot's commands are :func:`tests.ledger.feeder_grid.feeder_commands`' (the same simulation,
+    with the operator's signed feeder reading before the settlement), so the engine computes the
+    feeder check and the store writes its ``feeder_checks`` row with the block.
+
+    The feeder measures the households' net import plus 2 % line losses of the energy they
+    moved; ``tamper`` adds Wh to the feeder's net over a slot (a slot that does not add up:
+    the reading is re-signed by the operator), and slots in ``skip`` get no feeder reading.
+    Only :meth:`advance` feeds it (no uncleared slots or lagging settlement).
+    """
+
+    def __init__(
+        self,
+        db: str,
+        households: int = 6,
+        seed: int = 1,
+        first_slot: int = 0,
+        tamper: dict[int, int] | None = None,
+        skip: set[int] | None = None,
+    ) -> None:
+        """Like :class:`Feeder`, with ``feeder_serial`` in the genesis."""
+        self.households = households
+        self.seed = seed
+        self.first_slot = first_slot
+        self.tamper = tamper or {}
+        self.skip = frozenset(skip or ())
+        self.extra_import_wh = self.extra_export_wh = 0
+        """What ``tamper`` added to the feeder meter's counters so far."""
+        super().__init__(db, households, seed, first_slot, feeder_serial=FEEDER_SERIAL)
+
+    def advance(self, slots: int = 1) -> int:
+        """Trade, read the feeder and settle ``slots`` more slots; returns the last slot."""
+        end = self.next_slot + slots
+        _, commands = feeder_commands(
+            self.households,
+            end - self.first_slot,
+            self.seed,
+            first_slot=self.first_slot,
+            missing_feeder=self.skip,
+        )  # the whole run again (deterministic): the prefix is what was applied already
+        new = [c for c in commands if self.next_slot <= getattr(c, "slot", -1) < end]
+        self._apply([self._tampered(c) if isinstance(c, FeederReading) else c for c in new])
+        self.next_slot = end
+        return end - 1
+
+    def _tampered(self, reading: FeederReading) -> FeederReading:
+        """``reading`` with what ``tamper`` added up to its slot (its counters rise by the
+        slot's tamper, so later slots' nets are untouched), re-signed by the operator."""
+        extra = self.tamper.get(reading.slot, 0)
+        self.extra_import_wh += max(extra, 0)
+        self.extra_export_wh += max(-extra, 0)
+        if not (self.extra_import_wh or self.extra_export_wh):
+            return reading
+        return reading.model_copy(
+            update={
+                "import_wh": reading.import_wh + self.extra_import_wh,
+                "export_wh": reading.export_wh + self.extra_export_wh,
+            }
+        ).signed_by(self.sim.operator)
+
+    def advance_uncleared(self) -> int:
+        """Not for a feeder grid (its slots come from ``feeder_commands``)."""
+        raise NotImplementedError("FeederGrid only advances")
+
+    def close_gates_only(self, slots: int) -> int:
+        """Not for a feeder grid (its slots come from ``feeder_commands``)."""
+        raise NotImplementedError("FeederGrid only advances")

@@ -123,7 +123,7 @@ def run_schedule_case(tmp_path: Path, target: str) -> None:
         assert meta_of(target)["schedule"] == meta_of(feeder.store.url)["schedule"]
         archived = views.Context.open(target, verify_enabled=False)
         try:
-            assert (archived.clock.slot_seconds, archived.slot_source) == (10, views.SLOT_LEDGER)
+            assert (archived.schedule.slot_seconds, archived.slot_source) == (10, views.SLOT_LEDGER)
         finally:
             archived.close()
         feeder.store.set_meta("schedule", schedule_json(Schedule(900, 3, 2)))
@@ -197,15 +197,14 @@ def test_dashboard_views_work_on_the_archive(tmp_path: Path, pg_url: str) -> Non
         head_pg.pop("verify_finished_at")
         head_lite.pop("verify_finished_at")
         assert head_pg == head_lite
-        assert views.market_view(pg, "7d")[1] == views.market_view(lite, "7d")[1]
-        assert views.orderbook_view(pg, 30)[2] == views.orderbook_view(lite, 30)[2]
+        assert views.market_view(pg, "7d").points == views.market_view(lite, "7d").points
+        assert views.orderbook_view(pg, 30).orders == views.orderbook_view(lite, 30).orders
         hh = data.household_summary(pg.engine)
         assert hh == data.household_summary(lite.engine)
-        assert (
-            views.households_view(pg, hh[1]["household"], "1d")[2]
-            == (views.households_view(lite, hh[1]["household"], "1d")[2])
+        assert views.households_view(pg, hh[1]["household"], "1d").slots == (
+            views.households_view(lite, hh[1]["household"], "1d").slots
         )
-        assert views.community_view(pg, "all")[0] == views.community_view(lite, "all")[0]
+        assert views.community_view(pg, "all").figures == views.community_view(lite, "all").figures
         ledger_pg, ledger_lite = views.ledger_view(pg), views.ledger_view(lite)
         for key in ("height", "head_hash", "transactions", "blocks", "latest_transactions"):
             assert ledger_pg[key] == ledger_lite[key]

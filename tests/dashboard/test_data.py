@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dash
-import pytest
 from sqlalchemy import func, select
 
 from dashboard import data, views
@@ -21,8 +20,8 @@ from node.ledger.queries import SlotRow
 from tests.dashboard.conftest import new_feeder
 from tests.dashboard.status_server import StatusServer, status_doc
 
-PROD = data.SlotClock(900)
-DEMO = data.SlotClock(10)
+PROD = Schedule(900)
+DEMO = Schedule(10)
 
 
 def utc(seconds: int, fmt: str = "%Y-%m-%d %H:%M") -> str:
@@ -116,7 +115,7 @@ def test_ledger_alerts() -> None:
         SlotRow(slot=2, bid_volume_wh=100, ask_volume_wh=0, volume_wh=0),  # one side only
         SlotRow(slot=3, bid_volume_wh=100, ask_volume_wh=50, volume_wh=50),
     ]
-    alerts = data.ledger_alerts(rows, head, {"state": "failed", "error": "boom"}, 4, clock=PROD)
+    alerts = data.ledger_alerts(rows, head, {"state": "failed", "error": "boom"}, 4, schedule=PROD)
     assert [a["code"] for a in alerts] == [
         "ledger_invalid",
         "slot_not_cleared",
@@ -125,7 +124,7 @@ def test_ledger_alerts() -> None:
     assert "Slot 1 (1970-01-01 00:15 UTC) did not clear" in alerts[1]["message"]
     assert "through slot 16 (1970-01-01 04:00 UTC)" in alerts[2]["message"]
     ok_head = data.HeadInfo(height=10, head_hash="ab", settled_through=9, closed_through=11)
-    assert data.ledger_alerts(rows[1:], ok_head, {"state": "ok"}, 4, clock=PROD) == []
+    assert data.ledger_alerts(rows[1:], ok_head, {"state": "ok"}, 4, schedule=PROD) == []
 
 
 def test_status_normalisation() -> None:
@@ -191,7 +190,7 @@ def test_bucket_labels_and_community_bucket_sizes() -> None:
     assert [views.bucket_label(n, PROD) for n in views.bucket_sizes(PROD)] == [
         "per slot", "per hour", "per day", "per week",
     ]  # fmt: skip
-    assert views.bucket_label(3, data.SlotClock(7)) == "per 21 s"
+    assert views.bucket_label(3, Schedule(7)) == "per 21 s"
     # community: at most COMMUNITY_POINTS points; 15-minute slots hourly up to 3 days
     assert views._bucket_size(3 * 96, PROD, views.COMMUNITY_POINTS) == 4
     assert views._bucket_size(3 * 96 + 4, PROD, views.COMMUNITY_POINTS) == 96
@@ -201,7 +200,7 @@ def test_bucket_labels_and_community_bucket_sizes() -> None:
 def test_stale_alert_defaults_to_three_slots(tmp_path: Path) -> None:
     feeder = new_feeder(tmp_path, 2, households=2, seed=5)
     feeder.close()
-    ctx = views.Context.open(feeder.store.url, None, verify_enabled=False, clock=PROD)
+    ctx = views.Context.open(feeder.store.url, None, verify_enabled=False, schedule=PROD)
     try:
         assert ctx.stale_after() == 3 * 900
         ctx.use_slot_seconds(10)  # the node's /status reports its slot length
@@ -237,29 +236,26 @@ def test_stale_ledger_and_readings_ahead_of_settlement(tmp_path: Path) -> None:
 
 def test_slot_labels_are_the_utc_start_of_the_slot() -> None:
     # slot s starts at s * slot_seconds Unix seconds (market/schedule.py)
-    assert PROD.label(1_960_000) == utc(1_960_000 * 900) == "2025-11-24 16:00"
-    assert PROD.start(1_960_000) == Schedule(slot_seconds=900).start(1_960_000)
-    slot = Schedule(slot_seconds=10).slot_at(1_796_183_512.3)
-    assert DEMO.label(slot) == utc(slot * 10, "%Y-%m-%d %H:%M:%S") == "2026-12-02 03:51:50"
+    assert data.slot_label(PROD, 1_960_000) == utc(1_960_000 * 900) == "2025-11-24 16:00"
+    assert data.slot_label(PROD, 1_960_000) == PROD.start_datetime(1_960_000).strftime(
+        data.time_format(PROD)
+    )
+    slot = DEMO.slot_at(1_796_183_512.3)
+    label = data.slot_label(DEMO, slot)
+    assert label == utc(slot * 10, "%Y-%m-%d %H:%M:%S") == "2026-12-02 03:51:50"
     # seconds whenever a slot start can fall inside a minute
-    assert data.SlotClock(90).label(1) == "1970-01-01 00:01:30"
-    assert data.SlotClock(3600).label(24) == "1970-01-02 00:00"
-    assert data.SlotClock(900).label(10**16) == f"slot {10**16}"  # beyond any calendar
-    assert (PROD.slots_per_day, DEMO.slots_per_day, data.SlotClock(7).slots_per_day) == (
+    assert data.slot_label(Schedule(90), 1) == "1970-01-01 00:01:30"
+    assert data.slot_label(Schedule(3600), 24) == "1970-01-02 00:00"
+    assert data.slot_label(PROD, 10**16) == f"slot {10**16}"  # beyond any calendar
+    assert (PROD.slots_per_day, DEMO.slots_per_day, Schedule(7).slots_per_day) == (
         96,
         8640,
         86_400 // 7,
     )
-    assert data.SlotClock(100_000).slots_per_day == 1  # at least one
-    assert (PROD.duration(4), PROD.duration(96), DEMO.duration(6), DEMO.duration(1)) == (
-        "1 h",
-        "1 day",
-        "1 min",
-        "10 s",
-    )
-    for bad in (0, -10, 1.5, True):
-        with pytest.raises(ValueError):
-            data.SlotClock(bad)  # type: ignore[arg-type]
+    assert Schedule(100_000).slots_per_day == 1  # at least one
+    spans = [data.duration_label(s, n) for s, n in ((PROD, 4), (PROD, 96), (DEMO, 6), (DEMO, 1))]
+    assert spans == ["1 h", "1 day", "1 min", "10 s"]
+    assert [data.time_format(s) for s in (PROD, DEMO)] == ["%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"]
 
 
 def test_windows_and_buckets_follow_the_slot_length() -> None:
@@ -283,27 +279,29 @@ def test_windows_and_buckets_follow_the_slot_length() -> None:
     first = 179_599_998  # a multiple of 6 slots: buckets start on whole minutes
     assert first * 10 % 60 == 0
     rows = [SlotRow(slot=first + i, volume_wh=1, price=20) for i in range(8640)]
-    size, points = views._bucket(rows, DEMO)
-    assert (size, len(points)) == (6, 1440)
+    chart = views._bucket(rows, DEMO)
+    points = chart.points
+    assert (chart.bucket_size, len(points)) == (6, 1440)
     assert points[1]["slot"] == first + 6
     assert points[1]["time"] == utc((first + 6) * 10, "%Y-%m-%d %H:%M:%S")
     assert points[1]["time"].endswith(":00") and points[1]["local_wh"] == 6
     # the same number of 15-minute slots is 90 days: daily buckets
-    assert views._bucket([SlotRow(slot=s) for s in range(8640)], PROD)[0] == 96
+    assert views._bucket([SlotRow(slot=s) for s in range(8640)], PROD).bucket_size == 96
 
 
 def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:
     first = 179_618_304  # 2026-12-02 03:44 UTC in 10-second slots, as in `microgrid demo`
     feeder = new_feeder(tmp_path, 200, households=3, seed=7, first_slot=first)
     feeder.close()
-    demo = views.Context.open(feeder.store.url, verify_enabled=False, clock=DEMO)
+    demo = views.Context.open(feeder.store.url, verify_enabled=False, schedule=DEMO)
     prod = views.Context.open(feeder.store.url, verify_enabled=False)
     try:
         for ctx in (demo, prod):
             views.head_view(ctx)
         assert demo.alert_window() == 8640 and prod.alert_window() == 96
         # one day of 10-second slots holds all 200; one day of 15-minute slots the newest 96
-        fig, points = views.market_view(demo, "1d")
+        market = views.market_view(demo, "1d")
+        fig, points = market.figure, market.points
         assert [p["slot"] for p in points] == list(range(first, first + 200))
         expected = [utc(s * 10, "%Y-%m-%d %H:%M:%S") for s in range(first, first + 200)]
         assert [p["time"] for p in points] == expected
@@ -311,25 +309,26 @@ def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:
         assert fig["data"][0]["customdata"] == list(range(first, first + 200))  # ... slot rides
         assert fig["layout"]["xaxis"]["type"] == "date"
         assert fig["layout"]["xaxis"]["hoverformat"] == "%Y-%m-%d %H:%M:%S"
-        assert [p["slot"] for p in views.market_view(prod, "1d")[1]] == list(
-            range(first + 104, first + 200)
-        )
-        assert views.market_view(prod, "1d")[1][0]["time"] == utc((first + 104) * 900)
+        prod_points = views.market_view(prod, "1d").points
+        assert [p["slot"] for p in prod_points] == list(range(first + 104, first + 200))
+        assert prod_points[0]["time"] == utc((first + 104) * 900)
         # households: the window in wall time, x = slot starts
-        hfig, _, slots, _ = views.households_view(demo, None, "1d")
-        assert len(slots) == 200 and slots[0]["time"] == expected[0]
-        assert hfig["data"][0]["x"] == expected
-        assert len(views.households_view(prod, None, "1d")[2]) == 96
+        households = views.households_view(demo, None, "1d")
+        assert len(households.slots) == 200 and households.slots[0]["time"] == expected[0]
+        assert households.figure["data"][0]["x"] == expected
+        assert len(views.households_view(prod, None, "1d").slots) == 96
         # community per minute of wall time: 200 slots of 10 s are 2,000 s, 34 minutes at most
         # (per slot would be 200 points, over COMMUNITY_POINTS); 15-minute slots: per hour
-        _, cfig, buckets = views.community_view(demo, "all")
+        community = views.community_view(demo, "all")
+        cfig, buckets = community.figure, community.buckets
         minutes = sorted({(s * 10) // 60 * 60 for s in range(first, first + 200)})
         assert [d["time"] for d in buckets] == [utc(m, "%Y-%m-%d %H:%M:%S") for m in minutes]
         assert sum(d["slots"] for d in buckets) == 200
         assert list(cfig.data[0].x) == [d["time"] for d in buckets]
         assert cfig.layout.xaxis.type == "date"
         assert cfig.layout.xaxis.title.text == "UTC, per minute"
-        _, pfig, hourly = views.community_view(prod, "all")
+        hourly_view = views.community_view(prod, "all")
+        pfig, hourly = hourly_view.figure, hourly_view.buckets
         assert pfig.layout.xaxis.title.text == "UTC, per hour"
         assert [d["time"] for d in hourly] == sorted(
             {utc(s * 900 // 3600 * 3600) for s in range(first, first + 200)}
@@ -337,7 +336,7 @@ def test_ten_second_ledger_labels_and_windows(tmp_path: Path) -> None:
         # ledger tables and the order book title
         blocks = views.ledger_view(demo)["blocks"]
         assert blocks[0]["slot"] == first + 199 and blocks[0]["time"] == expected[-1]
-        title = views.orderbook_view(demo, first + 5)[0].layout.title.text
+        title = views.orderbook_view(demo, first + 5).figure.layout.title.text
         assert title == f"Order book of slot {first + 5} ({expected[5]} UTC)"
         assert data.rows_to_csv(points).splitlines()[1].startswith(f"{first},{expected[0]},")
     finally:
@@ -357,15 +356,16 @@ def test_the_nodes_slot_length_wins(tmp_path: Path) -> None:
     ctx = views.Context.open(feeder.store.url, server.url, verify_enabled=False)
     try:
         views.poll_api(ctx)
-        assert ctx.clock == PROD and views.head_view(ctx)["slot_seconds"] == 900
+        assert ctx.schedule == PROD and views.head_view(ctx)["slot_seconds"] == 900
         server.doc = {**doc, "slot_seconds": 10}
         assert views.poll_api(ctx)["slot_seconds"] == 10
-        assert ctx.clock == DEMO
+        assert ctx.schedule == DEMO
         assert views.head_view(ctx)["slot_seconds"] == 10  # the head changes: views redraw
-        assert views.market_view(ctx, "7d")[1][0]["time"] == utc(179_618_304 * 10, DEMO.time_format)
+        first_point = views.market_view(ctx, "7d").points[0]
+        assert first_point["time"] == utc(179_618_304 * 10, data.time_format(DEMO))
         server.stop()
         views.poll_api(ctx)  # unreachable: keeps what it learnt
-        assert ctx.clock == DEMO
+        assert ctx.schedule == DEMO
     finally:
         ctx.close()
 

@@ -131,7 +131,8 @@ def test_the_engines_feeder_checks_on_the_dashboard(tmp_path: Path) -> None:
         assert (summary.slots, summary.mismatch) == (SLOTS, 1)
         assert summary.ok == SLOTS - 1 - len(incomplete)
         assert summary.no_feeder_reading == len(incomplete)
-        fig, points = views.feeder_view(ctx, "7d")
+        feeder_view = views.feeder_view(ctx, "7d")
+        fig, points = feeder_view.figure, feeder_view.points
         assert fig is not None and fig["data"][2]["x"] == [label(MISMATCH)]
         by_slot = {p["slot"]: p for p in points}
         assert (
@@ -192,7 +193,8 @@ def test_a_mismatch_is_an_alert_naming_its_slot_and_difference(ledger: Feeder) -
         )
         assert summary.incomplete == 2
         # the figure: feeder net per slot next to the households' net, the mismatch marked
-        fig, points = views.feeder_view(ctx, "7d")
+        feeder_view = views.feeder_view(ctx, "7d")
+        fig, points = feeder_view.figure, feeder_view.points
         assert fig is not None
         assert [p["slot"] for p in points] == list(range(FIRST, FIRST + SLOTS))
         feeder, households, marks = fig["data"]
@@ -224,7 +226,7 @@ def test_ok_checks_give_no_alert(ledger: Feeder) -> None:
         assert not [a for a in views.alerts_view(ctx) if a["code"].startswith("feeder")]
         summary = views.feeder_summary_view(ctx)
         assert summary is not None and (summary.ok, summary.mismatch) == (SLOTS, 0)
-        fig, _ = views.feeder_view(ctx, "7d")
+        fig = views.feeder_view(ctx, "7d").figure
         assert fig is not None and fig["data"][2]["x"] == []
         shown = page(ctx)
         codes = texts(shown["alerts"])
@@ -283,19 +285,18 @@ def test_a_grid_without_a_feeder_shows_nothing_new(ledger: Feeder, ledger_kind: 
         assert not any(r.feeder_status for r in ctx.slots.window(None))
         assert not [a for a in views.alerts_view(ctx) if a["code"].startswith("feeder")]
         assert views.feeder_summary_view(ctx) is None
-        assert views.feeder_view(ctx, "all") == (None, [])
+        assert views.feeder_view(ctx, "all") == views.FeederView(figure=None, points=[])
         shown = page(ctx)
         assert texts(shown["alerts"]) == [("no-alerts", "No alerts.")]
         assert shown["style"] == {"display": "none"}
         # the other views are untouched
-        _, points = views.market_view(ctx, "7d")
-        assert len(points) == SLOTS
+        assert len(views.market_view(ctx, "7d").points) == SLOTS
     finally:
         ctx.close()
 
 
 def test_feeder_points_are_bucketed_over_long_windows() -> None:
-    clock = data.SlotClock(900)
+    schedule = Schedule(900)
     rows = [
         queries.SlotRow(
             slot=s,
@@ -312,8 +313,9 @@ def test_feeder_points_are_bucketed_over_long_windows() -> None:
     ]
     rows[5].feeder_status = "no_feeder_reading"
     rows[5].feeder_net_wh = rows[5].feeder_households_net_wh = rows[5].feeder_difference_wh = None
-    size, points = views._feeder_points(rows, clock)
-    assert size == 4 and len(points) == 500  # hourly sums of four 15-minute slots
+    chart = views._feeder_points(rows, schedule)
+    points = chart.points
+    assert chart.bucket_size == 4 and len(points) == 500  # hourly sums of four 15-minute slots
     assert points[1]["feeder_net_wh"] == 3 * 310 and points[1]["households_net_wh"] == 3 * 300
     (bad,) = [p for p in points if p["mismatches"]]
     assert bad["slot"] == 1000 and bad["difference_wh"] == 700 + 3 * 10

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dashboard import views
-from dashboard.data import SlotClock
+from dashboard.data import slot_label
 from dashboard.views import Context
 from market.schedule import Schedule
 from tests.dashboard.conftest import (
@@ -97,25 +97,25 @@ def test_the_ledgers_schedule_gives_the_slot_length_without_a_flag(tmp_path: Pat
     status = StatusServer({**status_doc("did:key:zL", SLOTS, None), "slot_seconds": 900})
     ctx = Context.open(feeder.store.url, status.url, verify_enabled=False, api_timeout=0.5)
     try:
-        assert (ctx.clock, ctx.slot_source) == (SlotClock(10), views.SLOT_LEDGER)
+        assert (ctx.schedule, ctx.slot_source) == (Schedule(10), views.SLOT_LEDGER)
         assert ctx.slot_notice() is None
         views.poll_api(ctx)
-        assert ctx.clock == SlotClock(10)
+        assert ctx.schedule == Schedule(10)
         head = views.head_view(ctx)
         assert head["slot_seconds"] == 10
-        points = views.market_view(ctx, "7d")[1]
+        points = views.market_view(ctx, "7d").points
         assert [p["time"] for p in points] == [label(s) for s in range(first, first + SLOTS)]
         assert points[-1]["time"].startswith(today())
-        assert ctx.clock.label(head["settled_through"]).startswith(today())
+        assert slot_label(ctx.schedule, head["settled_through"]).startswith(today())
     finally:
         ctx.close()
         status.stop()
     # --slot-seconds still overrides the ledger
     override = Context.open(feeder.store.url, slot_seconds=900, verify_enabled=False)
     try:
-        assert (override.clock, override.slot_source) == (SlotClock(900), views.SLOT_OVERRIDE)
+        assert (override.schedule, override.slot_source) == (Schedule(900), views.SLOT_OVERRIDE)
         views.head_view(override)
-        assert override.clock == SlotClock(900)
+        assert override.schedule == Schedule(900)
     finally:
         override.close()
 
@@ -129,17 +129,17 @@ def test_an_older_ledger_falls_back_to_the_api_then_the_default(tmp_path: Path) 
     status = StatusServer({**status_doc("did:key:zL", SLOTS, None), "slot_seconds": 10})
     api = Context.open(feeder.store.url, status.url, verify_enabled=False, api_timeout=0.5)
     try:
-        assert (plain.clock, plain.slot_source) == (SlotClock(900), views.SLOT_DEFAULT)
+        assert (plain.schedule, plain.slot_source) == (Schedule(900), views.SLOT_DEFAULT)
         notice = plain.slot_notice()
         assert notice is not None and "900 s slots" in notice and "--slot-seconds" in notice
         views.poll_api(api)
-        assert (api.clock, api.slot_source) == (SlotClock(10), views.SLOT_API)
+        assert (api.schedule, api.slot_source) == (Schedule(10), views.SLOT_API)
         assert api.slot_notice() is None
         # the node restarts and records its schedule: the ledger now says 10 s
         feeder.store.record_schedule(DEMO_SCHEDULE)
         assert views.head_view(plain)["slot_seconds"] == 10
         assert (plain.slot_source, plain.slot_notice()) == (views.SLOT_LEDGER, None)
-        assert views.market_view(plain, "7d")[1][-1]["time"] == label(first + SLOTS - 1)
+        assert views.market_view(plain, "7d").points[-1]["time"] == label(first + SLOTS - 1)
     finally:
         plain.close()
         api.close()

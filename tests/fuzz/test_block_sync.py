@@ -1,4 +1,4 @@
-"""Fuzz block-sync decoding: chunks (``node.ledger.sync.decode_chunk``) and requests
+"""Fuzz block-sync decoding: chunks (``node.ledger.chunk.decode_chunk``) and requests
 (``node.net.block_sync.decode_request``).
 
 - ``decode_chunk`` raises only :class:`BlockSyncError` (reason ``malformed``); a chunk that
@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from market.encoding import canonical_bytes
 from node.daemon.replica import Replica
 from node.ledger import LedgerStore
-from node.ledger.sync import CHUNK_KIND, BlockSyncError, decode_chunk, export_blocks
+from node.ledger.chunk import CHUNK_KIND, BlockSyncError, decode_chunk, encode_chunk
+from node.ledger.chunk_export import export_blocks
 from node.net.block_sync import MAX_REQUEST_BYTES, decode_request, encode_request
 from tests.fuzz.strategies import (
     any_of_json,
@@ -64,19 +65,20 @@ def chunk_inputs(draw: st.DrawFn) -> bytes:
 
 def test_real_chunks_decode() -> None:
     for data in valid_chunks():
-        doc = decode_chunk(data)
-        assert doc["blocks"] and canonical_bytes(CHUNK_KIND, doc) == data
+        chunk = decode_chunk(data)
+        assert chunk.blocks and encode_chunk(chunk) == data
+        assert canonical_bytes(CHUNK_KIND, json.loads(data[len(PREFIX) :])) == data
 
 
 @fuzz_settings()
 @given(chunk_inputs())
 def test_decode_chunk_raises_only_block_sync_error(data: bytes) -> None:
     try:
-        doc = decode_chunk(data)
+        chunk = decode_chunk(data)
     except BlockSyncError as exc:
         assert exc.reason == "malformed"
         return
-    assert canonical_bytes(CHUNK_KIND, doc) == data
+    assert encode_chunk(chunk) == data
 
 
 @st.composite

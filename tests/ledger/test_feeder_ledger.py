@@ -13,9 +13,10 @@ import pytest
 from market import FeederStatus, SlotSettled, State, apply
 from market.encoding import canonical_bytes
 from node.daemon.replica import Replica
-from node.ledger import LedgerStore, LedgerStoreError, verify_ledger
-from node.ledger import sync as block_sync
-from node.ledger.sync import BlockSyncError, decode_chunk, export_blocks, import_blocks
+from node.ledger import LedgerStore, LedgerStoreError, chunk_export, verify_ledger
+from node.ledger.chunk import BlockSyncError, decode_chunk
+from node.ledger.chunk_export import export_blocks
+from node.ledger.chunk_import import import_blocks
 from node.tools import market_sim
 from tests.conftest import needs_pg
 from tests.ledger.feeder_grid import FEEDER_SERIAL, feeder_commands, feeder_log_entries
@@ -237,7 +238,7 @@ def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
 def test_block_sync_carries_the_feeder_rows(
     synced: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(block_sync, "MAX_CHUNK_BLOCKS", 10)  # several chunks, with links
+    monkeypatch.setattr(chunk_export, "MAX_CHUNK_BLOCKS", 10)  # several chunks, with links
     target = synced["tmp"] / "filled.db"
     target.write_bytes(Path(synced["gapped"].split(":///", 1)[1]).read_bytes())
     url = f"sqlite:///{target}"
@@ -249,8 +250,8 @@ def test_block_sync_carries_the_feeder_rows(
     chunks: list[bytes] = []
     fill(synced["full"], url, chunks)
     chunk = decode_chunk(chunks[0])
-    assert all(set(b["feeder"]) >= {"status", "households_net_wh"} for b in chunk["blocks"])
-    assert len(chunks) == 3 and chunk["link"] and all(len(item) == 7 for item in chunk["link"])
+    assert all(b.feeder is not None for b in chunk.blocks)
+    assert len(chunks) == 3 and chunk.link and all(len(item) == 7 for item in chunk.link)
     assert dump(url) == dump(synced["full"])
     full, filled = verify_ledger(synced["full"]), verify_ledger(url)
     assert full.ok and filled.ok, (full.error, filled.error)
@@ -282,7 +283,7 @@ def reencode(data: bytes, change: Any) -> bytes:
 def test_a_chunk_with_a_tampered_feeder_row_is_refused(
     synced: dict[str, Any], change: Any, reason: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(block_sync, "MAX_CHUNK_BLOCKS", 5)
+    monkeypatch.setattr(chunk_export, "MAX_CHUNK_BLOCKS", 5)
     target = synced["tmp"] / f"refuse-{reason}.db"
     target.write_bytes(Path(synced["gapped"].split(":///", 1)[1]).read_bytes())
     url = f"sqlite:///{target}"
@@ -309,7 +310,7 @@ def test_a_chunk_without_feeder_objects_stays_as_before(tmp_path: Path) -> None:
         chunk = decode_chunk(export_blocks(store, 1, 5))
     finally:
         store.close()
-    assert all("feeder" not in b for b in chunk["blocks"])
+    assert all(b.feeder is None for b in chunk.blocks)
 
 
 # --- the archive --------------------------------------------------------------------------------

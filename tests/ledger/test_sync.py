@@ -14,16 +14,11 @@ import pytest
 from market import decode_batch, encode_batch
 from market.encoding import canonical_bytes
 from node.daemon.replica import Replica, ReplicaError
-from node.ledger import LedgerStore, verify_ledger
-from node.ledger import sync as block_sync
-from node.ledger.sync import (
-    MAX_CHUNK_BLOCKS,
-    BlockSyncError,
-    decode_chunk,
-    export_blocks,
-    import_blocks,
-    missing_ranges,
-)
+from node.ledger import LedgerStore, chunk_export, verify_ledger
+from node.ledger.chunk import MAX_CHUNK_BLOCKS, MAX_CHUNK_BYTES, BlockSyncError, decode_chunk
+from node.ledger.chunk_export import export_blocks
+from node.ledger.chunk_import import import_blocks
+from node.ledger.gaps import missing_ranges
 from node.tools import market_sim
 from tests.node.test_replica import log_entries
 
@@ -167,8 +162,8 @@ def test_chunks_fill_the_gap_and_both_ledgers_are_equal(grid: Grid) -> None:
     chunks: list[bytes] = []
     steps = fill(grid.url, url, chunks)
     assert steps == [[(a + 50, b)], [(a + 100, b)], []]  # 50 blocks a chunk, then the rest
-    assert [len(decode_chunk(c)["blocks"]) for c in chunks] == [50, 50, b - a - 99]
-    assert all(len(c) <= block_sync.MAX_CHUNK_BYTES for c in chunks)
+    assert [len(decode_chunk(c).blocks) for c in chunks] == [50, 50, b - a - 99]
+    assert all(len(c) <= MAX_CHUNK_BYTES for c in chunks)
     assert_same_ledger(grid.url, url)
 
 
@@ -246,7 +241,7 @@ def test_a_ledger_can_serve_blocks_it_synced_and_not_those_it_lacks(grid: Grid) 
         export_blocks(store, 500, 600)
     assert err.value.reason == "not_available"
     before = export_blocks(store, 1, a + 10)  # stops before its own gap
-    assert [blk["height"] for blk in decode_chunk(before)["blocks"]] == list(range(1, a))
+    assert [blk.height for blk in decode_chunk(before).blocks] == list(range(1, a))
     store.close()
     fill(grid.url, url)
     # Now a third node, gapped the same way, syncs from the relay instead of the full ledger.
@@ -260,15 +255,15 @@ def test_export_respects_the_byte_limit(grid: Grid, monkeypatch: pytest.MonkeyPa
     store, full = LedgerStore(url), LedgerStore(grid.url)
     limit = len(export_blocks(full, *missing_ranges(store)[0])) // 4
     store.close()
-    monkeypatch.setattr(block_sync, "MAX_CHUNK_BYTES", limit)
+    monkeypatch.setattr(chunk_export, "MAX_CHUNK_BYTES", limit)
     chunks: list[bytes] = []
     fill(grid.url, url, chunks)
     assert len(chunks) > 6
     assert all(len(c) <= limit for c in chunks)
-    assert all(1 <= len(decode_chunk(c)["blocks"]) < MAX_CHUNK_BLOCKS for c in chunks)
+    assert all(1 <= len(decode_chunk(c).blocks) < MAX_CHUNK_BLOCKS for c in chunks)
     assert_same_ledger(grid.url, url)
     one = len(export_blocks(full, 1, 1))
-    monkeypatch.setattr(block_sync, "MAX_CHUNK_BYTES", one // 2)
+    monkeypatch.setattr(chunk_export, "MAX_CHUNK_BYTES", one // 2)
     full = LedgerStore(grid.url)
     with pytest.raises(BlockSyncError) as err:
         export_blocks(full, 1, 1)
@@ -363,7 +358,7 @@ TAMPERS = {
     "order_signature": (_order_signature, "bad_block", "bad signature"),
     "dropped_order": (_dropped_order, "bad_block", "clear"),
     "clearing_price": (_clearing_price, "bad_block", "clear"),
-    "unknown_field": (_settlement_field, "malformed", "unknown fields ['bonus']"),
+    "unknown_field": (_settlement_field, "malformed", "settlements[0].bonus: unknown field"),
     "missing_gate": (_missing_gate, "incomplete", "gate closure"),
     "state_hash": (_state_hash, "bad_block", "hash"),
 }
@@ -485,7 +480,7 @@ def test_a_chunk_from_a_forked_ledger_is_refused_even_before_the_gap_closes(
     data = export_blocks(src, a, b)
     src.close()
     dst.close()
-    assert decode_chunk(data)["blocks"][-1]["height"] < b  # not the closing chunk
+    assert decode_chunk(data).blocks[-1].height < b  # not the closing chunk
     err = refused(url, data)
     assert err.reason == "bad_chain" and "forked or forged" in str(err), err
 

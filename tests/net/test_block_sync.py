@@ -8,7 +8,7 @@ import pytest
 import trio
 from libp2p.peer.id import ID
 
-from node.ledger.sync import BlockSyncError
+from node.ledger.chunk import BlockSyncError
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
     BlockServer,

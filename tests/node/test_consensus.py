@@ -280,3 +280,38 @@ async def test_a_refused_compaction_is_postponed_and_counted(
     await _commit(driver, 1)  # retried later: done
     assert driver.stats.snapshots == 1
     assert driver.storage.snapshot().metadata.index == driver.replica.applied_index
+
+
+# -- threads: only the driver's task hands over what was applied ---------------------------------
+
+
+def _on_trio_thread() -> bool:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def test_what_applies_is_handed_over_on_the_drivers_task_and_published_whole(
+    tmp_path: Path,
+) -> None:
+    """The apply worker never calls the replica's observer or ``on_applied`` (they touch trio
+    state: the proposer, the node's counters); the published view matches the replica."""
+    from market import CloseGate, encode_batch
+
+    driver = _solo_driver(tmp_path, snapshot_every=0)
+    calls: list[tuple[str, bool]] = []
+    driver.replica.observer = lambda command: calls.append(("observer", _on_trio_thread()))
+    driver.on_applied = lambda entries, installed: calls.append(("applied", _on_trio_thread()))
+    view = driver.view
+    driver.raft.propose(encode_batch([CloseGate(slot=7)]))
+    await driver._drain_ready()
+    assert ("observer", True) in calls and ("applied", True) in calls
+    assert all(on_trio for _, on_trio in calls), calls
+    assert view is not driver.view  # replaced whole, never mutated
+    assert driver.view.applied_index == driver.replica.applied_index >= 2
+    assert driver.view.raft.commit == driver.view.applied_index
+    assert driver.view.closed_through == driver.replica.state.closed_through == 7
+    assert driver.view.stats.applied_entries == driver.stats.applied_entries
+    driver.storage.close()  # type: ignore[attr-defined]

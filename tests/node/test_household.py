@@ -75,8 +75,18 @@ def sim() -> Iterator[MeterSimulator]:
         sim.stop()
 
 
-async def make_grid(tmp_path: Path, sim: MeterSimulator) -> Grid:
-    """Probe the meter; key, genesis (the household as the one voter) and node config."""
+async def make_grid(
+    tmp_path: Path,
+    sim: MeterSimulator,
+    *,
+    operator: Signer | None = None,
+    market: MarketConfig | None = None,
+    learners: tuple[tuple[str, str], ...] = (),
+) -> Grid:
+    """Probe the meter; key, genesis (the household as the one voter) and node config.
+
+    ``operator`` and ``market`` replace the test grid's (``market.operator`` must be the
+    operator's DID); ``learners`` are more members ``(did, meter_serial)``, non-voting."""
     household = sim.config(sim.device_ids[0])
     endpoint = TcpEndpoint("127.0.0.1", sim.ports[0])
     reader = MeterReader([MeterConfig("probe", household.profile, endpoint, household.device_id)])
@@ -85,12 +95,16 @@ async def make_grid(tmp_path: Path, sim: MeterSimulator) -> Grid:
     finally:
         reader.close()
     assert truth is not None and truth.power_w > 100
-    operator = Signer.from_seed(b"operator".ljust(32, b"."))
+    if operator is None:
+        operator = Signer.from_seed(b"operator".ljust(32, b"."))
     identity = create_key_file(tmp_path / "node.key")
-    market = MarketConfig(grid="test-house", operator=operator.did, feed_in_tariff=8,
-                          retail_price=30, k=Fraction(1, 2))  # fmt: skip
+    if market is None:
+        market = MarketConfig(grid="test-house", operator=operator.did, feed_in_tariff=8,
+                              retail_price=30, k=Fraction(1, 2))  # fmt: skip
+    members = [(identity.did, truth.serial, MemberRole.VOTER),
+               *((did, serial, MemberRole.LEARNER) for did, serial in learners)]  # fmt: skip
     genesis = create_genesis(
-        operator, market, [(identity.did, truth.serial, MemberRole.VOTER)],
+        operator, market, members,
         slot_seconds=SLOT_SECONDS, gate_closure_lead_seconds=1, settle_delay_seconds=1,
     )  # fmt: skip
     config = NodeConfig(

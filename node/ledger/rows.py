@@ -1,0 +1,68 @@
+"""Small helpers every ledger reader and writer shares: meta, rows as dicts, inserts, balances.
+
+One copy of each, used by the ledger store, block sync (export, import, snapshot recording) and
+the archive (``dashboard/archive.py``), so the ledger is read and written the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Table, insert, select, update
+from sqlalchemy.engine import Connection
+
+from market.bounds import STORE_INT
+from node.ledger import schema as t
+
+
+class BalanceOverflowError(ValueError):
+    """A balance would leave the range of a 64-bit column; nothing of it was written."""
+
+
+def read_meta(conn: Connection) -> dict[str, str]:
+    """All ``meta`` entries, key to value."""
+    return {r.key: r.value for r in conn.execute(select(t.meta.c.key, t.meta.c.value))}
+
+
+def fetch_rows(conn: Connection, query: Any) -> list[dict[str, Any]]:
+    """The rows of ``query`` as plain dicts (column name to value)."""
+    return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` into ``table`` in one statement; nothing for no rows."""
+    if rows:
+        conn.execute(insert(table), rows)
+
+
+def apply_balance_deltas(conn: Connection, deltas: Mapping[tuple[str, str], int]) -> None:
+    """Add ``deltas`` (``(account, asset)`` to an amount) to the ``balances`` table.
+
+    Raises :class:`BalanceOverflowError`, before writing anything, if a balance would not fit
+    a 64-bit column.
+    """
+    if not deltas:
+        return
+    bal = t.balances.c
+    existing = {
+        (r.account, r.asset): int(r.amount)
+        for r in conn.execute(select(bal.account, bal.asset, bal.amount))
+    }
+    changed, new = [], []
+    for (account, asset), delta in sorted(deltas.items()):
+        amount = existing.get((account, asset), 0) + delta
+        if not -STORE_INT <= amount <= STORE_INT:
+            raise BalanceOverflowError(
+                f"balance of {account} in {asset} would be {amount}, beyond a 64-bit column"
+            )
+        row = {"account": account, "asset": asset, "amount": amount}
+        (changed if (account, asset) in existing else new).append(row)
+    for row in changed:
+        conn.execute(
+            update(t.balances)
+            .where(bal.account == row["account"], bal.asset == row["asset"])
+            .values(amount=row["amount"])
+        )
+    insert_rows(conn, t.balances, new)
