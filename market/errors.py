@@ -28,6 +28,8 @@ class RejectReason(StrEnum):
     COUNTER_REGRESSION = "counter_regression"
     IMPLAUSIBLE_READING = "implausible_reading"
     """A counter rose faster than the household's registered ``max_power_w`` allows."""
+    METER_SILENT = "meter_silent"
+    """The household's meter has not reported for ``max_silent_slots`` settled slots."""
     NOT_OPERATOR = "not_operator"
     INVALID_HOUSEHOLD_ID = "invalid_household_id"
     OUT_OF_SEQUENCE = "out_of_sequence"

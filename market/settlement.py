@@ -11,7 +11,16 @@ Rules (all integer arithmetic):
   bought) is bought at the retail price. So every household's money for the slot follows what
   its meter really measured, and never is worse than trading with the utility alone.
 - A missing reading, or one with no reading of the previous slot to difference against, counts
-  as zero delivery and zero consumption: the whole contracted position becomes imbalance.
+  as zero delivery and zero consumption: the whole contracted position becomes imbalance (the
+  slot is *unmeasured*: its contracts are not treated as delivered).
+- Meter registers are cumulative, so the first reading after unmeasured slots still measures
+  everything since the household's previous reading. That movement (a :class:`Gap`) is *trued
+  up* against the grid in the reading's slot: its import bought at the retail price, its export
+  sold at the feed-in tariff, less :data:`UNMEASURED_SLOT_FEE` per unmeasured slot it covers,
+  the total rounded down (in the grid's favour). Energy is settled exactly: over any run of
+  slots a household's settled energy equals its counters' movement between its readings. The
+  fee and the rounding make withholding or delaying a reading never pay, even by the half minor
+  unit that per-slot rounding could otherwise gain (docs/ledger.md has the argument).
 - Delivery statistics for reputation: a seller delivered ``min(max(net export, 0), sold)``, a
   buyer took ``min(max(-net export, 0), bought)``.
 """
@@ -47,6 +56,22 @@ class Metered:
         return self.export_wh - self.import_wh
 
 
+UNMEASURED_SLOT_FEE = 1
+"""Minor units a household pays per unmeasured slot that a true-up covers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Counter movement since a household's previous reading, over slots not measured one by one.
+
+    ``slots`` counts the unmeasured slots it covers: the reading's own slot and every slot back
+    to (not including) the slot of the previous reading."""
+
+    slots: int
+    import_wh: int
+    export_wh: int
+
+
 @dataclass(frozen=True, slots=True)
 class HouseholdSettlement:
     """What one household traded, what its meter measured, and the difference, in one slot."""
@@ -61,6 +86,10 @@ class HouseholdSettlement:
     """Metered minus contracted net export: > 0 sold to the grid, < 0 bought from it."""
     delivered_wh: int
     consumed_wh: int
+    gap_slots: int = 0
+    """Unmeasured slots whose counter movement this slot's reading trued up (0: none)."""
+    gap_import_wh: int = 0
+    gap_export_wh: int = 0
 
     @property
     def net_export_wh(self) -> int:
@@ -93,19 +122,44 @@ def trade_transaction(trade: Trade) -> Transaction:
     )
 
 
+def true_up_transaction(slot: int, household: str, gap: Gap, tariffs: Tariffs) -> Transaction:
+    """The grid settlement of a :class:`Gap`: import at retail, export at the feed-in tariff,
+    :data:`UNMEASURED_SLOT_FEE` per slot, rounded down to whole minor units."""
+    account = household_account(household)
+    thousandths = (
+        gap.export_wh * tariffs.feed_in
+        - gap.import_wh * tariffs.retail
+        - 1000 * UNMEASURED_SLOT_FEE * gap.slots
+    )
+    money = thousandths // 1000  # floor: a fraction of a minor unit goes to the grid
+    return transfer(
+        "true_up",
+        slot,
+        household,
+        [
+            (GRID, account, ENERGY, gap.import_wh),
+            (account, GRID, ENERGY, gap.export_wh),
+            (GRID, account, MONEY, money) if money > 0 else (account, GRID, MONEY, -money),
+        ],
+    )
+
+
 def settle_slot(
     slot: int,
     trades: Iterable[Trade],
     households: Iterable[str],
     metered: Mapping[str, Metered],
     tariffs: Tariffs,
+    gaps: Mapping[str, Gap] | None = None,
 ) -> tuple[list[Transaction], list[HouseholdSettlement]]:
     """Transactions and per-household settlements of ``slot``.
 
     ``households`` are all members, in a deterministic order (the engine sorts them);
-    ``metered`` holds the households with a usable reading. Transactions come in trade order,
-    then imbalances in household order.
+    ``metered`` holds the households with a usable reading; ``gaps`` those whose reading closes
+    a gap (never also in ``metered``). Transactions come in trade order, then each household's
+    imbalance and true-up in household order.
     """
+    gaps = gaps or {}
     trade_list = list(trades)
     sold: dict[str, int] = {}
     bought: dict[str, int] = {}
@@ -131,6 +185,7 @@ def settle_slot(
                 imbalance_wh=imbalance,
                 delivered_wh=min(max(net, 0), s),
                 consumed_wh=min(max(-net, 0), b),
+                **_gap_fields(gaps.get(did)),
             )
         )
         account = household_account(did)
@@ -158,4 +213,13 @@ def settle_slot(
                     ],
                 )
             )
+        gap = gaps.get(did)
+        if gap is not None:
+            transactions.append(true_up_transaction(slot, did, gap, tariffs))
     return transactions, summaries
+
+
+def _gap_fields(gap: Gap | None) -> dict[str, int]:
+    if gap is None:
+        return {}
+    return {"gap_slots": gap.slots, "gap_import_wh": gap.import_wh, "gap_export_wh": gap.export_wh}

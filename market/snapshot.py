@@ -69,10 +69,7 @@ def dump_state(state: State) -> bytes:
         "closed_through": state.closed_through,
         "settled_through": state.settled_through,
         "balances": [[a, asset, v] for (a, asset), v in sorted(state.balances.items())],
-        "reputation": {
-            d: [r.sold_wh, r.delivered_wh, r.bought_wh, r.consumed_wh, r.slots, r.missed_readings]
-            for d, r in state.reputation.items()
-        },
+        "reputation": {d: _reputation_fields(r, state.config) for d, r in state.reputation.items()},
         "height": state.height,
         "head_hash": state.head_hash,
     }
@@ -243,8 +240,15 @@ def _balance(fields: Any, where: str) -> tuple[tuple[str, str], int]:
     return (account, asset), _int(amount, f"{where}[2]", -STORE_INT, STORE_INT)
 
 
-def _reputation(fields: Any, where: str) -> Reputation:
-    counters = _array(fields, where, (6,))
+def _reputation_fields(r: Reputation, config: MarketConfig) -> list[int]:
+    fields = [r.sold_wh, r.delivered_wh, r.bought_wh, r.consumed_wh, r.slots, r.missed_readings]
+    if config.rules >= 2:  # rules 1 dumps what it always did
+        fields.append(r.silent_slots)
+    return fields
+
+
+def _reputation(fields: Any, where: str, config: MarketConfig) -> Reputation:
+    counters = _array(fields, where, (7,) if config.rules >= 2 else (6,))
     return Reputation(*(_int(n, f"{where}[{i}]", 0, STORE_INT) for i, n in enumerate(counters)))
 
 
@@ -333,7 +337,9 @@ def _load_body(text: bytes) -> State:
     state.balances = dict(balances)
     if len(state.balances) != len(balances):
         raise SnapshotError("balances: an account's asset is listed twice")
-    state.reputation = _by_did(body["reputation"], "reputation", lambda _, r, w: _reputation(r, w))
+    state.reputation = _by_did(
+        body["reputation"], "reputation", lambda _, r, w: _reputation(r, w, config)
+    )
     state.height = _int(body["height"], "height", 0, SAFE_INT)
     head_hash = body["head_hash"]
     if not isinstance(head_hash, str) or _HEAD_HASH.fullmatch(head_hash) is None:

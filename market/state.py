@@ -81,7 +81,7 @@ from market.models import (
     Trade,
     record_hash,
 )
-from market.settlement import HouseholdSettlement, Metered, Tariffs, settle_slot
+from market.settlement import Gap, HouseholdSettlement, Metered, Tariffs, settle_slot
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _DID: TypeAdapter[str] = TypeAdapter(Did)
@@ -92,6 +92,13 @@ DEFAULT_FEEDER_MAX_POWER_W = 1_000_000
 DEFAULT_FEEDER_LOSS_PERMILLE = 50
 """Allowed line losses unless the genesis says otherwise: 5 % of the energy households moved."""
 DEFAULT_FEEDER_TOLERANCE_WH = 100
+RULES = 2
+"""The settlement rules this version applies to new grids. 1: the counter movement over
+unmeasured slots is left unsettled (grids whose genesis predates the ``rules`` field); 2: it is
+trued up at the grid's prices (:class:`market.settlement.Gap`), and a household whose meter
+stays silent for ``max_silent_slots`` settled slots has its new orders refused."""
+DEFAULT_MAX_SILENT_SLOTS = 4
+MAX_SILENT_SLOTS = 10_000
 """Absolute slack of the feeder check unless the genesis says otherwise."""
 
 
@@ -117,6 +124,9 @@ default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter.
 _FEEDER_CONFIG_FIELDS = frozenset(
     {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
 )
+_OPTIONAL_CONFIG_FIELDS = frozenset({"slot_seconds", "rules", "max_silent_slots"})
+"""Left out by :meth:`MarketConfig.to_json` at their defaults (``rules`` at 1), so the genesis
+files and hashes of grids created before they existed stay valid."""
 _CONFIG_STRINGS = frozenset({"grid", "operator", "mechanism", "k", "feeder_serial"})
 _K = re.compile(r"(0|[1-9][0-9]{0,19})/([1-9][0-9]{0,19})")
 """``k`` as ``to_json`` writes it: ``numerator/denominator`` in decimal (never parsed by
@@ -154,6 +164,11 @@ class MarketConfig:
     """Allowed line losses, per mille of the energy the households moved (import + export)."""
     feeder_tolerance_wh: int = DEFAULT_FEEDER_TOLERANCE_WH
     """Absolute slack of the feeder check (meter resolution, timing)."""
+    rules: int = RULES
+    """Version of the settlement rules (:data:`RULES`); a genesis without the field means 1."""
+    max_silent_slots: int = DEFAULT_MAX_SILENT_SLOTS
+    """Settled slots in a row without a reading after which a household's new orders are
+    refused (``meter_silent``) until its meter reports again (rules 2)."""
 
     def __post_init__(self) -> None:
         """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
@@ -186,6 +201,8 @@ class MarketConfig:
         _check_int("feeder_max_power_w", self.feeder_max_power_w, 0, MAX_POWER_W)
         _check_int("feeder_loss_permille", self.feeder_loss_permille, 0, 1000)
         _check_int("feeder_tolerance_wh", self.feeder_tolerance_wh, 0, MAX_COUNTER_WH)
+        _check_int("rules", self.rules, 1, RULES)
+        _check_int("max_silent_slots", self.max_silent_slots, 1, MAX_SILENT_SLOTS)
 
     @classmethod
     def from_json(cls, doc: object) -> MarketConfig:
@@ -196,7 +213,7 @@ class MarketConfig:
         field."""
         if not isinstance(doc, dict):
             raise MarketConfigError("expected an object")
-        wrong = (set(doc) ^ _CONFIG_FIELDS) - {"slot_seconds"} - _FEEDER_CONFIG_FIELDS
+        wrong = (set(doc) ^ _CONFIG_FIELDS) - _OPTIONAL_CONFIG_FIELDS - _FEEDER_CONFIG_FIELDS
         if wrong:
             raise MarketConfigError(f"fields {sorted(map(str, wrong))[:10]} missing or unexpected")
         feeder = set(doc) & _FEEDER_CONFIG_FIELDS
@@ -215,6 +232,7 @@ class MarketConfig:
             raise MarketConfigError("expected a fraction 'numerator/denominator'", "k")
         fields = dict(doc)
         fields["k"] = Fraction(int(match[1]), int(match[2]))
+        fields.setdefault("rules", 1)  # written since rules 2: its absence means the first rules
         try:
             return cls(**fields)
         except (ValueError, TypeError, ZeroDivisionError) as exc:
@@ -244,6 +262,10 @@ class MarketConfig:
         }
         if self.slot_seconds != DEFAULT_SLOT_SECONDS:
             doc["slot_seconds"] = self.slot_seconds
+        if self.rules != 1:
+            doc["rules"] = self.rules
+        if self.max_silent_slots != DEFAULT_MAX_SILENT_SLOTS:
+            doc["max_silent_slots"] = self.max_silent_slots
         if self.has_feeder:
             doc["feeder_serial"] = self.feeder_serial
             doc["feeder_max_power_w"] = self.feeder_max_power_w
@@ -316,6 +338,8 @@ class Reputation:
     consumed_wh: int = 0
     slots: int = 0
     missed_readings: int = 0
+    silent_slots: int = 0
+    """Settled slots in a row without a reading of this household (0 once a reading arrives)."""
 
     @property
     def score_permille(self) -> int:
@@ -451,6 +475,14 @@ def _submit_order(state: State, order: Order) -> list[Event]:
             raise Rejection(
                 RejectReason.SLOT_TOO_FAR, f"slot {order.slot} is beyond the order horizon"
             )
+    if cfg.rules >= 2:
+        rep = state.reputation.get(order.household)
+        if rep is not None and rep.silent_slots >= cfg.max_silent_slots:
+            raise Rejection(
+                RejectReason.METER_SILENT,
+                f"no meter reading for {rep.silent_slots} settled slots: orders are refused "
+                "until the meter reports again",
+            )
     book = state.books.get(order.slot, {})
     if order.id in book:
         raise Rejection(RejectReason.DUPLICATE_ORDER, f"order id {order.id!r} already in book")
@@ -497,6 +529,9 @@ def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
     _check_monotonic(state, reading)
     _consume_nonce(state, reading)
     state.pending_readings.setdefault(reading.slot, {})[reading.household] = reading
+    rep = state.reputation.get(reading.household)
+    if rep is not None:
+        rep.silent_slots = 0  # the meter reports again: its orders are accepted at once
     return [ReadingAccepted(reading)]
 
 
@@ -651,27 +686,35 @@ def _settle(state: State, slot: int) -> list[Event]:
     readings = state.pending_readings.pop(slot, {})
     households = sorted(state.members)
     metered: dict[str, Metered] = {}
+    gaps: dict[str, Gap] = {}
     used: list[MeterReading] = []
     for did in households:
         reading = readings.get(did)
         if reading is None:
             continue
         base = state.baselines.get(did)
-        if base is not None and base.slot == slot - 1 and base.meter_serial == reading.meter_serial:
-            metered[did] = Metered(
-                reading.import_wh - base.import_wh, reading.export_wh - base.export_wh
-            )
+        if base is not None and base.meter_serial == reading.meter_serial:
+            moved_import = reading.import_wh - base.import_wh
+            moved_export = reading.export_wh - base.export_wh
+            if base.slot == slot - 1:
+                metered[did] = Metered(moved_import, moved_export)
+            elif state.config.rules >= 2:
+                gaps[did] = Gap(slot - base.slot, moved_import, moved_export)
         state.baselines[did] = reading
         used.append(reading)
 
-    transactions, settlements = settle_slot(slot, trades, households, metered, state.config.tariffs)
+    transactions, settlements = settle_slot(
+        slot, trades, households, metered, state.config.tariffs, gaps
+    )
     feeder = _feeder_check(state, slot, settlements)
     for tx in transactions:
         for p in tx.postings:
             key = (p.account, p.asset)
             state.balances[key] = state.balances.get(key, 0) + p.amount
+    reading_later = {did for p in state.pending_readings.values() for did in p}
     for s in settlements:
-        _update_reputation(state.reputation.setdefault(s.household, Reputation()), s, readings)
+        rep = state.reputation.setdefault(s.household, Reputation())
+        _update_reputation(rep, s, readings, reading_later, state.config.rules)
 
     height = state.height + 1
     tx_root, trade_root, reading_root = roots(
@@ -734,13 +777,23 @@ def reading_leaf(reading: MeterReading) -> bytes:
 
 
 def _update_reputation(
-    rep: Reputation, s: HouseholdSettlement, readings: dict[str, MeterReading]
+    rep: Reputation,
+    s: HouseholdSettlement,
+    readings: dict[str, MeterReading],
+    reading_later: set[str],
+    rules: int,
 ) -> None:
+    """Count the slot in ``rep``; ``reading_later`` are the households with a reading accepted
+    for a later, unsettled slot (their meter is not silent)."""
     rep.slots += 1
     rep.sold_wh += s.sold_wh
     rep.bought_wh += s.bought_wh
     rep.delivered_wh += s.delivered_wh
     rep.consumed_wh += s.consumed_wh
+    if rules < 2 or s.household in readings or s.household in reading_later:
+        rep.silent_slots = 0
+    else:
+        rep.silent_slots = min(rep.silent_slots + 1, MAX_SILENT_SLOTS)
     if s.household not in readings:
         rep.missed_readings += 1
 

@@ -32,6 +32,7 @@ from market import (
 )
 from market.encoding import sha256
 from market.signing import Signer
+from market.state import RULES
 
 SLOT_HOURS = 0.25
 
@@ -70,9 +71,14 @@ class MarketSimulation:
 
 
 def build(
-    households: int = 6, seed: int = 1, mechanism: str = "uniform", grid: str = "demo-grid"
+    households: int = 6,
+    seed: int = 1,
+    mechanism: str = "uniform",
+    grid: str = "demo-grid",
+    rules: int = RULES,
 ) -> MarketSimulation:
-    """A simulation of ``households`` households; the same seed gives the same run."""
+    """A simulation of ``households`` households; the same seed gives the same run. ``rules``
+    picks the settlement rules (:data:`market.state.RULES`; 1 replays grids created before)."""
     rng = random.Random(seed)
     operator = Signer.from_seed(sha256(f"operator/{grid}/{seed}".encode()))
     config = MarketConfig(
@@ -81,6 +87,7 @@ def build(
         feed_in_tariff=8,
         retail_price=32,
         mechanism=mechanism,
+        rules=rules,
     )
     homes = []
     for i in range(households):
@@ -209,11 +216,12 @@ def run(
     mechanism: str = "uniform",
     db: str | None = None,
     out: Any = None,
+    rules: int = RULES,
 ) -> State:
     """Run a simulation through the engine (and a ledger store when ``db`` is given)."""
     from node.ledger import LedgerStore
 
-    sim = build(households, seed, mechanism)
+    sim = build(households, seed, mechanism, rules=rules)
     state = State.initial(sim.config)
     store = LedgerStore(db) if db else None
     if store:

@@ -172,8 +172,9 @@ def test_a_missing_feeder_reading_is_recorded_and_the_next_slot_rebaselines(grid
 
 def test_grid_without_feeder_records_no_check_and_hashes_blocks_as_before() -> None:
     # Head and full-state digest of this run, computed with the code before the feeder check
-    # existed (commit e1e3648): a grid without a feeder keeps every hash.
-    state = market_sim.run(households=4, slots=12, seed=3)
+    # existed (commit e1e3648): a grid without a feeder keeps every hash (under the rules of
+    # that time, rules 1: a genesis without the ``rules`` field).
+    state = market_sim.run(households=4, slots=12, seed=3, rules=1)
     assert state.height == 12
     assert state.head_hash == "c000df4fb6e910627201dcd3218b087d4018a4a93284a4c9ba273f03797a0aa5"
     assert state.config.genesis_hash() == (

@@ -21,6 +21,7 @@ from market import (
 )
 from market.encoding import sha256
 from market.signing import Signer
+from market.state import DEFAULT_MAX_SILENT_SLOTS, RULES
 
 GRID = "test-grid"
 
@@ -42,6 +43,8 @@ class World:
     feeder_loss_permille: int = 50
     feeder_tolerance_wh: int = 100
     feeder_max_power_w: int = 1_000_000
+    rules: int = RULES
+    max_silent_slots: int = DEFAULT_MAX_SILENT_SLOTS
 
     def __post_init__(self) -> None:
         feeder = (
@@ -60,6 +63,8 @@ class World:
             feed_in_tariff=8,
             retail_price=32,
             mechanism=self.mechanism,
+            rules=self.rules,
+            max_silent_slots=self.max_silent_slots,
             **feeder,  # type: ignore[arg-type]
         )
         self.state = State.initial(self.config)
