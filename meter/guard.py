@@ -4,10 +4,15 @@
 (returning the sample and any events) or rejects it with a typed error. It never lets through
 a counter that went backwards or rose faster than the meter's rated power allows since the last
 accepted sample. A changed serial number means the meter was replaced: the counters start a new
-*epoch* (baseline) and a ``serial_changed`` event is reported. A counter that restarted or
-jumped and then stays consistent for ``rebaseline_after`` polls also starts a new epoch, with a
-``counter_rebaselined`` event; until then every such poll is rejected. Consumers never subtract
-counters across epochs.
+*epoch* (baseline) and a ``serial_changed`` event is reported. A counter that *restarted*
+(went backwards: a reset register, a replaced battery-backed memory, a wrapped register) and
+then stays consistent for ``rebaseline_after`` polls also starts a new epoch, with a
+``counter_rebaselined`` event; until then every such poll is rejected. A counter that *jumped*
+forward faster than the rated power allows never becomes a baseline, however long it stays
+there: signing it would bill (or pay) the household for energy no one moved. Every such poll
+is rejected (``CounterJump``), and a ``counter_jump_persists`` event is reported once per
+``rebaseline_after`` consistent polls so the operator replaces or resets the meter. Consumers
+never subtract counters across epochs.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class CounterGuard:
     last: _Accepted | None = None
     _pending: list[tuple[Decoded, float]] = field(default_factory=list)
     _low_res_reported: set[str] = field(default_factory=set)
+    _jumps: int = 0
+    """Polls in a row rejected as a forward jump."""
 
     def allowed_rise(self, elapsed_s: float, resolution_wh: int) -> int:
         """Most a counter may rise in ``elapsed_s`` at rated power, plus quantisation slack."""
@@ -91,8 +98,24 @@ class CounterGuard:
             ))
             self.epoch += 1
             self._pending.clear()
+            self._jumps = 0
         elif self.last is not None:
             error = self._check(self.last.counters, self.last.time, decoded, now)
+            if isinstance(error, CounterJump):
+                # never a new baseline (see the module docstring); say so when it persists
+                self._jumps += 1
+                if self._jumps % self.rebaseline_after == 0:
+                    events.append(MeterEvent(
+                        self.meter, "counter_jump_persists",
+                        f"{error.message} for {self._jumps} polls: the meter needs attention "
+                        "(its readings are not signed until it is back in range or replaced)",
+                        wall_time,
+                        {"counters": dict(decoded.counters),
+                         "last_accepted": dict(self.last.counters), "polls": self._jumps},
+                    ))
+                self._pending.clear()
+                return None, events, error
+            self._jumps = 0
             if error is not None:
                 self._pending.append((decoded, now))
                 if len(self._pending) >= self.rebaseline_after and self._pending_consistent():

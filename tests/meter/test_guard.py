@@ -103,3 +103,18 @@ def test_no_implausible_counter_ever_accepted(steps: list[tuple[int, str, float]
             assert sample.epoch == accepted[-1][0] + 1
             assert {e.kind for e in events} & {"serial_changed", "counter_rebaselined"}
         accepted.append((sample.epoch, t, sample.import_wh))
+
+
+def test_a_forward_jump_never_becomes_a_baseline() -> None:
+    """A +1 MWh jump that stays is rejected on every poll (never signed), with an event each
+    ``rebaseline_after`` polls; when the counter is back in range it is accepted again."""
+    g = CounterGuard("m", rated_power_w=10_000, rebaseline_after=3)
+    g.feed(d(5000), 0.0, 0.0)
+    kinds: list[str] = []
+    for i in range(1, 10):
+        sample, events, error = g.feed(d(1_005_000 + i), 10.0 * i, 10.0 * i)
+        assert sample is None and isinstance(error, CounterJump)
+        kinds += [e.kind for e in events]
+    assert kinds == ["counter_jump_persists"] * 3 and g.epoch == 0
+    sample, _, error = g.feed(d(5100), 100.0, 100.0)  # back in range: accepted, same epoch
+    assert error is None and sample is not None and sample.epoch == 0
