@@ -553,16 +553,44 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
     counter may rise by at most :func:`plausible_rise_wh` ``(max_power_w, slot_seconds, d)``.
     So any two readings settlement differences were checked against each other.
     """
-    known = [
+    base = state.baselines.get(reading.household)
+    if base is not None and base.meter_serial != reading.meter_serial:
+        base = None
+    pending = [
         r
-        for r in (
-            state.baselines.get(reading.household),
-            *(p.get(reading.household) for p in state.pending_readings.values()),
-        )
-        if r is not None and r.meter_serial == reading.meter_serial
+        for p in state.pending_readings.values()
+        if (r := p.get(reading.household)) is not None and r.meter_serial == reading.meter_serial
     ]
     max_power_w = state.members[reading.household].max_power_w
-    _check_counters(reading, known, max_power_w, state.config.slot_seconds)
+    slot_seconds = state.config.slot_seconds
+    if state.config.rules >= 2 and base is not None:
+        if any(is_restart(base, r, max_power_w, slot_seconds) for r in pending):
+            base = None  # a pending restart supersedes the old epoch's baseline
+        elif is_restart(base, reading, max_power_w, slot_seconds):
+            if pending:
+                raise Rejection(
+                    RejectReason.COUNTER_REGRESSION,
+                    f"counters below those of slot {base.slot}: a meter restart is accepted "
+                    "only as the next reading after the settled one",
+                )
+            return  # a restart: checked from zero by is_restart
+    known = [r for r in (base, *pending) if r is not None]
+    _check_counters(reading, known, max_power_w, slot_seconds)
+
+
+def is_restart(
+    base: MeterReading, reading: MeterReading, max_power_w: int, slot_seconds: int
+) -> bool:
+    """True if ``reading`` is a restart of the meter's registers after ``base``: a later slot,
+    *both* counters below ``base``'s (a reset, a replaced memory, a wrapped register), and no
+    higher than the meter could have counted from zero since ``base``. (A reading with one
+    counter below is a fault: ``counter_regression``.)"""
+    if reading.slot <= base.slot:
+        return False
+    if reading.import_wh >= base.import_wh or reading.export_wh >= base.export_wh:
+        return False
+    limit = plausible_rise_wh(max_power_w, slot_seconds, reading.slot - base.slot)
+    return reading.import_wh <= limit and reading.export_wh <= limit
 
 
 def _check_counters(
@@ -696,7 +724,11 @@ def _settle(state: State, slot: int) -> list[Event]:
         if base is not None and base.meter_serial == reading.meter_serial:
             moved_import = reading.import_wh - base.import_wh
             moved_export = reading.export_wh - base.export_wh
-            if base.slot == slot - 1:
+            if moved_import < 0 or moved_export < 0:
+                # accepted only as a restart (rules 2): counted from zero, and what the meter
+                # counted between the settled reading and the restart is estimated as zero
+                gaps[did] = Gap(slot - base.slot, reading.import_wh, reading.export_wh)
+            elif base.slot == slot - 1:
                 metered[did] = Metered(moved_import, moved_export)
             elif state.config.rules >= 2:
                 gaps[did] = Gap(slot - base.slot, moved_import, moved_export)
@@ -809,6 +841,7 @@ __all__ = [
     "Side",
     "State",
     "apply",
+    "is_restart",
     "plausible_rise_wh",
     "reading_leaf",
 ]

@@ -12,6 +12,7 @@ readings (docs/ledger.md, "Unmeasured slots"):
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ class Plan:
     """(home, slot) -> sent | withheld | late | duplicated | spoilt."""
 
 
-FATES = ("sent", "withheld", "late", "duplicated", "spoilt")
+FATES = ("sent", "withheld", "late", "duplicated", "spoilt", "restart")
+"""What happens to a slot's reading. ``restart``: the meter's registers restart from zero during
+the slot (a reset), and its reading is sent."""
 
 
 def make_plan(rng: random.Random, homes: int, slots: int, honest: bool = False) -> Plan:
@@ -99,11 +102,13 @@ def run(plan: Plan, rules: int = 2, max_silent_slots: int = 10_000) -> Outcome:
         late = []
         for h in plan.homes:
             imp, exp = plan.moves[h, s]
+            fate = plan.fate[h, s]
+            if fate == "restart":
+                counters[h] = [0, 0]
             counters[h][0] += imp
             counters[h][1] += exp
-            fate = plan.fate[h, s]
             reading = w.reading(h, s, counters[h][0], counters[h][1])
-            if fate in ("sent", "duplicated"):
+            if fate in ("sent", "duplicated", "restart"):
                 send(reading, h)
             if fate == "duplicated":
                 send(w.reading(h, s, counters[h][0], counters[h][1]), h)
@@ -132,14 +137,23 @@ def trades(out: Outcome) -> list[tuple[str, str, int, int, int, int]]:
     ]
 
 
+def counted(readings: list[MeterReading]) -> int:
+    """Import minus export the meter counted between its first and last accepted readings; a
+    restart (both counters below the previous reading's) counts from zero, and what the meter
+    counted between the previous reading and the restart is unknown (estimated as zero)."""
+    moved = 0
+    for prev, cur in itertools.pairwise(readings):
+        if cur.import_wh < prev.import_wh and cur.export_wh < prev.export_wh:
+            moved += cur.import_wh - cur.export_wh
+        else:
+            moved += (cur.import_wh - prev.import_wh) - (cur.export_wh - prev.export_wh)
+    return moved
+
+
 def check_conservation(out: Outcome) -> None:
     w = out.world
     for h, readings in out.accepted.items():
-        if len(readings) < 2:
-            moved = 0
-        else:
-            first, last = readings[0], readings[-1]
-            moved = (last.import_wh - first.import_wh) - (last.export_wh - first.export_wh)
+        moved = counted(sorted(readings, key=lambda r: r.slot))
         assert energy_balance(w, h) == moved, (h, [(r.slot, r.import_wh) for r in readings])
     assert sum(v for (_, asset), v in w.state.balances.items() if asset == MONEY) == 0
     assert sum(v for (_, asset), v in w.state.balances.items() if asset == ENERGY) == 0
@@ -171,8 +185,9 @@ def test_withholding_or_delaying_a_reading_never_pays(
     fate = dict(honest.fate)
     # The first reading is the meter's baseline in both runs, and the last one is sent: the
     # gap closes within the run. (Before a household's first reading nothing is measured.)
+    # (a restart is the meter's doing, not the household's: test_a_meter_restart_... below)
     for s in range(2, slots):
-        fate[cheat, s] = rng.choice(FATES)
+        fate[cheat, s] = rng.choice([f for f in FATES if f != "restart"])
     cheater = run(with_fates(honest, fate))
     # the same trades were made (readings do not move the clearing; ids carry nonces) ...
     assert trades(sender) == trades(cheater)
@@ -274,3 +289,58 @@ def test_withholding_cannot_gain_the_rounding_of_per_slot_settlement() -> None:
     assert money(honest.world, "ann") == -3
     assert money(cheat.world, "ann") == -5  # 1.536 + 3 x 1 fee = 4.536, rounded against ann
     assert energy_balance(honest.world, "ann") == energy_balance(cheat.world, "ann") == 48
+
+
+def test_a_meter_restart_rebases_the_household_instead_of_leaving_it_unmeasured() -> None:
+    """Registers back to zero (the simulator's counter_reset fault): the first reading after it
+    is accepted as a restart and trued up from zero; the slots after it are measured again."""
+    w = World()
+    w.register("a")
+    for s, (imp, exp) in enumerate([(50_000, 7_000), (50_400, 7_000)], start=1):
+        w.close(s)
+        w.ok(w.reading("a", s, imp, exp))
+        w.settle(s)
+    w.close(3)
+    w.ok(w.reading("a", 3, 300, 20))  # reset during slot 3: counted 300/20 since
+    (ev,) = [e for e in w.settle(3) if isinstance(e, SlotSettled)]
+    (mine,) = ev.settlements
+    assert (mine.measured, mine.gap_slots, mine.gap_import_wh, mine.gap_export_wh) == (
+        False, 1, 300, 20,
+    )  # fmt: skip
+    w.close(4)
+    w.ok(w.reading("a", 4, 700, 20))
+    (ev,) = [e for e in w.settle(4) if isinstance(e, SlotSettled)]
+    (mine,) = ev.settlements
+    assert (mine.measured, mine.import_wh, mine.gap_slots) == (True, 400, 0)
+    assert energy_balance(w, "a") == 400 + (300 - 20) + 400
+
+
+def test_a_counter_fault_is_not_a_restart() -> None:
+    """One counter below the settled reading, or counters higher than the meter could have
+    counted from zero since, are faults: refused, never settled."""
+    w = World()
+    w.register("a")
+    w.close(1)
+    w.ok(w.reading("a", 1, 50_000, 7_000))
+    w.settle(1)
+    w.close(2)
+    assert w.rejected(w.reading("a", 2, 100, 7_500)).reason == RejectReason.COUNTER_REGRESSION
+    assert w.rejected(w.reading("a", 2, 40_000, 6_000)).reason == (
+        RejectReason.COUNTER_REGRESSION  # both below, but 40 kWh in one slot at 50 kW: no
+    )
+    w.ok(w.reading("a", 2, 100, 50))  # a restart
+    assert w.rejected(w.reading("a", 3, 90, 50)).reason == RejectReason.SLOT_NOT_CLOSED
+    w.close(3)
+    # the pending restart is the baseline now: below it is a regression, the old epoch is gone
+    assert w.rejected(w.reading("a", 3, 90, 60)).reason == RejectReason.COUNTER_REGRESSION
+    w.ok(w.reading("a", 3, 150, 60))
+
+
+def test_a_grid_under_the_first_rules_refuses_a_restart() -> None:
+    w = World(rules=1)
+    w.register("a")
+    w.close(1)
+    w.ok(w.reading("a", 1, 50_000, 7_000))
+    w.settle(1)
+    w.close(2)
+    assert w.rejected(w.reading("a", 2, 100, 50)).reason == RejectReason.COUNTER_REGRESSION
