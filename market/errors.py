@@ -30,6 +30,8 @@ class RejectReason(StrEnum):
     """A counter rose faster than the household's registered ``max_power_w`` allows."""
     METER_SILENT = "meter_silent"
     """The household's meter has not reported for ``max_silent_slots`` settled slots."""
+    OVER_SELL_LIMIT = "over_sell_limit"
+    """The household's offers in a slot exceed what its delivery record allows."""
     NOT_OPERATOR = "not_operator"
     INVALID_HOUSEHOLD_ID = "invalid_household_id"
     OUT_OF_SEQUENCE = "out_of_sequence"

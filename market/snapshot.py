@@ -243,12 +243,12 @@ def _balance(fields: Any, where: str) -> tuple[tuple[str, str], int]:
 def _reputation_fields(r: Reputation, config: MarketConfig) -> list[int]:
     fields = [r.sold_wh, r.delivered_wh, r.bought_wh, r.consumed_wh, r.slots, r.missed_readings]
     if config.rules >= 2:  # rules 1 dumps what it always did
-        fields.append(r.silent_slots)
+        fields += [r.silent_slots, r.recent_sold_wh, r.recent_delivered_wh]
     return fields
 
 
 def _reputation(fields: Any, where: str, config: MarketConfig) -> Reputation:
-    counters = _array(fields, where, (7,) if config.rules >= 2 else (6,))
+    counters = _array(fields, where, (9,) if config.rules >= 2 else (6,))
     return Reputation(*(_int(n, f"{where}[{i}]", 0, STORE_INT) for i, n in enumerate(counters)))
 
 

@@ -99,6 +99,11 @@ trued up at the grid's prices (:class:`market.settlement.Gap`), and a household 
 stays silent for ``max_silent_slots`` settled slots has its new orders refused."""
 DEFAULT_MAX_SILENT_SLOTS = 4
 MAX_SILENT_SLOTS = 10_000
+DEFAULT_REPUTATION_WINDOW_SLOTS = 96
+"""Slots the delivery record looks back over (an exponentially weighted window: one day of
+15-minute slots)."""
+DEFAULT_SELL_FLOOR_PERMILLE = 100
+"""The share of its meter's capacity a household may always offer, however poor its record."""
 """Absolute slack of the feeder check unless the genesis says otherwise."""
 
 
@@ -124,7 +129,9 @@ default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter.
 _FEEDER_CONFIG_FIELDS = frozenset(
     {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
 )
-_OPTIONAL_CONFIG_FIELDS = frozenset({"slot_seconds", "rules", "max_silent_slots"})
+_OPTIONAL_CONFIG_FIELDS = frozenset(
+    {"slot_seconds", "rules", "max_silent_slots", "reputation_window_slots", "sell_floor_permille"}
+)
 """Left out by :meth:`MarketConfig.to_json` at their defaults (``rules`` at 1), so the genesis
 files and hashes of grids created before they existed stay valid."""
 _CONFIG_STRINGS = frozenset({"grid", "operator", "mechanism", "k", "feeder_serial"})
@@ -169,6 +176,11 @@ class MarketConfig:
     max_silent_slots: int = DEFAULT_MAX_SILENT_SLOTS
     """Settled slots in a row without a reading after which a household's new orders are
     refused (``meter_silent``) until its meter reports again (rules 2)."""
+    reputation_window_slots: int = DEFAULT_REPUTATION_WINDOW_SLOTS
+    """Window of the delivery record that limits what a household may offer (rules 2)."""
+    sell_floor_permille: int = DEFAULT_SELL_FLOOR_PERMILLE
+    """What a household may offer per slot however poor its record, in permille of what its
+    meter can export in a slot (rules 2; a newcomer may offer all of it)."""
 
     def __post_init__(self) -> None:
         """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
@@ -203,6 +215,8 @@ class MarketConfig:
         _check_int("feeder_tolerance_wh", self.feeder_tolerance_wh, 0, MAX_COUNTER_WH)
         _check_int("rules", self.rules, 1, RULES)
         _check_int("max_silent_slots", self.max_silent_slots, 1, MAX_SILENT_SLOTS)
+        _check_int("reputation_window_slots", self.reputation_window_slots, 1, MAX_SILENT_SLOTS)
+        _check_int("sell_floor_permille", self.sell_floor_permille, 0, 1000)
 
     @classmethod
     def from_json(cls, doc: object) -> MarketConfig:
@@ -266,6 +280,10 @@ class MarketConfig:
             doc["rules"] = self.rules
         if self.max_silent_slots != DEFAULT_MAX_SILENT_SLOTS:
             doc["max_silent_slots"] = self.max_silent_slots
+        if self.reputation_window_slots != DEFAULT_REPUTATION_WINDOW_SLOTS:
+            doc["reputation_window_slots"] = self.reputation_window_slots
+        if self.sell_floor_permille != DEFAULT_SELL_FLOOR_PERMILLE:
+            doc["sell_floor_permille"] = self.sell_floor_permille
         if self.has_feeder:
             doc["feeder_serial"] = self.feeder_serial
             doc["feeder_max_power_w"] = self.feeder_max_power_w
@@ -340,6 +358,18 @@ class Reputation:
     missed_readings: int = 0
     silent_slots: int = 0
     """Settled slots in a row without a reading of this household (0 once a reading arrives)."""
+    recent_sold_wh: int = 0
+    """Energy sold, over the reputation window (each settled slot keeps ``(W - 1) / W`` of the
+    previous value, rounded down, and adds the slot's)."""
+    recent_delivered_wh: int = 0
+    """Energy delivered against sales, over the same window."""
+
+    @property
+    def recent_score_permille(self) -> int:
+        """Sales honoured over the window, in permille (1000 with none: a newcomer)."""
+        if self.recent_sold_wh == 0:
+            return 1000
+        return min(1000, self.recent_delivered_wh * 1000 // self.recent_sold_wh)
 
     @property
     def score_permille(self) -> int:
@@ -486,6 +516,21 @@ def _submit_order(state: State, order: Order) -> list[Event]:
     book = state.books.get(order.slot, {})
     if order.id in book:
         raise Rejection(RejectReason.DUPLICATE_ORDER, f"order id {order.id!r} already in book")
+    if cfg.rules >= 2 and order.side == Side.SELL:
+        limit = sell_limit_wh(state, order.household)
+        offered = sum(
+            o.quantity_wh
+            for o in book.values()
+            if o.household == order.household and o.side == Side.SELL
+        )
+        if offered + order.quantity_wh > limit:
+            rep = state.reputation.get(order.household, Reputation())
+            raise Rejection(
+                RejectReason.OVER_SELL_LIMIT,
+                f"offers of {offered + order.quantity_wh} Wh in slot {order.slot} exceed the "
+                f"{limit} Wh its delivery record allows ({rep.recent_score_permille} permille "
+                "of sales delivered recently)",
+            )
     for resting in book.values():
         if resting.household == order.household and resting.side != order.side:
             raise Rejection(
@@ -576,6 +621,17 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
             return  # a restart: checked from zero by is_restart
     known = [r for r in (base, *pending) if r is not None]
     _check_counters(reading, known, max_power_w, slot_seconds)
+
+
+def sell_limit_wh(state: State, household: str) -> int:
+    """The most ``household`` may offer in one slot (rules 2): what its meter can export in a
+    slot at its rated power, scaled by the share of its recent sales it delivered, and never
+    below the grid's floor share of it."""
+    cfg = state.config
+    capacity = plausible_rise_wh(state.members[household].max_power_w, cfg.slot_seconds, 1)
+    rep = state.reputation.get(household)
+    score = 1000 if rep is None else rep.recent_score_permille
+    return capacity * max(score, cfg.sell_floor_permille) // 1000
 
 
 def is_restart(
@@ -746,7 +802,10 @@ def _settle(state: State, slot: int) -> list[Event]:
     reading_later = {did for p in state.pending_readings.values() for did in p}
     for s in settlements:
         rep = state.reputation.setdefault(s.household, Reputation())
-        _update_reputation(rep, s, readings, reading_later, state.config.rules)
+        _update_reputation(
+            rep, s, readings, reading_later, state.config.rules,
+            state.config.reputation_window_slots,
+        )  # fmt: skip
 
     height = state.height + 1
     tx_root, trade_root, reading_root = roots(
@@ -814,10 +873,15 @@ def _update_reputation(
     readings: dict[str, MeterReading],
     reading_later: set[str],
     rules: int,
+    window: int,
 ) -> None:
     """Count the slot in ``rep``; ``reading_later`` are the households with a reading accepted
     for a later, unsettled slot (their meter is not silent)."""
     rep.slots += 1
+    if rules >= 2:
+        keep = window - 1
+        rep.recent_sold_wh = rep.recent_sold_wh * keep // window + s.sold_wh
+        rep.recent_delivered_wh = rep.recent_delivered_wh * keep // window + s.delivered_wh
     rep.sold_wh += s.sold_wh
     rep.bought_wh += s.bought_wh
     rep.delivered_wh += s.delivered_wh
@@ -844,4 +908,5 @@ __all__ = [
     "is_restart",
     "plausible_rise_wh",
     "reading_leaf",
+    "sell_limit_wh",
 ]

@@ -23,6 +23,7 @@ from market import MeterReading, Rejected, RejectReason, SlotSettled
 from market.accounting import ENERGY, GRID, MONEY, household_account
 from market.settlement import UNMEASURED_SLOT_FEE
 from market.snapshot import dump_state, load_state
+from market.state import sell_limit_wh
 from tests.market.world import World
 
 HOUSE_NAMES = ("ann", "bob", "cat", "dan", "eve")
@@ -344,3 +345,39 @@ def test_a_grid_under_the_first_rules_refuses_a_restart() -> None:
     w.settle(1)
     w.close(2)
     assert w.rejected(w.reading("a", 2, 100, 50)).reason == RejectReason.COUNTER_REGRESSION
+
+
+def test_what_a_household_may_offer_follows_what_it_delivered() -> None:
+    """A newcomer may offer what its meter can export in a slot; a seller that does not deliver
+    sees that shrink with its recent record, down to the floor; delivering restores it."""
+    w = World()
+    a = w.register("a")
+    w.register("b")
+    capacity = 50_000 * 900 // 3600 + 100  # 50 kW for 15 minutes, plus the reading slack
+    assert sell_limit_wh(w.state, a.did) == capacity
+    refused = w.rejected(w.order("a", "sell", capacity + 1, 10, slot=1))
+    assert refused.reason == RejectReason.OVER_SELL_LIMIT and f"{capacity} Wh" in refused.detail
+    w.ok(w.order("a", "sell", capacity - 1000, 10, slot=1))
+    assert w.rejected(w.order("a", "sell", 1001, 10, slot=1)).reason == (
+        RejectReason.OVER_SELL_LIMIT  # the slot's offers together
+    )
+    exported = 0
+    limits = []
+    for s in range(1, 12):
+        if s > 1:  # 1 kWh: under the floor, so always accepted
+            w.ok(w.order("a", "sell", 1000, 10, slot=s))
+        w.ok(w.order("b", "buy", 1000, 20, slot=s))
+        w.close(s)
+        exported += 1000 if s >= 6 else 0  # a sells but exports nothing, then delivers
+        w.ok(w.reading("a", s, 0, exported))
+        w.ok(w.reading("b", s, 1000 * s, 0))
+        w.settle(s)
+        limits.append(sell_limit_wh(w.state, a.did))
+    floor = capacity * w.config.sell_floor_permille // 1000
+    # slot 1 was its first reading (nothing measured), slots 2-5 delivered nothing: the floor
+    assert limits[:5] == [floor] * 5
+    assert floor < limits[5] < limits[6] < limits[-1] < capacity  # it delivers: recovering
+    rep = w.state.reputation[a.did]
+    assert rep.recent_score_permille * capacity // 1000 == limits[-1]
+    restored = load_state(dump_state(w.state))
+    assert restored.reputation[a.did] == rep
