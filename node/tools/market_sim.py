@@ -88,6 +88,9 @@ def build(
         retail_price=32,
         mechanism=mechanism,
         rules=rules,
+        # its households offer their PV forecast without an agent that watches their delivery
+        # record, so the record does not limit them (sell_floor_permille 1000; inert in rules 1)
+        **({"sell_floor_permille": 1000} if rules >= 2 else {}),  # type: ignore[arg-type]
     )
     homes = []
     for i in range(households):
