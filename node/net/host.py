@@ -36,6 +36,14 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
   inside a pubsub task. The blacklist teardown, which raises ``KeyError`` when the peer
   disconnects during its stream reset (our ban closes the connection at once), is replaced.
   Each has a canary in tests/net/test_libp2p_canaries.py.
+- Pubsub sessions follow connections (pitfall 8): libp2p keeps one session per peer id and a
+  reconnect racing the old connection's ``disconnected`` event keeps a dead stream registered,
+  after which the peer's subscriptions are lost for good (it never gets our messages again).
+  :meth:`NetNode._handle_dead_pubsub_peer` and :meth:`NetNode._register_pubsub_peer` end a
+  session when its own stream or connection dies and before a new one registers; the blacklist
+  teardown ends the whole session (router and mesh included), so a readmitted peer is GRAFTed
+  again. Connections are closed one by one, not with ``Swarm.close_peer``, which orphans a
+  connection opened while it runs (pitfall 9).
 - Logging: the ``libp2p`` logger is made to propagate and given a level (pitfall 5).
 - Metrics bind 127.0.0.1 (pitfall 7).
 """
@@ -109,6 +117,12 @@ LIBP2P_READ_PUBSUB_STREAM = Pubsub.continuously_read_stream
 """libp2p's pubsub read loop, replaced per node by :meth:`NetNode._read_pubsub_stream`."""
 LIBP2P_TEARDOWN_IF_CONNECTED = Pubsub._teardown_if_connected
 """libp2p's blacklist teardown, replaced per node (KeyError race): kept for the canary test."""
+LIBP2P_HANDLE_DEAD_PEER = Pubsub._handle_dead_peer
+"""libp2p's pubsub peer removal, replaced per node by :meth:`NetNode._handle_dead_pubsub_peer`
+(a reconnect racing the disconnect leaves a dead session registered): kept for a canary test."""
+LIBP2P_HANDLE_NEW_PEER = Pubsub._handle_new_peer
+"""libp2p's pubsub peer registration (skips a peer already in ``peers``, live or not), wrapped
+per node by :meth:`NetNode._register_pubsub_peer`: kept for a canary test."""
 
 OUTBOUND_HIGH_WATER = 24
 """Our publish waits while a peer's outbound RPC queue (libp2p: 32, drops when full) is this
@@ -142,6 +156,8 @@ deliberate act or a broken peer; an exception we cannot attribute to the bytes w
 DEFAULT_FAULT_WEIGHT = 10.0
 CONTROL_DEADLINE = 10.0
 """Longest gossipsub may take over one RPC's control messages (it awaits queue sends)."""
+DEAD_STREAM_STATES = frozenset({"CLOSE_WRITE", "CLOSE_BOTH", "RESET", "ERROR"})
+"""``NetStream`` states in which a pubsub stream can no longer carry its direction's RPCs."""
 
 GossipHandler = Callable[[TopicKind, tuple[SignedRecord, ...], str], None]
 """Called with (topic kind, records, origin DID) for every delivered, validated batch."""
@@ -428,6 +444,11 @@ class NetNode:
         self.dropped: Counter[tuple[str, str]] = Counter()
         """(forwarding peer, reason) -> inbound gossip dropped by the per-peer budgets."""
         self._peer_budgets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._pubsub_inbound: dict[ID, set[Any]] = {}
+        """Peer -> the inbound pubsub streams our read loops serve (a peer announces its
+        subscriptions first thing on each); a stream is listed exactly as long as its loop."""
+        self._pubsub_locks: dict[ID, trio.Lock] = {}
+        """Peer -> lock serialising its pubsub registration (present while one runs)."""
         self.topics = {kind: topic_name(genesis.grid, kind) for kind in TopicKind}
         self._kind_of = {name: kind for kind, name in self.topics.items()}
         self.host: Any = None
@@ -625,10 +646,27 @@ class NetNode:
     async def _disconnect_all(self) -> None:
         network = self.host.get_network()
         for peer in list(network.get_connections_map()):
-            try:
-                await network.close_peer(peer)
-            except Exception as exc:
-                log.debug("closing %s at shutdown: %s", peer, exc)
+            await self._close_peer(peer)
+
+    async def _close_peer(self, peer: ID) -> None:
+        """Close every connection to ``peer``, including one that arrives meanwhile.
+
+        Not ``Swarm.close_peer``: it closes the connections it found and then drops the
+        peer's *whole* entry from the connection map, so a connection the peer opened while
+        the first ones were closing (a banned peer redials at once) is orphaned: alive, its
+        streams served, yet invisible to ``get_connections`` and never closed (the ban's own
+        close finds nothing). ``SwarmConn.close`` removes each connection itself.
+        """
+        network = self.host.get_network()
+        for _ in range(4):
+            conns = list(network.get_connections(peer))
+            if not conns:
+                return
+            for conn in conns:
+                try:
+                    await conn.close()
+                except Exception as exc:
+                    log.debug("closing a connection to %s: %s", peer, exc)
 
     # -- connections --------------------------------------------------------------------
 
@@ -649,6 +687,10 @@ class NetNode:
 
     def _on_disconnected(self, peer: ID) -> None:
         log.debug("disconnected from %s", peer)
+        if self.pubsub is not None:
+            # libp2p's own handler skips the peer if another connection exists by then (a
+            # redial): end the session now if it ran over this connection (see the method)
+            self._handle_dead_pubsub_peer(peer)
 
     def _queue_action(self, action: str, peer: ID) -> None:
         try:
@@ -675,14 +717,10 @@ class NetNode:
             self.metrics.gossip_penalised_by_peer.labels(label, reason).inc()
 
     async def _actions_loop(self) -> None:
-        network = self.host.get_network()
         async for action, peer in self._actions_recv:
             if action == "close":
                 with trio.move_on_after(3):
-                    try:
-                        await network.close_peer(peer)
-                    except Exception as exc:
-                        log.debug("closing %s: %s", peer, exc)
+                    await self._close_peer(peer)
 
     async def _housekeeping_loop(self) -> None:
         """Lift expired bans, update the peers gauge, sample RTTs."""
@@ -761,9 +799,12 @@ class NetNode:
         """Replace the pubsub pieces a peer's bytes can break (see the module docstring)."""
         ps = self.pubsub
         self._libp2p_push_msg = ps.push_msg
+        self._libp2p_handle_new_peer = ps._handle_new_peer
         ps.continuously_read_stream = self._read_pubsub_stream
         ps.push_msg = self._guarded_push_msg
         ps._teardown_if_connected = self._teardown_if_connected
+        ps._handle_new_peer = self._register_pubsub_peer
+        ps._handle_dead_peer = self._handle_dead_pubsub_peer
 
     def _penalise(self, peer: str, weight: float) -> None:
         if peer == str(self.peer_id) or weight <= 0:
@@ -823,6 +864,8 @@ class NetNode:
         ps = self.pubsub
         peer_id: ID = stream.muxed_conn.peer_id
         key = str(peer_id)
+        # while this stream is live it holds the peer's subscriptions (its hello comes first)
+        self._pubsub_inbound.setdefault(peer_id, set()).add(stream)
         try:
             while ps.manager.is_running:
                 try:
@@ -865,6 +908,11 @@ class NetNode:
         except (IncompleteReadError, *CONNECTION_LOSS) as exc:
             # the stream or connection ended (as libp2p: not a fault)
             log.debug("pubsub stream from %s ended: %r", key, exc)
+        finally:
+            streams = self._pubsub_inbound.get(peer_id, set())
+            streams.discard(stream)
+            if not streams:
+                self._pubsub_inbound.pop(peer_id, None)
 
     def _accept_publish(self, peer_id: ID, rpc: Any, size: int) -> None:
         """Hand each subscribed message of ``rpc`` to pubsub, within the peer's budgets."""
@@ -916,14 +964,113 @@ class NetNode:
         libp2p's version resets the peer's stream and *then* deletes ``peers[peer_id]``; if
         the peer disconnects meanwhile (we close a banned peer's connection at once) its
         dead-peer handler has deleted the entry already and the ``KeyError`` stops pubsub.
+        It also only deletes that entry: the outbound queue and its sender task stay, and the
+        router keeps the peer in its mesh (the later dead-peer handler returns early, the
+        peer being gone from ``peers``), so after the ban the readmitted peer is never
+        GRAFTed again (we think it is in our mesh, it knows it is not). Here the whole session
+        ends first, with no await in between, and the stream is reset afterwards.
         """
         ps = self.pubsub
-        stream = ps.peers.get(peer_id)
+        stream = self._drop_pubsub_session(peer_id)
+        ps._forget_all_subscriptions(peer_id)
         if stream is not None:
             with trio.move_on_after(1.0), contextlib.suppress(Exception):
                 await stream.reset()
-            ps.peers.pop(peer_id, None)  # libp2p: ``del``, which raises if it is gone already
-        ps._forget_all_subscriptions(peer_id)
+
+    # -- pubsub sessions ----------------------------------------------------------------
+
+    def _stream_is_live(self, peer_id: ID, stream: Any) -> bool:
+        """True if ``stream`` is open and runs over a live, registered connection to the peer."""
+        state = getattr(getattr(stream, "_state", None), "name", "")
+        if state in DEAD_STREAM_STATES:
+            return False
+        with contextlib.suppress(Exception):
+            if stream.is_closed():
+                return False
+        muxed = getattr(stream, "muxed_conn", None)
+        if muxed is None or getattr(muxed, "is_closed", False):
+            return False
+        network = self.host.get_network()
+        return any(
+            getattr(conn, "muxed_conn", None) is muxed for conn in network.get_connections(peer_id)
+        )
+
+    def _drop_pubsub_session(self, peer_id: ID) -> Any:
+        """End our outbound pubsub session with ``peer_id`` (the stream registered in
+        ``peers``, its queue and sender task, the router's per-peer state and mesh places);
+        returns the stream, which the caller resets (None if there was none). Synchronous, so
+        no registration can interleave. The peer's subscriptions are not touched."""
+        ps = self.pubsub
+        stream = ps.peers.pop(peer_id, None)
+        queue = ps.peer_queues.pop(peer_id, None)
+        if queue is not None:
+            queue.close()  # its sender task exits
+        ps.router.remove_peer(peer_id)
+        return stream
+
+    def _handle_dead_pubsub_peer(self, peer_id: ID) -> None:
+        """Replaces ``Pubsub._handle_dead_peer``: end a pubsub session whose stream died.
+
+        py-libp2p 0.8.1 keeps one session per peer *id* (``peers``: our outbound stream, which
+        carried our hello; ``peer_topics``: what the peer announced on its inbound stream).
+        Its dead-peer handling runs on the ``disconnected`` event, which the swarm sends at
+        least 0.1 s after the connection is gone, and skips the peer if it has another
+        connection by then; ``_handle_new_peer`` skips a peer already in ``peers``. So a peer
+        that reconnects within that window (our reconnect loop redials at once) keeps a dead
+        stream registered: nothing is sent on the new connection, the first write fails, and
+        the failure handler then forgets the subscriptions the peer announced on its *new*
+        stream, which it never sends again: we never send it our messages nor GRAFT it (the
+        cause of tests/net/test_cluster.py's flaky readmission, docs/libp2p.md pitfall 8).
+
+        Here, called for any stream failure or disconnect of the peer: if the registered
+        stream is still live on a live connection, an older stream or connection ended and
+        nothing happens; otherwise the session ends (:meth:`_drop_pubsub_session`), the
+        peer's subscriptions are forgotten only if no live inbound stream of the peer holds
+        them, and, if the peer is still connected and not blacklisted, a new session is
+        registered on its live connection (a fresh stream and our hello).
+        """
+        ps = self.pubsub
+        stream = ps.peers.get(peer_id)
+        if stream is not None and self._stream_is_live(peer_id, stream):
+            return
+        ps._clear_pending_announce_retries_for_peer(peer_id)
+        inbound = self._pubsub_inbound.get(peer_id, ())
+        if not any(self._stream_is_live(peer_id, s) for s in inbound):
+            ps._forget_all_subscriptions(peer_id)
+        stream = self._drop_pubsub_session(peer_id)
+        if stream is not None and ps.manager.is_running:
+            ps.manager.run_task(self._reset_stream, stream)
+        if ps._peer_is_connected(peer_id) and not ps.is_peer_blacklisted(peer_id):
+            log.debug("pubsub session with %s ended; registering it on its live connection",
+                      peer_id)  # fmt: skip
+            ps._schedule_peer_stream_retry(peer_id)
+
+    async def _register_pubsub_peer(self, peer_id: ID) -> None:
+        """Wraps ``Pubsub._handle_new_peer`` (open our stream, send our hello, add the peer to
+        the router): one registration at a time per peer, and a registered session whose
+        stream is no longer live is ended first (libp2p skips any peer already in ``peers``,
+        so a reconnect that beats the old connection's ``disconnected`` event would otherwise
+        keep the dead stream: :meth:`_handle_dead_pubsub_peer`)."""
+        lock = self._pubsub_locks.get(peer_id)
+        if lock is None:
+            lock = self._pubsub_locks[peer_id] = trio.Lock()
+        try:
+            async with lock:
+                stream = self.pubsub.peers.get(peer_id)
+                if stream is not None and not self._stream_is_live(peer_id, stream):
+                    log.debug("replacing the dead pubsub session with %s", peer_id)
+                    self._handle_dead_pubsub_peer(peer_id)
+                    # (a registration it schedules waits for this one and then finds it)
+                await self._libp2p_handle_new_peer(peer_id)
+        finally:
+            if not lock.locked() and self._pubsub_locks.get(peer_id) is lock:
+                del self._pubsub_locks[peer_id]
+
+    @staticmethod
+    async def _reset_stream(stream: Any) -> None:
+        """Reset a stream we no longer use (bounded; it may be gone already)."""
+        with trio.move_on_after(1.0), contextlib.suppress(Exception):
+            await stream.reset()
 
     # -- gossip -------------------------------------------------------------------------
 

@@ -269,6 +269,29 @@ async def wait_mesh(procs: Sequence[NodeProc], minimum: int, timeout: float = 60
             await trio.sleep(0.1)
 
 
+async def wait_pubsub_session(a: NodeProc, b: NodeProc, kind: str = "orders",
+                              timeout: float = 30.0) -> float:  # fmt: skip
+    """Wait until ``a`` and ``b`` each have a pubsub stream to the other and know that the
+    other subscribes to ``kind``; returns seconds.
+
+    From then on each one's own publications reach the other directly (a node floods its own
+    messages to every subscribed peer, mesh or not). After a (re)connection that takes the
+    pubsub hello exchange on the new connection, a few milliseconds on an idle machine.
+    """
+    start = time.monotonic()
+    with trio.fail_after(timeout):
+        while True:
+            sa, sb = await a.stats(), await b.stats()
+            if (
+                b.spec.peer_id in sa["pubsub_peers"]
+                and b.spec.peer_id in sa["subscribed_peers"][kind]
+                and a.spec.peer_id in sb["pubsub_peers"]
+                and a.spec.peer_id in sb["subscribed_peers"][kind]
+            ):
+                return time.monotonic() - start
+            await trio.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------------------
 # child side
 
@@ -372,6 +395,10 @@ async def _child(args: argparse.Namespace) -> None:
                 refused=node.refused,
                 banned=sorted(node.penalties.banned_until),
                 pubsub_peers=sorted(str(p) for p in node.pubsub.peers),
+                subscribed_peers={
+                    k.value: sorted(str(p) for p in node.pubsub.peer_topics.get(t, ()))
+                    for k, t in node.topics.items()
+                },
                 blacklisted=sorted(str(p) for p in node.pubsub.blacklisted_peers),
                 mesh=node.mesh_peers(TopicKind.ORDERS),
                 raft_sent=node.raft.sent if node.raft else 0,

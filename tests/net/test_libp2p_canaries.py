@@ -273,3 +273,18 @@ def test_prune_peer_exchange_dials_without_deadline() -> None:
     source = inspect.getsource(GossipSub.handle_prune)
     assert "await self._do_px(px_peers)" in source, "PRUNE peer exchange changed"
     assert "host.connect(" in inspect.getsource(GossipSub._do_px)
+
+
+def test_pubsub_sessions_are_per_peer_id() -> None:
+    """libp2p keeps one pubsub session per peer id: registration skips a peer already in
+    ``peers`` (live or dead) and removal skips a peer that still has a connection. A reconnect
+    racing the disconnect then leaves a dead session registered (docs/libp2p.md, pitfall 8);
+    ``NetNode._handle_dead_pubsub_peer`` and ``_register_pubsub_peer`` replace and wrap them.
+    If libp2p changed either, review those two."""
+    new_peer = inspect.getsource(net_host.LIBP2P_HANDLE_NEW_PEER)
+    assert "if peer_id in self.peers:" in new_peer, "_handle_new_peer no longer skips known peers"
+    assert "self.peers[peer_id] = stream" in new_peer, "_handle_new_peer registers differently"
+    dead_peer = inspect.getsource(net_host.LIBP2P_HANDLE_DEAD_PEER)
+    assert "self._forget_all_subscriptions(peer_id)" in dead_peer, "_handle_dead_peer changed"
+    assert "self.router.remove_peer(peer_id)" in dead_peer, "_handle_dead_peer changed"
+    assert Pubsub._handle_dead_peer is net_host.LIBP2P_HANDLE_DEAD_PEER  # replaced per node only
