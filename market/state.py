@@ -516,26 +516,23 @@ def _submit_order(state: State, order: Order) -> list[Event]:
     book = state.books.get(order.slot, {})
     if order.id in book:
         raise Rejection(RejectReason.DUPLICATE_ORDER, f"order id {order.id!r} already in book")
-    if cfg.rules >= 2 and order.side == Side.SELL:
-        limit = sell_limit_wh(state, order.household)
-        offered = sum(
-            o.quantity_wh
-            for o in book.values()
-            if o.household == order.household and o.side == Side.SELL
-        )
-        if offered + order.quantity_wh > limit:
-            rep = state.reputation.get(order.household, Reputation())
-            raise Rejection(
-                RejectReason.OVER_SELL_LIMIT,
-                f"offers of {offered + order.quantity_wh} Wh in slot {order.slot} exceed the "
-                f"{limit} Wh its delivery record allows ({rep.recent_score_permille} permille "
-                "of sales delivered recently)",
-            )
-    for resting in book.values():
-        if resting.household == order.household and resting.side != order.side:
+    mine = [o for o in book.values() if o.household == order.household]  # one pass over the book
+    for resting in mine:
+        if resting.side != order.side:
             raise Rejection(
                 RejectReason.CONFLICTING_SIDE,
                 f"household already has a {resting.side} order in slot {order.slot}",
+            )
+    if cfg.rules >= 2 and order.side == Side.SELL:
+        limit = sell_limit_wh(state, order.household)
+        offered = sum(o.quantity_wh for o in mine) + order.quantity_wh
+        if offered > limit:
+            rep = state.reputation.get(order.household, Reputation())
+            raise Rejection(
+                RejectReason.OVER_SELL_LIMIT,
+                f"offers of {offered} Wh in slot {order.slot} exceed the {limit} Wh its "
+                f"delivery record allows ({rep.recent_score_permille} permille of sales "
+                "delivered recently)",
             )
     _consume_nonce(state, order)
     state.books.setdefault(order.slot, {})[order.id] = order
