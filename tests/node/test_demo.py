@@ -26,7 +26,7 @@ import pytest
 import trio
 from sqlalchemy import create_engine, func, select
 
-from market.accounting import household_account
+from market.accounting import ENERGY, household_account
 from node.ledger import schema as t
 from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
@@ -123,6 +123,29 @@ def check_energy_against_meters(demo: Demo, url: str) -> int:
         assert abs(s.export_wh - (e1 - e0)) <= resolution, (s, e1 - e0)
         checked += 1
     return checked
+
+
+def check_settled_energy_follows_the_meters(demo: Demo, url: str) -> dict[str, int]:
+    """Every household's settled energy equals what its meter counted between its first and
+    last readings in the ledger, exactly, whatever readings are missing (node stopped, ...);
+    and those readings are the simulator's counters. Returns the unmeasured slots trued up per
+    household."""
+    counters = truth(demo)
+    readings: dict[str, list[Any]] = defaultdict(list)
+    for r in sorted(rows(url, t.readings), key=lambda r: r.slot):
+        readings[r.household].append(r)
+        imp, exp = counters[(r.slot, r.household)]
+        assert abs(r.import_wh - imp) <= 1 and abs(r.export_wh - exp) <= 1, (r, imp, exp)
+    energy = {r.account: r.amount for r in rows(url, t.balances) if r.asset == ENERGY}
+    unmeasured: dict[str, int] = defaultdict(int)
+    for s in rows(url, t.settlements):
+        unmeasured[s.household] += not s.measured
+    for h in demo.households:
+        mine = readings[h.did]
+        first, last = mine[0], mine[-1]
+        counted = (last.import_wh - first.import_wh) - (last.export_wh - first.export_wh)
+        assert energy.get(household_account(h.did), 0) == counted, (h.name, counted)
+    return dict(unmeasured)
 
 
 def check_all_ledgers(demo: Demo) -> None:
@@ -230,6 +253,12 @@ async def test_killed_leader_is_replaced_and_killed_nodes_catch_up(tmp_path: Pat
         assert leader.starts == 2 and learner.starts == 2
     check_all_ledgers(demo)
     check_energy_against_meters(demo, demo.households[0].ledger_url)
+    # the killed nodes missed readings: the next one trued their meters' movement up
+    for h in demo.households:
+        unmeasured = check_settled_energy_follows_the_meters(demo, h.ledger_url)
+        assert unmeasured[learner.did] >= 2, unmeasured  # its first slot, and the ones it missed
+        true_ups = {x.ref for x in rows(h.ledger_url, t.transactions) if x.kind == "true_up"}
+        assert {leader.did, learner.did} <= true_ups, true_ups
 
 
 def _caught_up(docs: dict[str, dict[str, Any]], count: int) -> bool:
