@@ -580,6 +580,9 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
                 ("bought_wh", "bought Wh"),
                 ("consumed_wh", "taken Wh"),
                 ("missed_readings", "missed readings"),
+                ("unmeasured_slots", "unmeasured slots"),
+                ("true_up_import_wh", "trued-up import Wh"),
+                ("true_up_export_wh", "trued-up export Wh"),
             ],
             "household-summary",
         )

@@ -5,8 +5,8 @@ dashboard and ``microgrid ledger verify`` work on it unchanged. Copying is idemp
 incremental: each run copies only blocks above the archive's height, in chunks of blocks, each
 chunk in one target transaction together with everything the chunk's slots produced
 (transactions and postings with their original ids, clearings, orders, trades, readings,
-settlements, feeder checks) and the balance deltas of its postings. A crash leaves whole chunks;
-a re-run resumes after the last one. ``households`` (cumulative reputation, not hashed) is
+settlements, true-ups, feeder checks) and the balance deltas of its postings. A crash leaves whole
+chunks; a re-run resumes after the last one. ``households`` (cumulative reputation, not hashed) is
 refreshed from the source at the end of a run.
 
 Safety: an archive is bound to one microgrid by the genesis hash in ``meta``; a source of another
@@ -26,6 +26,7 @@ from sqlalchemy import Engine, Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
+from node.ledger.queries import has_true_up_table
 from node.ledger.rows import (
     BalanceOverflowError,
     apply_balance_deltas,
@@ -150,6 +151,18 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
             select(t.feeder_checks).where(fc.block_height.between(first, last)).order_by(fc.slot),
         ),
     )
+    if has_true_up_table(source):  # a ledger file of an older node has none to copy
+        tu = t.true_ups.c
+        insert_rows(
+            target,
+            t.true_ups,
+            fetch_rows(
+                source,
+                select(t.true_ups)
+                .where(tu.block_height.between(first, last))
+                .order_by(tu.slot, tu.household),
+            ),
+        )
     deltas: dict[tuple[str, str], int] = {}
     for row in postings:
         key = (row["account"], row["asset"])

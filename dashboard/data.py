@@ -42,9 +42,11 @@ from node.ledger.queries import (
     FEEDER_FIELDS,
     SlotRow,
     has_feeder_table,
+    has_true_up_table,
     load_block_refs,
     load_clearings,
     load_feeder_checks,
+    load_household_true_ups,
     load_settlement_sums,
     sum_int,
 )
@@ -225,6 +227,10 @@ def slot_row_dict(row: SlotRow, schedule: Schedule) -> dict[str, Any]:
         "settled": row.settled,
         "metered_import_wh": row.import_wh,
         "metered_export_wh": row.export_wh,
+        "unmeasured": row.unmeasured,
+        "true_ups": row.true_ups,
+        "true_up_import_wh": row.true_up_import_wh,
+        "true_up_export_wh": row.true_up_export_wh,
         "height": row.height,
         "block_hash": row.block_hash,
     }
@@ -302,6 +308,9 @@ class SlotCache:
                 "grid_export_wh",
                 "households",
                 "unmeasured",
+                "true_ups",
+                "true_up_import_wh",
+                "true_up_export_wh",
                 *FEEDER_FIELDS,
             ):
                 setattr(row, key, getattr(old, key))
@@ -434,19 +443,33 @@ def step_curve(orders: Sequence[dict[str, Any]]) -> StepCurve:
 
 
 def household_summary(engine: Engine) -> list[dict[str, Any]]:
-    """One row per household: role, meter, balances, reputation and delivery figures."""
+    """One row per household: role, meter, balances, reputation and delivery figures, and its
+    metering: settled slots without a usable reading (``unmeasured_slots``: estimated zero) and
+    the true-ups that settled their counter movement at the next reading (count, slots covered,
+    import and export Wh)."""
     h = t.households.c
     bal = t.balances.c
+    s = t.settlements.c
     with engine.connect() as conn:
         balances: dict[str, dict[str, int]] = {}
         for r in conn.execute(
             select(bal.account, bal.asset, bal.amount).where(bal.account.like("household:%"))
         ):
             balances.setdefault(r.account[len("household:") :], {})[r.asset] = int(r.amount)
+        unmeasured = {
+            r.household: int(r.n)
+            for r in conn.execute(
+                select(s.household, func.count().label("n"))
+                .where(s.measured.is_(False))
+                .group_by(s.household)
+            )
+        }
+        trued = load_household_true_ups(conn)
         rows = conn.execute(select(t.households).order_by(h.did)).all()
     out = []
     for r in rows:
         b = balances.get(r.did, {})
+        n_true_ups, true_up_slots, true_up_import, true_up_export = trued.get(r.did, (0, 0, 0, 0))
         out.append(
             {
                 "household": r.did,
@@ -462,6 +485,11 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
                 "consumed_wh": int(r.consumed_wh),
                 "slots": int(r.slots),
                 "missed_readings": int(r.missed_readings),
+                "unmeasured_slots": unmeasured.get(r.did, 0),
+                "true_ups": n_true_ups,
+                "true_up_slots": true_up_slots,
+                "true_up_import_wh": true_up_import,
+                "true_up_export_wh": true_up_export,
             }
         )
     return out
@@ -470,7 +498,9 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
 def household_slots(
     engine: Engine, household: str, first_slot: int | None = None, *, schedule: Schedule
 ) -> list[dict[str, Any]]:
-    """Metered vs traded energy and imbalance of one household per settled slot."""
+    """Metered vs traded energy and imbalance of one household per settled slot, and the
+    true-up its reading in that slot settled (``true_up_slots`` unmeasured slots before it,
+    their import and export; zeros when none)."""
     s = t.settlements.c
     q = (
         select(
@@ -488,19 +518,35 @@ def household_slots(
     if first_slot is not None:
         q = q.where(s.slot >= first_slot)
     with engine.connect() as conn:
-        return [
-            {
-                "slot": int(r.slot),
-                "time": slot_label(schedule, int(r.slot)),
-                "measured": bool(r.measured),
-                "metered_import_wh": int(r.import_wh),
-                "metered_export_wh": int(r.export_wh),
-                "traded_buy_wh": int(r.bought_wh),
-                "traded_sell_wh": int(r.sold_wh),
-                "imbalance_wh": int(r.imbalance_wh),
+        trued: dict[int, tuple[int, int, int]] = {}
+        if has_true_up_table(conn):
+            c = t.true_ups.c
+            tq = select(c.slot, c.slots, c.import_wh, c.export_wh).where(c.household == household)
+            if first_slot is not None:
+                tq = tq.where(c.slot >= first_slot)
+            trued = {
+                int(r.slot): (int(r.slots), int(r.import_wh), int(r.export_wh))
+                for r in conn.execute(tq)
             }
-            for r in conn.execute(q)
-        ]
+        out = []
+        for r in conn.execute(q):
+            gap_slots, gap_import, gap_export = trued.get(int(r.slot), (0, 0, 0))
+            out.append(
+                {
+                    "slot": int(r.slot),
+                    "time": slot_label(schedule, int(r.slot)),
+                    "measured": bool(r.measured),
+                    "metered_import_wh": int(r.import_wh),
+                    "metered_export_wh": int(r.export_wh),
+                    "traded_buy_wh": int(r.bought_wh),
+                    "traded_sell_wh": int(r.sold_wh),
+                    "imbalance_wh": int(r.imbalance_wh),
+                    "true_up_slots": gap_slots,
+                    "true_up_import_wh": gap_import,
+                    "true_up_export_wh": gap_export,
+                }
+            )
+        return out
 
 
 def short_did(did: str) -> str:
@@ -539,7 +585,9 @@ def community_figures(rows: Iterable[SlotRow], feed_in: int, retail: int) -> Com
       grid exports × feed-in (what the ledger settled)
     - savings = grid-only cost − actual cost
 
-    where I_s and E_s are the community's metered import and export in slot s.
+    where I_s and E_s are the community's metered import and export settled in slot s: the
+    measured slots' flows plus the true-ups settled in s (counter movement over earlier
+    unmeasured slots, which ``grid_import_wh``/``grid_export_wh`` include too).
     """
     n = imp = exp = fimp = fexp = local = 0
     grid_only = actual = 0  # in Wh·cent/kWh, divided by 1000 at the end
@@ -547,12 +595,14 @@ def community_figures(rows: Iterable[SlotRow], feed_in: int, retail: int) -> Com
         if not r.settled:
             continue
         n += 1
-        imp += r.import_wh
-        exp += r.export_wh
-        fimp += max(r.import_wh - r.export_wh, 0)
-        fexp += max(r.export_wh - r.import_wh, 0)
+        slot_imp = r.import_wh + r.true_up_import_wh
+        slot_exp = r.export_wh + r.true_up_export_wh
+        imp += slot_imp
+        exp += slot_exp
+        fimp += max(slot_imp - slot_exp, 0)
+        fexp += max(slot_exp - slot_imp, 0)
         local += r.volume_wh
-        grid_only += r.import_wh * retail - r.export_wh * feed_in
+        grid_only += slot_imp * retail - slot_exp * feed_in
         actual += (
             r.buyer_pay_wh_price
             - r.seller_get_wh_price
@@ -756,6 +806,7 @@ class VerifyCache:
                 "blocks": r.blocks,
                 "transactions": r.transactions,
                 "error": r.error,
+                "conservation": r.conservation,
                 "finished_at": self.finished_at,
                 "duration_s": self.duration_s,
             }

@@ -337,6 +337,8 @@ def _bucket(rows: list[SlotRow], schedule: Schedule) -> ChartPoints:
                 "local_wh": 0,
                 "grid_import_wh": 0,
                 "grid_export_wh": 0,
+                "true_up_import_wh": 0,
+                "true_up_export_wh": 0,
                 "unmatched_bid_wh": 0,
                 "unmatched_ask_wh": 0,
                 "participants": 0,
@@ -346,6 +348,8 @@ def _bucket(rows: list[SlotRow], schedule: Schedule) -> ChartPoints:
         b["local_wh"] += r.volume_wh
         b["grid_import_wh"] += r.grid_import_wh
         b["grid_export_wh"] += r.grid_export_wh
+        b["true_up_import_wh"] += r.true_up_import_wh
+        b["true_up_export_wh"] += r.true_up_export_wh
         b["unmatched_bid_wh"] += r.unmatched_bid_wh
         b["unmatched_ask_wh"] += r.unmatched_ask_wh
         b["participants"] = max(b["participants"], r.participants)
@@ -455,8 +459,8 @@ def market_view(ctx: Context, window: str) -> MarketView:
         )
     for key, name, color in (
         ("local_wh", "traded locally", COLORS["local"]),
-        ("grid_import_wh", "from grid (imbalance)", COLORS["grid_in"]),
-        ("grid_export_wh", "to grid (imbalance)", COLORS["grid_out"]),
+        ("grid_import_wh", "from grid (imbalance, true-ups)", COLORS["grid_in"]),
+        ("grid_export_wh", "to grid (imbalance, true-ups)", COLORS["grid_out"]),
     ):
         data_.append(
             {
@@ -597,6 +601,9 @@ HOUSEHOLD_KEYS = (
     "traded_buy_wh",
     "traded_sell_wh",
     "imbalance_wh",
+    "true_up_slots",
+    "true_up_import_wh",
+    "true_up_export_wh",
 )
 
 
@@ -672,6 +679,9 @@ def households_view(ctx: Context, household: str | None, window: str) -> Househo
     for key, name, color, sign in (
         ("metered_export_wh", "metered export", "#2ca02c", 1),
         ("metered_import_wh", "metered import", "#d62728", -1),
+        # counter movement over earlier unmeasured slots, settled by this slot's reading
+        ("true_up_export_wh", "trued-up export", "#98df8a", 1),
+        ("true_up_import_wh", "trued-up import", "#ff9896", -1),
     ):
         traces.append(
             {

@@ -74,9 +74,16 @@ class Forecaster:
 
 
 def plan_order(
-    slot: int, forecast_net_wh: int | None, strategy: Strategy, config: MarketConfig
+    slot: int,
+    forecast_net_wh: int | None,
+    strategy: Strategy,
+    config: MarketConfig,
+    max_offer_wh: int | None = None,
 ) -> OrderPlan | None:
-    """The order for ``slot``, or None when the forecast is unknown or too small to trade."""
+    """The order for ``slot``, or None when the forecast is unknown or too small to trade.
+
+    ``max_offer_wh`` is what the engine lets this household offer in one slot (its delivery
+    record, :func:`market.state.sell_limit_wh`): an offer is cut to it rather than refused."""
     if forecast_net_wh is None:
         return None
     sell_limit, buy_limit = strategy.limits(config)
@@ -87,6 +94,8 @@ def plan_order(
         qty = -forecast_net_wh
         side, price = Side.BUY, buy_limit
     qty = min(qty, strategy.max_order_wh, config.max_order_wh)
+    if side == Side.SELL and max_offer_wh is not None:
+        qty = min(qty, max_offer_wh)
     if qty < strategy.min_order_wh:
         return None
     return OrderPlan(slot, side, qty, price)

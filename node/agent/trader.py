@@ -95,12 +95,15 @@ class Trader:
             export_wh=sample.export_wh,
         ).signed_by(self.signer)
 
-    def order_for(self, slot: int) -> Order | None:
+    def order_for(self, slot: int, max_offer_wh: int | None = None) -> Order | None:
         """The agent's order for ``slot`` (once per slot), or None when nothing is worth
-        trading or no forecast exists yet."""
+        trading or no forecast exists yet; an offer is cut to ``max_offer_wh`` (what the
+        engine lets this household offer per slot, from its delivery record)."""
         if slot in self.ordered:
             return None
-        plan = plan_order(slot, self.forecaster.predict(slot), self.strategy, self.config)
+        plan = plan_order(
+            slot, self.forecaster.predict(slot), self.strategy, self.config, max_offer_wh
+        )
         if plan is None:
             return None
         self.ordered.add(slot)

@@ -152,7 +152,29 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"account   {account_line(balances)}")
     if doc.get("meter_read_failures"):
         print(f"meter     {doc['meter_read_failures']} failed reads")
+    line = metering_line(doc.get("metering"))
+    if line is not None:
+        print(f"metering  {line}")
     return 0
+
+
+def metering_line(metering: Any) -> str | None:
+    """The status document's ``metering`` section in one line (None: an older node, or the
+    count is unknown): settled slots without a reading of this household's meter, and whether
+    its new orders are refused for it."""
+    if not isinstance(metering, dict) or metering.get("silent_slots") is None:
+        return None
+    n, limit = metering["silent_slots"], metering.get("max_silent_slots")
+    if metering.get("orders_refused"):
+        verdict = "new orders REFUSED (meter_silent) until a reading is accepted"
+    elif metering.get("rules", 1) < 2:
+        verdict = "orders accepted (rules 1: no limit)"
+    else:
+        verdict = "orders accepted"
+    line = f"{n} settled slots without a reading (limit {limit}): {verdict}"
+    if isinstance(metering.get("sell_limit_wh"), int):
+        line += f"; may offer {metering['sell_limit_wh']} Wh per slot"
+    return line
 
 
 def cmd_net_run(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ from market.bounds import MAX_SLOT
 from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
 from market.models import FeederReading, MemberRegistration, SignedRecord
 from market.signing import Signer
-from market.state import State
+from market.state import State, sell_limit_wh
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
@@ -108,6 +108,12 @@ class EngineSnapshot:
     head_hash: str
     own_manual_slots: frozenset[int]
     """Open slots whose book holds this household's manual order (nonce ``slot*4+3``)."""
+    silent_slots: int = 0
+    """Settled slots in a row without a reading of this household's meter (its
+    ``Reputation.silent_slots``; orders are refused at ``max_silent_slots``, rules 2)."""
+    sell_limit_wh: int | None = None
+    """What this household may offer per slot (:func:`market.state.sell_limit_wh`; None:
+    rules 1, or not a member)."""
 
 
 def open_replica(
@@ -515,7 +521,7 @@ class HouseholdNode:
         }  # fmt: skip
 
     async def _place_order(self, slot: int) -> None:
-        order = self.trader.order_for(slot)
+        order = self.trader.order_for(slot, self.engine_snapshot().sell_limit_wh)
         if order is not None:
             await self._publish(TopicKind.ORDERS, order)
 
@@ -621,8 +627,13 @@ class HouseholdNode:
         closed = state.closed_through
         if closed is not None:
             manual = {slot for slot in manual if slot > closed}
+        rep = state.reputation.get(me)
+        limit = (
+            sell_limit_wh(state, me) if state.config.rules >= 2 and me in state.members else None
+        )
         return EngineSnapshot(state, closed, state.settled_through, state.height,
-                              state.head_hash, frozenset(manual))  # fmt: skip
+                              state.head_hash, frozenset(manual),
+                              0 if rep is None else rep.silent_slots, limit)  # fmt: skip
 
     def _publish_engine(self, events: Sequence[Event], *, rescan: bool = False) -> None:
         """Publish a new :class:`EngineSnapshot` (the driver's task, after a batch's events). A
@@ -653,6 +664,8 @@ class HouseholdNode:
             meter_read_failures=self.counters["meter_read_failures"],
             last_reading=self.last_reading,
             last_reading_at=self.last_reading_at,
+            silent_slots=self.engine_snapshot().silent_slots,
+            sell_limit_wh=self.engine_snapshot().sell_limit_wh,
         )
         doc["membership"] = self.member.role.value
         doc["open_slot"] = self.schedule.open_slot(self.wall_clock())

@@ -4,7 +4,9 @@ One function assembles it from the parts' own counters, so the document's shape 
 place (documented in docs/dashboard.md, "Status API the dashboard reads"). Consensus and ledger
 come from one :class:`~node.daemon.consensus.ConsensusView`, the driver's published picture:
 never from the live core, storage or engine, which the driver's worker threads update (so the
-applied index, the commit index and the ledger's height always belong together).
+applied index, the commit index and the ledger's height always belong together). What it shows
+of the engine beyond that (this household's meter silence) comes from the node's published
+``EngineSnapshot``, passed in by the caller; the market rules are immutable.
 """
 
 from __future__ import annotations
@@ -12,8 +14,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from market import MeterReading
+from market import MarketConfig, MeterReading
 from node.daemon.consensus import ConsensusDriver
+
+
+def metering_section(
+    config: MarketConfig, silent_slots: int | None, sell_limit_wh: int | None = None
+) -> dict[str, Any]:
+    """The status document's ``metering``: this household's meter silence, whether the engine
+    refuses its new orders for it (``meter_silent``: rules 2, ``silent_slots`` at least
+    ``max_silent_slots``) and what its delivery record lets it offer per slot
+    (``sell_limit_wh``; docs/ledger.md, "Unmeasured slots")."""
+    refused = (
+        config.rules >= 2 and silent_slots is not None and silent_slots >= config.max_silent_slots
+    )
+    return {
+        "silent_slots": silent_slots,
+        "max_silent_slots": config.max_silent_slots,
+        "rules": config.rules,
+        "orders_refused": refused,
+        "sell_limit_wh": sell_limit_wh,
+    }
 
 
 def status_document(
@@ -24,10 +45,14 @@ def status_document(
     meter_read_failures: int = 0,
     last_reading: MeterReading | None = None,
     last_reading_at: str | None = None,
+    silent_slots: int | None = None,
+    sell_limit_wh: int | None = None,
 ) -> dict[str, Any]:
     """The status of one node: consensus, peers, ledger, rejected gossip, meter health.
 
-    Safe from any task or thread: it reads only the driver's published view and the
+    ``silent_slots``: settled slots in a row without a reading of this household's meter, from
+    the node's published engine snapshot (None: not known to the caller). Safe from any task or
+    thread: it reads only the driver's published view, the immutable market rules and the
     arguments."""
     view = driver.view
     st, stats = view.raft, view.stats
@@ -61,6 +86,7 @@ def status_document(
             }
         ),
         "ledger": view.ledger(),
+        "metering": metering_section(driver.replica.config, silent_slots, sell_limit_wh),
         "invalid_messages": dict(invalid_messages or {}),
         "meter_read_failures": meter_read_failures,
         "driver": {

@@ -13,7 +13,8 @@ canonical JSON (sorted keys, no spaces, ASCII)::
                                   bought_wh, imbalance_wh, delivered_wh, consumed_wh}],
                  "feeder": {status, meter_serial, import_wh, export_wh, nonce, signature,
                             feeder_net_wh, households_net_wh, difference_wh,
-                            allowed_loss_wh}}],
+                            allowed_loss_wh},
+                 "true_ups": [{household, slots, import_wh, export_wh}]}],
      "gates": [{slot, mechanism, price, volume_wh, bid_volume_wh, ask_volume_wh, order_count,
                 participants, "orders": [{order_id, household, side, quantity_wh, price,
                                           nonce, signature}],
@@ -22,7 +23,10 @@ canonical JSON (sorted keys, no spaces, ASCII)::
      "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count, feeder]]}
 
 ``feeder`` (the block's ``feeder_checks`` row; in a link, its hash) is there only in a grid with
-a feeder meter: a grid without one exchanges exactly the chunks it did before.
+a feeder meter: a grid without one exchanges exactly the chunks it did before. ``true_ups`` (the
+block's ``true_ups`` rows without slot and height, in household order) is there only in a block
+that trued up a household's unmeasured slots: a chunk of blocks without one is byte-identical to
+what a node without the ``true_ups`` table sends, so both versions interoperate on such blocks.
 
 List order is row order (``position``). ``gates`` holds the gate closures (clearing, book,
 trades) of the blocks' slots and, when the chunk reaches the requested last height, of up to
@@ -190,6 +194,16 @@ class ChunkFeeder(_Doc):
     allowed_loss_wh: Int64 | None
 
 
+class ChunkTrueUp(_Doc):
+    """A household's true-up in the block's slot (a ``true_ups`` row without slot and height)."""
+
+    household: Did
+    slots: Height
+    """Unmeasured slots the true-up covers (at least 1)."""
+    import_wh: CounterWh
+    export_wh: CounterWh
+
+
 class ChunkBlock(_Doc):
     """A block header with everything its slot's settlement wrote."""
 
@@ -207,6 +221,8 @@ class ChunkBlock(_Doc):
     settlements: tuple[ChunkSettlement, ...]
     feeder: ChunkFeeder | None = None
     """Absent (never ``null``) in a grid without a feeder meter."""
+    true_ups: tuple[ChunkTrueUp, ...] = ()
+    """Absent (never ``[]``) in a block without a true-up."""
 
     @field_validator("feeder", mode="before")
     @classmethod
@@ -215,11 +231,22 @@ class ChunkBlock(_Doc):
             raise ValueError("must be left out, not null, in a grid without a feeder meter")
         return value
 
+    @field_validator("true_ups", mode="before")
+    @classmethod
+    def _true_ups_are_absent_or_some(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("must be left out, not empty, in a block without a true-up")
+            return tuple(value)  # strict validation after a "before" validator wants a tuple
+        return value
+
     @model_serializer(mode="wrap")
-    def _omit_absent_feeder(self, handler: Any) -> dict[str, Any]:
+    def _omit_absent_fields(self, handler: Any) -> dict[str, Any]:
         doc: dict[str, Any] = handler(self)
         if doc.get("feeder") is None:
             doc.pop("feeder", None)
+        if not doc.get("true_ups"):
+            doc.pop("true_ups", None)
         return doc
 
 

@@ -1,9 +1,10 @@
 """Block sync, the serving side: read a chunk of ledger blocks for a peer that misses them.
 
 :func:`export_blocks` reads blocks with everything their slots produced (transactions and
-postings, readings, settlements, the feeder check, the gate closures) and encodes them as one
-chunk (:mod:`node.ledger.chunk`, which documents the format), within ``MAX_CHUNK_BLOCKS`` blocks
-and ``MAX_CHUNK_BYTES`` bytes. No networking here: ``node/net/block_sync.py`` carries the bytes.
+postings, readings, settlements, true-ups, the feeder check, the gate closures) and encodes them
+as one chunk (:mod:`node.ledger.chunk`, which documents the format), within ``MAX_CHUNK_BLOCKS``
+blocks and ``MAX_CHUNK_BYTES`` bytes. No networking here: ``node/net/block_sync.py`` carries the
+bytes.
 """
 
 from __future__ import annotations
@@ -140,6 +141,16 @@ def _block_bodies(conn: Connection, headers: list[dict[str, Any]]) -> list[dict[
         if r["slot"] in slot_height:
             slot = r.pop("slot")
             by_height[slot_height[slot]]["settlements"].append(r)
+    tu = t.true_ups.c
+    for r in fetch_rows(
+        conn,
+        select(tu.block_height, tu.household, tu.slots, tu.import_wh, tu.export_wh)
+        .where(tu.block_height.between(first, last))
+        .order_by(tu.block_height, tu.household),
+    ):
+        # Only blocks with a true-up carry the key: other blocks encode as they always did.
+        height = r.pop("block_height")
+        by_height[height].setdefault("true_ups", []).append(r)
     return [by_height[h["height"]] for h in headers]
 
 

@@ -51,7 +51,8 @@ def import_blocks(store: LedgerStore, data: bytes) -> list[tuple[int, int]]:
     the same database transaction, the rows are inserted, balances updated by the postings, the
     gap shrunk, and the ledger verified from the gap's first block through the block before
     the next gap, or to its end with the end-of-ledger checks (``_verify``: transaction ids,
-    balance, roots, reading signatures, state hashes, the chain into the blocks after the gap).
+    balance, roots, reading signatures, state hashes, each ``true_ups`` row against its
+    ``true_up`` transaction, the chain into the blocks after the gap).
     Any failure rolls everything back and raises :class:`BlockSyncError`;
     :class:`~node.ledger.LedgerStoreError` means the local database failed, not the chunk.
     """
@@ -363,6 +364,14 @@ def _insert(
         )
         insert_rows(
             conn, t.settlements, [{"slot": blk.slot, **s.model_dump()} for s in blk.settlements]
+        )
+        insert_rows(
+            conn,
+            t.true_ups,
+            [
+                {"slot": blk.slot, "block_height": blk.height, **tu.model_dump()}
+                for tu in blk.true_ups
+            ],
         )
         if blk.feeder is not None:
             insert_rows(

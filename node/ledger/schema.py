@@ -167,6 +167,23 @@ feeder_checks = Table(
     Column("allowed_loss_wh", BigInteger, nullable=True),
 )
 
+true_ups = Table(
+    "true_ups",
+    metadata,
+    # One row per true-up (rules >= 2, docs/ledger.md "Unmeasured slots"): the counter movement
+    # since the household's previous reading, over ``slots`` unmeasured slots, that the
+    # ``true_up`` transaction (ref = the household) of this slot's block settles. Not hashed: the
+    # transaction is, and ``ledger verify`` checks the row against it. A separate table (not
+    # columns of ``settlements``) so existing ledgers get it from ``create_all``.
+    Column("slot", BigInteger, primary_key=True, autoincrement=False),
+    Column("household", Text, primary_key=True),
+    Column("block_height", ForeignKey("blocks.height"), nullable=False),
+    Column("slots", BigInteger, nullable=False),
+    Column("import_wh", BigInteger, nullable=False),
+    Column("export_wh", BigInteger, nullable=False),
+    Index("ix_true_ups_household", "household", "slot"),
+)
+
 households = Table(
     "households",
     metadata,

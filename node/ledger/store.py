@@ -2,9 +2,9 @@
 
 A node applies a committed log entry to the engine and hands the resulting events, with the
 entry's log index, to :meth:`LedgerStore.record`: blocks, their transactions and postings,
-balances, orders, trades, readings, the feeder check and the applied index land together or
-not at all, so a restart neither loses nor re-applies an entry and nothing half-written reaches
-the ledger.
+balances, orders, trades, readings, settlements, true-ups, the feeder check and the applied
+index land together or not at all, so a restart neither loses nor re-applies an entry and nothing
+half-written reaches the ledger.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
 from market.feeder import FeederCheck
 from market.models import Trade
 from market.schedule import Schedule
+from market.settlement import HouseholdSettlement
 from market.state import MarketConfig
 from node.ledger import schema as t
-from node.ledger.rows import BalanceOverflowError, apply_balance_deltas, read_meta
+from node.ledger.rows import BalanceOverflowError, apply_balance_deltas, insert_rows, read_meta
 
 SCHEDULE_KEY = "schedule"
 """Meta entry holding the grid's wall-clock schedule (the genesis timings) as JSON."""
@@ -358,6 +359,7 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
                 for s in ev.settlements
             ],
         )
+    insert_rows(conn, t.true_ups, true_up_rows(ev.slot, b.height, ev.settlements))
     for did, rep in ev.reputation:
         conn.execute(
             update(t.households)
@@ -372,6 +374,25 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
                 reputation_permille=rep.score_permille,
             )
         )
+
+
+def true_up_rows(
+    slot: int, block_height: int, settlements: Iterable[HouseholdSettlement]
+) -> list[dict[str, Any]]:
+    """The ``true_ups`` rows of a block: one per household whose reading in ``slot`` closed a
+    gap (``gap_slots`` > 0), in household order (as the engine settles them)."""
+    return [
+        {
+            "slot": slot,
+            "household": s.household,
+            "block_height": block_height,
+            "slots": s.gap_slots,
+            "import_wh": s.gap_import_wh,
+            "export_wh": s.gap_export_wh,
+        }
+        for s in settlements
+        if s.gap_slots > 0
+    ]
 
 
 def feeder_check_row(check: FeederCheck, block_height: int) -> dict[str, Any]:

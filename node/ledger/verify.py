@@ -7,8 +7,18 @@ Merkle roots; every reading's signature; the state hash over the running balance
 a feeder meter (``feeder_serial`` in the market rules in ``meta``), the block's ``feeder_checks``
 row: the feeder reading's operator signature, and the check recomputed from that reading, the
 previous block's and the slot's ``settlements`` rows; the block's own hash, with the row's hash
-as its ``feeder`` field. Finally the ``balances`` table must equal the sum of all postings (and
-no feeder row may lie outside the blocks).
+as its ``feeder`` field; each ``true_ups`` row against the ``true_up`` transaction of its block
+and household (energy legs, and the money the grid's tariffs give for its unmeasured slots).
+Finally the ``balances`` table must equal the sum of all postings (and no feeder row may lie
+outside the blocks).
+
+**Conservation** (grids with ``rules >= 2``, a complete ledger: docs/ledger.md, "Unmeasured
+slots"): for every household, the energy its account settled (``energy`` balance, import −
+export) equals its counters' movement between its first and last readings in the ``readings``
+table (summed over consecutive readings of the same meter: a replaced meter starts afresh, a
+restarted one counts from zero), and the import and export settled (measured ``settlements``
+plus ``true_ups``) equal the two counters' movements. The per-household figures are in
+:attr:`VerifyReport.households`.
 
 A ledger with a block-sync gap (``meta.block_sync_needed``, left by an installed Raft snapshot,
 see :mod:`node.ledger.gaps`) is verified up to the first missing height and then reported as
@@ -23,16 +33,27 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from market.accounting import ASSETS, Block, Posting, Transaction, roots, state_hash
+from market.accounting import (
+    ASSETS,
+    ENERGY,
+    Block,
+    Posting,
+    Transaction,
+    household_account,
+    roots,
+    state_hash,
+)
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
 from market.models import FeederReading, MeterReading, Trade
+from market.settlement import Gap, true_up_transaction
 from market.snapshot import SnapshotError, config_from_json
 from market.state import MarketConfig, reading_leaf
 from node.ledger import schema as t
+from node.ledger.queries import has_true_up_table
 from node.ledger.store import make_engine
 
 SYNC_NEEDED_KEY = "block_sync_needed"
@@ -75,6 +96,50 @@ def pending_ranges(meta: dict[str, str]) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True, slots=True)
+class HouseholdConservation:
+    """One household's energy over a ledger: what its meter's counters moved between its first
+    and last readings, and what the ledger settled (docs/ledger.md, "Unmeasured slots")."""
+
+    household: str
+    first_reading_slot: int | None
+    """Slot of its first reading in the ``readings`` table (None: it has none)."""
+    last_reading_slot: int | None
+    import_moved_wh: int
+    """Import counter's rise between its first and last readings (per meter: a replaced meter's
+    first reading is a new baseline)."""
+    export_moved_wh: int
+    energy_settled_wh: int
+    """Its account's ``energy`` balance: energy received (bought, imported) − given."""
+    measured_slots: int
+    """Settled slots with a usable reading (``settlements.measured``)."""
+    unmeasured_slots: int
+    """Settled slots without one: estimated zero, trued up at its next reading."""
+    true_ups: int
+    """``true_ups`` rows of the household."""
+    true_up_slots: int
+    """Unmeasured slots those true-ups covered."""
+    true_up_import_wh: int
+    true_up_export_wh: int
+    settled_import_wh: int
+    """Import settled on measured slots plus true-ups."""
+    settled_export_wh: int
+
+    @property
+    def moved_net_wh(self) -> int:
+        """Net import the counters moved: what the energy balance must equal."""
+        return self.import_moved_wh - self.export_moved_wh
+
+    @property
+    def conserved(self) -> bool:
+        """Settled energy equals the counters' movement (net, and each counter)."""
+        return (
+            self.energy_settled_wh == self.moved_net_wh
+            and self.settled_import_wh == self.import_moved_wh
+            and self.settled_export_wh == self.export_moved_wh
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyReport:
     """Outcome of :func:`verify_ledger`."""
 
@@ -86,20 +151,53 @@ class VerifyReport:
     error: str | None = None
     missing: tuple[tuple[int, int], ...] = ()
     """Block-sync gaps recorded in the ledger (``ok`` is False while there are any)."""
+    conservation: str = "not_checked"
+    """The conservation check: ``ok``, ``failed``, ``skipped`` (a block-sync gap, or a grid
+    with rules 1: see :attr:`conservation_note`) or ``not_checked`` (verification stopped
+    before it)."""
+    conservation_note: str | None = None
+    """Why the conservation check was skipped, or what it found."""
+    households: tuple[HouseholdConservation, ...] = ()
+    """Per-household figures of the conservation check (when it ran), by DID."""
+    rules: int | None = None
+    """The market rules' version in the ledger's meta (None: no readable config)."""
 
 
 def verify_ledger(url: str) -> VerifyReport:
-    """Verify the ledger at ``url`` (read-only). Never raises for a bad ledger: it reports."""
+    """Verify the ledger at ``url`` (read-only). Never raises for a bad ledger: it reports.
+
+    After the chain, a complete ledger of a grid with ``rules >= 2`` gets the conservation
+    check (:func:`conservation`): a household whose settled energy differs from its counters'
+    movement fails verification, naming the household and both figures."""
     engine = make_engine(url, read_only=True)
     counts = {"blocks": 0, "transactions": 0, "height": 0}
     head: list[str | None] = [None]
     missing: tuple[tuple[int, int], ...] = ()
+    rules: int | None = None
+    note: str | None = None
+    figures: tuple[HouseholdConservation, ...] = ()
     try:
         with engine.connect() as conn:
             meta = {row.key: row.value for row in conn.execute(select(t.meta))}
             missing = tuple(pending_ranges(meta))
-            _verify(conn, counts, head)
+            config = _config(meta)
+            rules = None if config is None else config.rules
+            if missing:
+                note = f"skipped: blocks {_gap_list(list(missing))} missing (block sync pending)"
+            elif config is None or config.rules < 2:
+                note = "skipped: rules 1 grid (unmeasured slots are not trued up)"
+            else:
+                note = None
+            balances = _verify(conn, counts, head)
+            if note is None:
+                figures = conservation(conn, balances)
+                _check_conservation(figures)
     except LedgerFault as fault:
+        state = "not_checked"
+        if figures:
+            state = "failed"
+        elif missing:
+            state = "skipped"
         return VerifyReport(
             False,
             counts["height"],
@@ -108,13 +206,32 @@ def verify_ledger(url: str) -> VerifyReport:
             counts["transactions"],
             str(fault),
             missing,
+            state,
+            note if state == "skipped" else None,
+            figures,
+            rules,
         )
     except SQLAlchemyError as exc:
         msg = f"cannot read ledger tables at {url}: {exc.__class__.__name__}: {exc.args[0]}"
         return VerifyReport(False, 0, None, 0, 0, msg)
     finally:
         engine.dispose()
-    return VerifyReport(True, counts["height"], head[0], counts["blocks"], counts["transactions"])
+    if note is None:
+        state = "ok"
+        note = f"{len(figures)} households: settled energy equals their meters' movement"
+    else:
+        state = "skipped"
+    return VerifyReport(
+        True,
+        counts["height"],
+        head[0],
+        counts["blocks"],
+        counts["transactions"],
+        conservation=state,
+        conservation_note=note,
+        households=figures,
+        rules=rules,
+    )
 
 
 def _verify(
@@ -123,8 +240,9 @@ def _verify(
     head: list[str | None],
     upto: int | None = None,
     start: int = 1,
-) -> None:
-    """Verify blocks ``start..upto`` (to the last block when None), raising :class:`LedgerFault`.
+) -> dict[tuple[str, str], int]:
+    """Verify blocks ``start..upto`` (to the last block when None), raising :class:`LedgerFault`;
+    the running balances after the last block verified (every account's, by asset).
 
     With ``upto`` the blocks up to it must all exist and verify; what follows them (more blocks,
     the ``balances`` table, which also holds later postings) is not looked at. Without it, a
@@ -185,6 +303,7 @@ def _verify(
         tx_query = tx_query.where(t.transactions.c.block_height <= limit)
         posting_query = posting_query.where(t.transactions.c.block_height <= limit)
         block_query = block_query.where(t.blocks.c.height <= limit)
+    true_ups = _true_up_rows(conn, start, limit)
     tx_rows = conn.execute(tx_query)
     posting_rows = conn.execute(posting_query)
     txs_by_block = groupby(tx_rows, key=lambda r: r.block_height)
@@ -263,6 +382,7 @@ def _verify(
             )
         if state_hash(row.height, balances) != row.state_hash:
             raise LedgerFault(f"{where}: state hash does not match the balances after this block")
+        _check_true_ups(row.slot, transactions, true_ups.pop(row.height, []), config, where)
         feeder_hash = None
         if feeder_config is not None:
             feeder_row = conn.execute(
@@ -306,7 +426,7 @@ def _verify(
             )
         if pending:
             raise LedgerFault(f"blocks {_gap_list(pending)} missing: block sync pending")
-        return
+        return balances
     if next_txs is not None:
         raise LedgerFault(f"transactions reference block {next_txs[0]}, which does not exist")
     if next_postings is not None:
@@ -327,6 +447,7 @@ def _verify(
         raise LedgerFault(
             f"balances table disagrees with the postings, e.g. {diff[0] if diff else ''}"
         )
+    return balances
 
 
 def _gap_list(ranges: list[tuple[int, int]]) -> str:
@@ -407,3 +528,202 @@ def _check_feeder_row(
             f"and the settlements (row {stored.status}, recomputed {recomputed.status})"
         )
     return stored
+
+
+# --- true-ups and conservation -------------------------------------------------------------------
+
+
+def _true_up_rows(conn: Connection, start: int, limit: int | None) -> dict[int, list[Any]]:
+    """The ``true_ups`` rows of blocks ``start..limit``, by block height."""
+    if not has_true_up_table(conn):
+        return {}
+    c = t.true_ups.c
+    q = select(t.true_ups).where(c.block_height >= start).order_by(c.block_height, c.household)
+    if limit is not None:
+        q = q.where(c.block_height <= limit)
+    rows: dict[int, list[Any]] = {}
+    for r in conn.execute(q):
+        rows.setdefault(r.block_height, []).append(r)
+    return rows
+
+
+def _true_up_energy(tx: Transaction, household: str) -> tuple[int, int]:
+    """(import, export) Wh a ``true_up`` transaction moves for ``household``: its account's
+    energy credits and debits."""
+    account = household_account(household)
+    legs = [p.amount for p in tx.postings if p.account == account and p.asset == ENERGY]
+    return sum(a for a in legs if a > 0), -sum(a for a in legs if a < 0)
+
+
+def _check_true_ups(
+    slot: int,
+    transactions: list[Transaction],
+    rows: list[Any],
+    config: MarketConfig | None,
+    where: str,
+) -> None:
+    """Every ``true_up`` transaction of a block has its ``true_ups`` row and every row its
+    transaction, with the same energy; with the market rules, the row recomputes to exactly
+    the transaction (the money of its unmeasured slots at the grid's tariffs)."""
+    txs: dict[str, Transaction] = {}
+    for tx in transactions:
+        if tx.kind == "true_up":
+            if tx.ref in txs:
+                raise LedgerFault(f"{where}: two true_up transactions of {tx.ref}")
+            txs[tx.ref] = tx
+    for r in rows:
+        if r.slot != slot:
+            raise LedgerFault(f"{where}: the true_ups row of {r.household} is of slot {r.slot}")
+        tx = txs.pop(r.household, None)
+        if tx is None:
+            raise LedgerFault(
+                f"{where}: true_ups row of {r.household} ({r.import_wh} Wh import, "
+                f"{r.export_wh} Wh export over {r.slots} slots) has no true_up transaction"
+            )
+        moved = _true_up_energy(tx, r.household)
+        if moved != (r.import_wh, r.export_wh):
+            raise LedgerFault(
+                f"{where}: true_ups row of {r.household} says {r.import_wh} Wh import, "
+                f"{r.export_wh} Wh export; its true_up transaction moves {moved[0]} Wh import, "
+                f"{moved[1]} Wh export"
+            )
+        if config is not None:
+            try:
+                expected = true_up_transaction(
+                    slot, r.household, Gap(r.slots, r.import_wh, r.export_wh), config.tariffs
+                )
+            except ValueError as exc:
+                raise LedgerFault(f"{where}: true_ups row of {r.household}: {exc}") from None
+            if expected.txid != tx.txid:
+                raise LedgerFault(
+                    f"{where}: true_ups row of {r.household} ({r.slots} unmeasured slots) does "
+                    "not give its true_up transaction's money at the grid's tariffs"
+                )
+    if txs:
+        did = sorted(txs)[0]
+        imp, exp = _true_up_energy(txs[did], did)
+        raise LedgerFault(
+            f"{where}: true_up transaction of {did} ({imp} Wh import, {exp} Wh export) has no "
+            "true_ups row"
+        )
+
+
+def conservation(
+    conn: Connection, balances: dict[tuple[str, str], int]
+) -> tuple[HouseholdConservation, ...]:
+    """Per household: its counters' movement between its first and last readings (the
+    ``readings`` table: consecutive readings of one meter differenced, a restart, counters
+    below the previous reading's, counted from zero, a new meter serial a new baseline), the
+    energy its account settled (``balances``: the running balances :func:`_verify` computed
+    from the postings), and the settlements' and true-ups' figures.
+
+    Households are those with a reading, a settlement, a true-up or a household account."""
+    rd = t.readings.c
+    moved: dict[str, list[int]] = {}
+    span: dict[str, list[int]] = {}
+    previous: dict[str, Any] = {}
+    for r in conn.execute(
+        select(rd.household, rd.slot, rd.meter_serial, rd.import_wh, rd.export_wh).order_by(
+            rd.household, rd.slot
+        )
+    ):
+        m = moved.setdefault(r.household, [0, 0])
+        span.setdefault(r.household, [int(r.slot), int(r.slot)])[1] = int(r.slot)
+        prev = previous.get(r.household)
+        if prev is not None and prev.meter_serial == r.meter_serial:
+            if r.import_wh < prev.import_wh or r.export_wh < prev.export_wh:
+                # a meter restart (rules 2): counted from zero, as the engine trues it up
+                m[0] += int(r.import_wh)
+                m[1] += int(r.export_wh)
+            else:
+                m[0] += int(r.import_wh) - int(prev.import_wh)
+                m[1] += int(r.export_wh) - int(prev.export_wh)
+        previous[r.household] = r
+    s = t.settlements.c
+    settled: dict[str, tuple[int, int, int, int]] = {}
+    for r in conn.execute(
+        select(
+            s.household,
+            func.sum(case((s.measured, 1), else_=0)).label("measured"),
+            func.sum(case((s.measured, 0), else_=1)).label("unmeasured"),
+            func.sum(s.import_wh).label("imp"),
+            func.sum(s.export_wh).label("exp"),
+        ).group_by(s.household)
+    ):
+        settled[r.household] = (
+            _int(r.measured),
+            _int(r.unmeasured),
+            _int(r.imp),
+            _int(r.exp),
+        )
+    trued: dict[str, tuple[int, int, int, int]] = {}
+    if has_true_up_table(conn):
+        c = t.true_ups.c
+        for r in conn.execute(
+            select(
+                c.household,
+                func.count().label("n"),
+                func.sum(c.slots).label("slots"),
+                func.sum(c.import_wh).label("imp"),
+                func.sum(c.export_wh).label("exp"),
+            ).group_by(c.household)
+        ):
+            trued[r.household] = (_int(r.n), _int(r.slots), _int(r.imp), _int(r.exp))
+    prefix = household_account("")
+    accounts = {a[len(prefix) :] for a, _ in balances if a.startswith(prefix)}
+    out = []
+    for did in sorted(accounts | set(moved) | set(settled) | set(trued)):
+        m_imp, m_exp = moved.get(did, (0, 0))
+        measured, unmeasured, s_imp, s_exp = settled.get(did, (0, 0, 0, 0))
+        n, gap_slots, g_imp, g_exp = trued.get(did, (0, 0, 0, 0))
+        first, last = span.get(did, (None, None))
+        out.append(
+            HouseholdConservation(
+                household=did,
+                first_reading_slot=first,
+                last_reading_slot=last,
+                import_moved_wh=m_imp,
+                export_moved_wh=m_exp,
+                energy_settled_wh=balances.get((household_account(did), ENERGY), 0),
+                measured_slots=measured,
+                unmeasured_slots=unmeasured,
+                true_ups=n,
+                true_up_slots=gap_slots,
+                true_up_import_wh=g_imp,
+                true_up_export_wh=g_exp,
+                settled_import_wh=s_imp + g_imp,
+                settled_export_wh=s_exp + g_exp,
+            )
+        )
+    return tuple(out)
+
+
+def _int(value: Any) -> int:
+    """An aggregate as int (PostgreSQL sums BIGINT to NUMERIC; no rows give NULL)."""
+    return 0 if value is None else int(value)
+
+
+def _check_conservation(figures: tuple[HouseholdConservation, ...]) -> None:
+    """:class:`LedgerFault` naming the first household whose settled energy is not what its
+    counters moved."""
+    for h in figures:
+        between = (
+            "no readings"
+            if h.first_reading_slot is None
+            else f"its readings of slots {h.first_reading_slot} and {h.last_reading_slot}"
+        )
+        if h.energy_settled_wh != h.moved_net_wh:
+            raise LedgerFault(
+                f"conservation: household {h.household} settled {h.energy_settled_wh:+} Wh of "
+                f"energy, but its counters moved {h.moved_net_wh:+} Wh (import "
+                f"{h.import_moved_wh} Wh − export {h.export_moved_wh} Wh) between {between}"
+            )
+        for name, got, want in (
+            ("import", h.settled_import_wh, h.import_moved_wh),
+            ("export", h.settled_export_wh, h.export_moved_wh),
+        ):
+            if got != want:
+                raise LedgerFault(
+                    f"conservation: household {h.household}'s settlements and true-ups settle "
+                    f"{got} Wh {name}, but its {name} counter moved {want} Wh between {between}"
+                )

@@ -45,6 +45,7 @@ TABLES = (
     t.trades,
     t.readings,
     t.settlements,
+    t.true_ups,
     t.households,
 )
 

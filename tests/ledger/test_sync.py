@@ -24,7 +24,7 @@ from tests.node.test_replica import log_entries
 
 TABLES = (
     "meta", "blocks", "transactions", "postings", "balances", "clearings", "orders", "trades",
-    "readings", "settlements", "households",
+    "readings", "settlements", "true_ups", "households",
 )  # fmt: skip
 
 

@@ -112,6 +112,22 @@ def test_order_sells_only_the_safety_share_of_a_surplus() -> None:
     assert trader.order_for(SLOT + 4) is not None  # the next slot gets its own
 
 
+def test_an_offer_is_cut_to_what_the_delivery_record_allows_and_a_bid_is_not() -> None:
+    """The engine caps a household's offers per slot by its delivery record; the agent offers
+    at most that (an order beyond it would be refused whole)."""
+    trader = make_trader(Strategy(safety=Fraction(1, 1)))
+    trader.slot_ended(SLOT, sample(10_000, 5_000))
+    trader.slot_ended(SLOT + 1, sample(10_000, 7_000))  # net export 2000 Wh
+    order = trader.order_for(SLOT + 3, max_offer_wh=1_260)
+    assert order is not None and (order.side, order.quantity_wh) == (Side.SELL, 1_260)
+    assert trader.order_for(SLOT + 4, max_offer_wh=5) is None  # below the minimum: no order
+    buyer = make_trader()
+    buyer.slot_ended(SLOT, sample(10_000, 0))
+    buyer.slot_ended(SLOT + 1, sample(10_750, 0))
+    order = buyer.order_for(SLOT + 2, max_offer_wh=100)
+    assert order is not None and (order.side, order.quantity_wh) == (Side.BUY, 750)
+
+
 def test_order_bids_for_the_whole_deficit() -> None:
     """A forecast deficit is bid in full at the buy limit."""
     strategy = Strategy(buy_cap=27)
