@@ -38,7 +38,7 @@ SLOT_HOURS = 0.25
 
 
 @dataclass
-class SimHousehold:
+class MarketSimHousehold:
     """One simulated household: its key, meter, and energy profile parameters."""
 
     index: int
@@ -64,7 +64,7 @@ class MarketSimulation:
 
     config: MarketConfig
     operator: Signer
-    households: list[SimHousehold]
+    households: list[MarketSimHousehold]
     rng: random.Random
     operator_nonce: int = 0
     slot_log: list[Any] = field(default_factory=list)
@@ -97,7 +97,7 @@ def build(
         signer = Signer.from_seed(sha256(f"household/{grid}/{seed}/{i}".encode()))
         has_pv = i % 3 != 2  # two in three households have PV
         homes.append(
-            SimHousehold(
+            MarketSimHousehold(
                 index=i,
                 signer=signer,
                 meter_serial=f"SIM{seed:03d}{i:04d}",
@@ -110,13 +110,13 @@ def build(
     return MarketSimulation(config, operator, homes, rng)
 
 
-def _pv_w(home: SimHousehold, slot: int, cloud: float) -> int:
+def _pv_w(home: MarketSimHousehold, slot: int, cloud: float) -> int:
     hour = (slot % 96) * SLOT_HOURS + SLOT_HOURS / 2
     sun = math.sin(math.pi * (hour - 6) / 13) if 6 <= hour <= 19 else 0.0
     return int(home.pv_peak_w * max(sun, 0.0) ** 1.5 * cloud)
 
 
-def _load_w(home: SimHousehold, slot: int, rng: random.Random) -> int:
+def _load_w(home: MarketSimHousehold, slot: int, rng: random.Random) -> int:
     hour = (slot % 96) * SLOT_HOURS
     peak = (
         1.0
@@ -156,7 +156,7 @@ def slot_commands(sim: MarketSimulation, slot: int) -> tuple[list[Command], list
     rng = sim.rng
     cloud = rng.uniform(0.35, 1.0)
     trading: list[Command] = []
-    actual: list[tuple[SimHousehold, int, int]] = []
+    actual: list[tuple[MarketSimHousehold, int, int]] = []
     for home in sim.households:
         pv = _pv_w(home, slot, cloud) * SLOT_HOURS
         load = _load_w(home, slot, rng) * SLOT_HOURS
