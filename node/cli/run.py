@@ -9,10 +9,15 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from market.accounting import ENERGY, MONEY
 from node.setup.config import ConfigError, load_config
+
+if TYPE_CHECKING:  # the command table imports this module: keep it light
+    from node.setup.config import NodeConfig
+    from node.setup.genesis import Genesis
+    from node.setup.keyfile import NodeIdentity
 
 
 def register(subparsers: Any) -> None:
@@ -53,29 +58,15 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from node.daemon.replica import ReplicaError, exit_status
     from node.ledger.store import LedgerStoreError
     from node.raft.errors import StorageCorruption
-    from node.setup.files import load_node_files
-    from node.setup.genesis import GenesisError
-    from node.setup.keyfile import KeyFileError
 
-    try:
-        config, identity, genesis = load_node_files(args.config)
-    except (ConfigError, KeyFileError, GenesisError) as exc:
-        return _fail(str(exc))
+    files = _load_files(args.config)
+    if isinstance(files, str):
+        return _fail(files)
+    config, identity, genesis = files
     configure(config.log_level, config.log_format)
 
     async def main() -> None:
-        node = HouseholdNode(config, identity, genesis)
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        node.stop()
-                        return
-
-            nursery.start_soon(on_signal)
-            await node.run()
-            nursery.cancel_scope.cancel()
+        await _run_until_signal(HouseholdNode(config, identity, genesis))
 
     fatal = (NodeError, ReplicaError, StorageCorruption, LedgerStoreError)
     try:
@@ -89,6 +80,36 @@ def cmd_node_run(args: argparse.Namespace) -> int:
             raise
         return _fail(str(_first_leaf(known)), exit_status(known))
     return 0
+
+
+def _load_files(config_path: Path | None) -> tuple[NodeConfig, NodeIdentity, Genesis] | str:
+    """A node's config, key and verified genesis, or the error naming the file."""
+    from node.setup.files import load_node_files
+    from node.setup.genesis import GenesisError
+    from node.setup.keyfile import KeyFileError
+
+    try:
+        return load_node_files(config_path)
+    except (ConfigError, KeyFileError, GenesisError) as exc:
+        return str(exc)
+
+
+async def _run_until_signal(node: Any) -> None:
+    """Run ``node`` (anything with ``run()`` and ``stop()``) until it returns; SIGINT or SIGTERM
+    stop it cleanly (peers disconnected, stores closed)."""
+    import trio
+
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    node.stop()
+                    return
+
+        nursery.start_soon(on_signal)
+        await node.run()
+        nursery.cancel_scope.cancel()
 
 
 def _first_leaf(exc: BaseException) -> BaseException:
@@ -181,34 +202,16 @@ def cmd_net_run(args: argparse.Namespace) -> int:
     """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
     import trio
 
-    from node.setup.files import load_node_files
-    from node.setup.genesis import GenesisError
-    from node.setup.keyfile import KeyFileError
-
-    try:
-        config, identity, genesis = load_node_files(args.config)
-    except (ConfigError, KeyFileError, GenesisError) as exc:
-        return _fail(str(exc))
+    files = _load_files(args.config)
+    if isinstance(files, str):
+        return _fail(files)
+    config, identity, genesis = files
     from node.net.host import NetNode, NetSettings, configure_logging
 
     configure_logging(config.log_level)
     node = NetNode(identity, genesis, NetSettings.from_config(config, identity, genesis))
     print(f"{identity.peer_id} ({identity.did}) joining grid {genesis.grid!r}", flush=True)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                # SIGINT/SIGTERM stop the node cleanly (peers disconnected, pitfall 4)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        node.stop()
-                        return
-
-            nursery.start_soon(on_signal)
-            await node.run()
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    trio.run(_run_until_signal, node)
     print("stopped", flush=True)
     return 0

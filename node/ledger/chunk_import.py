@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -35,6 +35,7 @@ from node.ledger.rows import (
     apply_balance_deltas,
     fetch_rows,
     insert_rows,
+    insert_transaction,
     read_meta,
 )
 from node.ledger.store import LedgerStore, LedgerStoreError, write_locked
@@ -329,34 +330,8 @@ def _insert(
     for blk in blocks:
         insert_rows(conn, t.blocks, [blk.model_dump(include=set(HEADER_FIELDS))])
         for pos, tx in enumerate(blk.transactions):
-            tx_pk = conn.execute(
-                insert(t.transactions)
-                .values(
-                    block_height=blk.height,
-                    position=pos,
-                    txid=tx.txid,
-                    kind=tx.kind,
-                    slot=tx.slot,
-                    ref=tx.ref,
-                )
-                .returning(t.transactions.c.id)
-            ).scalar_one()
-            insert_rows(
-                conn,
-                t.postings,
-                [
-                    {
-                        "transaction_id": tx_pk,
-                        "position": i,
-                        "account": acc,
-                        "asset": asset,
-                        "amount": amount,
-                    }
-                    for i, (acc, asset, amount) in enumerate(tx.postings)
-                ],
-            )
-            for acc, asset, amount in tx.postings:
-                deltas[(acc, asset)] = deltas.get((acc, asset), 0) + amount
+            header = (tx.txid, tx.kind, tx.slot, tx.ref)
+            insert_transaction(conn, blk.height, pos, header, tx.postings, deltas)
         insert_rows(
             conn,
             t.readings,

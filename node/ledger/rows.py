@@ -7,7 +7,7 @@ everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import Table, insert, select, update
@@ -35,6 +35,32 @@ def insert_rows(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> N
     """Insert ``rows`` into ``table`` in one statement; nothing for no rows."""
     if rows:
         conn.execute(insert(table), rows)
+
+
+def insert_transaction(
+    conn: Connection,
+    block_height: int,
+    position: int,
+    header: tuple[str, str, int, str],
+    postings: Iterable[tuple[str, str, int]],
+    deltas: dict[tuple[str, str], int],
+) -> None:
+    """Insert one transaction (``header``: txid, kind, slot, ref) of block ``block_height``
+    and its postings ``(account, asset, amount)``, adding each posting to ``deltas`` (the
+    balance moves :func:`apply_balance_deltas` applies once per block)."""
+    txid, kind, slot, ref = header
+    tx_pk = conn.execute(
+        insert(t.transactions)
+        .values(block_height=block_height, position=position, txid=txid, kind=kind, slot=slot,
+                ref=ref)
+        .returning(t.transactions.c.id)
+    ).scalar_one()  # fmt: skip
+    rows = []
+    for i, (account, asset, amount) in enumerate(postings):
+        rows.append({"transaction_id": tx_pk, "position": i, "account": account,
+                     "asset": asset, "amount": amount})  # fmt: skip
+        deltas[(account, asset)] = deltas.get((account, asset), 0) + amount
+    insert_rows(conn, t.postings, rows)
 
 
 def apply_balance_deltas(conn: Connection, deltas: Mapping[tuple[str, str], int]) -> None:

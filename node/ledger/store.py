@@ -27,7 +27,13 @@ from market.schedule import Schedule
 from market.settlement import HouseholdSettlement
 from market.state import MarketConfig
 from node.ledger import schema as t
-from node.ledger.rows import BalanceOverflowError, apply_balance_deltas, insert_rows, read_meta
+from node.ledger.rows import (
+    BalanceOverflowError,
+    apply_balance_deltas,
+    insert_rows,
+    insert_transaction,
+    read_meta,
+)
 
 SCHEDULE_KEY = "schedule"
 """Meta entry holding the grid's wall-clock schedule (the genesis timings) as JSON."""
@@ -304,33 +310,9 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
         conn.execute(insert(t.feeder_checks).values(feeder_check_row(ev.feeder, b.height)))
     deltas: dict[tuple[str, str], int] = {}
     for pos, tx in enumerate(ev.transactions):
-        tx_pk = conn.execute(
-            insert(t.transactions)
-            .values(
-                block_height=b.height,
-                position=pos,
-                txid=tx.txid,
-                kind=tx.kind,
-                slot=tx.slot,
-                ref=tx.ref,
-            )
-            .returning(t.transactions.c.id)
-        ).scalar_one()
-        conn.execute(
-            insert(t.postings),
-            [
-                {
-                    "transaction_id": tx_pk,
-                    "position": i,
-                    "account": p.account,
-                    "asset": p.asset,
-                    "amount": p.amount,
-                }
-                for i, p in enumerate(tx.postings)
-            ],
-        )
-        for p in tx.postings:
-            deltas[(p.account, p.asset)] = deltas.get((p.account, p.asset), 0) + p.amount
+        postings = ((p.account, p.asset, p.amount) for p in tx.postings)
+        insert_transaction(conn, b.height, pos, (tx.txid, tx.kind, tx.slot, tx.ref), postings,
+                           deltas)  # fmt: skip
     try:
         apply_balance_deltas(conn, deltas)
     except BalanceOverflowError as exc:
