@@ -229,6 +229,11 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f} %"
 
 
+def _permille(value: int | None) -> str:
+    """A permille figure as a percentage ("—": not known, e.g. a rules-1 grid)."""
+    return "—" if value is None else f"{value / 10:.1f} %"
+
+
 def _money(cents: int) -> str:
     return f"{cents / 100:,.2f}"
 
@@ -563,6 +568,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
                 **r,
                 "balance": _money(r["balance_cents"]),
                 "reputation": f"{r['reputation_permille'] / 10:.1f} %",
+                "recent_delivery": _permille(r.get("recent_delivery_permille")),
+                "may_offer": _permille(r.get("offer_share_permille")),
             }
             for r in view.summary
         ]
@@ -575,6 +582,8 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
                 ("balance", "balance"),
                 ("energy_wh", "energy balance (Wh)"),
                 ("reputation", "reputation"),
+                ("recent_delivery", "delivered (recent)"),
+                ("may_offer", "may offer (of meter capacity)"),
                 ("sold_wh", "sold Wh"),
                 ("delivered_wh", "delivered Wh"),
                 ("bought_wh", "bought Wh"),

@@ -37,6 +37,13 @@ from sqlalchemy import Engine, event, func, select
 from sqlalchemy.engine import Connection
 
 from market.schedule import DAY_SECONDS, Schedule
+from market.state import (
+    MarketConfig,
+    MarketConfigError,
+    delivery_score_permille,
+    offer_share_permille,
+    window_add,
+)
 from node.ledger import schema as t
 from node.ledger.queries import (
     FEEDER_FIELDS,
@@ -465,6 +472,7 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
             )
         }
         trued = load_household_true_ups(conn)
+        record = _delivery_records(conn)
         rows = conn.execute(select(t.households).order_by(h.did)).all()
     out = []
     for r in rows:
@@ -490,8 +498,43 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
                 "true_up_slots": true_up_slots,
                 "true_up_import_wh": true_up_import,
                 "true_up_export_wh": true_up_export,
+                **record.get(r.did, {"recent_delivery_permille": None,
+                                     "offer_share_permille": None}),
             }
+        )  # fmt: skip
+    return out
+
+
+def _delivery_records(conn: Connection) -> dict[str, dict[str, int]]:
+    """Per household, the delivery record that caps its offers (rules 2; docs/ledger.md):
+    replayed from the ``settlements`` rows with the engine's own window arithmetic, so it is
+    the engine's figure for a ledger complete from its genesis (a ledger that installed a Raft
+    snapshot lacks the early slots). Empty for rules 1 or unreadable rules."""
+    raw = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "config")).scalar()
+    try:
+        config = MarketConfig.from_json(json.loads(raw or "null"))
+    except (ValueError, MarketConfigError):
+        return {}
+    if config.rules < 2:
+        return {}
+    s = t.settlements.c
+    window = config.reputation_window_slots
+    recent: dict[str, tuple[int, int]] = {}
+    for r in conn.execute(
+        select(s.household, s.sold_wh, s.delivered_wh).order_by(s.household, s.slot)
+    ):
+        sold, delivered = recent.get(r.household, (0, 0))
+        recent[r.household] = (
+            window_add(sold, int(r.sold_wh), window),
+            window_add(delivered, int(r.delivered_wh), window),
         )
+    out = {}
+    for did, (sold, delivered) in recent.items():
+        score = delivery_score_permille(sold, delivered)
+        out[did] = {
+            "recent_delivery_permille": score,
+            "offer_share_permille": offer_share_permille(config, score),
+        }
     return out
 
 

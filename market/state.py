@@ -367,9 +367,7 @@ class Reputation:
     @property
     def recent_score_permille(self) -> int:
         """Sales honoured over the window, in permille (1000 with none: a newcomer)."""
-        if self.recent_sold_wh == 0:
-            return 1000
-        return min(1000, self.recent_delivered_wh * 1000 // self.recent_sold_wh)
+        return delivery_score_permille(self.recent_sold_wh, self.recent_delivered_wh)
 
     @property
     def score_permille(self) -> int:
@@ -378,6 +376,25 @@ class Reputation:
         if contracted == 0:
             return 1000
         return (self.delivered_wh + self.consumed_wh) * 1000 // contracted
+
+
+def window_add(total: int, add: int, window: int) -> int:
+    """``total`` over an exponentially weighted window of ``window`` slots after one more slot
+    adds ``add``: it keeps ``(window - 1) / window`` of the old total, rounded down."""
+    return total * (window - 1) // window + add
+
+
+def delivery_score_permille(sold_wh: int, delivered_wh: int) -> int:
+    """The share of sales delivered, in permille (1000 with no sales: a newcomer)."""
+    if sold_wh == 0:
+        return 1000
+    return min(1000, delivered_wh * 1000 // sold_wh)
+
+
+def offer_share_permille(config: MarketConfig, score_permille: int) -> int:
+    """The share of its meter's capacity per slot a household with ``score_permille`` may offer
+    (:func:`sell_limit_wh`)."""
+    return max(score_permille, config.sell_floor_permille)
 
 
 @dataclass(slots=True)
@@ -628,7 +645,7 @@ def sell_limit_wh(state: State, household: str) -> int:
     capacity = plausible_rise_wh(state.members[household].max_power_w, cfg.slot_seconds, 1)
     rep = state.reputation.get(household)
     score = 1000 if rep is None else rep.recent_score_permille
-    return capacity * max(score, cfg.sell_floor_permille) // 1000
+    return capacity * offer_share_permille(cfg, score) // 1000
 
 
 def is_restart(
@@ -876,9 +893,8 @@ def _update_reputation(
     for a later, unsettled slot (their meter is not silent)."""
     rep.slots += 1
     if rules >= 2:
-        keep = window - 1
-        rep.recent_sold_wh = rep.recent_sold_wh * keep // window + s.sold_wh
-        rep.recent_delivered_wh = rep.recent_delivered_wh * keep // window + s.delivered_wh
+        rep.recent_sold_wh = window_add(rep.recent_sold_wh, s.sold_wh, window)
+        rep.recent_delivered_wh = window_add(rep.recent_delivered_wh, s.delivered_wh, window)
     rep.sold_wh += s.sold_wh
     rep.bought_wh += s.bought_wh
     rep.delivered_wh += s.delivered_wh
@@ -902,8 +918,11 @@ __all__ = [
     "Side",
     "State",
     "apply",
+    "delivery_score_permille",
     "is_restart",
+    "offer_share_permille",
     "plausible_rise_wh",
     "reading_leaf",
     "sell_limit_wh",
+    "window_add",
 ]

@@ -24,7 +24,7 @@ from market import MeterReading, Rejected, SettleSlot, SlotSettled, State, apply
 from market.accounting import ENERGY, Block, Posting, Transaction, household_account, roots
 from market.accounting import state_hash as block_state_hash
 from market.models import Trade
-from market.state import reading_leaf
+from market.state import offer_share_permille, reading_leaf
 from node.cli import main as cli_main
 from node.ledger import LedgerStore, verify_ledger
 from node.ledger import schema as t
@@ -565,6 +565,13 @@ def test_dashboard_shows_unmeasured_slots_and_true_ups(runs: dict[str, Run]) -> 
                 h.true_up_import_wh,
                 h.true_up_export_wh,
             )
+            # the delivery record that caps offers, replayed from the ledger = the engine's
+            rep = r.state.reputation[did]
+            assert row["recent_delivery_permille"] == rep.recent_score_permille
+            assert row["offer_share_permille"] == offer_share_permille(
+                r.state.config, rep.recent_score_permille
+            )
+        assert any(rep.recent_score_permille < 1000 for rep in r.state.reputation.values())
         did = r.dids[TRUE_UP_SLOTS[49]]
         view = views.households_view(ctx, did, "all")
         by_slot = {s["slot"]: s for s in view.slots}
