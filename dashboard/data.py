@@ -449,30 +449,27 @@ def step_curve(orders: Sequence[dict[str, Any]]) -> StepCurve:
 # --- households -------------------------------------------------------------------------------
 
 
-def household_summary(engine: Engine) -> list[dict[str, Any]]:
+def household_summary(
+    engine: Engine, records: HouseholdRecords | None = None
+) -> list[dict[str, Any]]:
     """One row per household: role, meter, balances, reputation and delivery figures, and its
     metering: settled slots without a usable reading (``unmeasured_slots``: estimated zero) and
     the true-ups that settled their counter movement at the next reading (count, slots covered,
-    import and export Wh)."""
+    import and export Wh), and the delivery record that caps its offers. ``records``: the
+    caller's :class:`HouseholdRecords`, brought up to date here (without one, the settlements
+    are read in full)."""
     h = t.households.c
     bal = t.balances.c
-    s = t.settlements.c
+    if records is None:
+        records = HouseholdRecords(engine)
+    record = records.update()
     with engine.connect() as conn:
         balances: dict[str, dict[str, int]] = {}
         for r in conn.execute(
             select(bal.account, bal.asset, bal.amount).where(bal.account.like("household:%"))
         ):
             balances.setdefault(r.account[len("household:") :], {})[r.asset] = int(r.amount)
-        unmeasured = {
-            r.household: int(r.n)
-            for r in conn.execute(
-                select(s.household, func.count().label("n"))
-                .where(s.measured.is_(False))
-                .group_by(s.household)
-            )
-        }
         trued = load_household_true_ups(conn)
-        record = _delivery_records(conn)
         rows = conn.execute(select(t.households).order_by(h.did)).all()
     out = []
     for r in rows:
@@ -493,49 +490,92 @@ def household_summary(engine: Engine) -> list[dict[str, Any]]:
                 "consumed_wh": int(r.consumed_wh),
                 "slots": int(r.slots),
                 "missed_readings": int(r.missed_readings),
-                "unmeasured_slots": unmeasured.get(r.did, 0),
+                "unmeasured_slots": record.unmeasured.get(r.did, 0),
                 "true_ups": n_true_ups,
                 "true_up_slots": true_up_slots,
                 "true_up_import_wh": true_up_import,
                 "true_up_export_wh": true_up_export,
-                **record.get(r.did, {"recent_delivery_permille": None,
-                                     "offer_share_permille": None}),
+                **record.delivery.get(r.did, {"recent_delivery_permille": None,
+                                              "offer_share_permille": None}),
             }
         )  # fmt: skip
     return out
 
 
-def _delivery_records(conn: Connection) -> dict[str, dict[str, int]]:
-    """Per household, the delivery record that caps its offers (rules 2; docs/ledger.md):
-    replayed from the ``settlements`` rows with the engine's own window arithmetic, so it is
-    the engine's figure for a ledger complete from its genesis (a ledger that installed a Raft
-    snapshot lacks the early slots). Empty for rules 1 or unreadable rules."""
-    raw = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "config")).scalar()
-    try:
-        config = MarketConfig.from_json(json.loads(raw or "null"))
-    except (ValueError, MarketConfigError):
-        return {}
-    if config.rules < 2:
-        return {}
-    s = t.settlements.c
-    window = config.reputation_window_slots
-    recent: dict[str, tuple[int, int]] = {}
-    for r in conn.execute(
-        select(s.household, s.sold_wh, s.delivered_wh).order_by(s.household, s.slot)
-    ):
-        sold, delivered = recent.get(r.household, (0, 0))
-        recent[r.household] = (
-            window_add(sold, int(r.sold_wh), window),
-            window_add(delivered, int(r.delivered_wh), window),
-        )
-    out = {}
-    for did, (sold, delivered) in recent.items():
-        score = delivery_score_permille(sold, delivered)
-        out[did] = {
-            "recent_delivery_permille": score,
-            "offer_share_permille": offer_share_permille(config, score),
-        }
-    return out
+@dataclass(frozen=True, slots=True)
+class RecordFigures:
+    """What :class:`HouseholdRecords` derives from the settlements, per household."""
+
+    unmeasured: dict[str, int]
+    """Settled slots without a usable reading."""
+    delivery: dict[str, dict[str, int]]
+    """``recent_delivery_permille`` and ``offer_share_permille`` (rules 2 only)."""
+
+
+@dataclass
+class HouseholdRecords:
+    """Per-household figures replayed from the ``settlements`` rows, incrementally: the first
+    :meth:`update` reads every settled slot once, later ones only the new slots (the table can
+    hold millions of rows). The delivery record that caps a household's offers (rules 2;
+    docs/ledger.md) uses the engine's own window arithmetic, so it is the engine's figure for a
+    ledger complete from its genesis (one that installed a Raft snapshot lacks the early
+    slots). Thread-safe: Dash serves callbacks from several threads."""
+
+    engine: Engine
+    through: int | None = None
+    """Newest slot replayed."""
+    genesis_hash: str | None = None
+    config: MarketConfig | None = None
+    unmeasured: dict[str, int] = field(default_factory=dict)
+    recent: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Per household: recent sold and delivered Wh over the reputation window."""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self) -> RecordFigures:
+        """Replay the slots settled since the last call; the figures as of the newest."""
+        s = t.settlements.c
+        with self._lock, self.engine.connect() as conn:
+            meta = {
+                r.key: r.value
+                for r in conn.execute(
+                    select(t.meta.c.key, t.meta.c.value).where(
+                        t.meta.c.key.in_(("genesis_hash", "config"))
+                    )
+                )
+            }
+            if meta.get("genesis_hash") != self.genesis_hash:  # another ledger: start over
+                self.genesis_hash = meta.get("genesis_hash")
+                self.through, self.unmeasured, self.recent = None, {}, {}
+                try:
+                    self.config = MarketConfig.from_json(json.loads(meta.get("config") or "null"))
+                except (ValueError, MarketConfigError):
+                    self.config = None
+            q = select(s.slot, s.household, s.measured, s.sold_wh, s.delivered_wh).order_by(
+                s.slot, s.household
+            )
+            if self.through is not None:
+                q = q.where(s.slot > self.through)
+            config = self.config
+            window = None if config is None or config.rules < 2 else config.reputation_window_slots
+            for r in conn.execute(q):
+                self.through = int(r.slot)
+                if not r.measured:
+                    self.unmeasured[r.household] = self.unmeasured.get(r.household, 0) + 1
+                if window is not None:
+                    sold, delivered = self.recent.get(r.household, (0, 0))
+                    self.recent[r.household] = (
+                        window_add(sold, int(r.sold_wh), window),
+                        window_add(delivered, int(r.delivered_wh), window),
+                    )
+            delivery = {}
+            if config is not None and window is not None:
+                for did, (sold, delivered) in self.recent.items():
+                    score = delivery_score_permille(sold, delivered)
+                    delivery[did] = {
+                        "recent_delivery_permille": score,
+                        "offer_share_permille": offer_share_permille(config, score),
+                    }
+            return RecordFigures(dict(self.unmeasured), delivery)
 
 
 def household_slots(

@@ -153,6 +153,7 @@ class Context:
     api_timeout: float = 1.5
     slots: data.SlotCache = field(init=False)
     verify: data.VerifyCache = field(init=False)
+    records: data.HouseholdRecords = field(init=False)
     history: StatusHistory = field(default_factory=StatusHistory)
     verify_interval: float = 60.0
     verify_enabled: bool = True
@@ -167,6 +168,7 @@ class Context:
             self.engine, initial_slots=INITIAL_DAYS * self.schedule.slots_per_day
         )
         self.verify = data.VerifyCache(self.db_url, min_interval=self.verify_interval)
+        self.records = data.HouseholdRecords(self.engine)
 
     def stale_after(self) -> float:
         """Seconds without anything new in the ledger before the ``ledger_stale`` alert."""
@@ -648,7 +650,7 @@ def households_view(ctx: Context, household: str | None, window: str) -> Househo
     every slot). x is the slots' UTC start; the figure is a plain dict, like the market's.
     """
     schedule = ctx.schedule
-    summary = data.household_summary(ctx.engine)
+    summary = data.household_summary(ctx.engine, ctx.records)
     if household is None or household not in {r["household"] for r in summary}:
         household = summary[0]["household"] if summary else None
     layout: dict[str, Any] = {
