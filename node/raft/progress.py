@@ -83,6 +83,15 @@ class Progress:
         self._reset_state(ProgressState.SNAPSHOT)
         self.pending_snapshot = snapshot_index
 
+    def reset_after_loss(self, match: int, next_index: int) -> None:
+        """The follower holds less than it acknowledged (its disk was wiped or rolled back):
+        forget what it acknowledged beyond ``match`` (an index it provably holds, e.g. its
+        commit index) and probe it again from ``next_index``. Lowering ``match`` is always
+        safe: the commit index never goes down, and the peer counts only for what it holds."""
+        self._reset_state(ProgressState.PROBE)
+        self.match = min(self.match, match)
+        self.next = max(next_index, self.match + 1)
+
     def maybe_update(self, n: int) -> bool:
         """An append up to ``n`` was acknowledged; False if the ack is stale."""
         updated = False

@@ -170,10 +170,19 @@ class Raft:
             self.send_append(p)
 
     def bcast_heartbeat(self) -> None:
-        """Send heartbeats carrying a safe commit index to every peer."""
+        """Send heartbeats carrying a safe commit index to every peer.
+
+        The commit index is ``min(match, committed)`` with the term of our entry there
+        (``log_term``): the follower takes it only if it holds that very entry, and otherwise
+        answers with a rejection that tells us it lost entries it had acknowledged. When that
+        entry is compacted away (the peer is behind our snapshot) no commit index is sent."""
         for p in self._peers():
             pr = self.prs[p]
-            self.send(self._msg(MessageType.HEARTBEAT, p, commit=min(pr.match, self.log.committed)))
+            commit = min(pr.match, self.log.committed)
+            term = self.log.zero_term_on_missing(commit)
+            if term == 0:
+                commit = 0
+            self.send(self._msg(MessageType.HEARTBEAT, p, commit=commit, log_term=term))
 
     # -- role changes ----------------------------------------------------------------------
     def _reset(self, term: int) -> None:
@@ -513,6 +522,9 @@ class Raft:
                 next_probe = m.reject_hint
                 if m.log_term > 0:
                     next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+                if m.index >= pr.match and self._lost_entries(pr, next_probe, m.commit):
+                    self.send_append(m.frm)
+                    return
                 if pr.maybe_decr_to(m.index, next_probe):
                     if pr.state == ProgressState.REPLICATE:
                         pr.become_probe()
@@ -539,11 +551,30 @@ class Raft:
         elif m.type == MessageType.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if m.reject:
+                hint = m.reject_hint
+                if m.log_term > 0:
+                    hint, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+                self._lost_entries(pr, hint, m.commit)
             if pr.state == ProgressState.REPLICATE and pr.inflights.full():
                 pr.inflights.reset()
                 pr.become_probe()
             if pr.match < self.log.last_index():
                 self.send_append(m.frm)
+
+    def _lost_entries(self, pr: Progress, hint: int, follower_commit: int) -> bool:
+        """A follower's rejection says its log matches ours only up to ``hint``: if that is
+        below the ``match`` it acknowledged in this term, it lost entries (its disk was wiped
+        or restored from an older copy; etcd-raft assumes this never happens). Forget its
+        acknowledgements beyond what it provably holds (its commit index: ``hint`` itself may
+        name an entry of another term) and probe it from ``hint + 1``; True if so.
+
+        A rejection delayed past a later acknowledgement looks the same; it only costs a
+        re-sent append (``match`` goes down, the commit index never does)."""
+        if hint >= pr.match:
+            return False
+        pr.reset_after_loss(min(hint, follower_commit), hint + 1)
+        return True
 
     def _handle_transfer(self, target: str) -> None:
         if target not in self.voters:
@@ -627,12 +658,35 @@ class Raft:
                 reject=True,
                 reject_hint=hint,
                 log_term=hint_term,
+                commit=self.log.committed,
             )
         )
 
     def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(min(m.commit, self.log.last_index()))
-        self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm))
+        """Take the leader's commit index if we hold its entry (same index and term);
+        otherwise we lack entries the leader believes we acknowledged (our disk was wiped
+        or rolled back): reject with our last matching index and our commit index so the
+        leader probes us again. A durable follower always holds the entry: the leader sends
+        at most what we acknowledged in its term."""
+        if m.commit <= self.log.committed:
+            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm))
+            return
+        if m.log_term > 0 and self.log.match_term(m.commit, m.log_term):
+            self.log.commit_to(m.commit)
+            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm))
+            return
+        hint = min(m.commit, self.log.last_index())
+        hint, hint_term = self.log.find_conflict_by_term(hint, m.log_term)
+        self.send(
+            self._msg(
+                MessageType.HEARTBEAT_RESP,
+                m.frm,
+                reject=True,
+                reject_hint=hint,
+                log_term=hint_term,
+                commit=self.log.committed,
+            )
+        )
 
     def _handle_snapshot(self, m: Message) -> None:
         assert m.snapshot is not None

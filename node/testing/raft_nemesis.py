@@ -2,17 +2,51 @@
 
 ``python -m node.testing.raft_nemesis --seed 7 --nodes 5 --steps 400`` runs one seeded nemesis
 (partitions of every shape, crashes and restarts, lossy network, snapshots, membership
-changes, leader transfers, client proposals) with the simulator's invariant checks after
+changes, leader transfers, client proposals, learners losing their disk or restarting from an
+older backup of it) with the simulator's invariant checks after
 every step, then heals and checks convergence. The same seed replays the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import sys
 
 from node.raft.errors import RaftError
+from node.raft.storage import MemoryStorage
 from node.testing.raft_simulation import InvariantViolation, NetConfig, RaftSimulation
+
+
+def _learners_safe_to_wipe(sim: RaftSimulation, lead: str) -> list[str]:
+    """Running learners of the leader's configuration, with no membership change pending (a
+    learner promoted before the leader noticed its lost disk would be a voter counted for
+    entries it lacks, which is outside Raft's assumptions), on in-memory storage."""
+    r = sim.node(lead).raft
+    if r.pending_conf_index > r.log.applied:
+        return []
+    return [
+        i
+        for i in sorted(r.learners)
+        if sim.nodes.get(i) is not None and isinstance(sim.storages.get(i), MemoryStorage)
+    ]
+
+
+def _lose_a_learners_disk(
+    sim: RaftSimulation, lead: str, rng: random.Random, backups: dict[str, MemoryStorage]
+) -> str | None:
+    """Wipe a learner's disk, or put back an older copy of it; returns what was done."""
+    victims = _learners_safe_to_wipe(sim, lead)
+    if not victims:
+        return None
+    victim = rng.choice(victims)
+    backup = backups.pop(victim, None)
+    if backup is not None and rng.randrange(2) == 0:
+        sim.replace_storage(victim, backup)
+        return "learner_backup_restored"
+    sim.replace_storage(victim)
+    return "learner_disk_wiped"
 
 
 def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
@@ -24,6 +58,7 @@ def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
         done[what] = done.get(what, 0) + 1
 
     spare = [f"x{i}" for i in range(1, 3)]
+    backups: dict[str, MemoryStorage] = {}
     for _ in range(steps):
         r = rng.randrange(100)
         lead = sim.leader()
@@ -69,8 +104,17 @@ def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
                     node.add_learner(new)
                     did("add_learner")
                 elif st.learners and rng.randrange(2) == 0:
-                    node.add_voter(rng.choice(st.learners))
-                    did("promote")
+                    # Not a learner whose disk was lost and that the leader has not yet
+                    # noticed (see _learners_safe_to_wipe).
+                    prs = node.raft.prs
+                    ok = [
+                        i
+                        for i in st.learners
+                        if i not in prs or prs[i].match <= sim.storages[i].last_index()
+                    ]
+                    if ok:
+                        node.add_voter(rng.choice(ok))
+                        did("promote")
                 elif len(st.voters) > 3:
                     node.remove_node(rng.choice(st.voters))
                     did("remove")
@@ -81,6 +125,16 @@ def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
             if voters:
                 sim.node(lead).transfer_leader(rng.choice(voters))
                 did("transfer")
+        elif r < 67 and lead is not None:
+            what = _lose_a_learners_disk(sim, lead, rng, backups)
+            if what is not None:
+                did(what)
+        elif r < 69 and lead is not None:
+            learners = _learners_safe_to_wipe(sim, lead)
+            if learners:
+                nid = rng.choice(learners)
+                backups[nid] = copy.deepcopy(sim.storages[nid])  # type: ignore[arg-type]
+                did("learner_backup_taken")
         sim.run(rng.choice((1, 1, 1, 2, 5)))
     for nid in sim.ids:
         if sim.nodes[nid] is None:

@@ -200,6 +200,24 @@ class RaftSimulation:
         self.apps[nid] = App.from_snapshot(snap.data) if not snap.is_empty() else App()
         self._checked[nid] = min(self._checked.get(nid, 0), storage.first_index() - 1)
 
+    def replace_storage(self, nid: str, storage: Storage | None = None) -> None:
+        """Lose ``nid``'s disk: crash it, give it ``storage`` (default: a fresh empty one; or
+        an older copy of its own, as after restoring a backup) and restart it with the same id.
+
+        For a learner this is an operator's mistake the group must absorb (the leader catches
+        it up again). For a voter it is outside Raft's assumptions (it forgets its term, its
+        vote and entries it acknowledged); the simulator then forgets what that node persisted
+        (term, votes) but still checks the votes it sends on the wire."""
+        self.crash(nid)
+        self.storages[nid] = storage if storage is not None else self._storage_factory(nid)
+        hs, _ = self.storages[nid].initial_state()
+        self.persisted_term[nid] = hs.term
+        self._seen_term[nid] = hs.term
+        for key in [k for k in self.persisted_votes if k[0] == nid]:
+            del self.persisted_votes[key]
+        self._checked[nid] = 0
+        self.restart(nid)
+
     def isolate(self, nid: str) -> None:
         """Cut ``nid`` off from everyone, both directions."""
         for o in self.ids:
