@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -69,8 +70,18 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         await _run_until_signal(HouseholdNode(config, identity, genesis))
 
     fatal = (NodeError, ReplicaError, StorageCorruption, LedgerStoreError)
+    profile_path = os.environ.get("MICROGRID_PROFILE")  # docs/node.md "Idle cost"
     try:
-        trio.run(main)
+        if profile_path:
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                try:
+                    trio.run(main)
+                finally:
+                    prof.dump_stats(profile_path.replace("{pid}", str(os.getpid())))
+        else:
+            trio.run(main)
     except fatal as exc:
         return _fail(str(exc), exit_status(exc))
     except BaseExceptionGroup as group:

@@ -216,7 +216,10 @@ class ConsensusDriver:
                 self._leader = rd.soft_state.leader or None
                 if self._leader is not None:
                     self.stats.leader_changes += 1
-            await trio.to_thread.run_sync(self._persist, rd)
+            if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
+                # only then is there anything to make durable: a Ready of messages alone (a
+                # heartbeat and its response) costs no worker thread and no SQL transaction
+                await trio.to_thread.run_sync(self._persist, rd)
             for message in rd.messages:
                 self.transport.send(message)
             if rd.committed_entries or rd.snapshot is not None:

@@ -79,8 +79,10 @@ from node.setup.keyfile import KeyFileError, NodeIdentity, load_key_file
 
 log = logging.getLogger("microgrid.node")
 
-BLOCK_SYNC_IDLE_SECONDS = 3.0
-"""How often a node without gaps checks its ledger for one (a snapshot may have just landed)."""
+BLOCK_SYNC_IDLE_SECONDS = 60.0
+"""How long a node without gaps waits before it checks its ledger for one anyway. Gaps appear
+when a Raft snapshot from the leader is installed, and the driver wakes block sync right then
+(:meth:`HouseholdNode._on_batch_applied`); this re-check is only a bound on that wait."""
 BLOCK_SYNC_RETRY_SECONDS = 2.0
 SLOTS_PAGE = 500
 """Most slots one ``GET /slots`` answers with."""
@@ -262,6 +264,9 @@ class HouseholdNode:
         """Wall-clock seconds at which this node applied each recent slot's clearing
         (``cleared_at``) and settlement (``settled_at``): for status and the benchmarks."""
         self._manual_send, self._manual_recv = trio.open_memory_channel[SignedRecord](64)
+        self._block_sync_wake = trio.Event()
+        """Set when the ledger may have a new gap (a snapshot was installed): block sync
+        looks at once instead of at its next idle re-check."""
         self._stop = trio.Event()
         self.started = trio.Event()
         # one Prometheus endpoint for the network, the meters and the node (127.0.0.1)
@@ -325,6 +330,8 @@ class HouseholdNode:
         driver's task, while no worker thread applies."""
         for index, events in entries:
             self._on_applied(index, events)
+        if installed:  # the snapshot recorded the heights it skipped: block sync, look now
+            self._block_sync_wake.set()
         self._publish_engine([e for _, events in entries for e in events], rescan=installed)
 
     def _on_applied(self, index: int, events: list[Event]) -> None:
@@ -554,9 +561,12 @@ class HouseholdNode:
         a peer that sends a bad chunk is skipped for this round and counted.
         """
         while True:
+            # a fresh event before reading: a snapshot installed during the read wakes us again
+            wake = self._block_sync_wake = trio.Event()
             gaps = await trio.to_thread.run_sync(missing_ranges, self.store)
             if not gaps:
-                await trio.sleep(BLOCK_SYNC_IDLE_SECONDS)
+                with trio.move_on_after(BLOCK_SYNC_IDLE_SECONDS):
+                    await wake.wait()
                 continue
             first, last = gaps[0]
             peers = [p for p in self.net.connected_peers()

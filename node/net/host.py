@@ -153,6 +153,11 @@ FAULT_WEIGHTS: dict[str, float] = {
 }
 """Penalty points per stream fault reason (default :data:`DEFAULT_FAULT_WEIGHT`): garbage is a
 deliberate act or a broken peer; an exception we cannot attribute to the bytes weighs less."""
+HOUSEKEEPING_MAX_SECONDS = 5.0
+"""Longest sleep of the housekeeping loop (a new ban is seen within this; bans last 30 s)."""
+RECONNECT_CHECK_SECONDS = 2.0
+"""While connected, the reconnect loop waits for the swarm's disconnect notice, re-checking the
+connection at least this often (it polled every 0.25 s before: issue 19)."""
 DEFAULT_FAULT_WEIGHT = 10.0
 CONTROL_DEADLINE = 10.0
 """Longest gossipsub may take over one RPC's control messages (it awaits queue sends)."""
@@ -319,7 +324,9 @@ class NetSettings:
     dial_timeout: float = 5.0
     stable_after: float = 5.0
     """A connection that lasted this long resets the reconnect back-off."""
-    rtt_interval: float = 10.0
+    rtt_interval: float = 60.0
+    """Seconds between RTT samples of each peer (a libp2p ping on a new stream: metrics only,
+    liveness comes from the connection itself)."""
     raft_queue: int = 256
     publish_wait: float = 2.0
     """Longest our publish waits for room in the peers' outbound queues."""
@@ -459,6 +466,8 @@ class NetNode:
         self._stream_handlers = tuple(stream_handlers)
         """Further stream protocols ``(protocol id, async handler(stream))`` (block sync)."""
         self._actions_send, self._actions_recv = trio.open_memory_channel[tuple[str, ID]](1024)
+        self._disconnect_waiters: dict[ID, trio.Event] = {}
+        """Peer -> event set when a connection of it closes (the reconnect loop waits on it)."""
         self._own_ids: set[bytes] = set()
         self._batch_seq = 0
         self._stop = trio.Event()
@@ -687,6 +696,9 @@ class NetNode:
 
     def _on_disconnected(self, peer: ID) -> None:
         log.debug("disconnected from %s", peer)
+        waiter = self._disconnect_waiters.pop(peer, None)
+        if waiter is not None:
+            waiter.set()
         if self.pubsub is not None:
             # libp2p's own handler skips the peer if another connection exists by then (a
             # redial): end the session now if it ran over this connection (see the method)
@@ -723,19 +735,32 @@ class NetNode:
                     await self._close_peer(peer)
 
     async def _housekeeping_loop(self) -> None:
-        """Lift expired bans, update the peers gauge, sample RTTs."""
+        """Lift expired bans (when the earliest one ends), sample RTTs. It sleeps until one of
+        them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen then:
+        bans last far longer). The peers gauge is counted when scraped (:meth:`_peer_count`)."""
         next_rtt = trio.current_time() + 1.0
+        self.metrics.peers.set_function(self._peer_count)
         while True:
-            await trio.sleep(0.5)
+            wait = min(HOUSEKEEPING_MAX_SECONDS, next_rtt - trio.current_time())
+            bans = list(self.penalties.banned_until.values())
+            if bans:
+                wait = min(wait, min(bans) - self.penalties.clock())
+            await trio.sleep(max(0.01, wait))
             for peer in self.penalties.expired():
                 with contextlib.suppress(Exception):
                     self.pubsub.remove_from_blacklist(ID.from_base58(peer))
-            peers = self.connected_peers()
-            self.metrics.peers.set(len(peers))
             if trio.current_time() >= next_rtt:
                 next_rtt = trio.current_time() + self.settings.rtt_interval
-                for peer in peers:
+                for peer in self.connected_peers():
                     await self._sample_rtt(peer)
+
+    def _peer_count(self) -> int:
+        """Connected peers, for the gauge; called from the metrics server's thread, so it only
+        copies the swarm's map (one step under the GIL) and reads no trio state."""
+        if self.host is None:
+            return 0
+        return sum(1 for conns in list(self.host.get_network().get_connections_map().values())
+                   if conns)  # fmt: skip
 
     async def _sample_rtt(self, peer: ID) -> None:
         try:
@@ -750,6 +775,16 @@ class NetNode:
         except Exception as exc:
             self.metrics.stream_errors.labels("ping").inc()
             log.debug("ping %s failed: %s", peer, exc)
+
+    async def _wait_disconnected(self, peer: ID, timeout: float) -> None:
+        """Until a connection of ``peer`` closes, or ``timeout`` seconds: the caller re-checks
+        the swarm's map, which drops a closed connection at least 0.1 s before the swarm's
+        ``disconnected`` notice wakes us (pitfall 8), so a missed notice costs one bound."""
+        waiter = self._disconnect_waiters.get(peer)
+        if waiter is None:
+            waiter = self._disconnect_waiters[peer] = trio.Event()
+        with trio.move_on_after(max(0.0, timeout)):
+            await waiter.wait()
 
     async def _reconnect_loop(self, addr: str) -> None:
         """Keep a connection to one static peer, with exponential back-off and jitter."""
@@ -768,7 +803,10 @@ class NetNode:
             await trio.sleep(random.uniform(0.3, 0.6))
         key = str(info.peer_id)
         while True:
-            if network.get_connections(info.peer_id) or self.penalties.is_banned(key):
+            if network.get_connections(info.peer_id):
+                await self._wait_disconnected(info.peer_id, RECONNECT_CHECK_SECONDS)
+                continue
+            if self.penalties.is_banned(key):
                 await trio.sleep(0.25)
                 continue
             # pitfall 3: a failed dial puts the peer in a private 60 s negative cache
@@ -782,7 +820,11 @@ class NetNode:
                 # that accepts and then drops us (e.g. it banned us) is not redialled hot
                 connected_at = trio.current_time()
                 while network.get_connections(info.peer_id):
-                    await trio.sleep(0.25)
+                    stable_at = connected_at + self.settings.stable_after
+                    now = trio.current_time()
+                    # until it proved stable, then a bounded wait for the disconnect
+                    bound = stable_at - now + 0.01 if now <= stable_at else RECONNECT_CHECK_SECONDS
+                    await self._wait_disconnected(info.peer_id, bound)
                     if trio.current_time() - connected_at > self.settings.stable_after:
                         delay = self.settings.reconnect_min
                 if trio.current_time() - connected_at > self.settings.stable_after:

@@ -315,3 +315,35 @@ async def test_what_applies_is_handed_over_on_the_drivers_task_and_published_who
     assert driver.view.closed_through == driver.replica.state.closed_through == 7
     assert driver.view.stats.applied_entries == driver.stats.applied_entries
     driver.storage.close()  # type: ignore[attr-defined]
+
+
+async def test_an_idle_cluster_sends_heartbeats_without_storage_transactions(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: a Ready of messages alone (heartbeats, their responses) has nothing to make
+    durable, so the driver starts no worker thread and no SQL transaction for it."""
+    base = SCHEDULE.gate_time(FIRST_SLOT) - 3
+    _sim, net, _replicas = build_cluster(tmp_path, lambda: base, durable=True)
+    saves = {"n": 0}
+    for driver in net.drivers.values():
+        original = driver.storage.save_ready
+
+        def counting(rd, original=original):
+            saves["n"] += 1
+            return original(rd)
+
+        driver.storage.save_ready = counting
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for driver in net.drivers.values():
+                await nursery.start(driver.run)
+            while leader_of(net) is None or any(
+                d.raft.status().commit < 1 for d in net.drivers.values()
+            ):
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)  # the election's and the first entry's writes are done
+            saves["n"], delivered = 0, net.delivered
+            await trio.sleep(1.0)  # 20 ticks of 0.05 s, a heartbeat every tick
+            assert net.delivered - delivered >= 20, "no heartbeats flowed"
+            assert saves["n"] == 0
+            nursery.cancel_scope.cancel()
