@@ -819,6 +819,16 @@ class HouseholdNode:
             raise ApiError(400, f"price must be in {market.feed_in_tariff}..{market.retail_price}")
         if not 0 <= slot <= MAX_SLOT:
             raise ApiError(400, f"slot must be in 0..{MAX_SLOT}")
+        # what the engine would refuse for this household's record (docs/ledger.md), said now
+        # rather than after the order was signed and gossiped
+        engine = self.engine_snapshot()
+        if market.rules >= 2 and engine.silent_slots >= market.max_silent_slots:
+            raise ApiError(409, f"meter_silent: no reading of this household's meter for "
+                                f"{engine.silent_slots} settled slots; orders are refused until "
+                                "one is accepted")  # fmt: skip
+        if side == Side.SELL and engine.sell_limit_wh is not None and qty > engine.sell_limit_wh:
+            raise ApiError(409, f"over_sell_limit: this household may offer at most "
+                                f"{engine.sell_limit_wh} Wh per slot (its delivery record)")
         now = self.wall_clock()
         if now >= self.schedule.gate_time(slot):
             raise ApiError(409, f"the gate of slot {slot} has closed")

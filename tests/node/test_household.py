@@ -207,6 +207,9 @@ async def check_api(node: HouseholdNode, grid: Grid) -> dict[str, Any]:
         ({**good, "slot": slot - 3}, 409, f"the gate of slot {slot - 3} has closed"),
         ({**good, "slot": slot + 200}, 400, "too far ahead"),
     ]
+    limit = doc["metering"]["sell_limit_wh"]  # a newcomer: its meter's capacity per slot
+    assert isinstance(limit, int) and limit > 0, doc["metering"]
+    bad.append(({**good, "side": "sell", "quantity_wh": limit + 1}, 409, "over_sell_limit"))
     for body, code, message in bad:
         got, answer = await call(node, "POST", "/orders", body, token=TOKEN)
         assert got == code and message in answer["error"], (body, answer)
