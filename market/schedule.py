@@ -4,7 +4,10 @@ The contract engine never reads a clock; the Raft leader does and passes the tim
 turns due deadlines into ``CloseGate``/``SettleSlot`` commands. The dashboard uses the same type
 to place slots on a time axis. Times are Unix seconds (or timezone-aware datetimes, for the
 ``*_datetime`` helpers); slot ``s`` delivers during ``[s * slot_seconds, (s + 1) * slot_seconds)``.
-Nothing here reads a clock: every function is pure in its arguments.
+Nothing here reads a clock: every function is pure in its arguments. The replicated state
+machine (:mod:`market.state`) never uses this module: slots reach it as integers inside
+``CloseGate``/``SettleSlot`` commands, so the float wall time a caller passes here can never
+make two replicas differ.
 """
 
 from __future__ import annotations
