@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("node.cli.run", "ask a running node for its status"),
     "net": ("node.cli.run", "run the network layer of a node"),
     "ledger": ("node.cli.ledger", "inspect and verify a ledger database"),
+    "statement": (
+        "node.cli.statement",
+        "a household's energy bought and sold, its bill and savings over a range of days",
+    ),
     "simulate": (
         "node.cli.tools",
         "simulate a microgrid's market over a day of slots (engine + ledger)",
