@@ -471,6 +471,8 @@ class NetNode:
         self._own_ids: set[bytes] = set()
         self._batch_seq = 0
         self._stop = trio.Event()
+        self._dialing = 0
+        """Dials of the reconnect loops in flight: :meth:`_serve` lets them finish on stop."""
         self.started = trio.Event()
         self.delivered = 0
         self.delivered_records = 0
@@ -638,6 +640,12 @@ class NetNode:
             self.started.set()
             task_status.started(self)
             await self._stop.wait()
+            # No new dial starts once stopping; one in flight is let finish (bounded), since
+            # cancelling it leaves libp2p's half-added connection to fail in the swarm's own
+            # nursery as it closes ("[ADDCONN_FAIL] ... Cancelled"); run() then closes it.
+            with trio.move_on_after(self.settings.dial_timeout):
+                while self._dialing:
+                    await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
 
     def stop(self) -> None:
@@ -809,11 +817,17 @@ class NetNode:
             if self.penalties.is_banned(key):
                 await trio.sleep(0.25)
                 continue
+            if self._stop.is_set():
+                return  # stopping: dial no more (see _serve)
             # pitfall 3: a failed dial puts the peer in a private 60 s negative cache
             network.unblock_peer(info.peer_id)
             try:
-                with trio.fail_after(self.settings.dial_timeout):
-                    await self.host.connect(info)
+                self._dialing += 1
+                try:
+                    with trio.fail_after(self.settings.dial_timeout):
+                        await self.host.connect(info)
+                finally:
+                    self._dialing -= 1
                 self.metrics.dials.labels("ok").inc()
                 log.info("connected to %s", info.peer_id)
                 # the back-off resets only once the connection has proved stable, so a peer
