@@ -48,7 +48,9 @@ EXTRA_ORDERS = 30
 """Orders per household and slot beyond the simulation's own one: large books to clear."""
 BATCH = 48
 """Records per proposed entry."""
-HAMMER_SECONDS = 5.0
+HAMMER_SECONDS = 8.0
+"""Long enough for several gates to close even when the apply worker is slowed by a busy
+machine (5 s once recorded 370 orders instead of the 500 the load check below expects)."""
 GET_CLIENTS = 8
 POST_CLIENTS = 3
 MAX_REQUESTS = 600
