@@ -124,70 +124,60 @@ async def run_timing(args: argparse.Namespace, raft: str, py_spy: list[str] | No
     )  # fmt: skip
     spies: list[tuple[str, trio.Process, Path]] = []
     try:
-        await demo.prepare()
-        async with trio.open_nursery() as nursery:
-            await demo.start(nursery)
-            try:
-                n = len(demo.households)
-                with trio.move_on_after(240) as scope:
-                    await demo.wait_until(lambda d: len(d) == n and all(
-                        doc["raft"]["leader"] and all(p["up"] for p in doc["peers"])
-                        for doc in d.values()), timeout=240)  # fmt: skip
-                if scope.cancelled_caught:
-                    out["error"] = "the grid did not connect and elect a leader within 240 s"
-                    return out
-                await trio.sleep(args.settle)
-                docs = await demo.statuses()
-                leader = demo.leader_name(docs)
-                pids = {h.name: h.process.pid for h in demo.households if h.process is not None}
-                roles = {name: ("leader" if name == leader else docs.get(name, {}).get(
-                    "membership", "?")) for name in pids}  # fmt: skip
-                out["roles"] = roles
-                if py_spy is not None:
-                    picks = [leader, *[x for x in pids if x != leader][:1]]
-                    for name in picks:
-                        raw = tmp / f"spy-{raft}-{name}.txt"
-                        proc = await trio.lowlevel.open_process(
-                            [*py_spy, "record", "--pid", str(pids[name]), "--format", "raw",
-                             "--rate", "200", "--gil", "--duration", str(int(args.seconds)),
-                             "--nonblocking", "--output", str(raw)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        )  # fmt: skip
-                        spies.append((name, proc, raw))
-                sampler = CpuSampler(pids)
-                nursery.start_soon(sampler.run)
-                t0 = time.time()
-                await trio.sleep(args.seconds)
-                t1 = time.time()
-                windows = quiet_intervals(demo, t0, t1, args.margin)
-                quiet_s = sum(b - a for a, b in windows)
-                per_node = {}
-                for name in pids:
-                    cpu = wall = 0.0
-                    for a, b in windows:
-                        part = sampler.between(name, a, b)
-                        if part is not None:
-                            cpu += part[0]
-                            wall += part[1]
-                    whole = sampler.between(name, t0, t1)
-                    per_node[name] = {
-                        "quiet_pct": 100 * cpu / wall if wall else float("nan"),
-                        "all_pct": 100 * whole[0] / whole[1] if whole else float("nan"),
-                        "rss_mb": rss_mb(pids[name]),
-                    }
-                out["per_node"] = per_node
-                out["quiet_s"], out["window_s"] = quiet_s, t1 - t0
-                for _name, proc, _raw in spies:
-                    with trio.move_on_after(15):
-                        await proc.wait()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await demo.stop_all(quiesce_timeout=2 * args.slot_seconds)
-                nursery.cancel_scope.cancel()
+        async with demo.running(quiesce_timeout=2 * args.slot_seconds) as nursery:
+            n = len(demo.households)
+            with trio.move_on_after(240) as scope:
+                await demo.wait_until(lambda d: len(d) == n and all(
+                    doc["raft"]["leader"] and all(p["up"] for p in doc["peers"])
+                    for doc in d.values()), timeout=240)  # fmt: skip
+            if scope.cancelled_caught:
+                out["error"] = "the grid did not connect and elect a leader within 240 s"
+                return out
+            await trio.sleep(args.settle)
+            docs = await demo.statuses()
+            leader = demo.leader_name(docs)
+            pids = {h.name: h.process.pid for h in demo.households if h.process is not None}
+            roles = {name: ("leader" if name == leader else docs.get(name, {}).get(
+                "membership", "?")) for name in pids}  # fmt: skip
+            out["roles"] = roles
+            if py_spy is not None:
+                picks = [leader, *[x for x in pids if x != leader][:1]]
+                for name in picks:
+                    raw = tmp / f"spy-{raft}-{name}.txt"
+                    proc = await trio.lowlevel.open_process(
+                        [*py_spy, "record", "--pid", str(pids[name]), "--format", "raw",
+                         "--rate", "200", "--gil", "--duration", str(int(args.seconds)),
+                         "--nonblocking", "--output", str(raw)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    spies.append((name, proc, raw))
+            sampler = CpuSampler(pids)
+            nursery.start_soon(sampler.run)
+            t0 = time.time()
+            await trio.sleep(args.seconds)
+            t1 = time.time()
+            windows = quiet_intervals(demo, t0, t1, args.margin)
+            quiet_s = sum(b - a for a, b in windows)
+            per_node = {}
+            for name in pids:
+                cpu = wall = 0.0
+                for a, b in windows:
+                    part = sampler.between(name, a, b)
+                    if part is not None:
+                        cpu += part[0]
+                        wall += part[1]
+                whole = sampler.between(name, t0, t1)
+                per_node[name] = {
+                    "quiet_pct": 100 * cpu / wall if wall else float("nan"),
+                    "all_pct": 100 * whole[0] / whole[1] if whole else float("nan"),
+                    "rss_mb": rss_mb(pids[name]),
+                }
+            out["per_node"] = per_node
+            out["quiet_s"], out["window_s"] = quiet_s, t1 - t0
+            for _name, proc, _raw in spies:
+                with trio.move_on_after(15):
+                    await proc.wait()
     finally:
-        for h in demo.households:
-            if h.alive:
-                demo.kill(h)
         for _name, proc, _raw in spies:
             if proc.returncode is None:
                 proc.kill()

@@ -207,37 +207,27 @@ async def running(args: argparse.Namespace) -> dict[str, Any]:
             out=lambda line: None,
         )  # fmt: skip
         try:
-            await demo.prepare()
-            async with trio.open_nursery() as nursery:
-                await demo.start(nursery)
-                try:
-                    n = len(demo.households)
-                    out["checkpoints"] = []
-                    with trio.move_on_after(240 + 3 * max(args.slots) * args.slot_seconds) as scope:
-                        # settled_through is a slot number (from the genesis time): wait for one
-                        await demo.wait_until(lambda d: len(d) == n and all(
-                            doc["raft"]["leader"] and _settled(doc) >= 0 for doc in d.values()),
-                            timeout=240)  # fmt: skip
-                        docs = await demo.statuses()
-                        start = min(_settled(doc) for doc in docs.values())
-                        pids = {h.name: h.process.pid for h in demo.households if h.process}
-                        for slots in sorted(set(args.slots)):
-                            await demo.wait_until(lambda d, k=slots: len(d) == n and all(
-                                _settled(doc) >= start + k for doc in d.values()),
-                                timeout=240 + 3 * slots * args.slot_seconds)  # fmt: skip
-                            out["checkpoints"].append((slots, {
-                                name: (*_status_kb(pid), smaps(pid)) for name, pid in pids.items()
-                            }))  # fmt: skip
-                    if scope.cancelled_caught:
-                        out["error"] = f"the grid did not settle {max(args.slots)} slots in time"
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await demo.stop_all(quiesce_timeout=2 * args.slot_seconds)
-                    nursery.cancel_scope.cancel()
+            async with demo.running(quiesce_timeout=2 * args.slot_seconds):
+                n = len(demo.households)
+                out["checkpoints"] = []
+                with trio.move_on_after(240 + 3 * max(args.slots) * args.slot_seconds) as scope:
+                    # settled_through is a slot number (from the genesis time): wait for one
+                    await demo.wait_until(lambda d: len(d) == n and all(
+                        doc["raft"]["leader"] and _settled(doc) >= 0 for doc in d.values()),
+                        timeout=240)  # fmt: skip
+                    docs = await demo.statuses()
+                    start = min(_settled(doc) for doc in docs.values())
+                    pids = {h.name: h.process.pid for h in demo.households if h.process}
+                    for slots in sorted(set(args.slots)):
+                        await demo.wait_until(lambda d, k=slots: len(d) == n and all(
+                            _settled(doc) >= start + k for doc in d.values()),
+                            timeout=240 + 3 * slots * args.slot_seconds)  # fmt: skip
+                        out["checkpoints"].append((slots, {
+                            name: (*_status_kb(pid), smaps(pid)) for name, pid in pids.items()
+                        }))  # fmt: skip
+                if scope.cancelled_caught:
+                    out["error"] = f"the grid did not settle {max(args.slots)} slots in time"
         finally:
-            for h in demo.households:
-                if h.alive:
-                    demo.kill(h)
             demo.close()
     return out
 

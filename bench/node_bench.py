@@ -114,23 +114,13 @@ async def run_size(
             out=lambda line: None,
         )  # fmt: skip
         try:
-            await demo.prepare()
-            async with trio.open_nursery() as nursery:
-                t0 = time.monotonic()
-                await demo.start(nursery)
-                try:
-                    with trio.fail_after(deadline):
-                        await _measure(demo, nursery, rounds, out, t0)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await demo.stop_all(quiesce_timeout=2 * slot_seconds)
-                    nursery.cancel_scope.cancel()
+            async with demo.running(quiesce_timeout=2 * slot_seconds) as nursery:
+                assert demo.started_at is not None
+                with trio.fail_after(deadline):
+                    await _measure(demo, nursery, rounds, out, demo.started_at)
             verdict = demo.verdict()
             out["verdict"] = ("PASS " if verdict.ok else "FAIL ") + verdict.message
         finally:
-            for h in demo.households:
-                if h.alive:
-                    demo.kill(h)
             demo.close()
     return out
 

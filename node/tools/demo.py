@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -278,6 +278,8 @@ class Demo:
         self.households: list[DemoHousehold] = []
         self.sim: MeterSimulator | None = None
         self.clock: SimClock | None = None
+        self.started_at: float | None = None
+        """Monotonic time :meth:`running` started the nodes."""
         self.dashboard: trio.Process | None = None
         self.token = secrets.token_urlsafe(16)
         self.printed_through: int | None = None
@@ -408,6 +410,34 @@ class Demo:
                  "--refresh", str(max(2, self.settings.slot_seconds // 2))],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self,
+        first: int | None = None,
+        quiesce_timeout: float | None = None,
+    ) -> AsyncIterator[trio.Nursery]:
+        """Prepare and start the demo (with ``first``, only the first ``first`` households'
+        nodes: tests hold the other households' keys), yielding the nursery its
+        tasks run in. On the way out, also on an error or a cancel: every node is stopped
+        (:meth:`stop_all`, shielded), the demo's tasks cancelled, any survivor SIGKILLed.
+        :meth:`close` stays with the caller, who may still read the ledgers (a temporary
+        directory goes with it). :attr:`started_at` is the monotonic time of the start."""
+        try:
+            await self.prepare()
+            async with trio.open_nursery() as nursery:
+                self.started_at = time.monotonic()
+                await self.start(nursery, None if first is None else self.households[:first])
+                try:
+                    yield nursery
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.stop_all(quiesce_timeout=quiesce_timeout)
+                    nursery.cancel_scope.cancel()
+        finally:
+            for h in self.households:
+                if h.alive:
+                    self.kill(h)
 
     # -- control ----------------------------------------------------------------------------
 

@@ -49,19 +49,9 @@ async def running_demo(tmp_path: Path, households: int = 5, *, run: int | None =
         out=lines.append,
     )  # fmt: skip
     try:
-        await demo.prepare()
-        async with trio.open_nursery() as nursery:
-            await demo.start(nursery, None if run is None else demo.households[:run])
-            try:
-                yield demo
-            finally:
-                with trio.CancelScope(shield=True):
-                    await demo.stop_all(quiesce_timeout=3 * SLOT_SECONDS)
-                nursery.cancel_scope.cancel()
+        async with demo.running(run, quiesce_timeout=3 * SLOT_SECONDS):
+            yield demo
     finally:
-        for h in demo.households:
-            if h.alive:
-                demo.kill(h)
         demo.close()
 
 
