@@ -132,9 +132,14 @@ class Block:
     feeder: str | None = None
     """Hex hash of the slot's feeder check (:class:`market.feeder.FeederCheck`) in a grid with
     a feeder meter; None (and left out of the header, so older blocks hash as before) else."""
+    rules: str | None = None
+    """Hex hash of the market rules the slot was settled under
+    (:meth:`market.config.MarketConfig.rules_hash`) once an operator's rules change is in
+    force; None (left out of the header) while the genesis rules hold."""
 
     def to_json(self) -> dict[str, Any]:
-        """Header fields (everything the block hash covers); ``feeder`` only when set."""
+        """Header fields (everything the block hash covers); ``feeder`` and ``rules`` only when
+        set."""
         doc: dict[str, Any] = {
             "height": self.height,
             "slot": self.slot,
@@ -147,6 +152,8 @@ class Block:
         }
         if self.feeder is not None:
             doc["feeder"] = self.feeder
+        if self.rules is not None:
+            doc["rules"] = self.rules
         return doc
 
     @property

@@ -12,6 +12,7 @@ from market.feeder import FeederCheck
 from market.models import (
     CancelOrder,
     FeederReading,
+    GovernanceRecord,
     MemberRegistration,
     MeterReading,
     Order,
@@ -38,6 +39,17 @@ class HouseholdRegistered:
     """A household joined, or its meter or role changed."""
 
     registration: MemberRegistration
+
+
+@dataclass(frozen=True, slots=True)
+class GovernanceAccepted:
+    """An operator's governance record was committed; it is in force from its ``from_slot``.
+
+    ``withdrawn`` are the resting orders it took out of the books: those of a household that is
+    no longer active in their slot, or priced outside their slot's new price band."""
+
+    record: GovernanceRecord
+    withdrawn: tuple[Order, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +111,7 @@ class SlotSettled:
 Event = (
     Rejected
     | HouseholdRegistered
+    | GovernanceAccepted
     | OrderAccepted
     | OrderCancelled
     | GateClosed

@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 from market.bounds import (
     DEFAULT_MAX_POWER_W,
@@ -182,6 +190,153 @@ class FeederReading(SignedRecord):
     export_wh: CounterWh
 
 
+# --- governance: the operator's records that change a running grid ------------------------------
+
+MAX_TIME_OF_USE_PERIODS = 48
+MINUTES_PER_DAY = 24 * 60
+_K_TEXT = r"^(0|[1-9][0-9]{0,6})/([1-9][0-9]{0,6})$"
+
+
+class GovernanceRecord(SignedRecord):
+    """A change to a running grid, signed by the grid operator and in force from ``from_slot``.
+
+    The engine accepts it only while ``from_slot`` is still open (its gate has not closed), and
+    applies it to every record and settlement of ``from_slot`` and later slots, so every node
+    applies it at the same slot boundary whatever the time the record was committed."""
+
+    AUTHOR_FIELD: ClassVar[str] = "operator"
+    operator: Did
+    from_slot: Slot
+
+
+class MemberChange(GovernanceRecord):
+    """A governance record about one household (``household``: its DID)."""
+
+    household: Did
+
+
+class AddMember(MemberChange):
+    """The operator admits a household to a running grid from ``from_slot``."""
+
+    KIND: ClassVar[str] = "add_member"
+    type: Literal["add_member"] = "add_member"
+    meter_serial: MeterSerial
+    role: MemberRole
+    max_power_w: PowerW = DEFAULT_MAX_POWER_W
+
+
+class RemoveMember(MemberChange):
+    """The household leaves for good: its orders and readings for ``from_slot`` and later are
+    refused, its reading of ``from_slot - 1`` is its last settled one, its balance stays."""
+
+    KIND: ClassVar[str] = "remove_member"
+    type: Literal["remove_member"] = "remove_member"
+
+
+class SuspendMember(MemberChange):
+    """Like :class:`RemoveMember`, until a :class:`ReinstateMember`."""
+
+    KIND: ClassVar[str] = "suspend_member"
+    type: Literal["suspend_member"] = "suspend_member"
+
+
+class ReinstateMember(MemberChange):
+    """A suspended household trades again from ``from_slot``; what its meter counted while it
+    was suspended is trued up with the grid by its first reading after (rules 2)."""
+
+    KIND: ClassVar[str] = "reinstate_member"
+    type: Literal["reinstate_member"] = "reinstate_member"
+
+
+class ChangeRole(MemberChange):
+    """The household becomes a Raft voter or a learner from ``from_slot``."""
+
+    KIND: ClassVar[str] = "change_role"
+    type: Literal["change_role"] = "change_role"
+    role: MemberRole
+
+
+class RotateKey(MemberChange):
+    """The household's key ``household`` is replaced by ``new_household`` from ``from_slot``.
+
+    Its balances, meter and delivery record move to the new DID with the block of
+    ``from_slot``. ``household_signature`` is the old key's signature over the same bytes as
+    the operator's (:meth:`signing_bytes`): present when the old key still exists, empty when
+    it is lost (the operator alone vouches for the hand-over)."""
+
+    KIND: ClassVar[str] = "rotate_key"
+    type: Literal["rotate_key"] = "rotate_key"
+    new_household: Did
+    household_signature: Signature = ""
+
+    def unsigned_fields(self) -> dict[str, Any]:
+        """Every field except both signatures."""
+        fields = super().unsigned_fields()
+        del fields["household_signature"]
+        return fields
+
+    def countersigned_by(self, signer: Any) -> RotateKey:
+        """A copy carrying the old key's signature (``signer`` holds ``household``'s key)."""
+        return self.model_copy(update={"household_signature": signer.sign(self.signing_bytes())})
+
+
+class ReplaceMeter(MemberChange):
+    """The household's meter is swapped for ``meter_serial`` from ``from_slot``.
+
+    ``old_import_wh``/``old_export_wh`` are the old meter's final counters and
+    ``new_import_wh``/``new_export_wh`` the new meter's first ones, read at the swap: the
+    household's first settled movement after the swap is the old meter's rise up to the swap
+    plus the new meter's rise after it, so no Wh is lost or counted twice."""
+
+    KIND: ClassVar[str] = "replace_meter"
+    type: Literal["replace_meter"] = "replace_meter"
+    meter_serial: MeterSerial
+    max_power_w: PowerW = DEFAULT_MAX_POWER_W
+    old_import_wh: CounterWh
+    old_export_wh: CounterWh
+    new_import_wh: CounterWh = 0
+    new_export_wh: CounterWh = 0
+
+
+class TimeOfUsePeriod(_Record):
+    """From ``start_minute`` of the day (UTC) until the next period's start, the grid buys at
+    ``feed_in_tariff`` and sells at ``retail_price`` (minor units per kWh)."""
+
+    start_minute: Annotated[StrictInt, Field(ge=0, lt=MINUTES_PER_DAY)]
+    feed_in_tariff: Price
+    retail_price: Price
+
+
+class ChangeRules(GovernanceRecord):
+    """New market rules from ``from_slot``: each field given replaces the rule in force, those
+    left out (None) stay. ``time_of_use`` replaces the flat tariffs by daily periods; an empty
+    list returns to the flat ``feed_in_tariff``/``retail_price``."""
+
+    KIND: ClassVar[str] = "change_rules"
+    type: Literal["change_rules"] = "change_rules"
+    feed_in_tariff: Price | None = None
+    retail_price: Price | None = None
+    mechanism: Literal["uniform", "pay_as_bid", "mcafee"] | None = None
+    k: Annotated[StrictStr, Field(pattern=_K_TEXT)] | None = None
+    time_of_use: (
+        Annotated[tuple[TimeOfUsePeriod, ...], Field(max_length=MAX_TIME_OF_USE_PERIODS)] | None
+    ) = None
+
+    def changes(self) -> dict[str, Any]:
+        """The rules this record sets, by :class:`market.state.MarketConfig` field name."""
+        return {
+            name: getattr(self, name)
+            for name in ("feed_in_tariff", "retail_price", "mechanism", "k", "time_of_use")
+            if getattr(self, name) is not None
+        }
+
+
+MEMBER_CHANGES = (
+    AddMember, RemoveMember, SuspendMember, ReinstateMember, ChangeRole, RotateKey, ReplaceMeter
+)  # fmt: skip
+GOVERNANCE_RECORDS = (*MEMBER_CHANGES, ChangeRules)
+
+
 class CloseGate(_Record):
     """Gate closure of a slot, proposed by the Raft leader: the slot's book is cleared."""
 
@@ -202,6 +357,14 @@ Command = Annotated[
     | MeterReading
     | FeederReading
     | MemberRegistration
+    | AddMember
+    | RemoveMember
+    | SuspendMember
+    | ReinstateMember
+    | ChangeRole
+    | RotateKey
+    | ReplaceMeter
+    | ChangeRules
     | CloseGate
     | SettleSlot,
     Field(discriminator="type"),

@@ -29,10 +29,21 @@ from market.bounds import (
     MeterSerial,
 )
 from market.encoding import canonical_bytes, loads_untrusted, sha256
-from market.models import FeederReading, MemberRole, MeterReading, Order, Trade
+from market.governance import Governance, MemberStatus, Term
+from market.models import (
+    GOVERNANCE_RECORDS,
+    Command,
+    FeederReading,
+    MemberRole,
+    MeterReading,
+    Order,
+    Trade,
+    first_error,
+)
 from market.state import MarketConfig, MarketConfigError, Member, NonceWindow, Reputation, State
 
 SNAPSHOT_KIND = "snapshot"
+_COMMAND: TypeAdapter[Command] = TypeAdapter(Command)
 _PREFIX = f"microgrid/{SNAPSHOT_KIND}/v1\n".encode()
 
 T = TypeVar("T")
@@ -73,6 +84,8 @@ def dump_state(state: State) -> bytes:
         "height": state.height,
         "head_hash": state.head_hash,
     }
+    if state.governance.records:  # only then: a grid never changed dumps what it always did
+        body["governance"] = [r.model_dump(mode="json") for r in state.governance.records]
     if state.config.has_feeder:  # only then: a grid without a feeder dumps what it always did
         body["pending_feeder"] = {str(s): _record(r) for s, r in state.pending_feeder.items()}
         body["feeder_baseline"] = (
@@ -102,10 +115,11 @@ _MAX_INT_DIGITS = 20
 _BODY_FIELDS = frozenset(
     {"config", "members", "nonces", "books", "cleared", "closed_books", "pending_readings",
      "baselines", "closed_through", "settled_through", "balances", "reputation", "height",
-     "head_hash", "pending_feeder", "feeder_baseline"}
+     "head_hash", "pending_feeder", "feeder_baseline", "governance"}
 )  # fmt: skip
-_OPTIONAL_FIELDS = frozenset({"closed_books"})
-"""Snapshots written before closed_books existed lack it."""
+_OPTIONAL_FIELDS = frozenset({"closed_books", "governance"})
+"""Snapshots written before closed_books existed lack it; ``governance`` is there only once the
+operator changed the grid."""
 _FEEDER_FIELDS = frozenset({"pending_feeder", "feeder_baseline"})
 """Present exactly when the grid has a feeder meter (older snapshots never do)."""
 _TRADE_FIELDS = frozenset(Trade._fields)
@@ -211,11 +225,33 @@ def _trade(value: Any, slot: int, where: str) -> Trade:
     )
 
 
-def _reading(value: Any, did: str, where: str, slot: int | None = None) -> MeterReading:
+def _reading(
+    value: Any, did: str, where: str, slot: int | None = None, lineage: list[str] | None = None
+) -> MeterReading:
     reading = _model(MeterReading, value, where)
-    if reading.household != did or (slot is not None and reading.slot != slot):
+    if reading.household not in (lineage or [did]) or (slot is not None and reading.slot != slot):
         raise SnapshotError(f"{where}: the reading is not of this household and slot")
     return reading
+
+
+def _governance(value: Any, state: State) -> Governance:
+    records = []
+    for i, item in enumerate(_array(value, "governance")):
+        try:
+            record = _COMMAND.validate_python(item)
+        except ValidationError as exc:
+            raise SnapshotError(f"governance[{i}]: {first_error(exc)}") from None
+        if not isinstance(record, GOVERNANCE_RECORDS) or record.grid != state.config.grid:
+            raise SnapshotError(f"governance[{i}]: not a governance record of this grid")
+        records.append(record)
+    initial = {
+        did: Term(0, MemberStatus.ACTIVE, m.role, m.meter_serial, m.max_power_w)
+        for did, m in state.members.items()
+    }
+    try:
+        return Governance.rebuild(records, initial_terms=initial)
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"governance: records that do not fold: {exc}") from None
 
 
 def _feeder_reading(value: Any, config: MarketConfig, where: str, slot: int) -> FeederReading:
@@ -329,7 +365,14 @@ def _load_body(text: bytes) -> State:
         "pending_readings",
         lambda s, rs, w: _by_did(rs, w, lambda d, r, w2: _reading(r, d, w2, s)),
     )
-    state.baselines = _by_did(body["baselines"], "baselines", lambda d, r, w: _reading(r, d, w))
+    if "governance" in body:
+        state.governance = _governance(body["governance"], state)
+    # a baseline moves to a household's new DID with its key: it may be signed by an older one
+    state.baselines = _by_did(
+        body["baselines"],
+        "baselines",
+        lambda d, r, w: _reading(r, d, w, lineage=state.governance.lineage(d)),
+    )
     state.closed_through = _optional_slot(body["closed_through"], "closed_through", 0)
     state.settled_through = _optional_slot(body["settled_through"], "settled_through", -1)
     rows = _array(body["balances"], "balances")

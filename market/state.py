@@ -26,38 +26,40 @@ readings for slots whose gate closed and that are not settled yet.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
+from typing import NamedTuple
 
-from pydantic import TypeAdapter, ValidationError
-
-from market.accounting import Block, roots, state_hash
-from market.auction import MECHANISMS, Clearing, clear
-from market.bounds import (
-    DEFAULT_MAX_POWER_W,
-    DEFAULT_SLOT_SECONDS,
-    MAX_COUNTER_WH,
-    MAX_K_DENOMINATOR,
-    MAX_NONCE_WINDOW,
-    MAX_POWER_W,
-    MAX_PRICE,
-    MAX_QUANTITY_WH,
-    MAX_SLOT_HORIZON,
-    MAX_SLOT_SECONDS,
-    READING_SLACK_WH,
-    Did,
-    Identifier,
-    MeterSerial,
+from market.accounting import (
+    ASSETS,
+    Block,
+    Posting,
+    Transaction,
+    household_account,
+    roots,
+    state_hash,
 )
-from market.did import IdentityError, public_key_from_did
-from market.encoding import canonical_bytes, sha256
+from market.auction import Clearing, clear
+from market.bounds import DEFAULT_MAX_POWER_W, MAX_SLOT, READING_SLACK_WH
+from market.config import (
+    DEFAULT_FEEDER_LOSS_PERMILLE,
+    DEFAULT_FEEDER_MAX_POWER_W,
+    DEFAULT_FEEDER_TOLERANCE_WH,
+    DEFAULT_MAX_SILENT_SLOTS,
+    DEFAULT_REPUTATION_WINDOW_SLOTS,
+    DEFAULT_SELL_FLOOR_PERMILLE,
+    MAX_SILENT_SLOTS,
+    RULES,
+    MarketConfig,
+    MarketConfigError,
+)
+from market.did import IdentityError, public_key_from_did, verify_signature
 from market.errors import Rejection, RejectReason
 from market.events import (
     Event,
     FeederReadingAccepted,
     GateClosed,
+    GovernanceAccepted,
     HouseholdRegistered,
     OrderAccepted,
     OrderCancelled,
@@ -66,244 +68,34 @@ from market.events import (
     SlotSettled,
 )
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
+from market.governance import Governance, MemberStatus, Term
 from market.models import (
+    GOVERNANCE_RECORDS,
+    AddMember,
     CancelOrder,
+    ChangeRole,
+    ChangeRules,
     CloseGate,
     Command,
     FeederReading,
+    GovernanceRecord,
+    MemberChange,
     MemberRegistration,
     MemberRole,
     MeterReading,
     Order,
+    ReinstateMember,
+    RemoveMember,
+    ReplaceMeter,
+    RotateKey,
     SettleSlot,
     Side,
     SignedRecord,
+    SuspendMember,
     Trade,
     record_hash,
 )
-from market.settlement import Gap, HouseholdSettlement, Metered, Tariffs, settle_slot
-
-_IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
-_DID: TypeAdapter[str] = TypeAdapter(Did)
-_METER_SERIAL: TypeAdapter[str] = TypeAdapter(MeterSerial)
-
-DEFAULT_FEEDER_MAX_POWER_W = 1_000_000
-"""The feeder meter's rated power unless the genesis says otherwise (1 MW)."""
-DEFAULT_FEEDER_LOSS_PERMILLE = 50
-"""Allowed line losses unless the genesis says otherwise: 5 % of the energy households moved."""
-DEFAULT_FEEDER_TOLERANCE_WH = 100
-RULES = 2
-"""The settlement rules this version applies to new grids. 1: the counter movement over
-unmeasured slots is left unsettled (grids whose genesis predates the ``rules`` field); 2: it is
-trued up at the grid's prices (:class:`market.settlement.Gap`), and a household whose meter
-stays silent for ``max_silent_slots`` settled slots has its new orders refused."""
-DEFAULT_MAX_SILENT_SLOTS = 4
-MAX_SILENT_SLOTS = 10_000
-DEFAULT_REPUTATION_WINDOW_SLOTS = 96
-"""Slots the delivery record looks back over (an exponentially weighted window: one day of
-15-minute slots)."""
-DEFAULT_SELL_FLOOR_PERMILLE = 100
-"""The share of its meter's capacity a household may always offer, however poor its record."""
-"""Absolute slack of the feeder check unless the genesis says otherwise."""
-
-
-class MarketConfigError(ValueError):
-    """Market rules read from a file or a peer that :meth:`MarketConfig.from_json` refuses."""
-
-    def __init__(self, problem: str, field: str | None = None) -> None:
-        super().__init__(f"{field}: {problem}" if field else problem)
-        self.problem = problem
-        self.field = field
-
-    def within(self, where: str) -> str:
-        """The message with the document's path in front, e.g. ``market.k: ...``."""
-        return f"{where}.{self.field}: {self.problem}" if self.field else f"{where}: {self.problem}"
-
-
-_CONFIG_FIELDS = frozenset(
-    {"grid", "operator", "feed_in_tariff", "retail_price", "mechanism", "k", "slot_horizon",
-     "max_order_wh", "nonce_window"}
-)  # fmt: skip
-"""What :meth:`MarketConfig.to_json` always writes; ``slot_seconds`` too unless it is the
-default, and the :data:`_FEEDER_CONFIG_FIELDS` when the grid has a feeder meter."""
-_FEEDER_CONFIG_FIELDS = frozenset(
-    {"feeder_serial", "feeder_max_power_w", "feeder_loss_permille", "feeder_tolerance_wh"}
-)
-_OPTIONAL_CONFIG_FIELDS = frozenset(
-    {"slot_seconds", "rules", "max_silent_slots", "reputation_window_slots", "sell_floor_permille"}
-)
-"""Left out by :meth:`MarketConfig.to_json` at their defaults (``rules`` at 1), so the genesis
-files and hashes of grids created before they existed stay valid."""
-_CONFIG_STRINGS = frozenset({"grid", "operator", "mechanism", "k", "feeder_serial"})
-_K = re.compile(r"(0|[1-9][0-9]{0,19})/([1-9][0-9]{0,19})")
-"""``k`` as ``to_json`` writes it: ``numerator/denominator`` in decimal (never parsed by
-``Fraction(str)``, which would take ``"1e-999999999"`` and work for minutes)."""
-
-
-@dataclass(frozen=True, slots=True)
-class MarketConfig:
-    """The market rules of one microgrid, fixed by its signed genesis."""
-
-    grid: str
-    operator: str
-    """DID of the grid operator, who signs membership."""
-    feed_in_tariff: int
-    """Price floor: what the grid pays per kWh (minor units)."""
-    retail_price: int
-    """Price cap: what the grid charges per kWh (minor units)."""
-    mechanism: str = "uniform"
-    k: Fraction = Fraction(1, 2)
-    slot_horizon: int = 96
-    """How many slots ahead of the last closed gate orders are accepted."""
-    max_order_wh: int = 1_000_000
-    nonce_window: int = 1024
-    """Nonces may arrive out of order within this window below a signer's highest nonce."""
-    slot_seconds: int = DEFAULT_SLOT_SECONDS
-    """Metered seconds per slot: with each member's ``max_power_w`` it bounds how much a meter
-    counter can rise per slot. A real meter meters the genesis slot length; an accelerated
-    simulation (the demo) may meter more per slot, never less."""
-    feeder_serial: str = ""
-    """Serial of the feeder meter at the transformer; "" means the grid has none (no feeder
-    check, and :class:`~market.models.FeederReading` is rejected ``unknown_meter``)."""
-    feeder_max_power_w: int = DEFAULT_FEEDER_MAX_POWER_W
-    """Bounds the feeder counters' rise per slot, like a household's ``max_power_w``."""
-    feeder_loss_permille: int = DEFAULT_FEEDER_LOSS_PERMILLE
-    """Allowed line losses, per mille of the energy the households moved (import + export)."""
-    feeder_tolerance_wh: int = DEFAULT_FEEDER_TOLERANCE_WH
-    """Absolute slack of the feeder check (meter resolution, timing)."""
-    rules: int = RULES
-    """Version of the settlement rules (:data:`RULES`); a genesis without the field means 1."""
-    max_silent_slots: int = DEFAULT_MAX_SILENT_SLOTS
-    """Settled slots in a row without a reading after which a household's new orders are
-    refused (``meter_silent``) until its meter reports again (rules 2)."""
-    reputation_window_slots: int = DEFAULT_REPUTATION_WINDOW_SLOTS
-    """Window of the delivery record that limits what a household may offer (rules 2)."""
-    sell_floor_permille: int = DEFAULT_SELL_FLOOR_PERMILLE
-    """What a household may offer per slot however poor its record, in permille of what its
-    meter can export in a slot (rules 2; a newcomer may offer all of it)."""
-
-    def __post_init__(self) -> None:
-        """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
-        for name, adapter in (("grid", _IDENTIFIER), ("operator", _DID)):
-            try:
-                adapter.validate_python(getattr(self, name))
-            except ValidationError as exc:
-                raise ValueError(f"{name}: {exc.errors()[0]['msg']}") from None
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(f"unknown mechanism {self.mechanism!r}")
-        _check_int("feed_in_tariff", self.feed_in_tariff, 0, MAX_PRICE)
-        _check_int("retail_price", self.retail_price, 0, MAX_PRICE)
-        if not self.feed_in_tariff <= self.retail_price:
-            raise ValueError("need 0 <= feed_in_tariff <= retail_price")
-        if not isinstance(self.k, Fraction) or not 0 <= self.k <= 1:
-            raise ValueError("k must be a Fraction in [0, 1]")
-        if self.k.denominator > MAX_K_DENOMINATOR:
-            raise ValueError(f"k's denominator must be at most {MAX_K_DENOMINATOR}")
-        _check_int("slot_horizon", self.slot_horizon, 1, MAX_SLOT_HORIZON)
-        _check_int("max_order_wh", self.max_order_wh, 1, MAX_QUANTITY_WH)
-        _check_int("nonce_window", self.nonce_window, 1, MAX_NONCE_WINDOW)
-        _check_int("slot_seconds", self.slot_seconds, 1, MAX_SLOT_SECONDS)
-        if not isinstance(self.feeder_serial, str):
-            raise ValueError("feeder_serial must be a string")
-        if self.feeder_serial:
-            try:
-                _METER_SERIAL.validate_python(self.feeder_serial)
-            except ValidationError as exc:
-                raise ValueError(f"feeder_serial: {exc.errors()[0]['msg']}") from None
-        _check_int("feeder_max_power_w", self.feeder_max_power_w, 0, MAX_POWER_W)
-        _check_int("feeder_loss_permille", self.feeder_loss_permille, 0, 1000)
-        _check_int("feeder_tolerance_wh", self.feeder_tolerance_wh, 0, MAX_COUNTER_WH)
-        _check_int("rules", self.rules, 1, RULES)
-        _check_int("max_silent_slots", self.max_silent_slots, 1, MAX_SILENT_SLOTS)
-        _check_int("reputation_window_slots", self.reputation_window_slots, 1, MAX_SILENT_SLOTS)
-        _check_int("sell_floor_permille", self.sell_floor_permille, 0, 1000)
-
-    @classmethod
-    def from_json(cls, doc: object) -> MarketConfig:
-        """Inverse of :meth:`to_json`, for rules read from a genesis file, a snapshot or a
-        ledger: exactly the fields ``to_json`` writes, strings as strings, integers as
-        integers (never a bool or a float), ``k`` as ``numerator/denominator`` in decimal,
-        then every bound of ``__post_init__``. Raises :class:`MarketConfigError` naming the
-        field."""
-        if not isinstance(doc, dict):
-            raise MarketConfigError("expected an object")
-        wrong = (set(doc) ^ _CONFIG_FIELDS) - _OPTIONAL_CONFIG_FIELDS - _FEEDER_CONFIG_FIELDS
-        if wrong:
-            raise MarketConfigError(f"fields {sorted(map(str, wrong))[:10]} missing or unexpected")
-        feeder = set(doc) & _FEEDER_CONFIG_FIELDS
-        if feeder and feeder != _FEEDER_CONFIG_FIELDS:
-            missing = sorted(_FEEDER_CONFIG_FIELDS - feeder)
-            raise MarketConfigError(f"feeder fields {missing} missing (all four or none)")
-        for name, value in doc.items():
-            want = str if name in _CONFIG_STRINGS else int
-            if type(value) is not want:
-                kind = "a string" if want is str else "an integer"
-                raise MarketConfigError(f"expected {kind}", name)
-        if feeder and not doc["feeder_serial"]:
-            raise MarketConfigError("empty (leave the feeder fields out)", "feeder_serial")
-        match = _K.fullmatch(doc["k"])
-        if match is None:
-            raise MarketConfigError("expected a fraction 'numerator/denominator'", "k")
-        fields = dict(doc)
-        fields["k"] = Fraction(int(match[1]), int(match[2]))
-        fields.setdefault("rules", 1)  # written since rules 2: its absence means the first rules
-        try:
-            return cls(**fields)
-        except (ValueError, TypeError, ZeroDivisionError) as exc:
-            raise MarketConfigError(str(exc)) from None
-
-    @property
-    def has_feeder(self) -> bool:
-        """True if the grid has a feeder meter (and so a feeder check per block)."""
-        return self.feeder_serial != ""
-
-    def to_json(self) -> dict[str, object]:
-        """Canonical fields (k as a fraction string).
-
-        ``slot_seconds`` is left out at its default (900), and the four ``feeder_*`` fields
-        unless the grid has a feeder meter, so the genesis hash, genesis files and ledgers of
-        grids created before the fields existed stay valid."""
-        doc: dict[str, object] = {
-            "grid": self.grid,
-            "operator": self.operator,
-            "feed_in_tariff": self.feed_in_tariff,
-            "retail_price": self.retail_price,
-            "mechanism": self.mechanism,
-            "k": f"{self.k.numerator}/{self.k.denominator}",
-            "slot_horizon": self.slot_horizon,
-            "max_order_wh": self.max_order_wh,
-            "nonce_window": self.nonce_window,
-        }
-        if self.slot_seconds != DEFAULT_SLOT_SECONDS:
-            doc["slot_seconds"] = self.slot_seconds
-        if self.rules != 1:
-            doc["rules"] = self.rules
-        if self.max_silent_slots != DEFAULT_MAX_SILENT_SLOTS:
-            doc["max_silent_slots"] = self.max_silent_slots
-        if self.reputation_window_slots != DEFAULT_REPUTATION_WINDOW_SLOTS:
-            doc["reputation_window_slots"] = self.reputation_window_slots
-        if self.sell_floor_permille != DEFAULT_SELL_FLOOR_PERMILLE:
-            doc["sell_floor_permille"] = self.sell_floor_permille
-        if self.has_feeder:
-            doc["feeder_serial"] = self.feeder_serial
-            doc["feeder_max_power_w"] = self.feeder_max_power_w
-            doc["feeder_loss_permille"] = self.feeder_loss_permille
-            doc["feeder_tolerance_wh"] = self.feeder_tolerance_wh
-        return doc
-
-    def genesis_hash(self) -> str:
-        """The hash the first block points back to: ties the chain to these rules."""
-        return sha256(canonical_bytes("genesis", self.to_json())).hex()
-
-    @property
-    def tariffs(self) -> Tariffs:
-        """Feed-in tariff and retail price."""
-        return Tariffs(self.feed_in_tariff, self.retail_price)
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+from market.settlement import Gap, HouseholdSettlement, Metered, settle_slot
 
 
 def plausible_rise_wh(max_power_w: int, slot_seconds: int, slots: int) -> int:
@@ -424,6 +216,8 @@ class State:
     reputation: dict[str, Reputation] = field(default_factory=dict)
     height: int = 0
     head_hash: str = ""
+    governance: Governance = field(default_factory=Governance)
+    """The operator's committed membership and rules changes (:mod:`market.governance`)."""
 
     @classmethod
     def initial(cls, config: MarketConfig) -> State:
@@ -448,6 +242,8 @@ def apply(state: State, command: Command) -> tuple[State, list[Event]]:
             events = _submit_feeder_reading(state, command)
         elif isinstance(command, MemberRegistration):
             events = _register(state, command)
+        elif isinstance(command, GOVERNANCE_RECORDS):
+            events = _govern(state, command)
         elif isinstance(command, CloseGate):
             events = _close_gate(state, command.slot)
         elif isinstance(command, SettleSlot):
@@ -469,7 +265,7 @@ def _authenticate(state: State, record: SignedRecord) -> None:
     if record.grid != state.config.grid:
         raise Rejection(RejectReason.WRONG_GRID, f"record is for grid {record.grid!r}")
     author = record.author
-    if isinstance(record, (MemberRegistration, FeederReading)):
+    if isinstance(record, (MemberRegistration, FeederReading, *GOVERNANCE_RECORDS)):
         if author != state.config.operator:
             raise Rejection(RejectReason.NOT_OPERATOR, f"{author} is not the grid operator")
     elif author not in state.members:
@@ -492,6 +288,12 @@ def _register(state: State, reg: MemberRegistration) -> list[Event]:
         raise Rejection(RejectReason.INVALID_HOUSEHOLD_ID, str(exc)) from None
     if not reg.meter_serial:
         raise Rejection(RejectReason.UNKNOWN_METER, "registration names no meter serial")
+    if reg.household in state.governance.terms:
+        raise Rejection(
+            RejectReason.INVALID_CHANGE,
+            "the household's terms are governed by the operator's records: change its meter "
+            "or role with replace_meter or change_role",
+        )
     _consume_nonce(state, reg)
     previous = state.members.get(reg.household)
     state.members[reg.household] = Member(reg.meter_serial, reg.role, reg.max_power_w)
@@ -502,18 +304,293 @@ def _register(state: State, reg: MemberRegistration) -> list[Event]:
     return [HouseholdRegistered(reg)]
 
 
+# --- governance: membership and rules that change from a slot ------------------------------------
+
+
+class _Counters(NamedTuple):
+    """Counters of a meter known without a signed reading: the final counters of a swapped-out
+    meter (at the end of the swap's slot's start) or a new meter's first counters."""
+
+    meter_serial: str
+    slot: int
+    import_wh: int
+    export_wh: int
+
+
+def config_at(state: State, slot: int) -> MarketConfig:
+    """The market rules in force in ``slot`` (the genesis rules until an operator's
+    :class:`~market.models.ChangeRules` from that slot or earlier)."""
+    return state.governance.config_at(state.config, slot)
+
+
+def member_term(state: State, did: str, slot: int) -> Term | None:
+    """The household's standing in ``slot``: its status, role and meter (None: never a
+    member)."""
+    term = state.governance.term_at(did, slot)
+    if term is not None:
+        return term
+    member = state.members.get(did)
+    if member is None:
+        return None
+    return Term(0, MemberStatus.ACTIVE, member.role, member.meter_serial, member.max_power_w)
+
+
+def latest_term(state: State, did: str) -> Term:
+    """The household's standing once every scheduled change is in force (``did`` must be a
+    member)."""
+    term = state.governance.last_term(did)
+    return term if term is not None else member_term(state, did, 0)  # type: ignore[return-value]
+
+
+def _require_active(state: State, did: str, slot: int) -> Term:
+    term = member_term(state, did, slot)
+    if term is None:
+        raise Rejection(RejectReason.UNKNOWN_HOUSEHOLD, f"{did} is not a member")
+    if not term.active:
+        raise Rejection(RejectReason.NOT_ACTIVE, f"the household is {term.status} in slot {slot}")
+    return term
+
+
+def _swap_counters(state: State, did: str, serial: str) -> list[_Counters]:
+    """What the household's meter swaps say of meter ``serial``: its first counters (a new
+    meter, at the end of the slot before the swap) and its final ones (an old meter, in the
+    swap's slot)."""
+    gov = state.governance
+    known = []
+    for sw in gov.swaps_between(did, -1, MAX_SLOT):
+        if sw.meter_serial == serial:
+            known.append(_Counters(serial, sw.from_slot - 1, sw.new_import_wh, sw.new_export_wh))
+        old = gov.term_at(sw.household, sw.from_slot - 1)
+        old_serial = (
+            old.meter_serial if old is not None else state.members[sw.household].meter_serial
+        )
+        if old_serial == serial and sw.from_slot > 0:
+            known.append(_Counters(serial, sw.from_slot, sw.old_import_wh, sw.old_export_wh))
+    return known
+
+
+def _moved_since(
+    state: State, did: str, base: MeterReading, reading: MeterReading
+) -> tuple[int, int] | None:
+    """What the household's meters counted from ``base`` to ``reading``: the difference of one
+    meter's counters, or across meter swaps the old meter's rise to its final counters plus the
+    new meter's rise from its first ones. None when no swap links the two meters."""
+    if base.meter_serial == reading.meter_serial:
+        return reading.import_wh - base.import_wh, reading.export_wh - base.export_wh
+    serial, imp, exp = base.meter_serial, base.import_wh, base.export_wh
+    moved_import = moved_export = 0
+    for sw in state.governance.swaps_between(did, base.slot, reading.slot):
+        moved_import += sw.old_import_wh - imp
+        moved_export += sw.old_export_wh - exp
+        serial, imp, exp = sw.meter_serial, sw.new_import_wh, sw.new_export_wh
+    if serial != reading.meter_serial:
+        return None
+    moved_import += reading.import_wh - imp
+    moved_export += reading.export_wh - exp
+    if moved_import < 0 or moved_export < 0:
+        return None  # the new meter restarted: its counters give no usable movement
+    return moved_import, moved_export
+
+
+def _rotate_key(state: State, rotation: RotateKey, slot: int) -> Transaction:
+    """Move a household's balances, counter baseline and delivery record to its new DID at the
+    first settlement in force under it; the balance transfer is the returned transaction."""
+    old, new = rotation.household, rotation.new_household
+    postings = []
+    for asset in ASSETS:
+        amount = state.balances.get((household_account(old), asset), 0)
+        if amount:
+            postings.append(Posting(household_account(old), asset, -amount))
+            postings.append(Posting(household_account(new), asset, amount))
+    base = state.baselines.pop(old, None)
+    if base is not None:
+        state.baselines[new] = base
+    if old in state.reputation:
+        state.reputation[new] = replace(state.reputation[old])
+    return Transaction("key_rotation", slot, f"{old}>{new}", tuple(postings))
+
+
+def _govern(state: State, record: GovernanceRecord) -> list[Event]:
+    """An operator's membership or rules change: validated completely, then folded into the
+    governance history; the resting orders it invalidates leave the books."""
+    _authenticate(state, record)
+    first_open = 0 if state.closed_through is None else state.closed_through + 1
+    if record.from_slot < first_open:
+        raise Rejection(
+            RejectReason.EFFECTIVE_SLOT_CLOSED,
+            f"slot {record.from_slot} is closed: changes take effect from slot {first_open} on",
+        )
+    genesis_term = None
+    if isinstance(record, MemberChange):
+        _check_member_change(state, record)
+        genesis_term = member_term(state, record.household, 0)
+    tentative = state.governance.copy()
+    tentative.add(record, genesis_term)
+    if isinstance(record, ChangeRules):
+        _check_rules(state, record, tentative)
+    else:
+        _check_voters(state, record, tentative, first_open)
+    withdrawn = _withdrawn_orders(state, record, tentative)
+    _consume_nonce(state, record)
+    state.governance.add(record, genesis_term)
+    if isinstance(record, AddMember):
+        state.members[record.household] = Member(
+            record.meter_serial, record.role, record.max_power_w
+        )
+        state.reputation.setdefault(record.household, Reputation())
+    elif isinstance(record, RotateKey):
+        term = latest_term(state, record.new_household)
+        state.members[record.new_household] = Member(term.meter_serial, term.role, term.max_power_w)
+    for order in withdrawn:
+        del state.books[order.slot][order.id]
+    return [GovernanceAccepted(record, tuple(withdrawn))]
+
+
+_ALLOWED_FROM: dict[type, frozenset[MemberStatus]] = {
+    RemoveMember: frozenset({MemberStatus.ACTIVE, MemberStatus.SUSPENDED}),
+    SuspendMember: frozenset({MemberStatus.ACTIVE}),
+    ReinstateMember: frozenset({MemberStatus.SUSPENDED}),
+    ChangeRole: frozenset({MemberStatus.ACTIVE, MemberStatus.SUSPENDED}),
+    RotateKey: frozenset({MemberStatus.ACTIVE, MemberStatus.SUSPENDED}),
+    ReplaceMeter: frozenset({MemberStatus.ACTIVE, MemberStatus.SUSPENDED}),
+}
+
+
+def _check_member_change(state: State, record: MemberChange) -> None:
+    did = record.household
+    if isinstance(record, AddMember):
+        _check_new_did(state, did)
+        _check_serial_free(state, record.meter_serial)
+        return
+    if did not in state.members:
+        raise Rejection(RejectReason.UNKNOWN_HOUSEHOLD, f"{did} is not a member")
+    last = latest_term(state, did)
+    scheduled = state.governance.last_change_slot(did)
+    if record.from_slot < scheduled:
+        raise Rejection(
+            RejectReason.INVALID_CHANGE,
+            f"a change of this household from slot {scheduled} is already scheduled",
+        )
+    if last.status not in _ALLOWED_FROM[type(record)]:
+        raise Rejection(
+            RejectReason.INVALID_CHANGE, f"cannot {record.type} a household that is {last.status}"
+        )
+    if isinstance(record, ChangeRole) and record.role == last.role:
+        raise Rejection(RejectReason.INVALID_CHANGE, f"the household is already a {record.role}")
+    if isinstance(record, RotateKey):
+        _check_new_did(state, record.new_household)
+        if record.household_signature and not verify_signature(
+            did, record.signing_bytes(), record.household_signature
+        ):
+            raise Rejection(
+                RejectReason.BAD_SIGNATURE, "the old key's hand-over signature does not verify"
+            )
+    if isinstance(record, ReplaceMeter):
+        if record.meter_serial == last.meter_serial:
+            raise Rejection(RejectReason.INVALID_CHANGE, "the new meter is the registered one")
+        _check_serial_free(state, record.meter_serial)
+        final = _Counters(
+            last.meter_serial, record.from_slot, record.old_import_wh, record.old_export_wh
+        )
+        lineage = state.governance.lineage(did)
+        known: list[MeterReading | _Counters] = [
+            r
+            for d in lineage
+            for r in (state.baselines.get(d), *(p.get(d) for p in state.pending_readings.values()))
+            if r is not None and r.meter_serial == last.meter_serial
+        ]
+        swaps = _swap_counters(state, did, last.meter_serial)
+        known.extend(c for c in swaps if c.slot < final.slot)
+        _check_counters(final, known, last.max_power_w, state.config.slot_seconds)
+
+
+def _check_new_did(state: State, did: str) -> None:
+    try:
+        public_key_from_did(did)
+    except IdentityError as exc:
+        raise Rejection(RejectReason.INVALID_HOUSEHOLD_ID, str(exc)) from None
+    if did in state.members:
+        raise Rejection(RejectReason.INVALID_CHANGE, f"{did} is or was a member already")
+
+
+def _check_serial_free(state: State, serial: str) -> None:
+    if serial == state.config.feeder_serial or any(
+        latest_term(state, d).meter_serial == serial
+        for d in state.members
+        if latest_term(state, d).status not in (MemberStatus.REMOVED, MemberStatus.ROTATED)
+    ):
+        raise Rejection(RejectReason.INVALID_CHANGE, f"meter {serial!r} is another member's")
+
+
+def _check_rules(state: State, record: ChangeRules, tentative: Governance) -> None:
+    if not record.changes():
+        raise Rejection(RejectReason.INVALID_CHANGE, "the rules change names no rule")
+    for slot in sorted({s for s, _, _ in tentative.rules_changes if s >= record.from_slot}):
+        try:
+            tentative.config_at(state.config, slot)
+        except MarketConfigError as exc:
+            raise Rejection(RejectReason.INVALID_CHANGE, f"rules from slot {slot}: {exc}") from None
+
+
+def _check_voters(
+    state: State, record: GovernanceRecord, tentative: Governance, first_open: int
+) -> None:
+    """Every slot from the first open one on keeps at least one active voter (in a grid that
+    has one: a test grid of learners only is left as it is)."""
+    dids = [*state.members, *([record.new_household] if isinstance(record, RotateKey) else [])]
+
+    def voters(governance: Governance, slot: int) -> int:
+        count = 0
+        for did in dids:
+            term = governance.term_at(did, slot)
+            if term is None:
+                term = member_term(state, did, slot)
+            if term is not None and term.active and term.role == MemberRole.VOTER:
+                count += 1
+        return count
+
+    boundaries = {first_open} | {
+        t.from_slot for d in dids for t in tentative.terms.get(d, ()) if t.from_slot > first_open
+    }
+    for slot in sorted(boundaries):
+        if voters(tentative, slot) == 0 and voters(state.governance, slot) > 0:
+            raise Rejection(
+                RejectReason.NO_VOTERS_LEFT, f"the grid would have no active voter in slot {slot}"
+            )
+
+
+def _withdrawn_orders(state: State, record: GovernanceRecord, tentative: Governance) -> list[Order]:
+    """Resting orders the record invalidates, in book order: a household's that is no longer
+    active in their slot, or priced outside their slot's new band."""
+    withdrawn = []
+    for slot, book in state.books.items():
+        if slot < record.from_slot:
+            continue
+        if isinstance(record, ChangeRules):
+            band = tentative.config_at(state.config, slot).tariffs_at(slot)
+            withdrawn.extend(
+                o for o in book.values()
+                if not band.feed_in <= o.price <= band.retail
+            )  # fmt: skip
+        elif isinstance(record, (RemoveMember, SuspendMember, RotateKey)):
+            withdrawn.extend(o for o in book.values() if o.household == record.household)
+    return withdrawn
+
+
 def _submit_order(state: State, order: Order) -> list[Event]:
     _authenticate(state, order)
+    _require_active(state, order.household, order.slot)
     cfg = state.config
     if not 0 < order.quantity_wh <= cfg.max_order_wh:
         raise Rejection(
             RejectReason.INVALID_QUANTITY,
             f"quantity {order.quantity_wh} Wh outside 1..{cfg.max_order_wh}",
         )
-    if not cfg.feed_in_tariff <= order.price <= cfg.retail_price:
+    band = config_at(state, order.slot).tariffs_at(order.slot)
+    if not band.feed_in <= order.price <= band.retail:
         raise Rejection(
             RejectReason.PRICE_OUT_OF_BAND,
-            f"price {order.price} outside [{cfg.feed_in_tariff}, {cfg.retail_price}]",
+            f"price {order.price} outside [{band.feed_in}, {band.retail}] in slot {order.slot}",
         )
     if state.closed_through is not None:
         if order.slot <= state.closed_through:
@@ -573,11 +650,12 @@ def _cancel_order(state: State, cancel: CancelOrder) -> list[Event]:
 
 def _submit_reading(state: State, reading: MeterReading) -> list[Event]:
     _authenticate(state, reading)
-    member = state.members[reading.household]
-    if reading.meter_serial != member.meter_serial:
+    term = _require_active(state, reading.household, reading.slot)
+    if reading.meter_serial != term.meter_serial:
         raise Rejection(
             RejectReason.UNKNOWN_METER,
-            f"meter {reading.meter_serial!r} is not the registered {member.meter_serial!r}",
+            f"meter {reading.meter_serial!r} is not the registered {term.meter_serial!r} "
+            f"in slot {reading.slot}",
         )
     _check_reading_slot(state, reading.slot)
     if reading.import_wh < 0 or reading.export_wh < 0:
@@ -612,15 +690,17 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
     counter may rise by at most :func:`plausible_rise_wh` ``(max_power_w, slot_seconds, d)``.
     So any two readings settlement differences were checked against each other.
     """
-    base = state.baselines.get(reading.household)
+    lineage = state.governance.lineage(reading.household)
+    base = next((b for d in lineage if (b := state.baselines.get(d)) is not None), None)
     if base is not None and base.meter_serial != reading.meter_serial:
         base = None
     pending = [
         r
         for p in state.pending_readings.values()
-        if (r := p.get(reading.household)) is not None and r.meter_serial == reading.meter_serial
+        for d in lineage
+        if (r := p.get(d)) is not None and r.meter_serial == reading.meter_serial
     ]
-    max_power_w = state.members[reading.household].max_power_w
+    max_power_w = member_term(state, reading.household, reading.slot).max_power_w
     slot_seconds = state.config.slot_seconds
     if state.config.rules >= 2 and base is not None:
         if any(is_restart(base, r, max_power_w, slot_seconds) for r in pending):
@@ -633,7 +713,8 @@ def _check_monotonic(state: State, reading: MeterReading) -> None:
                     "only as the next reading after the settled one",
                 )
             return  # a restart: checked from zero by is_restart
-    known = [r for r in (base, *pending) if r is not None]
+    known: list[MeterReading | _Counters] = [r for r in (base, *pending) if r is not None]
+    known.extend(_swap_counters(state, reading.household, reading.meter_serial))
     _check_counters(reading, known, max_power_w, slot_seconds)
 
 
@@ -642,7 +723,7 @@ def sell_limit_wh(state: State, household: str) -> int:
     slot at its rated power, scaled by the share of its recent sales it delivered, and never
     below the grid's floor share of it."""
     cfg = state.config
-    capacity = plausible_rise_wh(state.members[household].max_power_w, cfg.slot_seconds, 1)
+    capacity = plausible_rise_wh(latest_term(state, household).max_power_w, cfg.slot_seconds, 1)
     rep = state.reputation.get(household)
     score = 1000 if rep is None else rep.recent_score_permille
     return capacity * offer_share_permille(cfg, score) // 1000
@@ -664,8 +745,8 @@ def is_restart(
 
 
 def _check_counters(
-    reading: MeterReading | FeederReading,
-    known: Sequence[MeterReading | FeederReading],
+    reading: MeterReading | FeederReading | _Counters,
+    known: Sequence[MeterReading | FeederReading | _Counters],
     max_power_w: int,
     slot_seconds: int,
 ) -> None:
@@ -759,7 +840,7 @@ def _close_gate(state: State, slot: int) -> list[Event]:
         state.settled_through = slot - 1
     book = state.books.pop(slot, {})
     orders = tuple(book.values())
-    clearing, trades = clear_book(state.config, slot, orders)
+    clearing, trades = clear_book(config_at(state, slot), slot, orders)
     state.closed_through = slot
     state.cleared[slot] = trades
     state.closed_books[slot] = orders
@@ -779,10 +860,16 @@ def _settle(state: State, slot: int) -> list[Event]:
     if slot > state.closed_through:
         raise Rejection(RejectReason.SLOT_NOT_CLOSED, f"gate of slot {slot} is not closed")
 
+    rotations = [
+        _rotate_key(state, rot, slot)
+        for rot in state.governance.rotations
+        if state.settled_through < rot.from_slot <= slot
+    ]
     trades = state.cleared.pop(slot, ())
     state.closed_books.pop(slot, None)
     readings = state.pending_readings.pop(slot, {})
-    households = sorted(state.members)
+    config = config_at(state, slot)
+    households = sorted(d for d in state.members if member_term(state, d, slot).active)
     metered: dict[str, Metered] = {}
     gaps: dict[str, Gap] = {}
     used: list[MeterReading] = []
@@ -791,9 +878,9 @@ def _settle(state: State, slot: int) -> list[Event]:
         if reading is None:
             continue
         base = state.baselines.get(did)
-        if base is not None and base.meter_serial == reading.meter_serial:
-            moved_import = reading.import_wh - base.import_wh
-            moved_export = reading.export_wh - base.export_wh
+        moved = None if base is None else _moved_since(state, did, base, reading)
+        if base is not None and moved is not None:
+            moved_import, moved_export = moved
             if moved_import < 0 or moved_export < 0:
                 # accepted only as a restart (rules 2): counted from zero, and what the meter
                 # counted between the settled reading and the restart is estimated as zero
@@ -806,8 +893,9 @@ def _settle(state: State, slot: int) -> list[Event]:
         used.append(reading)
 
     transactions, settlements = settle_slot(
-        slot, trades, households, metered, state.config.tariffs, gaps
+        slot, trades, households, metered, config.tariffs_at(slot), gaps
     )
+    transactions = [*rotations, *transactions]
     feeder = _feeder_check(state, slot, settlements)
     for tx in transactions:
         for p in tx.postings:
@@ -835,6 +923,7 @@ def _settle(state: State, slot: int) -> list[Event]:
         state_hash=state_hash(height, state.balances),
         tx_count=len(transactions),
         feeder=None if feeder is None else feeder.hash,
+        rules=None if config is state.config else config.rules_hash(),
     )
     state.height = height
     state.head_hash = block.hash
@@ -911,15 +1000,23 @@ __all__ = [
     "DEFAULT_FEEDER_LOSS_PERMILLE",
     "DEFAULT_FEEDER_MAX_POWER_W",
     "DEFAULT_FEEDER_TOLERANCE_WH",
+    "DEFAULT_MAX_SILENT_SLOTS",
+    "DEFAULT_REPUTATION_WINDOW_SLOTS",
+    "DEFAULT_SELL_FLOOR_PERMILLE",
+    "RULES",
     "MarketConfig",
+    "MarketConfigError",
     "Member",
     "NonceWindow",
     "Reputation",
     "Side",
     "State",
     "apply",
+    "config_at",
     "delivery_score_permille",
     "is_restart",
+    "latest_term",
+    "member_term",
     "offer_share_permille",
     "plausible_rise_wh",
     "reading_leaf",

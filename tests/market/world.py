@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from market import (
     CancelOrder,
@@ -20,6 +21,7 @@ from market import (
     apply,
 )
 from market.encoding import sha256
+from market.models import GovernanceRecord
 from market.signing import Signer
 from market.state import DEFAULT_MAX_SILENT_SLOTS, RULES
 
@@ -73,7 +75,9 @@ class World:
         self.nonces[did] = self.nonces.get(did, 0) + 1
         return self.nonces[did]
 
-    def register(self, name: str, serial: str | None = None) -> Signer:
+    def register(
+        self, name: str, serial: str | None = None, role: MemberRole = MemberRole.LEARNER
+    ) -> Signer:
         s = self.homes.get(name) or signer(name)
         self.homes[name] = s
         reg = MemberRegistration(
@@ -81,7 +85,7 @@ class World:
             operator=self.operator.did,
             household=s.did,
             meter_serial=serial or f"M-{name}",
-            role=MemberRole.LEARNER,
+            role=role,
             nonce=self.nonce(self.operator.did),
         ).signed_by(self.operator)
         self.ok(reg)
@@ -138,6 +142,20 @@ class World:
             nonce=slot * 4 + 2 if nonce is None else nonce,
         ).signed_by(by)
 
+    def govern(self, kind: type[GovernanceRecord], from_slot: int, **fields: object) -> Any:
+        """An operator-signed governance record of ``kind`` in force from ``from_slot``; a
+        ``household`` given by name is replaced by its DID."""
+        name = fields.get("household")
+        if isinstance(name, str) and name in self.homes:
+            fields["household"] = self.homes[name].did
+        return kind(
+            grid=GRID,
+            operator=self.operator.did,
+            from_slot=from_slot,
+            nonce=self.nonce(self.operator.did),
+            **fields,
+        ).signed_by(self.operator)
+
     def cancel(self, name: str, order_id: str) -> CancelOrder:
         s = self.homes[name]
         return CancelOrder(
@@ -183,4 +201,5 @@ def _comparable(state: State) -> tuple:
         {k: (v.sold_wh, v.delivered_wh, v.slots) for k, v in state.reputation.items()},
         state.height,
         state.head_hash,
+        list(state.governance.records),
     )
