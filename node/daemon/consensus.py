@@ -37,9 +37,11 @@ import trio
 
 from market import Command, encode_batch
 from market.events import Event
+from node.daemon.membership import desired_roles, next_conf_change
 from node.daemon.proposer import EngineView, Proposer
 from node.daemon.replica import Replica
 from node.raft import (
+    ConfChangeRejected,
     EntryType,
     Message,
     NotLeader,
@@ -80,6 +82,8 @@ class DriverStats:
     """Compactions that failed (storage error, a bug): logged with the traceback."""
     dropped_inbound: int = 0
     leader_changes: int = 0
+    conf_changes_proposed: int = 0
+    """Raft membership changes this node proposed as leader, following the grid's members."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,8 @@ class ConsensusDriver:
         self._last_snapshot = self.replica.applied_index
         self._compact_not_before = float("-inf")
         self._leader: str | None = None
+        self._desired: tuple[int, dict] = (-1, {})
+        """(applied index, :func:`~node.daemon.membership.desired_roles` at that index)."""
         self.view: ConsensusView = self._take_view()
         """The latest :class:`ConsensusView` (replaced whole: read it from anywhere)."""
 
@@ -196,6 +202,7 @@ class ConsensusDriver:
     def _propose(self) -> None:
         if self.raft.role != "leader":
             return
+        self._follow_membership()
         state = self.replica.state
         batch = self.proposer.next_batch(
             self.wall_clock(), EngineView(state.closed_through, state.settled_through)
@@ -208,6 +215,28 @@ class ConsensusDriver:
             return  # lost leadership this instant; the records stay queued for retry
         self.stats.proposals += 1
         self.stats.proposed_commands += len(batch)
+
+    def _follow_membership(self) -> None:
+        """Leader: propose the next Raft membership change the grid's members call for (one
+        at a time; the core refuses another while one is unapplied)."""
+        applied = self.replica.applied_index
+        if self._desired[0] != applied:
+            self._desired = (applied, desired_roles(self.replica.state))
+        status = self.raft.status()
+        cc = next_conf_change(self._desired[1], status)
+        if cc is None:
+            return
+        try:
+            self.raft.propose_conf_change(cc)
+        except (ConfChangeRejected, NotLeader):
+            return  # one is pending, or leadership moved: the next tick asks again
+        self.stats.conf_changes_proposed += 1
+        log.info(
+            "membership change proposed: %s %s",
+            cc.type.name,
+            cc.node_id,
+            extra={"event": "conf_change", "change": cc.type.name, "peer": cc.node_id},
+        )
 
     async def _drain_ready(self) -> None:
         while self.raft.has_ready():
