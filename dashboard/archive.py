@@ -5,9 +5,10 @@ dashboard and ``microgrid ledger verify`` work on it unchanged. Copying is idemp
 incremental: each run copies only blocks above the archive's height, in chunks of blocks, each
 chunk in one target transaction together with everything the chunk's slots produced
 (transactions and postings with their original ids, clearings, orders, trades, readings,
-settlements, true-ups, feeder checks) and the balance deltas of its postings. A crash leaves whole
-chunks; a re-run resumes after the last one. ``households`` (cumulative reputation, not hashed) is
-refreshed from the source at the end of a run.
+settlements, true-ups, feeder checks) and the balance deltas of its postings, and with the
+source's governance records the archive lacks (they decide the rules each block is verified
+under). A crash leaves whole chunks; a re-run resumes after the last one. ``households``
+(cumulative reputation, not hashed) is refreshed from the source at the end of a run.
 
 Safety: an archive is bound to one microgrid by the genesis hash in ``meta``; a source of another
 grid is refused, and so is a source whose block at the archive's height has another hash (a
@@ -26,7 +27,7 @@ from sqlalchemy import Engine, Table, and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from node.ledger import schema as t
-from node.ledger.queries import has_true_up_table
+from node.ledger.queries import block_columns, has_governance_table, has_true_up_table
 from node.ledger.rows import (
     BalanceOverflowError,
     apply_balance_deltas,
@@ -109,10 +110,12 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
     """Copy blocks ``first..last`` (heights) and what their slots produced; returns count."""
     b, tx, p = t.blocks.c, t.transactions.c, t.postings.c
     blocks = fetch_rows(
-        source, select(t.blocks).where(b.height.between(first, last)).order_by(b.height)
+        source,
+        select(*block_columns(source)).where(b.height.between(first, last)).order_by(b.height),
     )
     if not blocks:
         return 0
+    _copy_governance(source, target)
     prev_slot = source.execute(select(b.slot).where(b.height == first - 1)).scalar()
     lo = -1 if prev_slot is None else int(prev_slot)
     hi = int(blocks[-1]["slot"])
@@ -175,6 +178,26 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
     return len(blocks)
 
 
+def _copy_governance(source: Connection, target: Connection) -> None:
+    """The source's ``governance`` rows after the archive's last one (records are only ever
+    appended, in log order); a log index or withdrawn count the archive lacks is taken too."""
+    if not has_governance_table(source):  # an older node's ledger: no record was accepted
+        return
+    g = t.governance.c
+    have = {r.position: r for r in target.execute(select(g.position, g.log_index, g.withdrawn))}
+    rows = fetch_rows(source, select(t.governance).order_by(g.position))
+    insert_rows(target, t.governance, [r for r in rows if r["position"] not in have])
+    for r in rows:
+        mine = have.get(r["position"])
+        known = (r["log_index"], r["withdrawn"])
+        if mine is not None and (mine.log_index, mine.withdrawn) != known:
+            target.execute(
+                update(t.governance)
+                .where(g.position == r["position"])
+                .values(log_index=r["log_index"], withdrawn=r["withdrawn"])
+            )
+
+
 def _refresh_households(source: Connection, target: Connection) -> None:
     rows = fetch_rows(source, select(t.households).order_by(t.households.c.did))
     target.execute(delete(t.households))
@@ -189,7 +212,7 @@ def archive_engines(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Copy every settled block the target lacks; returns the number of blocks copied."""
-    t.metadata.create_all(target)  # includes the per-household settlements index
+    t.ensure_schema(target)  # includes the per-household settlements index and added columns
     with source.connect() as src, target.begin() as dst:
         height, _ = _bind(src, dst)
     copied = 0

@@ -14,19 +14,29 @@ canonical JSON (sorted keys, no spaces, ASCII)::
                  "feeder": {status, meter_serial, import_wh, export_wh, nonce, signature,
                             feeder_net_wh, households_net_wh, difference_wh,
                             allowed_loss_wh},
-                 "true_ups": [{household, slots, import_wh, export_wh}]}],
+                 "true_ups": [{household, slots, import_wh, export_wh}],
+                 "rules": hex}],
      "gates": [{slot, mechanism, price, volume_wh, bid_volume_wh, ask_volume_wh, order_count,
                 participants, "orders": [{order_id, household, side, quantity_wh, price,
                                           nonce, signature}],
                 "trades": [{buy_id, sell_id, buyer, seller, quantity_wh, price,
                             sell_price}]}],
-     "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count, feeder]]}
+     "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count, feeder, rules]],
+     "governance": [{position, log_index, withdrawn, record}]}
 
 ``feeder`` (the block's ``feeder_checks`` row; in a link, its hash) is there only in a grid with
 a feeder meter: a grid without one exchanges exactly the chunks it did before. ``true_ups`` (the
 block's ``true_ups`` rows without slot and height, in household order) is there only in a block
 that trued up a household's unmeasured slots: a chunk of blocks without one is byte-identical to
 what a node without the ``true_ups`` table sends, so both versions interoperate on such blocks.
+``rules`` (the block header's rules hash) is there only in a block settled under rules an
+operator's ``change_rules`` put in force; in a link, such a block's header has eight items, the
+seventh its feeder hash or ``null``. ``governance`` (rows of the ``governance`` table: position,
+log index and withdrawn count, ``null`` if unknown, and the record's canonical JSON text) holds
+the records in force from the chunk's slots (from the slot after the block before the chunk,
+through its last block's, and, when the chunk reaches the requested last height, every later
+one); it is left out when there is none, so a grid that never changed exchanges the chunks it
+did before.
 
 List order is row order (``position``). ``gates`` holds the gate closures (clearing, book,
 trades) of the blocks' slots and, when the chunk reaches the requested last height, of up to
@@ -77,6 +87,7 @@ from market.bounds import (
 )
 from market.encoding import EncodingError, canonical_bytes
 from market.feeder import FeederCheck, FeederStatus
+from market.models import MAX_COMMAND_BYTES
 
 CHUNK_KIND = "blocksync"
 CHUNK_PREFIX = f"microgrid/{CHUNK_KIND}/v1\n".encode()
@@ -223,12 +234,21 @@ class ChunkBlock(_Doc):
     """Absent (never ``null``) in a grid without a feeder meter."""
     true_ups: tuple[ChunkTrueUp, ...] = ()
     """Absent (never ``[]``) in a block without a true-up."""
+    rules: Hex64 | None = None
+    """The header's rules hash; absent (never ``null``) while the genesis rules hold."""
 
     @field_validator("feeder", mode="before")
     @classmethod
     def _feeder_is_absent_or_an_object(cls, value: Any) -> Any:
         if value is None:
             raise ValueError("must be left out, not null, in a grid without a feeder meter")
+        return value
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules_are_absent_or_a_hash(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must be left out, not null, while the genesis rules hold")
         return value
 
     @field_validator("true_ups", mode="before")
@@ -247,6 +267,8 @@ class ChunkBlock(_Doc):
             doc.pop("feeder", None)
         if not doc.get("true_ups"):
             doc.pop("true_ups", None)
+        if doc.get("rules") is None:
+            doc.pop("rules", None)
         return doc
 
 
@@ -289,18 +311,36 @@ class ChunkGate(_Doc):
     trades: tuple[ChunkTrade, ...]
 
 
+class ChunkGovernance(_Doc):
+    """An accepted governance record (a ``governance`` row: the rest is derived from the
+    record)."""
+
+    position: Height
+    log_index: Count | None
+    withdrawn: Count | None
+    record: Annotated[StrictStr, Field(min_length=2, max_length=MAX_COMMAND_BYTES)]
+    """The record's canonical JSON (``node.ledger.governance.record_text``)."""
+
+
 LinkHeader = tuple[Slot, Hex64, Hex64, Hex64, Hex64, Count]
 """``[slot, tx_root, trade_root, reading_root, state_hash, tx_count]`` of a block not carried."""
 FeederLinkHeader = tuple[Slot, Hex64, Hex64, Hex64, Hex64, Count, Hex64]
 """The same and the block's feeder check hash, in a grid with a feeder meter."""
+RulesLinkHeader = tuple[Slot, Hex64, Hex64, Hex64, Hex64, Count, Hex64 | None, Hex64]
+"""The same with the feeder check hash (``null`` in a grid without a feeder meter) and the
+block's rules hash, for a block settled under changed rules."""
 
 
 def _link_kind(value: Any) -> str:
-    return "with_feeder" if isinstance(value, list | tuple) and len(value) == 7 else "header"
+    if isinstance(value, list | tuple) and len(value) in (7, 8):
+        return "with_feeder" if len(value) == 7 else "with_rules"
+    return "header"
 
 
 LinkItem = Annotated[
-    Annotated[LinkHeader, Tag("header")] | Annotated[FeederLinkHeader, Tag("with_feeder")],
+    Annotated[LinkHeader, Tag("header")]
+    | Annotated[FeederLinkHeader, Tag("with_feeder")]
+    | Annotated[RulesLinkHeader, Tag("with_rules")],
     Discriminator(_link_kind),
 ]
 
@@ -312,6 +352,8 @@ class Chunk(_Doc):
     blocks: tuple[ChunkBlock, ...]
     gates: tuple[ChunkGate, ...]
     link: tuple[LinkItem, ...]
+    governance: tuple[ChunkGovernance, ...] = ()
+    """Absent (never ``[]``) when no governance record is in force from the chunk's slots."""
 
     @field_validator("blocks")
     @classmethod
@@ -319,6 +361,22 @@ class Chunk(_Doc):
         if not value:
             raise ValueError("a chunk holds at least one block")
         return value
+
+    @field_validator("governance", mode="before")
+    @classmethod
+    def _governance_is_absent_or_some(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("must be left out, not empty, when there is no record")
+            return tuple(value)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_governance(self, handler: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = handler(self)
+        if not doc.get("governance"):
+            doc.pop("governance", None)
+        return doc
 
 
 # --- bytes ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Block sync, the serving side: read a chunk of ledger blocks for a peer that misses them.
 
 :func:`export_blocks` reads blocks with everything their slots produced (transactions and
-postings, readings, settlements, true-ups, the feeder check, the gate closures) and encodes them
+postings, readings, settlements, true-ups, the feeder check, the gate closures) and the
+governance records in force from those slots, and encodes them
 as one chunk (:mod:`node.ledger.chunk`, which documents the format), within ``MAX_CHUNK_BLOCKS``
 blocks and ``MAX_CHUNK_BYTES`` bytes. No networking here: ``node/net/block_sync.py`` carries the
 bytes.
@@ -84,7 +85,8 @@ def export_blocks(store: LedgerStore, first: int, last: int) -> bytes:
                 "not_available", f"the gate closure of block {first}'s slot is not in this ledger"
             )
         blocks = _block_bodies(conn, candidates)
-    return _assemble(meta["genesis_hash"], blocks, headers, gates, prev_slot)
+        governance = _governance_docs(conn, prev_slot)
+    return _assemble(meta["genesis_hash"], blocks, headers, gates, prev_slot, governance)
 
 
 def _block_bodies(conn: Connection, headers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -160,8 +162,10 @@ def _assemble(
     headers: list[dict[str, Any]],
     gates: dict[int, dict[str, Any]],
     prev_slot: int | None,
+    governance: list[tuple[int, dict[str, Any]]],
 ) -> bytes:
-    """The largest chunk of ``blocks`` (with link and gates) within ``MAX_CHUNK_BYTES``."""
+    """The largest chunk of ``blocks`` (with link, gates and the governance records in force
+    from their slots) within ``MAX_CHUNK_BYTES``."""
 
     def size(doc: Any) -> int:
         return len(json.dumps(doc, sort_keys=True, separators=(",", ":")))
@@ -178,6 +182,10 @@ def _assemble(
                 s += 1
         return chosen
 
+    def governance_list(n: int) -> list[dict[str, Any]]:
+        hi = blocks[n - 1]["slot"]
+        return [doc for slot, doc in governance if n == len(headers) or slot <= hi]
+
     block_sizes = [size(b) + 1 for b in blocks]
     link_sizes = [size(_link_doc(h)) + 1 for h in headers]
     gate_sizes = {s: size(g) + 1 for s, g in gates.items()}
@@ -189,20 +197,23 @@ def _assemble(
             + sum(block_sizes[:n])
             + sum(link_sizes[n:])
             + sum(gate_sizes[g["slot"]] for g in gate_list(n))
+            + sum(size(doc) + 1 for doc in governance_list(n))
         )
 
     n = len(blocks)
     while n > 1 and estimate(n) > MAX_CHUNK_BYTES:
         n -= 1
     while True:
-        data = encode_chunk(
-            {
-                "genesis_hash": genesis,
-                "blocks": blocks[:n],
-                "gates": gate_list(n),
-                "link": [_link_doc(h) for h in headers[n:]],
-            }
-        )
+        doc: dict[str, Any] = {
+            "genesis_hash": genesis,
+            "blocks": blocks[:n],
+            "gates": gate_list(n),
+            "link": [_link_doc(h) for h in headers[n:]],
+        }
+        records = governance_list(n)
+        if records:  # left out when there is none: chunks of unchanged grids stay as before
+            doc["governance"] = records
+        data = encode_chunk(doc)
         if len(data) <= MAX_CHUNK_BYTES:
             return data
         if n == 1:
@@ -215,7 +226,10 @@ def _assemble(
 
 
 def _block_doc(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in HEADER_FIELDS}
+    doc = {k: row[k] for k in HEADER_FIELDS}
+    if row.get("rules") is not None:
+        doc["rules"] = row["rules"]
+    return doc
 
 
 def _link_doc(row: dict[str, Any]) -> list[Any]:
@@ -227,9 +241,33 @@ def _link_doc(row: dict[str, Any]) -> list[Any]:
         row["state_hash"],
         row["tx_count"],
     ]
-    if row.get("feeder") is not None:
-        doc.append(feeder_hash(row["feeder"]))
+    feeder = None if row.get("feeder") is None else feeder_hash(row["feeder"])
+    if row.get("rules") is not None:
+        doc += [feeder, row["rules"]]
+    elif feeder is not None:
+        doc.append(feeder)
     return doc
+
+
+def _governance_docs(conn: Connection, after_slot: int | None) -> list[tuple[int, dict[str, Any]]]:
+    """``(from_slot, chunk object)`` of the governance rows in force from a slot after
+    ``after_slot`` (every row when None), in log order."""
+    g = t.governance.c
+    q = select(g.position, g.log_index, g.withdrawn, g.record, g.from_slot).order_by(g.position)
+    if after_slot is not None:
+        q = q.where(g.from_slot > after_slot)
+    return [
+        (
+            int(r.from_slot),
+            {
+                "position": r.position,
+                "log_index": r.log_index,
+                "withdrawn": r.withdrawn,
+                "record": r.record,
+            },
+        )
+        for r in conn.execute(q)
+    ]
 
 
 def _feeder_docs(conn: Connection, first: int, last: int) -> dict[int, dict[str, Any]]:

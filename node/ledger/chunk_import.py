@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from market.accounting import Block
+from market.config import MarketConfigError
+from market.governance import Governance
 from market.models import Order, Trade
 from market.snapshot import config_from_json
 from market.state import MarketConfig, clear_book
@@ -26,10 +28,13 @@ from node.ledger.chunk import (
     Chunk,
     ChunkBlock,
     ChunkGate,
+    ChunkGovernance,
     decode_chunk,
     feeder_hash,
 )
 from node.ledger.gaps import HEAD_KEY, Gap, read_gaps, write_gaps
+from node.ledger.governance import decode_record, fold, record_hash, record_text
+from node.ledger.queries import load_governance_records
 from node.ledger.rows import (
     BalanceOverflowError,
     apply_balance_deltas,
@@ -47,9 +52,13 @@ def import_blocks(store: LedgerStore, data: bytes) -> list[tuple[int, int]]:
 
     Before anything is written: strict decoding, the genesis hash, that the chunk starts the
     first gap and stays inside it, every block hash, the chain from the block before the gap
-    through the chunk and its ``link`` into the gap's anchor (``block_sync_head``), and every
-    gate closure (order signatures; clearing and trades recomputed with the auction). Then, in
-    the same database transaction, the rows are inserted, balances updated by the postings, the
+    through the chunk and its ``link`` into the gap's anchor (``block_sync_head``), every
+    gate closure (order signatures; clearing and trades recomputed with the auction under the
+    rules in force for its slot), and the governance records it carries (each must be the
+    record this ledger holds at its position: the installed snapshot brought them; a record
+    this ledger does not hold yet is left for the log to bring). Then, in the same database
+    transaction, the rows are inserted, balances updated by the postings, a log index or
+    withdrawn count this ledger lacks (a record from a snapshot) taken from the chunk, the
     gap shrunk, and the ledger verified from the gap's first block through the block before
     the next gap, or to its end with the end-of-ledger checks (``_verify``: transaction ids,
     balance, roots, reading signatures, state hashes, each ``true_ups`` row against its
@@ -102,6 +111,7 @@ def _import(conn: Connection, chunk: Chunk) -> list[tuple[int, int]]:
 
     before = _check_chain(conn, chunk, gap, meta["genesis_hash"])
     lo = before.slot if before is not None else None
+    fills = _check_governance(conn, chunk.governance)
     new_gates = _new_gates(conn, chunk, gap, lo, closes, meta)
     for blk in blocks:
         for r in blk.readings:
@@ -111,6 +121,10 @@ def _import(conn: Connection, chunk: Chunk) -> list[tuple[int, int]]:
                 )
 
     _insert(conn, blocks, new_gates)
+    for position, values in fills:
+        conn.execute(
+            update(t.governance).where(t.governance.c.position == position).values(**values)
+        )
     remaining = gaps[1:]
     if not closes:
         remaining.insert(0, Gap(m + 1, gap.last, gap.head, gap.gates_through))
@@ -141,7 +155,7 @@ def _check_chain(conn: Connection, chunk: Chunk, gap: Gap, genesis: str) -> Any:
     prev = before.hash if before is not None else genesis
     for blk in blocks:
         where = f"block {blk.height} (slot {blk.slot})"
-        header = Block(*(getattr(blk, k) for k in HEADER_FIELDS[:-1]), _feeder_hash(blk))
+        header = Block(*(getattr(blk, k) for k in HEADER_FIELDS[:-1]), _feeder_hash(blk), blk.rules)
         if header.hash != blk.hash:
             raise BlockSyncError("bad_block", f"{where}: header fields do not hash to its hash")
         if blk.prev_hash != prev:
@@ -158,11 +172,11 @@ def _check_chain(conn: Connection, chunk: Chunk, gap: Gap, genesis: str) -> Any:
             f"chunk ends at block {m} and links only to {m + len(link)}, short of the gap's "
             f"end {gap.last}: ask for the whole missing range",
         )
-    for j, (slot, tx_root, trade_root, reading_root, state_h, tx_count, *feeder) in enumerate(
+    for j, (slot, tx_root, trade_root, reading_root, state_h, tx_count, *extra) in enumerate(
         link[: gap.last - m]
     ):
         prev = Block(
-            m + 1 + j, slot, prev, tx_root, trade_root, reading_root, state_h, tx_count, *feeder
+            m + 1 + j, slot, prev, tx_root, trade_root, reading_root, state_h, tx_count, *extra
         ).hash
     anchor = gap.head or _successor_prev_hash(conn, gap.last)
     if prev != anchor:
@@ -207,11 +221,16 @@ def _new_gates(
     if "config" not in meta:
         raise LedgerStoreError("meta has no market config: not a node's ledger")
     config = config_from_json(json.loads(meta["config"]))
+    gov = _local_governance(conn)
     new_gates = []
     for s, g in sorted(offered.items()):
         if not (s <= last_slot or s in following or s in local_gates):
             continue  # this node closes that gate itself later
-        _check_gate(g, config)
+        try:
+            rules = gov.config_at(config, s)
+        except MarketConfigError as exc:
+            raise LedgerStoreError(f"the ledger's rules changes make no rules: {exc}") from None
+        _check_gate(g, rules)
         local = _local_gate(conn, s)
         if local is not None:
             if local != _gate_rows(g):
@@ -226,6 +245,56 @@ def _new_gates(
             )
         new_gates.append((g, bool(local_trades)))
     return new_gates
+
+
+def _local_governance(conn: Connection) -> Governance:
+    """The governance history of this ledger's ``governance`` rows."""
+    try:
+        return fold(load_governance_records(conn))
+    except ValueError as exc:
+        raise LedgerStoreError(f"this ledger's {exc}") from None
+
+
+def _check_governance(
+    conn: Connection, carried: tuple[ChunkGovernance, ...]
+) -> list[tuple[int, dict[str, Any]]]:
+    """Check the chunk's governance rows against this ledger's; the values to fill in
+    (position, columns), for rows whose log index or withdrawn count this ledger lacks.
+
+    Each carried record must decode, be canonical, and equal this ledger's record at its
+    position (``bad_block`` otherwise: a forked or forged peer). A position this ledger has no
+    row for is skipped: this node applies that record from its own log later."""
+    g = t.governance.c
+    local = {
+        r.position: r
+        for r in conn.execute(select(g.position, g.record_hash, g.log_index, g.withdrawn))
+    }
+    fills = []
+    seen: set[int] = set()
+    for item in carried:
+        where = f"governance record {item.position} of the chunk"
+        if item.position in seen:
+            raise BlockSyncError("malformed", f"{where} is listed twice")
+        seen.add(item.position)
+        try:
+            record = decode_record(item.record)
+        except ValueError as exc:
+            raise BlockSyncError("malformed", f"{where}: {exc}") from None
+        if record_text(record) != item.record:
+            raise BlockSyncError("malformed", f"{where} is not in canonical form")
+        mine = local.get(item.position)
+        if mine is None:
+            continue
+        if mine.record_hash != record_hash(record):
+            raise BlockSyncError("bad_block", f"{where} differs from this ledger's")
+        values: dict[str, Any] = {}
+        if mine.log_index is None and item.log_index is not None:
+            values["log_index"] = item.log_index
+        if mine.withdrawn is None and item.withdrawn is not None:
+            values["withdrawn"] = item.withdrawn
+        if values:
+            fills.append((item.position, values))
+    return fills
 
 
 def _feeder_hash(blk: ChunkBlock) -> str | None:
@@ -328,7 +397,7 @@ def _insert(
     """The rows of ``blocks`` and ``gates``, and the balances moved by their postings."""
     deltas: dict[tuple[str, str], int] = {}
     for blk in blocks:
-        insert_rows(conn, t.blocks, [blk.model_dump(include=set(HEADER_FIELDS))])
+        insert_rows(conn, t.blocks, [blk.model_dump(include={*HEADER_FIELDS, "rules"})])
         for pos, tx in enumerate(blk.transactions):
             header = (tx.txid, tx.kind, tx.slot, tx.ref)
             insert_transaction(conn, blk.height, pos, header, tx.postings, deltas)

@@ -10,13 +10,16 @@ Slot ranges are half-open on the left: ``(after, upto]``, None for unbounded on 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, case, func, inspect, select
 from sqlalchemy.engine import Connection
 
+from market.config import MarketConfig
 from node.ledger import schema as t
+from node.ledger.governance import decode_record, own_fields, rules_periods
 
 
 @dataclass(slots=True)
@@ -273,3 +276,109 @@ def load_feeder_checks(
         }
         for r in conn.execute(q)
     }
+
+
+# --- governance ----------------------------------------------------------------------------------
+
+
+def has_rules_column(conn: Connection) -> bool:
+    """Whether ``blocks`` has the ``rules`` column (a ledger of an older node opened read-only
+    lacks it until a node opens it: all its blocks are of the genesis rules)."""
+    return any(c["name"] == "rules" for c in inspect(conn).get_columns(t.blocks.name))
+
+
+def block_columns(conn: Connection) -> list[Any]:
+    """The ``blocks`` columns this ledger has (every one, or all but ``rules`` in an older
+    ledger): select these rather than the table when the ledger may be older."""
+    if has_rules_column(conn):
+        return list(t.blocks.c)
+    return [c for c in t.blocks.c if c.name != "rules"]
+
+
+def has_governance_table(conn: Connection) -> bool:
+    """Whether the ledger has the ``governance`` table (an older ledger opened read-only lacks
+    it: no governance record was ever accepted there)."""
+    return inspect(conn).has_table(t.governance.name)
+
+
+@dataclass(frozen=True, slots=True)
+class GovernanceRow:
+    """One accepted governance record (a ``governance`` row), decoded."""
+
+    position: int
+    """1, 2, ...: its place among the accepted records, in log order."""
+    log_index: int | None
+    """The Raft log index that committed it (None: recorded from a snapshot)."""
+    type: str
+    """``add_member``, ``remove_member``, ``suspend_member``, ``reinstate_member``,
+    ``change_role``, ``rotate_key``, ``replace_meter`` or ``change_rules``."""
+    household: str | None
+    """The DID a member change is about (None for ``change_rules``)."""
+    from_slot: int
+    """The first slot it is in force for."""
+    fields: dict[str, Any]
+    """What it sets beyond the common fields: e.g. ``meter_serial``, ``role`` and
+    ``max_power_w`` of an ``add_member``, ``new_household`` of a ``rotate_key``, the changed
+    rules of a ``change_rules`` (JSON values: ``k`` as ``"n/d"``, time-of-use periods as
+    objects)."""
+    record: dict[str, Any]
+    """The whole signed record as JSON (signatures included)."""
+    record_hash: str
+    withdrawn: int | None
+    """Resting orders it took out of the books (None: unknown, recorded from a snapshot)."""
+
+
+def load_governance_records(conn: Connection) -> list[Any]:
+    """The accepted governance records (:class:`market.models.GovernanceRecord`), in log
+    order; [] for a ledger without the table. ValueError naming the position of a row that
+    does not decode (``ledger verify`` reports such a ledger)."""
+    if not has_governance_table(conn):
+        return []
+    g = t.governance.c
+    out = []
+    for r in conn.execute(select(g.position, g.record).order_by(g.position)):
+        try:
+            out.append(decode_record(r.record))
+        except ValueError as exc:
+            raise ValueError(f"governance record {r.position}: {exc}") from None
+    return out
+
+
+def governance_history(conn: Connection) -> list[GovernanceRow]:
+    """Every accepted governance record, in log order (empty for a ledger without the table).
+    ValueError naming the position of a row that does not decode."""
+    if not has_governance_table(conn):
+        return []
+    out = []
+    for r in conn.execute(select(t.governance).order_by(t.governance.c.position)):
+        try:
+            record = decode_record(r.record)
+        except ValueError as exc:
+            raise ValueError(f"governance record {r.position}: {exc}") from None
+        out.append(
+            GovernanceRow(
+                position=int(r.position),
+                log_index=_opt_int(r.log_index),
+                type=str(r.type),
+                household=r.household,
+                from_slot=int(r.from_slot),
+                fields=own_fields(record),
+                record=record.model_dump(mode="json"),
+                record_hash=str(r.record_hash),
+                withdrawn=_opt_int(r.withdrawn),
+            )
+        )
+    return out
+
+
+def rules_history(conn: Connection) -> list[tuple[int, dict[str, Any]]]:
+    """``(from_slot, rules JSON)``: the genesis market rules (``meta.config``) from slot 0,
+    then the rules in force from each slot an operator's ``change_rules`` applies from (several
+    from one slot: the rules after all of them), oldest first; the JSON is
+    :meth:`market.config.MarketConfig.to_json`. [] for a ledger without market rules in meta.
+    ValueError if the rows or meta do not make rules."""
+    value = conn.execute(select(t.meta.c.value).where(t.meta.c.key == "config")).scalar()
+    if value is None:
+        return []
+    base = MarketConfig.from_json(json.loads(value))
+    return [(slot, c.to_json()) for slot, c in rules_periods(base, load_governance_records(conn))]

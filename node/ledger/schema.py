@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Engine,
     ForeignKey,
     Index,
     Integer,
@@ -13,6 +14,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
+    text,
 )
 
 SCHEMA_VERSION = 1
@@ -38,6 +41,11 @@ blocks = Table(
     Column("reading_root", String(64), nullable=False),
     Column("state_hash", String(64), nullable=False),
     Column("tx_count", Integer, nullable=False),
+    # The block header's ``rules``: hash of the market rules the slot was settled under, NULL
+    # while the genesis rules hold. Added after the first release: :func:`ensure_schema` adds
+    # it to an older ledger, readers of a ledger they may not alter check
+    # :func:`node.ledger.queries.has_rules_column`.
+    Column("rules", String(64), nullable=True),
 )
 
 transactions = Table(
@@ -184,6 +192,31 @@ true_ups = Table(
     Index("ix_true_ups_household", "household", "slot"),
 )
 
+governance = Table(
+    "governance",
+    metadata,
+    # One row per governance record the engine accepted (docs/ledger.md, "Governance"), in log
+    # order: ``position`` 1, 2, ... is its place among them (the same on every node). Not
+    # hashed into blocks: ``ledger verify`` checks each row (the operator's signature, the
+    # columns against the record, the hash) and every block against the rules and key
+    # rotations the rows put in force. A separate table, so older ledgers get it from
+    # ``create_all``.
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("log_index", BigInteger, nullable=True),
+    # the Raft log index of the entry that committed it; NULL when unknown (recorded from an
+    # installed snapshot, until block sync brings the peer's value)
+    Column("type", String(32), nullable=False),
+    Column("household", Text, nullable=True),  # the DID a member change is about
+    Column("from_slot", BigInteger, nullable=False),
+    Column("record", Text, nullable=False),
+    # the record's canonical JSON with its signatures (node.ledger.governance.record_text)
+    Column("record_hash", String(64), nullable=False),
+    Column("withdrawn", Integer, nullable=True),
+    # resting orders the record took out of the books (like cancelled ones, they never reach
+    # ``orders``); NULL when unknown (recorded from a snapshot)
+    Index("ix_governance_household", "household", "position"),
+)
+
 households = Table(
     "households",
     metadata,
@@ -198,3 +231,26 @@ households = Table(
     Column("missed_readings", Integer, nullable=False, default=0),
     Column("reputation_permille", Integer, nullable=False, default=1000),
 )
+
+
+ADDED_COLUMNS: tuple[tuple[Table, str], ...] = ((blocks, "rules"),)
+"""Nullable columns added to existing tables after the first release, oldest first:
+:func:`ensure_schema` adds them to a ledger that lacks them. (New tables need no entry:
+``create_all`` creates them.)"""
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring a ledger database to this schema: create missing tables and indexes, then add
+    the :data:`ADDED_COLUMNS` a ledger of an older node lacks (``ALTER TABLE ... ADD COLUMN``,
+    nullable, so existing rows read NULL: what they meant). Idempotent; SQLite and
+    PostgreSQL."""
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        inspector = inspect(conn)
+        for table, name in ADDED_COLUMNS:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            if name in present:
+                continue
+            column = table.c[name]
+            kind = column.type.compile(dialect=engine.dialect)
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))

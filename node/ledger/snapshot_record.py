@@ -2,7 +2,8 @@
 
 The engine jumps to the snapshot; the ledger records the blocks it skipped as a gap
 (:mod:`node.ledger.gaps`, filled later by block sync), the households as the snapshot knows
-them, and the gate closures the snapshot had made but not yet settled.
+them, the governance records the snapshot carries that the ledger lacks, and the gate closures
+the snapshot had made but not yet settled.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from market.events import GateClosed
-from market.state import Reputation, State, clear_book
+from market.state import Reputation, State, clear_book, config_at, latest_term
 from node.ledger import schema as t
 from node.ledger.gaps import Gap, read_gaps, write_gaps
+from node.ledger.governance import governance_row, record_hash
 from node.ledger.rows import read_meta
 from node.ledger.store import (
     LedgerStore,
@@ -34,6 +36,10 @@ def record_snapshot(store: LedgerStore, state: State, applied_index: int) -> Non
     closures of slots closed but not settled at the snapshot: clearing, book and trades, from
     the snapshot's ``closed_books`` (the trades are hashed into blocks this node will write, so
     those blocks verify even before the gap is filled, and this node can serve them).
+    The governance records of the snapshot (``state.governance.records``, in log order) that
+    the ledger lacks get their ``governance`` rows, with the log index and the withdrawn count
+    unknown (NULL) until block sync brings them; the rows the ledger has must be the snapshot's
+    first records, else :class:`LedgerStoreError` (the ledger and the agreed snapshot differ).
     """
     try:
         with write_locked(store), store.engine.begin() as conn:
@@ -54,6 +60,7 @@ def record_snapshot(store: LedgerStore, state: State, applied_index: int) -> Non
                 .where(t.meta.c.key == "applied_index")
                 .values(value=str(applied_index))
             )
+            _write_governance(conn, state)
             _write_households(conn, state)
             for slot, trades in sorted(state.cleared.items()):
                 _write_skipped_gate(conn, state, slot, trades)
@@ -72,7 +79,7 @@ def _write_skipped_gate(conn: Connection, state: State, slot: int, trades: tuple
         if not have_trades:
             write_trades(conn, trades)
         return
-    clearing, recomputed = clear_book(state.config, slot, orders)
+    clearing, recomputed = clear_book(config_at(state, slot), slot, orders)
     if recomputed != tuple(trades):
         raise LedgerStoreError(
             f"snapshot is inconsistent: the book of slot {slot} does not clear to its trades"
@@ -83,11 +90,12 @@ def _write_skipped_gate(conn: Connection, state: State, slot: int, trades: tuple
 def _write_households(conn: Connection, state: State) -> None:
     h = t.households.c
     existing = {r.did for r in conn.execute(select(h.did))}
-    for did, member in sorted(state.members.items()):
+    for did in sorted(state.members):
         rep = state.reputation.get(did, Reputation())
+        term = latest_term(state, did)  # as the store keeps it: the latest scheduled terms
         values = {
-            "meter_serial": member.meter_serial,
-            "role": str(member.role),
+            "meter_serial": term.meter_serial,
+            "role": str(term.role),
             "sold_wh": rep.sold_wh,
             "delivered_wh": rep.delivered_wh,
             "bought_wh": rep.bought_wh,
@@ -100,3 +108,26 @@ def _write_households(conn: Connection, state: State) -> None:
             conn.execute(update(t.households).where(h.did == did).values(**values))
         else:
             conn.execute(insert(t.households).values(did=did, **values))
+
+
+def _write_governance(conn: Connection, state: State) -> None:
+    """``governance`` rows for the snapshot's records beyond those the ledger has."""
+    g = t.governance.c
+    local = list(conn.execute(select(g.position, g.record_hash).order_by(g.position)))
+    records = state.governance.records
+    for i, row in enumerate(local):
+        if row.position != i + 1 or i >= len(records):
+            raise LedgerStoreError(
+                f"the ledger's governance record {row.position} is not among the snapshot's "
+                f"{len(records)} records"
+            )
+        if row.record_hash != record_hash(records[i]):
+            raise LedgerStoreError(
+                f"the ledger's governance record {row.position} differs from the snapshot's"
+            )
+    rows = [
+        governance_row(position, record, None, None)
+        for position, record in enumerate(records[len(local) :], start=len(local) + 1)
+    ]
+    if rows:
+        conn.execute(insert(t.governance), rows)

@@ -2,9 +2,9 @@
 
 A node applies a committed log entry to the engine and hands the resulting events, with the
 entry's log index, to :meth:`LedgerStore.record`: blocks, their transactions and postings,
-balances, orders, trades, readings, settlements, true-ups, the feeder check and the applied
-index land together or not at all, so a restart neither loses nor re-applies an entry and nothing
-half-written reaches the ledger.
+balances, orders, trades, readings, settlements, true-ups, the feeder check, the accepted
+governance records and the applied index land together or not at all, so a restart neither loses
+nor re-applies an entry and nothing half-written reaches the ledger.
 """
 
 from __future__ import annotations
@@ -20,13 +20,20 @@ from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from market.events import Event, GateClosed, HouseholdRegistered, SlotSettled
+from market.events import (
+    Event,
+    GateClosed,
+    GovernanceAccepted,
+    HouseholdRegistered,
+    SlotSettled,
+)
 from market.feeder import FeederCheck
-from market.models import Trade
+from market.models import AddMember, ChangeRole, ReplaceMeter, RotateKey, Trade
 from market.schedule import Schedule
 from market.settlement import HouseholdSettlement
 from market.state import MarketConfig
 from node.ledger import schema as t
+from node.ledger.governance import governance_row
 from node.ledger.rows import (
     BalanceOverflowError,
     apply_balance_deltas,
@@ -89,7 +96,7 @@ class LedgerStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        t.metadata.create_all(self.engine)
+        t.ensure_schema(self.engine)  # an older node's ledger gets the new tables and columns
         self.write_lock = threading.RLock()
         """Held by every write transaction of this process (the replica's, block sync's), so
         two worker threads never race for SQLite's write lock mid-transaction."""
@@ -196,6 +203,8 @@ class LedgerStore:
                         write_gate(conn, ev)
                     elif isinstance(ev, HouseholdRegistered):
                         _write_member(conn, ev)
+                    elif isinstance(ev, GovernanceAccepted):
+                        write_governance(conn, ev, applied_index)
                 if applied_index is not None:
                     conn.execute(
                         update(t.meta)
@@ -256,6 +265,53 @@ def _write_member(conn: Connection, ev: HouseholdRegistered) -> None:
         )
 
 
+def write_governance(conn: Connection, ev: GovernanceAccepted, log_index: int | None) -> None:
+    """Insert the ``governance`` row of an accepted record (the next position, in log order)
+    and bring ``households`` up to the member change: an added household or a rotated key's new
+    DID gets its row (so its reputation is recorded), a meter swap or a role change updates the
+    row. ``households`` shows each DID's latest scheduled meter and role, also before the slot
+    the change is in force from."""
+    g = t.governance.c
+    last = conn.execute(select(g.position).order_by(g.position.desc()).limit(1)).scalar()
+    position = (last or 0) + 1
+    record = ev.record
+    conn.execute(
+        insert(t.governance).values(governance_row(position, record, log_index, len(ev.withdrawn)))
+    )
+    h = t.households.c
+    if isinstance(record, AddMember):
+        _upsert_household(conn, record.household, record.meter_serial, str(record.role))
+    elif isinstance(record, RotateKey):
+        old = conn.execute(select(h.meter_serial, h.role).where(h.did == record.household)).first()
+        if old is not None:
+            _upsert_household(conn, record.new_household, old.meter_serial, old.role)
+    elif isinstance(record, ReplaceMeter):
+        conn.execute(
+            update(t.households)
+            .where(h.did == record.household)
+            .values(meter_serial=record.meter_serial)
+        )
+    elif isinstance(record, ChangeRole):
+        conn.execute(
+            update(t.households).where(h.did == record.household).values(role=str(record.role))
+        )
+
+
+def _upsert_household(conn: Connection, did: str, meter_serial: str, role: str) -> None:
+    h = t.households.c
+    if conn.execute(select(h.did).where(h.did == did)).first():
+        conn.execute(
+            update(t.households).where(h.did == did).values(meter_serial=meter_serial, role=role)
+        )
+        return
+    conn.execute(
+        insert(t.households).values(
+            did=did, meter_serial=meter_serial, role=role, sold_wh=0, delivered_wh=0,
+            bought_wh=0, consumed_wh=0, slots=0, missed_readings=0, reputation_permille=1000,
+        )
+    )  # fmt: skip
+
+
 def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) -> None:
     """Insert a gate closure's rows: the clearing, the book in log order and (unless
     ``with_trades`` is false: a snapshot wrote them already) the trades."""
@@ -305,6 +361,7 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
     b = ev.block
     header = b.to_json()
     header.pop("feeder", None)  # not a column: recomputed from the feeder_checks row
+    # ``rules`` (only when set) is a column: NULL while the genesis rules hold
     conn.execute(insert(t.blocks).values(hash=b.hash, **header))
     if ev.feeder is not None:
         conn.execute(insert(t.feeder_checks).values(feeder_check_row(ev.feeder, b.height)))

@@ -47,13 +47,23 @@ from market.accounting import (
     roots,
     state_hash,
 )
+from market.config import MarketConfigError
+from market.did import verify_signature
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
-from market.models import FeederReading, MeterReading, Trade
-from market.settlement import Gap, true_up_transaction
+from market.governance import Governance
+from market.models import FeederReading, GovernanceRecord, MeterReading, RotateKey, Trade
+from market.settlement import Gap, Tariffs, true_up_transaction
 from market.snapshot import SnapshotError, config_from_json
 from market.state import MarketConfig, reading_leaf
 from node.ledger import schema as t
-from node.ledger.queries import has_true_up_table
+from node.ledger.governance import (
+    decode_record,
+    fold,
+    governance_row,
+    rotation_ref,
+    rules_hash_at,
+)
+from node.ledger.queries import block_columns, has_governance_table, has_true_up_table
 from node.ledger.store import make_engine
 
 SYNC_NEEDED_KEY = "block_sync_needed"
@@ -161,6 +171,8 @@ class VerifyReport:
     """Per-household figures of the conservation check (when it ran), by DID."""
     rules: int | None = None
     """The market rules' version in the ledger's meta (None: no readable config)."""
+    governance_records: int = 0
+    """Governance records checked (``governance`` rows)."""
 
 
 def verify_ledger(url: str) -> VerifyReport:
@@ -170,7 +182,7 @@ def verify_ledger(url: str) -> VerifyReport:
     check (:func:`conservation`): a household whose settled energy differs from its counters'
     movement fails verification, naming the household and both figures."""
     engine = make_engine(url, read_only=True)
-    counts = {"blocks": 0, "transactions": 0, "height": 0}
+    counts = {"blocks": 0, "transactions": 0, "height": 0, "governance": 0}
     head: list[str | None] = [None]
     missing: tuple[tuple[int, int], ...] = ()
     rules: int | None = None
@@ -190,7 +202,7 @@ def verify_ledger(url: str) -> VerifyReport:
                 note = None
             balances = _verify(conn, counts, head)
             if note is None:
-                figures = conservation(conn, balances)
+                figures = conservation(conn, balances, _governance(conn, config)[1])
                 _check_conservation(figures)
     except LedgerFault as fault:
         state = "not_checked"
@@ -210,6 +222,7 @@ def verify_ledger(url: str) -> VerifyReport:
             note if state == "skipped" else None,
             figures,
             rules,
+            counts["governance"],
         )
     except SQLAlchemyError as exc:
         msg = f"cannot read ledger tables at {url}: {exc.__class__.__name__}: {exc.args[0]}"
@@ -231,6 +244,7 @@ def verify_ledger(url: str) -> VerifyReport:
         conservation_note=note,
         households=figures,
         rules=rules,
+        governance_records=counts["governance"],
     )
 
 
@@ -257,6 +271,11 @@ def _verify(
     prev_hash = meta["genesis_hash"]
     config = _config(meta)
     feeder_config = config if config is not None and config.has_feeder else None
+    records, gov = _governance(conn, config)
+    counts["governance"] = len(records)
+    rotations: dict[int, list[RotateKey]] = {}
+    for rot in gov.rotations:
+        rotations.setdefault(rot.from_slot, []).append(rot)
     if feeder_config is None:
         stray = conn.execute(select(t.feeder_checks.c.block_height).limit(1)).scalar()
         if stray is not None:
@@ -294,7 +313,7 @@ def _verify(
         .join(t.transactions, t.postings.c.transaction_id == t.transactions.c.id)
         .order_by(t.transactions.c.block_height, t.transactions.c.position, t.postings.c.position)
     )
-    block_query = select(t.blocks).order_by(t.blocks.c.height)
+    block_query = select(*block_columns(conn)).order_by(t.blocks.c.height)
     if start > 1:
         tx_query = tx_query.where(t.transactions.c.block_height >= start)
         posting_query = posting_query.where(t.transactions.c.block_height >= start)
@@ -321,6 +340,8 @@ def _verify(
                 f"{where}: broken chain: prev_hash {row.prev_hash[:16]}… "
                 f"but the previous block hashes to {prev_hash[:16]}…"
             )
+        rules_config = _rules_in_force(gov, config, row, records, where)
+        due = list(rotations.get(row.slot, ()))
         transactions: list[Transaction] = []
         if next_txs is not None and next_txs[0] == row.height:
             for tx_row in next_txs[1]:
@@ -342,6 +363,8 @@ def _verify(
                         f"{where}: transaction {tx_row.position} ({tx_row.kind} {tx_row.ref}) "
                         f"postings do not sum to zero: {tx.imbalance()}"
                     )
+                if tx.kind == "key_rotation":
+                    _check_rotation(tx, due.pop(0) if due else None, balances, where)
                 for p in postings:
                     balances[(p.account, p.asset)] = (
                         balances.get((p.account, p.asset), 0) + p.amount
@@ -382,7 +405,13 @@ def _verify(
             )
         if state_hash(row.height, balances) != row.state_hash:
             raise LedgerFault(f"{where}: state hash does not match the balances after this block")
-        _check_true_ups(row.slot, transactions, true_ups.pop(row.height, []), config, where)
+        if due:
+            raise LedgerFault(
+                f"{where}: no key_rotation transaction for the rotate_key record of "
+                f"{due[0].household} in force from this slot"
+            )
+        tariffs = None if rules_config is None else rules_config.tariffs_at(row.slot)
+        _check_true_ups(row.slot, transactions, true_ups.pop(row.height, []), tariffs, where)
         feeder_hash = None
         if feeder_config is not None:
             feeder_row = conn.execute(
@@ -408,6 +437,7 @@ def _verify(
             row.state_hash,
             row.tx_count,
             feeder_hash,
+            row._mapping.get("rules"),
         )
         if block.hash != row.hash:
             raise LedgerFault(f"{where}: header fields do not hash to the stored block hash")
@@ -448,6 +478,129 @@ def _verify(
             f"balances table disagrees with the postings, e.g. {diff[0] if diff else ''}"
         )
     return balances
+
+
+# --- governance ------------------------------------------------------------------------------
+
+
+def _governance(
+    conn: Connection, config: MarketConfig | None
+) -> tuple[list[GovernanceRecord], Governance]:
+    """The ``governance`` rows, each checked, as records in log order, and their history.
+
+    Positions run 1, 2, ... without a hole; each record decodes strictly as a governance record
+    of the grid, is signed by the genesis operator (a key rotation's countersignature, if any,
+    by the old key), and its row's other columns (type, household, from slot, canonical text,
+    hash) are what the record says. :class:`LedgerFault` names the first row that is not."""
+    if not has_governance_table(conn):
+        return [], Governance()
+    records = []
+    for i, r in enumerate(conn.execute(select(t.governance).order_by(t.governance.c.position))):
+        where = f"governance record {r.position} ({r.type} from slot {r.from_slot})"
+        if r.position != i + 1:
+            raise LedgerFault(
+                f"governance records jump from {i} to {r.position}: a record was deleted"
+            )
+        if config is None:
+            raise LedgerFault(f"{where}: a governance record in a ledger without market rules")
+        try:
+            record = decode_record(r.record, config.grid)
+        except ValueError as exc:
+            raise LedgerFault(f"{where}: the record does not decode: {exc}") from None
+        if record.operator != config.operator or not record.verify(config.operator):
+            raise LedgerFault(
+                f"{where}: not signed by the genesis operator {config.operator[:24]}…: "
+                "the row was altered or forged"
+            )
+        if (
+            isinstance(record, RotateKey)
+            and record.household_signature
+            and not verify_signature(
+                record.household, record.signing_bytes(), record.household_signature
+            )
+        ):
+            raise LedgerFault(f"{where}: the old key's countersignature does not verify")
+        expected = governance_row(i + 1, record, r.log_index, r.withdrawn)
+        for column in ("type", "household", "from_slot", "record", "record_hash"):
+            if getattr(r, column) != expected[column]:
+                raise LedgerFault(
+                    f"{where}: its {column} column is not what its signed record says"
+                )
+        records.append(record)
+    return records, fold(records)
+
+
+def _rules_in_force(
+    gov: Governance,
+    config: MarketConfig | None,
+    row: Any,
+    records: list[GovernanceRecord],
+    where: str,
+) -> MarketConfig | None:
+    """The market rules in force for the block's slot (genesis rules and the governance
+    records' rules changes); the block's ``rules`` column must name them (NULL while the
+    genesis rules hold)."""
+    stored = row._mapping.get("rules")
+    if config is None:
+        if stored is not None:
+            raise LedgerFault(f"{where}: names rules {stored[:16]}… in a ledger without rules")
+        return None
+    try:
+        in_force = gov.config_at(config, row.slot)
+        expected = rules_hash_at(gov, config, row.slot)
+    except MarketConfigError as exc:
+        raise LedgerFault(
+            f"{where}: the governance records' rules changes make no valid rules: {exc}"
+        ) from None
+    if stored != expected:
+        raise LedgerFault(
+            f"{where}: its rules column is {_rules_name(stored)}, but the rules in force for "
+            f"slot {row.slot} (genesis rules and {len(records)} governance records) are "
+            f"{_rules_name(expected)}"
+        )
+    return in_force
+
+
+def _rules_name(value: str | None) -> str:
+    return "the genesis rules (NULL)" if value is None else f"{value[:16]}…"
+
+
+def _check_rotation(
+    tx: Transaction,
+    rotation: RotateKey | None,
+    balances: dict[tuple[str, str], int],
+    where: str,
+) -> None:
+    """A ``key_rotation`` transaction must be the one of an accepted ``rotate_key`` record in
+    force from the block's slot (in log order): between the old and the new household's
+    accounts only, moving every balance the old one held before it (``balances``)."""
+    if rotation is None:
+        raise LedgerFault(
+            f"{where}: key_rotation transaction {tx.ref} has no rotate_key record in force from "
+            "this slot"
+        )
+    old, new = household_account(rotation.household), household_account(rotation.new_household)
+    if tx.ref != rotation_ref(rotation) or tx.slot != rotation.from_slot:
+        raise LedgerFault(
+            f"{where}: key_rotation transaction {tx.ref}, but the rotate_key record in force "
+            f"from this slot is {rotation_ref(rotation)}"
+        )
+    stray = sorted({p.account for p in tx.postings} - {old, new})
+    if stray:
+        raise LedgerFault(
+            f"{where}: key_rotation transaction {tx.ref} moves balances of {stray[0]}, not only "
+            "from the old key's account to the new one's"
+        )
+    legs = []
+    for asset in ASSETS:
+        amount = balances.get((old, asset), 0)
+        if amount:
+            legs += [Posting(old, asset, -amount), Posting(new, asset, amount)]
+    if Transaction("key_rotation", tx.slot, tx.ref, tuple(legs)).txid != tx.txid:
+        raise LedgerFault(
+            f"{where}: key_rotation transaction {tx.ref} does not move exactly the old key's "
+            "balances to the new one"
+        )
 
 
 def _gap_list(ranges: list[tuple[int, int]]) -> str:
@@ -559,12 +712,13 @@ def _check_true_ups(
     slot: int,
     transactions: list[Transaction],
     rows: list[Any],
-    config: MarketConfig | None,
+    tariffs: Tariffs | None,
     where: str,
 ) -> None:
     """Every ``true_up`` transaction of a block has its ``true_ups`` row and every row its
     transaction, with the same energy; with the market rules, the row recomputes to exactly
-    the transaction (the money of its unmeasured slots at the grid's tariffs)."""
+    the transaction (the money of its unmeasured slots at ``tariffs``: those of the slot, under
+    the rules in force for it)."""
     txs: dict[str, Transaction] = {}
     for tx in transactions:
         if tx.kind == "true_up":
@@ -587,10 +741,10 @@ def _check_true_ups(
                 f"{r.export_wh} Wh export; its true_up transaction moves {moved[0]} Wh import, "
                 f"{moved[1]} Wh export"
             )
-        if config is not None:
+        if tariffs is not None:
             try:
                 expected = true_up_transaction(
-                    slot, r.household, Gap(r.slots, r.import_wh, r.export_wh), config.tariffs
+                    slot, r.household, Gap(r.slots, r.import_wh, r.export_wh), tariffs
                 )
             except ValueError as exc:
                 raise LedgerFault(f"{where}: true_ups row of {r.household}: {exc}") from None
@@ -609,36 +763,50 @@ def _check_true_ups(
 
 
 def conservation(
-    conn: Connection, balances: dict[tuple[str, str], int]
+    conn: Connection,
+    balances: dict[tuple[str, str], int],
+    governance: Governance | None = None,
 ) -> tuple[HouseholdConservation, ...]:
     """Per household: its counters' movement between its first and last readings (the
     ``readings`` table: consecutive readings of one meter differenced, a restart, counters
-    below the previous reading's, counted from zero, a new meter serial a new baseline), the
-    energy its account settled (``balances``: the running balances :func:`_verify` computed
-    from the postings), and the settlements' and true-ups' figures.
+    below the previous reading's, counted from zero; across an operator's meter swap
+    (``replace_meter``) the old meter's rise to its final counters plus the new meter's rise
+    from its first ones; another new meter serial a new baseline), the energy its account
+    settled (``balances``: the running balances :func:`_verify` computed from the postings),
+    and the settlements' and true-ups' figures.
 
+    A household whose key was rotated (``governance``, the ledger's governance history) is one
+    household under its newest DID: its readings, settlements, true-ups and balances under
+    every DID it had count together, as the engine carries its baseline and balances over.
     Households are those with a reading, a settlement, a true-up or a household account."""
+    gov = governance if governance is not None else Governance()
+    successor = {rot.household: rot.new_household for rot in gov.rotations}
+
+    def newest(did: str) -> str:
+        for _ in range(len(successor)):
+            if did not in successor:
+                break
+            did = successor[did]
+        return did
+
     rd = t.readings.c
     moved: dict[str, list[int]] = {}
     span: dict[str, list[int]] = {}
     previous: dict[str, Any] = {}
     for r in conn.execute(
         select(rd.household, rd.slot, rd.meter_serial, rd.import_wh, rd.export_wh).order_by(
-            rd.household, rd.slot
+            rd.slot, rd.household
         )
     ):
-        m = moved.setdefault(r.household, [0, 0])
-        span.setdefault(r.household, [int(r.slot), int(r.slot)])[1] = int(r.slot)
-        prev = previous.get(r.household)
-        if prev is not None and prev.meter_serial == r.meter_serial:
-            if r.import_wh < prev.import_wh or r.export_wh < prev.export_wh:
-                # a meter restart (rules 2): counted from zero, as the engine trues it up
-                m[0] += int(r.import_wh)
-                m[1] += int(r.export_wh)
-            else:
-                m[0] += int(r.import_wh) - int(prev.import_wh)
-                m[1] += int(r.export_wh) - int(prev.export_wh)
-        previous[r.household] = r
+        did = newest(r.household)
+        m = moved.setdefault(did, [0, 0])
+        span.setdefault(did, [int(r.slot), int(r.slot)])[1] = int(r.slot)
+        prev = previous.get(did)
+        if prev is not None:
+            step = _counted(gov, did, prev, r)
+            m[0] += step[0]
+            m[1] += step[1]
+        previous[did] = r
     s = t.settlements.c
     settled: dict[str, tuple[int, int, int, int]] = {}
     for r in conn.execute(
@@ -650,11 +818,10 @@ def conservation(
             func.sum(s.export_wh).label("exp"),
         ).group_by(s.household)
     ):
-        settled[r.household] = (
-            _int(r.measured),
-            _int(r.unmeasured),
-            _int(r.imp),
-            _int(r.exp),
+        _add_to(
+            settled,
+            newest(r.household),
+            (_int(r.measured), _int(r.unmeasured), _int(r.imp), _int(r.exp)),
         )
     trued: dict[str, tuple[int, int, int, int]] = {}
     if has_true_up_table(conn):
@@ -668,9 +835,16 @@ def conservation(
                 func.sum(c.export_wh).label("exp"),
             ).group_by(c.household)
         ):
-            trued[r.household] = (_int(r.n), _int(r.slots), _int(r.imp), _int(r.exp))
+            _add_to(
+                trued, newest(r.household), (_int(r.n), _int(r.slots), _int(r.imp), _int(r.exp))
+            )
     prefix = household_account("")
-    accounts = {a[len(prefix) :] for a, _ in balances if a.startswith(prefix)}
+    energy: dict[str, int] = {}
+    for (account, asset), amount in balances.items():
+        if account.startswith(prefix):
+            did = newest(account[len(prefix) :])
+            energy[did] = energy.get(did, 0) + (amount if asset == ENERGY else 0)
+    accounts = set(energy)
     out = []
     for did in sorted(accounts | set(moved) | set(settled) | set(trued)):
         m_imp, m_exp = moved.get(did, (0, 0))
@@ -684,7 +858,7 @@ def conservation(
                 last_reading_slot=last,
                 import_moved_wh=m_imp,
                 export_moved_wh=m_exp,
-                energy_settled_wh=balances.get((household_account(did), ENERGY), 0),
+                energy_settled_wh=energy.get(did, 0),
                 measured_slots=measured,
                 unmeasured_slots=unmeasured,
                 true_ups=n,
@@ -696,6 +870,36 @@ def conservation(
             )
         )
     return tuple(out)
+
+
+def _add_to(
+    totals: dict[str, tuple[int, int, int, int]], did: str, add: tuple[int, int, int, int]
+) -> None:
+    have = totals.get(did, (0, 0, 0, 0))
+    totals[did] = (have[0] + add[0], have[1] + add[1], have[2] + add[2], have[3] + add[3])
+
+
+def _counted(gov: Governance, did: str, prev: Any, r: Any) -> tuple[int, int]:
+    """What the engine settles of a household's counters between its consecutive readings
+    ``prev`` and ``r`` (import, export): as ``market.state`` differences them."""
+    if prev.meter_serial == r.meter_serial:
+        if r.import_wh < prev.import_wh or r.export_wh < prev.export_wh:
+            # a meter restart (rules 2): counted from zero, as the engine trues it up
+            return int(r.import_wh), int(r.export_wh)
+        return int(r.import_wh) - int(prev.import_wh), int(r.export_wh) - int(prev.export_wh)
+    serial, imp, exp = prev.meter_serial, int(prev.import_wh), int(prev.export_wh)
+    moved_import = moved_export = 0
+    for swap in gov.swaps_between(did, int(prev.slot), int(r.slot)):
+        moved_import += swap.old_import_wh - imp
+        moved_export += swap.old_export_wh - exp
+        serial, imp, exp = swap.meter_serial, swap.new_import_wh, swap.new_export_wh
+    if serial != r.meter_serial:
+        return 0, 0  # no swap links the meters: the new one is a new baseline
+    moved_import += int(r.import_wh) - imp
+    moved_export += int(r.export_wh) - exp
+    if moved_import < 0 or moved_export < 0:
+        return 0, 0  # the new meter restarted: the engine settles no movement
+    return moved_import, moved_export
 
 
 def _int(value: Any) -> int:

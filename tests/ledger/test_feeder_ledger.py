@@ -164,7 +164,10 @@ def test_the_feeder_row_is_written_in_the_blocks_transaction(tmp_path: Path) -> 
     state = State.initial(config)
     # a conflicting row for slot 41's check (pointing at a stray block) makes its insert fail
     with store.engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO blocks VALUES (99, 999, 'h', 'p', 't', 'r', 'e', 's', 0)")
+        conn.exec_driver_sql(
+            "INSERT INTO blocks (height, slot, hash, prev_hash, tx_root, trade_root, "
+            "reading_root, state_hash, tx_count) VALUES (99, 999, 'h', 'p', 't', 'r', 'e', 's', 0)"
+        )
         conn.exec_driver_sql(
             "INSERT INTO feeder_checks (slot, block_height, status) VALUES (41, 99, 'ok')"
         )
