@@ -175,8 +175,10 @@ async def fetch_blocks(host: Any, peer: ID, first: int, last: int, timeout: floa
         raise FetchError("timeout", f"no answer within {timeout:.0f} s") from None
     finally:
         if stream is not None:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0), contextlib.suppress(
-                Exception
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1.0),
+                contextlib.suppress(Exception),
             ):
                 await stream.close()
     if not data:

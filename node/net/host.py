@@ -6,7 +6,8 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
 - Only Noise (no plaintext/secio/TLS fallback) and only yamux are offered.
 - ``ConnectionConfig(max_connections_per_peer=1)``: the default of 3 adds 250 ms to each dial
   (pitfall 1).
-- Our own reconnect loop over the static member list with exponential back-off and jitter;
+- Our own reconnect loop over the static dial list (genesis bootstrap + config peers; only
+  those that are current members are dialled) with exponential back-off and jitter;
   libp2p's ``bootstrap=`` gives up after 3 failures and its negative dial cache blocks a peer
   for 60 s, so we lift that block (``swarm.unblock_peer``) before each of our dials (pitfall 3).
 - gossipsub spam protection is off: its fixed 10 msg/s per (peer, topic) silently drops
@@ -46,6 +47,13 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
   connection opened while it runs (pitfall 9).
 - Logging: the ``libp2p`` logger is made to propagate and given a level (pitfall 5).
 - Metrics bind 127.0.0.1 (pitfall 7).
+
+The member list starts as the genesis' and follows the replicated governance log at runtime:
+:meth:`NetNode.update_members` (called by the daemon after each applied batch) updates the
+connection gate, the gossip validator, the per-peer budgets, the metric labels and the Raft
+transport's check (:meth:`NetNode.is_member`, also what the block server should be given), and
+disconnects peers that left the list. A household admitted later dials the bootstrap peers
+itself; they accept it once they applied its admission.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +96,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from market.did import IdentityError
-from market.models import FeederReading, MeterReading, Order, SignedRecord
+from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
 from node.net.validator import (
@@ -298,9 +306,7 @@ def configure_logging(level: str = "INFO", libp2p_level: str = "WARNING") -> Non
             child.setLevel(logging.NOTSET)
     logging.getLogger("microgrid").setLevel(level)
     if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @dataclass
@@ -339,6 +345,9 @@ class NetSettings:
     peer_bytes_per_second: float = 4 * 1024 * 1024
     peer_bytes_burst: float = 16 * 1024 * 1024
     """Inbound pubsub RPC bytes per forwarding peer: the gossip of an RPC over it is dropped."""
+    member_grace: float = 60.0
+    """Seconds after a member left the list during which gossip about it (relayed by a member
+    that has not applied the removal yet) is refused without penalising anyone."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -360,7 +369,9 @@ class NetSettings:
 
 def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time) -> SlotPolicy:
     """Orders only before their slot's gate closes and at most the market's slot horizon past
-    the last closed gate (as the engine accepts them); readings only once their slot has ended.
+    the last closed gate (as the engine accepts them); readings only once their slot has ended;
+    governance records only before the gate of their ``from_slot`` closes (the engine refuses
+    them after: ``effective_slot_closed``).
     """
 
     schedule = genesis.schedule
@@ -375,13 +386,16 @@ def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time
             return "slot_too_far"
         if isinstance(record, MeterReading | FeederReading) and now < schedule.end(record.slot):
             return "slot_not_open"
+        if isinstance(record, GovernanceRecord) and now >= schedule.gate_time(record.from_slot):
+            return "slot_closed"
         return None
 
     return policy
 
 
 class _Gate:
-    """Network notifee: refuses connections from non-members and banned peers."""
+    """Network notifee: refuses connections from non-members and banned peers (the node's
+    *current* member list: :meth:`NetNode.update_members`)."""
 
     def __init__(self, node: NetNode) -> None:
         self.node = node
@@ -421,7 +435,11 @@ class NetNode:
         stream_handlers: Sequence[tuple[str, Callable[[Any], Any]]] = (),
     ) -> None:
         if not genesis.is_member(identity.did):
-            log.warning("this node %s is not a member of grid %s", identity.did, genesis.grid)
+            # a household admitted after genesis: it dials the bootstrap/config peers, which
+            # accept it once they applied its AddMember; it publishes once update_members
+            # lists it
+            log.warning("this node %s is not a genesis member of grid %s; waiting for admission",
+                        identity.did, genesis.grid)  # fmt: skip
         self.identity = identity
         self.genesis = genesis
         self.settings = settings or NetSettings()
@@ -445,6 +463,7 @@ class NetNode:
             on_reject=self._on_reject,
             on_ban=self._on_ban,
             local_peer=str(identity.peer_id),
+            member_grace=self.settings.member_grace,
         )
         self.faults: Counter[tuple[str, str, str]] = Counter()
         """(peer, protocol, reason) -> inbound streams reset for a protocol fault."""
@@ -466,6 +485,9 @@ class NetNode:
         self._stream_handlers = tuple(stream_handlers)
         """Further stream protocols ``(protocol id, async handler(stream))`` (block sync)."""
         self._actions_send, self._actions_recv = trio.open_memory_channel[tuple[str, ID]](1024)
+        self._members_changed = trio.Event()
+        """Set (and replaced) whenever :meth:`update_members` changes the list: the reconnect
+        loops of non-member addresses wait on it."""
         self._disconnect_waiters: dict[ID, trio.Event] = {}
         """Peer -> event set when a connection of it closes (the reconnect loop waits on it)."""
         self._own_ids: set[bytes] = set()
@@ -485,6 +507,67 @@ class NetNode:
     def peer_id(self) -> ID:
         """This node's libp2p peer id."""
         return self.identity.peer_id
+
+    # -- members ------------------------------------------------------------------------
+
+    def is_member(self, did: str) -> bool:
+        """True if ``did`` is on the current member list (the genesis', then what
+        :meth:`update_members` set). Pass this to the block server and other stream handlers
+        that admit members only: it follows every update."""
+        return did in self.validator.member_dids
+
+    @property
+    def member_dids(self) -> frozenset[str]:
+        """The DIDs on the current member list."""
+        return frozenset(self.validator.member_dids)
+
+    def update_members(self, dids: Iterable[str]) -> None:
+        """Make ``dids`` the member list (every household allowed on the network now).
+
+        Synchronous and cheap when nothing changed (call it after each applied batch). A
+        change updates the connection gate, the gossip validator (origin, forwarder and author
+        checks), the per-peer budgets (they scale with the member count), the metric labels
+        and the Raft transport's check. A peer that left the list is blacklisted in pubsub at
+        once (nothing more it sends is processed) and disconnected (within the action loop's
+        next turn), refused from then on and no longer dialled; a newly listed peer is
+        accepted when it dials (its earlier refusal's blacklist is lifted unless it is banned)
+        and dialled if the static list holds its address. Malformed DIDs are logged and left
+        out. Usable before :meth:`run` (it then only sets the list).
+        """
+        new: dict[str, str] = {}
+        for did in dids:
+            try:
+                new[str(peer_id_from_did(did))] = did
+            except Exception as exc:  # IdentityError, or a DID that is not even text
+                log.warning("ignoring malformed member DID %r: %s", did, exc)
+        if new == self.member_peers:
+            return
+        removed = [p for p in self.member_peers if p not in new]
+        added = [p for p in new if p not in self.member_peers]
+        self.member_peers = new
+        self.validator.set_members(new)
+        self.metrics.set_members(new)
+        self.metrics.members.set(len(new))
+        for peer in removed:
+            self._peer_budgets.pop(peer, None)
+        rate, burst = self._budget_rates()
+        for msgs, _bytes in self._peer_budgets.values():
+            msgs.rate, msgs.burst = rate, burst
+            msgs.tokens = min(msgs.tokens, burst)
+        running = self.pubsub is not None and self.pubsub.manager.is_running
+        for key in removed:
+            log.info("peer %s left the member list: disconnecting it", key)
+            if running:
+                peer = ID.from_base58(key)
+                self.pubsub.add_to_blacklist(peer)  # ends its session, drops what it sends
+                self._queue_action("close", peer)
+        for key in added:
+            log.info("peer %s joined the member list", key)
+            if running and not self.penalties.is_banned(key):
+                # refused (and blacklisted) while it was not a member: readmit its gossip
+                self.pubsub.remove_from_blacklist(ID.from_base58(key))
+        self._members_changed.set()
+        self._members_changed = trio.Event()
 
     def connected_peers(self) -> list[ID]:
         """Peers with an open connection."""
@@ -632,7 +715,7 @@ class NetNode:
                     on_message=self._on_raft or (lambda m: None),
                     metrics=self.metrics,
                     queue_size=self.settings.raft_queue,
-                    allowed=self.genesis.is_member,
+                    allowed=self.is_member,
                 )
                 await nursery.start(self.raft.run)
             for protocol, handler in self._stream_handlers:
@@ -795,7 +878,8 @@ class NetNode:
             await waiter.wait()
 
     async def _reconnect_loop(self, addr: str) -> None:
-        """Keep a connection to one static peer, with exponential back-off and jitter."""
+        """Keep a connection to one static peer, with exponential back-off and jitter, while
+        it is on the member list (waiting while it is not)."""
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
         except Exception as exc:
@@ -816,6 +900,11 @@ class NetNode:
                 continue
             if self.penalties.is_banned(key):
                 await trio.sleep(0.25)
+                continue
+            if key not in self.member_peers:
+                # not (or no longer) a member: our gate would refuse the connection anyway
+                with trio.move_on_after(RECONNECT_CHECK_SECONDS):
+                    await self._members_changed.wait()
                 continue
             if self._stop.is_set():
                 return  # stopping: dial no more (see _serve)
@@ -887,16 +976,21 @@ class NetNode:
             self._queue_action("close", peer)
         self._penalise(key, FAULT_WEIGHTS.get(reason, DEFAULT_FAULT_WEIGHT))
 
+    def _budget_rates(self) -> tuple[float, float]:
+        """(rate, burst) of a forwarding peer's message budget for the current member count:
+        never below what an honest relay may forward, every origin at its own limit."""
+        s, members = self.settings, len(self.member_peers)
+        return (max(s.peer_msgs_per_second, members * s.rate_per_origin),
+                max(s.peer_msgs_burst, members * s.burst_per_origin))  # fmt: skip
+
     def _budgets(self, peer: str) -> tuple[TokenBucket, TokenBucket]:
         budgets = self._peer_budgets.get(peer)
         if budgets is None:
-            s, members = self.settings, len(self.member_peers)
-            # never below what an honest relay may forward: every origin at its own limit
+            s = self.settings
             budgets = self._peer_budgets[peer] = (
-                TokenBucket(max(s.peer_msgs_per_second, members * s.rate_per_origin),
-                            max(s.peer_msgs_burst, members * s.burst_per_origin)),
+                TokenBucket(*self._budget_rates()),
                 TokenBucket(s.peer_bytes_per_second, s.peer_bytes_burst),
-            )  # fmt: skip
+            )
         return budgets
 
     def _drop_gossip(self, peer: str, reason: str, count: int) -> None:

@@ -2,7 +2,8 @@
 
 libp2p's own ``Metrics.start_prometheus_server`` binds 0.0.0.0 (pitfall 7 of
 docs/libp2p.md); :meth:`NetMetrics.serve` binds ``127.0.0.1`` unless told
-otherwise. Peer labels are bounded: only member peer ids, everything else is ``other``.
+otherwise. Peer labels are bounded: only (current) member peer ids, everything else is
+``other``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class NetMetrics:
             return Counter(name, doc, list(labels), registry=r)
 
         self.peers = Gauge("microgrid_net_peers", "Connected peers", registry=r)
+        self.members = Gauge("microgrid_net_members", "Households on the current member list",
+                             registry=r)  # fmt: skip
+        self.members.set(len(self._members))
         self.gossip_in = counter("microgrid_gossip_in", "Gossip messages delivered locally",
                                  "topic")  # fmt: skip
         self.gossip_records_in = counter("microgrid_gossip_records_in",
@@ -35,29 +39,35 @@ class NetMetrics:
         self.gossip_invalid = counter("microgrid_gossip_invalid", "Rejected gossip messages",
                                       "reason")  # fmt: skip
         self.gossip_invalid_by_peer = counter(
-            "microgrid_gossip_invalid_by_peer", "Rejected gossip messages by forwarding peer",
+            "microgrid_gossip_invalid_by_peer",
+            "Rejected gossip messages by forwarding peer",
             "peer",
         )
         self.gossip_penalised_by_peer = counter(
             "microgrid_gossip_penalised_by_peer",
             "Rejected gossip messages by penalised culprit (author or forwarder)",
-            "peer", "reason",
+            "peer",
+            "reason",
         )
         self.gossip_dropped = counter(
             "microgrid_gossip_dropped",
-            "Inbound gossip dropped before validation (per-peer budgets)", "reason",
+            "Inbound gossip dropped before validation (per-peer budgets)",
+            "reason",
         )
         self.gossip_dropped_by_peer = counter(
             "microgrid_gossip_dropped_by_peer",
-            "Inbound gossip dropped before validation, by forwarding peer", "peer",
+            "Inbound gossip dropped before validation, by forwarding peer",
+            "peer",
         )
         self.stream_faults = counter(
             "microgrid_net_stream_faults",
             "Inbound streams reset because a peer's bytes broke the protocol",
-            "protocol", "reason",
+            "protocol",
+            "reason",
         )
-        self.stream_faults_by_peer = counter("microgrid_net_stream_faults_by_peer",
-                                             "Protocol faults by peer", "peer", "protocol")
+        self.stream_faults_by_peer = counter(
+            "microgrid_net_stream_faults_by_peer", "Protocol faults by peer", "peer", "protocol"
+        )
         self.peers_refused = counter("microgrid_net_peers_refused", "Connections refused",
                                      "reason")  # fmt: skip
         self.peers_banned = counter("microgrid_net_peers_banned", "Peer bans")
@@ -75,6 +85,12 @@ class NetMetrics:
             registry=r,
         )
         self._server: Any = None
+
+    def set_members(self, member_peers: Iterable[str]) -> None:
+        """Replace the member peer ids that get a label of their own (the list changes at
+        runtime); series already recorded for a former member stay (bounded by the members
+        ever admitted)."""
+        self._members = set(member_peers)
 
     def peer_label(self, peer: str) -> str:
         """``peer`` if it is a member, else ``other`` (bounded label cardinality)."""

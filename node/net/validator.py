@@ -6,9 +6,10 @@ rejected message goes nowhere. libp2p has already checked the message signature 
 only the origin can produce a message with new content under its id. :class:`GossipValidator`
 checks, in this order (the first failure is the reason counted):
 
-1. ``non_member_peer``: the origin or the forwarding peer is not a member household;
+1. ``non_member_peer``: the origin or the forwarding peer is not a member household (the
+   *current* list: :meth:`GossipValidator.set_members` replaces it at runtime);
 2. ``oversized`` / ``malformed`` / ``wrong_topic``: strict batch decoding (:mod:`node.net.wire`);
-3. per record: ``wrong_grid``; ``not_member`` (author not in the genesis); ``author_mismatch``
+3. per record: ``wrong_grid``; ``not_member`` (author not a current member); ``author_mismatch``
    (author is not the origin peer: a household gossips only its own records, which ties the
    record's signature to the authenticated sender); ``bad_signature``; ``equivocation`` (the
    author signed a *different* record with a nonce it already used); ``replayed`` (the same
@@ -18,7 +19,10 @@ checks, in this order (the first failure is the reason counted):
    member peer: instead of ``not_member`` and ``author_mismatch`` it must name the genesis
    operator (``not_operator``) and carry the operator's valid signature, and it may come from
    any member origin (the node holding the operator key, or a relay); the signature proves
-   authorship. Its nonces use the operator's own window, like any author's;
+   authorship. Its nonces use the operator's own window, like any author's. The operator's
+   governance records (:data:`market.models.GOVERNANCE_RECORDS`, topic ``governance``) follow
+   the same rule: operator author, operator signature, any member origin, the operator's
+   nonce window (shared with its feeder readings, as in the engine);
 4. ``rate_limited``: the origin exceeds its token bucket (messages per second, burst). Checked
    last, so only fresh records the author signed draw on its bucket: re-sent old messages of a
    household cannot drain it.
@@ -55,6 +59,12 @@ rejected and counted, and nobody is penalised. The author's neighbours receive i
 first-hand, so a misbehaving author is still penalised where it is connected. The local node is
 never penalised (its own publications are validated too). A culprit whose points cross the
 threshold is banned for a while (the host disconnects and blacklists it).
+
+**Membership at runtime.** The member list follows the replicated governance log
+(:meth:`GossipValidator.set_members`), and nodes apply a removal at slightly different times:
+an honest member that has not applied it yet still relays the removed household's gossip. So
+for ``member_grace`` seconds after a peer or DID left the list, a ``non_member_peer`` or
+``not_member`` rejection about it is counted but penalises nobody (``unattributed``).
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from market.errors import Rejection
-from market.models import FeederReading, SignedRecord
+from market.models import FeederReading, GovernanceRecord, SignedRecord
 from market.state import NonceWindow
 from node.net.wire import TopicKind, WireError, decode_batch
 
@@ -120,6 +130,7 @@ class PeerFault(Exception):
         self.protocol = protocol
         self.reason = reason
         self.detail = detail
+
 
 SlotPolicy = Callable[[SignedRecord], str | None]
 """The node's time check for a record: None if acceptable, else a rejection reason."""
@@ -210,6 +221,8 @@ class Verdict:
     records: tuple[SignedRecord, ...] = ()
     culprit: str = ""
     """The peer penalised for a rejection ("" if nobody: see the module docstring)."""
+    subject: str = ""
+    """For a membership rejection: the peer id or DID that is not a member."""
 
 
 class GossipValidator:
@@ -219,7 +232,9 @@ class GossipValidator:
     node's clock-dependent check. ``on_reject(reason, forwarder, culprit)`` and
     ``on_ban(peer)`` are hooks for metrics and for the host (disconnect and blacklist);
     ``local_peer`` (this node) is never penalised. ``operator`` is the genesis operator's DID,
-    the only author of feeder readings (None: every feeder reading is ``not_operator``).
+    the only author of feeder readings and governance records (None: every such record is
+    ``not_operator``). ``member_grace``: seconds after a member left the list during which a
+    membership rejection about it penalises nobody (see the module docstring).
     """
 
     def __init__(
@@ -237,11 +252,16 @@ class GossipValidator:
         on_ban: Callable[[str], None] | None = None,
         local_peer: str | None = None,
         operator: str | None = None,
+        member_grace: float = 60.0,
     ) -> None:
         self.grid = grid
         self.operator = operator
         self.members = dict(members)
         self.member_dids = set(self.members.values())
+        self.member_grace = member_grace
+        self.departed: dict[str, float] = {}
+        """Peer id or DID of a recent member -> until when its membership rejections are
+        nobody's fault (:meth:`set_members`)."""
         self.nonce_window = nonce_window
         self.slot_policy = slot_policy
         self.rate_per_origin = rate_per_origin
@@ -266,6 +286,33 @@ class GossipValidator:
         """(culprit, reason) -> count."""
         self.unattributed: Counter[str] = Counter()
         """Rejections that penalised nobody (possibly re-sent by a third party), by reason."""
+
+    def set_members(self, members: Mapping[str, str]) -> None:
+        """Replace the member list (peer id string -> DID), e.g. after a governance change.
+
+        Peers and DIDs that left get ``member_grace`` seconds during which rejections about
+        them penalise nobody (an honest relay may not have applied the change yet); their
+        rate buckets are dropped. Nonce windows, signatures and seqnos are kept (a readmitted
+        author cannot replay), as are penalties and bans.
+        """
+        now = self.clock()
+        new = dict(members)
+        gone = [p for p in self.members if p not in new]
+        gone_dids = self.member_dids - set(new.values())
+        for key in (*gone, *gone_dids):
+            self.departed[key] = now + self.member_grace
+        for key in (*new, *new.values()):
+            self.departed.pop(key, None)
+        for key in [k for k, until in self.departed.items() if until <= now]:
+            del self.departed[key]
+        for peer in gone:
+            self.buckets.pop(peer, None)
+        self.members = new
+        self.member_dids = set(new.values())
+
+    def _recently_departed(self, key: str) -> bool:
+        until = self.departed.get(key)
+        return until is not None and self.clock() < until
 
     def validate(
         self, kind: TopicKind, origin: str, forwarder: str, data: bytes, seqno: int | None = None
@@ -292,6 +339,8 @@ class GossipValidator:
             self.accepted += 1
             return verdict
         culprit = self._culprit(verdict.reason, origin, forwarder, fresh)
+        if verdict.subject and self._recently_departed(verdict.subject):
+            culprit = ""  # a relay may not have applied the removal yet: nobody's fault
         verdict = replace(verdict, culprit=culprit)
         self.rejected[verdict.reason] += 1
         self.rejected_by_peer[(forwarder, verdict.reason)] += 1
@@ -327,9 +376,11 @@ class GossipValidator:
     def _check(self, kind: TopicKind, origin: str, forwarder: str, data: bytes) -> Verdict:
         origin_did = self.members.get(origin)
         if origin_did is None:
-            return Verdict(False, "non_member_peer", f"origin {origin} is not a member")
+            return Verdict(False, "non_member_peer", f"origin {origin} is not a member",
+                           subject=origin)  # fmt: skip
         if forwarder not in self.members:
-            return Verdict(False, "non_member_peer", f"forwarder {forwarder} is not a member")
+            return Verdict(False, "non_member_peer", f"forwarder {forwarder} is not a member",
+                           subject=forwarder)  # fmt: skip
         try:
             records = decode_batch(data, kind)
         except WireError as exc:
@@ -339,14 +390,15 @@ class GossipValidator:
             author = record.author
             if record.grid != self.grid:
                 return Verdict(False, "wrong_grid", f"record {i} is for grid {record.grid!r}")
-            if isinstance(record, FeederReading):
+            if isinstance(record, FeederReading | GovernanceRecord):
                 # the operator's record, relayed by a member: the signature proves authorship
                 if self.operator is None or author != self.operator:
                     return Verdict(
                         False, "not_operator", f"record {i} operator {author} is not the grid's"
                     )
             elif author not in self.member_dids:
-                return Verdict(False, "not_member", f"record {i} author {author} is not a member")
+                return Verdict(False, "not_member", f"record {i} author {author} is not a member",
+                               subject=author)  # fmt: skip
             elif author != origin_did:
                 return Verdict(
                     False, "author_mismatch", f"record {i} by {author} sent by {origin_did}"

@@ -8,9 +8,11 @@ messages). Layout, version 1::
 
 ``record`` is :func:`market.models.encode_command` of one signed record, byte for byte (decoding
 re-encodes and compares, so each record has exactly one accepted encoding and the content hash
-of a message identifies its records). ``batch_seq`` is the publisher's own counter: it lets a
-publisher re-send a record in a new message; replay protection is by the records' nonces. Every
-varint must be minimal; trailing bytes are an error.
+of a message identifies its records). Each topic carries its own record kinds only
+(:data:`TOPIC_RECORDS`): a record on another topic is ``wrong_topic``. ``batch_seq`` is the
+publisher's own counter: it lets a publisher re-send a record in a new message; replay
+protection is by the records' nonces. Every varint must be minimal; trailing bytes are an
+error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 
 from market.models import (
+    GOVERNANCE_RECORDS,
     MAX_COMMAND_BYTES,
     CancelOrder,
     CommandDecodeError,
@@ -44,12 +47,16 @@ class TopicKind(StrEnum):
 
     ORDERS = "orders"
     READINGS = "readings"
+    GOVERNANCE = "governance"
+    """The operator's signed governance records (members and rules), relayed by members."""
 
 
 TOPIC_RECORDS: dict[TopicKind, tuple[type[SignedRecord], ...]] = {
     TopicKind.ORDERS: (Order, CancelOrder),
     TopicKind.READINGS: (MeterReading, FeederReading),
+    TopicKind.GOVERNANCE: GOVERNANCE_RECORDS,
 }
+"""The record kinds each topic carries (disjoint: a record has exactly one topic)."""
 
 
 def topic_name(grid: str, kind: TopicKind) -> str:

@@ -23,7 +23,7 @@ from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
-from market.models import CancelOrder, MeterReading, Order, SignedRecord
+from market.models import CancelOrder, ChangeRules, MeterReading, Order, RemoveMember, SignedRecord
 from node.net.wire import (
     MAX_RAFT_FRAME,
     TopicKind,
@@ -68,9 +68,18 @@ def topic_records() -> dict[TopicKind, tuple[SignedRecord, ...]]:
     cancel = CancelOrder(
         grid=sim.config.grid, household=home.did, order_id=orders[0].id, nonce=77
     ).signed_by(home)
+    operator = sim.operator
+    rules = ChangeRules(
+        grid=sim.config.grid, operator=operator.did, nonce=4 * 50, from_slot=50, retail_price=31
+    ).signed_by(operator)
+    removal = RemoveMember(
+        grid=sim.config.grid, operator=operator.did, nonce=4 * 50 + 1, from_slot=50,
+        household=home.did,
+    ).signed_by(operator)  # fmt: skip
     return {
         TopicKind.ORDERS: (*orders, cancel),
         TopicKind.READINGS: tuple(c for c in commands if isinstance(c, MeterReading)),
+        TopicKind.GOVERNANCE: (rules, removal),
     }
 
 
@@ -137,8 +146,20 @@ def raft_messages() -> tuple[Message, ...]:
     out.append(Message(MessageType.SNAP, to=B, frm=A, term=4, snapshot=snap))
     for t in MessageType:
         if t not in (MessageType.APP, MessageType.SNAP):
-            out.append(Message(t, to=A, frm=B, term=2**64 - 1, log_term=7, index=2**63 + 5,
-                               commit=1, reject=True, reject_hint=3, context=b"transfer"))
+            out.append(
+                Message(
+                    t,
+                    to=A,
+                    frm=B,
+                    term=2**64 - 1,
+                    log_term=7,
+                    index=2**63 + 5,
+                    commit=1,
+                    reject=True,
+                    reject_hint=3,
+                    context=b"transfer",
+                )
+            )
     return tuple(out)
 
 
