@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from market import MarketConfig, Side
+from market.settlement import Tariffs
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +29,13 @@ class Strategy:
     min_order_wh: int = 10
     max_order_wh: int = 50_000
 
-    def limits(self, config: MarketConfig) -> tuple[int, int]:
-        """(sell limit, buy limit) clamped into the market's price band."""
-        lo, hi = config.feed_in_tariff, config.retail_price
+    def limits(self, config: MarketConfig, band: Tariffs | None = None) -> tuple[int, int]:
+        """(sell limit, buy limit) clamped into the price band: ``band`` (the slot's tariffs,
+        ``config_at(state, slot).tariffs_at(slot)``: the rules in force there), or the flat
+        genesis tariffs of ``config``."""
+        if band is None:
+            band = config.tariffs
+        lo, hi = band.feed_in, band.retail
         quarter = (hi - lo) // 4
         sell = self.sell_floor if self.sell_floor is not None else lo + quarter
         buy = self.buy_cap if self.buy_cap is not None else hi - quarter
@@ -79,14 +84,17 @@ def plan_order(
     strategy: Strategy,
     config: MarketConfig,
     max_offer_wh: int | None = None,
+    band: Tariffs | None = None,
 ) -> OrderPlan | None:
     """The order for ``slot``, or None when the forecast is unknown or too small to trade.
 
     ``max_offer_wh`` is what the engine lets this household offer in one slot (its delivery
-    record, :func:`market.state.sell_limit_wh`): an offer is cut to it rather than refused."""
+    record, :func:`market.state.sell_limit_wh`): an offer is cut to it rather than refused.
+    ``band`` is the slot's price band under the rules in force there (default: the genesis
+    rules' flat tariffs); the price is always inside it."""
     if forecast_net_wh is None:
         return None
-    sell_limit, buy_limit = strategy.limits(config)
+    sell_limit, buy_limit = strategy.limits(config, band)
     if forecast_net_wh > 0:
         qty = int(forecast_net_wh * strategy.safety)
         side, price = Side.SELL, sell_limit

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from market import MarketConfig, MeterReading, Order, Side
 from market.schedule import Schedule
+from market.settlement import Tariffs
 from market.signing import Signer
 from meter.sample import MeterSample
 from node.agent.strategy import Forecaster, Strategy, plan_order
@@ -28,7 +29,8 @@ NONCES_PER_SLOT = 4
 
 
 class MeterMismatch(ValueError):
-    """The meter's serial is not the one registered for this household in the genesis."""
+    """The meter's serial is not the one registered for this household (in the genesis, or by
+    the operator's latest meter swap in force for the slot)."""
 
 
 @dataclass
@@ -39,6 +41,8 @@ class Trader:
     config: MarketConfig
     schedule: Schedule
     meter_serial: str
+    """The registered meter's serial (the node updates it from the engine's terms: a meter swap
+    changes it from a slot on; "" while the household is not admitted yet)."""
     strategy: Strategy = field(default_factory=Strategy)
     meter_time_scale: float = 1.0
     """Simulated seconds per real second of the meter (1.0 for a real meter)."""
@@ -58,12 +62,14 @@ class Trader:
         """The household's DID."""
         return self.signer.did
 
-    def check_meter(self, sample: MeterSample) -> None:
-        """Raise :class:`MeterMismatch` unless ``sample`` comes from the registered meter."""
-        if sample.serial != self.meter_serial:
+    def check_meter(self, sample: MeterSample, meter_serial: str | None = None) -> None:
+        """Raise :class:`MeterMismatch` unless ``sample`` comes from the registered meter
+        (``meter_serial``: the one in force for the slot; default :attr:`meter_serial`)."""
+        serial = self.meter_serial if meter_serial is None else meter_serial
+        if sample.serial != serial:
             raise MeterMismatch(
-                f"meter {sample.meter!r} reports serial {sample.serial!r}, but the genesis "
-                f"registers {self.meter_serial!r} for {self.did}"
+                f"meter {sample.meter!r} reports serial {sample.serial!r}, but the grid "
+                f"registers {serial!r} for {self.did}"
             )
 
     def observe_power(self, slot: int, sample: MeterSample) -> None:
@@ -73,11 +79,16 @@ class Trader:
         seconds = self.schedule.slot_seconds * self.meter_time_scale
         self.forecaster.observe(slot, -round(sample.power_w * seconds / 3600))
 
-    def slot_ended(self, slot: int, sample: MeterSample) -> MeterReading:
+    def slot_ended(
+        self, slot: int, sample: MeterSample, meter_serial: str | None = None
+    ) -> MeterReading:
         """The signed reading of ``slot`` from the sample taken at its end; learns the slot's
         net export for the forecast when the previous slot's end was sampled on the same
-        counter epoch."""
-        self.check_meter(sample)
+        counter epoch. ``meter_serial``: the meter registered for ``slot`` (the household's
+        term there; default :attr:`meter_serial`); a sample of another meter raises
+        :class:`MeterMismatch`."""
+        serial = self.meter_serial if meter_serial is None else meter_serial
+        self.check_meter(sample, serial)
         self.boundary[slot] = sample
         previous = self.boundary.get(slot - 1)
         if previous is not None and previous.epoch == sample.epoch:
@@ -89,20 +100,24 @@ class Trader:
             grid=self.config.grid,
             nonce=self.nonce(slot, NONCE_READING),
             household=self.did,
-            meter_serial=self.meter_serial,
+            meter_serial=serial,
             slot=slot,
             import_wh=sample.import_wh,
             export_wh=sample.export_wh,
         ).signed_by(self.signer)
 
-    def order_for(self, slot: int, max_offer_wh: int | None = None) -> Order | None:
+    def order_for(
+        self, slot: int, max_offer_wh: int | None = None, band: Tariffs | None = None
+    ) -> Order | None:
         """The agent's order for ``slot`` (once per slot), or None when nothing is worth
         trading or no forecast exists yet; an offer is cut to ``max_offer_wh`` (what the
-        engine lets this household offer per slot, from its delivery record)."""
+        engine lets this household offer per slot, from its delivery record), and priced inside
+        ``band`` (the slot's tariffs under the rules in force there; default the genesis
+        rules' flat tariffs)."""
         if slot in self.ordered:
             return None
         plan = plan_order(
-            slot, self.forecaster.predict(slot), self.strategy, self.config, max_offer_wh
+            slot, self.forecaster.predict(slot), self.strategy, self.config, max_offer_wh, band
         )
         if plan is None:
             return None

@@ -24,6 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("node.cli.run", "run this household's node"),
     "status": ("node.cli.run", "ask a running node for its status"),
     "net": ("node.cli.run", "run the network layer of a node"),
+    "member": (
+        "node.cli.governance",
+        "the grid operator admits, removes, suspends or changes households; list them",
+    ),
+    "rules": (
+        "node.cli.governance",
+        "the grid operator changes the market rules; show those in force and their history",
+    ),
     "ledger": ("node.cli.ledger", "inspect and verify a ledger database"),
     "statement": (
         "node.cli.statement",
@@ -94,4 +102,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = build_parser(command).parse_args(argv)
     return int(args.func(args) or 0)
-

@@ -137,6 +137,9 @@ class ConsensusDriver:
     wall_clock: Callable[[], float] = time.time
     inbox_size: int = 1024
     stats: DriverStats = field(default_factory=DriverStats)
+    follow_membership: bool = True
+    """As leader, change the Raft group to follow the grid's members (False: a fixed group,
+    for tests that run one Raft peer for a market of several households)."""
     on_applied: Callable[[list[tuple[int, list[Event]]], bool], None] | None = None
     """Called on the driver's task after each batch of committed entries was applied, with
     ``(index, events)`` per entry and whether a snapshot from the leader was installed (the
@@ -202,7 +205,8 @@ class ConsensusDriver:
     def _propose(self) -> None:
         if self.raft.role != "leader":
             return
-        self._follow_membership()
+        if self.follow_membership:
+            self._follow_membership()
         state = self.replica.state
         batch = self.proposer.next_batch(
             self.wall_clock(), EngineView(state.closed_through, state.settled_through)

@@ -16,8 +16,14 @@ Parts and who calls whom (all background tasks live in :meth:`HouseholdNode.run`
 - With ``[feeder]`` configured (the grid operator's node), the feeder task reads the feeder
   meter just after each slot ends and signs the slot's :class:`~market.models.FeederReading`
   with the operator key, and gossips it like the household's own readings.
-- The API task serves ``/status``, ``/orders``, ``/trades``, ``/balances`` and ``/slots`` on
-  127.0.0.1; ``POST /orders`` (bearer token) places a manual order.
+- The API task serves ``/status``, ``/orders``, ``/trades``, ``/balances``, ``/slots``,
+  ``/members`` and ``/rules`` on 127.0.0.1; ``POST /orders`` (bearer token) places a manual
+  order; ``POST /governance`` takes one of the grid operator's signed governance records (its
+  signature authorises it: no token), checks it against the engine, gossips it and answers once
+  it is committed (docs/node.md, "Governance").
+- A household admitted at runtime (an operator's ``AddMember``, not in the genesis) starts as a
+  follower that is not yet a member: it catches up and signs readings and orders only for slots
+  the engine says it is active in.
 
 On start the replica is rebuilt from the Raft log's snapshot and entries up to the ledger's
 applied index (:func:`open_replica`), so a restart neither loses nor re-applies an entry.
@@ -38,22 +44,53 @@ from typing import Any
 import trio
 from sqlalchemy import func, select
 
+import market.state as engine
 from market import CancelOrder, MeterReading, Order, RejectReason, Side
 from market.accounting import household_account
 from market.bounds import MAX_SLOT
-from market.events import Event, GateClosed, OrderAccepted, Rejected, SlotSettled
-from market.models import FeederReading, MemberRegistration, SignedRecord
+from market.events import (
+    Event,
+    GateClosed,
+    GovernanceAccepted,
+    OrderAccepted,
+    Rejected,
+    SlotSettled,
+)
+from market.governance import Term
+from market.models import (
+    GOVERNANCE_RECORDS,
+    Command,
+    CommandDecodeError,
+    FeederReading,
+    GovernanceRecord,
+    MemberRegistration,
+    SignedRecord,
+    decode_command,
+    record_hash,
+)
+from market.settlement import Tariffs
 from market.signing import Signer
 from market.state import State, sell_limit_wh
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
 from node.daemon.consensus import ConsensusDriver
-from node.daemon.http_api import Api, ApiError, Request
+from node.daemon.http_api import Api, ApiError, Reply, Request
 from node.daemon.prometheus import NodeCollector
 from node.daemon.proposer import Proposer
 from node.daemon.replica import Replica
-from node.daemon.status import status_document
+from node.daemon.status import (
+    GovernanceShadow,
+    connected_members,
+    dry_run,
+    free_operator_nonce,
+    governance_outcome,
+    governance_shadow,
+    members_document,
+    record_summary,
+    rules_document,
+    status_document,
+)
 from node.ledger import LedgerStore
 from node.ledger import schema as t
 from node.ledger.chunk import BlockSyncError
@@ -87,7 +124,13 @@ BLOCK_SYNC_RETRY_SECONDS = 2.0
 SLOTS_PAGE = 500
 """Most slots one ``GET /slots`` answers with."""
 NONCE_FEEDER = 2
-"""The operator's feeder readings have nonces ``slot * 4 + 2`` (docs/node.md)."""
+"""The operator's feeder readings have nonces ``slot * 4 + 2`` (docs/node.md); its governance
+records ``slot * 4 + k`` for k in 0, 1, 3 (:data:`node.daemon.status.OPERATOR_NONCE_KINDS`)."""
+GOVERNANCE_WAIT_SECONDS = 10
+"""How long ``POST /governance`` waits for the record to commit unless ``wait`` says."""
+MAX_GOVERNANCE_WAIT_SECONDS = 120
+NONCE_RESERVE_SECONDS = 120.0
+"""A nonce ``GET /governance`` handed out is not handed out again for this long."""
 
 
 class NodeError(RuntimeError):
@@ -116,6 +159,35 @@ class EngineSnapshot:
     sell_limit_wh: int | None = None
     """What this household may offer per slot (:func:`market.state.sell_limit_wh`; None:
     rules 1, or not a member)."""
+    governance: GovernanceShadow | None = None
+    """Members, governance history, the operator's nonces, gates and counter baselines, copied
+    (:func:`node.daemon.status.governance_shadow`): terms and rules per slot, ``/members``,
+    ``/rules`` and the dry run of ``POST /governance`` read this, on the trio thread."""
+
+    @property
+    def shadow(self) -> State:
+        """The governance shadow's state (members, terms, rules; never the books)."""
+        assert self.governance is not None
+        return self.governance.state
+
+    def term(self, did: str, slot: int) -> Term | None:
+        """The household's term in ``slot`` (None: not a member)."""
+        return engine.member_term(self.shadow, did, slot)
+
+    def band(self, slot: int) -> Tariffs:
+        """The price band (the tariffs) of ``slot`` under the rules in force there."""
+        return engine.config_at(self.shadow, slot).tariffs_at(slot)
+
+
+@dataclass(slots=True)
+class _GovernanceWait:
+    """A ``POST /governance`` waiting for its record to commit."""
+
+    record: GovernanceRecord
+    done: trio.Event
+    accepted: bool = False
+    index: int | None = None
+    answer: dict[str, Any] | None = None
 
 
 def open_replica(
@@ -170,8 +242,6 @@ class HouseholdNode:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         member = genesis.member(identity.did)
-        if member is None:
-            raise NodeError(f"{identity.did} is not a member of grid {genesis.grid!r}")
         if not config.meters:
             raise NodeError("no [[meters]] configured: a household node trades what it meters")
         self.operator: Signer | None = (
@@ -181,7 +251,10 @@ class HouseholdNode:
         self.config = config
         self.identity = identity
         self.genesis = genesis
-        self.member: MemberRegistration = member
+        self.member: MemberRegistration | None = member
+        """This household's genesis registration; None for a household the operator admitted
+        at runtime (``AddMember``): it follows the grid and trades once the engine says it is
+        active in a slot."""
         self.schedule = genesis.schedule
         self.wall_clock = wall_clock
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +267,16 @@ class HouseholdNode:
         # dashboard take the wall-clock slot length from here; older ledgers get it now
         self.store.record_schedule(self.schedule)
         # called on the driver's task once a batch was applied, never from the apply worker
-        self.replica.observer = self.proposer.committed
+        self.replica.observer = self._committed
+        self._batch_commands: list[Command] = []
+        """Commands the replica applied since the last ``_on_batch_applied`` (in log order)."""
+        self._waits: dict[bytes, _GovernanceWait] = {}
+        """``POST /governance`` requests waiting, by the record's hash."""
+        self._reserved_nonces: dict[int, float] = {}
+        """Operator nonces ``GET /governance`` handed out, and until when they stay reserved."""
+        self._connected: tuple[str, ...] | None = None
+        """The DIDs last handed to the network's ``update_members``."""
+        self._admission_logged: str | None = None
         voters = genesis.voters
         self.raft = RaftNode(
             Config(
@@ -206,7 +288,8 @@ class HouseholdNode:
             ),
             self.raft_storage,
         )
-        self.block_server = BlockServer(store_exporter(self.store), genesis.is_member)
+        # the replicated member list decides who may fetch blocks (net.update_members keeps it)
+        self.block_server = BlockServer(store_exporter(self.store), lambda d: self.net.is_member(d))
         self.net = NetNode(
             identity,
             genesis,
@@ -241,7 +324,7 @@ class HouseholdNode:
             identity.signer,
             genesis.market,
             self.schedule,
-            member.meter_serial,
+            "" if member is None else member.meter_serial,
             config.strategy,
             meter_time_scale=scale,
         )
@@ -297,6 +380,9 @@ class HouseholdNode:
                                            "applied_index": self.replica.applied_index,
                                            "height": self.replica.state.height},
                 )  # fmt: skip
+                self._update_members()
+                if self.member is None:
+                    self._log_admission(self.schedule.open_slot(self.wall_clock()))
                 self.started.set()
                 task_status.started(self)
                 await self._stop.wait()
@@ -320,6 +406,15 @@ class HouseholdNode:
             if isinstance(record, Order | CancelOrder | MeterReading | FeederReading):
                 self.proposer.offer(record)
                 self.counters[f"gossip_{record.KIND}"] += 1
+            elif isinstance(record, GOVERNANCE_RECORDS):
+                self.proposer.offer(record)
+                self.counters["gossip_governance"] += 1
+
+    def _committed(self, command: Command) -> None:
+        """The replica's observer (the driver's task, after a batch applied): the proposer
+        never proposes the command again, and ``_on_batch_applied`` gets to see it."""
+        self.proposer.committed(command)
+        self._batch_commands.append(command)
 
     def _on_raft(self, message: Any) -> None:
         self.driver.deliver(message)
@@ -332,7 +427,60 @@ class HouseholdNode:
             self._on_applied(index, events)
         if installed:  # the snapshot recorded the heights it skipped: block sync, look now
             self._block_sync_wake.set()
+        commands, self._batch_commands = self._batch_commands, []
         self._publish_engine([e for _, events in entries for e in events], rescan=installed)
+        self._governance_committed(entries, commands)
+        self._update_members()
+
+    def _governance_committed(
+        self, entries: list[tuple[int, list[Event]]], commands: list[Command]
+    ) -> None:
+        """Answer the ``POST /governance`` requests whose record this batch committed.
+
+        The engine answers each applied command with exactly one event, and a malformed command
+        (no command reaches the observer) with one ``malformed`` rejection, so a batch's
+        commands and its other events pair up in order; if they ever do not, only acceptances
+        (which carry their record) are matched. A record committed inside an installed snapshot
+        is found in the governance history."""
+        if not self._waits:
+            return
+        paired: list[tuple[int, Command, Event]] = []
+        malformed = RejectReason.MALFORMED
+        verdicts = [(i, e) for i, events in entries for e in events
+                    if not (isinstance(e, Rejected) and e.reason is malformed)]  # fmt: skip
+        if len(verdicts) == len(commands):
+            paired = [(i, c, e) for (i, e), c in zip(verdicts, commands, strict=True)]
+        else:
+            paired = [(i, e.record, e) for i, e in verdicts if isinstance(e, GovernanceAccepted)]
+        for index, command, event in paired:
+            if not isinstance(command, GOVERNANCE_RECORDS):
+                continue
+            wait = self._waits.get(record_hash(command))
+            if wait is None or wait.done.is_set():
+                continue
+            wait.accepted, wait.answer = governance_outcome(command, [event])
+            wait.index = index
+            wait.done.set()
+        shadow = self._engine.governance
+        for key, wait in self._waits.items():
+            if not wait.done.is_set() and shadow is not None and key in shadow.hashes:
+                wait.accepted, wait.answer = True, record_summary(wait.record)
+                wait.index = self.replica.applied_index
+                wait.done.set()
+
+    def _update_members(self) -> None:
+        """Tell the network which households may connect (every one active, suspended or
+        admitted from a later slot), when that changed; a network layer without
+        ``update_members`` keeps the genesis members."""
+        update = getattr(self.net, "update_members", None)
+        shadow = self._engine.governance
+        if update is None or shadow is None:
+            return
+        dids = tuple(connected_members(shadow))
+        if dids == self._connected:
+            return
+        self._connected = dids
+        update(list(dids))
 
     def _on_applied(self, index: int, events: list[Event]) -> None:
         """Count, log and time each rejection, clearing and settlement of one applied entry
@@ -406,7 +554,7 @@ class HouseholdNode:
         now = self.wall_clock()
         if first.sample is not None:
             try:
-                self.trader.check_meter(first.sample)
+                self._check_meter(first.sample, self.schedule.slot_at(now))
                 self.trader.observe_power(self.schedule.slot_at(now), first.sample)
             except MeterMismatch as exc:
                 log.error(str(exc), extra={"event": "meter_mismatch"})
@@ -429,12 +577,51 @@ class HouseholdNode:
                 if result.sample is not None and self.trader.forecaster.last is None:
                     # the first poll failed: seed the forecast now, not two slot ends later
                     with contextlib.suppress(MeterMismatch):
-                        self.trader.check_meter(result.sample)
+                        self._check_meter(result.sample, self.schedule.slot_at(now))
                         self.trader.observe_power(self.schedule.slot_at(now), result.sample)
                         await self._place_order(self.schedule.open_slot(self.wall_clock()))
 
+    def _active_term(self, slot: int) -> Term | None:
+        """This household's term in ``slot`` if it is active there (None: it must not sign a
+        reading or an order for the slot; logged once per change of standing)."""
+        term = self.engine_snapshot().term(self.identity.did, slot)
+        if term is not None and term.active:
+            if self._admission_logged is not None:
+                self._admission_logged = None
+                log.info("household active: trading", extra={
+                    "event": "admitted", "slot": slot, "role": term.role.value})  # fmt: skip
+            return term
+        self._log_admission(slot, term)
+        return None
+
+    def _log_admission(self, slot: int, term: Term | None = None) -> None:
+        """Log (once per standing) that this household does not trade in ``slot`` and why."""
+        standing = "not admitted" if term is None else term.status.value
+        if self._admission_logged == standing:
+            return
+        self._admission_logged = standing
+        if term is None:
+            message = ("awaiting admission: this household is not (yet) a member of the grid; "
+                       "following the ledger, no readings or orders until the operator's "
+                       "add_member is in force")  # fmt: skip
+        else:
+            message = f"household {term.status.value} in slot {slot}: no readings or orders"
+        log.warning(message, extra={"event": "not_active", "slot": slot, "standing": standing})
+
+    def _check_meter(self, sample: Any, slot: int) -> None:
+        """The sample's meter against the one registered for ``slot`` (the household's term
+        there; the genesis meter while not admitted): raises :class:`MeterMismatch`."""
+        term = self.engine_snapshot().term(self.identity.did, slot)
+        if term is None:
+            return  # not admitted: no registered meter to compare with yet
+        self.trader.meter_serial = term.meter_serial
+        self.trader.check_meter(sample, term.meter_serial)
+
     async def _slot_ended(self, slot: int) -> None:
         """Read the meter for ``slot`` (retrying until its reading deadline) and publish."""
+        term = self._active_term(slot)
+        if term is None:
+            return
         deadline = self.schedule.settle_time(slot) - self.schedule.settle_delay_seconds / 4
         while True:
             result = await self._poll()
@@ -446,7 +633,7 @@ class HouseholdNode:
                 return
             await trio.sleep(0.5)
         try:
-            reading = self.trader.slot_ended(slot, result.sample)
+            reading = self.trader.slot_ended(slot, result.sample, term.meter_serial)
         except MeterMismatch as exc:
             self.counters["meter_mismatch"] += 1
             log.error(str(exc), extra={"event": "meter_mismatch", "slot": slot})
@@ -528,24 +715,38 @@ class HouseholdNode:
         }  # fmt: skip
 
     async def _place_order(self, slot: int) -> None:
-        order = self.trader.order_for(slot, self.engine_snapshot().sell_limit_wh)
+        """The agent's order for ``slot``, if the household is active there, priced inside the
+        slot's band under the rules in force there."""
+        if self._active_term(slot) is None:
+            return
+        engine = self.engine_snapshot()
+        order = self.trader.order_for(slot, engine.sell_limit_wh, engine.band(slot))
         if order is not None:
             await self._publish(TopicKind.ORDERS, order)
 
-    async def _publish(self, kind: TopicKind, record: SignedRecord) -> None:
-        """Gossip one own record and queue it for proposal here too."""
-        assert isinstance(record, Order | CancelOrder | MeterReading | FeederReading)
+    async def _publish(self, kind: TopicKind, record: SignedRecord, *,
+                       offer_if_refused: bool = False) -> str | None:  # fmt: skip
+        """Gossip one own record (or an operator's governance record, ``kind`` governance) and
+        queue it for proposal here too. Returns why gossip refused it (None: gossiped);
+        ``offer_if_refused`` queues it for proposal all the same (a record the engine's dry
+        run accepted: the leader may be this node)."""
+        assert isinstance(
+            record, Order | CancelOrder | MeterReading | FeederReading | GovernanceRecord
+        )
         try:
             await self.net.publish(kind, [record])
         except PublishError as exc:
             self.counters["publish_refused"] += 1
             log.warning("own record refused", extra={"event": "publish_refused",
                                                      "reason": exc.verdict.reason})  # fmt: skip
-            return
-        self.proposer.offer(record)
+            if offer_if_refused:
+                self.proposer.offer(record)  # type: ignore[arg-type]
+            return str(exc.verdict.reason)
+        self.proposer.offer(record)  # type: ignore[arg-type]
         self.counters[f"published_{record.KIND}"] += 1
         log.info(f"published {record.KIND}", extra={"event": "published", "kind": record.KIND,
                                                     "slot": getattr(record, "slot", None)})
+        return None
 
     async def _publish_manual(self) -> None:
         async for record in self._manual_recv:
@@ -641,9 +842,11 @@ class HouseholdNode:
         limit = (
             sell_limit_wh(state, me) if state.config.rules >= 2 and me in state.members else None
         )
+        previous = None if rescan else self._engine.governance
         return EngineSnapshot(state, closed, state.settled_through, state.height,
                               state.head_hash, frozenset(manual),
-                              0 if rep is None else rep.silent_slots, limit)  # fmt: skip
+                              0 if rep is None else rep.silent_slots, limit,
+                              governance_shadow(state, previous))  # fmt: skip
 
     def _publish_engine(self, events: Sequence[Event], *, rescan: bool = False) -> None:
         """Publish a new :class:`EngineSnapshot` (the driver's task, after a batch's events). A
@@ -677,8 +880,14 @@ class HouseholdNode:
             silent_slots=self.engine_snapshot().silent_slots,
             sell_limit_wh=self.engine_snapshot().sell_limit_wh,
         )
-        doc["membership"] = self.member.role.value
-        doc["open_slot"] = self.schedule.open_slot(self.wall_clock())
+        open_slot = self.schedule.open_slot(self.wall_clock())
+        term = self.engine_snapshot().term(self.identity.did, open_slot)
+        # the role while active; else where the household stands (pending, suspended, ...)
+        doc["membership"] = (
+            "not admitted" if term is None else term.role.value if term.active
+            else term.status.value
+        )  # fmt: skip
+        doc["open_slot"] = open_slot
         doc["slot_seconds"] = self.schedule.slot_seconds
         doc["counters"] = self.all_counters()
         doc["block_sync"] = {"missing": [list(r) for r in missing_blocks]}
@@ -724,6 +933,14 @@ class HouseholdNode:
                   choices=mine)(self._get_balances)  # fmt: skip
         api.route("GET", "/slots", blocking=True, token=False,
                   ints={"since": (0, MAX_SLOT)})(self._get_slots)  # fmt: skip
+        # governance: the operator's signature authorises a record, so no token; the views are
+        # built on the trio thread from the published governance shadow (no database)
+        waits = {"wait": (0, MAX_GOVERNANCE_WAIT_SECONDS)}
+        api.route("POST", "/governance", token=False, ints=waits)(self._post_governance)
+        api.route("GET", "/governance", token=False, params=set())(self._get_governance)
+        api.route("GET", "/members", token=False,
+                  ints={"slot": (0, MAX_SLOT)})(self._get_members)  # fmt: skip
+        api.route("GET", "/rules", token=False, ints={"slot": (0, MAX_SLOT)})(self._get_rules)
 
     async def _get_status(self, req: Request) -> Any:
         """``/status``: the database part in a worker thread, the rest on the trio thread."""
@@ -815,13 +1032,18 @@ class HouseholdNode:
         market = self.genesis.market
         if not 0 < qty <= market.max_order_wh:
             raise ApiError(400, f"quantity_wh must be in 1..{market.max_order_wh}")
-        if not market.feed_in_tariff <= price <= market.retail_price:
-            raise ApiError(400, f"price must be in {market.feed_in_tariff}..{market.retail_price}")
         if not 0 <= slot <= MAX_SLOT:
             raise ApiError(400, f"slot must be in 0..{MAX_SLOT}")
+        engine = self.engine_snapshot()
+        band = engine.band(slot)  # the slot's tariffs under the rules in force there
+        if not band.feed_in <= price <= band.retail:
+            raise ApiError(400, f"price must be in {band.feed_in}..{band.retail} in slot {slot}")
         # what the engine would refuse for this household's record (docs/ledger.md), said now
         # rather than after the order was signed and gossiped
-        engine = self.engine_snapshot()
+        term = engine.term(self.identity.did, slot)
+        if term is None or not term.active:
+            standing = "not a member" if term is None else term.status.value
+            raise ApiError(409, f"not_active: this household is {standing} in slot {slot}")
         if market.rules >= 2 and engine.silent_slots >= market.max_silent_slots:
             raise ApiError(409, f"meter_silent: no reading of this household's meter for "
                                 f"{engine.silent_slots} settled slots; orders are refused until "
@@ -850,6 +1072,122 @@ class HouseholdNode:
         closed = self.schedule.last_due_gate(now)
         self.trader.manual_slots = {s for s in self.trader.manual_slots if s > closed} | {slot}
         return {"queued": order.id, "slot": slot}
+
+
+    # -- governance ------------------------------------------------------------------------
+
+    def _open_slot(self) -> int:
+        return self.schedule.open_slot(self.wall_clock())
+
+    def _shadow(self) -> GovernanceShadow:
+        shadow = self.engine_snapshot().governance
+        assert shadow is not None  # every snapshot the node takes has one
+        return shadow
+
+    def _get_members(self, req: Request) -> Any:
+        """``GET /members[?slot=N]``: every household, its standing in the open slot (or
+        ``slot``) and the changes scheduled after it."""
+        slot = req.ints.get("slot", self._open_slot())
+        return members_document(self._shadow(), slot)
+
+    def _get_rules(self, req: Request) -> Any:
+        """``GET /rules[?slot=N]``: the rules in force in the open slot (or ``slot``) and the
+        history of rules changes."""
+        slot = req.ints.get("slot", self._open_slot())
+        return rules_document(self._shadow(), slot)
+
+    def _get_governance(self, req: Request) -> Any:
+        """``GET /governance``: what the operator needs to sign a record now: the grid, the
+        operator's DID, the open slot, the first slot a change may take effect from, and a
+        fresh operator nonce (reserved for a while, so concurrent callers get different ones;
+        docs/node.md, "Operator nonces")."""
+        now = self.wall_clock()
+        shadow = self._shadow()
+        self._reserved_nonces = {n: t for n, t in self._reserved_nonces.items() if t > now}
+        nonce = free_operator_nonce(shadow, self.schedule.slot_at(now),
+                                    set(self._reserved_nonces))  # fmt: skip
+        if nonce is not None:
+            self._reserved_nonces[nonce] = now + NONCE_RESERVE_SECONDS
+        closed = shadow.state.closed_through
+        return {
+            "grid": self.genesis.grid, "operator": self.genesis.operator,
+            "open_slot": self.schedule.open_slot(now), "slot_seconds": self.schedule.slot_seconds,
+            "closed_through": closed, "first_open_slot": 0 if closed is None else closed + 1,
+            "nonce": nonce,
+        }  # fmt: skip
+
+    async def _post_governance(self, req: Request) -> Any:
+        """``POST /governance[?wait=S]``: one operator-signed governance record (the model's
+        JSON). 400 if it is not one, 403 if it is not the genesis operator's for this grid;
+        checked against the engine (a dry run on the governance shadow): 409 with the engine's
+        typed reason if it would be refused. Otherwise gossiped, queued for proposal, and
+        answered once committed (200: what it changed and the log index; 409: the engine's
+        rejection) or after ``wait`` seconds (default 10) with 202 (submitted, not committed
+        yet)."""
+        try:
+            record = decode_command(req.body)
+        except CommandDecodeError as exc:
+            raise ApiError(400, str(exc), "bad_record") from None
+        if not isinstance(record, GOVERNANCE_RECORDS):
+            raise ApiError(400, f"a {record.type} is not a governance record (one of "
+                                f"{', '.join(r.KIND for r in GOVERNANCE_RECORDS)})",
+                           "not_governance")  # fmt: skip
+        refusal = _operator_refusal(record, self.genesis)
+        if refusal is not None:
+            raise ApiError(403, f"{refusal[0]}: {refusal[1]}", refusal[0],
+                           {"reason": refusal[0], "detail": refusal[1]})  # fmt: skip
+        key = record_hash(record)
+        if key in self._shadow().hashes:  # posted again after it committed
+            return {"committed": True, "applied_index": None, **record_summary(record)}
+        wait = self._waits.get(key)
+        if wait is None:
+            accepted, answer = governance_outcome(record, dry_run(self._shadow(), record))
+            if not accepted:
+                reason = answer["reason"]
+                self.counters[f"governance_refused_{reason}"] += 1
+                raise ApiError(409, f"{reason}: {answer['detail']}", f"governance_{reason}",
+                               {**answer, "stage": "dry_run"})  # fmt: skip
+            wait = self._waits[key] = _GovernanceWait(record, trio.Event())
+            gossip = await self._publish(TopicKind.GOVERNANCE, record, offer_if_refused=True)
+            log.info("governance record submitted", extra={
+                "event": "governance_submitted", "type": record.type,
+                "from_slot": record.from_slot, "gossip": gossip or "ok"})  # fmt: skip
+        with trio.move_on_after(req.ints.get("wait", GOVERNANCE_WAIT_SECONDS)):
+            await wait.done.wait()
+        self._prune_waits()
+        if not wait.done.is_set():
+            # still watched: posting the same record again waits for the same commit
+            return Reply(202, {"committed": False, "submitted": True,
+                               **record_summary(record)})  # fmt: skip
+        answer = {**(wait.answer or {}), "applied_index": wait.index}
+        if wait.accepted:
+            return {"committed": True, **answer}
+        reason = answer.get("reason", "unknown")
+        self.counters[f"governance_rejected_{reason}"] += 1
+        raise ApiError(409, f"{reason}: {answer.get('detail', '')}", f"governance_{reason}",
+                       {**answer, "committed": True, "accepted": False, "stage": "engine"})
+
+    def _prune_waits(self) -> None:
+        """Forget answered waits, and unanswered ones whose first slot has closed (the engine
+        can no longer accept them) or beyond the newest 256."""
+        closed = self.engine_snapshot().closed_through
+        for key, wait in list(self._waits.items()):
+            gone = closed is not None and wait.record.from_slot <= closed
+            if wait.done.is_set() or gone:
+                del self._waits[key]
+        while len(self._waits) > 256:
+            del self._waits[next(iter(self._waits))]
+
+
+def _operator_refusal(record: GovernanceRecord, genesis: Genesis) -> tuple[str, str] | None:
+    """Why ``record`` is not the genesis operator's for this grid, as (reason, detail)."""
+    if record.grid != genesis.grid:
+        return "wrong_grid", f"record is for grid {record.grid!r}, this is {genesis.grid!r}"
+    if record.operator != genesis.operator:
+        return "not_operator", f"{record.operator} is not the grid operator"
+    if not record.verify(genesis.operator):
+        return "bad_signature", f"{record.KIND} signature does not verify for the operator"
+    return None
 
 
 def operator_signer(feeder: FeederSetting, genesis: Genesis) -> Signer:

@@ -44,13 +44,15 @@ _RECEIVE_BYTES = 16 * 1024
 _LINGER_BYTES = 64 * 1024
 
 _REASON_PHRASES = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 422: "Unprocessable Content", 431: "Request Header Fields Too Large",
     500: "Internal Server Error", 503: "Service Unavailable",
 }  # fmt: skip
 _DEFAULT_REASONS = {
-    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed",
     408: "timeout", 409: "conflict", 413: "body_too_large", 431: "header_too_large",
     500: "handler_error", 503: "unavailable",
 }  # fmt: skip
@@ -96,13 +98,30 @@ class ApiLimits:
 
 class ApiError(Exception):
     """An error answered as JSON ``{"error": message}`` with ``status``; ``reason`` is the key it
-    is counted under in :attr:`Api.rejections` (default: from the status)."""
+    is counted under in :attr:`Api.rejections` (default: from the status). ``details`` are more
+    fields of the answer (e.g. a typed engine reason), next to ``error``."""
 
-    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason or _DEFAULT_REASONS.get(status, f"http_{status}")
+        self.details = dict(details or {})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful answer with a status other than 200 (e.g. 202 Accepted), returned by a
+    handler that runs on the loop (a ``blocking`` handler always answers 200)."""
+
+    status: int
+    payload: Any
 
 
 class _Close(Exception):
@@ -325,10 +344,12 @@ class Api:
             result = route.handler(request)
             if inspect.isawaitable(result):
                 result = await result
+            if isinstance(result, Reply):
+                return result.status, _encode(result.payload)
             return 200, _encode(result)
         except ApiError as exc:
             self.rejections[exc.reason] += 1
-            return exc.status, _encode({"error": exc.message})
+            return exc.status, _encode({**exc.details, "error": exc.message})
         except Exception:
             self.rejections["handler_error"] += 1
             log.warning("api handler failed", exc_info=True,

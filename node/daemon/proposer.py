@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from market import CancelOrder, CloseGate, Command, MeterReading, Order, SettleSlot
-from market.models import FeederReading, record_hash
+from market.models import FeederReading, GovernanceRecord, record_hash
 from market.schedule import Schedule
 
-Record = Order | CancelOrder | MeterReading | FeederReading
+Record = Order | CancelOrder | MeterReading | FeederReading | GovernanceRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,9 @@ class Proposer:
 
     def committed(self, command: Command) -> None:
         """A command reached the log (accepted or rejected): never propose it again."""
-        if isinstance(command, Order | CancelOrder | MeterReading | FeederReading):
+        if isinstance(
+            command, Order | CancelOrder | MeterReading | FeederReading | GovernanceRecord
+        ):
             key = record_hash(command)
             self.pending.pop(key, None)
             self.in_flight.pop(key, None)

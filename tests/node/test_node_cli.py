@@ -11,7 +11,7 @@ from market.signing import Signer
 from market.state import MarketConfig
 from node.cli.run import account_line
 from node.setup.genesis import create_genesis, write_genesis
-from node.setup.keyfile import NodeIdentity, create_key_file
+from node.setup.keyfile import create_key_file
 
 
 def node_run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -36,17 +36,6 @@ def test_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
     result = node_run(tmp_path / "nope.toml")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "nope.toml" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_a_household_outside_the_genesis_is_refused(tmp_path: Path) -> None:
-    """Exit 1: the key's DID is not a member of the grid."""
-    me = create_key_file(tmp_path / "node.key")
-    grid(tmp_path, NodeIdentity.from_seed(b"x" * 32).did)
-    (tmp_path / "microgrid.toml").write_text("metrics_port = 0\napi_port = 0\n" + METER)
-    result = node_run(tmp_path / "microgrid.toml")
-    assert result.returncode == 1, result.stderr
-    assert f"error: {me.did} is not a member of grid 'g'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -36,7 +36,7 @@ async def test_dashboard_reads_what_the_node_serves(tmp_path) -> None:
     raft = RaftNode(Config(id=me, voters=(me,), seed=1), MemoryStorage())
     driver = ConsensusDriver(
         raft, raft.storage, replica, Proposer(schedule), _Nowhere(), tick_seconds=0.01,
-        wall_clock=lambda: wall[0],
+        wall_clock=lambda: wall[0], follow_membership=False,
     )  # fmt: skip
     peers = {sim.households[1].signer.did: True, sim.households[2].signer.did: False}
     api = Api(token="t")
