@@ -227,7 +227,7 @@ class ConsensusDriver:
         if self._desired[0] != applied:
             self._desired = (applied, desired_roles(self.replica.state))
         status = self.raft.status()
-        cc = next_conf_change(self._desired[1], status)
+        cc = next_conf_change(self._desired[1], status, known=self.replica.state.members)
         if cc is None:
             return
         try:

@@ -19,7 +19,7 @@ index), promotions come before demotions and removals, and the leader changes it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from market.governance import MemberStatus
 from market.models import MemberRole
@@ -51,10 +51,12 @@ def next_conf_change(
     desired: Mapping[str, MemberRole],
     status: Status,
     catch_up_entries: int = CATCH_UP_ENTRIES,
+    known: Collection[str] | None = None,
 ) -> ConfChange | None:
     """The one change that brings the leader's configuration (``status``) closer to
     ``desired``, or None when it matches (or the next step must wait for a learner to catch
-    up)."""
+    up). With ``known`` (every DID the engine ever admitted), a Raft peer outside it is left
+    alone: the grid's records never spoke of it."""
     voters, learners = set(status.voters), set(status.learners)
     me = status.id
     for did in sorted(desired):
@@ -67,6 +69,8 @@ def next_conf_change(
                 return ConfChange(ConfChangeType.ADD_VOTER, did)
     changes: list[ConfChange] = []
     for did in sorted(voters | learners):
+        if known is not None and did not in known:
+            continue
         role = desired.get(did)
         if role is None:
             changes.append(ConfChange(ConfChangeType.REMOVE_NODE, did))

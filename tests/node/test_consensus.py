@@ -77,6 +77,7 @@ def build_cluster(tmp_path: Path, wall: Callable[[], float], durable: bool = Fal
             tick_seconds=0.05,
             propose_every=0.05,
             wall_clock=wall,
+            follow_membership=False,  # a fixed group of 3 for a market of 5 households
         )
         net.drivers[node_id] = driver
         replicas[node_id] = replica

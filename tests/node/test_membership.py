@@ -96,3 +96,12 @@ def test_a_rotated_voter_is_replaced_by_its_new_key() -> None:
         ConfChange(ConfChangeType.ADD_VOTER, new),
         ConfChange(ConfChangeType.REMOVE_NODE, a),
     ]
+
+
+def test_raft_peers_the_grid_never_admitted_are_left_alone() -> None:
+    w, a, b, c = _grid()
+    status = _status({a, b, "n9"}, {c}, a, {a: 100, b: 100, c: 100, "n9": 100})
+    assert next_conf_change(desired_roles(w.state), status, known=w.state.members) is None
+    assert next_conf_change(desired_roles(w.state), status) == ConfChange(
+        ConfChangeType.REMOVE_NODE, "n9"
+    )
