@@ -13,10 +13,12 @@ from market.models import (
     AddMember,
     ChangeRole,
     ChangeRules,
+    CloseGate,
     ReinstateMember,
     RemoveMember,
     ReplaceMeter,
     RotateKey,
+    SettleSlot,
     SuspendMember,
     TimeOfUsePeriod,
 )
@@ -42,14 +44,6 @@ def _settled(events: list) -> SlotSettled:
 def _balance(w: World, name_or_did: str, asset: str = MONEY) -> int:
     did = w.homes[name_or_did].did if name_or_did in w.homes else name_or_did
     return w.state.balances.get((household_account(did), asset), 0)
-
-
-def _run_slot(w: World, slot: int, readings: dict[str, tuple[int, int]], **orders: object) -> list:
-    """Close ``slot``'s gate, submit ``readings`` ({name: (import, export)}), settle it."""
-    w.close(slot)
-    for name, (imp, exp) in readings.items():
-        w.ok(w.reading(name, slot, imp, exp, serial=orders.get(f"serial_{name}")))  # type: ignore[arg-type]
-    return w.settle(slot)
 
 
 def total(w: World, asset: str) -> int:
@@ -328,8 +322,6 @@ def _life(w: World) -> list[object]:
         w.govern(ChangeRole, 4, household=carol.did, role=MemberRole.VOTER),
         w.govern(RemoveMember, 5, household="voter"),
     ]  # fmt: skip
-    from market.models import CloseGate, SettleSlot
-
     for slot in range(1, 7):
         seller = "alice" if slot < 4 else "alice-2"
         cmds.append(w.order(seller, "sell", 300, 9, slot=slot))
@@ -348,7 +340,6 @@ def _life(w: World) -> list[object]:
 def test_replicas_agree_across_rule_changes_and_a_snapshot_restores_the_same_state() -> None:
     w = _grid()
     commands = _life(w)
-    replicas = [World().state for _ in range(2)]
     base = _grid().state
     replicas = [base.copy(), base.copy()]
     rejected: list[Rejected] = []
