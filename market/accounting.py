@@ -3,7 +3,8 @@
 Double entry: every transaction's postings sum to zero per asset, so total money and total
 energy are conserved. Assets are ``money`` (integer minor currency units) and ``energy``
 (integer Wh). Accounts are ``household:<did>``, ``grid`` (the utility, counterparty of every
-imbalance) and ``market`` (keeps McAfee's trade-reduction surplus).
+imbalance), ``market`` (keeps McAfee's trade-reduction surplus) and ``network`` (collects the
+grid fees the rules set: per kWh bought locally and per kWh imported from the grid).
 
 One block per settled slot. Its hash covers the height, slot, previous block hash, the Merkle
 roots of its transactions, trades and readings, the state hash (the hash of every account
@@ -24,6 +25,7 @@ ENERGY = "energy"
 ASSETS = (MONEY, ENERGY)
 GRID = "grid"
 MARKET = "market"
+NETWORK = "network"
 ZERO_HASH = "00" * 32
 
 

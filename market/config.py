@@ -83,7 +83,7 @@ _FEEDER_CONFIG_FIELDS = frozenset(
 )
 _OPTIONAL_CONFIG_FIELDS = frozenset(
     {"slot_seconds", "rules", "max_silent_slots", "reputation_window_slots", "sell_floor_permille",
-     "time_of_use"}
+     "time_of_use", "local_fee", "grid_fee"}
 )  # fmt: skip
 """Left out by :meth:`MarketConfig.to_json` at their defaults (``rules`` at 1), so the genesis
 files and hashes of grids created before they existed stay valid."""
@@ -139,6 +139,12 @@ class MarketConfig:
     starting at minute 0, in increasing order; empty: the flat ``feed_in_tariff`` and
     ``retail_price`` hold all day. A slot's tariffs, and so its orders' price band, are those of
     the period its start falls in (:meth:`tariffs_at`)."""
+    local_fee: int = 0
+    """Grid fee per kWh a household buys in the local market (minor units), paid by the buyer
+    to the ``network`` account; 0: none."""
+    grid_fee: int = 0
+    """Grid fee per kWh a household imports from the grid (minor units), on top of the retail
+    price, paid to the ``network`` account; 0: none."""
 
     def __post_init__(self) -> None:
         """Refuse rules no node could store or apply: every bound of :mod:`market.bounds`."""
@@ -176,6 +182,8 @@ class MarketConfig:
         _check_int("reputation_window_slots", self.reputation_window_slots, 1, MAX_SILENT_SLOTS)
         _check_int("sell_floor_permille", self.sell_floor_permille, 0, 1000)
         _check_time_of_use(self.time_of_use)
+        _check_int("local_fee", self.local_fee, 0, MAX_PRICE)
+        _check_int("grid_fee", self.grid_fee, 0, MAX_PRICE)
 
     @classmethod
     def from_json(cls, doc: object) -> MarketConfig:
@@ -249,6 +257,10 @@ class MarketConfig:
             doc["sell_floor_permille"] = self.sell_floor_permille
         if self.time_of_use:
             doc["time_of_use"] = [list(period) for period in self.time_of_use]
+        if self.local_fee:
+            doc["local_fee"] = self.local_fee
+        if self.grid_fee:
+            doc["grid_fee"] = self.grid_fee
         if self.has_feeder:
             doc["feeder_serial"] = self.feeder_serial
             doc["feeder_max_power_w"] = self.feeder_max_power_w
@@ -267,18 +279,20 @@ class MarketConfig:
 
     @property
     def tariffs(self) -> Tariffs:
-        """The flat feed-in tariff and retail price (without time-of-use: every slot's)."""
-        return Tariffs(self.feed_in_tariff, self.retail_price)
+        """The flat feed-in tariff and retail price (without time-of-use: every slot's), and
+        the grid fees."""
+        return Tariffs(self.feed_in_tariff, self.retail_price, self.local_fee, self.grid_fee)
 
     def tariffs_at(self, slot: int) -> Tariffs:
         """The grid's tariffs in ``slot``: the time-of-use period its start falls in, or the
-        flat tariffs. They are also the slot's price band for orders."""
+        flat tariffs (the grid fees hold all day). Feed-in tariff and retail price are also
+        the slot's price band for orders."""
         if not self.time_of_use:
             return self.tariffs
         minute = slot * self.slot_seconds % 86_400 // 60
         i = bisect_right(self.time_of_use, minute, key=lambda p: p[0]) - 1
         _, feed_in, retail = self.time_of_use[i]
-        return Tariffs(feed_in, retail)
+        return Tariffs(feed_in, retail, self.local_fee, self.grid_fee)
 
     def with_changes(self, changes: Mapping[str, Any]) -> MarketConfig:
         """These rules with ``changes`` (:meth:`market.models.ChangeRules.changes`) applied:
@@ -299,7 +313,7 @@ class MarketConfig:
                     else tuple(p)
                     for p in value
                 )
-            elif name in {"feed_in_tariff", "retail_price", "mechanism"}:
+            elif name in {"feed_in_tariff", "retail_price", "mechanism", "local_fee", "grid_fee"}:
                 fields[name] = value
             else:
                 raise MarketConfigError("not a rule that can change", name)

@@ -321,14 +321,31 @@ class ChangeRules(GovernanceRecord):
     time_of_use: (
         Annotated[tuple[TimeOfUsePeriod, ...], Field(max_length=MAX_TIME_OF_USE_PERIODS)] | None
     ) = None
+    local_fee: Price | None = None
+    """Grid fee per kWh bought in the local market (paid by the buyer); 0 removes it."""
+    grid_fee: Price | None = None
+    """Grid fee per kWh imported from the grid; 0 removes it."""
+
+    _LATER_FIELDS: ClassVar[tuple[str, ...]] = ("local_fee", "grid_fee")
+    """Fields added after the record type shipped: left out of the signed bytes while unset, so
+    records signed before they existed keep their signatures."""
+
+    def unsigned_fields(self) -> dict[str, Any]:
+        """Every field except the signature, and except the later fields left unset."""
+        fields = super().unsigned_fields()
+        for name in self._LATER_FIELDS:
+            if fields.get(name) is None:
+                fields.pop(name, None)
+        return fields
 
     def changes(self) -> dict[str, Any]:
         """The rules this record sets, by :class:`market.state.MarketConfig` field name."""
         return {
             name: getattr(self, name)
-            for name in ("feed_in_tariff", "retail_price", "mechanism", "k", "time_of_use")
+            for name in ("feed_in_tariff", "retail_price", "mechanism", "k", "time_of_use",
+                         *self._LATER_FIELDS)
             if getattr(self, name) is not None
-        }
+        }  # fmt: skip
 
 
 MEMBER_CHANGES = (

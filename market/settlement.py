@@ -21,6 +21,12 @@ Rules (all integer arithmetic):
   slots a household's settled energy equals its counters' movement between its readings. The
   fee and the rounding make withholding or delaying a reading never pay, even by the half minor
   unit that per-slot rounding could otherwise gain (docs/ledger.md has the argument).
+- Grid fees (zero unless the rules set them): a household pays ``local_fee`` per kWh it bought
+  in the local market and ``grid_fee`` per kWh it imported from the grid (its negative imbalance
+  plus a true-up's import) to the ``network`` account, in one ``local_fee`` and one ``grid_fee``
+  transaction per household and slot (:func:`fee_transactions`, half up like every price). A
+  true-up's unmeasured-slot fee exceeds the half minor unit per slot that rounding a gap's fee
+  once instead of per slot could save, so withholding readings still never pays.
 - Delivery statistics for reputation: a seller delivered ``min(max(net export, 0), sold)``, a
   buyer took ``min(max(-net export, 0), bought)``.
 """
@@ -35,6 +41,7 @@ from market.accounting import (
     GRID,
     MARKET,
     MONEY,
+    NETWORK,
     Transaction,
     household_account,
     money_for,
@@ -99,10 +106,13 @@ class HouseholdSettlement:
 
 @dataclass(frozen=True, slots=True)
 class Tariffs:
-    """The grid's prices in minor units per kWh: the market's price floor and cap."""
+    """The grid's prices in minor units per kWh: the market's price floor and cap, and the
+    grid fees on energy bought locally and imported from the grid."""
 
     feed_in: int
     retail: int
+    local_fee: int = 0
+    grid_fee: int = 0
 
 
 def trade_transaction(trade: Trade) -> Transaction:
@@ -144,6 +154,25 @@ def true_up_transaction(slot: int, household: str, gap: Gap, tariffs: Tariffs) -
     )
 
 
+def fee_transactions(
+    slot: int, household: str, bought_wh: int, grid_import_wh: int, tariffs: Tariffs
+) -> list[Transaction]:
+    """The grid fees one household pays for ``slot``: ``local_fee`` per kWh of ``bought_wh``
+    (bought in the local market) and ``grid_fee`` per kWh of ``grid_import_wh`` (imported from
+    the grid: negative imbalance plus true-up import), each to the ``network`` account. A fee
+    that comes to zero makes no transaction (ledgers of grids without fees are unchanged)."""
+    account = household_account(household)
+    out = []
+    for kind, energy_wh, price in (
+        ("local_fee", bought_wh, tariffs.local_fee),
+        ("grid_fee", grid_import_wh, tariffs.grid_fee),
+    ):
+        money = money_for(energy_wh, price)
+        if money:
+            out.append(transfer(kind, slot, household, [(account, NETWORK, MONEY, money)]))
+    return out
+
+
 def settle_slot(
     slot: int,
     trades: Iterable[Trade],
@@ -157,7 +186,7 @@ def settle_slot(
     ``households`` are all members, in a deterministic order (the engine sorts them);
     ``metered`` holds the households with a usable reading; ``gaps`` those whose reading closes
     a gap (never also in ``metered``). Transactions come in trade order, then each household's
-    imbalance and true-up in household order.
+    imbalance, true-up and fees in household order.
     """
     gaps = gaps or {}
     trade_list = list(trades)
@@ -216,6 +245,8 @@ def settle_slot(
         gap = gaps.get(did)
         if gap is not None:
             transactions.append(true_up_transaction(slot, did, gap, tariffs))
+        grid_import = max(-imbalance, 0) + (gap.import_wh if gap is not None else 0)
+        transactions.extend(fee_transactions(slot, did, b, grid_import, tariffs))
     return transactions, summaries
 
 

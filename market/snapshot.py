@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from market.accounting import ASSETS, GRID, MARKET, household_account
+from market.accounting import ASSETS, GRID, MARKET, NETWORK, household_account
 from market.bounds import (
     MAX_NONCE,
     MAX_NONCE_WINDOW,
@@ -269,7 +269,7 @@ def _balance(fields: Any, where: str) -> tuple[tuple[str, str], int]:
         raise SnapshotError(f"{where}[0]: expected an account name")
     if account.startswith(_ACCOUNT_PREFIX):
         _did(account[len(_ACCOUNT_PREFIX) :], f"{where}[0] (household account)")
-    elif account not in (GRID, MARKET):
+    elif account not in (GRID, MARKET, NETWORK):
         raise SnapshotError(f"{where}[0]: not a ledger account")
     if not isinstance(asset, str) or asset not in ASSETS:
         raise SnapshotError(f"{where}[1]: asset must be one of {list(ASSETS)}")

@@ -32,13 +32,16 @@ class Strategy:
     def limits(self, config: MarketConfig, band: Tariffs | None = None) -> tuple[int, int]:
         """(sell limit, buy limit) clamped into the price band: ``band`` (the slot's tariffs,
         ``config_at(state, slot).tariffs_at(slot)``: the rules in force there), or the flat
-        genesis tariffs of ``config``."""
+        genesis tariffs of ``config``. With grid fees the buy limit also stays at or below
+        the retail price plus the grid-import fee minus the local-trade fee, so energy bought
+        locally never costs more, fees included, than the same energy from the grid."""
         if band is None:
             band = config.tariffs
         lo, hi = band.feed_in, band.retail
         quarter = (hi - lo) // 4
         sell = self.sell_floor if self.sell_floor is not None else lo + quarter
         buy = self.buy_cap if self.buy_cap is not None else hi - quarter
+        buy = min(buy, hi + band.grid_fee - band.local_fee)
         return min(max(sell, lo), hi), min(max(buy, lo), hi)
 
 

@@ -91,6 +91,19 @@ def register(subparsers: Any) -> None:
     _common(st)
     st.add_argument("--retail-price", type=int, default=None, help="minor units per kWh")
     st.add_argument("--feed-in-tariff", type=int, default=None, help="minor units per kWh")
+    st.add_argument(
+        "--grid-fee",
+        type=int,
+        default=None,
+        help="grid fee per kWh imported from the grid, minor units (0: none)",
+    )
+    st.add_argument(
+        "--local-fee",
+        type=int,
+        default=None,
+        help="grid fee per kWh bought in the local market, paid by the buyer, "
+        "minor units (0: none)",
+    )
     st.add_argument("--mechanism", choices=("uniform", "pay_as_bid", "mcafee"), default=None)
     st.add_argument("--k", default=None, help="k-pricing's k as n/d, e.g. 1/2")
     st.add_argument(
@@ -216,6 +229,8 @@ def _record_fields(args: argparse.Namespace) -> tuple[type, dict[str, Any]]:
         fields: dict[str, Any] = {
             "feed_in_tariff": args.feed_in_tariff,
             "retail_price": args.retail_price,
+            "grid_fee": args.grid_fee,
+            "local_fee": args.local_fee,
             "mechanism": args.mechanism,
             "k": args.k,
             "time_of_use": None
@@ -402,6 +417,11 @@ def _rules_line(rules: dict[str, Any]) -> str:
         f"feed-in {rules['feed_in_tariff']}, retail {rules['retail_price']}, "
         f"{rules['mechanism']} k={rules['k']}"
     )
+    if rules.get("grid_fee") or rules.get("local_fee"):
+        line += (
+            f", grid fee {rules.get('grid_fee', 0)}/kWh imported, "
+            f"{rules.get('local_fee', 0)}/kWh bought locally"
+        )
     tou = rules.get("time_of_use")
     if tou:
         periods = ", ".join(f"{s // 60:02d}:{s % 60:02d}={f}/{r}" for s, f, r in tou)

@@ -14,8 +14,15 @@ from market.bounds import MAX_POWER_W, bounded_int
 from market.did import IdentityError, public_key_from_did
 from market.models import MemberRole
 from market.state import MarketConfig
-from node.setup.config import ConfigError, load_config, starter_config_toml
-from node.setup.genesis import GenesisError, create_genesis, load_genesis, write_genesis
+from node.setup.config import (
+    PEER_ADDRESS,
+    ConfigError,
+    MeterSetting,
+    load_config,
+    meter_setting,
+    starter_config_toml,
+)
+from node.setup.genesis import Genesis, GenesisError, create_genesis, load_genesis, write_genesis
 from node.setup.keyfile import KeyFileError, create_key_file, load_key_file
 
 CONFIG_NAME = "microgrid.toml"
@@ -28,6 +35,33 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dir", type=Path, default=Path("."), help="node directory (default: .)")
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/4001", help="listen multiaddr")
     p.add_argument("--metrics-port", type=int, default=9464)
+    p.add_argument("--api-port", type=int, default=8400, help="the node's API port (127.0.0.1)")
+    j = p.add_argument_group(
+        "joining a grid",
+        "a household joining a running grid: the operator's genesis file, the address of any "
+        "member to dial and the household's meter (docs/governance.md, 'Joining a running grid')",
+    )
+    j.add_argument(
+        "--genesis",
+        type=Path,
+        default=None,
+        help="the grid's genesis file: verified and copied into the directory",
+    )
+    j.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="a member's address with its peer id, /ip4/.../tcp/PORT/p2p/12D3KooW...; repeatable",
+    )
+    j.add_argument(
+        "--meter",
+        default=None,
+        metavar="ENDPOINT",
+        help="the household's meter: tcp://HOST:PORT or rtu:///dev/ttyUSB0?baudrate=N",
+    )
+    j.add_argument("--meter-profile", default="sdm630", help="its profile (default sdm630)")
+    j.add_argument("--meter-device-id", type=int, default=1, help="its Modbus device id")
     p.set_defaults(func=cmd_init)
 
     i = subparsers.add_parser("identity", help="print the peer id and did:key of a key file")
@@ -48,12 +82,20 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     c.add_argument("--feed-in-tariff", type=int, required=True, help="minor units per kWh")
     c.add_argument("--retail-price", type=int, required=True, help="minor units per kWh")
+    c.add_argument("--grid-fee", type=int, default=0,
+                   help="grid fee per kWh imported from the grid, minor units (default 0)")
+    c.add_argument("--local-fee", type=int, default=0,
+                   help="grid fee per kWh bought in the local market, minor units (default 0)")
     c.add_argument("--mechanism", default="uniform", choices=["uniform", "pay_as_bid", "mcafee"])
     c.add_argument("--k", default="1/2", help="k-pricing parameter as a fraction")
     c.add_argument("--slot-seconds", type=int, default=900)
     c.add_argument("--gate-closure-lead-seconds", type=int, default=300)
-    c.add_argument("--settle-delay-seconds", type=int, default=120,
-                   help="meter readings of a slot are due this long after it ends")
+    c.add_argument(
+        "--settle-delay-seconds",
+        type=int,
+        default=120,
+        help="meter readings of a slot are due this long after it ends",
+    )
     c.add_argument("--slot-horizon", type=int, default=96)
     c.add_argument("--bootstrap", action="append", default=[], help="multiaddr with /p2p/ID")
     c.add_argument("--out", type=Path, required=True)
@@ -64,16 +106,41 @@ def register(subparsers: Any) -> None:
     s.set_defaults(func=cmd_genesis_show)
 
 
-
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
 
 
+def _join_settings(args: argparse.Namespace) -> tuple[Genesis | None, MeterSetting | None]:
+    """The verified ``--genesis`` and the ``--meter`` of ``init``, with ``--peer`` checked;
+    raises ConfigError or GenesisError naming what is wrong."""
+    for peer in args.peer:
+        if not PEER_ADDRESS.fullmatch(peer):
+            raise ConfigError(f"--peer {peer!r}: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID")
+    if not 0 < args.api_port <= 65535 or not 0 <= args.metrics_port <= 65535:
+        raise ConfigError("--api-port must be in 1..65535 and --metrics-port in 0..65535")
+    genesis = None if args.genesis is None else load_genesis(args.genesis)
+    meter = None
+    if args.meter is not None:
+        table = {"name": "main", "profile": args.meter_profile, "endpoint": args.meter,
+                 "device_id": args.meter_device_id}  # fmt: skip
+        meter = meter_setting(table, "--meter")
+    return genesis, meter
+
+
 def cmd_init(args: argparse.Namespace) -> int:
-    """Create the key file (0600, never overwritten) and a starter config."""
+    """Create the key file (0600, never overwritten) and a starter config; with ``--genesis``,
+    ``--peer`` and ``--meter``, one ready to join a running grid."""
     directory: Path = args.dir
+    try:
+        genesis, meter = _join_settings(args)
+    except (ConfigError, GenesisError) as exc:
+        return _fail(str(exc))
     directory.mkdir(parents=True, exist_ok=True)
+    if genesis is not None:
+        target = directory / "genesis.json"
+        if target.exists() and load_genesis(target).genesis_id() != genesis.genesis_id():
+            return _fail(f"{target} exists and is another grid's genesis; left unchanged")
     try:
         identity = create_key_file(directory / KEY_NAME)
     except KeyFileError as exc:
@@ -87,11 +154,24 @@ def cmd_init(args: argparse.Namespace) -> int:
     else:
         # The API token guards placing orders; the config holds it, so only the owner reads it.
         text = starter_config_toml(listen=args.listen, metrics_port=args.metrics_port,
-                                   api_token=secrets.token_urlsafe(24))  # fmt: skip
+                                   api_port=args.api_port, api_token=secrets.token_urlsafe(24),
+                                   peers=args.peer, meter=meter,
+                                   meter_endpoint=args.meter or "")  # fmt: skip
         fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         print(f"config:  {config} (mode 0600: it holds the API token)")
+    if genesis is not None:
+        target = directory / "genesis.json"
+        if not target.exists():
+            write_genesis(genesis, target)
+        print(f"genesis: {target} (grid {genesis.grid!r}, {genesis.genesis_id()[:16]})")
+        if genesis.member(identity.did) is None:
+            print(
+                "next:    send the grid operator your did:key and meter serial "
+                "(`microgrid meter test`); once they ran `microgrid member add`, start "
+                "`microgrid node run`: it catches up and trades from the slot admitted"
+            )
     return 0
 
 
@@ -131,7 +211,8 @@ def cmd_genesis_create(args: argparse.Namespace) -> int:
         num, _, den = args.k.partition("/")
         market = MarketConfig(
             grid=args.grid, operator=operator.did, feed_in_tariff=args.feed_in_tariff,
-            retail_price=args.retail_price, mechanism=args.mechanism,
+            retail_price=args.retail_price, grid_fee=args.grid_fee, local_fee=args.local_fee,
+            mechanism=args.mechanism,
             k=Fraction(int(num), int(den or 1)), slot_horizon=args.slot_horizon,
             slot_seconds=args.slot_seconds,
         )  # fmt: skip
@@ -161,6 +242,8 @@ def cmd_genesis_show(args: argparse.Namespace) -> int:
     print(f"operator:  {genesis.operator}")
     market = genesis.market
     print(f"tariffs:   feed-in {market.feed_in_tariff}, retail {market.retail_price}")
+    if market.grid_fee or market.local_fee:
+        print(f"fees:      {market.grid_fee}/kWh imported, {market.local_fee}/kWh bought locally")
     print(f"slots:     {genesis.slot_seconds} s, gate closes {genesis.gate_closure_lead_seconds} s"
           f" before, readings due {genesis.settle_delay_seconds} s after")  # fmt: skip
     for m in genesis.members:

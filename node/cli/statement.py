@@ -19,7 +19,8 @@ HELP = "a household's energy bought and sold, its bill and savings over a range 
 
 MONEY_FIELDS = frozenset(
     {"local_paid", "local_received", "grid_import_paid", "grid_export_received",
-     "true_up_money", "other_money", "grid_only_bill", "net_bill", "savings"}
+     "true_up_money", "local_fees", "grid_fees", "other_money", "grid_only_bill", "net_bill",
+     "savings"}
 )  # fmt: skip
 """CSV columns in currency units (two decimals); the others are Wh or counts."""
 
@@ -180,7 +181,17 @@ def statement_lines(statement: Statement, schedule: Schedule, first: str, last: 
         f"metering  {s.measured_slots} measured, {s.unmeasured_slots} unmeasured; "
         f"{tot['true_ups']} true-up{'' if tot['true_ups'] == 1 else 's'} over "
         f"{tot['true_up_slots']} slots",
-        f"tariffs   retail {money(s.retail_price)}/kWh, feed-in {money(s.feed_in_tariff)}/kWh",
+        f"tariffs   retail {money(s.retail_price)}/kWh, feed-in {money(s.feed_in_tariff)}/kWh"
+        + (
+            f"; grid fees {money(s.local_fee)}/kWh bought locally, {money(s.grid_fee)}/kWh imported"
+            if s.local_fee or s.grid_fee
+            else ""
+        ),
+    ]
+    if s.rules_changed_at:
+        changes = ", ".join(str(slot) for slot in s.rules_changed_at)
+        lines.append(f"rules     changed from slot {changes}: each slot is priced under its own")
+    lines += [
         "",
         _row("", "energy", "money"),
         _row("bought locally", f"{tot['local_bought_wh']} Wh", money(-tot["local_paid"], True)),
@@ -204,6 +215,9 @@ def statement_lines(statement: Statement, schedule: Schedule, first: str, last: 
                 money(tot["true_up_money"], True),
             )
         )
+    if tot["local_fees"] or tot["grid_fees"]:
+        lines.append(_row("grid fees, local trades", "", money(-tot["local_fees"], True)))
+        lines.append(_row("grid fees, grid imports", "", money(-tot["grid_fees"], True)))
     if tot["other_money"]:
         lines.append(_row("other", "", money(tot["other_money"], True)))
     bill = s.net_bill

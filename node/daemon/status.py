@@ -167,6 +167,7 @@ def rules_document(shadow: GovernanceShadow, slot: int) -> dict[str, Any]:
         "rules": config.to_json(),
         "rules_hash": config.rules_hash(),
         "band": {"feed_in_tariff": band.feed_in, "retail_price": band.retail},
+        "fees": {"grid_fee": band.grid_fee, "local_fee": band.local_fee},
         "history": history,
     }
 

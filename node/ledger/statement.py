@@ -10,17 +10,21 @@ slot numbers (the command line turns dates into slots).
 **Grid only** is what the same metered energy would have cost under the same rules without the
 local market, computed the way the engine settles a household without contracts: per measured
 slot its metered net export (export − import) sold at the feed-in tariff or its net import
-bought at the retail price (:func:`market.accounting.money_for`, half up), an unmeasured slot
-nothing, and each true-up exactly as :func:`market.settlement.true_up_transaction` settles it
-(the gap's import at retail, export at feed-in, rounded down, with its fee per unmeasured slot,
-which trading does not change). So a household that never traded saves exactly zero, and its
-savings are what the local market earned it. A true-up belongs to the slot whose reading
-closed the gap (where its money posts), even if the gap began before the range.
+bought at the retail price plus the grid fee (:func:`market.accounting.money_for`, half up), an
+unmeasured slot nothing, and each true-up exactly as
+:func:`market.settlement.true_up_transaction` settles it (the gap's import at retail, export at
+feed-in, rounded down, with its fee per unmeasured slot, which trading does not change) plus the
+grid fee on its import. Each slot is priced under the rules in force for it (the operator's
+``change_rules`` records in the ledger's governance history). So a household that never
+traded saves exactly zero, and its savings are what the local market earned it. A true-up
+belongs to the slot whose reading closed the gap (where its money posts), even if the gap began
+before the range.
 """
 
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,7 +35,14 @@ from market.accounting import ENERGY, MONEY, household_account, money_for
 from market.settlement import Gap, Tariffs, true_up_transaction
 from market.state import MarketConfig
 from node.ledger import schema as t
-from node.ledger.queries import has_true_up_table, load_block_refs, slot_range, sum_int
+from node.ledger.governance import rules_periods
+from node.ledger.queries import (
+    has_true_up_table,
+    load_block_refs,
+    load_governance_records,
+    slot_range,
+    sum_int,
+)
 from node.ledger.rows import read_meta
 
 
@@ -73,8 +84,12 @@ class SlotStatement:
     true_up_import_wh: int = 0
     true_up_export_wh: int = 0
     true_up_money: int = 0
+    local_fees: int = 0
+    """Grid fees paid on energy bought locally (``local_fee`` transactions)."""
+    grid_fees: int = 0
+    """Grid fees paid on energy imported from the grid (``grid_fee`` transactions)."""
     other_money: int = 0
-    """Money of any other kind of transaction (none in the rules so far)."""
+    """Money of any other kind of transaction (a key rotation's carried-over balance)."""
     grid_only_bill: int = 0
 
     @property
@@ -91,6 +106,8 @@ class SlotStatement:
             + self.grid_export_received
             - self.grid_import_paid
             + self.true_up_money
+            - self.local_fees
+            - self.grid_fees
             + self.other_money
         )
 
@@ -117,7 +134,13 @@ class Statement:
     first_slot: int
     last_slot: int
     feed_in_tariff: int
+    """The flat tariffs and grid fees in force at the first settled slot."""
     retail_price: int
+    local_fee: int
+    grid_fee: int
+    rules_changed_at: tuple[int, ...]
+    """Slots in the range from which the operator changed the rules (each slot is priced under
+    its own)."""
     slots: tuple[SlotStatement, ...]
     """One per settled slot in the range, oldest first."""
     totals: dict[str, int] = field(default_factory=dict)
@@ -165,11 +188,32 @@ class Statement:
 
 def grid_only_bill(import_wh: int, export_wh: int, tariffs: Tariffs) -> int:
     """What a measured slot's metered flow costs without contracts, as the engine settles it:
-    the net export sold at the feed-in tariff, or the net import bought at retail."""
+    the net export sold at the feed-in tariff, or the net import bought at retail and its grid
+    fee."""
     net = export_wh - import_wh
     if net > 0:
         return -money_for(net, tariffs.feed_in)
-    return money_for(-net, tariffs.retail)
+    return money_for(-net, tariffs.retail) + money_for(-net, tariffs.grid_fee)
+
+
+class RulesInForce:
+    """The rules each slot was settled under: the genesis rules and the ledger's accepted
+    ``change_rules`` records."""
+
+    def __init__(self, conn: Connection, base: MarketConfig) -> None:
+        try:
+            self.periods = rules_periods(base, load_governance_records(conn))
+        except ValueError as exc:
+            raise StatementError(f"the ledger's rules history is unreadable: {exc}") from None
+        self._starts = [slot for slot, _ in self.periods]
+
+    def config(self, slot: int) -> MarketConfig:
+        """The rules in force for ``slot``."""
+        return self.periods[bisect_right(self._starts, slot) - 1][1]
+
+    def tariffs(self, slot: int) -> Tariffs:
+        """The tariffs and grid fees of ``slot``."""
+        return self.config(slot).tariffs_at(slot)
 
 
 def market_config(conn: Connection) -> MarketConfig:
@@ -204,7 +248,7 @@ def household_statement(
     if first_slot > last_slot:
         raise StatementError(f"empty range: slot {first_slot} is after slot {last_slot}")
     config = market_config(conn)
-    tariffs = Tariffs(feed_in=config.feed_in_tariff, retail=config.retail_price)
+    rules = RulesInForce(conn, config)
     if not household_known(conn, did):
         raise StatementError(f"no household {did} in this ledger")
     blocks = load_block_refs(conn, first_slot - 1, last_slot)
@@ -212,16 +256,22 @@ def household_statement(
         raise StatementError(f"no settled slot in {first_slot}..{last_slot}")
     rows: dict[int, dict[str, Any]] = {slot: {} for slot in blocks}
     _add_postings(conn, did, first_slot, last_slot, rows)
-    _add_settlements(conn, did, first_slot, last_slot, rows, tariffs)
-    _add_true_ups(conn, did, first_slot, last_slot, rows, tariffs)
+    _add_settlements(conn, did, first_slot, last_slot, rows, rules)
+    _add_true_ups(conn, did, first_slot, last_slot, rows, rules)
     slots = tuple(SlotStatement(slot=slot, **rows[slot]) for slot in sorted(rows))
     totals = {name: sum(getattr(s, name) for s in slots) for name in SUMMED_FIELDS}
+    opening = rules.config(slots[0].slot)
     return Statement(
         household=did,
         first_slot=first_slot,
         last_slot=last_slot,
-        feed_in_tariff=config.feed_in_tariff,
-        retail_price=config.retail_price,
+        feed_in_tariff=opening.feed_in_tariff,
+        retail_price=opening.retail_price,
+        local_fee=opening.local_fee,
+        grid_fee=opening.grid_fee,
+        rules_changed_at=tuple(
+            slot for slot, _ in rules.periods if slots[0].slot < slot <= slots[-1].slot
+        ),
         slots=slots,
         totals=totals,
     )
@@ -242,6 +292,8 @@ _POSTING_FIELDS: dict[tuple[str, str, bool], str] = {
     ("imbalance", MONEY, False): "grid_import_paid",
     ("true_up", ENERGY, True): "grid_import_wh",
     ("true_up", ENERGY, False): "grid_export_wh",
+    ("local_fee", MONEY, False): "local_fees",
+    ("grid_fee", MONEY, False): "grid_fees",
 }
 """Where a household's posting goes, by (transaction kind, asset, credit?); amounts are added
 as magnitudes. True-up money is netted in ``true_up_money``, anything else in ``other_money``."""
@@ -276,7 +328,7 @@ def _add_settlements(
     first: int,
     last: int,
     rows: dict[int, dict[str, Any]],
-    tariffs: Tariffs,
+    rules: RulesInForce,
 ) -> None:
     s = t.settlements.c
     q = select(s.slot, s.measured, s.import_wh, s.export_wh).where(s.household == did)
@@ -289,7 +341,7 @@ def _add_settlements(
             imp, exp = int(r.import_wh), int(r.export_wh)
             row["metered_import_wh"] = imp
             row["metered_export_wh"] = exp
-            _add(row, "grid_only_bill", grid_only_bill(imp, exp, tariffs))
+            _add(row, "grid_only_bill", grid_only_bill(imp, exp, rules.tariffs(int(r.slot))))
 
 
 def _add_true_ups(
@@ -298,7 +350,7 @@ def _add_true_ups(
     first: int,
     last: int,
     rows: dict[int, dict[str, Any]],
-    tariffs: Tariffs,
+    rules: RulesInForce,
 ) -> None:
     if not has_true_up_table(conn):
         return
@@ -313,10 +365,11 @@ def _add_true_ups(
         _add(row, "true_up_slots", gap.slots)
         _add(row, "true_up_import_wh", gap.import_wh)
         _add(row, "true_up_export_wh", gap.export_wh)
+        tariffs = rules.tariffs(int(r.slot))
         tx = true_up_transaction(int(r.slot), did, gap, tariffs)
         received = sum(
             p.amount
             for p in tx.postings
             if p.account == household_account(did) and p.asset == MONEY
         )
-        _add(row, "grid_only_bill", -received)
+        _add(row, "grid_only_bill", money_for(gap.import_wh, tariffs.grid_fee) - received)

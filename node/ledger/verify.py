@@ -8,7 +8,9 @@ a feeder meter (``feeder_serial`` in the market rules in ``meta``), the block's 
 row: the feeder reading's operator signature, and the check recomputed from that reading, the
 previous block's and the slot's ``settlements`` rows; the block's own hash, with the row's hash
 as its ``feeder`` field; each ``true_ups`` row against the ``true_up`` transaction of its block
-and household (energy legs, and the money the grid's tariffs give for its unmeasured slots).
+and household (energy legs, and the money the grid's tariffs give for its unmeasured slots);
+the block's grid-fee transactions (``local_fee``, ``grid_fee``) against its ``settlements`` and
+``true_ups`` rows at the fees in force for its slot.
 Finally the ``balances`` table must equal the sum of all postings (and no feeder row may lie
 outside the blocks).
 
@@ -52,7 +54,7 @@ from market.did import verify_signature
 from market.feeder import FeederCheck, HouseholdFlow, feeder_check
 from market.governance import Governance
 from market.models import FeederReading, GovernanceRecord, MeterReading, RotateKey, Trade
-from market.settlement import Gap, Tariffs, true_up_transaction
+from market.settlement import Gap, Tariffs, fee_transactions, true_up_transaction
 from market.snapshot import SnapshotError, config_from_json
 from market.state import MarketConfig, reading_leaf
 from node.ledger import schema as t
@@ -411,7 +413,9 @@ def _verify(
                 f"{due[0].household} in force from this slot"
             )
         tariffs = None if rules_config is None else rules_config.tariffs_at(row.slot)
-        _check_true_ups(row.slot, transactions, true_ups.pop(row.height, []), tariffs, where)
+        block_true_ups = true_ups.pop(row.height, [])
+        _check_true_ups(row.slot, transactions, block_true_ups, tariffs, where)
+        _check_fees(conn, row.slot, transactions, block_true_ups, tariffs, where)
         feeder_hash = None
         if feeder_config is not None:
             feeder_row = conn.execute(
@@ -759,6 +763,46 @@ def _check_true_ups(
         raise LedgerFault(
             f"{where}: true_up transaction of {did} ({imp} Wh import, {exp} Wh export) has no "
             "true_ups row"
+        )
+
+
+FEE_KINDS = ("local_fee", "grid_fee")
+"""Transaction kinds of the grid fees (:func:`market.settlement.fee_transactions`)."""
+
+
+def _check_fees(
+    conn: Connection,
+    slot: int,
+    transactions: list[Transaction],
+    true_up_rows: list[Any],
+    tariffs: Tariffs | None,
+    where: str,
+) -> None:
+    """With the market rules, a block's grid-fee transactions are exactly those its
+    ``settlements`` rows (bought energy, negative imbalance) and ``true_ups`` rows (import)
+    give at the fees in force for its slot: none missing, none extra, none altered."""
+    if tariffs is None:
+        return
+    found = sorted((tx.kind, tx.ref, tx.txid) for tx in transactions if tx.kind in FEE_KINDS)
+    if not found and not (tariffs.local_fee or tariffs.grid_fee):
+        return
+    gap_import = {r.household: int(r.import_wh) for r in true_up_rows}
+    s = t.settlements.c
+    expected: list[tuple[str, str, str]] = []
+    for r in conn.execute(select(s.household, s.bought_wh, s.imbalance_wh).where(s.slot == slot)):
+        grid_import = max(-int(r.imbalance_wh), 0) + gap_import.get(r.household, 0)
+        try:
+            fees = fee_transactions(slot, r.household, int(r.bought_wh), grid_import, tariffs)
+        except ValueError as exc:
+            raise LedgerFault(f"{where}: settlements row of {r.household}: {exc}") from None
+        expected += [(tx.kind, tx.ref, tx.txid) for tx in fees]
+    expected.sort()
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected))[0]
+        side = "has no matching transaction" if wrong in expected else "is not what the rows give"
+        raise LedgerFault(
+            f"{where}: the {wrong[0]} of {wrong[1]} {side} at the grid fees in force for the slot "
+            f"(local {tariffs.local_fee}, grid {tariffs.grid_fee} per kWh)"
         )
 
 

@@ -1,7 +1,8 @@
 """A small grid whose members and rules change while it runs, as a committed log.
 
 Genesis: a voter and two learners (alice, bob). Then, by the operator's signed records: carol
-joins from slot 3; the rules change from slot 3 (retail 30, pay-as-bid), taking bob's resting
+joins from slot 3; the rules change from slot 3 (retail 30, pay-as-bid, grid fees of 5 per kWh
+bought locally and 10 per kWh imported from the grid), taking bob's resting
 bid at 31 out of slot 3's book; bob's meter is swapped from slot 4; alice's key is rotated
 (countersigned) from slot 5; bob becomes a voter from slot 6; carol is suspended from slot 6
 and reinstated from slot 8 (her first reading after is trued up at slot 8's time-of-use
@@ -55,7 +56,8 @@ def governance_commands() -> tuple[World, list[Command]]:
     out += [
         w.govern(AddMember, 3, household=carol.did, meter_serial="M-carol",
                  role=MemberRole.LEARNER),
-        w.govern(ChangeRules, 3, retail_price=30, mechanism="pay_as_bid"),
+        w.govern(ChangeRules, 3, retail_price=30, mechanism="pay_as_bid", local_fee=5,
+                 grid_fee=10),
         w.govern(ReplaceMeter, 4, household="bob", meter_serial="M-bob-2", old_import_wh=350,
                  old_export_wh=700, new_import_wh=50, new_export_wh=0),
         w.govern(RotateKey, 5, household="alice",

@@ -26,6 +26,7 @@ from node.ledger.gaps import missing_ranges
 from node.ledger.governance import decode_record, governance_row
 from node.ledger.queries import governance_history, rules_history
 from node.ledger.snapshot_record import record_snapshot
+from node.ledger.statement import household_statement
 from node.ledger.store import make_engine
 from node.tools import market_sim
 from tests.conftest import needs_pg
@@ -204,6 +205,63 @@ def test_a_tampered_governance_row_or_rules_column_fails_verify(
 ) -> None:
     execute(copy, sql)
     assert fault in failure(copy)
+
+
+def test_grid_fees_are_posted_from_their_slot_and_verified(grid: Grid, copy: Path) -> None:
+    fees = rows(
+        grid.path,
+        "SELECT t.slot, t.kind, t.ref, p.account, p.amount FROM transactions t "
+        "JOIN postings p ON p.transaction_id = t.id WHERE t.kind IN ('local_fee', 'grid_fee')",
+    )
+    assert fees and min(slot for slot, *_ in fees) == 3
+    assert {kind for _, kind, *_ in fees} == {"local_fee", "grid_fee"}
+    to_network = sum(amount for *_, account, amount in fees if account == "network")
+    assert to_network > 0
+    assert rows(grid.path, "SELECT amount FROM balances WHERE account = 'network'") == [
+        (to_network,)
+    ]
+    # a buyer's settlements row altered: its local fee no longer follows from it
+    settled = rows(
+        grid.path,
+        "SELECT household, bought_wh, imbalance_wh FROM settlements WHERE slot = 4 "
+        "AND bought_wh > 0",
+    )
+    (household, bought, _) = settled[0]
+    execute(
+        copy, "UPDATE settlements SET bought_wh = ? WHERE slot = 4 AND household = ?",
+        bought + 1000, household,
+    )  # fmt: skip
+    assert f"block 4 (slot 4): the local_fee of {household}" in failure(copy)
+
+
+def test_statements_price_each_slot_under_its_rules_and_show_the_fees(grid: Grid) -> None:
+    """The voter never trades: under three sets of rules (genesis, retail 30 with fees, then
+    time-of-use) its grid-only bill is its bill, to the minor unit. Carol buys locally: her
+    fee lines are her fee postings, and every statement reconciles with the balances."""
+    engine = make_engine(grid.url)
+    try:
+        with engine.connect() as conn:
+            voter = household_statement(conn, signer("voter").did, 1, SLOTS)
+            carol = household_statement(conn, signer("carol").did, 1, SLOTS)
+            fee_postings = dict(
+                conn.exec_driver_sql(
+                    "SELECT t.kind, -SUM(p.amount) FROM transactions t JOIN postings p "
+                    "ON p.transaction_id = t.id WHERE p.account = ? AND t.kind LIKE '%_fee' "
+                    "GROUP BY t.kind",
+                    (f"household:{signer('carol').did}",),
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    assert voter.rules_changed_at == (3, 7)
+    assert voter.total("grid_fees") > 0 and voter.total("local_fees") == 0
+    assert voter.savings == 0 and voter.net_bill == voter.grid_only_bill > 0
+    assert carol.total("local_fees") == fee_postings["local_fee"] > 0
+    assert carol.total("grid_fees") == fee_postings.get("grid_fee", 0)
+    assert (carol.local_fee, carol.grid_fee) == (0, 0)  # the genesis rules hold at slot 1
+    for statement, name in ((voter, "voter"), (carol, "carol")):
+        balance = grid.state.balances.get((f"household:{signer(name).did}", "money"), 0)
+        assert statement.money_change == balance
 
 
 def test_a_forged_countersignature_fails_verify(copy: Path) -> None:

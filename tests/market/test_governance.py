@@ -305,6 +305,43 @@ def test_time_of_use_periods_set_each_slots_band_and_tariffs() -> None:
     assert config_at(w.state, 20).tariffs_at(20).retail == 32
 
 
+def test_grid_fees_go_to_the_network_account_from_their_slot() -> None:
+    """From slot 3 a kWh bought locally costs 2 in fees and a kWh imported from the grid 5:
+    bob buys 1000 Wh from alice and draws 1500 Wh (500 from the grid), alice delivers."""
+    w = _grid()
+    w.ok(w.govern(ChangeRules, 3, local_fee=2, grid_fee=5))
+    assert config_at(w.state, 2).tariffs_at(2).grid_fee == 0
+    assert config_at(w.state, 3).tariffs_at(3).grid_fee == 5
+    w.close(1)
+    w.settle(1)
+    blocks = {}
+    for slot in (2, 3):
+        w.ok(w.order("alice", "sell", 1000, 10, slot=slot))
+        w.ok(w.order("bob", "buy", 1000, 20, slot=slot))
+        w.close(slot)
+        w.ok(w.reading("alice", slot, 0, 1000 * slot))
+        w.ok(w.reading("bob", slot, 1500 * slot, 0))
+        blocks[slot] = _settled(w.settle(slot))
+    assert [t.kind for t in blocks[2].transactions if t.kind.endswith("_fee")] == []
+    fees = {(t.kind, t.ref): t for t in blocks[3].transactions if t.kind.endswith("_fee")}
+    bob = w.homes["bob"].did
+    assert set(fees) == {("local_fee", bob), ("grid_fee", bob)}
+    assert all(t.is_balanced() for t in fees.values())
+    assert w.state.balances[("network", MONEY)] == 2 + 3  # 1 kWh x 2; 0.5 kWh x 5, half up
+    assert total(w, MONEY) == 0
+
+
+def test_a_rules_record_without_fees_signs_the_bytes_it_signed_before_fees_existed() -> None:
+    w = _grid()
+    plain = w.govern(ChangeRules, 5, retail_price=30)
+    assert "grid_fee" not in plain.unsigned_fields() and "local_fee" not in plain.unsigned_fields()
+    with_fee = w.govern(ChangeRules, 5, grid_fee=4)
+    assert with_fee.unsigned_fields()["grid_fee"] == 4
+    assert w.rejected(with_fee.model_copy(update={"grid_fee": 5})).reason == (
+        RejectReason.BAD_SIGNATURE
+    )
+
+
 # --- replication --------------------------------------------------------------------------------
 
 
@@ -315,7 +352,8 @@ def _life(w: World) -> list[object]:
     cmds: list[object] = [
         w.govern(AddMember, 2, household=carol.did, meter_serial="M-carol",
                  role=MemberRole.LEARNER),
-        w.govern(ChangeRules, 3, retail_price=30, mechanism="pay_as_bid"),
+        w.govern(ChangeRules, 3, retail_price=30, mechanism="pay_as_bid", local_fee=1,
+                 grid_fee=3),
         w.govern(ReplaceMeter, 3, household="bob", meter_serial="M-bob-2", old_import_wh=700,
                  old_export_wh=2000),
         w.govern(RotateKey, 4, household="alice", new_household=alice2.did),

@@ -50,3 +50,16 @@ def test_plans_are_always_valid_orders(net: int, floor, cap, safety: Fraction) -
     assert 0 < plan.quantity_wh <= CONFIG.max_order_wh
     if plan.side == Side.SELL:
         assert plan.quantity_wh <= net  # never offers more than the forecast surplus
+
+
+def test_a_bid_never_costs_more_than_the_grid_once_fees_are_counted() -> None:
+    """Retail 30, a grid-import fee of 4 and a local-trade fee of 12: a kWh bought locally at
+    p costs p + 12, from the grid 34, so the bid stops at 22 (below the default cap, 25)."""
+    from market.settlement import Tariffs
+
+    config = World().config
+    strategy = Strategy()
+    assert strategy.limits(config, Tariffs(10, 30))[1] == 25
+    assert strategy.limits(config, Tariffs(10, 30, local_fee=12, grid_fee=4))[1] == 22
+    assert strategy.limits(config, Tariffs(10, 30, local_fee=2, grid_fee=4))[1] == 25
+    assert strategy.limits(config, Tariffs(10, 30, local_fee=40))[1] == 10  # the band's floor

@@ -121,6 +121,7 @@ async def test_governance_records_through_the_api_and_the_cli(
         assert code == 0 and newcomer.did in out and "NEW-METER" in out, (out, err)
         code, out, err = await cli("rules", "set", "--operator-key", str(key_file), "--node", url,
                                    "--retail-price", "40", "--feed-in-tariff", "9",
+                                   "--grid-fee", "6", "--local-fee", "2",
                                    "--wait", "20")  # fmt: skip
         assert code == 0 and out.startswith("committed: change_rules"), (out, err)
         code, out, err = await cli("rules", "show", "--node", url, "--json")
@@ -128,8 +129,12 @@ async def test_governance_records_through_the_api_and_the_cli(
         rules = json.loads(out)
         assert [h["rules"]["retail_price"] for h in rules["history"]] == [30, 40]
         assert rules["history"][1]["rules"]["feed_in_tariff"] == 9
+        assert (rules["history"][1]["rules"]["grid_fee"], rules["history"][1]["rules"]
+                ["local_fee"]) == (6, 2)  # fmt: skip
+        assert "grid_fee" not in rules["history"][0]["rules"]  # none in the genesis
         code, out, err = await cli("rules", "show", "--node", url)
         assert code == 0 and "history:" in out and "retail 40" in out, out
+        assert "grid fee 6/kWh imported, 2/kWh bought locally" in out, out
         # a refusal exits non-zero with the typed reason
         code, out, err = await cli("member", "suspend", "--operator-key", str(key_file),
                                    "--node", url, "--did", grid.identity.did)  # fmt: skip
