@@ -13,6 +13,12 @@ A batch whose framing is valid is applied command by command: a malformed comman
 If applying or recording an entry fails for any other reason (a bug, a value no store can hold,
 a database error), the replica stops with an :class:`EntryError` naming the entry; the node
 exits with :data:`ENTRY_ERROR_EXIT_STATUS` (:func:`exit_status`).
+
+On a restart the replica also checks that the ledger was made under the history it replayed:
+the engine head must be the ledger's block at its height, and the ledger's ``governance`` rows
+(not hashed into blocks) must be the records the engine accepted, in order and at their log
+indexes (:class:`GovernanceHistoryMismatch`). An installed snapshot is checked the same way
+against the rows the ledger already has.
 """
 
 from __future__ import annotations
@@ -30,18 +36,60 @@ from market import (
     State,
     apply,
 )
-from market.models import SignedRecord, decode_batch_lenient
+from market.events import GovernanceAccepted
+from market.models import GovernanceRecord, SignedRecord, decode_batch_lenient
 from market.snapshot import dump_state, load_state
 from node.ledger import LedgerStore
 from node.ledger.gaps import head_hash_at
+from node.ledger.governance import (
+    HistoryDifference,
+    RecordSide,
+    engine_governance_rows,
+    first_difference,
+    ledger_governance_rows,
+)
 from node.ledger.snapshot_record import record_snapshot
 
 ENTRY_ERROR_EXIT_STATUS = 3
 """Exit status of a node stopped by an :class:`EntryError` (1: other fatal errors, 2: usage)."""
 
 
+RESYNC_ADVICE = (
+    "stop using this ledger: move it aside (for SQLite, the file together with its -wal and "
+    "-shm files; keep them for inspection) and restart the node, which rebuilds its ledger from "
+    "its Raft log and fetches the blocks it lacks from its peers; if the Raft log itself came "
+    "from elsewhere, move the whole data directory aside instead"
+)
+"""What an operator does about a ledger made under another history (the node refuses it)."""
+
+
 class ReplicaError(RuntimeError):
     """The log and the ledger disagree in a way that must stop the node (a gap, a fork)."""
+
+
+class GovernanceHistoryMismatch(ReplicaError):
+    """The ledger's governance rows are not the records the engine accepted from the Raft log
+    and snapshot: the ledger was made under another governance history (copied from another
+    grid with the same genesis, restored from elsewhere, or edited), so the node refuses it.
+
+    ``position`` is the first differing record's place among the accepted records (1-based,
+    log order), ``reason`` what differs, ``ledger`` and ``log`` that record on each side (log
+    index, kind, household, first slot; None: that side has no record there), ``ledger_url``
+    the ledger's database."""
+
+    def __init__(self, ledger_url: str, difference: HistoryDifference) -> None:
+        self.ledger_url = ledger_url
+        self.position = difference.position
+        self.reason = difference.reason
+        self.ledger: RecordSide | None = difference.ledger
+        self.log: RecordSide | None = difference.log
+        mine = "none" if self.ledger is None else self.ledger.describe()
+        theirs = "none" if self.log is None else self.log.describe()
+        super().__init__(
+            f"the ledger {ledger_url} was made under a different governance history than this "
+            f"node's Raft log and snapshot: at governance record {self.position} "
+            f"{self.reason} (ledger: {mine}; log: {theirs}); {RESYNC_ADVICE}"
+        )
 
 
 class EntryError(ReplicaError):
@@ -83,6 +131,29 @@ def describe_entry(data: bytes) -> list[str]:
         else:
             out.append(f"{item.type} {getattr(item, 'slot', '')}".strip())
     return out
+
+
+def check_governance_history(
+    store: LedgerStore,
+    records: Sequence[GovernanceRecord],
+    known: dict[int, tuple[int, int]],
+    *,
+    snapshot_index: int,
+    prefix: bool = False,
+) -> None:
+    """Raise :class:`GovernanceHistoryMismatch` unless ``store``'s ``governance`` rows are the
+    engine's ``records`` (log order; :func:`node.ledger.governance.first_difference`).
+
+    ``known`` maps a record's position (1-based) to the log index and withdrawn count the
+    engine saw it committed with; the other records come from the engine's snapshot at
+    ``snapshot_index`` (their log index is at most that). With ``prefix`` the ledger may lack
+    the last records (it is behind a snapshot about to be installed)."""
+    with store.engine.connect() as conn:
+        ledger = ledger_governance_rows(conn)
+    engine = engine_governance_rows(records, known)
+    difference = first_difference(ledger, engine, snapshot_index=snapshot_index, prefix=prefix)
+    if difference is not None:
+        raise GovernanceHistoryMismatch(store.url, difference)
 
 
 def exit_status(exc: BaseException) -> int:
@@ -155,15 +226,25 @@ class Replica:
                 )
             replica.state = load_state(data)
             replica.applied_index = index
+        snapshot_index = replica.applied_index
+        # positions (1-based) of the records the replayed entries committed -> (index, withdrawn)
+        known: dict[int, tuple[int, int]] = {}
+        accepted = len(replica.state.governance.records)
         for index, data in entries:
             if index > ledger_index:
                 break
-            replica._apply(index, data)
+            for event in replica._apply(index, data):
+                if isinstance(event, GovernanceAccepted):
+                    accepted += 1
+                    known[accepted] = (index, len(event.withdrawn))
         if replica.applied_index != ledger_index:
             raise ReplicaError(
                 f"ledger is at log index {ledger_index} but the log ends at "
                 f"{replica.applied_index}: committed entries are missing"
             )
+        check_governance_history(
+            store, replica.state.governance.records, known, snapshot_index=snapshot_index
+        )
         height = replica.state.height
         # the ledger's block at the engine's height (or, if it still lies in a block-sync gap
         # left by an installed snapshot, the snapshot's head that gap must chain into)
@@ -173,7 +254,8 @@ class Replica:
         if expected is not None and expected != replica.state.head_hash:
             raise ReplicaError(
                 f"replayed engine head {replica.state.head_hash[:16]}… differs from the "
-                f"ledger head {expected[:16]}… at height {height}: the ledger has forked"
+                f"ledger head {expected[:16]}… at height {height}: the ledger has forked; "
+                f"{RESYNC_ADVICE}"
             )
         return replica
 
@@ -204,12 +286,16 @@ class Replica:
         names the missing heights, ``block_sync_head`` the hash each gap must chain into), the
         applied index, the snapshot's members and reputation, and the gate closures (clearing,
         book, trades) of slots closed but not yet settled; ``ledger verify`` reports the gap
-        until it is filled.
+        until it is filled. First the governance rows the ledger has must be the snapshot's
+        first records, at log indexes up to ``index`` (:class:`GovernanceHistoryMismatch`).
         """
         if index <= self.applied_index:
             return
         state = load_state(data)
         if self.store is not None:
+            # the ledger's governance rows must be the snapshot's first records
+            records = state.governance.records
+            check_governance_history(self.store, records, {}, snapshot_index=index, prefix=True)
             record_snapshot(self.store, state, index)
         self.state = state
         self.applied_index = index
