@@ -199,19 +199,34 @@ def _register_zoom(app: Dash, graph: str) -> None:
         return {"revision": revision, "range": _range(rng, "x range")}
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]], table_id: str) -> Any:
-    """A plain HTML table of ``rows`` (columns: (key, heading))."""
+def _table(
+    rows: list[dict[str, Any]],
+    columns: list[tuple[str, str]],
+    table_id: str,
+    *,
+    titles: dict[str, str] | None = None,
+    row_class: Callable[[dict[str, Any]], str | None] | None = None,
+) -> Any:
+    """A plain HTML table of ``rows`` (columns: (key, heading)). ``titles`` maps a column to
+    the row key whose value is its cell's hover text (a shortened DID's full DID);
+    ``row_class`` gives a row its CSS class."""
+    titles = titles or {}
+
+    def cell(r: dict[str, Any], key: str) -> Any:
+        value = r.get(key)
+        text = "—" if value is None or value == "" else str(value)
+        title = r.get(titles[key]) if key in titles else None
+        return html.Td(text, title=str(title)) if title else html.Td(text)
+
+    def row(r: dict[str, Any]) -> Any:
+        cls = row_class(r) if row_class else None
+        cells = [cell(r, k) for k, _ in columns]
+        return html.Tr(cells, className=cls) if cls else html.Tr(cells)
+
     return html.Table(
         [
             html.Thead(html.Tr([html.Th(h) for _, h in columns])),
-            html.Tbody(
-                [
-                    html.Tr(
-                        [html.Td("—" if r.get(k) is None else str(r.get(k))) for k, _ in columns]
-                    )
-                    for r in rows
-                ]
-            ),
+            html.Tbody([row(r) for r in rows]),
         ],
         className="grid",
         id=table_id,
@@ -286,6 +301,7 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                                 ("book", "Order book"),
                                 ("households", "Households"),
                                 ("community", "Community"),
+                                ("governance", "Governance"),
                                 ("ledger", "Ledger"),
                                 ("network", "Consensus & network"),
                             )
@@ -374,6 +390,12 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                             ),
                         ],
                         csv="community",
+                    ),
+                    _section(
+                        "governance",
+                        "Governance: members and rules",
+                        [html.Div(id="governance")],
+                        csv="governance",
                     ),
                     _section(
                         "ledger",
@@ -642,6 +664,13 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
             return {"data": [], "layout": {}}, {"display": "none"}
         return apply_zoom(fig, zoom), {"display": "block"}
 
+    @app.callback(Output("governance", "children"), Input("head", "data"))
+    def _governance(head: Any) -> Any:
+        head = _head(head)
+        if not head or "error" in head:
+            return dash.no_update
+        return governance_children(views.governance_view(ctx))
+
     @app.callback(
         Output("ledger-summary", "children"), Output("ledger", "children"), Input("head", "data")
     )
@@ -824,6 +853,13 @@ def _ledger_rows(ctx: Context) -> list[dict[str, Any]]:
     return views.ledger_view(ctx)["blocks"]
 
 
+def _governance_rows(ctx: Context) -> list[dict[str, Any]]:
+    """Every accepted governance record in log order (full DIDs, no shortened ones)."""
+    return [
+        {k: v for k, v in r.items() if k != "short"} for r in views.governance_view(ctx).history
+    ]
+
+
 def _network_rows(ctx: Context) -> list[dict[str, Any]]:
     """Every poll of the node's status API, one column per invalid-message reason."""
     return [
@@ -846,6 +882,7 @@ CSV_DOWNLOADS: tuple[CsvDownload, ...] = (
     CsvDownload(
         "csv-community", "dl-community", "microgrid-community.csv", _community_rows, ("window",)
     ),
+    CsvDownload("csv-governance", "dl-governance", "microgrid-governance.csv", _governance_rows),
     CsvDownload("csv-ledger", "dl-ledger", "microgrid-blocks.csv", _ledger_rows),
     CsvDownload("csv-network", "dl-network", "microgrid-network.csv", _network_rows),
 )
@@ -894,6 +931,127 @@ def _feeder_summary(summary: data.FeederSummary | None, window_slots: int) -> li
             id="feeder-summary",
         )
     ]
+
+
+def _heights(r: dict[str, Any]) -> str:
+    """A rules period's blocks: ``4 (heights 3–6)``, ``0``."""
+    if not r["blocks"]:
+        return "0"
+    return f"{r['blocks']} (heights {r['first_height']}–{r['last_height']})"
+
+
+def governance_children(view: views.GovernanceView) -> list[Any]:
+    """The governance section: problems, the history of records (or the "no governance changes
+    since genesis" state), the member list, the rules periods and the blocks under each."""
+    out: list[Any] = [
+        html.Div(
+            p,
+            className="alert warning",
+            **{"data-code": "governance_unreadable"},
+        )
+        for p in view.problems
+    ]
+    out.append(html.H3("Membership and rules changes, in log order", className="sub"))
+    if view.empty:
+        out.append(
+            html.Div(
+                "No governance changes since genesis: the genesis members and rules hold.",
+                className="alert none",
+                id="governance-empty",
+            )
+        )
+    else:
+        out.append(
+            _table(
+                [
+                    {**r, "detail": "; ".join(x for x in (r["detail"], r["problem"]) if x)}
+                    for r in view.history
+                ],
+                [
+                    ("position", "#"),
+                    ("from_slot", "from slot"),
+                    ("time", "slot start (UTC)"),
+                    ("kind", "change"),
+                    ("short", "household"),
+                    ("role", "role"),
+                    ("meter_serial", "meter"),
+                    ("status", "status after"),
+                    ("withdrawn", "orders withdrawn"),
+                    ("detail", "detail"),
+                ],
+                "governance-history",
+                titles={"short": "household", "detail": "new_household", "status": "problem"},
+                row_class=lambda r: "unreadable" if r.get("status") == data.UNREADABLE else None,
+            )
+        )
+    out.append(
+        html.H3(
+            f"Members as of slot {view.as_of} ({view.as_of_time} UTC, the first open slot)",
+            className="sub",
+        )
+    )
+    if view.members:
+        out.append(
+            _table(
+                view.members,
+                [
+                    ("short", "household"),
+                    ("role", "role"),
+                    ("meter_serial", "meter"),
+                    ("status", "status"),
+                    ("since", "since slot"),
+                    ("since_time", "since (UTC)"),
+                    ("scheduled", "scheduled"),
+                ],
+                "governance-members",
+                titles={"short": "household"},
+                row_class=lambda r: "former" if r["status"] in ("removed", "rotated") else None,
+            )
+        )
+    else:
+        out.append(html.Div("No households in the ledger.", className="muted"))
+    out.append(
+        html.H3("Market rules over time, and the blocks settled under each", className="sub")
+    )
+    columns = [
+        ("from_slot", "from slot"),
+        ("time", "in force from (UTC)"),
+        ("feed_in_tariff", "feed-in tariff"),
+        ("retail_price", "retail price"),
+        ("mechanism", "mechanism"),
+        ("k", "k"),
+        ("time_of_use", "time of use (UTC start feed-in/retail)"),
+    ]
+    if view.grid_fees:
+        columns += [("local_fee", "local fee"), ("grid_fee", "grid fee")]
+    columns += [
+        ("changed", "changed"),
+        ("blocks_label", "blocks settled"),
+        ("slots_label", "slots"),
+        ("other_blocks", "blocks under other rules"),
+    ]
+    if view.rules:
+        out.append(
+            _table(
+                [
+                    {
+                        **r,
+                        "blocks_label": _heights(r),
+                        "slots_label": (
+                            f"{r['first_slot']}–{r['last_slot']}" if r["blocks"] else None
+                        ),
+                    }
+                    for r in view.rules
+                ],
+                columns,
+                "governance-rules",
+                titles={"blocks_label": "rules_hash"},
+                row_class=lambda r: "unreadable" if r["other_blocks"] else None,
+            )
+        )
+    else:
+        out.append(html.Div("The ledger records no market rules yet.", className="muted"))
+    return out
 
 
 def _opt(value: Any) -> str:

@@ -25,6 +25,7 @@ query over the newest slots, not a scan of millions of settlement rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -36,6 +37,19 @@ from typing import Any, NamedTuple
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.engine import Connection
 
+from market.governance import Governance, MemberStatus, Term
+from market.models import (
+    MAX_COMMAND_BYTES,
+    AddMember,
+    ChangeRole,
+    ChangeRules,
+    GovernanceRecord,
+    MemberChange,
+    MemberRole,
+    ReplaceMeter,
+    RotateKey,
+    TimeOfUsePeriod,
+)
 from market.schedule import DAY_SECONDS, Schedule
 from market.state import (
     MarketConfig,
@@ -45,10 +59,13 @@ from market.state import (
     window_add,
 )
 from node.ledger import schema as t
+from node.ledger.governance import decode_record, rules_periods
 from node.ledger.queries import (
     FEEDER_FIELDS,
     SlotRow,
     has_feeder_table,
+    has_governance_table,
+    has_rules_column,
     has_true_up_table,
     load_block_refs,
     load_clearings,
@@ -1015,3 +1032,630 @@ def rows_to_csv(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
     return buf.getvalue()
+
+
+# --- governance -------------------------------------------------------------------------------
+# The operator's governance records as the ledger stores them (``governance`` rows, in log
+# order) and the rules periods they make, with the blocks settled under each. Every row is
+# untrusted: one that does not decode is shown as unreadable, never raised.
+
+MAX_GOVERNANCE_ROWS = 10_000
+"""Governance rows read at most (a real grid has a handful a year; a ledger with more is
+shown cut, with a problem saying so)."""
+
+MAX_TEXT_CHARS = 256
+"""Text columns (type, household, meter serial) are clipped to this many characters."""
+
+MAX_PROBLEM_CHARS = 200
+"""A decoding error is clipped to this many characters on the page."""
+
+GENESIS_LABEL = "genesis"
+"""What the page says for slot 0 of the rules history (the genesis rules)."""
+
+RULE_FIELDS = (
+    "feed_in_tariff",
+    "retail_price",
+    "mechanism",
+    "k",
+    "time_of_use",
+    "local_fee",
+    "grid_fee",
+)
+"""The market rules a ``change_rules`` may set (the grid fees may be absent from an older
+``MarketConfig``: read with a default of 0)."""
+
+GRID_FEES = {"local_fee", "grid_fee"} <= {f.name for f in dataclasses.fields(MarketConfig)}
+"""Whether this version's market rules have grid fees (``local_fee``, ``grid_fee``): the rules
+table shows their columns only then."""
+
+_STATUS_ORDER = {"active": 0, "pending": 1, "suspended": 2, "removed": 3, "rotated": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class GovernanceEntry:
+    """One row of the membership history: an accepted governance record (``governance`` row,
+    in log order) and the household's standing after it. A row that does not decode has
+    ``kind`` from its ``type`` column, ``status`` :data:`UNREADABLE` and the reason in
+    ``problem``."""
+
+    position: int | None
+    log_index: int | None
+    from_slot: int | None
+    time: str
+    """UTC start of ``from_slot`` ("—" when the row has no usable slot)."""
+    kind: str
+    household: str | None
+    """The DID a member change is about (None: a rules change)."""
+    new_household: str | None
+    """A key rotation's new DID."""
+    role: str | None
+    """The household's role after the record ("?" when the ledger cannot tell)."""
+    meter_serial: str | None
+    """The household's meter after the record ("?" when the ledger cannot tell)."""
+    status: str | None
+    """The household's status from ``from_slot`` (active, suspended, removed, rotated), or
+    :data:`UNREADABLE`; None for a rules change."""
+    withdrawn: int | None
+    """Resting orders the record took out of the books (None: not known)."""
+    detail: str
+    """What the record sets, in words."""
+    problem: str | None = None
+    record_hash: str | None = None
+
+    @property
+    def short(self) -> str:
+        """The household's DID, shortened for a table cell ("" for a rules change)."""
+        return short_did(self.household) if self.household else ""
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat dict for tables and CSV (full DIDs)."""
+        return {
+            "position": self.position,
+            "log_index": self.log_index,
+            "from_slot": self.from_slot,
+            "time": self.time,
+            "kind": self.kind,
+            "household": self.household,
+            "new_household": self.new_household,
+            "role": self.role,
+            "meter_serial": self.meter_serial,
+            "status": self.status,
+            "withdrawn": self.withdrawn,
+            "detail": self.detail,
+            "problem": self.problem,
+            "record_hash": self.record_hash,
+        }
+
+
+UNREADABLE = "unreadable"
+"""The status of a governance row whose record does not decode."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberEntry:
+    """A household as the ledger's governance history leaves it, as of a slot."""
+
+    household: str
+    role: str
+    meter_serial: str
+    status: str
+    """active, pending (admitted from a later slot), suspended, removed or rotated."""
+    since: int | None
+    """The slot its current standing holds from (0: since genesis; None: pending)."""
+    since_time: str
+    scheduled: str
+    """Changes already scheduled for later slots, in words ("" if none)."""
+
+    @property
+    def short(self) -> str:
+        """The DID shortened for a table cell."""
+        return short_did(self.household)
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat dict for tables and CSV."""
+        return {
+            "household": self.household,
+            "role": self.role,
+            "meter_serial": self.meter_serial,
+            "status": self.status,
+            "since": self.since,
+            "since_time": self.since_time,
+            "scheduled": self.scheduled,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RulesPeriod:
+    """The market rules in force from ``from_slot`` until the next period, and the blocks the
+    ledger settled under them."""
+
+    from_slot: int
+    time: str
+    """UTC start of ``from_slot`` (:data:`GENESIS_LABEL` for the genesis rules)."""
+    feed_in_tariff: int
+    retail_price: int
+    mechanism: str
+    k: str
+    time_of_use: str
+    """Daily periods as ``HH:MM feed-in/retail`` (UTC), "" for flat tariffs."""
+    local_fee: int
+    grid_fee: int
+    rules_hash: str | None
+    """What ``blocks.rules`` names for these rules (None: the genesis rules, NULL)."""
+    changed: tuple[str, ...]
+    """Rules that differ from the previous period's."""
+    records: tuple[int, ...]
+    """Positions of the ``change_rules`` records that apply from ``from_slot``."""
+    blocks: int
+    """Blocks in the period's slots whose ``rules`` names these rules."""
+    first_height: int | None
+    last_height: int | None
+    first_slot: int | None
+    last_slot: int | None
+    other_blocks: int
+    """Blocks in the period's slots whose ``rules`` names other rules (``ledger verify``
+    fails on such a ledger)."""
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat dict for tables and CSV."""
+        return {
+            "from_slot": self.from_slot,
+            "time": self.time,
+            "feed_in_tariff": self.feed_in_tariff,
+            "retail_price": self.retail_price,
+            "mechanism": self.mechanism,
+            "k": self.k,
+            "time_of_use": self.time_of_use,
+            "local_fee": self.local_fee,
+            "grid_fee": self.grid_fee,
+            "changed": ", ".join(self.changed),
+            "records": ", ".join(map(str, self.records)),
+            "blocks": self.blocks,
+            "first_height": self.first_height,
+            "last_height": self.last_height,
+            "first_slot": self.first_slot,
+            "last_slot": self.last_slot,
+            "other_blocks": self.other_blocks,
+            "rules_hash": self.rules_hash,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GovernanceOverview:
+    """The ledger's governance history: records, members, rules periods."""
+
+    entries: list[GovernanceEntry]
+    """Every accepted record, in log order (the newest :data:`MAX_GOVERNANCE_ROWS`)."""
+    members: list[MemberEntry]
+    """Every household the ledger knows, as of :attr:`as_of`: active ones first."""
+    rules: list[RulesPeriod]
+    """Rules periods, oldest first (the genesis rules from slot 0)."""
+    as_of: int
+    """The slot the member list describes: the first slot whose gate has not closed."""
+    problems: list[str]
+    """What could not be read (unreadable rows, rules that do not fold), for the page."""
+
+    @property
+    def empty(self) -> bool:
+        """No governance record since genesis."""
+        return not self.entries
+
+
+def _as_int(value: Any) -> int | None:
+    """An integer column's value, or None for anything else a hostile ledger may hold."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _clip(value: Any, limit: int = MAX_TEXT_CHARS) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@functools.lru_cache(maxsize=1024)
+def _decode_governance(text: str, grid: str | None) -> GovernanceRecord | str:
+    """A ``governance.record`` decoded, or why not (records never change: cached)."""
+    try:
+        return decode_record(text, grid)
+    except ValueError as exc:
+        return _clip(str(exc), MAX_PROBLEM_CHARS) or "unreadable"
+
+
+def time_of_use_label(periods: Iterable[Any]) -> str:
+    """Daily time-of-use periods as ``00:00 8/30 · 02:00 6/35`` (start UTC, feed-in/retail)."""
+    out = []
+    for p in periods:
+        if isinstance(p, TimeOfUsePeriod):
+            start, feed_in, retail = p.start_minute, p.feed_in_tariff, p.retail_price
+        else:
+            start, feed_in, retail = p
+        out.append(f"{start // 60:02d}:{start % 60:02d} {feed_in}/{retail}")
+    return " · ".join(out)
+
+
+def _record_detail(record: GovernanceRecord) -> str:
+    """What a record sets, in words."""
+    if isinstance(record, AddMember):
+        return f"meter {record.meter_serial}, {record.role}, up to {record.max_power_w} W"
+    if isinstance(record, ChangeRole):
+        return f"role → {record.role}"
+    if isinstance(record, RotateKey):
+        signed = " (countersigned by the old key)" if record.household_signature else ""
+        return f"new key {short_did(record.new_household)}{signed}"
+    if isinstance(record, ReplaceMeter):
+        return (
+            f"meter → {record.meter_serial}; old meter's final counters "
+            f"{record.old_import_wh}/{record.old_export_wh} Wh, new meter's first "
+            f"{record.new_import_wh}/{record.new_export_wh} Wh (import/export)"
+        )
+    if isinstance(record, ChangeRules):
+        parts = []
+        for name, value in record.changes().items():
+            if name == "time_of_use":
+                parts.append(f"time of use {time_of_use_label(value) or 'off (flat tariffs)'}")
+            else:
+                parts.append(f"{name.replace('_', ' ')} {value}")
+        return "; ".join(parts)
+    return ""
+
+
+def _role_label(role: Any) -> str:
+    return str(role.value if isinstance(role, MemberRole) else role)
+
+
+_OTHER_ROLE = {MemberRole.VOTER: MemberRole.LEARNER, MemberRole.LEARNER: MemberRole.VOTER}
+
+
+def _term_change(before: Term | None, after: Term) -> str:
+    """What changes from ``before`` to ``after``, in words (``removed``, ``role voter``)."""
+    parts = []
+    if before is None or before.status != after.status:
+        parts.append(str(after.status))
+    if before is not None and before.role != after.role:
+        parts.append(f"role {_role_label(after.role)}")
+    if before is not None and before.meter_serial != after.meter_serial:
+        parts.append(f"meter {after.meter_serial}")
+    return ", ".join(parts) or "unchanged"
+
+
+@dataclass
+class _MemberFold:
+    """The households' terms folded from the readable records (market.governance's own fold),
+    with each genesis member's first term taken from the ledger: role from its ``households``
+    row (or the opposite of its first role change), meter from the row (or, when its meter was
+    swapped later, its last reading before the swap)."""
+
+    conn: Connection
+    households: dict[str, tuple[str, str]]
+    """DID -> (meter serial, role) of the ``households`` row (the latest scheduled ones)."""
+    first_role_change: dict[str, MemberRole]
+    first_swap: dict[str, int]
+    gov: Governance = field(default_factory=Governance)
+    unknown_role: set[str] = field(default_factory=set)
+    unknown_meter: set[str] = field(default_factory=set)
+
+    def genesis_term(self, did: str) -> Term:
+        row = self.households.get(did)
+        role: MemberRole | None = None
+        if did in self.first_role_change:
+            role = _OTHER_ROLE.get(self.first_role_change[did])
+        elif row is not None and row[1] in {r.value for r in MemberRole}:
+            role = MemberRole(row[1])
+        meter: str | None = row[0] if row is not None else None
+        if did in self.first_swap:
+            rd = t.readings.c
+            meter = _clip(
+                self.conn.execute(
+                    select(rd.meter_serial)
+                    .where(rd.household == did, rd.slot < self.first_swap[did])
+                    .order_by(rd.slot.desc())
+                    .limit(1)
+                ).scalar()
+            )
+        if role is None:
+            self.unknown_role.add(did)
+        if not meter:
+            self.unknown_meter.add(did)
+        return Term(0, MemberStatus.ACTIVE, role or MemberRole.LEARNER, meter or "", 0)
+
+    def add(self, record: GovernanceRecord) -> None:
+        """Fold one record (ValueError/TypeError: it does not fit the history)."""
+        genesis = None
+        if isinstance(record, MemberChange) and record.household not in self.gov.terms:
+            genesis = self.genesis_term(record.household)
+        self.gov.add(record, genesis)
+        if isinstance(record, AddMember):
+            self.unknown_role.discard(record.household)
+            self.unknown_meter.discard(record.household)
+        elif isinstance(record, ChangeRole):
+            self.unknown_role.discard(record.household)
+        elif isinstance(record, ReplaceMeter):
+            self.unknown_meter.discard(record.household)
+        elif isinstance(record, RotateKey):
+            for unknown in (self.unknown_role, self.unknown_meter):
+                if record.household in unknown:
+                    unknown.add(record.new_household)
+                else:
+                    unknown.discard(record.new_household)
+
+    def role(self, did: str, term: Term) -> str:
+        return "?" if did in self.unknown_role else _role_label(term.role)
+
+    def meter(self, did: str, term: Term) -> str:
+        return "?" if did in self.unknown_meter or not term.meter_serial else term.meter_serial
+
+
+def governance_overview(
+    engine: Engine, *, schedule: Schedule, as_of: int | None = None
+) -> GovernanceOverview:
+    """The membership and rules history of the ledger behind ``engine``.
+
+    Reads the ``governance`` rows in log order (a ledger without the table has none), decodes
+    each strictly (a row that does not decode becomes an :data:`UNREADABLE` entry and a
+    problem; the rest of the history is folded without it), folds the records with the engine's
+    own :class:`~market.governance.Governance` into each household's terms, and the rules
+    changes into rules periods (:func:`node.ledger.governance.rules_periods`), counting the
+    blocks each period's slots were settled under by their ``rules`` column. ``as_of``: the
+    slot the member list describes (default: the first slot whose gate has not closed)."""
+    g = t.governance.c
+    h = t.households.c
+    problems: list[str] = []
+    with engine.connect() as conn:
+        meta = {
+            r.key: r.value
+            for r in conn.execute(
+                select(t.meta.c.key, t.meta.c.value).where(t.meta.c.key.in_(("grid", "config")))
+            )
+        }
+        if as_of is None:
+            closed = _as_int(conn.execute(select(func.max(t.clearings.c.slot))).scalar())
+            as_of = 0 if closed is None else closed + 1
+        raw: list[Any] = []
+        if has_governance_table(conn):
+            raw = conn.execute(
+                select(
+                    g.position,
+                    g.log_index,
+                    func.substr(g.type, 1, 64).label("type"),
+                    func.substr(g.household, 1, MAX_TEXT_CHARS + 1).label("household"),
+                    g.from_slot,
+                    func.substr(g.record, 1, MAX_COMMAND_BYTES + 1).label("record"),
+                    func.substr(g.record_hash, 1, 64).label("record_hash"),
+                    g.withdrawn,
+                )
+                .order_by(g.position)
+                .limit(MAX_GOVERNANCE_ROWS + 1)
+            ).all()
+        if len(raw) > MAX_GOVERNANCE_ROWS:
+            raw = raw[:MAX_GOVERNANCE_ROWS]
+            problems.append(f"Only the first {MAX_GOVERNANCE_ROWS} governance records are shown.")
+        households: dict[str, tuple[str, str]] = {}
+        for r in conn.execute(
+            select(
+                func.substr(h.did, 1, MAX_TEXT_CHARS + 1).label("did"),
+                func.substr(h.meter_serial, 1, MAX_TEXT_CHARS).label("meter_serial"),
+                func.substr(h.role, 1, 16).label("role"),
+            ).order_by(h.did)
+        ):
+            if isinstance(r.did, str) and len(r.did) <= MAX_TEXT_CHARS:
+                households[r.did] = (str(r.meter_serial or ""), str(r.role or ""))
+        grid = meta.get("grid")
+        decoded: list[tuple[Any, GovernanceRecord | str]] = []
+        for r in raw:
+            text = r.record
+            if not isinstance(text, str):
+                decoded.append((r, "the record is not text"))
+            elif len(text) > MAX_COMMAND_BYTES:
+                decoded.append((r, f"the record exceeds {MAX_COMMAND_BYTES} characters"))
+            else:
+                decoded.append((r, _decode_governance(text, grid)))
+        readable = [rec for _, rec in decoded if not isinstance(rec, str)]
+        positions = [_as_int(r.position) for r, rec in decoded if not isinstance(rec, str)]
+        first_role_change: dict[str, MemberRole] = {}
+        first_swap: dict[str, int] = {}
+        for rec in readable:
+            if isinstance(rec, ChangeRole):
+                first_role_change.setdefault(rec.household, rec.role)
+            elif isinstance(rec, ReplaceMeter):
+                first_swap.setdefault(rec.household, rec.from_slot)
+        fold = _MemberFold(conn, households, first_role_change, first_swap)
+        entries = [_entry(r, rec, fold, schedule, problems) for r, rec in decoded]
+        members = _members(fold, as_of, schedule)
+        rules = _rules_periods(conn, meta.get("config"), readable, positions, schedule, problems)
+    return GovernanceOverview(
+        entries=entries, members=members, rules=rules, as_of=as_of, problems=problems
+    )
+
+
+def _entry(
+    row: Any,
+    record: GovernanceRecord | str,
+    fold: _MemberFold,
+    schedule: Schedule,
+    problems: list[str],
+) -> GovernanceEntry:
+    """The history entry of one ``governance`` row, folding its record into ``fold``."""
+    position = _as_int(row.position)
+    withdrawn = _as_int(row.withdrawn)
+    record_hash = _clip(row.record_hash, 64)
+    if isinstance(record, str):
+        from_slot = _as_int(row.from_slot)
+        problems.append(f"Governance record {position} is unreadable: {record}")
+        return GovernanceEntry(
+            position=position,
+            log_index=_as_int(row.log_index),
+            from_slot=from_slot,
+            time="—" if from_slot is None or from_slot < 0 else slot_label(schedule, from_slot),
+            kind=_clip(row.type, 64) or "?",
+            household=_clip(row.household),
+            new_household=None,
+            role=None,
+            meter_serial=None,
+            status=UNREADABLE,
+            withdrawn=withdrawn,
+            detail="",
+            problem=record,
+            record_hash=record_hash,
+        )
+    problem = None
+    columns = (row.type, row.household, _as_int(row.from_slot))
+    household = record.household if isinstance(record, MemberChange) else None
+    if columns != (record.type, household, record.from_slot):
+        problem = "its type, household or from_slot column differs from the signed record"
+        problems.append(f"Governance record {position}: {problem}")
+    role = meter = status = None
+    try:
+        fold.add(record)
+    except (ValueError, TypeError) as exc:
+        problem = _clip(f"does not fit the history: {exc}", MAX_PROBLEM_CHARS)
+        problems.append(f"Governance record {position} {problem}")
+    else:
+        if household is not None:
+            term = fold.gov.terms[household][-1]
+            role, meter = fold.role(household, term), fold.meter(household, term)
+            status = str(term.status)
+    return GovernanceEntry(
+        position=position,
+        log_index=_as_int(row.log_index),
+        from_slot=record.from_slot,
+        time=slot_label(schedule, record.from_slot),
+        kind=record.type,
+        household=household,
+        new_household=record.new_household if isinstance(record, RotateKey) else None,
+        role=role,
+        meter_serial=meter,
+        status=status,
+        withdrawn=withdrawn,
+        detail=_record_detail(record),
+        problem=problem,
+        record_hash=record_hash,
+    )
+
+
+def _members(fold: _MemberFold, as_of: int, schedule: Schedule) -> list[MemberEntry]:
+    """Every household of the ledger (``households`` rows and governance records) as of
+    ``as_of``, with what is scheduled for later."""
+    out = []
+    for did in sorted(set(fold.households) | set(fold.gov.terms)):
+        terms = fold.gov.terms.get(did)
+        if terms is None:  # a genesis member no record changed
+            meter, role = fold.households[did]
+            out.append(MemberEntry(did, role or "?", meter or "?", "active", 0, GENESIS_LABEL, ""))
+            continue
+        now = fold.gov.term_at(did, as_of) or terms[0]
+        later = [term for term in terms if term.from_slot > as_of]
+        scheduled, before = [], now
+        for term in later:
+            scheduled.append(f"{_term_change(before, term)} from slot {term.from_slot}")
+            before = term
+        pending = now.status == MemberStatus.PENDING
+        since = None if pending else now.from_slot
+        out.append(
+            MemberEntry(
+                household=did,
+                role=fold.role(did, now),
+                meter_serial=fold.meter(did, now),
+                status=str(now.status),
+                since=since,
+                since_time=(
+                    "—"
+                    if since is None
+                    else GENESIS_LABEL
+                    if since == 0
+                    else slot_label(schedule, since)
+                ),
+                scheduled="; ".join(scheduled),
+            )
+        )
+    out.sort(key=lambda m: (_STATUS_ORDER.get(m.status, 9), m.household))
+    return out
+
+
+def _rule_values(config: MarketConfig) -> dict[str, Any]:
+    """The changeable rules of ``config`` (grid fees 0 when this ``MarketConfig`` has none)."""
+    return {
+        "feed_in_tariff": config.feed_in_tariff,
+        "retail_price": config.retail_price,
+        "mechanism": config.mechanism,
+        "k": f"{config.k.numerator}/{config.k.denominator}",
+        "time_of_use": time_of_use_label(config.time_of_use),
+        "local_fee": int(getattr(config, "local_fee", 0) or 0),
+        "grid_fee": int(getattr(config, "grid_fee", 0) or 0),
+    }
+
+
+def _rules_periods(
+    conn: Connection,
+    config_text: str | None,
+    records: Sequence[GovernanceRecord],
+    positions: Sequence[int | None],
+    schedule: Schedule,
+    problems: list[str],
+) -> list[RulesPeriod]:
+    """The rules periods of ``records`` over the genesis rules in ``config_text``, with the
+    blocks of each period's slots counted by their ``rules`` column."""
+    if config_text is None:
+        return []
+    try:
+        base = MarketConfig.from_json(json.loads(config_text))
+        periods = rules_periods(base, records)
+    except (ValueError, TypeError, ArithmeticError) as exc:  # MarketConfigError is a ValueError
+        problems.append(_clip(f"The rules history cannot be folded: {exc}", MAX_PROBLEM_CHARS))
+        return []
+    by_slot: dict[int, list[int]] = {}
+    for position, record in zip(positions, records, strict=True):
+        if isinstance(record, ChangeRules) and position is not None:
+            by_slot.setdefault(record.from_slot, []).append(position)
+    rules_column = has_rules_column(conn)
+    b = t.blocks.c
+    out: list[RulesPeriod] = []
+    previous: dict[str, Any] | None = None
+    for i, (from_slot, config) in enumerate(periods):
+        upto = periods[i + 1][0] if i + 1 < len(periods) else None
+        expected = None if config is base else config.rules_hash()
+        counted = [
+            func.count().label("n"),
+            func.min(b.height).label("h0"),
+            func.max(b.height).label("h1"),
+            func.min(b.slot).label("s0"),
+            func.max(b.slot).label("s1"),
+        ]
+        # an older ledger without the column: every block was settled under the genesis rules
+        q = select(b.rules, *counted).group_by(b.rules) if rules_column else select(*counted)
+        q = q.where(b.slot >= from_slot)
+        if upto is not None:
+            q = q.where(b.slot < upto)
+        blocks = other = 0
+        h0 = h1 = s0 = s1 = None
+        for r in conn.execute(q):
+            n = _as_int(r.n) or 0
+            if (r.rules if rules_column else None) == expected:
+                blocks = n
+                h0, h1, s0, s1 = (_as_int(v) for v in (r.h0, r.h1, r.s0, r.s1))
+            else:
+                other += n
+        values = _rule_values(config)
+        changed = (
+            () if previous is None else tuple(k for k in RULE_FIELDS if values[k] != previous[k])
+        )
+        previous = values
+        out.append(
+            RulesPeriod(
+                from_slot=from_slot,
+                time=GENESIS_LABEL if from_slot == 0 else slot_label(schedule, from_slot),
+                **values,
+                rules_hash=expected,
+                changed=changed,
+                records=tuple(by_slot.get(from_slot, ())),
+                blocks=blocks,
+                first_height=h0,
+                last_height=h1,
+                first_slot=s0,
+                last_slot=s1,
+                other_blocks=other,
+            )
+        )
+    return out

@@ -1071,3 +1071,46 @@ def alerts_view(ctx: Context) -> list[dict[str, str]]:
             }
         )
     return alerts
+
+
+# --- governance ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GovernanceView:
+    """The membership and rules history, as table rows (full DIDs; the page shortens them)."""
+
+    history: list[dict[str, Any]]
+    """Every accepted governance record in log order (:meth:`data.GovernanceEntry.as_row`,
+    plus ``short``): the table and the CSV."""
+    members: list[dict[str, Any]]
+    """Every household as of :attr:`as_of` (:meth:`data.MemberEntry.as_row`, plus ``short``)."""
+    rules: list[dict[str, Any]]
+    """The rules periods with the blocks settled under each (:meth:`data.RulesPeriod.as_row`)."""
+    as_of: int
+    as_of_time: str
+    problems: list[str]
+    """Rows that could not be read and rules that do not fold: shown, never raised."""
+    grid_fees: bool
+    """Whether the market rules have grid fees (show their columns)."""
+
+    @property
+    def empty(self) -> bool:
+        """No governance change since genesis."""
+        return not self.history
+
+
+def governance_view(ctx: Context) -> GovernanceView:
+    """The ledger's governance history (:func:`dashboard.data.governance_overview`): records,
+    the member list as of the first slot whose gate has not closed, rules periods."""
+    schedule = ctx.schedule
+    overview = data.governance_overview(ctx.engine, schedule=schedule)
+    return GovernanceView(
+        history=[{**e.as_row(), "short": e.short} for e in overview.entries],
+        members=[{**m.as_row(), "short": m.short} for m in overview.members],
+        rules=[p.as_row() for p in overview.rules],
+        as_of=overview.as_of,
+        as_of_time=data.slot_label(schedule, overview.as_of),
+        problems=overview.problems,
+        grid_fees=data.GRID_FEES,
+    )
