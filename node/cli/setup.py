@@ -82,10 +82,18 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     c.add_argument("--feed-in-tariff", type=int, required=True, help="minor units per kWh")
     c.add_argument("--retail-price", type=int, required=True, help="minor units per kWh")
-    c.add_argument("--grid-fee", type=int, default=0,
-                   help="grid fee per kWh imported from the grid, minor units (default 0)")
-    c.add_argument("--local-fee", type=int, default=0,
-                   help="grid fee per kWh bought in the local market, minor units (default 0)")
+    c.add_argument(
+        "--grid-fee",
+        type=int,
+        default=0,
+        help="grid fee per kWh imported from the grid, minor units (default 0)",
+    )
+    c.add_argument(
+        "--local-fee",
+        type=int,
+        default=0,
+        help="grid fee per kWh bought in the local market, minor units (default 0)",
+    )
     c.add_argument("--mechanism", default="uniform", choices=["uniform", "pay_as_bid", "mcafee"])
     c.add_argument("--k", default="1/2", help="k-pricing parameter as a fraction")
     c.add_argument("--slot-seconds", type=int, default=900)

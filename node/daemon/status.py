@@ -115,9 +115,20 @@ def dry_run(shadow: GovernanceShadow, record: GovernanceRecord) -> list[Event]:
 
 
 def connected_members(shadow: GovernanceShadow) -> list[str]:
-    """Every DID that should hold a connection to the grid (:data:`CONNECTED_STATUSES`)."""
+    """Every DID that should hold a connection to the grid (:data:`CONNECTED_STATUSES`): by
+    its latest terms, or by its terms in the first slot not settled yet. A household removed
+    (or a key rotated away) from slot ``s`` stays connected until slot ``s - 1`` has settled,
+    so its readings up to that slot, the last it is settled for, still reach the grid."""
     state = shadow.state
-    return sorted(d for d in state.members if latest_term(state, d).status in CONNECTED_STATUSES)
+    unsettled = 0 if state.settled_through is None else state.settled_through + 1
+
+    def connected(did: str) -> bool:
+        if latest_term(state, did).status in CONNECTED_STATUSES:
+            return True
+        term = member_term(state, did, unsettled)
+        return term is not None and term.status in CONNECTED_STATUSES
+
+    return sorted(d for d in state.members if connected(d))
 
 
 def _terms(state: State, did: str) -> list[Term]:
@@ -245,6 +256,27 @@ def metering_section(
     }
 
 
+def censorship_section(driver: ConsensusDriver) -> dict[str, Any] | None:
+    """The status document's ``censorship`` (issue 16; docs/node.md, "Censorship alerts"): the
+    watch's last slot-boundary report (households suspected, their overdue and uncommitted
+    records, the oldest one's age in slots, the leader suspected, this household's own
+    standing) and the distrust part (nodes the Raft core distrusts now with the ticks left,
+    distrusts so far, the last one). None when the node runs no watch. Reads the driver's
+    published view and the policy's plain fields: safe from any task or thread."""
+    view = driver.view
+    if view.censorship is None:
+        return None
+    policy = driver.distrust_policy
+    doc = view.censorship.to_json()
+    doc["distrust"] = {
+        "active": dict(view.distrusted), "count": view.stats.distrusts,
+        "last_slot": policy.last_slot, "last_leader": policy.last_target,
+        "persist_slots": policy.persist_slots, "min_interval_slots": policy.min_interval_slots,
+        "distrust_slots": policy.distrust_slots,
+    }  # fmt: skip
+    return doc
+
+
 def status_document(
     driver: ConsensusDriver,
     *,
@@ -303,4 +335,5 @@ def status_document(
             "dropped_inbound": stats.dropped_inbound,
             "snapshots": stats.snapshots,
         },
+        "censorship": censorship_section(driver),
     }

@@ -49,11 +49,12 @@ is accepted for ``genesis_path``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
@@ -195,8 +196,9 @@ def parse_endpoint(text: str, source: str = "endpoint") -> Endpoint:
 _METER_KEYS = {"name", "profile", "endpoint", "device_id"}
 
 
-def _meter(item: dict[str, Any], where: str) -> MeterSetting:
-    """One meter table's ``name``, ``profile``, ``endpoint`` and ``device_id``, checked."""
+def meter_setting(item: dict[str, Any], where: str) -> MeterSetting:
+    """One meter table's ``name``, ``profile``, ``endpoint`` and ``device_id``, checked as the
+    config file's are; raises :class:`ConfigError` naming ``where``."""
     for key in ("name", "profile", "endpoint"):
         if not isinstance(item.get(key), str) or not item[key]:
             raise ConfigError(f"{where}: {key} must be a non-empty string")
@@ -218,7 +220,7 @@ def _meters(value: Any, source: str) -> tuple[MeterSetting, ...]:
         unknown = set(item) - _METER_KEYS
         if unknown:
             raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
-        out.append(_meter(item, where))
+        out.append(meter_setting(item, where))
     if len({m.name for m in out}) != len(out):
         raise ConfigError(f"{source}: meter names must be unique")
     return tuple(out)
@@ -236,7 +238,7 @@ def _feeder(value: Any, source: str) -> FeederSetting:
     key_path = value.get("operator_key_path")
     if not isinstance(key_path, str) or not key_path:
         raise ConfigError(f"{where}: operator_key_path must be a non-empty string path")
-    return FeederSetting(_meter(value, where), Path(key_path))
+    return FeederSetting(meter_setting(value, where), Path(key_path))
 
 
 def _strategy(value: Any, source: str) -> Strategy:
@@ -391,14 +393,52 @@ def load_config(
     return _check(config, source)
 
 
+PEER_ADDRESS = re.compile(
+    r"/(ip4|ip6|dns|dns4|dns6)/[^/\s]{1,253}/tcp/[0-9]{1,5}/p2p/[1-9A-HJ-NP-Za-km-z]{40,64}"
+)
+"""What a ``peers`` entry written by ``microgrid init --peer`` may look like: a member's
+libp2p address with its peer id (``/ip4/192.168.1.20/tcp/4001/p2p/12D3KooW...``)."""
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(text, ensure_ascii=True)
+
+
 def starter_config_toml(
     *,
     listen: str = DEFAULT_LISTEN,
     metrics_port: int = DEFAULT_METRICS_PORT,
     api_port: int = DEFAULT_API_PORT,
     api_token: str = "",
+    peers: Sequence[str] = (),
+    meter: MeterSetting | None = None,
+    meter_endpoint: str = "",
 ) -> str:
-    """The text of a starter config written by ``microgrid init``."""
+    """The text of a starter config written by ``microgrid init``.
+
+    ``peers``: members to dial besides the genesis bootstrap (a household joining a running
+    grid gives one member's address). ``meter`` (with ``meter_endpoint``, its endpoint as the
+    user wrote it): an active ``[[meters]]`` table instead of the commented example."""
+    peer_list = ", ".join(_toml_string(p) for p in peers)
+    if meter is None:
+        meters = (
+            "# The household's grid-connection meter (see `microgrid meter test`).\n"
+            "# [[meters]]\n"
+            '# name = "main"\n'
+            '# profile = "sdm630"\n'
+            '# endpoint = "tcp://192.168.1.50:502"   # or "rtu:///dev/ttyUSB0?baudrate=9600"\n'
+            "# device_id = 1\n"
+        )
+    else:
+        meters = (
+            "# The household's grid-connection meter (see `microgrid meter test`).\n"
+            "[[meters]]\n"
+            f"name = {_toml_string(meter.name)}\n"
+            f"profile = {_toml_string(meter.profile)}\n"
+            f"endpoint = {_toml_string(meter_endpoint)}\n"
+            f"device_id = {meter.device_id}\n"
+        )
     return (
         "# Microgrid node configuration. Every scalar setting can be overridden by an\n"
         "# environment variable MICROGRID_<SETTING> (e.g. MICROGRID_LISTEN). Relative paths are\n"
@@ -406,24 +446,17 @@ def starter_config_toml(
         'key_path = "node.key"\n'
         'genesis_path = "genesis.json"\n'
         'data_dir = "data"\n'
-        f'listen = "{listen}"\n'
-        "peers = []\n"
+        f"listen = {_toml_string(listen)}\n"
+        f"peers = [{peer_list}]\n"
         f"metrics_port = {metrics_port}\n"
         'metrics_host = "127.0.0.1"\n'
         f"api_port = {api_port}\n"
         'api_host = "127.0.0.1"\n'
-        f'api_token = "{api_token}"   # keep this file private (mode 0600)\n'
+        f"api_token = {_toml_string(api_token)}   # keep this file private (mode 0600)\n"
         "mdns = false\n"
         'log_level = "INFO"\n'
         'log_format = "text"\n'
-        "\n"
-        "# The household's grid-connection meter (see `microgrid meter test`).\n"
-        "# [[meters]]\n"
-        '# name = "main"\n'
-        '# profile = "sdm630"\n'
-        '# endpoint = "tcp://192.168.1.50:502"   # or "rtu:///dev/ttyUSB0?baudrate=9600"\n'
-        "# device_id = 1\n"
-        "\n"
+        "\n" + meters + "\n"
         "# [strategy]   # limit prices in minor units per kWh; defaults sit inside the tariffs\n"
         "# sell_floor = 14\n"
         "# buy_cap = 24\n"

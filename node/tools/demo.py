@@ -90,6 +90,10 @@ class DemoSettings:
     """Log compaction interval (tests make it small to exercise snapshots and block sync)."""
     feeder: bool = False
     """Serve a feeder meter and let h1 sign its readings with the operator key (``--feeder``)."""
+    spare_meters: int = 0
+    """Simulated meters served beside the households' but in no genesis (households without PV
+    or battery, device ids after theirs): for households that join the running grid
+    (:attr:`Demo.spare`, :meth:`Demo.adopt`)."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -108,6 +112,15 @@ class DemoSettings:
         return min(2.0, self.slot_seconds / 4)
 
 
+@dataclass(frozen=True)
+class SpareMeter:
+    """A simulated meter no genesis household reads: for a household joining later."""
+
+    device_id: int
+    profile: str
+    serial: str
+
+
 @dataclass
 class DemoHousehold:
     """One household of the demo: its directory, ports and process."""
@@ -123,6 +136,9 @@ class DemoHousehold:
     process: trio.Process | None = None
     log: TextIO | None = None
     starts: int = 0
+    joined: bool = False
+    """Set up outside the demo (``microgrid init``, :meth:`Demo.adopt`): its config has the
+    defaults' timing, so the demo's accelerated settings reach it through the environment."""
 
     @property
     def config_path(self) -> Path:
@@ -285,6 +301,8 @@ class Demo:
         self.printed_through: int | None = None
         self.rounds = 0
         self.names: dict[str, str] = {}
+        self.spare: list[SpareMeter] = []
+        """Simulated meters outside the genesis (:attr:`DemoSettings.spare_meters`)."""
 
     @property
     def truth_path(self) -> Path:
@@ -309,7 +327,12 @@ class Demo:
         configs = [
             replace(c, pv_kwp=0.0, battery_kwh=0.0, battery_kw=0.0, initial_export_wh=0.0)
             if i % 3 == 1 else c
-            for i, c in enumerate(make_households(s.households, s.seed))
+            for i, c in enumerate(make_households(s.households + s.spare_meters, s.seed))
+        ]  # fmt: skip
+        # the spare meters' households draw from the grid: buyers for the PV sellers
+        configs[s.households:] = [
+            replace(c, pv_kwp=0.0, battery_kwh=0.0, battery_kw=0.0, initial_export_wh=0.0)
+            for c in configs[s.households:]
         ]  # fmt: skip
         self.sim = MeterSimulator(configs, seed=s.seed, speed=0, start=SIM_START,
                                   feeder=s.feeder, feeder_device=DEFAULT_FEEDER_DEVICE,
@@ -322,7 +345,9 @@ class Demo:
         ports = free_ports(2 * s.households)
         operator_key = self.directory / "operator.key"
         operator = create_key_file(operator_key).signer
-        for i, c in enumerate(configs):
+        self.spare = [SpareMeter(c.device_id, c.profile, serials[c.device_id])
+                      for c in configs[s.households:]]  # fmt: skip
+        for i, c in enumerate(configs[: s.households]):
             directory = self.directory / f"h{i + 1}"
             directory.mkdir()
             identity = create_key_file(directory / "node.key")
@@ -382,14 +407,81 @@ class Demo:
             serials[device_id] = r.sample.serial
         return serials
 
+    @property
+    def operator_key_path(self) -> Path:
+        """The grid operator's key file (it signs the genesis and governance records)."""
+        return self.directory / "operator.key"
+
+    @property
+    def genesis_path(self) -> Path:
+        """The signed genesis file."""
+        return self.directory / "genesis.json"
+
+    @property
+    def meter_endpoint(self) -> str:
+        """The simulator's Modbus TCP endpoint, as a config's ``endpoint``."""
+        assert self.sim is not None, "prepare() first"
+        return f"tcp://127.0.0.1:{self.sim.ports[0]}"
+
+    def timing_environment(self) -> dict[str, str]:
+        """``MICROGRID_*`` overrides giving a node configured outside the demo the demo's
+        accelerated meter and Raft timing (what :func:`_node_config` writes for its own)."""
+        s = self.settings
+        scale = SIM_SLOT_SECONDS / (s.slot_seconds - s.freeze_seconds) * 1.25
+        return {
+            "MICROGRID_METER_POLL_SECONDS": str(max(1.0, s.slot_seconds / 2)),
+            "MICROGRID_METER_TIME_SCALE": f"{scale:.3f}",
+            "MICROGRID_READ_DELAY_SECONDS": f"{min(0.3, s.freeze_seconds / 2):.3f}",
+            "MICROGRID_RAFT_TICK_SECONDS": str(s.raft_tick_seconds),
+            "MICROGRID_RAFT_ELECTION_TICKS": str(s.raft_election_ticks),
+            "MICROGRID_RAFT_HEARTBEAT_TICKS": str(s.raft_heartbeat_ticks),
+            "MICROGRID_RAFT_SNAPSHOT_ENTRIES": str(s.raft_snapshot_entries),
+            "MICROGRID_METRICS_PORT": "0",
+            "MICROGRID_LOG_FORMAT": "json",
+        }
+
+    def adopt(self, directory: Path, name: str) -> DemoHousehold:
+        """Take a household set up outside the demo (its ``microgrid.toml``, key and genesis in
+        ``directory``, e.g. by ``microgrid init --genesis ... --peer ... --meter ...``) into the
+        demo: started, watched, stopped and verified like the others. Its meter must be one of
+        the simulator's (:attr:`spare`)."""
+        from node.setup.config import load_config
+        from node.setup.keyfile import load_key_file
+
+        config = load_config(directory / "microgrid.toml", environ={})
+        identity = load_key_file(config.key_path)
+        if len(config.meters) != 1:
+            raise ValueError(f"{directory}: expected one [[meters]] table")
+        listen_port = int(config.listen.rstrip("/").rsplit("/", 1)[-1])
+        h = DemoHousehold(len(self.households), name, directory, identity.did,
+                          str(identity.peer_id), config.meters[0].device_id, listen_port,
+                          config.api_port, joined=True)  # fmt: skip
+        self.households.append(h)
+        self.names[h.did] = name
+        return h
+
+    def reload_identity(self, h: DemoHousehold) -> None:
+        """Read ``h``'s key file again (after the household replaced it: a key rotation)."""
+        from node.setup.keyfile import load_key_file
+
+        config_key = h.directory / "node.key"
+        if h.joined:
+            from node.setup.config import load_config
+
+            config_key = load_config(h.config_path, environ={}).key_path
+        identity = load_key_file(config_key)
+        h.did, h.peer_id = identity.did, str(identity.peer_id)
+        self.names[h.did] = h.name
+
     async def start_node(self, h: DemoHousehold) -> None:
         """Start (or restart) one household's node process."""
         if h.log is None:
             h.log = (h.directory / "node.log").open("a")
+        env = {**os.environ, **self.timing_environment()} if h.joined else None
         h.process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "node.cli", "node", "run", "--config", str(h.config_path)],
-            stdout=h.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+            stdout=h.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
         h.starts += 1
 
     async def start(

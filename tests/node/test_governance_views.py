@@ -120,8 +120,15 @@ def test_members_and_rules_documents() -> None:
     assert by[newcomer]["scheduled"][0]["from_slot"] == 4
     assert members_document(shadow, 4)["members"][2]["status"] in {"active", "removed"}
     assert member_term(shadow.state, newcomer, 4).active  # type: ignore[union-attr]
-    # b is removed for good: no connection; the newcomer (pending) gets one
-    assert set(connected_members(shadow)) == {a.did, newcomer}
+    # the newcomer (pending) gets a connection; b, suspended (still connected: it may be
+    # reinstated) from slot 3 and removed from slot 5, keeps one until slot 4 has settled
+    assert set(connected_members(shadow)) == {a.did, b.did, newcomer}
+    w.settle(1)
+    for slot in (2, 3, 4):
+        assert b.did in connected_members(governance_shadow(w.state))
+        w.close(slot)
+        w.settle(slot)
+    assert set(connected_members(governance_shadow(w.state))) == {a.did, newcomer}
     rules = rules_document(shadow, 4)
     assert rules["rules"]["mechanism"] == "pay_as_bid" and rules["band"] == {
         "feed_in_tariff": 9,
