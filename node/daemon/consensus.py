@@ -23,11 +23,21 @@ the replica meanwhile (other tasks only read the published :attr:`ConsensusDrive
 A refusal (a membership change applied after the index) is counted as postponed and retried
 after ``compact_retry_seconds``; any other failure is logged with its traceback, counted, and
 retried after ``compact_failure_backoff`` seconds, while the node keeps applying.
+
+Censorship. With a :class:`~node.daemon.censorship.CensorshipWatch`, the node hands
+every valid record it sees or publishes to :meth:`ConsensusDriver.saw`; this task feeds the
+watch the commands it applies (in log order), the leader it follows, and each slot boundary of
+the wall clock. A new alert episode is logged once (a warning; the household's own records
+have their own message). When the :class:`~node.daemon.censorship.DistrustPolicy` says so (a
+voter, the same leader suspected for ``persist_slots`` more slots, at most once per
+``min_interval_slots``) the core distrusts that leader for ``distrust_slots`` slots
+(docs/raft.md, "Distrust").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,6 +47,8 @@ import trio
 
 from market import Command, encode_batch
 from market.events import Event
+from market.models import SignedRecord
+from node.daemon.censorship import CensorshipReport, CensorshipWatch, DistrustPolicy, sighting
 from node.daemon.membership import desired_roles, next_conf_change
 from node.daemon.proposer import EngineView, Proposer
 from node.daemon.replica import Replica
@@ -84,6 +96,8 @@ class DriverStats:
     leader_changes: int = 0
     conf_changes_proposed: int = 0
     """Raft membership changes this node proposed as leader, following the grid's members."""
+    distrusts: int = 0
+    """Leaders this node distrusted for censoring (the core accepted the distrust)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +113,10 @@ class ConsensusView:
     closed_through: int | None
     settled_through: int | None
     stats: DriverStats
+    censorship: CensorshipReport | None = None
+    """The censorship watch's report of the last slot boundary (None: no watch)."""
+    distrusted: tuple[tuple[str, int], ...] = ()
+    """Nodes the core distrusts now, with the ticks left."""
 
     def ledger(self) -> dict[str, object]:
         """The status document's ``ledger`` section."""
@@ -144,6 +162,9 @@ class ConsensusDriver:
     """Called on the driver's task after each batch of committed entries was applied, with
     ``(index, events)`` per entry and whether a snapshot from the leader was installed (the
     engine state may be read there: no worker runs). An exception stops the driver."""
+    censorship: CensorshipWatch | None = None
+    """Watches which records seen here the leader commits (None: no censorship detection)."""
+    distrust_policy: DistrustPolicy = field(default_factory=DistrustPolicy)
 
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
@@ -152,6 +173,11 @@ class ConsensusDriver:
         self._leader: str | None = None
         self._desired: tuple[int, dict] = (-1, {})
         """(applied index, :func:`~node.daemon.membership.desired_roles` at that index)."""
+        self._slot: int | None = None
+        """The wall-clock slot of the last censorship check."""
+        if self.censorship is not None:
+            state = self.replica.state
+            self.censorship.sync(state.closed_through, state.settled_through)
         self.view: ConsensusView = self._take_view()
         """The latest :class:`ConsensusView` (replaced whole: read it from anywhere)."""
 
@@ -161,6 +187,8 @@ class ConsensusDriver:
         return ConsensusView(
             self.raft.status(), self.replica.applied_index, state.height, state.head_hash,
             state.closed_through, state.settled_through, replace(self.stats),
+            None if self.censorship is None else self.censorship.report,
+            tuple(sorted(self.raft.distrusted().items())),
         )  # fmt: skip
 
     def publish_view(self) -> None:
@@ -196,6 +224,7 @@ class ConsensusDriver:
             if now >= next_propose:
                 self._propose()
                 next_propose = now + self.propose_every
+            self._check_slot()
             await self._drain_ready()
 
     def _step(self, message: Message) -> None:
@@ -249,6 +278,8 @@ class ConsensusDriver:
                 self._leader = rd.soft_state.leader or None
                 if self._leader is not None:
                     self.stats.leader_changes += 1
+                    if self.censorship is not None:
+                        self.censorship.leader_changed(self._leader)
             if rd.snapshot is not None or rd.entries or rd.hard_state is not None:
                 # only then is there anything to make durable: a Ready of messages alone (a
                 # heartbeat and its response) costs no worker thread and no SQL transaction
@@ -270,11 +301,74 @@ class ConsensusDriver:
     def _applied(self, observer: Callable[[Command], None] | None, applied: _Applied) -> None:
         """Driver's task: count, tell the observer and :attr:`on_applied` what was applied."""
         self.stats.applied_entries += len(applied.entries)
+        watch = self.censorship
+        if watch is not None:
+            if applied.snapshot_installed:  # applied before the batch's entries
+                state = self.replica.state
+                watch.snapshot_installed(state.closed_through, state.settled_through)
+            for command in applied.commands:
+                watch.on_command(command)
         if observer is not None:
             for command in applied.commands:
                 observer(command)
         if self.on_applied is not None and (applied.entries or applied.snapshot_installed):
             self.on_applied(applied.entries, applied.snapshot_installed)
+
+    # -- censorship ------------------------------------------------------------------------
+
+    def saw(self, record: SignedRecord) -> bool:
+        """A valid record this node heard on gossip or published (the trio thread): watched
+        until it commits. False without a watch, or when the watch already knows it."""
+        if self.censorship is None:
+            return False
+        return self.censorship.seen(sighting(record, self.wall_clock(), self.proposer.schedule))
+
+    def _check_slot(self) -> None:
+        """At each wall-clock slot boundary: judge, log new alert episodes, maybe distrust."""
+        if self.censorship is None:
+            return
+        slot = self.proposer.schedule.slot_at(self.wall_clock())
+        if self._slot is None:
+            self._slot = slot  # the first boundary is the next one
+            return
+        if slot <= self._slot:
+            return
+        self._slot = slot
+        report = self.censorship.end_slot(slot)
+        for household in report.new_alerts:
+            suspicion = next(s for s in report.suspected if s.household == household)
+            extra = {"event": "censorship_suspected", "household": household,
+                     "leader": report.suspected_leader, "slot": slot,
+                     "overdue": suspicion.overdue, "classes": list(suspicion.classes),
+                     "oldest_age_slots": suspicion.oldest_age_slots}  # fmt: skip
+            if household == self.raft.id:
+                log.warning("this household's records are not committed while others' are: "
+                            "the leader may be censoring it", extra=extra)  # fmt: skip
+            else:
+                log.warning("a household's records are not committed while others' are: the "
+                            "leader may be censoring it", extra=extra)  # fmt: skip
+        for household in report.cleared:
+            log.info("censorship alert cleared", extra={
+                "event": "censorship_cleared", "household": household, "slot": slot})  # fmt: skip
+        status = self.raft.status()
+        target = self.distrust_policy.decide(
+            slot, report.suspected_leader, me=self.raft.id, leading=status.role == "leader",
+            voter=self.raft.id in status.voters,
+        )  # fmt: skip
+        if target is None:
+            return
+        ticks = self.distrust_ticks()
+        if self.raft.distrust(target, ticks):
+            self.stats.distrusts += 1
+            log.warning("distrusting the leader for censorship: not honouring its lease nor "
+                        "voting for it", extra={"event": "distrust", "leader": target,
+                                                "slot": slot, "ticks": ticks})  # fmt: skip
+
+    def distrust_ticks(self) -> int:
+        """How long a distrust lasts, in ticks: ``distrust_slots`` slots, and at least four
+        maximal election timeouts (time for the others to distrust too and elect)."""
+        slots = self.distrust_policy.distrust_slots * self.proposer.schedule.slot_seconds
+        return max(math.ceil(slots / self.tick_seconds), 8 * self.raft.config.election_tick)
 
     def _persist(self, rd: Ready) -> None:
         """Worker thread: make ``rd`` durable. SQLStorage also updates its in-memory log here,

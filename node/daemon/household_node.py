@@ -74,6 +74,7 @@ from market.state import State, sell_limit_wh
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
 from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
+from node.daemon.censorship import CensorshipWatch
 from node.daemon.consensus import ConsensusDriver
 from node.daemon.http_api import Api, ApiError, Reply, Request
 from node.daemon.prometheus import NodeCollector
@@ -312,6 +313,7 @@ class HouseholdNode:
             snapshot_every=config.raft_snapshot_entries,
             wall_clock=wall_clock,
             on_applied=self._on_batch_applied,
+            censorship=CensorshipWatch(identity.did),
         )
         scale = config.meter_time_scale
         meters = [*config.meters, *([config.feeder.meter] if config.feeder else [])]
@@ -405,9 +407,11 @@ class HouseholdNode:
         for record in records:
             if isinstance(record, Order | CancelOrder | MeterReading | FeederReading):
                 self.proposer.offer(record)
+                self.driver.saw(record)
                 self.counters[f"gossip_{record.KIND}"] += 1
             elif isinstance(record, GOVERNANCE_RECORDS):
                 self.proposer.offer(record)
+                self.driver.saw(record)
                 self.counters["gossip_governance"] += 1
 
     def _committed(self, command: Command) -> None:
@@ -743,6 +747,7 @@ class HouseholdNode:
                 self.proposer.offer(record)  # type: ignore[arg-type]
             return str(exc.verdict.reason)
         self.proposer.offer(record)  # type: ignore[arg-type]
+        self.driver.saw(record)  # watched until committed (gossiped records only)
         self.counters[f"published_{record.KIND}"] += 1
         log.info(f"published {record.KIND}", extra={"event": "published", "kind": record.KIND,
                                                     "slot": getattr(record, "slot", None)})

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from node.daemon.consensus import ConsensusView
     from node.daemon.household_node import HouseholdNode
     from node.daemon.http_api import Api
 
@@ -76,7 +77,42 @@ class NodeCollector(Collector):
         for kind, count in sorted(node.all_counters().items()):
             events.add_metric([kind], count)
         yield events
+        yield from censorship_metrics(view)
         yield from api_metrics(node.api)
+
+
+def censorship_metrics(view: ConsensusView) -> Iterator[Metric]:
+    """The censorship watch: records by outcome, alert episodes, households suspected
+    now, whether this household is, and the distrusts of a censoring leader (none without a
+    watch). Reads the driver's published view only."""
+    yield CounterMetricFamily("microgrid_censorship_distrusts",
+                              "Leaders this node distrusted for censoring records",
+                              value=view.stats.distrusts)  # fmt: skip
+    report = view.censorship
+    if report is None:
+        return
+    records = CounterMetricFamily(
+        "microgrid_censorship_records",
+        "Valid records seen here, by outcome: seen, committed (in time), committed_late, "
+        "missed (deadline applied first), expired_late, dropped, aged_out, unknown, forgiven",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(report.counters.items()):
+        if outcome != "alerts":
+            records.add_metric([outcome], count)
+    yield records
+    yield CounterMetricFamily("microgrid_censorship_alerts",
+                              "Censorship alert episodes (a household suspected)",
+                              value=report.counters.get("alerts", 0))  # fmt: skip
+    yield GaugeMetricFamily("microgrid_censorship_suspected_households",
+                            "Households whose records the leader is suspected of dropping",
+                            value=len(report.suspected))  # fmt: skip
+    yield GaugeMetricFamily("microgrid_censorship_own_suspected",
+                            "1 if this household's own records are not committed while others' are",
+                            value=int(report.own_suspected))  # fmt: skip
+    yield GaugeMetricFamily("microgrid_censorship_uncommitted",
+                            "Records seen here and not committed yet (missed ones included)",
+                            value=report.tracked)  # fmt: skip
 
 
 def api_metrics(api: Api) -> Iterator[Metric]:

@@ -257,7 +257,7 @@ def metering_section(
 
 
 def censorship_section(driver: ConsensusDriver) -> dict[str, Any] | None:
-    """The status document's ``censorship`` (issue 16; docs/node.md, "Censorship alerts"): the
+    """The status document's ``censorship`` (docs/node.md, "Censorship alerts"): the
     watch's last slot-boundary report (households suspected, their overdue and uncommitted
     records, the oldest one's age in slots, the leader suspected, this household's own
     standing) and the distrust part (nodes the Raft core distrusts now with the ticks left,

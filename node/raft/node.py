@@ -86,6 +86,16 @@ class RaftNode:
         """Ask the leader to hand over to ``target`` (forwarded if we are a follower)."""
         self.raft.transfer_leader(target)
 
+    def distrust(self, node_id: str, ticks: int) -> bool:
+        """Stop honouring ``node_id``'s leader lease and refuse it votes for ``ticks`` ticks
+        (the application caught that leader misbehaving; docs/raft.md, "Distrust"). False
+        when refused: this node leads, ``node_id`` is this node or empty, ``ticks`` <= 0."""
+        return self.raft.distrust(node_id, ticks)
+
+    def distrusted(self) -> dict[str, int]:
+        """Nodes distrusted now and the ticks left for each (a copy)."""
+        return dict(self.raft.distrusted)
+
     def report_snapshot_failed(self, peer: str) -> None:
         """Transport: sending a snapshot to ``peer`` failed; the leader will retry later."""
         pr = self.raft.prs.get(peer)

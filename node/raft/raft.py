@@ -3,7 +3,9 @@
 Election with randomized timeouts, pre-vote, check-quorum with leader leases, log
 replication with fast conflict back-up, commit by counting current-term replicas only,
 snapshots, learners, single-server membership changes applied when committed entries are
-applied, and leader transfer (TIMEOUT_NOW). Outgoing messages accumulate in ``msgs``; the
+applied, leader transfer (TIMEOUT_NOW) and distrust (a follower told by its application that the
+leader misbehaves stops honouring that leader's lease and refuses it votes, for a bounded number
+of ticks; see :meth:`Raft.distrust`). Outgoing messages accumulate in ``msgs``; the
 ``RaftNode`` wrapper hands them out in a ``Ready`` after the state they depend on is
 persisted.
 """
@@ -77,6 +79,9 @@ class Raft:
         self.conf_index = self.log.first_index() - 1
         """Log index of the latest membership applied (the snapshot's, or a conf change's)."""
         self._snap_elapsed: dict[str, int] = {}
+        self.distrusted: dict[str, int] = {}
+        """Node id -> ticks left during which this node neither honours that node's leader lease
+        nor votes for it (:meth:`distrust`). Volatile: a restart forgets it."""
         if not hs.is_empty():
             if hs.commit < self.log.committed or hs.commit > self.log.last_index():
                 hs = HardState(hs.term, hs.vote, max(self.log.committed, hs.commit))
@@ -295,9 +300,42 @@ class Raft:
         self.votes.setdefault(frm, granted)
         return vote_result(self.voters, self.votes)
 
+    # -- distrust --------------------------------------------------------------------------
+    def distrust(self, node_id: str, ticks: int) -> bool:
+        """Distrust ``node_id`` (normally the current leader, which the application caught
+        misbehaving: censoring records) for ``ticks`` ticks. Meanwhile this node
+
+        - does not honour ``node_id``'s leader lease: its heartbeats and appends are still
+          accepted (the log keeps replicating) but no longer hold back this node's election
+          timer, and vote requests from other candidates are answered as if no leader were
+          known (pre-votes and votes granted on the usual log check);
+        - campaigns on its election timeout (pre-vote first), and stays a pre-candidate while
+          the distrusted leader's heartbeats arrive, so they do not cancel the pre-vote;
+        - refuses every vote and pre-vote request from ``node_id`` (a transfer's too).
+
+        Pre-vote keeps a minority harmless: a pre-candidate needs a majority of pre-votes, and
+        voters that trust the leader ignore them within its lease, so no term moves. A majority
+        distrusting the leader elects another node, which the distrusted one cannot win back
+        while the distrust lasts. Refused (False) when this node leads, for itself, for an
+        empty id or a non-positive ``ticks``; distrusting a node again keeps the longer time."""
+        if ticks <= 0 or node_id in (NONE, self.id) or self.role == RaftRole.LEADER:
+            return False
+        self.distrusted[node_id] = max(self.distrusted.get(node_id, 0), ticks)
+        return True
+
+    def _trusted_lead(self) -> bool:
+        """A leader is known and not distrusted: its lease holds."""
+        return self.lead != NONE and self.lead not in self.distrusted
+
     # -- ticks -----------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance the logical clock by one tick."""
+        if self.distrusted:
+            for nid, left in list(self.distrusted.items()):
+                if left <= 1:
+                    del self.distrusted[nid]
+                else:
+                    self.distrusted[nid] = left - 1
         if self.role == RaftRole.LEADER:
             self._tick_heartbeat()
         else:
@@ -457,7 +495,7 @@ class Raft:
                 force = m.context == TRANSFER_CONTEXT
                 in_lease = (
                     self.cfg.check_quorum
-                    and self.lead != NONE
+                    and self._trusted_lead()
                     and self.election_elapsed < self.cfg.election_tick
                 )
                 if not force and in_lease:
@@ -487,6 +525,9 @@ class Raft:
             self._step_role(m)
 
     def _handle_vote_request(self, m: Message) -> None:
+        if m.frm in self.distrusted:
+            self.send(self._msg(_VOTE_RESP[m.type], m.frm, reject=True))
+            return
         can_vote = (
             self.vote == m.frm
             or (self.vote == NONE and self.lead == NONE)
@@ -598,6 +639,20 @@ class Raft:
             if self.role == RaftRole.PRE_CANDIDATE
             else MessageType.VOTE_RESP
         )
+        if (
+            self.role == RaftRole.PRE_CANDIDATE
+            and m.frm in self.distrusted
+            and m.type in (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP)
+        ):
+            # A distrusted leader of our term: replicate from it as a follower would, but
+            # keep the pre-vote going (its heartbeats must not cancel the campaign).
+            if m.type == MessageType.APP:
+                self._handle_append(m)
+            elif m.type == MessageType.HEARTBEAT:
+                self._handle_heartbeat(m)
+            else:
+                self._handle_snapshot(m)
+            return
         if m.type == MessageType.APP:
             self.become_follower(m.term, m.frm)
             self._handle_append(m)
@@ -621,16 +676,21 @@ class Raft:
             pass  # no leader to forward to
 
     def _step_follower(self, m: Message) -> None:
+        # a distrusted leader's messages are handled, but do not hold back the election timer
+        trusted = m.frm not in self.distrusted
         if m.type == MessageType.APP:
-            self.election_elapsed = 0
+            if trusted:
+                self.election_elapsed = 0
             self.lead = m.frm
             self._handle_append(m)
         elif m.type == MessageType.HEARTBEAT:
-            self.election_elapsed = 0
+            if trusted:
+                self.election_elapsed = 0
             self.lead = m.frm
             self._handle_heartbeat(m)
         elif m.type == MessageType.SNAP:
-            self.election_elapsed = 0
+            if trusted:
+                self.election_elapsed = 0
             self.lead = m.frm
             self._handle_snapshot(m)
         elif m.type == MessageType.TRANSFER_LEADER:
