@@ -1,0 +1,1 @@
+"""The nemesis over real node processes (issue 16)."""

@@ -1,0 +1,99 @@
+"""The after-run checks of the process nemesis catch what they claim to (pure data, fast).
+
+:func:`node.testing.nemesis.check_ledgers` is fed ledgers as read rows: equal ones pass; a
+diverging block, a missing height, a slot settled twice or skipped, a head reported during the
+run that no ledger holds, a node whose report differs from its ledger, a ledger that does not
+verify and unbalanced books each fail, with the counts of the summary table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from node.ledger.verify import VerifyReport
+from node.testing.nemesis import LedgerRows, NemesisResult, check_ledgers, make_plan
+
+
+def ledger(height: int, *, first_slot: int = 100, fork_at: int | None = None,
+           ok: bool = True) -> LedgerRows:  # fmt: skip
+    blocks = {h: (first_slot + h - 1, ("f" if fork_at is not None and h >= fork_at else "b")
+                  + f"{h:063x}") for h in range(1, height + 1)}  # fmt: skip
+    head = blocks[height][1] if height else None
+    report = VerifyReport(ok, height, head, height, 3 * height,
+                          None if ok else "block 2: bad tx_root", conservation="ok")  # fmt: skip
+    return LedgerRows(report, blocks, {"money": 0, "energy": 0}, {101: 500}, {101: 500})
+
+
+def observed(ledger_rows: LedgerRows) -> dict[int, dict[str, set[str]]]:
+    return {h: {b[1]: {"h1"}} for h, b in ledger_rows.blocks.items()}
+
+
+def status(lg: LedgerRows, height: int | None = None) -> dict[str, Any]:
+    h = len(lg.blocks) if height is None else height
+    return {"ledger": {"height": h, "head_hash": lg.blocks[h][1],
+                       "settled_through": lg.blocks[h][0]}}  # fmt: skip
+
+
+def run(ledgers: dict[str, LedgerRows], seen: dict[int, dict[str, set[str]]],
+        reported: dict[str, dict[str, Any]] | None = None) -> NemesisResult:  # fmt: skip
+    result = NemesisResult(make_plan(1, 60))
+    check_ledgers(ledgers, seen, reported, result)
+    return result
+
+
+def test_equal_ledgers_pass() -> None:
+    a = ledger(6)
+    result = run({"h1": a, "h2": ledger(6)}, observed(a), {"h1": status(a), "h2": status(a)})
+    assert result.ok, result.failures
+    assert (result.height, result.divergences, result.lost_records) == (6, 0, 0)
+    assert result.observed_heads == 6
+
+
+def test_a_fork_is_a_divergence() -> None:
+    a = ledger(6)
+    result = run({"h1": a, "h2": ledger(6, fork_at=4)}, observed(a))
+    assert not result.ok
+    assert any("diverge at heights [4, 5, 6]" in f for f in result.failures), result.failures
+    # the forked ledger also lacks the heads reported during the run
+    assert result.divergences == 3 + 3
+
+
+def test_a_reported_head_missing_from_a_ledger_is_a_lost_record() -> None:
+    a = ledger(6)
+    result = run({"h1": a, "h2": ledger(4)}, observed(a))
+    assert result.lost_records == 2
+    assert any("heights differ" in f for f in result.failures)
+    assert any("missing from ledgers: [('h2', 5), ('h2', 6)]" in f for f in result.failures)
+
+
+def test_slots_settled_twice_or_skipped_fail() -> None:
+    a = ledger(4)
+    twice = replace(a, blocks={**a.blocks, 4: (a.blocks[3][0], a.blocks[4][1])})
+    skipped = replace(a, blocks={**a.blocks, 4: (a.blocks[4][0] + 1, a.blocks[4][1])})
+    failures = run({"h1": twice}, {}).failures
+    assert any("settled twice" in f for f in failures), failures
+    failures = run({"h1": skipped}, {}).failures
+    assert any("not contiguous" in f for f in failures), failures
+
+
+def test_a_report_that_is_not_the_ledger_fails() -> None:
+    a = ledger(5)
+    wrong = {"ledger": {"height": 5, "head_hash": "0" * 64, "settled_through": 104}}
+    result = run({"h1": a}, {}, {"h1": wrong})
+    assert any("h1 reported height 5" in f for f in result.failures), result.failures
+    late = status(a)
+    late["ledger"]["settled_through"] = 105
+    assert any("settled_through 105" in f for f in run({"h1": a}, {}, {"h1": late}).failures)
+
+
+def test_unverified_or_unbalanced_ledgers_fail() -> None:
+    failures = run({"h1": ledger(3, ok=False)}, {}).failures
+    assert any("does not verify: block 2: bad tx_root" in f for f in failures)
+    a = ledger(3)
+    unbalanced = replace(a, balance_sums={"money": 7, "energy": 0}, bought={101: 499})
+    failures = run({"h1": unbalanced}, {}).failures
+    assert any("do not sum to zero: {'money': 7}" in f for f in failures), failures
+    assert any("sold != bought" in f for f in failures), failures
+    bad = replace(a, report=replace(a.report, conservation="failed", conservation_note="h9"))
+    assert any("conservation failed: h9" in f for f in run({"h1": bad}, {}).failures)
