@@ -50,10 +50,58 @@ class NodeStatus:
     meter_read_failures: int | None = None
     slot_seconds: int | None = None
     """The grid's slot length, when the node reports it (positive integers only)."""
+    censored: tuple[Censored, ...] = ()
+    """Households the node's censorship watch suspects the leader of censoring."""
+    censored_by: str | None = None
+    """The leader the node's censorship watch suspects (None: none)."""
+    own_censored: bool = False
+    """The node's own household's records are not committed while others' are."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for CSV and tables)."""
         return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Censored:
+    """One household the node's censorship watch suspects (``/status`` ``censorship``)."""
+
+    household: str
+    oldest_age_slots: int | None
+    classes: tuple[str, ...]
+
+
+MAX_CENSORED = 64
+"""Suspected households kept from one status document (the rest are dropped)."""
+
+
+def _censorship(doc: Any) -> tuple[tuple[Censored, ...], str | None, bool]:
+    """The ``censorship`` section, validated: well-formed entries only, bounded."""
+    if not isinstance(doc, dict):
+        return (), None, False
+    entries = doc.get("suspected")
+    out: list[Censored] = []
+    for entry in entries[:MAX_CENSORED] if isinstance(entries, list) else ():
+        if not isinstance(entry, dict) or not _short_text(entry.get("household")):
+            continue
+        classes = entry.get("classes")
+        out.append(
+            Censored(
+                entry["household"],
+                _int(entry.get("oldest_age_slots")),
+                tuple(c for c in classes[:8] if _short_text(c))
+                if isinstance(classes, list)
+                else (),
+            )
+        )
+    leader = doc.get("suspected_leader")
+    own = doc.get("own")
+    own_censored = isinstance(own, dict) and own.get("suspected") is True
+    return tuple(out), leader if _short_text(leader) else None, own_censored
+
+
+def _short_text(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 256
 
 
 def _int(value: Any) -> int | None:
@@ -105,6 +153,7 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
     )
     leader = raft.get("leader", doc.get("leader"))
     slot_seconds = _int(doc.get("slot_seconds"))
+    censored, censored_by, own_censored = _censorship(doc.get("censorship"))
     return NodeStatus(
         reachable=True,
         fetched_at=now,
@@ -128,6 +177,9 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
         invalid_messages={k: int(v) for k, v in invalid.items()},
         meter_read_failures=_int(doc.get("meter_read_failures")),
         slot_seconds=slot_seconds if slot_seconds is not None and slot_seconds > 0 else None,
+        censored=censored,
+        censored_by=censored_by,
+        own_censored=own_censored,
     )
 
 
@@ -179,7 +231,8 @@ class StatusHistory:
 
 
 def api_alerts(status: NodeStatus | None, configured: bool) -> list[dict[str, str]]:
-    """Alerts from the node's status: no leader; an API that cannot be reached."""
+    """Alerts from the node's status: no leader; an API that cannot be reached; households
+    whose records the leader may be censoring (docs/node.md, "Censorship alerts")."""
     if not configured:
         return []
     if status is None or not status.reachable:
@@ -199,4 +252,27 @@ def api_alerts(status: NodeStatus | None, configured: bool) -> list[dict[str, st
                 "message": f"No Raft leader (term {status.term}, role {status.role})",
             }
         ]
-    return []
+    alerts = []
+    if status.own_censored:
+        alerts.append(
+            {
+                "level": "danger",
+                "code": "own_records_censored",
+                "message": "This household's records are not being committed while others' "
+                f"are: the leader {status.censored_by or status.leader} may be censoring it",
+            }
+        )
+    for c in status.censored:
+        if c.household == status.node and status.own_censored:
+            continue
+        age = "" if c.oldest_age_slots is None else f" for {c.oldest_age_slots} slots"
+        kinds = f" ({', '.join(c.classes)})" if c.classes else ""
+        alerts.append(
+            {
+                "level": "danger",
+                "code": "censorship_suspected",
+                "message": f"Records of household {c.household}{kinds} not committed{age} "
+                f"while others' are: the leader {status.censored_by or '?'} may be censoring it",
+            }
+        )
+    return alerts

@@ -376,3 +376,35 @@ def test_a_click_opens_the_slot_in_customdata() -> None:
     assert slot_from_click({"points": [{"x": "2025-11-24 16:00"}, {"customdata": [7]}]}) == 7
     assert slot_from_click({"points": [{"x": "2025-11-24 16:00"}]}) is dash.no_update
     assert slot_from_click(None) is dash.no_update
+
+
+def test_censorship_alerts_from_the_nodes_own_report() -> None:
+    """The status document's ``censorship`` section as the node writes it
+    (:class:`node.daemon.censorship.CensorshipReport`) becomes one alert per suspected
+    household, and its own household's alert when it is the victim; junk is ignored."""
+    from node.daemon.censorship import CensorshipReport, Suspicion
+
+    victim, other, leader = "did:key:zVictim", "did:key:zOther", "did:key:zLeader"
+    report = CensorshipReport(
+        own=victim, after_slots=3, slot=40, leader=leader, leader_since=30,
+        suspected=(Suspicion(victim, 2, 3, 4, ("orders", "readings"), 39),
+                   Suspicion(other, 1, 1, 3, ("readings",), 40)),
+        suspected_leader=leader, own_suspected=True, own_uncommitted=3,
+    )  # fmt: skip
+    doc = {"node": victim, "raft": {"leader": leader, "term": 2},
+           "censorship": report.to_json()}  # fmt: skip
+    status = normalise(doc)
+    assert [c.household for c in status.censored] == [victim, other]
+    alerts = api_alerts(status, True)
+    assert [a["code"] for a in alerts] == ["own_records_censored", "censorship_suspected"]
+    assert leader in alerts[0]["message"]
+    assert other in alerts[1]["message"] and "for 3 slots" in alerts[1]["message"]
+    # a peer's view of the same: the victim's alert, not an own one
+    peer = normalise({**doc, "node": other, "censorship": {**report.to_json(), "own": {}}})
+    assert [a["code"] for a in api_alerts(peer, True)] == ["censorship_suspected"] * 2
+    # hostile sections change nothing
+    for junk in ("x", {"suspected": "x"}, {"suspected": [1, {"household": 5}, {}]},
+                 {"suspected": [{"household": "x" * 300}]}):  # fmt: skip
+        assert api_alerts(normalise({**doc, "censorship": junk}), True) == []
+    assert len(normalise({**doc, "censorship": {"suspected": [{"household": "h"}] * 500}})
+               .censored) == 64  # fmt: skip
