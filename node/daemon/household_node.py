@@ -99,6 +99,7 @@ from node.ledger.chunk_import import import_blocks
 from node.ledger.gaps import missing_ranges
 from node.ledger.queries import load_block_refs, load_clearings, load_settlement_sums
 from node.ledger.rows import fetch_rows
+from node.ledger.statement import StatementError, household_statement
 from node.ledger.store import LedgerStoreError
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
@@ -124,6 +125,10 @@ when a Raft snapshot from the leader is installed, and the driver wakes block sy
 BLOCK_SYNC_RETRY_SECONDS = 2.0
 SLOTS_PAGE = 500
 """Most slots one ``GET /slots`` answers with."""
+STATEMENT_DEFAULT_SLOTS = 96
+"""Settled slots ``GET /statement`` covers unless asked (one day of 15-minute slots)."""
+STATEMENT_MAX_SLOTS = 3000
+"""Most slots one ``GET /statement`` covers (a month of 15-minute slots)."""
 NONCE_FEEDER = 2
 """The operator's feeder readings have nonces ``slot * 4 + 2`` (docs/node.md); its governance
 records ``slot * 4 + k`` for k in 0, 1, 3 (:data:`node.daemon.status.OPERATOR_NONCE_KINDS`)."""
@@ -946,6 +951,9 @@ class HouseholdNode:
         api.route("GET", "/members", token=False,
                   ints={"slot": (0, MAX_SLOT)})(self._get_members)  # fmt: skip
         api.route("GET", "/rules", token=False, ints={"slot": (0, MAX_SLOT)})(self._get_rules)
+        api.route("GET", "/statement", blocking=True, token=False,
+                  ints={"from_slot": (0, MAX_SLOT), "to_slot": (0, MAX_SLOT)},
+                  choices={"detail": ("slots",)})(self._get_statement)  # fmt: skip
 
     async def _get_status(self, req: Request) -> Any:
         """``/status``: the database part in a worker thread, the rest on the trio thread."""
@@ -988,6 +996,23 @@ class HouseholdNode:
         if _only_mine(req):
             q = q.where(c.account == household_account(self.identity.did))
         return {"balances": self._rows(q)}
+
+    def _get_statement(self, req: Request) -> Any:
+        """This household's statement (node/ledger/statement.py) over settled slots
+        ``from_slot..to_slot`` (default: the newest ``STATEMENT_DEFAULT_SLOTS`` settled ones; at
+        most ``STATEMENT_MAX_SLOTS``); ``detail=slots`` adds one row per slot (worker thread)."""
+        settled = self.engine_snapshot().settled_through
+        last = req.ints.get("to_slot", settled)
+        if last is None:
+            raise ApiError(404, "no settled slot yet", "no_statement")
+        first = req.ints.get("from_slot", max(0, last - STATEMENT_DEFAULT_SLOTS + 1))
+        if not 0 <= last - first < STATEMENT_MAX_SLOTS:
+            raise ApiError(400, f"from_slot..to_slot must span 1..{STATEMENT_MAX_SLOTS} slots")
+        try:
+            statement = household_statement(self.store.engine, self.identity.did, first, last)
+        except StatementError as exc:
+            raise ApiError(404, str(exc), "no_statement") from None
+        return statement.to_json(per_slot=req.query.get("detail") == "slots")
 
     def _get_slots(self, req: Request) -> Any:
         """Per cleared slot: clearing price, local volume, grid import/export, block. At most

@@ -185,6 +185,35 @@ class Statement:
         """Grid-only bill minus the actual net bill."""
         return self.grid_only_bill - self.net_bill
 
+    def to_json(self, per_slot: bool = False) -> dict[str, Any]:
+        """The statement as a JSON document (money in minor units, energy in Wh): the range,
+        the tariffs and fees at its first slot, the slots from which rules changed, the totals,
+        the bill, the grid-only bill and the savings; with ``per_slot`` one row per settled
+        slot as well."""
+        doc: dict[str, Any] = {
+            "household": self.household,
+            "first_slot": self.first_slot,
+            "last_slot": self.last_slot,
+            "settled_slots": self.settled_slots,
+            "measured_slots": self.measured_slots,
+            "tariffs": {"feed_in_tariff": self.feed_in_tariff, "retail_price": self.retail_price,
+                        "local_fee": self.local_fee, "grid_fee": self.grid_fee},
+            "rules_changed_at": list(self.rules_changed_at),
+            "totals": dict(self.totals),
+            "money_change": self.money_change,
+            "net_bill": self.net_bill,
+            "grid_only_bill": self.grid_only_bill,
+            "savings": self.savings,
+        }  # fmt: skip
+        if per_slot:
+            doc["slots"] = [
+                {"slot": s.slot, "measured": s.measured,
+                 **{name: getattr(s, name) for name in SUMMED_FIELDS},
+                 "net_bill": s.net_bill, "savings": s.savings}
+                for s in self.slots
+            ]  # fmt: skip
+        return doc
+
 
 def grid_only_bill(import_wh: int, export_wh: int, tariffs: Tariffs) -> int:
     """What a measured slot's metered flow costs without contracts, as the engine settles it:

@@ -268,6 +268,15 @@ async def test_household_node_trades_settles_stops_and_resumes(
                 await trio.sleep(0.2)
         _, doc = await call(node, "GET", "/status")
         assert doc["ledger"]["height"] >= 1 and doc["meters"]["main"]["ok"] is True
+        # the household's own statement (its own figures: open like household=me), over
+        # settled slots only
+        settled = doc["ledger"]["settled_through"]
+        path = f"/statement?from_slot={settled - 100}&to_slot={settled}&detail=slots"
+        code, statement = await call(node, "GET", path)
+        assert code == 200 and statement["household"] == did, statement
+        placed["statement"] = statement
+        assert (await call(node, "GET", "/statement?from_slot=9&to_slot=1"))[0] == 400
+        assert (await call(node, "GET", "/statement?household=x"))[0] == 400
         assert node.counters["published_reading"] >= 1
         assert (doc["last_reading"]["import_wh"], doc["last_reading"]["export_wh"]) == (
             grid.truth.import_wh, grid.truth.export_wh
@@ -298,6 +307,21 @@ async def test_household_node_trades_settles_stops_and_resumes(
     report = verify_ledger(url)
     assert report.ok, report.error
     assert report.height >= 1 and report.head_hash == first.replica.state.head_hash
+    # the statement's bill is the household's money postings in those slots' blocks
+    statement = placed["statement"]
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        paid = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(t.postings.c.amount), 0))
+            .join(t.transactions, t.postings.c.transaction_id == t.transactions.c.id)
+            .where(t.postings.c.account == f"household:{did}", t.postings.c.asset == "money",
+                   t.transactions.c.slot <= statement["last_slot"],
+                   t.transactions.c.slot >= statement["first_slot"])
+        ).scalar_one()  # fmt: skip
+    engine.dispose()
+    assert statement["money_change"] == paid == -statement["net_bill"]
+    assert statement["settled_slots"] == len(statement["slots"]) >= 1
+    assert sum(s["net_bill"] for s in statement["slots"]) == statement["net_bill"]
     readings = ledger_rows(url, t.readings)
     assert readings and all(
         (r["household"], r["meter_serial"], r["import_wh"], r["export_wh"], r["nonce"])
