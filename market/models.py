@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
+from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import (
@@ -27,6 +28,8 @@ from pydantic import (
     StrictStr,
     TypeAdapter,
     ValidationError,
+    model_serializer,
+    model_validator,
 )
 
 from market.bounds import (
@@ -101,11 +104,55 @@ class SignedRecord(_Record):
         return str(getattr(self, self.AUTHOR_FIELD))
 
 
+MAX_CURVE_STEPS = 16
+"""Most steps of one curve order."""
+CurveStep = tuple[QuantityWh, Price]
+"""One step of a curve order: ``(quantity_wh, price)``, each bounded like an order's field."""
+
+
+def curve_problem(
+    side: str, quantity_wh: int, price: int, steps: Sequence[CurveStep]
+) -> str | None:
+    """Why ``steps`` are not a well-formed curve of an order with this side, total and price
+    (None: they are, or there are none). The rules of :class:`Order`'s ``steps``."""
+    if not steps:
+        return None
+    if not 2 <= len(steps) <= MAX_CURVE_STEPS:
+        return (
+            f"a curve has 2 to {MAX_CURVE_STEPS} steps, not {len(steps)} "
+            "(a single step is a plain order: leave steps out)"
+        )
+    total = sum(q for q, _ in steps)
+    if quantity_wh != total:
+        return f"quantity_wh {quantity_wh} is not the total {total} of the steps"
+    if price != steps[0][1]:
+        return f"price {price} is not the first step's price {steps[0][1]}"
+    prices = [p for _, p in steps]
+    if side == Side.BUY and any(a <= b for a, b in pairwise(prices)):
+        return "a buy curve's step prices must strictly decrease"
+    if side == Side.SELL and any(a >= b for a, b in pairwise(prices)):
+        return "a sell curve's step prices must strictly increase"
+    return None
+
+
 class Order(SignedRecord):
     """A household's offer to buy or sell energy in one delivery slot.
 
     ``quantity_wh`` is energy in watt-hours; ``price`` is the limit price in integer minor currency
     units per kWh (for a buy order the most it pays, for a sell order the least it accepts).
+
+    **Curve orders.** ``steps`` makes the order price-responsive: ``(quantity_wh, price)``
+    steps, 2 to :data:`MAX_CURVE_STEPS`, a buy curve's prices strictly decreasing (the first
+    Wh are worth the most to the buyer), a sell curve's strictly increasing. Each step is
+    ``quantity_wh`` Wh at most at (buy) or at least at (sell) its own ``price``; clearing fills
+    the steps in order like separate rows of the book with the order's time priority. With
+    steps, ``quantity_wh`` is their total and ``price`` the first step's price (checked when
+    the order is decoded: anything else is malformed), so every rule about an order's total
+    (``max_order_wh``, the sell limit) reads ``quantity_wh`` as before, and the engine checks
+    every step's quantity (positive) and price (the slot's band) with the reasons a plain
+    order's fields get. Without steps (the default) the order is a single step
+    ``(quantity_wh, price)``: ``steps`` is left out of its encoding and signed bytes, so every
+    order signed before curves existed keeps its bytes and its signature.
     """
 
     KIND: ClassVar[str] = "order"
@@ -116,6 +163,27 @@ class Order(SignedRecord):
     slot: Slot
     quantity_wh: QuantityWh
     price: Price
+    steps: Annotated[tuple[CurveStep, ...], Field(max_length=MAX_CURVE_STEPS)] = ()
+
+    @model_validator(mode="after")
+    def _curve_is_well_formed(self) -> Self:
+        problem = curve_problem(self.side, self.quantity_wh, self.price, self.steps)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_steps(self, handler: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = handler(self)
+        if not self.steps:
+            doc.pop("steps", None)
+        return doc
+
+    @property
+    def curve(self) -> tuple[CurveStep, ...]:
+        """The order's ``(quantity_wh, price)`` steps: its ``steps``, or the one step
+        ``(quantity_wh, price)`` of a plain order."""
+        return self.steps or ((self.quantity_wh, self.price),)
 
 
 class CancelOrder(SignedRecord):
@@ -492,8 +560,16 @@ class Trade(NamedTuple):
 
     ``price`` is what the buyer pays and ``sell_price`` what the seller receives, both in minor
     units per kWh; they differ only under McAfee trade reduction, where the market keeps the gap.
-    Clearing fills the first five fields; the engine adds the slot and both households. (A
-    NamedTuple rather than a model: clearing creates one per match, on the hot path.)
+    Clearing fills the first five fields and ``part``; the engine adds the slot and both
+    households. (A NamedTuple rather than a model: clearing creates one per match, on the hot
+    path.)
+
+    Clearing makes one trade per (buy order, sell order, price, sell price): matches of two
+    steps of curve orders between the same two orders at the same prices are merged into one
+    trade. Only pay-as-bid with curve orders can give one pair of orders trades at different
+    prices: ``part`` numbers them, 0 for the pair's first trade (in clearing order), 1, 2, ...
+    for the next ones. ``part`` is left out of :meth:`to_json` (and so of the trade's encoding)
+    when 0, so trades of books without curve orders encode exactly as before.
     """
 
     buy_id: str
@@ -504,10 +580,14 @@ class Trade(NamedTuple):
     slot: int = 0
     buyer: str = ""
     seller: str = ""
+    part: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """Plain fields for canonical encoding and storage."""
-        return self._asdict()
+        """Plain fields for canonical encoding and storage (``part`` only when not 0)."""
+        doc = self._asdict()
+        if not self.part:
+            del doc["part"]
+        return doc
 
     def encode(self) -> bytes:
         """Canonical bytes (hashed into the block's trade root)."""
@@ -515,8 +595,10 @@ class Trade(NamedTuple):
 
     @property
     def trade_id(self) -> str:
-        """Stable id of the trade within its slot."""
-        return f"{self.slot}:{self.buy_id}:{self.sell_id}"
+        """Stable id of the trade within its slot: ``slot:buy_id:sell_id``, and ``/part`` for a
+        pair's further trade (``part`` > 0: pay-as-bid with curve orders only)."""
+        base = f"{self.slot}:{self.buy_id}:{self.sell_id}"
+        return f"{base}/{self.part}" if self.part else base
 
 
 def record_hash(record: SignedRecord) -> bytes:

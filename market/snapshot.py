@@ -32,6 +32,7 @@ from market.encoding import canonical_bytes, loads_untrusted, sha256
 from market.governance import Governance, MemberStatus, Term
 from market.models import (
     GOVERNANCE_RECORDS,
+    MAX_CURVE_STEPS,
     Command,
     FeederReading,
     MemberRole,
@@ -123,6 +124,10 @@ operator changed the grid."""
 _FEEDER_FIELDS = frozenset({"pending_feeder", "feeder_baseline"})
 """Present exactly when the grid has a feeder meter (older snapshots never do)."""
 _TRADE_FIELDS = frozenset(Trade._fields)
+_PLAIN_TRADE_FIELDS = _TRADE_FIELDS - {"part"}
+"""A trade's fields as :meth:`Trade.to_json` writes them: ``part`` only when it is not 0."""
+_MAX_TRADE_PART = 2 * MAX_CURVE_STEPS
+"""More than any pair of curve orders can give: each further part starts at a new step."""
 _SLOT_KEY = re.compile(r"0|[1-9][0-9]{0,12}")
 _HEAD_HASH = re.compile(r"([0-9a-f]{64})?")
 _ACCOUNT_PREFIX = household_account("")
@@ -211,8 +216,11 @@ def _orders(value: Any, slot: int, where: str) -> list[Order]:
 
 def _trade(value: Any, slot: int, where: str) -> Trade:
     doc = _object(value, where)
-    if set(doc) != _TRADE_FIELDS:
-        raise SnapshotError(f"{where}: expected the fields {sorted(_TRADE_FIELDS)}")
+    if set(doc) not in (_TRADE_FIELDS, _PLAIN_TRADE_FIELDS):
+        raise SnapshotError(
+            f"{where}: expected the fields {sorted(_PLAIN_TRADE_FIELDS)} and maybe 'part'"
+        )
+    part = _int(doc["part"], f"{where}.part", 1, _MAX_TRADE_PART) if "part" in doc else 0
     return Trade(
         buy_id=_text(doc["buy_id"], f"{where}.buy_id", _IDENTIFIER),
         sell_id=_text(doc["sell_id"], f"{where}.sell_id", _IDENTIFIER),
@@ -222,6 +230,7 @@ def _trade(value: Any, slot: int, where: str) -> Trade:
         slot=_int(doc["slot"], f"{where}.slot", slot, slot),
         buyer=_did(doc["buyer"], f"{where}.buyer"),
         seller=_did(doc["seller"], f"{where}.seller"),
+        part=part,
     )
 
 
@@ -316,8 +325,10 @@ def load_state(data: bytes) -> State:
     :mod:`market.bounds`, the market rules through :class:`MarketConfig`'s own validation, and
     that records sit under their own slot and household. Deep nesting, floats and over-long
     integers are refused by the JSON decoder. Snapshots written before ``max_power_w`` and
-    ``closed_books`` existed still load; ``pending_feeder`` and ``feeder_baseline`` are there
-    exactly when the grid has a feeder meter (so older snapshots, of grids without one, load)."""
+    ``closed_books`` existed still load, and so do those from before curve orders (an order's
+    ``steps`` and a trade's ``part`` are written only when set); ``pending_feeder`` and
+    ``feeder_baseline`` are there exactly when the grid has a feeder meter (so older snapshots,
+    of grids without one, load)."""
     if not isinstance(data, (bytes, bytearray)) or not data.startswith(_PREFIX):
         raise SnapshotError("not a microgrid v1 engine snapshot")
     try:

@@ -19,8 +19,15 @@ In a grid with a feeder meter (``MarketConfig.feeder_serial``), the operator sig
 
 Slot sequencing: gates close strictly one slot after another (``CloseGate(s)`` needs
 ``s == closed_through + 1`` once the first gate has closed) and slots settle in the same order,
-never ahead of their gate. Orders are accepted for open slots up to ``slot_horizon`` ahead;
-readings for slots whose gate closed and that are not settled yet.
+never ahead of their gate. Orders are accepted for open slots up to ``slot_horizon`` ahead (any
+open slot before the first gate has closed); readings for slots whose gate closed and that are
+not settled yet.
+
+Curve orders (:attr:`~market.models.Order.steps`) are admitted with a plain order's rules and
+reasons: the total (``quantity_wh``) within ``max_order_wh`` and, for offers, the household's
+sell limit; every step's quantity positive (``invalid_quantity``) and every step's price in the
+slot's band (``price_out_of_band``). A rules change that narrows the band withdraws a resting
+curve order if any of its steps leaves it.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ from market.models import (
     SignedRecord,
     SuspendMember,
     Trade,
+    curve_problem,
     record_hash,
 )
 from market.settlement import Gap, HouseholdSettlement, Metered, settle_slot
@@ -561,7 +569,8 @@ def _check_voters(
 
 def _withdrawn_orders(state: State, record: GovernanceRecord, tentative: Governance) -> list[Order]:
     """Resting orders the record invalidates, in book order: a household's that is no longer
-    active in their slot, or priced outside their slot's new band."""
+    active in their slot, or priced outside their slot's new band (a curve order: any of its
+    steps)."""
     withdrawn = []
     for slot, book in state.books.items():
         if slot < record.from_slot:
@@ -570,7 +579,7 @@ def _withdrawn_orders(state: State, record: GovernanceRecord, tentative: Governa
             band = tentative.config_at(state.config, slot).tariffs_at(slot)
             withdrawn.extend(
                 o for o in book.values()
-                if not band.feed_in <= o.price <= band.retail
+                if not all(band.feed_in <= p <= band.retail for _, p in o.curve)
             )  # fmt: skip
         elif isinstance(record, (RemoveMember, SuspendMember, RotateKey)):
             withdrawn.extend(o for o in book.values() if o.household == record.household)
@@ -581,17 +590,33 @@ def _submit_order(state: State, order: Order) -> list[Event]:
     _authenticate(state, order)
     _require_active(state, order.household, order.slot)
     cfg = state.config
+    problem = curve_problem(order.side, order.quantity_wh, order.price, order.steps)
+    if problem is not None:  # decoding refuses it already: only a record built unchecked
+        raise Rejection(RejectReason.MALFORMED, problem)
     if not 0 < order.quantity_wh <= cfg.max_order_wh:
         raise Rejection(
             RejectReason.INVALID_QUANTITY,
             f"quantity {order.quantity_wh} Wh outside 1..{cfg.max_order_wh}",
         )
+    for i, (quantity, _) in enumerate(order.steps):
+        if quantity <= 0:
+            raise Rejection(
+                RejectReason.INVALID_QUANTITY,
+                f"step {i} quantity {quantity} Wh outside 1..{cfg.max_order_wh}",
+            )
     band = config_at(state, order.slot).tariffs_at(order.slot)
     if not band.feed_in <= order.price <= band.retail:
         raise Rejection(
             RejectReason.PRICE_OUT_OF_BAND,
             f"price {order.price} outside [{band.feed_in}, {band.retail}] in slot {order.slot}",
         )
+    for i, (_, price) in enumerate(order.steps):
+        if not band.feed_in <= price <= band.retail:
+            raise Rejection(
+                RejectReason.PRICE_OUT_OF_BAND,
+                f"step {i} price {price} outside [{band.feed_in}, {band.retail}] in slot "
+                f"{order.slot}",
+            )
     if state.closed_through is not None:
         if order.slot <= state.closed_through:
             raise Rejection(RejectReason.GATE_CLOSED, f"gate of slot {order.slot} is closed")

@@ -18,9 +18,9 @@ canonical JSON (sorted keys, no spaces, ASCII)::
                  "rules": hex}],
      "gates": [{slot, mechanism, price, volume_wh, bid_volume_wh, ask_volume_wh, order_count,
                 participants, "orders": [{order_id, household, side, quantity_wh, price,
-                                          nonce, signature}],
+                                          nonce, signature, steps}],
                 "trades": [{buy_id, sell_id, buyer, seller, quantity_wh, price,
-                            sell_price}]}],
+                            sell_price, part}]}],
      "link": [[slot, tx_root, trade_root, reading_root, state_hash, tx_count, feeder, rules]],
      "governance": [{position, log_index, withdrawn, record}]}
 
@@ -37,6 +37,11 @@ the records in force from the chunk's slots (from the slot after the block befor
 through its last block's, and, when the chunk reaches the requested last height, every later
 one); it is left out when there is none, so a grid that never changed exchanges the chunks it
 did before.
+
+An order's ``steps`` (``[[quantity_wh, price], ...]``, its ``orders.steps`` column) is there
+only for a curve order and a trade's ``part`` only when not 0 (pay-as-bid trades of curve
+orders): chunks of books without curve orders are byte-identical to those of nodes that predate
+them, and those nodes' chunks import here.
 
 List order is row order (``position``). ``gates`` holds the gate closures (clearing, book,
 trades) of the blocks' slots and, when the chunk reaches the requested last height, of up to
@@ -87,7 +92,7 @@ from market.bounds import (
 )
 from market.encoding import EncodingError, canonical_bytes
 from market.feeder import FeederCheck, FeederStatus
-from market.models import MAX_COMMAND_BYTES
+from market.models import MAX_COMMAND_BYTES, MAX_CURVE_STEPS, CurveStep
 
 CHUNK_KIND = "blocksync"
 CHUNK_PREFIX = f"microgrid/{CHUNK_KIND}/v1\n".encode()
@@ -99,6 +104,10 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_GATE_LOOKAHEAD = 16
 """Most gate closures after a gap's last block that a closing chunk carries (slots closed but
 not settled at the snapshot: about (gate lead + settle delay) / slot length + 1, 2 by default)."""
+
+MAX_TRADE_PART = 2 * MAX_CURVE_STEPS
+"""Bound of a trade's ``part``: more than two curve orders' trades at different prices can
+number (each further part starts at a new step of one of them)."""
 
 HEADER_FIELDS = (
     "height",
@@ -282,6 +291,24 @@ class ChunkOrder(_Doc):
     price: Price
     nonce: Nonce
     signature: Signature
+    steps: Annotated[tuple[CurveStep, ...], Field(max_length=MAX_CURVE_STEPS)] | None = None
+    """A curve order's steps; absent (never ``null``) for a plain order."""
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_are_absent_or_some(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, list | tuple) and not value):
+            raise ValueError("must be left out, not null or empty, for a plain order")
+        if isinstance(value, list):  # strict validation after a "before" validator wants tuples
+            return tuple(tuple(s) if isinstance(s, list) else s for s in value)
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_steps(self, handler: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = handler(self)
+        if doc.get("steps") is None:
+            doc.pop("steps", None)
+        return doc
 
 
 class ChunkTrade(_Doc):
@@ -294,6 +321,22 @@ class ChunkTrade(_Doc):
     quantity_wh: QuantityWh
     price: Price
     sell_price: Price
+    part: Annotated[StrictInt, Field(ge=1, le=MAX_TRADE_PART)] | None = None
+    """``Trade.part``; absent (never ``null``) when 0."""
+
+    @field_validator("part", mode="before")
+    @classmethod
+    def _part_is_absent_or_some(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must be left out, not null, for a pair's first trade")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_part(self, handler: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = handler(self)
+        if doc.get("part") is None:
+            doc.pop("part", None)
+        return doc
 
 
 class ChunkGate(_Doc):

@@ -29,7 +29,7 @@ from node.ledger.chunk import (
     feeder_hash,
 )
 from node.ledger.gaps import read_gaps
-from node.ledger.rows import fetch_rows, read_meta
+from node.ledger.rows import fetch_rows, read_meta, steps_from_column
 from node.ledger.store import LedgerStore
 
 __all__ = ["MAX_CHUNK_BLOCKS", "MAX_CHUNK_BYTES", "export_blocks"]
@@ -304,5 +304,24 @@ def _gate_docs(conn: Connection, lo: int | None, hi: int) -> dict[int, dict[str,
         )
         for r in fetch_rows(conn, q):
             if r["slot"] in gates:
-                gates[r["slot"]][key].append({k: v for k, v in r.items() if k not in drop})
+                gates[r["slot"]][key].append(_gate_row_doc(r, drop))
     return gates
+
+
+def _gate_row_doc(row: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
+    """An ``orders`` or ``trades`` row as its chunk object: without ``drop``, and without a
+    plain order's ``steps`` or a trade's ``part`` when NULL (a curve order's steps as a list)."""
+    doc = {k: v for k, v in row.items() if k not in drop}
+    if "steps" in doc:
+        if doc["steps"] is None:
+            del doc["steps"]
+        else:
+            try:
+                doc["steps"] = steps_from_column(doc["steps"])
+            except ValueError as exc:
+                raise BlockSyncError(
+                    "not_available", f"order {doc.get('order_id')}: {exc}"
+                ) from None
+    if "part" in doc and doc["part"] is None:
+        del doc["part"]
+    return doc

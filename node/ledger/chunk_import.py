@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from market.accounting import Block
 from market.config import MarketConfigError
 from market.governance import Governance
-from market.models import Order, Trade
+from market.models import Order, Trade, first_error
 from market.snapshot import config_from_json
 from market.state import MarketConfig, clear_book
 from node.ledger import schema as t
@@ -42,6 +43,7 @@ from node.ledger.rows import (
     insert_rows,
     insert_transaction,
     read_meta,
+    steps_column,
 )
 from node.ledger.store import LedgerStore, LedgerStoreError, write_locked
 from node.ledger.verify import LedgerFault, _verify, format_ranges
@@ -324,8 +326,13 @@ def _gate_rows(g: ChunkGate) -> dict[str, Any]:
     """A chunk's gate closure as the rows it stands for (positions, no slot repetition)."""
     return {
         "clearing": g.model_dump(exclude={"orders", "trades"}),
-        "orders": [{"position": i, **o.model_dump()} for i, o in enumerate(g.orders)],
-        "trades": [{"position": i, **tr.model_dump()} for i, tr in enumerate(g.trades)],
+        "orders": [
+            {"position": i, **o.model_dump(), "steps": steps_column(o.steps)}
+            for i, o in enumerate(g.orders)
+        ],
+        "trades": [
+            {"position": i, **tr.model_dump(), "part": tr.part} for i, tr in enumerate(g.trades)
+        ],
     }
 
 
@@ -353,22 +360,25 @@ def _check_gate(g: ChunkGate, config: MarketConfig) -> None:
     s = g.slot
     orders = []
     for o in g.orders:
+        fields = {
+            "grid": config.grid,
+            "id": o.order_id,
+            "household": o.household,
+            "side": o.side,
+            "slot": s,
+            "quantity_wh": o.quantity_wh,
+            "price": o.price,
+            "nonce": o.nonce,
+            "signature": o.signature,
+        }
+        if o.steps is not None:
+            fields["steps"] = o.steps
         try:
-            order = Order.model_validate(
-                {
-                    "grid": config.grid,
-                    "id": o.order_id,
-                    "household": o.household,
-                    "side": o.side,
-                    "slot": s,
-                    "quantity_wh": o.quantity_wh,
-                    "price": o.price,
-                    "nonce": o.nonce,
-                    "signature": o.signature,
-                }
-            )
-        except ValueError as exc:
-            raise BlockSyncError("malformed", f"order of slot {s}: {exc}") from None
+            order = Order.model_validate(fields)
+        except ValidationError as exc:  # a curve that is not well formed, ...
+            raise BlockSyncError(
+                "malformed", f"order {o.order_id} of slot {s}: {first_error(exc)}"
+            ) from None
         if not order.verify(order.household):
             raise BlockSyncError("bad_block", f"order {order.id} of slot {s}: bad signature")
         orders.append(order)

@@ -14,11 +14,34 @@ from sqlalchemy import Table, insert, select, update
 from sqlalchemy.engine import Connection
 
 from market.bounds import STORE_INT
+from market.encoding import canonical_json, loads_untrusted
 from node.ledger import schema as t
 
 
 class BalanceOverflowError(ValueError):
     """A balance would leave the range of a 64-bit column; nothing of it was written."""
+
+
+def steps_column(steps: Iterable[Iterable[int]] | None) -> str | None:
+    """The ``orders.steps`` value of an order's steps: canonical JSON ``[[q,p],...]``, NULL
+    (None) for a plain order (no steps)."""
+    items = [list(step) for step in steps or ()]
+    return canonical_json(items).decode() if items else None
+
+
+def steps_from_column(value: str | None) -> list[list[int]] | None:
+    """The steps an ``orders.steps`` value holds (None for NULL). Raises ``ValueError`` for a
+    value that is not a list of ``[int, int]`` pairs (a hand-edited ledger)."""
+    if value is None:
+        return None
+    steps = loads_untrusted(value, allow_floats=False, max_int_digits=20)
+    if not (
+        type(steps) is list
+        and steps
+        and all(type(s) is list and len(s) == 2 and all(type(n) is int for n in s) for s in steps)
+    ):
+        raise ValueError(f"orders.steps {value[:60]!r} is not a list of [quantity_wh, price]")
+    return steps
 
 
 def read_meta(conn: Connection) -> dict[str, str]:

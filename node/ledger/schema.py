@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -17,6 +19,7 @@ from sqlalchemy import (
     inspect,
     text,
 )
+from sqlalchemy.engine import Connection
 
 SCHEMA_VERSION = 1
 
@@ -107,6 +110,11 @@ orders = Table(
     Column("price", BigInteger, nullable=False),
     Column("nonce", BigInteger, nullable=False),
     Column("signature", String(128), nullable=False),
+    # A curve order's steps as canonical JSON ``[[quantity_wh, price], ...]`` (``quantity_wh``
+    # is their total, ``price`` the first step's); NULL for a plain order. Added after the
+    # first release: :func:`ensure_schema` adds it to an older ledger (whose orders are all
+    # plain), readers of a ledger they may not alter select :func:`present_columns`.
+    Column("steps", Text, nullable=True),
 )
 
 trades = Table(
@@ -121,6 +129,9 @@ trades = Table(
     Column("quantity_wh", BigInteger, nullable=False),
     Column("price", BigInteger, nullable=False),
     Column("sell_price", BigInteger, nullable=False),
+    # ``Trade.part``: 1, 2, ... for a further trade of the same two orders at another price
+    # (pay-as-bid with curve orders only); NULL for 0. Added like ``orders.steps``.
+    Column("part", Integer, nullable=True),
 )
 
 readings = Table(
@@ -233,7 +244,11 @@ households = Table(
 )
 
 
-ADDED_COLUMNS: tuple[tuple[Table, str], ...] = ((blocks, "rules"),)
+ADDED_COLUMNS: tuple[tuple[Table, str], ...] = (
+    (blocks, "rules"),
+    (orders, "steps"),
+    (trades, "part"),
+)
 """Nullable columns added to existing tables after the first release, oldest first:
 :func:`ensure_schema` adds them to a ledger that lacks them. (New tables need no entry:
 ``create_all`` creates them.)"""
@@ -254,3 +269,14 @@ def ensure_schema(engine: Engine) -> None:
             column = table.c[name]
             kind = column.type.compile(dialect=engine.dialect)
             conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
+
+
+def present_columns(conn: Connection, table: Table) -> list[Column[Any]]:
+    """The columns of ``table`` this ledger has: every one, or all but the
+    :data:`ADDED_COLUMNS` a ledger of an older node (opened read-only) lacks. Select these
+    rather than the table when the ledger may be older; a missing column reads as NULL."""
+    added = {name for tab, name in ADDED_COLUMNS if tab is table}
+    if not added:
+        return list(table.c)
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    return [c for c in table.c if c.name in present or c.name not in added]

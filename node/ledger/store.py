@@ -40,6 +40,7 @@ from node.ledger.rows import (
     insert_rows,
     insert_transaction,
     read_meta,
+    steps_column,
 )
 
 SCHEDULE_KEY = "schedule"
@@ -313,8 +314,9 @@ def _upsert_household(conn: Connection, did: str, meter_serial: str, role: str) 
 
 
 def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) -> None:
-    """Insert a gate closure's rows: the clearing, the book in log order and (unless
-    ``with_trades`` is false: a snapshot wrote them already) the trades."""
+    """Insert a gate closure's rows: the clearing, the book in log order (a curve order's
+    ``steps`` as canonical JSON) and (unless ``with_trades`` is false: a snapshot wrote them
+    already) the trades."""
     c = ev.clearing
     conn.execute(
         insert(t.clearings).values(
@@ -342,6 +344,7 @@ def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) ->
                     "price": o.price,
                     "nonce": o.nonce,
                     "signature": o.signature,
+                    "steps": steps_column(o.steps),
                 }
                 for i, o in enumerate(ev.orders)
             ],
@@ -351,8 +354,9 @@ def write_gate(conn: Connection, ev: GateClosed, *, with_trades: bool = True) ->
 
 
 def write_trades(conn: Connection, trades: Iterable[Trade]) -> None:
-    """Insert one slot's trades (enriched, in clearing order) with their positions."""
-    rows = [{"position": i, **tr.to_json()} for i, tr in enumerate(trades)]
+    """Insert one slot's trades (enriched, in clearing order) with their positions (``part``
+    NULL for 0)."""
+    rows = [{"position": i, **tr._asdict(), "part": tr.part or None} for i, tr in enumerate(trades)]
     if rows:
         conn.execute(insert(t.trades), rows)
 

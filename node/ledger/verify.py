@@ -332,6 +332,7 @@ def _verify(
     next_txs = next(txs_by_block, None)
     next_postings = next(postings_by_tx, None)
 
+    trade_columns = t.present_columns(conn, t.trades)  # ``part`` only in a newer ledger
     expected_height = start
     for row in conn.execute(block_query):
         where = f"block {row.height} (slot {row.slot})"
@@ -375,12 +376,15 @@ def _verify(
             next_txs = next(txs_by_block, None)
         trades = [
             Trade(
-                r.buy_id, r.sell_id, r.quantity_wh, r.price, r.sell_price, r.slot, r.buyer, r.seller
+                r.buy_id, r.sell_id, r.quantity_wh, r.price, r.sell_price, r.slot, r.buyer,
+                r.seller, r._mapping.get("part") or 0,
             )
             for r in conn.execute(
-                select(t.trades).where(t.trades.c.slot == row.slot).order_by(t.trades.c.position)
+                select(*trade_columns)
+                .where(t.trades.c.slot == row.slot)
+                .order_by(t.trades.c.position)
             )
-        ]
+        ]  # fmt: skip
         readings = []
         for r in conn.execute(
             select(t.readings).where(t.readings.c.slot == row.slot).order_by(t.readings.c.position)
