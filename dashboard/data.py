@@ -30,12 +30,13 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from market.governance import Governance, MemberStatus, Term
 from market.models import (
@@ -51,6 +52,7 @@ from market.models import (
     TimeOfUsePeriod,
 )
 from market.schedule import DAY_SECONDS, Schedule
+from market.settlement import Tariffs
 from market.state import (
     MarketConfig,
     MarketConfigError,
@@ -74,6 +76,7 @@ from node.ledger.queries import (
     load_settlement_sums,
     sum_int,
 )
+from node.ledger.statement import RulesInForce, StatementError, market_config
 from node.ledger.store import SCHEDULE_KEY, make_engine
 from node.ledger.verify import VerifyReport, verify_ledger
 
@@ -675,14 +678,18 @@ class CommunityFigures:
     savings_cents: int
 
 
-def community_figures(rows: Iterable[SlotRow], feed_in: int, retail: int) -> CommunityFigures:
-    """Self-sufficiency, self-consumption and savings vs grid-only over settled ``rows``.
+def community_figures(
+    rows: Iterable[SlotRow], tariffs_at: Callable[[int], Tariffs]
+) -> CommunityFigures:
+    """Self-sufficiency, self-consumption and savings vs grid-only over settled ``rows``, each
+    slot priced at ``tariffs_at(slot)`` (the rules in force for it: :func:`tariffs_in_force`).
 
     - self-sufficiency = 1 − Σ_s max(I_s − E_s, 0) / Σ_s I_s
     - self-consumption = 1 − Σ_s max(E_s − I_s, 0) / Σ_s E_s
-    - grid-only cost = Σ I × retail − Σ E × feed-in (every household alone with the utility)
-    - actual cost = Σ trades (buyer price − seller price) × Wh + grid imports × retail −
-      grid exports × feed-in (what the ledger settled)
+    - grid-only cost = Σ I × (retail + grid fee) − Σ E × feed-in (every household alone with
+      the utility)
+    - actual cost = Σ trades (buyer price − seller price) × Wh + local volume × local fee +
+      grid imports × (retail + grid fee) − grid exports × feed-in (what the ledger settled)
     - savings = grid-only cost − actual cost
 
     where I_s and E_s are the community's metered import and export settled in slot s: the
@@ -702,12 +709,15 @@ def community_figures(rows: Iterable[SlotRow], feed_in: int, retail: int) -> Com
         fimp += max(slot_imp - slot_exp, 0)
         fexp += max(slot_exp - slot_imp, 0)
         local += r.volume_wh
-        grid_only += slot_imp * retail - slot_exp * feed_in
+        tariffs = tariffs_at(r.slot)
+        import_price = tariffs.retail + tariffs.grid_fee
+        grid_only += slot_imp * import_price - slot_exp * tariffs.feed_in
         actual += (
             r.buyer_pay_wh_price
             - r.seller_get_wh_price
-            + r.grid_import_wh * retail
-            - r.grid_export_wh * feed_in
+            + r.volume_wh * tariffs.local_fee
+            + r.grid_import_wh * import_price
+            - r.grid_export_wh * tariffs.feed_in
         )
     grid_only_c = _round_div(grid_only, 1000)
     actual_c = _round_div(actual, 1000)
@@ -734,10 +744,21 @@ def _round_div(a: int, b: int) -> int:
     return q if a >= 0 else -q
 
 
+def tariffs_in_force(engine: Engine, info: LedgerInfo) -> Callable[[int], Tariffs]:
+    """Slot -> the tariffs and grid fees the ledger's rules put in force for it (the genesis
+    rules and the operator's ``change_rules`` records); the flat genesis tariffs of ``info``
+    when the ledger's rules history cannot be read."""
+    try:
+        with engine.connect() as conn:
+            return RulesInForce(conn, market_config(conn)).tariffs
+    except (StatementError, SQLAlchemyError):
+        flat = Tariffs(info.feed_in_tariff, info.retail_price)
+        return lambda _slot: flat
+
+
 def bucketed_community(
     rows: Sequence[SlotRow],
-    feed_in: int,
-    retail: int,
+    tariffs_at: Callable[[int], Tariffs],
     per: int | None = None,
     *,
     schedule: Schedule,
@@ -751,7 +772,7 @@ def bucketed_community(
         buckets.setdefault(r.slot // per * per, []).append(r)
     out = []
     for first in sorted(buckets):
-        f = community_figures(buckets[first], feed_in, retail)
+        f = community_figures(buckets[first], tariffs_at)
         if not f.slots:
             continue
         out.append(

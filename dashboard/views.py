@@ -761,12 +761,11 @@ def community_view(ctx: Context, window: str) -> CommunityView:
     info = ctx.info()
     schedule = ctx.schedule
     rows = ctx.slots.window(window_slots(window, schedule))
-    figures = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
+    tariffs_at = data.tariffs_in_force(ctx.engine, info)
+    figures = data.community_figures(rows, tariffs_at)
     span = (rows[-1].slot - rows[0].slot + 1) if rows else 0
     per = _bucket_size(span, schedule, COMMUNITY_POINTS)
-    daily = data.bucketed_community(
-        rows, info.feed_in_tariff, info.retail_price, per, schedule=schedule
-    )
+    daily = data.bucketed_community(rows, tariffs_at, per, schedule=schedule)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     days = [d["time"] for d in daily]
     for key, name, color in (

@@ -15,6 +15,7 @@ from dashboard import data, views
 from dashboard.app import apply_zoom, slot_from_click, zoom_from_relayout
 from dashboard.node_client import StatusHistory, api_alerts, normalise
 from market.schedule import Schedule
+from market.settlement import Tariffs
 from node.ledger import schema as t
 from node.ledger.queries import SlotRow
 from tests.dashboard.conftest import new_feeder
@@ -47,7 +48,7 @@ def test_community_figures_by_hand() -> None:
         SlotRow(slot=1, settled=True, import_wh=0, export_wh=500, grid_export_wh=500),
         SlotRow(slot=2, settled=False, import_wh=999, export_wh=999),  # not settled: ignored
     ]
-    f = data.community_figures(rows, feed_in=8, retail=32)
+    f = data.community_figures(rows, lambda _slot: Tariffs(feed_in=8, retail=32))
     assert (f.slots, f.import_wh, f.export_wh) == (2, 1000, 900)
     assert (f.feeder_import_wh, f.feeder_export_wh) == (600, 500)
     assert f.self_sufficiency == 1 - 600 / 1000
@@ -65,7 +66,7 @@ def test_actual_cost_matches_the_ledgers_money(tmp_path: Path) -> None:
         views.head_view(ctx)
         rows = ctx.slots.window(None)
         info = ctx.info()
-        f = data.community_figures(rows, info.feed_in_tariff, info.retail_price)
+        f = data.community_figures(rows, data.tariffs_in_force(ctx.engine, info))
         with ctx.engine.connect() as conn:
             paid = -conn.execute(
                 select(func.sum(t.balances.c.amount)).where(

@@ -376,3 +376,39 @@ def test_the_governance_section_renders_in_chromium(chromium: Any, ledger: GovLe
     finally:
         page.close()
         dash.stop()
+
+
+def test_community_costs_follow_the_rules_of_each_slot_and_the_fees(
+    ledger: GovLedger, ctx: Context
+) -> None:
+    """The community's actual cost is what the ledger settled (to the rounding of each
+    transaction), though the rules changed twice and grid fees apply from slot 3."""
+    from sqlalchemy import func, select
+
+    from market.settlement import UNMEASURED_SLOT_FEE, Tariffs
+    from node.ledger import schema as t
+
+    views.head_view(ctx)
+    tariffs_at = data.tariffs_in_force(ctx.engine, ctx.info())
+    for slot in range(1, SLOTS + 1):
+        expected = config_at(ledger.state, slot).tariffs_at(slot)
+        assert tariffs_at(slot) == expected, slot
+    assert tariffs_at(2).grid_fee == 0 < tariffs_at(3).grid_fee
+    figures = data.community_figures(ctx.slots.window(None), tariffs_at)
+    with ctx.engine.connect() as conn:
+        paid = -conn.execute(
+            select(func.sum(t.balances.c.amount)).where(
+                t.balances.c.account.like("household:%"), t.balances.c.asset == "money"
+            )
+        ).scalar()
+        n_tx = conn.execute(select(func.count()).select_from(t.transactions)).scalar()
+        fee_slots = conn.execute(select(func.sum(t.true_ups.c.slots))).scalar() or 0
+    assert figures.slots == SLOTS
+    # each transaction rounds by at most half a minor unit; true-ups also pay their
+    # unmeasured-slot fee, which the dashboard's figures leave out
+    assert abs(figures.actual_cost_cents - paid) <= n_tx // 2 + fee_slots * UNMEASURED_SLOT_FEE
+    info = ctx.info()
+    flat = data.community_figures(
+        ctx.slots.window(None), lambda _slot: Tariffs(info.feed_in_tariff, info.retail_price)
+    )
+    assert abs(flat.actual_cost_cents - paid) > abs(figures.actual_cost_cents - paid)

@@ -24,6 +24,7 @@ from market import MeterReading, Rejected, SettleSlot, SlotSettled, State, apply
 from market.accounting import ENERGY, Block, Posting, Transaction, household_account, roots
 from market.accounting import state_hash as block_state_hash
 from market.models import Trade
+from market.settlement import Tariffs
 from market.state import offer_share_permille, reading_leaf
 from node.cli import main as cli_main
 from node.ledger import LedgerStore, verify_ledger
@@ -586,7 +587,7 @@ def test_dashboard_shows_unmeasured_slots_and_true_ups(runs: dict[str, Run]) -> 
         market = {p["slot"]: p for p in views.market_view(ctx, "all").points}
         assert market[49]["true_up_import_wh"] == figures[did].true_up_import_wh
         # the community's import and export include the true-ups: every Wh the meters moved
-        f = data.community_figures(ctx.slots.window(None), 8, 32)
+        f = data.community_figures(ctx.slots.window(None), lambda _slot: Tariffs(8, 32))
         assert f.import_wh == sum(h.import_moved_wh for h in figures.values())
         assert f.export_wh == sum(h.export_moved_wh for h in figures.values())
     finally:
