@@ -121,9 +121,11 @@ def _copy_chunk(source: Connection, target: Connection, first: int, last: int) -
     hi = int(blocks[-1]["slot"])
 
     def by_slot(table: Table, *order: Any) -> list[dict[str, Any]]:
+        # an older node's ledger, not yet opened by this version, lacks the added columns
         c = table.c
+        columns = t.present_columns(source, table)
         return fetch_rows(
-            source, select(table).where(and_(c.slot > lo, c.slot <= hi)).order_by(*order)
+            source, select(*columns).where(and_(c.slot > lo, c.slot <= hi)).order_by(*order)
         )
 
     txs = fetch_rows(

@@ -274,3 +274,27 @@ def test_dashboard_page_on_the_archive(chromium: Any, tmp_path: Path, pg_url: st
     finally:
         page.close()
         dash.stop()
+
+
+def test_archive_copies_a_ledger_of_an_older_node_without_the_added_columns(
+    tmp_path: Path,
+) -> None:
+    """A source ledger written before ``orders.steps`` and ``trades.part`` existed (and not
+    opened by this version since) archives whole, and the archive verifies."""
+    import sqlite3
+
+    feeder = new_feeder(tmp_path, 4, households=3, seed=3)
+    source = feeder.store.url
+    path = source.removeprefix("sqlite:///")
+    feeder.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE orders DROP COLUMN steps")
+        conn.execute("ALTER TABLE trades DROP COLUMN part")
+    target = f"sqlite:///{tmp_path / 'archive.db'}"
+    assert archive(source, target).copied_blocks == 4
+    report = verify_ledger(target)
+    assert report.ok and report.height == 4, report.error
+    engine = create_engine(target)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(t.orders)).scalar() > 0
+    engine.dispose()
