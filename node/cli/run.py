@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -86,11 +87,51 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         return _fail(str(exc), exit_status(exc))
     except BaseExceptionGroup as group:
         # raised inside the node's nursery: still a one-line error, not a traceback
-        known, rest = group.split(fatal)
+        full, group_rest = group.split(disk_full)
+        if full is not None:
+            return _disk_full_exit(_first_leaf(full), config.data_dir)
+        assert group_rest is not None
+        known, rest = group_rest.split(fatal)
         if known is None or rest is not None:
             raise
         return _fail(str(_first_leaf(known)), exit_status(known))
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        return _disk_full_exit(exc, config.data_dir)
     return 0
+
+
+def _disk_full_exit(exc: BaseException, data_dir: Path) -> int:
+    message = disk_full_message(exc, data_dir)
+    logging.getLogger("microgrid.node").critical(message, extra={"event": "disk_full"})
+    return _fail(message, DISK_FULL_EXIT)
+
+
+DISK_FULL_EXIT = 4
+"""Exit status of a node stopped because its disk is full (1: other fatal errors, 2: usage,
+3: a committed entry that could not be applied)."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """A database write failed because the disk (or the data directory's file system) is
+    full: SQLite's ``SQLITE_FULL``, as sqlite3 or SQLAlchemy raise it."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    orig = exc.orig if isinstance(exc, OperationalError) else exc
+    return isinstance(orig, sqlite3.OperationalError) and "disk is full" in str(orig).lower()
+
+
+def disk_full_message(exc: BaseException, data_dir: Path) -> str:
+    """One line for the operator: what happened, that nothing half-written was kept, what to
+    do."""
+    return (
+        f"the disk holding {data_dir} is full ({getattr(exc, 'orig', exc)}): the write was rolled "
+        "back and nothing half-written was kept; free space and start the node again (it "
+        "catches up from its Raft log and its peers)"
+    )
 
 
 def _load_files(config_path: Path | None) -> tuple[NodeConfig, NodeIdentity, Genesis] | str:

@@ -14,11 +14,12 @@ import threading
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, SQLAlchemyError
 
 from market.events import (
     Event,
@@ -63,6 +64,39 @@ class LedgerStoreError(RuntimeError):
     """The ledger database cannot be used as asked (wrong grid, failed write, ...)."""
 
 
+LEDGER_RESYNC_ADVICE = (
+    "move the ledger aside (for SQLite, the file with its -wal and -shm files; keep them for "
+    "inspection) and restart the node: it rebuilds the ledger from its Raft log and fetches the "
+    "blocks it lacks from its peers"
+)
+"""What an operator does about a ledger the node refuses to open."""
+
+
+def sqlite_file_fault(path: Path) -> str | None:
+    """Why the SQLite database file at ``path`` cannot be whole, or None: a main file whose size
+    is not a whole number of its pages lost the end of its last page (a torn write or a
+    truncated copy; SQLite would read the missing bytes as zeros and serve rows that were never
+    written). Reads only the header's page size and the file size."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header = f.read(100)
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return f"{path} is not a SQLite database (no SQLite header)"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65_536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1) or size % page_size:
+        return (
+            f"{path} is torn: {size} bytes is not a whole number of its {page_size}-byte pages "
+            "(its last page was cut short)"
+        )
+    return None
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -70,6 +104,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL (None: not a SQLite file URL)."""
+    if not url.startswith("sqlite") or ":///" not in url:
+        return None
+    path = url.split(":///", 1)[1].split("?", 1)[0]
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return Path(path)
 
 
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
@@ -96,8 +140,19 @@ class LedgerStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        path = sqlite_path(url)
+        fault = None if path is None else sqlite_file_fault(path)
+        if fault is not None:
+            raise LedgerStoreError(f"refusing the ledger: {fault}; {LEDGER_RESYNC_ADVICE}")
         self.engine = make_engine(url)
-        t.ensure_schema(self.engine)  # an older node's ledger gets the new tables and columns
+        try:
+            t.ensure_schema(self.engine)  # an older node's ledger gets the new tables, columns
+        except DatabaseError as exc:
+            self.engine.dispose()
+            raise LedgerStoreError(
+                f"refusing the ledger {url}: the database cannot be read ({exc.orig}); "
+                f"{LEDGER_RESYNC_ADVICE}"
+            ) from exc
         self.write_lock = threading.RLock()
         """Held by every write transaction of this process (the replica's, block sync's), so
         two worker threads never race for SQLite's write lock mid-transaction."""
