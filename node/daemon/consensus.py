@@ -32,6 +32,18 @@ have their own message). When the :class:`~node.daemon.censorship.DistrustPolicy
 voter, the same leader suspected for ``persist_slots`` more slots, at most once per
 ``min_interval_slots``) the core distrusts that leader for ``distrust_slots`` slots
 (docs/raft.md, "Distrust").
+
+Clocks. With a :class:`~node.daemon.clock.ClockWatch` (fed by the node's time sampler), every
+``propose_every`` this task re-estimates how far the wall clock is off the grid's median and
+logs when this node becomes or stops being *skewed* (``clock_skewed``/``clock_ok``) and when a
+peer's clock starts or stops disagreeing (``peer_clock_off``/``peer_clock_ok``). As leader it
+sets the proposer's :attr:`~node.daemon.proposer.Proposer.deadline_shift` (judge deadlines by
+the grid's median clock) or :attr:`~node.daemon.proposer.Proposer.hold_deadlines` (skewed, or
+not compared with any peer yet), and, skewed, hands leadership to the most caught-up voter whose
+clock agrees (``transfer_leader``; at most once per slot). As follower it counts each
+``CloseGate`` applied earlier than its own corrected clock allows (``early_gate_closure``) and,
+as a voter, distrusts a leader that keeps doing it, as the censorship watch does. See
+docs/node.md, "Clocks".
 """
 
 from __future__ import annotations
@@ -45,10 +57,11 @@ from typing import Protocol
 
 import trio
 
-from market import Command, encode_batch
+from market import CloseGate, Command, encode_batch
 from market.events import Event
 from market.models import SignedRecord
 from node.daemon.censorship import CensorshipReport, CensorshipWatch, DistrustPolicy, sighting
+from node.daemon.clock import ClockReport, ClockWatch
 from node.daemon.membership import desired_roles, next_conf_change
 from node.daemon.proposer import EngineView, Proposer
 from node.daemon.replica import Replica
@@ -57,6 +70,7 @@ from node.raft import (
     EntryType,
     Message,
     NotLeader,
+    ProposalDropped,
     RaftError,
     RaftNode,
     Ready,
@@ -117,6 +131,8 @@ class ConsensusView:
     """The censorship watch's report of the last slot boundary (None: no watch)."""
     distrusted: tuple[tuple[str, int], ...] = ()
     """Nodes the core distrusts now, with the ticks left."""
+    clock: ClockReport | None = None
+    """The clock watch's last assessment (None: no watch)."""
 
     def ledger(self) -> dict[str, object]:
         """The status document's ``ledger`` section."""
@@ -165,6 +181,8 @@ class ConsensusDriver:
     censorship: CensorshipWatch | None = None
     """Watches which records seen here the leader commits (None: no censorship detection)."""
     distrust_policy: DistrustPolicy = field(default_factory=DistrustPolicy)
+    clock: ClockWatch | None = None
+    """Compares this node's clock with its peers' (None: the wall clock is trusted as is)."""
 
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
@@ -175,6 +193,10 @@ class ConsensusDriver:
         """(applied index, :func:`~node.daemon.membership.desired_roles` at that index)."""
         self._slot: int | None = None
         """The wall-clock slot of the last censorship check."""
+        self._disagreeing: frozenset[str] = frozenset()
+        """Peers whose clock disagreed with the grid's at the last clock check."""
+        self._holding = False
+        """As leader, due deadlines were held back at the last clock check."""
         if self.censorship is not None:
             state = self.replica.state
             self.censorship.sync(state.closed_through, state.settled_through)
@@ -189,6 +211,7 @@ class ConsensusDriver:
             state.closed_through, state.settled_through, replace(self.stats),
             None if self.censorship is None else self.censorship.report,
             tuple(sorted(self.raft.distrusted().items())),
+            None if self.clock is None else self.clock.report(),
         )  # fmt: skip
 
     def publish_view(self) -> None:
@@ -222,6 +245,7 @@ class ConsensusDriver:
                 self.stats.ticks += 1
                 next_tick = now + self.tick_seconds
             if now >= next_propose:
+                self._check_clock()
                 self._propose()
                 next_propose = now + self.propose_every
             self._check_slot()
@@ -244,8 +268,9 @@ class ConsensusDriver:
             return
         try:
             self.raft.propose(encode_batch(batch))
-        except NotLeader:
-            return  # lost leadership this instant; the records stay queued for retry
+        except (NotLeader, ProposalDropped):
+            # lost leadership this instant, or handing it over: the records are retried
+            return
         self.stats.proposals += 1
         self.stats.proposed_commands += len(batch)
 
@@ -261,8 +286,8 @@ class ConsensusDriver:
             return
         try:
             self.raft.propose_conf_change(cc)
-        except (ConfChangeRejected, NotLeader):
-            return  # one is pending, or leadership moved: the next tick asks again
+        except (ConfChangeRejected, NotLeader, ProposalDropped):
+            return  # one is pending, or leadership moves: the next tick asks again
         self.stats.conf_changes_proposed += 1
         log.info(
             "membership change proposed: %s %s",
@@ -308,6 +333,10 @@ class ConsensusDriver:
                 watch.snapshot_installed(state.closed_through, state.settled_through)
             for command in applied.commands:
                 watch.on_command(command)
+        if self.clock is not None:
+            for command in applied.commands:
+                if isinstance(command, CloseGate):
+                    self._gate_closed(command.slot)
         if observer is not None:
             for command in applied.commands:
                 observer(command)
@@ -363,6 +392,91 @@ class ConsensusDriver:
             log.warning("distrusting the leader for censorship: not honouring its lease nor "
                         "voting for it", extra={"event": "distrust", "leader": target,
                                                 "slot": slot, "ticks": ticks})  # fmt: skip
+
+    # -- clocks ------------------------------------------------------------------------------
+
+    def _check_clock(self) -> None:
+        """Re-estimate this clock against the grid's; log changes; as leader steer the
+        proposer and hand leadership away while skewed; as follower distrust a leader that
+        keeps closing gates early (see the module docstring)."""
+        clock = self.clock
+        if clock is None:
+            return
+        mono = trio.current_time()
+        was = clock.skewed
+        est = clock.assess(mono, self.wall_clock())
+        extra = {"offset": est.offset, "error": est.error, "peers_sampled": est.sampled,
+                 "max_skew": clock.max_skew}  # fmt: skip
+        if clock.skewed and not was:
+            log.warning("this node's clock is off the grid's by %+.3f s (error %.3f s, bound "
+                        "%.1f s): as leader it closes no gate and hands leadership away",
+                        est.offset, est.error, clock.max_skew,
+                        extra={"event": "clock_skewed", **extra})  # fmt: skip
+        elif was and not clock.skewed:
+            log.info("this node's clock agrees with the grid's again",
+                     extra={"event": "clock_ok", **extra})  # fmt: skip
+        off = {p.peer: p for p in est.disagreeing(clock.max_skew)}
+        for peer in sorted(set(off) - self._disagreeing):
+            ahead = (est.offset or 0.0) - off[peer].offset
+            log.warning("a peer's clock is off the grid's by %+.3f s", ahead,
+                        extra={"event": "peer_clock_off", "peer": peer,
+                               "peer_offset": ahead})  # fmt: skip
+        for peer in sorted(self._disagreeing - set(off)):
+            log.info("a peer's clock agrees with the grid's again",
+                     extra={"event": "peer_clock_ok", "peer": peer})  # fmt: skip
+        self._disagreeing = frozenset(off)
+        status = self.raft.status()
+        me = self.raft.id
+        proposer = self.proposer
+        if status.role != "leader":
+            proposer.hold_deadlines, proposer.deadline_shift, self._holding = False, 0.0, False
+            target = clock.distrust_target(self._leader, mono, me=me, leading=False,
+                                           voter=me in status.voters)  # fmt: skip
+            if target is not None and self.raft.distrust(target, self.distrust_ticks()):
+                log.warning("distrusting the leader: it keeps closing gates early",
+                            extra={"event": "distrust", "leader": target,
+                                   "reason": "early_gate_closures"})  # fmt: skip
+            return
+        local = self.wall_clock()
+        # a leader with other voters is connected to a quorum of them, which it samples
+        # within seconds; a sole voter has no one whose clock it must wait for (its learners
+        # may all be down)
+        alone = not set(status.voters) - {me}
+        due_at = clock.deadline_time(local, mono, alone=alone)
+        if due_at is None:
+            proposer.hold_deadlines = True
+            state = self.replica.state
+            due = proposer.deadlines_due(local, EngineView(state.closed_through,
+                                                           state.settled_through))  # fmt: skip
+            if due and not self._holding:
+                clock.note_held()
+                log.warning("holding back due gate closures and settlements: this node's clock "
+                            "is %s", "skewed" if clock.skewed else "not compared with any peer yet",
+                            extra={"event": "deadlines_held", **extra})  # fmt: skip
+            self._holding = due
+        else:
+            proposer.hold_deadlines, proposer.deadline_shift = False, local - due_at
+            self._holding = False
+        if clock.skewed and status.lead_transferee is None:
+            matches = {peer: match for peer, (match, _next, _state) in status.progress.items()}
+            target = clock.transfer_target(me, status.voters, matches)
+            if target is not None and clock.may_transfer(mono):
+                self.raft.transfer_leader(target)
+                log.warning("handing leadership to %s: this node's clock is skewed", target,
+                            extra={"event": "clock_transfer", "to": target, **extra})  # fmt: skip
+
+    def _gate_closed(self, slot: int) -> None:
+        """A ``CloseGate`` of ``slot`` was applied: count it if the leader closed it early."""
+        assert self.clock is not None
+        if self.raft.role == "leader":
+            return  # our own proposal: judged by our own (corrected) clock already
+        gate = self.proposer.schedule.gate_time(slot)
+        local = self.wall_clock()
+        if self.clock.gate_closed(gate, local, self._leader):
+            log.warning("the leader closed the gate of slot %d %.1f s early by this node's clock",
+                        slot, gate - local, extra={"event": "early_gate_closure", "slot": slot,
+                                                   "leader": self._leader,
+                                                   "early_seconds": gate - local})  # fmt: skip
 
     def distrust_ticks(self) -> int:
         """How long a distrust lasts, in ticks: ``distrust_slots`` slots, and at least four

@@ -78,6 +78,7 @@ class NodeCollector(Collector):
             events.add_metric([kind], count)
         yield events
         yield from censorship_metrics(view)
+        yield from clock_metrics(view)
         yield from api_metrics(node.api)
 
 
@@ -113,6 +114,44 @@ def censorship_metrics(view: ConsensusView) -> Iterator[Metric]:
     yield GaugeMetricFamily("microgrid_censorship_uncommitted",
                             "Records seen here and not committed yet (missed ones included)",
                             value=report.tracked)  # fmt: skip
+
+
+def clock_metrics(view: ConsensusView) -> Iterator[Metric]:
+    """The clock watch (none without one): this clock's estimated offset from the grid's
+    median and its error bound, peers sampled, whether it is skewed, peers whose clock
+    disagrees, early gate closures seen, leadership handovers and held deadlines. Reads the
+    driver's published view only."""
+    report = view.clock
+    if report is None:
+        return
+    est = report.estimate
+    g = GaugeMetricFamily
+    yield g("microgrid_clock_offset_seconds",
+            "This node's wall clock minus the grid's median clock (NaN: no peer sampled)",
+            value=float("nan") if est.offset is None else est.offset)  # fmt: skip
+    yield g("microgrid_clock_error_seconds", "Error bound of the clock offset estimate",
+            value=est.error)  # fmt: skip
+    yield g("microgrid_clock_peers_sampled", "Peers whose clock was sampled recently",
+            value=est.sampled)  # fmt: skip
+    yield g("microgrid_clock_skewed",
+            "1 if this node's clock is off the grid's by more than the bound",
+            value=int(report.skewed))  # fmt: skip
+    yield g("microgrid_clock_max_skew_seconds", "The clock skew bound",
+            value=report.max_skew)  # fmt: skip
+    yield g("microgrid_clock_peers_disagreeing",
+            "Peers whose clock is off the grid's by more than the bound",
+            value=len(report.disagreeing))  # fmt: skip
+    c = CounterMetricFamily
+    yield c("microgrid_clock_early_gate_closures",
+            "Gate closures applied earlier than this node's clock allows (by more than the bound)",
+            value=report.early_gate_closures)  # fmt: skip
+    yield c("microgrid_clock_transfers", "Leadership handovers because this clock was skewed",
+            value=report.transfers)  # fmt: skip
+    yield c("microgrid_clock_held",
+            "Times this leader held back due deadlines (its clock skewed or not yet compared)",
+            value=report.held)  # fmt: skip
+    yield c("microgrid_clock_distrusts", "Leaders distrusted for closing gates early",
+            value=report.distrusts)  # fmt: skip
 
 
 def api_metrics(api: Api) -> Iterator[Metric]:

@@ -5,6 +5,13 @@ Sans-I/O: the node calls :meth:`Proposer.offer` with every validated record it h
 with the time and the engine's committed view whenever it may propose. Re-proposing a record is
 harmless (the engine rejects the duplicate nonce deterministically), so records whose proposal
 did not commit in time simply go back to the queue; that also carries them over a leader change.
+
+Clocks (docs/node.md, "Clocks"). Gate closures and settlements are due by the wall clock, and a
+leader's clock can be off the grid's. The driver sets :attr:`Proposer.deadline_shift` (the clock
+watch's estimate of how far this clock is ahead of the grid's median, plus its error) and
+:attr:`Proposer.hold_deadlines` (this clock is not trusted now: skewed, or not compared with any
+peer yet); records are proposed either way, since the engine judges them against the gates that
+committed, not against anyone's clock.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ class Proposer:
     pending: dict[bytes, Record] = field(default_factory=dict)
     in_flight: dict[bytes, tuple[float, Record]] = field(default_factory=dict)
     _system_in_flight: dict[tuple[str, int], float] = field(default_factory=dict)
+    deadline_shift: float = 0.0
+    """Seconds subtracted from ``now`` when judging which gates and settlements are due (the
+    clock watch's correction towards the grid's median clock); retries use ``now`` as is."""
+    hold_deadlines: bool = False
+    """Propose no gate closure or settlement (records still go): the leader's clock is not
+    trusted now (node/daemon/clock.py)."""
 
     def offer(self, record: Record) -> bool:
         """Queue a validated record; False if it is already queued or in flight."""
@@ -62,7 +75,8 @@ class Proposer:
         """Commands to propose now, in the order they must apply (may be empty).
 
         Records come first so that orders submitted before a gate deadline make it into the
-        slot; then due gate closures and settlements, strictly in slot order.
+        slot; then due gate closures and settlements, strictly in slot order, judged at
+        ``now - deadline_shift`` (none while :attr:`hold_deadlines`).
         """
         for key, (sent, record) in list(self.in_flight.items()):
             if now - sent >= self.retry_after:
@@ -73,12 +87,25 @@ class Proposer:
             record = self.pending.pop(key)
             self.in_flight[key] = (now, record)
             batch.append(record)
-        batch.extend(self._system_commands(now, view))
+        if not self.hold_deadlines:
+            batch.extend(self._system_commands(now - self.deadline_shift, now, view))
         return batch
 
-    def _system_commands(self, now: float, view: EngineView) -> list[Command]:
-        out: list[Command] = []
+    def deadlines_due(self, now: float, view: EngineView) -> bool:
+        """True if a gate closure or settlement is due at ``now`` (unshifted, ignoring what
+        is in flight): whether holding deadlines back holds anything back."""
         due_gate = self.schedule.last_due_gate(now)
+        closed = view.closed_through
+        if closed is None or closed < due_gate:
+            return True
+        settled = view.settled_through
+        first = closed + 1 if settled is None else settled + 1  # as _system_commands
+        return first <= closed and self.schedule.settle_time(first) <= now
+
+    def _system_commands(self, due: float, now: float, view: EngineView) -> list[Command]:
+        """Gate closures and settlements due at wall time ``due`` (``now``: for retries)."""
+        out: list[Command] = []
+        due_gate = self.schedule.last_due_gate(due)
         closed = view.closed_through
         next_gate = due_gate if closed is None else closed + 1
         while next_gate <= due_gate:
@@ -91,7 +118,7 @@ class Proposer:
         if view.settled_through is not None or closed is not None:
             settled = view.settled_through if view.settled_through is not None else last_closed
             slot = settled + 1
-            while slot <= last_closed and self.schedule.settle_time(slot) <= now:
+            while slot <= last_closed and self.schedule.settle_time(slot) <= due:
                 if self._claim(("settle", slot), now):
                     out.append(SettleSlot(slot=slot))
                 slot += 1

@@ -277,6 +277,17 @@ def censorship_section(driver: ConsensusDriver) -> dict[str, Any] | None:
     return doc
 
 
+def clock_section(driver: ConsensusDriver) -> dict[str, Any] | None:
+    """The status document's ``clock`` (docs/node.md, "Clocks"): this node's clock against the
+    grid's median (``offset`` seconds ahead, ``error`` bound, ``peers_sampled``), whether it is
+    ``skewed`` (beyond ``max_skew``), each sampled peer, the peers whose clock disagrees, early
+    gate closures seen (in all and by leader), leadership handovers, held deadlines and
+    distrusts for early closures. None when the node runs no clock watch. Reads the driver's
+    published view: safe from any task or thread."""
+    report = driver.view.clock
+    return None if report is None else report.to_json()
+
+
 def status_document(
     driver: ConsensusDriver,
     *,
@@ -336,4 +347,5 @@ def status_document(
             "snapshots": stats.snapshots,
         },
         "censorship": censorship_section(driver),
+        "clock": clock_section(driver),
     }
