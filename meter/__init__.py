@@ -5,6 +5,7 @@
 - :mod:`meter.sample`, :mod:`meter.guard`: decoding and plausibility checks (pure).
 - :mod:`meter.transport`, :mod:`meter.sunspec`: blocking pymodbus links and SunSpec scans.
 - :mod:`meter.reader`: :class:`~meter.reader.MeterReader`, the trio-facing poller.
+- :mod:`meter.battery`: home batteries (SunSpec 124/802): validated reads and setpoints.
 - :mod:`meter.events`: typed errors and events; :mod:`meter.metrics`: a Prometheus collector.
 - :mod:`meter.sim`: the simulator (households, real pymodbus servers, fault injection).
 - :mod:`meter.cli`: ``microgrid meter test|profiles`` and ``microgrid meter-sim``.

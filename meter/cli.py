@@ -232,6 +232,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         f = sim.feeder.config
         print(f"  device {f.device_id}: feeder {f.profile} serial {f.serial} loss {f.loss:g}",
               flush=True)
+    for unit, d in sim.batteries.items():
+        print(f"  device {unit}: battery inverter of household {d} (SunSpec 124/802)", flush=True)
     started = time.monotonic()
     next_status = started + args.status_every if args.status_every > 0 else float("inf")
     try:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pymodbus.client import ModbusSerialClient, ModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -92,14 +94,41 @@ class ModbusLink:
     def read(self, meter: str, function: Function, address: int, count: int,
              device_id: int) -> list[int]:
         """Read ``count`` registers; raise a typed :class:`MeterError` on any failure."""
+        call = (self.client.read_input_registers if function == "input"
+                else self.client.read_holding_registers)
+        response = self._call(meter, address, device_id, f"reading {count} {function} "
+                              f"registers at {address}",
+                              lambda: call(address, count=count, device_id=device_id),
+                              count=count, function=function)
+        registers = list(getattr(response, "registers", []))
+        if len(registers) < count:
+            raise MeterProtocolError(meter, f"asked {count} registers at {address}, got "
+                                     f"{len(registers)}", address=address)
+        return registers[:count]
+
+    def write(self, meter: str, address: int, values: list[int], device_id: int) -> None:
+        """Write holding registers from ``address`` (FC06 for one, FC16 for several); raise a
+        typed :class:`MeterError` on any failure or exception response."""
+        if not values or len(values) > 123 or any(not 0 <= v <= 0xFFFF for v in values):
+            raise ValueError("write 1..123 register values in 0..0xFFFF")
+        if len(values) == 1:
+            def call() -> object:
+                return self.client.write_register(address, values[0], device_id=device_id)
+        else:
+            def call() -> object:
+                return self.client.write_registers(address, values, device_id=device_id)
+        self._call(meter, address, device_id, f"writing {len(values)} registers at {address}",
+                   call, count=len(values), function="write")
+
+    def _call(self, meter: str, address: int, device_id: int, what: str,
+              call: Callable[[], Any], **context: Any) -> Any:
+        """One request under the lock, its failures turned into typed errors."""
         with self._lock:
             try:
                 if not self.client.connected and not self.client.connect():
                     raise MeterUnreachable(meter, f"cannot connect to {self.endpoint}",
                                            endpoint=str(self.endpoint))
-                call = (self.client.read_input_registers if function == "input"
-                        else self.client.read_holding_registers)
-                response = call(address, count=count, device_id=device_id)
+                response = call()
             except MeterError:
                 raise
             except ConnectionException as exc:
@@ -122,15 +151,10 @@ class ModbusLink:
             if response.isError():
                 code = int(getattr(response, "exception_code", 0))
                 raise MeterExceptionResponse(
-                    meter, f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')}) reading "
-                    f"{count} {function} registers at {address}", code=code, address=address,
-                    count=count, function=function,
+                    meter, f"exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')}) {what}",
+                    code=code, address=address, **context,
                 )
-            registers = list(getattr(response, "registers", []))
-            if len(registers) < count:
-                raise MeterProtocolError(meter, f"asked {count} registers at {address}, got "
-                                         f"{len(registers)}", address=address)
-            return registers[:count]
+            return response
 
     def close(self) -> None:
         """Close the connection (it is reopened on the next read)."""

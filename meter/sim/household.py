@@ -14,6 +14,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
+from meter.sim.battery import BatteryConfig, SimulatedBattery
 from meter.sim.load import h25_power_w
 from meter.sim.solar import Clouds, pv_power_w
 
@@ -32,9 +33,27 @@ class HouseholdConfig:
     annual_kwh: float = 3500.0
     battery_kwh: float = 0.0
     battery_kw: float = 0.0
+    battery_soc_min_permille: int = 100
+    battery_soc_max_permille: int = 950
+    battery_efficiency_permille: int = 900
+    battery_initial_permille: int = 500
     shift_s: float = 0.0
     initial_import_wh: float = 1_000_000.0
     initial_export_wh: float = 100_000.0
+
+    def battery_config(self) -> BatteryConfig | None:
+        """The battery's integer limits (None without a battery)."""
+        if self.battery_kwh <= 0:
+            return None
+        watts = round(self.battery_kw * 1000)
+        return BatteryConfig(
+            capacity_wh=round(self.battery_kwh * 1000), max_charge_w=watts,
+            max_discharge_w=watts, soc_min_permille=self.battery_soc_min_permille,
+            soc_max_permille=self.battery_soc_max_permille,
+            efficiency_permille=self.battery_efficiency_permille,
+            initial_soc_permille=self.battery_initial_permille,
+            serial=70_000_000 + self.serial % 10_000_000,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,12 +133,17 @@ class SimulatedHousehold(SimulatedMeter):
     latitude: float
     clouds: Clouds
     state: MeterState = field(init=False)
+    battery: SimulatedBattery | None = field(init=False, default=None)
+    """The household's battery behind its trading meter (None without one)."""
 
     def __post_init__(self) -> None:
         c = self.config
+        battery = c.battery_config()
+        self.battery = None if battery is None else SimulatedBattery(battery)
         self.state = MeterState(
             device_id=c.device_id, serial=c.serial, time_s=0.0, power_w=0.0, pv_w=0.0,
-            load_w=0.0, battery_w=0.0, soc_wh=c.battery_kwh * 500.0,
+            load_w=0.0, battery_w=0.0,
+            soc_wh=0.0 if self.battery is None else self.battery.soc_wh,
             import_wh=c.initial_import_wh, export_wh=c.initial_export_wh,
             voltage_v=230.0, voltage_l2_v=230.0, voltage_l3_v=230.0, frequency_hz=50.0,
         )
@@ -159,12 +183,9 @@ class SimulatedHousehold(SimulatedMeter):
         load, pv = self.load_w(t), self.pv_w(t)
         net = load - pv
         battery, soc = 0.0, s.soc_wh
-        if c.battery_kwh > 0:
-            if net < 0:
-                battery = min(-net, c.battery_kw * 1000, (c.battery_kwh * 1000 - soc) * 3600 / dt_s)
-            else:
-                battery = -min(net, c.battery_kw * 1000, soc * 3600 / dt_s)
-            soc += battery * dt_s / 3600
+        if self.battery is not None:  # its flow goes through the trading meter
+            battery = self.battery.step(net, dt_s)
+            soc = self.battery.soc_wh
         grid = net + battery
         imp, exp = self.counters_after(grid, dt_s)
         u = _uniforms(self.seed, c.index, int(t // dt_s))

@@ -10,6 +10,11 @@ Time: with ``speed > 0`` simulated time follows the wall clock times ``speed``; 
 ``speed = 0`` it moves only through :meth:`MeterSimulator.advance` (tests). Either way the
 state at simulated time T depends only on the seed and T: same seed, same run.
 
+Batteries: a household with a battery has it behind its trading meter, served as a SunSpec
+storage inverter (common model 1, storage model 124, battery model 802;
+:mod:`meter.sim.battery`) at device id ``battery_device_offset + household device id`` (or, with
+``port_per_household``, on its own port after the meters'); its control points are writable.
+
 Feeder: with ``feeder=True`` a feeder meter (the operator's meter at the transformer,
 :mod:`meter.sim.feeder`) is served at ``feeder_device`` (default 100) next to the households;
 its counters integrate the households' net flow plus ``feeder_loss`` of the energy they move,
@@ -34,6 +39,12 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from meter.profile import Profile, load_profile
+from meter.sim.battery import (
+    SimulatedBattery,
+    WriteRefused,
+    battery_image,
+    battery_layout,
+)
 from meter.sim.faults import Faults, parse_fault
 from meter.sim.feeder import (
     DEFAULT_FEEDER_DEVICE,
@@ -47,7 +58,10 @@ from meter.sim.registers import Image, fixed_image, sunspec_image
 from meter.sim.solar import Clouds
 
 DEFAULT_START = dt.datetime(2025, 6, 21, 6, 0)
-TABLES = {3: "holding", 4: "input"}
+TABLES = {3: "holding", 4: "input", 6: "holding", 16: "holding"}  # 6, 16: read-back after a write
+WRITES = (6, 16)  # write single / multiple holding registers
+DEFAULT_BATTERY_DEVICE_OFFSET = 100
+"""A household's battery inverter answers at its meter's device id plus this."""
 
 
 class MeterSimulator:
@@ -73,6 +87,7 @@ class MeterSimulator:
         feeder_device: int = DEFAULT_FEEDER_DEVICE,
         feeder_loss: float = DEFAULT_FEEDER_LOSS,
         feeder_profile: str = "sdm630",
+        battery_device_offset: int = DEFAULT_BATTERY_DEVICE_OFFSET,
     ) -> None:
         configs = (make_households(households, seed) if isinstance(households, int)
                    else list(households))
@@ -101,7 +116,17 @@ class MeterSimulator:
             self.feeder = Feeder(FeederConfig(device_id=feeder_device, profile=feeder_profile,
                                               serial=feeder_serial(seed), loss=feeder_loss))
             self.profiles[feeder_device] = load_profile(feeder_profile)
-        self.faults: dict[int, Faults] = {d: Faults() for d in self._meters()}
+        self.batteries: dict[int, int] = {}
+        """Battery inverter device id -> its household's device id."""
+        for d, h in self.households.items():
+            if h.battery is None:
+                continue
+            unit = d + battery_device_offset
+            if not 1 <= unit <= 247 or unit in self.households or unit == self.feeder_device:
+                raise ValueError(f"battery of household {d} would answer at device id {unit}: "
+                                 "outside 1..247 or taken (change battery_device_offset)")
+            self.batteries[unit] = d
+        self.faults: dict[int, Faults] = {d: Faults() for d in self._devices()}
         self._images: dict[int, dict[str, Image]] = {}
         self._lock = threading.RLock()
         self._sim_time = 0.0
@@ -111,9 +136,13 @@ class MeterSimulator:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.ports: list[int] = []
+        """Bound ports: one, or with ``port_per_household`` one per meter (households, then
+        the feeder)."""
+        self.battery_ports: dict[int, int] = {}
+        """With ``port_per_household``: each battery inverter's port, by its device id."""
         self._rebind: list[int] = []
         self.requests = 0
-        for device_id in self._meters():
+        for device_id in self._devices():
             self._rebuild(device_id)
         for text in faults:
             device_id, kind, value = parse_fault(text)
@@ -147,6 +176,29 @@ class MeterSimulator:
             meters[self.feeder.config.device_id] = self.feeder
         return meters
 
+    def _devices(self) -> list[int]:
+        """Every served device id: the meters, then the battery inverters."""
+        return [*self._meters(), *self.batteries]
+
+    def battery_device(self, household: int) -> int:
+        """The device id of household ``household``'s battery inverter (KeyError: none)."""
+        for unit, d in self.batteries.items():
+            if d == household:
+                return unit
+        raise KeyError(household)
+
+    def battery(self, household: int) -> SimulatedBattery:
+        """Household ``household``'s simulated battery (KeyError without one); read it under
+        :meth:`locked` while the simulator runs."""
+        battery = self.households[household].battery
+        if battery is None:
+            raise KeyError(household)
+        return battery
+
+    def locked(self) -> threading.RLock:
+        """The lock every step and Modbus request holds (``with sim.locked(): ...``)."""
+        return self._lock
+
     def _meter(self, device_id: int) -> SimulatedHousehold | Feeder:
         """One served meter by device id (KeyError if there is none)."""
         h = self.households.get(device_id)
@@ -178,6 +230,14 @@ class MeterSimulator:
         return self._meter(device_id).config
 
     def _rebuild(self, device_id: int) -> None:
+        household = self.batteries.get(device_id)
+        if household is not None:
+            battery = self.households[household].battery
+            assert battery is not None
+            start, regs = battery_image(battery,
+                                        bad_soc=self.faults[device_id].bad_power is not None)
+            self._images[device_id] = {"holding": Image(start, regs)}
+            return
         h, profile = self._meter(device_id), self.profiles[device_id]
         bad = self.faults[device_id].bad_power
         if profile.is_sunspec:
@@ -200,7 +260,7 @@ class MeterSimulator:
                     self.feeder.step(self.step_s,
                                      (h.state.power_w for h in self.households.values()))
                 self._sim_time += self.step_s
-            for device_id in self._meters():
+            for device_id in self._devices():
                 self._rebuild(device_id)
 
     # ----- faults ----------------------------------------------------------------------
@@ -215,7 +275,11 @@ class MeterSimulator:
         ``serial_change`` (meter replaced: new serial, fresh counters).
         """
         with self._lock:
-            f, h = self.faults[device_id], self._meter(device_id)
+            f = self.faults[device_id]
+            if device_id in self.batteries and kind in ("counter_reset", "counter_jump",
+                                                        "serial_change"):
+                raise ValueError(f"a battery inverter has no {kind} fault")
+            h = None if device_id in self.batteries else self._meter(device_id)
             if kind == "no_answer":
                 f.no_answer = True
             elif kind == "slow":
@@ -224,11 +288,11 @@ class MeterSimulator:
                 f.exception_code = int(value or 4)
             elif kind == "nan":
                 f.bad_power = value or math.nan
-            elif kind == "counter_reset":
+            elif kind == "counter_reset" and h is not None:
                 h.reset_counters()
-            elif kind == "counter_jump":
+            elif kind == "counter_jump" and h is not None:
                 h.jump_counters(value or 1_000_000.0)
-            elif kind == "serial_change":
+            elif kind == "serial_change" and h is not None:
                 h.change_serial()
             else:
                 raise ValueError(f"unknown fault {kind!r}")
@@ -255,7 +319,9 @@ class MeterSimulator:
         if f.exception_code:
             return ExcCodes(f.exception_code)
         if set_values is not None:
-            return ExcCodes.ILLEGAL_FUNCTION  # simulated meters are read-only
+            if device_id not in self.batteries or function_code not in WRITES:
+                return ExcCodes.ILLEGAL_FUNCTION  # simulated meters are read-only
+            return self._write_battery(device_id, address, [int(v) for v in set_values])
         image = self._images[device_id].get(TABLES.get(function_code, ""))
         if image is None:
             return ExcCodes.ILLEGAL_ADDRESS
@@ -265,6 +331,22 @@ class MeterSimulator:
         registers[address - start_address : address - start_address + count] = (
             image.registers[off : off + count]
         )
+        return None
+
+    def _write_battery(self, device_id: int, address: int, values: list[int]) -> ExcCodes | None:
+        """A client writes the battery inverter's model 124 control points."""
+        _, storage, _ = battery_layout()
+        offset = address - storage
+        with self._lock:
+            battery = self.households[self.batteries[device_id]].battery
+            assert battery is not None
+            if offset < 2 or offset + len(values) > 2 + 24:
+                return ExcCodes.ILLEGAL_ADDRESS  # only model 124's points are writable
+            try:
+                battery.write(offset, values, self._sim_time)
+            except WriteRefused as exc:
+                return ExcCodes(exc.code)
+            self._rebuild(device_id)
         return None
 
     def _device(self, device_id: int, served_id: int) -> SimDevice:
@@ -299,7 +381,7 @@ class MeterSimulator:
         servers: list[Any] = []
         try:
             if self.tcp and self.port_per_household:
-                for i, device_id in enumerate(self._meters()):
+                for i, device_id in enumerate(self._devices()):
                     port = (self._rebind[i] if self._rebind else self.port + i if self.port
                             else 0)
                     servers.append(ModbusTcpServer(
@@ -308,16 +390,20 @@ class MeterSimulator:
             elif self.tcp:
                 port = self._rebind[0] if self._rebind else self.port
                 servers.append(ModbusTcpServer(
-                    [self._device(d, d) for d in self._meters()],
+                    [self._device(d, d) for d in self._devices()],
                     address=(self.host, port), ignore_missing_devices=True))
             for server in servers:
                 await server.serve_forever(background=True)
                 if server.transport is None:
                     raise OSError(f"cannot listen on {self.host}:{self.port}")
                 self.ports.append(server.transport.sockets[0].getsockname()[1])
+            if self.tcp and self.port_per_household:  # the meters' ports stay ``ports``
+                n = len(self._meters())
+                self.battery_ports = dict(zip(self.batteries, self.ports[n:], strict=True))
+                self.ports = self.ports[:n]
             if self.serial_device:
                 serial = ModbusSerialServer(
-                    [self._device(d, d) for d in self._meters()], port=self.serial_device,
+                    [self._device(d, d) for d in self._devices()], port=self.serial_device,
                     baudrate=self.serial_baudrate, ignore_missing_devices=True,
                     reconnect_delay=0.5)
                 await serial.serve_forever(background=True)
@@ -349,7 +435,7 @@ class MeterSimulator:
         if self._thread is not None:
             raise RuntimeError("simulator already started")
         self._ready.clear()
-        self.ports = []
+        self.ports, self.battery_ports = [], {}
         self._thread = threading.Thread(target=self._run, name="meter-sim", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -368,7 +454,8 @@ class MeterSimulator:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         self._thread = None
-        self._rebind = list(self.ports)  # a restart comes back on the same ports
+        # a restart comes back on the same ports
+        self._rebind = [*self.ports, *self.battery_ports.values()]
 
     def __enter__(self) -> MeterSimulator:
         return self.start()
