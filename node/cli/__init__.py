@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("node.cli.run", "run this household's node"),
     "status": ("node.cli.run", "ask a running node for its status"),
     "net": ("node.cli.run", "run the network layer of a node"),
+    "operator": (
+        "node.cli.operator",
+        "run the grid operator's node: relay, bootstrap, ledger, dashboard",
+    ),
     "member": (
         "node.cli.governance",
         "the grid operator admits, removes, suspends or changes households; list them",

@@ -81,7 +81,7 @@ from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLar
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -99,6 +99,17 @@ from market.did import IdentityError
 from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
+from node.net.relay import (
+    RelayClient,
+    RelayError,
+    RelayService,
+    circuit_address,
+    connection_kinds,
+    infrastructure_peers,
+    is_circuit,
+    relay_addresses,
+    split_circuit,
+)
 from node.net.validator import (
     GossipValidator,
     PeerFault,
@@ -158,6 +169,7 @@ FAULT_WEIGHTS: dict[str, float] = {
     "control_error": 2.0,
     "budget_msgs": 0.2,
     "budget_bytes": 0.2,
+    "rate_limited": 1.0,
 }
 """Penalty points per stream fault reason (default :data:`DEFAULT_FAULT_WEIGHT`): garbage is a
 deliberate act or a broken peer; an exception we cannot attribute to the bytes weighs less."""
@@ -350,6 +362,30 @@ class NetSettings:
     that has not applied the removal yet) is refused without penalising anyone."""
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    relays: Sequence[str] = ()
+    """Circuit relay v2 hops (multiaddrs with /p2p/): the genesis' infrastructure peers
+    (node/net/relay.py). With any, this node reserves a slot at each and dials a member it
+    cannot reach directly (or has no address for) through them."""
+    relay_hop: bool = False
+    """Be a circuit relay v2 hop for the members (the operator node)."""
+    hole_punch: bool = True
+    """With relays: run DCUtR to upgrade relayed connections to direct ones."""
+    relay_wait: float = 3.0
+    liveness_interval: float = 30.0
+    """Seconds between liveness pings of each connected peer; a connection whose peer does
+    not answer ``liveness_failures`` pings in a row (``liveness_timeout`` each) is closed, so
+    the reconnect loop dials again (through the relay if need be). A home whose address
+    changed leaves a dead TCP connection that would otherwise black-hole gossip until TCP gives
+    up (~15 min)."""
+    liveness_failures: int = 2
+    liveness_timeout: float = 5.0
+    """Deadline of one liveness ping (longer than the RTT sample's 2 s: a peer busy on a
+    loaded machine is not dead)."""
+    """Through a relay, the member with the larger peer id waits this long (+-25 %) before
+    each dial, so the smaller one's circuit usually comes first (one connection per peer)."""
+    subscribe: bool = True
+    """Subscribe to the grid's gossip topics (the operator node does not: it is not a member,
+    so members would refuse what it forwarded; it follows the ledger through Raft)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -364,6 +400,7 @@ class NetSettings:
             mdns=config.mdns,
             metrics_port=config.metrics_port or None,
             metrics_host=config.metrics_host,
+            relays=[a for a in relay_addresses(genesis) if own not in a],
         )
 
 
@@ -434,7 +471,10 @@ class NetNode:
         on_raft: Callable[[Any], None] | None = None,
         stream_handlers: Sequence[tuple[str, Callable[[Any], Any]]] = (),
     ) -> None:
-        if not genesis.is_member(identity.did):
+        if (
+            not genesis.is_member(identity.did)
+            and identity.did not in infrastructure_peers(genesis).values()
+        ):
             # a household admitted after genesis: it dials the bootstrap/config peers, which
             # accept it once they applied its AddMember; it publishes once update_members
             # lists it
@@ -447,6 +487,16 @@ class NetNode:
         self.member_peers: dict[str, str] = {
             str(peer_id_from_did(did)): did for did in genesis.member_dids
         }
+        self.infra_peers: dict[str, str] = infrastructure_peers(genesis)
+        """Peer id -> DID of the operator's nodes the genesis names (bootstrap peers that are
+        not households): admitted by the gate and on Raft, never gossip members."""
+        self.relay_client: RelayClient | None = None
+        self.relay_service: RelayService | None = None
+        self._nursery: trio.Nursery | None = None
+        self._dial_loops: set[str] = set()
+        self._ping_failures: dict[ID, int] = {}
+        """Peer -> liveness pings missed in a row."""
+        """Peer ids with a reconnect loop (static address or circuit)."""
         self.metrics = NetMetrics(self.member_peers)
         self.penalties = PenaltyBox(
             threshold=self.settings.ban_threshold, ban_seconds=self.settings.ban_seconds
@@ -516,6 +566,24 @@ class NetNode:
         that admit members only: it follows every update."""
         return did in self.validator.member_dids
 
+    def is_allowed_peer(self, did: str) -> bool:
+        """A member or one of the operator's infrastructure nodes (Raft, block sync)."""
+        return did in self.validator.member_dids or did in self.infra_peers.values()
+
+    def connectivity(self) -> dict[str, Any]:
+        """How this node reaches its peers: relays and reservations, circuits dialled,
+        and per connected member whether the connection is direct or relayed."""
+        doc: dict[str, Any] = {
+            "connections": {} if self.host is None else connection_kinds(self.host,
+                                                                         self.member_peers),
+            "infrastructure": sorted(self.infra_peers),
+        }  # fmt: skip
+        if self.relay_client is not None:
+            doc["client"] = self.relay_client.status()
+        if self.relay_service is not None:
+            doc["relay"] = self.relay_service.status()
+        return doc
+
     @property
     def member_dids(self) -> frozenset[str]:
         """The DIDs on the current member list."""
@@ -566,6 +634,7 @@ class NetNode:
             if running and not self.penalties.is_banned(key):
                 # refused (and blacklisted) while it was not a member: readmit its gossip
                 self.pubsub.remove_from_blacklist(ID.from_base58(key))
+        self._start_circuit_loops()
         self._members_changed.set()
         self._members_changed = trio.Event()
 
@@ -697,7 +766,8 @@ class NetNode:
     async def _serve(self, task_status: trio.TaskStatus[NetNode]) -> None:
         with trio.fail_after(10):
             await self.pubsub.wait_until_ready()
-            subs = {k: await self.pubsub.subscribe(n) for k, n in self.topics.items()}
+            subs = ({k: await self.pubsub.subscribe(n) for k, n in self.topics.items()}
+                    if self.settings.subscribe else {})  # fmt: skip
         addrs = [str(a) for a in self.host.get_addrs()]
         self.listen_addrs = [a if "/p2p/" in a else f"{a}/p2p/{self.peer_id}" for a in addrs]
         async with trio.open_nursery() as nursery:
@@ -705,8 +775,21 @@ class NetNode:
             nursery.start_soon(self._housekeeping_loop)
             for kind, sub in subs.items():
                 nursery.start_soon(self._deliver_loop, kind, sub)
+            self._nursery = nursery
+            if self.settings.relay_hop:
+                self.relay_service = RelayService(self.host, lambda p: str(p) in self.member_peers)
+                await nursery.start(self.relay_service.run)
+            if self.settings.relays:
+                self.relay_client = RelayClient(
+                    self.host,
+                    self.settings.relays,
+                    lambda p: str(p) in self.infra_peers,
+                    hole_punch=self.settings.hole_punch,
+                )
+                await nursery.start(self.relay_client.run)
             for addr in self.settings.peers:
-                nursery.start_soon(self._reconnect_loop, addr)
+                self._start_dial_loop(addr)
+            self._start_circuit_loops()
             if self._raft_codec is not None:
                 self.raft = RaftTransport(
                     self.host,
@@ -715,7 +798,7 @@ class NetNode:
                     on_message=self._on_raft or (lambda m: None),
                     metrics=self.metrics,
                     queue_size=self.settings.raft_queue,
-                    allowed=self.is_member,
+                    allowed=self.is_allowed_peer,
                 )
                 await nursery.start(self.raft.run)
             for protocol, handler in self._stream_handlers:
@@ -773,7 +856,7 @@ class NetNode:
     def _on_connected(self, peer: ID) -> None:
         key = str(peer)
         reason = None
-        if key not in self.member_peers:
+        if key not in self.member_peers and key not in self.infra_peers:
             reason = "non_member"
         elif self.penalties.is_banned(key):
             reason = "banned"
@@ -830,9 +913,11 @@ class NetNode:
         them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen then:
         bans last far longer). The peers gauge is counted when scraped (:meth:`_peer_count`)."""
         next_rtt = trio.current_time() + 1.0
+        next_live = trio.current_time() + self.settings.liveness_interval
         self.metrics.peers.set_function(self._peer_count)
         while True:
-            wait = min(HOUSEKEEPING_MAX_SECONDS, next_rtt - trio.current_time())
+            wait = min(HOUSEKEEPING_MAX_SECONDS, next_rtt - trio.current_time(),
+                       next_live - trio.current_time())  # fmt: skip
             bans = list(self.penalties.banned_until.values())
             if bans:
                 wait = min(wait, min(bans) - self.penalties.clock())
@@ -844,6 +929,31 @@ class NetNode:
                 next_rtt = trio.current_time() + self.settings.rtt_interval
                 for peer in self.connected_peers():
                     await self._sample_rtt(peer)
+            if trio.current_time() >= next_live:
+                next_live = trio.current_time() + self.settings.liveness_interval
+                await self._check_liveness()
+
+    async def _check_liveness(self) -> None:
+        """Ping every connected peer at once; close the connections of a peer that missed
+        ``liveness_failures`` pings in a row (see :class:`NetSettings`)."""
+        peers = self.connected_peers()
+
+        async def check(peer: ID) -> None:
+            if await self._sample_rtt(peer, self.settings.liveness_timeout):
+                self._ping_failures.pop(peer, None)
+                return
+            n = self._ping_failures[peer] = self._ping_failures.get(peer, 0) + 1
+            if n >= self.settings.liveness_failures:
+                del self._ping_failures[peer]
+                self.metrics.stream_errors.labels("liveness_closed").inc()
+                log.warning("peer %s missed %d pings: closing its connection", peer, n)
+                self._queue_action("close", peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(check, peer)
+        for peer in [p for p in self._ping_failures if p not in peers]:
+            del self._ping_failures[peer]
 
     def _peer_count(self) -> int:
         """Connected peers, for the gauge; called from the metrics server's thread, so it only
@@ -853,9 +963,10 @@ class NetNode:
         return sum(1 for conns in list(self.host.get_network().get_connections_map().values())
                    if conns)  # fmt: skip
 
-    async def _sample_rtt(self, peer: ID) -> None:
+    async def _sample_rtt(self, peer: ID, timeout: float = 2.0) -> bool:
+        """One libp2p ping (``timeout`` deadline), its RTT observed; False if it failed."""
         try:
-            with trio.fail_after(2):
+            with trio.fail_after(timeout):
                 stream = await self.host.new_stream(peer, [PING_PROTOCOL_ID])
                 try:
                     start = time.perf_counter()
@@ -866,6 +977,8 @@ class NetNode:
         except Exception as exc:
             self.metrics.stream_errors.labels("ping").inc()
             log.debug("ping %s failed: %s", peer, exc)
+            return False
+        return True
 
     async def _wait_disconnected(self, peer: ID, timeout: float) -> None:
         """Until a connection of ``peer`` closes, or ``timeout`` seconds: the caller re-checks
@@ -877,11 +990,66 @@ class NetNode:
         with trio.move_on_after(max(0.0, timeout)):
             await waiter.wait()
 
+    def _start_dial_loop(self, addr: str) -> None:
+        """A reconnect loop for ``addr`` unless its peer has one (or is this node)."""
+        try:
+            peer = (split_circuit(addr)[1] if is_circuit(addr)
+                    else info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id)  # fmt: skip
+        except Exception as exc:
+            log.error("bad peer address %r: %s", addr, exc)
+            return
+        key = str(peer)
+        if key in self._dial_loops or peer == self.peer_id or self._nursery is None:
+            return
+        self._dial_loops.add(key)
+        self._nursery.start_soon(self._reconnect_loop, addr)
+
+    def _start_circuit_loops(self) -> None:
+        """With a relay: a loop dialling through it each member no static address names."""
+        if self.relay_client is None or not self.settings.relays:
+            return
+        relay = self.settings.relays[0]
+        for key in list(self.member_peers):
+            if key not in self._dial_loops and key not in self.infra_peers:
+                self._start_dial_loop(circuit_address(relay, key))
+
+    async def _dial(self, info: Any, addr: str) -> None:
+        """Connect to ``info``'s peer: through the relay for a circuit address; otherwise
+        directly and, if that fails and relays are configured, through each relay in turn."""
+        timeout = self.settings.dial_timeout
+        if is_circuit(addr):
+            if self.relay_client is None:
+                raise RelayError(addr, "no relay client (no relays configured)")
+            await self.relay_client.dial(addr, timeout)
+            return
+        # identify fills the peerstore with the peer's *listen* addresses (0.0.0.0, a home's
+        # private address) and the swarm dials one address per transport: keep only ours
+        with contextlib.suppress(Exception):
+            self.host.get_peerstore().clear_addrs(info.peer_id)
+        try:
+            with trio.fail_after(timeout):
+                await self.host.connect(info)
+            return
+        except Exception as exc:
+            if self.relay_client is None or str(info.peer_id) in self.infra_peers:
+                raise
+            direct_error = exc
+        for relay in self.settings.relays:
+            try:
+                await self.relay_client.dial(circuit_address(relay, info.peer_id), timeout)
+                return
+            except RelayError as exc:
+                log.debug("circuit to %s failed: %s", info.peer_id, exc)
+        raise direct_error
+
     async def _reconnect_loop(self, addr: str) -> None:
         """Keep a connection to one static peer, with exponential back-off and jitter, while
-        it is on the member list (waiting while it is not)."""
+        it is on the member list (waiting while it is not). A circuit address
+        (``<relay>/p2p-circuit/p2p/<peer>``) is dialled through the relay."""
+        circuit = is_circuit(addr)
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+            info = (PeerInfo(split_circuit(addr)[1], []) if circuit
+                    else info_from_p2p_addr(multiaddr.Multiaddr(addr)))  # fmt: skip
         except Exception as exc:
             log.error("bad peer address %r: %s", addr, exc)
             return
@@ -901,20 +1069,27 @@ class NetNode:
             if self.penalties.is_banned(key):
                 await trio.sleep(0.25)
                 continue
-            if key not in self.member_peers:
+            if key not in self.member_peers and key not in self.infra_peers:
                 # not (or no longer) a member: our gate would refuse the connection anyway
                 with trio.move_on_after(RECONNECT_CHECK_SECONDS):
                     await self._members_changed.wait()
                 continue
             if self._stop.is_set():
                 return  # stopping: dial no more (see _serve)
+            if circuit and info.peer_id.to_bytes() > self.peer_id.to_bytes():
+                # the other end dials first; we dial only if no connection came meanwhile
+                wait = self.settings.relay_wait * random.uniform(0.75, 1.25)
+                await self._wait_disconnected(info.peer_id, wait)
+                if network.get_connections(info.peer_id) or self._stop.is_set():
+                    continue
             # pitfall 3: a failed dial puts the peer in a private 60 s negative cache
             network.unblock_peer(info.peer_id)
             try:
                 self._dialing += 1
                 try:
-                    with trio.fail_after(self.settings.dial_timeout):
-                        await self.host.connect(info)
+                    rounds = 1 + (0 if circuit else len(self.settings.relays))
+                    with trio.fail_after(self.settings.dial_timeout * rounds):
+                        await self._dial(info, addr)
                 finally:
                     self._dialing -= 1
                 self.metrics.dials.labels("ok").inc()
