@@ -9,6 +9,12 @@ marked ``blocking`` (it reads the database) runs in a worker thread, at most
 ``ApiLimits.handler_threads`` at once, so no request can hold up the trio loop that also ticks
 Raft. An ``async`` handler runs on the loop and may hand work to :meth:`Api.run_blocking`.
 
+A route marked ``stream`` answers with a :class:`Stream` (server-sent events): the response
+head, then chunks as the handler's stream yields them (HTTP/1.1 chunked, or connection-close
+framing for an HTTP/1.0 client), until the stream ends, the client hangs up, or a chunk is not
+taken within ``send_timeout_s`` (a client that does not read is dropped, never waited for); the
+connection then closes. At most ``ApiLimits.max_streams`` streams run at once (503 beyond).
+
 Nothing a client sends can raise out of :meth:`Api.serve`: every connection runs under a
 catch-all, a handler bug answers 500, and every refusal is answered with a JSON 4xx/5xx, counted
 by status code (:attr:`Api.requests`) and by reason (:attr:`Api.rejections`). The limits are in
@@ -17,12 +23,14 @@ by status code (:attr:`Api.requests`) and by reason (:attr:`Api.rejections`). Th
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import inspect
 import json
 import logging
+import socket
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -47,13 +55,15 @@ _REASON_PHRASES = {
     200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Content Too Large", 422: "Unprocessable Content", 431: "Request Header Fields Too Large",
+    413: "Content Too Large", 422: "Unprocessable Content", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error", 503: "Service Unavailable",
 }  # fmt: skip
 _DEFAULT_REASONS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
     405: "method_not_allowed",
-    408: "timeout", 409: "conflict", 413: "body_too_large", 431: "header_too_large",
+    408: "timeout", 409: "conflict", 413: "body_too_large", 429: "too_many_requests",
+    431: "header_too_large",
     500: "handler_error", 503: "unavailable",
 }  # fmt: skip
 
@@ -94,6 +104,15 @@ class ApiLimits:
     linger_s: float = 0.5
     """After an error answer, how long unread input is drained so the client gets the answer
     (closing a socket with unread input resets the connection)."""
+    max_streams: int = 4
+    """Streamed answers (``GET /events``) open at once; one more is answered 503."""
+    stream_send_buffer: int = 64 * 1024
+    """The kernel send buffer of a streaming connection (``SO_SNDBUF``): what a client that
+    stops reading can leave unsent before the stream's writer waits (then ``send_timeout_s``
+    drops it)."""
+    stream_input_bytes: int = 4 * 1024
+    """Bytes a client may send on a streaming connection after its request (ignored); more
+    closes the stream (a stream takes no further requests)."""
 
 
 class ApiError(Exception):
@@ -113,6 +132,18 @@ class ApiError(Exception):
         self.message = message
         self.reason = reason or _DEFAULT_REASONS.get(status, f"http_{status}")
         self.details = dict(details or {})
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """A streamed answer (a route registered with ``stream=True``): 200 with ``content_type``,
+    then each chunk ``next()`` returns, sent as it comes, until it returns None. ``close`` runs
+    once when the stream ends for any reason (the client hung up or stopped reading, the
+    producer ended it, the node stops): it releases what the handler took."""
+
+    next: Callable[[], Awaitable[bytes | None]]
+    close: Callable[[], None]
+    content_type: str = "text/event-stream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +231,8 @@ class Route:
     """Integer parameters and their ranges, checked before the token (400 naming them)."""
     choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Parameters that take one of a few values, checked before the token."""
+    stream: bool = False
+    """It answers with a :class:`Stream` (counted against ``ApiLimits.max_streams``)."""
 
 
 def parse_query(qs: str) -> dict[str, str]:
@@ -239,6 +272,8 @@ class Api:
     """Connections being served now."""
     refusing: int = 0
     """Connections being answered 503 now (over ``max_connections``)."""
+    streams: int = 0
+    """Streamed answers being sent now (at most ``ApiLimits.max_streams``)."""
     _limiter: trio.CapacityLimiter | None = field(default=None, repr=False)
 
     def route(
@@ -251,6 +286,7 @@ class Api:
         params: frozenset[str] | set[str] | None = None,
         ints: Mapping[str, tuple[int, int]] | None = None,
         choices: Mapping[str, tuple[str, ...]] | None = None,
+        stream: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Decorator registering ``handler`` for ``method path``.
 
@@ -258,6 +294,7 @@ class Api:
         ``blocking``: run the handler in a worker thread. ``params``: the query parameters it
         takes (None: any); ``ints`` (name: (low, high)) and ``choices`` (name: values) are taken
         too, and checked before the token (the handler finds the integers in ``Request.ints``).
+        ``stream``: the handler returns a :class:`Stream` (never ``blocking``).
         """
         needs_token: TokenRule = method.upper() != "GET" if token is None else token
         ints, choices = dict(ints or {}), dict(choices or {})
@@ -267,7 +304,7 @@ class Api:
 
         def add(handler: Handler) -> Handler:
             self.routes[(method.upper(), path)] = Route(
-                handler, blocking, needs_token, allowed, ints, choices
+                handler, blocking and not stream, needs_token, allowed, ints, choices, stream
             )
             return handler
 
@@ -334,11 +371,15 @@ class Api:
 
     async def dispatch(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes
-    ) -> tuple[int, bytes]:
-        """Answer one request: (status, JSON body bytes). Never raises but Cancelled: a
-        handler's unexpected exception answers 500 (logged with its traceback)."""
+    ) -> tuple[int, bytes | Stream]:
+        """Answer one request: (status, JSON body bytes), or (200, a :class:`Stream`) from a
+        streaming route, which then holds one of the ``max_streams`` places until the caller
+        closes it. Never raises but Cancelled: a handler's unexpected exception answers 500
+        (logged with its traceback)."""
         try:
             route, request = self.resolve(method, target, headers, body)
+            if route.stream:
+                return 200, await self._open_stream(route, request)
             if route.blocking:
                 return 200, await self.run_blocking(_encode_result, route.handler, request)
             result = route.handler(request)
@@ -356,6 +397,37 @@ class Api:
                         extra={"event": "api_handler_error", "method": method,
                                "path": target.partition("?")[0][:200]})  # fmt: skip
             return 500, _encode({"error": "internal error (logged by the node)"})
+
+    async def _open_stream(self, route: Route, request: Request) -> Stream:
+        """Take one of the ``max_streams`` places (503 when none is free) and start the
+        route's stream; the place is given back when the stream closes."""
+        if self.streams >= self.limits.max_streams:
+            raise ApiError(
+                503,
+                f"too many event streams open (at most {self.limits.max_streams}); try again",
+                "too_many_streams",
+            )
+        self.streams += 1  # no checkpoint since the check: places are never over-booked
+        try:
+            result = route.handler(request)
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException:
+            self.streams -= 1
+            raise
+        if not isinstance(result, Stream):
+            self.streams -= 1
+            raise TypeError(f"stream route {request.path} returned {type(result).__name__}")
+        closed = False
+
+        def close() -> None:
+            nonlocal closed
+            if not closed:
+                closed = True
+                self.streams -= 1
+                result.close()
+
+        return replace(result, close=close)
 
     async def serve(
         self,
@@ -425,6 +497,12 @@ class Api:
             first = False
             method, target = request.method.decode("ascii"), request.target.decode("ascii")
             status, payload = await self.dispatch(method, target, headers, body)
+            if isinstance(payload, Stream):
+                try:
+                    await self._send_stream(conn, stream, payload)
+                finally:
+                    payload.close()
+                return
             if status >= 400:
                 log.debug("api %s %s from %s: %d", method, target[:200], peer, status)
             self._count(status)
@@ -439,6 +517,64 @@ class Api:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
+
+    async def _send_stream(self, conn: h11.Connection, stream: trio.SocketStream,
+                           body: Stream) -> None:  # fmt: skip
+        """Send a streamed answer until it ends, the client hangs up or sends more than
+        ``stream_input_bytes``, or a chunk is not taken within ``send_timeout_s``. Every way
+        it ends is counted; nothing is raised but Cancelled."""
+        self._count(200)
+        with contextlib.suppress(OSError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.stream_send_buffer)
+        head = h11.Response(status_code=200, headers=[
+            ("content-type", body.content_type), ("cache-control", "no-store"),
+            ("x-accel-buffering", "no"), ("connection", "close")])  # fmt: skip
+        limits = self.limits
+        ended: list[str] = []
+
+        async def watch_input(scope: trio.CancelScope) -> None:
+            """A stream takes no more requests: end it when the client hangs up (or floods)."""
+            received = 0
+            try:
+                while received <= limits.stream_input_bytes:
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                    if not data:
+                        ended.append("stream_client_closed")
+                        break
+                    received += len(data)
+                else:
+                    ended.append("stream_input")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                ended.append("stream_client_closed")
+            scope.cancel()
+
+        async def send(data: bytes) -> bool:
+            with trio.move_on_after(limits.send_timeout_s) as sending:
+                await stream.send_all(data)
+            if sending.cancelled_caught:
+                ended.append("stream_send_timeout")
+            return not sending.cancelled_caught
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_input, nursery.cancel_scope)
+            try:
+                if await send(conn.send(head)):
+                    while (chunk := await body.next()) is not None:
+                        if not await send(conn.send(h11.Data(data=chunk))):
+                            break
+                    else:
+                        ended.append("stream_ended")
+                        await send(conn.send(h11.EndOfMessage()))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                ended.append("stream_client_closed")
+            except Exception:
+                ended.append("stream_error")
+                log.warning("api stream failed", exc_info=True,
+                            extra={"event": "api_stream_error"})  # fmt: skip
+            nursery.cancel_scope.cancel()
+        reason = ended[0] if ended else "stream_closed"
+        if reason not in ("stream_ended", "stream_client_closed"):
+            self.rejections[reason] += 1
 
     async def _read_request(
         self, conn: h11.Connection, stream: trio.SocketStream, first: bool
