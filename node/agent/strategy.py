@@ -1,10 +1,13 @@
 """The household agent: turns what the meter measured into an order for an upcoming slot.
 
-Pure and integer-only. The forecast is an exponentially weighted average of the household's net
-export per slot-of-day (yesterday's 12:15 predicts today's 12:15), falling back to the most recent
-slot when a slot-of-day has not been seen yet. The strategy then offers only a safe share of a
-forecast surplus (a household must never promise more than it can deliver: a shortfall is bought
-back at the retail price) and bids for the forecast deficit, at limit prices inside the band.
+Pure and integer-only. :class:`Forecaster` is the previous agent's forecast, kept as the
+benchmark's baseline (``bench/forecast_bench.py``): an exponentially weighted average of the
+household's net export per slot-of-day (yesterday's 12:15 predicts today's 12:15), falling back
+to the most recent slot when a slot-of-day has not been seen yet. The node's agent now
+forecasts with :class:`node.agent.forecast.LearningForecaster`. The strategy then offers only a
+safe share of a forecast surplus (a household must never promise more than it can deliver: a
+shortfall is bought back at the retail price) and bids for the forecast deficit, at limit prices
+inside the band.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class Forecaster:
         if known is not None:
             return int(known)
         return self.last
+
+    def issue(self, slot: int) -> int | None:
+        """:meth:`predict` (the learning forecaster's API, node/agent/forecast.py)."""
+        return self.predict(slot)
 
 
 def plan_order(
