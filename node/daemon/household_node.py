@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ import trio
 from sqlalchemy import func, select
 
 import market.state as engine
-from market import CancelOrder, MeterReading, Order, RejectReason, Side
+from market import CancelOrder, MeterReading, Order, RejectReason
 from market.accounting import household_account
 from market.bounds import MAX_SLOT
 from market.events import (
@@ -71,11 +72,17 @@ from market.models import (
 from market.settlement import Tariffs
 from market.signing import Signer
 from market.state import State, sell_limit_wh
+from meter.battery import BatteryClient
+from meter.events import MeterError
 from meter.metrics import MeterCollector
 from meter.reader import MeterConfig, MeterReader, PollResult
+from node.agent.battery import BatteryAgent
+from node.agent.forecast import FORECAST_FILE, ForecastCollector, load_forecaster, write_forecast
 from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
 from node.daemon.censorship import CensorshipWatch
+from node.daemon.clock import ClockWatch, offset_clock
 from node.daemon.consensus import ConsensusDriver
+from node.daemon.events_stream import StrategyApi, with_steps_lists
 from node.daemon.http_api import Api, ApiError, Reply, Request
 from node.daemon.prometheus import NodeCollector
 from node.daemon.proposer import Proposer
@@ -108,7 +115,14 @@ from node.net.block_sync import (
     fetch_blocks,
     store_exporter,
 )
+from node.net.clock_sync import (
+    TIME_PROTOCOL,
+    TimeSampler,
+    TimeServer,
+    connected_member_peers,
+)
 from node.net.host import NetNode, NetSettings, PublishError, default_slot_policy
+from node.net.relay import infrastructure_learners
 from node.net.wire import TopicKind
 from node.raft import Config, EntryType, Message, RaftNode, decode_message, encode_message
 from node.raft.storage_sql import SQLStorage
@@ -247,6 +261,10 @@ class HouseholdNode:
         *,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        if config.clock_offset_seconds:  # tests and drills only (node/setup/config.py)
+            log.warning("clock_offset_seconds = %s: this node's wall clock is shifted (tests and "
+                        "drills only)", config.clock_offset_seconds)  # fmt: skip
+            wall_clock = offset_clock(wall_clock, config.clock_offset_seconds)
         member = genesis.member(identity.did)
         if not config.meters:
             raise NodeError("no [[meters]] configured: a household node trades what it meters")
@@ -288,14 +306,20 @@ class HouseholdNode:
             Config(
                 id=identity.did,
                 voters=voters,
-                learners=tuple(d for d in genesis.member_dids if d not in voters),
+                learners=tuple(d for d in genesis.member_dids if d not in voters)
+                + infrastructure_learners(genesis),  # the operator node (node/net/relay.py)
                 election_tick=config.raft_election_ticks,
                 heartbeat_tick=config.raft_heartbeat_ticks,
             ),
             self.raft_storage,
         )
         # the replicated member list decides who may fetch blocks (net.update_members keeps it)
-        self.block_server = BlockServer(store_exporter(self.store), lambda d: self.net.is_member(d))
+        self.block_server = BlockServer(store_exporter(self.store),
+                                        lambda d: self.net.is_allowed_peer(d))  # fmt: skip
+        slot = self.schedule.slot_seconds  # clocks: docs/node.md, "Clocks"
+        self.clock = ClockWatch(max_skew=config.clock_max_skew_seconds, transfer_every=slot,
+                                distrust_every=8 * slot)  # fmt: skip
+        self.time_server = TimeServer(wall_clock, lambda d: self.net.is_member(d))
         self.net = NetNode(
             identity,
             genesis,
@@ -304,8 +328,13 @@ class HouseholdNode:
             slot_policy=default_slot_policy(genesis, wall_clock),
             raft_codec=(encode_message, decode_message),
             on_raft=self._on_raft,
-            stream_handlers=[(BLOCKS_PROTOCOL, self.block_server.handle)],
+            stream_handlers=[(BLOCKS_PROTOCOL, self.block_server.handle),
+                             (TIME_PROTOCOL, self.time_server.handle)],
         )
+        self.time_sampler = TimeSampler(
+            lambda: self.net.host, lambda: connected_member_peers(self.net), wall_clock,
+            self.clock.sample, interval=config.clock_sample_seconds,
+        )  # fmt: skip
         self.raft_link = _RaftLink(self.net)
         self.driver = ConsensusDriver(
             raft=self.raft,
@@ -319,6 +348,7 @@ class HouseholdNode:
             wall_clock=wall_clock,
             on_applied=self._on_batch_applied,
             censorship=CensorshipWatch(identity.did),
+            clock=self.clock,
         )
         scale = config.meter_time_scale
         meters = [*config.meters, *([config.feeder.meter] if config.feeder else [])]
@@ -334,7 +364,30 @@ class HouseholdNode:
             "" if member is None else member.meter_serial,
             config.strategy,
             meter_time_scale=scale,
+            # an accelerated meter's days are not the sun's: no clear-sky term then
+            location=config.agent.location if scale == 1.0 else None,
         )
+        # the forecast's learned state survives restarts (docs/node.md, "The agent's forecast")
+        self.forecast_path = config.data_dir / FORECAST_FILE
+        lat, lon = self.trader.location or (None, None)
+        self.trader.forecaster, problem = load_forecaster(
+            self.forecast_path, self.schedule.slot_seconds, lat, lon
+        )
+        if problem is not None:
+            log.warning("forecast state ignored: %s", problem, extra={"event": "forecast_ignored"})
+        # the battery planner (docs/node.md, "Batteries"): at most one [[batteries]] table
+        self.battery: BatteryAgent | None = None
+        self.battery_client: BatteryClient | None = None
+        self.battery_error: str | None = None
+        if config.batteries:
+            b = config.batteries[0]
+            self.battery_client = BatteryClient(
+                b.name, b.endpoint, b.device_id, max_power_w=b.max_power_w,
+                max_capacity_wh=b.max_capacity_wh, clock=lambda: time.monotonic() * scale,
+                wall_clock=wall_clock)  # fmt: skip
+            self.battery = BatteryAgent(
+                b.slot_seconds or self.schedule.slot_seconds * scale, b.efficiency_permille,
+                b.horizon_slots, b.levels)  # fmt: skip
         self._engine = self._take_snapshot(self.replica.state, rescan=True)
         self.api = Api(config.api_token)
         self._register_routes()
@@ -354,6 +407,8 @@ class HouseholdNode:
         """Wall-clock seconds at which this node applied each recent slot's clearing
         (``cleared_at``) and settlement (``settled_at``): for status and the benchmarks."""
         self._manual_send, self._manual_recv = trio.open_memory_channel[SignedRecord](64)
+        # manual orders, curves, replace and cancel, GET /events (docs/strategy-api.md)
+        self.strategy = StrategyApi(self)
         self._block_sync_wake = trio.Event()
         """Set when the ledger may have a new gap (a snapshot was installed): block sync
         looks at once instead of at its next idle re-check."""
@@ -362,6 +417,7 @@ class HouseholdNode:
         # one Prometheus endpoint for the network, the meters and the node (127.0.0.1)
         self.net.metrics.registry.register(MeterCollector(self.reader))
         self.net.metrics.registry.register(NodeCollector(self))
+        self.net.metrics.registry.register(ForecastCollector(lambda: self.trader.forecaster))
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -371,6 +427,7 @@ class HouseholdNode:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.net.run)
+                await nursery.start(self.time_sampler.run)
                 await nursery.start(self.driver.run)
                 if self.config.api_port:
                     self.api_port = await nursery.start(
@@ -380,6 +437,7 @@ class HouseholdNode:
                 if self.config.feeder is not None:
                     nursery.start_soon(self._feeder_loop)
                 nursery.start_soon(self._publish_manual)
+                nursery.start_soon(self.strategy.run)
                 nursery.start_soon(self._block_sync_loop)
                 log.info(
                     "node started", extra={"event": "started", "did": self.identity.did,
@@ -397,6 +455,8 @@ class HouseholdNode:
                 nursery.cancel_scope.cancel()
         finally:
             self.reader.close()
+            if self.battery_client is not None:
+                self.battery_client.close()
             self.store.close()
             self.raft_storage.close()
             log.info("node stopped", extra={"event": "stopped",
@@ -438,6 +498,7 @@ class HouseholdNode:
             self._block_sync_wake.set()
         commands, self._batch_commands = self._batch_commands, []
         self._publish_engine([e for _, events in entries for e in events], rescan=installed)
+        self.strategy.after_batch(entries, commands, installed)
         self._governance_committed(entries, commands)
         self._update_members()
 
@@ -510,6 +571,9 @@ class HouseholdNode:
             elif isinstance(event, GateClosed):
                 self._slot_time(event.slot, "cleared_at")
                 c = event.clearing
+                if self.battery is not None:  # what neighbours paid: the planner's prices
+                    self.battery.observe_clearing(event.slot, c.price, c.volume_wh,
+                                                  self._engine.band(event.slot))  # fmt: skip
                 log.info("slot cleared", extra={
                     "event": "cleared", "slot": event.slot, "index": index, "price": c.price,
                     "volume_wh": c.volume_wh, "orders": len(event.orders),
@@ -577,6 +641,7 @@ class HouseholdNode:
             await trio.sleep(max(0.0, wake - self.wall_clock()))
             now = self.wall_clock()
             if now >= boundary:
+                await self._battery_slot(slot)
                 await self._slot_ended(slot)
                 slot = self.schedule.slot_at(now)
                 await self._place_order(self.schedule.open_slot(self.wall_clock()))
@@ -642,7 +707,8 @@ class HouseholdNode:
                 return
             await trio.sleep(0.5)
         try:
-            reading = self.trader.slot_ended(slot, result.sample, term.meter_serial)
+            reading = self.trader.slot_ended(slot, result.sample, term.meter_serial,
+                                             self._battery_energy(slot))  # fmt: skip
         except MeterMismatch as exc:
             self.counters["meter_mismatch"] += 1
             log.error(str(exc), extra={"event": "meter_mismatch", "slot": slot})
@@ -650,6 +716,17 @@ class HouseholdNode:
         self.last_reading = reading
         self.last_reading_at = dt.datetime.fromtimestamp(result.sample.time, dt.UTC).isoformat()
         await self._publish(TopicKind.READINGS, reading)
+        await self._save_forecast()
+
+    async def _save_forecast(self) -> None:
+        """Persist the forecaster's state (atomically, in a worker thread); a failed write is
+        logged and retried at the next slot end."""
+        try:
+            doc = self.trader.forecaster.to_json()  # here: the trio thread owns the forecaster
+            await trio.to_thread.run_sync(write_forecast, doc, self.forecast_path)
+        except OSError as exc:
+            self.counters["forecast_save_failures"] += 1
+            log.warning("forecast state not saved: %s", exc, extra={"event": "forecast_error"})
 
     # -- the feeder meter (the grid operator's node) ----------------------------------------
 
@@ -705,6 +782,66 @@ class HouseholdNode:
         self.last_feeder_error = None
         await self._publish(TopicKind.READINGS, reading)
 
+    # -- the battery (docs/node.md, "Batteries") ---------------------------------------------
+
+    async def _battery_slot(self, ended: int) -> None:
+        """At the end of slot ``ended``: read the battery, plan from the slot whose order is
+        placed next, and force the battery to the energy committed for the slot starting now
+        (no commitment: its own self-consumption). A failed read or write is counted and
+        logged; the setpoint written last reverts by itself after two slots."""
+        agent, client = self.battery, self.battery_client
+        if agent is None or client is None:
+            return
+        engine = self.engine_snapshot()
+        open_slot = self.schedule.open_slot(self.wall_clock())
+        try:
+            with trio.fail_after(max(1.0, self.schedule.settle_delay_seconds / 4)):
+                status = await client.read()
+                decision = agent.decide(status, ended + 1, open_slot,
+                                        self.trader.forecaster.predict, engine.band)  # fmt: skip
+                if decision.setpoint_wh is None:
+                    await client.release()
+                else:
+                    revert = math.ceil(2 * agent.slot_seconds)
+                    await client.set_power(agent.setpoint_w(decision.setpoint_wh),
+                                           revert_s=revert)  # fmt: skip
+        except (MeterError, trio.TooSlowError) as exc:
+            self.counters["battery_failures"] += 1
+            self.battery_error = str(exc) or "battery read/write timed out"
+            log.warning("battery failed", extra={"event": "battery_error", "slot": ended,
+                                                 "error": self.battery_error})  # fmt: skip
+            return
+        self.battery_error = None
+        log.info("battery planned", extra={
+            "event": "battery", "slot": ended + 1, "soc_wh": status.soc_wh,
+            "setpoint_wh": decision.setpoint_wh, "order_slot": decision.order_slot,
+            "battery_wh": decision.battery_wh})  # fmt: skip
+
+    def _battery_energy(self, slot: int) -> int:
+        """What the planned battery moved in ``slot`` (0 without one, or if unknown)."""
+        energy = None if self.battery is None else self.battery.battery_energy(slot)
+        return energy or 0
+
+    def battery_status(self) -> dict[str, Any] | None:
+        """The status document's ``battery`` section (None without ``[[batteries]]``)."""
+        agent, client = self.battery, self.battery_client
+        if agent is None or client is None:
+            return None
+        last, plan = agent.last, agent.plan
+        return {
+            "name": client.name, "ok": self.battery_error is None and client.last is not None,
+            "error": self.battery_error,
+            "status": None if client.last is None else client.last.as_dict(),
+            "setpoint_wh": None if last is None else last.setpoint_wh,
+            "setpoint_w": None if last is None or last.setpoint_wh is None
+            else agent.setpoint_w(last.setpoint_wh),
+            "delivering": None if last is None else last.delivering,
+            "committed": {str(k): v for k, v in sorted(agent.committed.items())},
+            "plan": [] if plan is None else plan.as_list(),
+            "recent_clearings": [{"slot": s, "price": p} for s, p, _ in agent.clearings][-4:],
+            "failures": self.counters["battery_failures"], "writes": client.writes,
+        }  # fmt: skip
+
     def feeder_status(self) -> dict[str, Any] | None:
         """The status document's ``feeder`` section (None without ``[feeder]``)."""
         if self.config.feeder is None:
@@ -729,7 +866,9 @@ class HouseholdNode:
         if self._active_term(slot) is None:
             return
         engine = self.engine_snapshot()
-        order = self.trader.order_for(slot, engine.sell_limit_wh, engine.band(slot))
+        order = self.trader.order_for(
+            slot, engine.sell_limit_wh, engine.band(slot),
+            0 if self.battery is None else self.battery.order_energy(slot))  # fmt: skip
         if order is not None:
             await self._publish(TopicKind.ORDERS, order)
 
@@ -909,7 +1048,10 @@ class HouseholdNode:
             for name, r in self.last_poll.items()
         }  # fmt: skip
         doc["feeder"] = self.feeder_status()
+        doc["battery"] = self.battery_status()
+        doc["agent"] = {"forecast": self.trader.forecaster.accuracy()}
         doc["network"] = self._network_faults()
+        doc["connectivity"] = self.net.connectivity()  # relay, direct/relayed (docs/network.md)
         doc["api"] = {"connections": self.api.connections,
                       "responses": {str(k): v for k, v in sorted(self.api.requests.items())},
                       "rejections": dict(sorted(self.api.rejections.items()))}  # fmt: skip
@@ -974,7 +1116,11 @@ class HouseholdNode:
         q = select(t.orders).where(c.slot == slot).order_by(c.position)
         if _only_mine(req):
             q = q.where(c.household == self.identity.did)
-        return {"slot": slot, "orders": self._rows(q)}
+        rows = with_steps_lists(self._rows(q))
+        closed = self.engine_snapshot().closed_through
+        if _only_mine(req) and slot is not None and (closed is None or slot > closed):
+            rows += self.strategy.open_rows(slot)  # its book: this household's orders only
+        return {"slot": slot, "orders": rows}
 
     def _get_trades(self, req: Request) -> Any:
         """Trades from slot ``since`` on (default: the last 96 slots); ``household=me`` filters
@@ -1044,65 +1190,12 @@ class HouseholdNode:
             })  # fmt: skip
         return {"blocks": int(count), "slots": out}
 
-    def _post_order(self, req: Request) -> Any:
-        """Place a manual order ``{"side", "quantity_wh", "price", "slot"?}`` (signed here; on
-        the trio thread: it queues the order on a trio channel, and reads no database)."""
-        body = req.json()
-        if not isinstance(body, dict):
-            raise ApiError(400, "expected a JSON object")
-        try:
-            side = Side(body["side"])
-            qty, price = body["quantity_wh"], body["price"]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ApiError(400, f"side (buy|sell), quantity_wh and price are required: {exc}"
-                           ) from None  # fmt: skip
-        slot = body.get("slot", self.schedule.open_slot(self.wall_clock()))
-        if not all(type(v) is int for v in (qty, price, slot)):
-            raise ApiError(400, "quantity_wh, price and slot must be integers")
-        market = self.genesis.market
-        if not 0 < qty <= market.max_order_wh:
-            raise ApiError(400, f"quantity_wh must be in 1..{market.max_order_wh}")
-        if not 0 <= slot <= MAX_SLOT:
-            raise ApiError(400, f"slot must be in 0..{MAX_SLOT}")
-        engine = self.engine_snapshot()
-        band = engine.band(slot)  # the slot's tariffs under the rules in force there
-        if not band.feed_in <= price <= band.retail:
-            raise ApiError(400, f"price must be in {band.feed_in}..{band.retail} in slot {slot}")
-        # what the engine would refuse for this household's record (docs/ledger.md), said now
-        # rather than after the order was signed and gossiped
-        term = engine.term(self.identity.did, slot)
-        if term is None or not term.active:
-            standing = "not a member" if term is None else term.status.value
-            raise ApiError(409, f"not_active: this household is {standing} in slot {slot}")
-        if market.rules >= 2 and engine.silent_slots >= market.max_silent_slots:
-            raise ApiError(409, f"meter_silent: no reading of this household's meter for "
-                                f"{engine.silent_slots} settled slots; orders are refused until "
-                                "one is accepted")  # fmt: skip
-        if side == Side.SELL and engine.sell_limit_wh is not None and qty > engine.sell_limit_wh:
-            raise ApiError(409, f"over_sell_limit: this household may offer at most "
-                                f"{engine.sell_limit_wh} Wh per slot (its delivery record)")
-        now = self.wall_clock()
-        if now >= self.schedule.gate_time(slot):
-            raise ApiError(409, f"the gate of slot {slot} has closed")
-        # The engine accepts slots up to slot_horizon past the last closed gate; a farther one
-        # would also push this household's nonce window past its own next readings.
-        last = self.schedule.last_due_gate(now) + market.slot_horizon
-        if slot > last:
-            raise ApiError(400, f"slot {slot} is too far ahead (orders go up to slot {last})")
-        # One manual order per slot: its nonce is derived from the slot (node/agent/trader.py), so a
-        # second one would be rejected as a replay after the API had accepted it. Signed since
-        # this process started, or in the slot's book (the published engine snapshot).
-        if slot in self.trader.manual_slots or slot in self.engine_snapshot().own_manual_slots:
-            raise ApiError(409, f"a manual order for slot {slot} is already placed (one per slot)")
-        order = self.trader.sign_order(slot, side, qty, price)
-        try:
-            self._manual_send.send_nowait(order)
-        except trio.WouldBlock:
-            raise ApiError(503, "too many orders queued; try again") from None
-        closed = self.schedule.last_due_gate(now)
-        self.trader.manual_slots = {s for s in self.trader.manual_slots if s > closed} | {slot}
-        return {"queued": order.id, "slot": slot}
-
+    async def _post_order(self, req: Request) -> Any:
+        """Place a manual order ``{"side", "quantity_wh", "price", "slot"?}`` or a curve
+        (``"steps": [[quantity_wh, price], ...]``), or replace the slot's one (``"replace"``):
+        checked, signed here and queued for gossip (docs/strategy-api.md; on the trio thread,
+        the nonce state is written in a worker thread)."""
+        return await self.strategy.post_order(req)
 
     # -- governance ------------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ raft_tick_seconds = 0.25
 raft_election_ticks = 20
 raft_heartbeat_ticks = 4
 raft_snapshot_entries = 5000     # compact the Raft log after this many applied entries
+clock_max_skew_seconds = 5.0     # clock off the grid's median by more: skewed (docs/node.md)
+clock_sample_seconds = 30.0      # compare clocks with each connected member this often
+clock_offset_seconds = 0.0       # TESTS AND DRILLS ONLY: shift this node's wall clock
 
 [[meters]]                       # the household's grid-connection meter(s)
 name = "main"
@@ -35,16 +38,34 @@ endpoint = "tcp://192.168.1.60:502"
 device_id = 100
 operator_key_path = "operator.key"   # the genesis operator's key (mode 0600)
 
+[[batteries]]                    # optional, at most one: a SunSpec battery inverter (124 + 802)
+name = "battery"
+endpoint = "tcp://192.168.1.51:502"
+device_id = 3
+efficiency_permille = 900        # round trip (the register map has none)
+horizon_slots = 12               # the planner looks this many slots ahead
+
 [strategy]                       # all optional
 sell_floor = 14                  # minor units per kWh
 buy_cap = 24
 safety = "4/5"                   # share of the forecast surplus offered
+
+[agent]                          # optional: the household's location, for the forecast's
+latitude = 52.52                 # clear-sky PV shape (degrees north, -90..90)
+longitude = 13.40                # degrees east, -180..180; both or neither
 ```
 
 Environment overrides (applied after the file) exist for every scalar setting:
 ``MICROGRID_<SETTING>`` in upper case, e.g. ``MICROGRID_LISTEN``, ``MICROGRID_API_TOKEN``,
 ``MICROGRID_PEERS`` (comma separated), ``MICROGRID_MDNS`` (true/false/1/0). ``MICROGRID_GENESIS``
 is accepted for ``genesis_path``.
+
+``clock_offset_seconds`` (``MICROGRID_CLOCK_OFFSET_SECONDS``) is for tests and drills only: the
+node adds it to every wall-clock reading it makes (slots, gossip checks, gate closures, meter
+timestamps, its answers to peers' time requests), as if the machine's clock were that far off,
+so a test or the nemesis can skew one node of a grid. It logs a warning at startup when set.
+Never set it on a real household: a node skewed beyond ``clock_max_skew_seconds`` has its
+gossip refused and gives leadership away (docs/node.md, "Clocks").
 """
 
 from __future__ import annotations
@@ -94,6 +115,44 @@ class FeederSetting:
 
 
 @dataclass(frozen=True)
+class BatterySetting:
+    """The household's battery inverter (``[[batteries]]``; docs/node.md, "Batteries")."""
+
+    name: str
+    endpoint: Endpoint
+    device_id: int = 1
+    efficiency_permille: int = 900
+    """Round-trip efficiency the planner assumes (SunSpec 124/802 carry none)."""
+    horizon_slots: int = 12
+    """How many coming slots the planner plans over."""
+    max_power_w: int = 50_000
+    """A device reporting a larger charge or discharge limit is refused, not believed."""
+    max_capacity_wh: int = 1_000_000
+    """A device reporting a larger capacity is refused."""
+    levels: int = 40
+    """State-of-charge steps of the planner's grid (more: finer plans, more CPU)."""
+    slot_seconds: float | None = None
+    """Seconds of battery time per market slot (default ``slot_seconds`` x
+    ``meter_time_scale``; an accelerated simulator whose slots run at another pace sets it)."""
+
+
+@dataclass(frozen=True)
+class AgentSetting:
+    """``[agent]``: the household's location for the forecast's clear-sky PV term (docs/node.md,
+    "The agent's forecast"); None: no clear-sky term."""
+
+    latitude: float | None = None
+    longitude: float | None = None
+
+    @property
+    def location(self) -> tuple[float, float] | None:
+        """(latitude, longitude), or None when not configured."""
+        if self.latitude is None or self.longitude is None:
+            return None
+        return self.latitude, self.longitude
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """Where a node finds its key and genesis, where it listens and keeps its data."""
 
@@ -117,9 +176,17 @@ class NodeConfig:
     raft_election_ticks: int = 20
     raft_heartbeat_ticks: int = 4
     raft_snapshot_entries: int = 5000
+    clock_max_skew_seconds: float = 5.0
+    """This node's clock off the grid's median by more than this: skewed (docs/node.md)."""
+    clock_sample_seconds: float = 30.0
+    """How often each connected member's clock is sampled (jittered)."""
+    clock_offset_seconds: float = 0.0
+    """Tests and drills only: added to every wall-clock reading of the node (see above)."""
     meters: tuple[MeterSetting, ...] = ()
     strategy: Strategy = field(default_factory=Strategy)
     feeder: FeederSetting | None = None
+    batteries: tuple[BatterySetting, ...] = ()
+    agent: AgentSetting = field(default_factory=AgentSetting)
 
     @property
     def ledger_url(self) -> str:
@@ -135,7 +202,15 @@ class NodeConfig:
 _PATHS = {"key_path", "genesis_path", "data_dir"}
 _STRINGS = {"listen", "metrics_host", "api_host"}
 _PORTS = {"metrics_port", "api_port"}
-_POSITIVE_FLOATS = {"meter_poll_seconds", "meter_time_scale", "raft_tick_seconds"}
+_POSITIVE_FLOATS = {
+    "meter_poll_seconds",
+    "meter_time_scale",
+    "raft_tick_seconds",
+    "clock_max_skew_seconds",
+    "clock_sample_seconds",
+}
+MAX_CLOCK_OFFSET = 10 * 365 * 86_400
+"""Largest test clock offset accepted (ten years either way)."""
 _POSITIVE_INTS = {"raft_election_ticks", "raft_heartbeat_ticks", "raft_snapshot_entries"}
 _LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 _PARITIES = ("N", "E", "O", "M", "S")
@@ -241,6 +316,48 @@ def _feeder(value: Any, source: str) -> FeederSetting:
     return FeederSetting(meter_setting(value, where), Path(key_path))
 
 
+_BATTERY_INTS = {"efficiency_permille": (1, 1000), "horizon_slots": (2, 48),
+                 "max_power_w": (1, 1_000_000), "max_capacity_wh": (1, 10_000_000),
+                 "levels": (4, 64)}  # fmt: skip
+
+
+def _batteries(value: Any, source: str) -> tuple[BatterySetting, ...]:
+    """``[[batteries]]``: at most one table of ``name``, ``endpoint``, ``device_id`` and the
+    planner's bounded integers (``_BATTERY_INTS``) and optional ``slot_seconds``."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{source}: batteries must be a list of [[batteries]] tables")
+    if len(value) > 1:
+        raise ConfigError(f"{source}: at most one [[batteries]] table (one battery planner)")
+    out = []
+    for i, item in enumerate(value):
+        where = f"{source}: batteries[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(item) - {"name", "endpoint", "device_id", "slot_seconds", *_BATTERY_INTS}
+        if unknown:
+            raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
+        for key in ("name", "endpoint"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ConfigError(f"{where}: {key} must be a non-empty string")
+        device_id = item.get("device_id", 1)
+        if type(device_id) is not int or not 0 <= device_id <= 247:
+            raise ConfigError(f"{where}: device_id must be an integer in 0..247")
+        kwargs: dict[str, Any] = {}
+        for key, (low, high) in _BATTERY_INTS.items():
+            if key in item:
+                if type(item[key]) is not int or not low <= item[key] <= high:
+                    raise ConfigError(f"{where}: {key} must be an integer in {low}..{high}")
+                kwargs[key] = item[key]
+        if "slot_seconds" in item:
+            seconds = _number("slot_seconds", item["slot_seconds"], where, float)
+            if not 1 <= seconds <= 86_400:
+                raise ConfigError(f"{where}: slot_seconds must be in 1..86400")
+            kwargs["slot_seconds"] = seconds
+        out.append(BatterySetting(item["name"], parse_endpoint(item["endpoint"], where),
+                                  device_id, **kwargs))  # fmt: skip
+    return tuple(out)
+
+
 def _strategy(value: Any, source: str) -> Strategy:
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: [strategy] must be a table")
@@ -267,6 +384,26 @@ def _strategy(value: Any, source: str) -> Strategy:
             raise ConfigError(f"{source}: strategy.safety must be in (0, 1]")
         kwargs["safety"] = safety
     return Strategy(**kwargs)
+
+
+def _agent(value: Any, source: str) -> AgentSetting:
+    """``[agent]``: ``latitude`` (-90..90) and ``longitude`` (-180..180), both or neither."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [agent] must be a table")
+    unknown = set(value) - {"latitude", "longitude"}
+    if unknown:
+        raise ConfigError(f"{source}: agent: unknown settings {sorted(unknown)}")
+    if ("latitude" in value) != ("longitude" in value):
+        raise ConfigError(f"{source}: agent: latitude and longitude go together")
+    if not value:
+        return AgentSetting()
+    lat = _number("agent.latitude", value["latitude"], source, float)
+    lon = _number("agent.longitude", value["longitude"], source, float)
+    if not -90 <= lat <= 90:
+        raise ConfigError(f"{source}: agent.latitude must be within -90..90 degrees, not {lat}")
+    if not -180 <= lon <= 180:
+        raise ConfigError(f"{source}: agent.longitude must be within -180..180 degrees, not {lon}")
+    return AgentSetting(lat, lon)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -299,6 +436,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value < 0 or (name in _POSITIVE_FLOATS and value == 0):
             raise ConfigError(f"{source}: {name} must be positive")
         return value
+    if name == "clock_offset_seconds":
+        value = _number(name, value, source, float)
+        if abs(value) > MAX_CLOCK_OFFSET:
+            raise ConfigError(f"{source}: {name} must be within ±{MAX_CLOCK_OFFSET} seconds")
+        return value
     if name in _POSITIVE_INTS:
         value = _number(name, value, source, int)
         if value <= 0:
@@ -327,6 +469,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         return _strategy(value, source)
     if name == "feeder":
         return _feeder(value, source)
+    if name == "batteries":
+        return _batteries(value, source)
+    if name == "agent":
+        return _agent(value, source)
     raise ConfigError(f"{source}: unknown setting {name!r}")  # pragma: no cover
 
 
@@ -336,6 +482,12 @@ def _check(config: NodeConfig, source: str) -> NodeConfig:
     if config.feeder is not None and config.feeder.meter.name in {m.name for m in config.meters}:
         raise ConfigError(f"{source}: feeder: name {config.feeder.meter.name!r} is also a "
                           "[[meters]] name; meter names must be unique")
+    meter_names = {m.name for m in config.meters} | (
+        {config.feeder.meter.name} if config.feeder else set())
+    for battery in config.batteries:
+        if battery.name in meter_names:
+            raise ConfigError(f"{source}: batteries: name {battery.name!r} is also a meter's; "
+                              "names must be unique")
     return config
 
 
@@ -374,7 +526,7 @@ def load_config(
             values["feeder"] = replace(feeder, operator_key_path=base / feeder.operator_key_path)
         config = replace(config, **values)
     overrides = {}
-    for name in names - {"meters", "strategy", "feeder"}:
+    for name in names - {"meters", "strategy", "feeder", "batteries", "agent"}:
         env = ENV_PREFIX + name.upper()
         if env in environ:
             overrides[name] = _coerce(name, environ[env], env)
