@@ -59,6 +59,7 @@ from node.net.host import NetNode, NetSettings
 from node.net.relay import infrastructure_learners
 from node.raft import Config, RaftNode, decode_message, encode_message
 from node.raft.storage_sql import SQLStorage
+from node.setup.config import ledger_url, raft_url
 from node.setup.genesis import Genesis
 from node.setup.keyfile import KeyFileError, NodeIdentity, load_key_file
 
@@ -121,12 +122,12 @@ class OperatorConfig:
     @property
     def ledger_url(self) -> str:
         """SQLAlchemy URL of this node's ledger (what the dashboard and archive read)."""
-        return f"sqlite:///{self.data_dir / 'ledger.db'}"
+        return ledger_url(self.data_dir)
 
     @property
     def raft_url(self) -> str:
         """SQLAlchemy URL of this node's Raft log."""
-        return f"sqlite:///{self.data_dir / 'raft.db'}"
+        return raft_url(self.data_dir)
 
 
 _SCALARS: dict[str, type] = {

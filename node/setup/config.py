@@ -191,12 +191,22 @@ class NodeConfig:
     @property
     def ledger_url(self) -> str:
         """SQLAlchemy URL of this node's ledger database."""
-        return f"sqlite:///{self.data_dir / 'ledger.db'}"
+        return ledger_url(self.data_dir)
 
     @property
     def raft_url(self) -> str:
         """SQLAlchemy URL of this node's Raft log."""
-        return f"sqlite:///{self.data_dir / 'raft.db'}"
+        return raft_url(self.data_dir)
+
+
+def ledger_url(data_dir: Path) -> str:
+    """SQLAlchemy URL of the ledger database in a node's data directory."""
+    return f"sqlite:///{data_dir / 'ledger.db'}"
+
+
+def raft_url(data_dir: Path) -> str:
+    """SQLAlchemy URL of the Raft log in a node's data directory."""
+    return f"sqlite:///{data_dir / 'raft.db'}"
 
 
 _PATHS = {"key_path", "genesis_path", "data_dir"}
