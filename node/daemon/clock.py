@@ -160,6 +160,19 @@ class ClockEstimate:
                      if abs(self.offset - p.offset) - p.error - self.error > bound)  # fmt: skip
 
 
+STEP_SLACK = 0.5
+"""Seconds by which two samples of one peer may disagree beyond their error bounds before the
+peer's clock counts as stepped between them."""
+
+
+def _stepped(old: TimeSample, new: TimeSample) -> bool:
+    """Whether the peer's clock moved between two samples of it: their offsets, ``old``'s
+    carried forward over this node's own clock's moves since (wall minus monotonic), differ by
+    more than both errors and :data:`STEP_SLACK`."""
+    carried = old.offset + (new.t3 - new.at) - (old.t3 - old.at)
+    return abs(new.offset - carried) > old.error + new.error + STEP_SLACK
+
+
 def median_clock(offsets: list[tuple[float, float]]) -> tuple[float, float]:
     """``(offset, error)`` of the median of ``(offset, error)`` pairs (non-empty).
 
@@ -196,6 +209,8 @@ class ClockEstimator:
                 stalest = min(self.samples, key=lambda p: self.samples[p][-1].at)
                 del self.samples[stalest]
             kept = self.samples[sample.peer] = []
+        if any(_stepped(old, sample) for old in kept):
+            kept.clear()  # the peer's clock was stepped (set right, or wrong): old samples lie
         kept.append(sample)
         del kept[: -self.per_peer]
 

@@ -26,9 +26,11 @@ T = 1_750_000_000.0
 
 
 def exchange(peer: str, ours_ahead: float, out: float, back: float, *, at: float = 0.0,
-             hold: float = 0.001, t0: float = T) -> TimeSample:  # fmt: skip
+             hold: float = 0.001, t0: float | None = None) -> TimeSample:  # fmt: skip
     """A sample of ``peer`` whose clock is ``ours_ahead`` s behind ours, the request taking
-    ``out`` s and the response ``back`` s (true times; the peer holds it ``hold`` s)."""
+    ``out`` s and the response ``back`` s (true times; the peer holds it ``hold`` s), taken at
+    monotonic ``at`` (our wall clock ``T + at`` unless ``t0`` says otherwise)."""
+    t0 = T + at if t0 is None else t0
     t1 = t0 + out - ours_ahead
     t2 = t1 + hold
     t3 = t0 + out + hold + back
@@ -103,6 +105,22 @@ def test_the_median_includes_our_clock_and_ignores_a_minority_of_outliers() -> N
     assert median_clock([(0.0, 0.0), (10.0, 0.1)]) == (5.0, 5.1)
     with pytest.raises(ValueError):
         median_clock([])
+
+
+def test_a_step_of_a_peers_clock_drops_its_older_samples() -> None:
+    """A peer whose clock was set right (or wrong) between two samples: the older ones no
+    longer say anything, even the one with the least delay; small jitter keeps them all."""
+    est = ClockEstimator(max_age=600.0)
+    est.add(exchange("p", -150.0, 0.001, 0.001, at=0.0))  # precise, but of the wrong clock
+    est.add(exchange("p", -150.0, 0.01, 0.01, at=30.0))
+    est.add(exchange("p", 0.0, 0.05, 0.05, at=60.0))  # restarted with the right time
+    (peer,) = est.peer_offsets(now=61.0)
+    assert peer.samples == 1 and peer.offset == pytest.approx(0.0, abs=0.06)
+    est.add(exchange("p", 0.2, 0.02, 0.02, at=90.0))  # jitter within the slack: both kept
+    assert len(est.samples["p"]) == 2
+    # our own clock stepped +100 s: the peer's next sample is 100 s off, but it did not move
+    est.add(exchange("p", 100.0, 0.02, 0.02, at=120.0, t0=T + 120.0 + 100.0))
+    assert len(est.samples["p"]) == 3
 
 
 def test_a_step_of_our_own_clock_shows_at_once() -> None:
