@@ -28,7 +28,24 @@ pause      SIGSTOP a voter for longer than the election timeout, then SIGCONT
 wipe       SIGKILL a learner, delete its data directory (ledger and Raft log), restart it
 meter      the household's simulated meter stops answering (Modbus), then answers again
 outage     (opt-in) SIGKILL a majority of the voters, leader included; restart them
+partition  cut a node or a minority (the leader too) off from every other node, both ways
+loss       drop 30-100 % of one node's packets to another (one way), then stop dropping
+disk_full  fill a node's small tmpfs data directory with a ballast file; delete it; restart
+           the node if it stopped
+torn_page  SIGKILL a node, cut its last page (or part of it, or a WAL's last frame) off one of
+           its SQLite files, restart it; a refusal to start is healed (learner: wiped; voter:
+           its ledger moved aside, rebuilt from its Raft log)
+skew       restart a node (the leader as often as not) with its wall clock 60-300 s off
+           (``MICROGRID_CLOCK_OFFSET_SECONDS``), then restart it with the right time; it must
+           say it is skewed, lead no longer than a bound, and no gate closes early
 ========== ================================================================================
+
+``partition`` and ``loss`` run every node in a network namespace of its own, on a bridge, with
+nftables drop rules (:class:`NetLab`); ``disk_full`` mounts its targets' data directories as
+small tmpfs before the start (:class:`DiskLab`). Where this machine cannot (not root, no
+``ip``/``nft``/namespaces/tmpfs), those faults are skipped and the reason printed. The newer
+kinds are opt-in (``--kinds``, :data:`EXTENDED_KINDS`; ``--kinds extended``): default plans are
+unchanged.
 
 The checks after the run (each failure is a line of :attr:`NemesisResult.failures`):
 
@@ -40,7 +57,14 @@ The checks after the run (each failure is a line of :attr:`NemesisResult.failure
   ledger (a missing height is a *lost record*, a different hash a *divergence*);
 - each node's last reported ``(height, head, settled_through)`` is its ledger's;
 - money and energy are conserved (every asset's balances sum to zero; energy sold equals
-  energy bought in every slot).
+  energy bought in every slot);
+- no gate closed early by a right clock: every gate closure a node with a right clock applied
+  (``/status`` ``slot_times``) is at or after its gate time, and none counted an early one
+  (:func:`check_gate_times`).
+
+A ``skew`` step also checks, while the node runs skewed (:class:`SkewWatch`): its ``/status``
+says ``clock.skewed``; it leads at most :data:`SKEW_LEAD_BOUND_S` at a stretch; if it was the
+leader, the others name another one within that bound.
 
 ``python -m node.testing.nemesis --seed 7 --duration 120`` runs a plan and prints the summary
 table (faults by kind, slots settled, elections, recoveries and the longest, divergences, lost
@@ -55,13 +79,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
+import os
 import random
+import re
 import shutil
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,9 +102,10 @@ from typing import Any
 import trio
 from sqlalchemy import create_engine, select
 
+from market.schedule import Schedule
 from node.ledger import schema as t
 from node.ledger.verify import VerifyReport, verify_ledger
-from node.tools.demo import Demo, DemoHousehold, DemoSettings
+from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
 LEADER = "leader"
 """A fault target resolved when the step starts: the node most live nodes name as leader."""
@@ -89,12 +120,39 @@ class Kind(StrEnum):
     WIPE = "wipe"
     METER = "meter"
     OUTAGE = "outage"
+    PARTITION = "partition"
+    LOSS = "loss"
+    DISK_FULL = "disk_full"
+    TORN_PAGE = "torn_page"
+    SKEW = "skew"
 
 
 DEFAULT_KINDS: tuple[Kind, ...] = (Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.METER)
 """Kinds a plan draws from unless told otherwise (``outage`` only when asked for)."""
-IMPAIRS_VOTER = frozenset({Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE})
-"""Kinds that take a node out of the Raft group while they last."""
+NETWORK_KINDS: tuple[Kind, ...] = (Kind.PARTITION, Kind.LOSS)
+"""Kinds that need one network namespace per node (:class:`NetLab`; skipped where there is none)."""
+STORAGE_KINDS: tuple[Kind, ...] = (Kind.DISK_FULL, Kind.TORN_PAGE)
+"""Kinds that hit a node's data directory (``disk_full`` needs a tmpfs mount: root)."""
+EXTENDED_KINDS: tuple[Kind, ...] = DEFAULT_KINDS + NETWORK_KINDS + STORAGE_KINDS + (Kind.SKEW,)
+"""Every kind except the opt-in ``outage`` (the soak's mix)."""
+NOT_YET: dict[Kind, str] = {}
+"""Kinds named but not implemented, with why (a plan asking for one is refused): none now."""
+IMPAIRS_VOTER = frozenset({Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.PARTITION,
+                           Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW})  # fmt: skip
+"""Kinds that take a node out of the Raft group while they last (a ``loss`` impairs one end of
+its link: :func:`impaired_voters`)."""
+TORN_FILES_LEARNER = ("raft.db", "raft.db-wal", "ledger.db", "ledger.db-wal")
+"""Files a ``torn_page`` may cut on a learner."""
+TORN_FILES_VOTER = ("ledger.db", "ledger.db-wal")
+"""Files a ``torn_page`` may cut on a voter: the ledger only. A voter's Raft log losing its last
+(acknowledged) transaction is outside Raft's assumptions, like a wiped voter (docs/raft.md)."""
+SKEW_MIN_S = 60.0
+SKEW_MAX_S = 300.0
+"""A ``skew`` shifts the node's wall clock by 60-300 s, ahead or behind: minutes, far beyond
+the bound (``clock_max_skew_seconds``, 5 s), yet within the slot horizons a clock error of an
+unsynchronised machine reaches in a day."""
+CLOCK_OFFSET_ENV = "MICROGRID_CLOCK_OFFSET_SECONDS"
+"""The node's test-only wall-clock offset (``clock_offset_seconds``; docs/node.md, "Clocks")."""
 
 
 class NemesisError(Exception):
@@ -116,17 +174,35 @@ class Timing:
 class Fault:
     """One fault: ``kind`` on ``targets`` (household names, or :data:`LEADER`) for
     ``duration_s`` seconds. ``offset_s``: for ``kill_write``, how long after a settle time the
-    kill lands."""
+    kill lands. ``percent``: a ``loss``'s drop rate (targets ``(A, B)``: A's packets to B).
+    ``file`` and ``cut_bytes``: which file of the data directory a ``torn_page`` cuts, and how
+    many bytes off its end (0: the whole last page, or the last frame of a ``-wal``). A
+    ``partition``'s targets are the side cut off from every other household, both ways.
+    ``skew_s``: a ``skew``'s clock offset (positive: the node's clock runs ahead)."""
 
     kind: Kind
     targets: tuple[str, ...]
     duration_s: float
     offset_s: float = 0.0
+    percent: int = 0
+    file: str = ""
+    cut_bytes: int = 0
+    skew_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        """The fault as plain data."""
-        return {"kind": self.kind.value, "targets": list(self.targets),
-                "duration_s": self.duration_s, "offset_s": self.offset_s}  # fmt: skip
+        """The fault as plain data (the newer kinds' fields only where set)."""
+        doc: dict[str, Any] = {
+            "kind": self.kind.value, "targets": list(self.targets),
+            "duration_s": self.duration_s, "offset_s": self.offset_s,
+        }  # fmt: skip
+        if self.percent:
+            doc["percent"] = self.percent
+        if self.file:
+            doc["file"] = self.file
+            doc["cut_bytes"] = self.cut_bytes
+        if self.skew_s:
+            doc["skew_s"] = self.skew_s
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +245,17 @@ class Plan:
         """The genesis learners."""
         return tuple(f"h{i + 1}" for i in range(self.voters, self.nodes))
 
+    @property
+    def disk_targets(self) -> tuple[str, ...]:
+        """Households a ``disk_full`` hits: their data directories are small tmpfs mounts."""
+        return tuple(sorted({x for s in self.steps for f in s.faults
+                             if f.kind is Kind.DISK_FULL for x in f.targets}))  # fmt: skip
+
+    @property
+    def needs_netlab(self) -> bool:
+        """A ``partition`` or ``loss`` is planned: the nodes run in network namespaces."""
+        return any(f.kind in NETWORK_KINDS for s in self.steps for f in s.faults)
+
     def counts(self) -> dict[str, int]:
         """Faults by kind."""
         out: dict[str, int] = defaultdict(int)
@@ -197,11 +284,15 @@ class Plan:
 
 def impaired_voters(step: Step, voters: Sequence[str]) -> int:
     """How many voters ``step`` takes out of the Raft group at once (a :data:`LEADER` target
-    counts as a voter of its own)."""
+    counts as a voter of its own; a ``loss`` counts one end of its link, the receiving one if it
+    is a voter: TCP over a lossy one-way path degrades the link both ways, never more)."""
     hit: set[str] = set()
     for f in step.faults:
         if f.kind in IMPAIRS_VOTER or f.kind is Kind.OUTAGE:
             hit.update(x for x in f.targets if x == LEADER or x in voters)
+        elif f.kind is Kind.LOSS:
+            ends = [x for x in reversed(f.targets) if x == LEADER or x in voters]
+            hit.update(ends[:1])
     return len(hit)
 
 
@@ -227,6 +318,8 @@ def _fault(kind: Kind, rng: random.Random, plan_voters: Sequence[str],
         if not free:
             return None
         return Fault(kind, (rng.choice(free),), _r(rng.uniform(slot, 3 * slot)))
+    if kind in (Kind.PARTITION, Kind.LOSS, Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW):
+        return _newer_fault(kind, rng, free_voters, free_learners, timing, busy, voter_budget)
     if kind is Kind.OUTAGE:
         need = len(plan_voters) // 2 + 1
         if len(free_voters) < need or LEADER in busy:
@@ -250,6 +343,70 @@ def _fault(kind: Kind, rng: random.Random, plan_voters: Sequence[str],
     return Fault(kind, (target,), _r(rng.uniform(1.0, 1.5 * slot)))
 
 
+def _newer_fault(kind: Kind, rng: random.Random, free_voters: list[str],
+                 free_learners: list[str], timing: Timing, busy: set[str],
+                 voter_budget: int) -> Fault | None:  # fmt: skip
+    """:func:`_fault` for ``partition``, ``loss``, ``disk_full``, ``torn_page`` and ``skew``."""
+    slot = timing.slot_seconds
+    leader_free = LEADER not in busy
+    if kind is Kind.SKEW:
+        # like a kill: the leader twice as often as another voter; a learner without a budget.
+        # Long enough to restart, compare clocks with the peers and be seen skewed
+        pool = free_learners + (free_voters if voter_budget > 0 else [])
+        if voter_budget > 0 and leader_free:
+            pool = [LEADER, LEADER, *pool]
+        if not pool:
+            return None
+        target = rng.choice(pool)
+        skew = _r(rng.uniform(SKEW_MIN_S, SKEW_MAX_S)) * rng.choice((1, -1))
+        return Fault(kind, (target,), _r(rng.uniform(2 * slot, 3 * slot)), skew_s=skew)
+    if kind is Kind.PARTITION:
+        # a minority side: up to voter_budget voters (the leader as often as not), maybe a learner
+        side: list[str] = []
+        if voter_budget > 0 and (free_voters or leader_free):
+            n = rng.randint(1, voter_budget)
+            if leader_free and rng.random() < 0.5:
+                side = [LEADER, *rng.sample(free_voters, min(n - 1, len(free_voters)))]
+            else:
+                side = rng.sample(free_voters, min(n, len(free_voters)))
+        if free_learners and (not side or rng.random() < 0.5):
+            side.append(rng.choice(free_learners))
+        if not side:
+            return None
+        low = timing.election_timeout_max_s + 1.0  # the cut-off leader is replaced
+        return Fault(kind, tuple(side), _r(rng.uniform(low, 1.5 * slot)))
+    if kind is Kind.LOSS:
+        # one-way loss from a to b; a voter at either end counts as one impaired voter
+        pool = free_learners + (free_voters if voter_budget > 0 else [])
+        if voter_budget > 0 and leader_free:
+            pool = [LEADER, *pool]
+        if len(pool) < 2:
+            return None
+        a, b = rng.sample(pool, 2)
+        if voter_budget <= 0 and (a == LEADER or b == LEADER):
+            return None
+        percent = rng.choice((30, 50, 70, 100))
+        return Fault(kind, (a, b), _r(rng.uniform(3.0, 1.5 * slot)), percent=percent)
+    if kind is Kind.DISK_FULL:
+        # a named household (its data directory is mounted small before the start); long
+        # enough for a settlement to be written while the disk is full
+        pool = free_learners + (free_voters if voter_budget > 0 else [])
+        if not pool:
+            return None
+        return Fault(kind, (rng.choice(pool),), _r(rng.uniform(slot, 1.5 * slot)))
+    # torn page: a learner (any of its files) or a voter (its ledger only)
+    pool = free_learners + (free_voters if voter_budget > 0 else [])
+    if voter_budget > 0 and leader_free:
+        pool = [LEADER, *pool]
+    if not pool:
+        return None
+    target = rng.choice(pool)
+    files = TORN_FILES_LEARNER if target in free_learners else TORN_FILES_VOTER
+    cut = rng.choice((0, rng.randint(1, 4095)))
+    return Fault(kind, (target,), _r(rng.uniform(1.0, 0.5 * slot)), file=rng.choice(files),
+                 cut_bytes=cut)  # fmt: skip
+
+
 def make_plan(
     seed: int,
     duration_s: float,
@@ -269,6 +426,9 @@ def make_plan(
     kinds = tuple(Kind(k) for k in kinds)
     if not kinds:
         raise NemesisError("no fault kinds")
+    for k in kinds:
+        if k in NOT_YET:
+            raise NemesisError(f"{k.value}: {NOT_YET[k]}")
     if voters < 1 or nodes < voters:
         raise NemesisError(f"bad grid: {nodes} nodes, {voters} voters")
     if Kind.WIPE in kinds and nodes == voters:
@@ -323,6 +483,273 @@ def make_plan(
     )
 
 
+# -- the environment: network namespaces and small disks ----------------------------------------
+
+
+class LabUnavailable(Exception):
+    """This machine cannot host a kind of fault (no root, no ``ip``/``nft``, no namespaces, no
+    tmpfs mount); the message says why. The runner skips those faults and prints it."""
+
+
+LAB_COMMAND_TIMEOUT_S = 10.0
+"""Every ``ip``/``nft``/``mount`` command is bounded by this."""
+NETNS_PATTERN = re.compile(r"^nem([0-9a-f]+)-h\d+$")
+BRIDGE_PATTERN = re.compile(r"^nem([0-9a-f]+)br$")
+
+
+def _cmd(args: Sequence[str], stdin: str | None = None) -> str:
+    """Run one bounded command; raise :class:`LabUnavailable` with its error on failure."""
+    try:
+        done = subprocess.run(list(args), input=stdin, capture_output=True, text=True,
+                              timeout=LAB_COMMAND_TIMEOUT_S, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LabUnavailable(f"{' '.join(args)}: {exc}") from None
+    if done.returncode != 0:
+        raise LabUnavailable(f"{' '.join(args)}: exit {done.returncode}: "
+                             f"{(done.stderr or done.stdout).strip()[:300]}")  # fmt: skip
+    return done.stdout
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NetLab:
+    """One network namespace per household, joined by a bridge in the root namespace.
+
+    Household ``i`` runs in namespace ``nem<tag>-h<i+1>`` (``<tag>``: this process's pid in
+    hex) with address ``10.77.<n>.<i+2>`` on a veth ``nem<tag>v<i>`` into bridge ``nem<tag>br``
+    (``10.77.<n>.1``: the
+    meter simulator and the runner, which reaches every node's API through it). Each namespace
+    holds an nftables table ``inet nemesis`` with an ``out`` (output hook) and an ``in`` (input
+    hook) chain; faults add drop rules there and healing flushes them. :meth:`teardown` removes
+    everything (it never raises); :meth:`setup` first removes what an earlier run whose process
+    is gone left behind (same names, a dead pid)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.tag = f"{os.getpid():x}"
+        self.subnet: int | None = None
+        self.namespaces: list[str] = []
+        """Namespaces created (and so to delete)."""
+        self.bridge_made = False
+
+    @property
+    def bridge(self) -> str:
+        """The bridge's interface name (at most 15 characters)."""
+        return f"nem{self.tag}br"
+
+    def namespace(self, i: int) -> str:
+        """Household ``i``'s namespace."""
+        return f"nem{self.tag}-h{i + 1}"
+
+    def host(self, i: int) -> str:
+        """Household ``i``'s address."""
+        return f"10.77.{self.subnet}.{i + 2}"
+
+    def veth(self, i: int) -> str:
+        """The root namespace's end of household ``i``'s veth pair."""
+        return f"nem{self.tag}v{i}"
+
+    @property
+    def gateway(self) -> str:
+        """The bridge's address (simulator and runner)."""
+        return f"10.77.{self.subnet}.1"
+
+    def prefix(self, i: int) -> tuple[str, ...]:
+        """The command prefix running a process in household ``i``'s namespace (``ip netns
+        exec`` execs the command: the process keeps its pid, so signals reach the node)."""
+        return ("ip", "netns", "exec", self.namespace(i))
+
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Delete namespaces and bridges of earlier runs whose process is gone; their names."""
+        removed: list[str] = []
+        with contextlib.suppress(LabUnavailable):
+            for line in _cmd(["ip", "netns", "list"]).splitlines():
+                name = line.split()[0] if line.split() else ""
+                m = NETNS_PATTERN.match(name)
+                if m and int(m.group(1), 16) != os.getpid() and not _pid_alive(int(m.group(1), 16)):
+                    with contextlib.suppress(LabUnavailable):
+                        _cmd(["ip", "netns", "del", name])
+                        removed.append(name)
+            for line in _cmd(["ip", "-o", "link", "show", "type", "bridge"]).splitlines():
+                parts = line.split(":")
+                name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
+                m = BRIDGE_PATTERN.match(name)
+                if m and int(m.group(1), 16) != os.getpid() and not _pid_alive(int(m.group(1), 16)):
+                    with contextlib.suppress(LabUnavailable):
+                        _cmd(["ip", "link", "del", name])
+                        removed.append(name)
+        return removed
+
+    def _pick_subnet(self) -> int:
+        used = set(re.findall(r"inet 10\.77\.(\d+)\.", _cmd(["ip", "-4", "-o", "addr", "show"])))
+        start = os.getpid() % 200 + 20
+        for n in itertools.chain(range(start, 250), range(20, start)):
+            if str(n) not in used:
+                return n
+        raise LabUnavailable("no free 10.77.x.0/24 subnet")
+
+    def setup(self) -> None:
+        """Create the bridge, the namespaces, their veths, addresses and nftables tables;
+        raise :class:`LabUnavailable` (after removing whatever was made) when that fails."""
+        if os.geteuid() != 0:
+            raise LabUnavailable("not root: network namespaces need CAP_NET_ADMIN")
+        for tool in ("ip", "nft"):
+            if shutil.which(tool) is None:
+                raise LabUnavailable(f"no `{tool}` command")
+        self.remove_stale()
+        try:
+            self.subnet = self._pick_subnet()
+            _cmd(["ip", "link", "add", self.bridge, "type", "bridge"])
+            self.bridge_made = True
+            _cmd(["ip", "addr", "add", f"{self.gateway}/24", "dev", self.bridge])
+            _cmd(["ip", "link", "set", self.bridge, "up"])
+            for i in range(self.count):
+                ns, veth = self.namespace(i), self.veth(i)
+                _cmd(["ip", "netns", "add", ns])
+                self.namespaces.append(ns)
+                _cmd(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                      "netns", ns])  # fmt: skip
+                _cmd(["ip", "link", "set", veth, "master", self.bridge, "up"])
+                _cmd(["ip", "-n", ns, "addr", "add", f"{self.host(i)}/24", "dev", "eth0"])
+                _cmd(["ip", "-n", ns, "link", "set", "eth0", "up"])
+                _cmd(["ip", "-n", ns, "link", "set", "lo", "up"])
+                _cmd(["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=(
+                    "table inet nemesis {\n"
+                    "  chain out { type filter hook output priority 0; policy accept; }\n"
+                    "  chain in { type filter hook input priority 0; policy accept; }\n"
+                    "}\n"))  # fmt: skip
+        except LabUnavailable:
+            self.teardown()
+            raise
+
+    def _nft(self, i: int, script: str) -> None:
+        _cmd(["ip", "netns", "exec", self.namespace(i), "nft", "-f", "-"], stdin=script)
+
+    def cut(self, side: Sequence[int]) -> None:
+        """Cut the households ``side`` off from all the others, both directions (each side
+        member drops what it sends to, and what it receives from, every other household)."""
+        others = [j for j in range(self.count) if j not in side]
+        if not others:
+            return
+        addrs = ", ".join(self.host(j) for j in others)
+        for i in side:
+            self._nft(i, f"add rule inet nemesis out ip daddr {{ {addrs} }} drop\n"
+                         f"add rule inet nemesis in ip saddr {{ {addrs} }} drop\n")  # fmt: skip
+
+    def lose(self, a: int, b: int, percent: int) -> None:
+        """Drop ``percent`` % of household ``a``'s packets to ``b`` (at random, one way)."""
+        if not 0 < percent <= 100:
+            raise ValueError(f"loss of {percent} %")
+        rate = "" if percent == 100 else f"numgen random mod 100 < {percent} "
+        self._nft(a, f"add rule inet nemesis out ip daddr {self.host(b)} {rate}drop\n")
+
+    def clear(self, i: int) -> None:
+        """Remove every fault rule in household ``i``'s namespace."""
+        self._nft(i, "flush chain inet nemesis out\nflush chain inet nemesis in\n")
+
+    def rules(self, i: int) -> str:
+        """The nftables ruleset of household ``i``'s namespace (for the event log)."""
+        return _cmd(["ip", "netns", "exec", self.namespace(i), "nft", "list", "ruleset"])
+
+    def teardown(self) -> list[str]:
+        """Kill any process left in the namespaces (ours), delete them (their veths and nft
+        tables go with them) and the bridge; the errors, if any (never raises)."""
+        errors: list[str] = []
+        for i, ns in enumerate(self.namespaces):
+            with contextlib.suppress(LabUnavailable):  # now: a namespace goes in the background
+                _cmd(["ip", "link", "del", self.veth(i)])
+            with contextlib.suppress(LabUnavailable):
+                for pid in _cmd(["ip", "netns", "pids", ns]).split():
+                    with contextlib.suppress(OSError, ValueError):
+                        os.kill(int(pid), signal.SIGKILL)
+            try:
+                _cmd(["ip", "netns", "del", ns])
+            except LabUnavailable as exc:
+                errors.append(str(exc))
+        self.namespaces = []
+        if self.bridge_made:
+            try:
+                _cmd(["ip", "link", "del", self.bridge])
+            except LabUnavailable as exc:
+                errors.append(str(exc))
+            self.bridge_made = False
+        return errors
+
+
+DISK_MIB = 64
+"""Size of a ``disk_full`` household's tmpfs data directory (an hour's ledger and Raft log take
+a few MiB; the ballast fills the rest while the fault lasts)."""
+BALLAST = "nemesis-ballast"
+
+
+class DiskLab:
+    """Small tmpfs mounts as households' data directories (``disk_full``)."""
+
+    def __init__(self) -> None:
+        self.mounts: list[Path] = []
+
+    def mount(self, path: Path, mib: int = DISK_MIB) -> None:
+        """Mount a ``mib`` MiB tmpfs on ``path`` (created); :class:`LabUnavailable` if not."""
+        if os.geteuid() != 0:
+            raise LabUnavailable("not root: a tmpfs mount needs CAP_SYS_ADMIN")
+        path.mkdir(parents=True, exist_ok=True)
+        _cmd(["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=0700", "tmpfs", str(path)])
+        self.mounts.append(path)
+
+    @staticmethod
+    def fill(path: Path) -> int:
+        """Write a ballast file in ``path`` until the disk is full; the bytes written."""
+        written = 0
+        fd = os.open(path / BALLAST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for chunk in (1 << 20, 4096, 1):
+                block = bytes(chunk)
+                while True:
+                    try:
+                        n = os.write(fd, block)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+                    written += n
+        finally:
+            os.close(fd)
+        return written
+
+    @staticmethod
+    def free(path: Path) -> None:
+        """Delete the ballast."""
+        (path / BALLAST).unlink(missing_ok=True)
+
+    def unmount_all(self) -> list[str]:
+        """Copy each mount's files to the disk underneath (the run's logs and ledgers stay
+        readable and can be kept) and unmount it; the errors, if any (never raises)."""
+        errors: list[str] = []
+        for path in reversed(self.mounts):
+            keep = path.with_name(path.name + ".nemesis-copy")
+            try:
+                self.free(path)
+                shutil.copytree(path, keep, dirs_exist_ok=True)
+                _cmd(["umount", str(path)])
+                shutil.rmtree(path, ignore_errors=True)
+                keep.rename(path)
+            except (OSError, LabUnavailable) as exc:
+                errors.append(f"{path}: {exc}")
+                with contextlib.suppress(LabUnavailable):
+                    _cmd(["umount", "-l", str(path)])
+        self.mounts = []
+        return errors
+
+
 # -- the runner ---------------------------------------------------------------------------------
 
 
@@ -348,11 +775,20 @@ class Observations:
     """(term, leader DID) pairs some node reported."""
     polls: int = 0
     max_height: int = 0
+    cleared: dict[tuple[str, int], float] = field(default_factory=dict)
+    """(node, slot) -> when that node applied the slot's gate closure, by its own wall clock,
+    for nodes whose clock was right (``/status`` ``slot_times``: the runner's clock is theirs)."""
+    early_gate_closures: dict[str, int] = field(default_factory=dict)
+    """The most ``clock.early_gate_closures`` each node with a right clock reported."""
 
-    def record(self, docs: dict[str, dict[str, Any]]) -> None:
-        """Note one round of ``/status`` documents."""
+    def record(self, docs: dict[str, dict[str, Any]], skewed: Iterable[str] = ()) -> None:
+        """Note one round of ``/status`` documents; ``skewed``: nodes whose clock was off (or
+        changed) meanwhile, left out of the gate-closure observations."""
         self.polls += 1
+        off = set(skewed)
         for name, doc in docs.items():
+            if name not in off:
+                self._record_clock(name, doc)
             ledger, raft = doc.get("ledger") or {}, doc.get("raft") or {}
             height, head = ledger.get("height"), ledger.get("head_hash")
             if isinstance(height, int) and height > 0 and isinstance(head, str):
@@ -360,6 +796,15 @@ class Observations:
                 self.max_height = max(self.max_height, height)
             if raft.get("leader") and isinstance(raft.get("term"), int):
                 self.leaders.add((raft["term"], raft["leader"]))
+
+    def _record_clock(self, name: str, doc: dict[str, Any]) -> None:
+        for row in doc.get("slot_times") or ():
+            at, slot = row.get("cleared_at"), row.get("slot")
+            if isinstance(at, int | float) and isinstance(slot, int):
+                self.cleared.setdefault((name, slot), float(at))
+        early = (doc.get("clock") or {}).get("early_gate_closures")
+        if isinstance(early, int) and early > self.early_gate_closures.get(name, 0):
+            self.early_gate_closures[name] = early
 
 
 @dataclass
@@ -371,6 +816,12 @@ class NemesisResult:
     faults: dict[str, int] = field(default_factory=dict)
     """Faults injected, by kind (a skipped fault is not counted)."""
     skipped: list[str] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Kinds this machine cannot inject (no namespaces, no tmpfs), with the reason; their
+    faults are skipped."""
+    outcomes: list[str] = field(default_factory=list)
+    """What a ``disk_full`` or ``torn_page`` did to its node (kept running, exited with what,
+    discarded the torn tail, refused to start and was healed how)."""
     recoveries: list[Recovery] = field(default_factory=list)
     height: int = 0
     start_height: int = 0
@@ -379,6 +830,8 @@ class NemesisResult:
     divergences: int = 0
     lost_records: int = 0
     observed_heads: int = 0
+    gate_closures_checked: int = 0
+    """Gate closures applied by nodes with a right clock, compared with their gate times."""
     wall_s: float = 0.0
     directory: Path | None = None
     events: list[str] = field(default_factory=list)
@@ -415,6 +868,7 @@ class NemesisResult:
             ("recoveries", f"{len(recovered)}/{len(self.recoveries)}"),
             ("longest recovery", "-" if longest is None else f"{longest:.1f} s"),
             ("heads observed", str(self.observed_heads)),
+            ("gate closures timed", str(self.gate_closures_checked)),
             ("divergences", str(self.divergences)),
             ("lost records", str(self.lost_records)),
         ]
@@ -425,6 +879,10 @@ class NemesisResult:
                 f"    step {r.step}: {'+'.join(r.kinds)} on {','.join(r.targets)}: "
                 f"recovered in {took}, {r.settled_during} slots settled during the fault"
             )
+        for o in self.outcomes:
+            lines.append(f"    {o}")
+        for kind, why in self.unavailable.items():
+            lines.append(f"  {kind} unavailable here: {why}")
         if self.skipped:
             lines.append(f"  skipped: {'; '.join(self.skipped)}")
         if self.ok:
@@ -461,11 +919,201 @@ def _agreed(docs: dict[str, dict[str, Any]], count: int, at_least: int) -> bool:
             and None not in leaders and not gaps)  # fmt: skip
 
 
+START_TIMEOUT_S = 45.0
+"""How long a restarted torn node may take to answer or refuse."""
+
+
+_EXCEPTION_LINE = re.compile(
+    r"^[\s|]*((?:[\w.]+\.)?\w*(?:Error|Exception|Corruption|Mismatch|Full)\b.*)$"
+)
+
+
+def _last_error(h: DemoHousehold, tail_bytes: int = 64 * 1024) -> str:
+    """The last error a node logged (its JSON log's last error/critical line, else its last
+    non-JSON line: a traceback's last line), shortened."""
+    path = h.directory / "node.log"
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, path.stat().st_size - tail_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError as exc:
+        return f"no log: {exc}"
+    for line in reversed(lines):
+        if line.startswith("error: "):  # the CLI's one-line fatal error (node/cli/run.py)
+            return line[:300]
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            found = _EXCEPTION_LINE.match(line)
+            if found:  # a traceback's last line (also inside an exception group's frame)
+                return found.group(1).strip()[:300]
+            continue
+        if isinstance(doc, dict) and str(doc.get("level", "")).lower() in ("error", "critical"):
+            text = " ".join(str(doc.get(k)) for k in ("event", "message", "error", "exc_info")
+                            if doc.get(k))  # fmt: skip
+            return text[:300] or line[:300]
+    return "no error logged"
+
+
+def tear(data: Path, name: str, cut_bytes: int) -> str:
+    """Cut ``cut_bytes`` (0: one page, or a ``-wal``'s last frame) off the end of ``data/name``
+    (its process is stopped); what was done, as text. A main database file is first
+    checkpointed (``wal_checkpoint(TRUNCATE)``, as SQLite does by itself every 1000 pages), so
+    its last page holds data no WAL frame covers any more: a crash right after a checkpoint."""
+    path = data / name
+    note = ""
+    if not name.endswith("-wal") and path.exists() and path.with_name(name + "-wal").exists():
+        conn = sqlite3.connect(path, timeout=5)
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            note = "WAL busy, " if busy else "after a WAL checkpoint, "
+        finally:
+            conn.close()
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"{name} absent: nothing torn"
+    if size == 0:
+        return f"{name} empty: nothing torn"
+    with path.open("rb") as fh:
+        head = fh.read(32)
+    if name.endswith("-wal"):
+        page = int.from_bytes(head[8:12], "big") if len(head) >= 12 else 4096
+        whole = 24 + (page or 4096)
+    else:
+        page = int.from_bytes(head[16:18], "big") if len(head) >= 18 else 4096
+        whole = 65536 if page == 1 else (page or 4096)
+    cut = min(size, whole if cut_bytes == 0 else cut_bytes)
+    os.truncate(path, size - cut)
+    what = "its last page" if cut_bytes == 0 else f"{cut} bytes"
+    if name.endswith("-wal") and cut_bytes == 0:
+        what = "its last frame"
+    return f"{name} cut by {what} ({note}{size} -> {size - cut} bytes)"
+
+
+SKEW_LEAD_BOUND_S = 16.0
+"""Longest a skewed node may lead at a stretch, and the longest the others may take to name
+another leader after a skewed leader stopped: two 8 s slots. A skewed leader hands over within
+0.2 s of seeing its clock is off (samples come on connecting), the handover or election takes
+up to an election timeout (3 s); the rest is a loaded machine's slack."""
+GATE_SLACK_S = 0.001
+"""A gate closure applied earlier than this before its gate time, by a right clock, is early."""
+
+
+def _disagreeing(doc: dict[str, Any]) -> list[str]:
+    """The peers a ``/status`` document lists as off the grid's median clock."""
+    listed = (doc.get("clock") or {}).get("disagreeing")
+    return listed if isinstance(listed, list) else []
+
+
+@dataclass
+class SkewWatch:
+    """What the runner saw of one ``skew``: the node's own verdict, its leadership, its peers."""
+
+    household: DemoHousehold
+    skew_s: float
+    was_leader: bool
+    stopped: float
+    """Monotonic time the right-clock process was stopped."""
+    started: float = 0.0
+    """Monotonic time the skewed process was started."""
+    seen_at: float | None = None
+    """When its ``/status`` first said ``clock.skewed``."""
+    offset: float | None = None
+    """The offset it then reported."""
+    moved_at: float | None = None
+    """When the other nodes first named another leader (it led when the step began)."""
+    new_leader: str = "-"
+    lead_since: float | None = None
+    longest_lead: float = 0.0
+    """Longest stretch it reported itself leader while skewed."""
+    transfers: int = 0
+    held: int = 0
+    peers_saw: set[str] = field(default_factory=set)
+    """Nodes that listed its clock as off the median (``clock.disagreeing``)."""
+    exited: str | None = None
+
+    def observe(self, docs: dict[str, dict[str, Any]], others_leader: str, now: float) -> None:
+        """Note one round of ``/status`` documents (``others_leader``: whom the other nodes
+        name)."""
+        h = self.household
+        doc = docs.get(h.name)
+        if doc is not None:
+            clock = doc.get("clock") or {}
+            if clock.get("skewed") and self.seen_at is None:
+                self.seen_at, self.offset = now, clock.get("offset")
+            self.transfers = max(self.transfers, int(clock.get("transfers") or 0))
+            self.held = max(self.held, int(clock.get("held") or 0))
+            if (doc.get("raft") or {}).get("role") == "leader":
+                self.lead_since = now if self.lead_since is None else self.lead_since
+                self.longest_lead = max(self.longest_lead, now - self.lead_since)
+            else:
+                self.lead_since = None
+        if self.was_leader and self.moved_at is None and others_leader not in ("-", h.name):
+            self.moved_at, self.new_leader = now, others_leader
+        for name, d in docs.items():
+            if name != h.name and h.did in _disagreeing(d):
+                self.peers_saw.add(name)
+
+    def outcome(self) -> str:
+        """One line for the table."""
+        h, parts = self.household, []
+        if self.exited is not None:
+            parts.append(f"exited while skewed ({self.exited})")
+        if self.seen_at is None:
+            parts.append("never reported skewed")
+        else:
+            off = "?" if self.offset is None else f"{self.offset:+.1f} s"
+            parts.append(f"reported skewed {self.seen_at - self.started:.1f} s after its start "
+                         f"(offset {off})")  # fmt: skip
+        if self.was_leader:
+            parts.append("leadership never moved" if self.moved_at is None else
+                         f"leadership moved to {self.new_leader} "
+                         f"{self.moved_at - self.stopped:.1f} s after its stop")  # fmt: skip
+        parts.append(f"led {self.longest_lead:.1f} s while skewed ({self.transfers} handovers, "
+                     f"{self.held} holds)")  # fmt: skip
+        parts.append(f"seen off by {','.join(sorted(self.peers_saw)) or 'no node'}")
+        lead = " (the leader)" if self.was_leader else ""
+        return f"skew {h.name}{lead} {self.skew_s:+g} s: " + "; ".join(parts)
+
+    def failures(self, timing: Timing) -> list[str]:
+        """What the step's skew checks found wrong."""
+        name, out = self.household.name, []
+        if self.exited is not None:
+            out.append(f"skew {name}: the node exited while skewed: {self.exited}")
+        if self.seen_at is None:
+            out.append(f"skew {name} ({self.skew_s:+g} s): /status never said clock.skewed")
+        if self.longest_lead > SKEW_LEAD_BOUND_S:
+            out.append(f"skew {name}: led {self.longest_lead:.1f} s at a stretch while skewed "
+                       f"(bound {SKEW_LEAD_BOUND_S:g} s)")  # fmt: skip
+        if self.was_leader and (self.moved_at is None
+                                or self.moved_at - self.stopped > SKEW_LEAD_BOUND_S):  # fmt: skip
+            out.append(f"skew {name}: the leader was skewed and the others named no other "
+                       f"leader within {SKEW_LEAD_BOUND_S:g} s")  # fmt: skip
+        return out
+
+
+def check_gate_times(obs: Observations, schedule: Schedule, result: NemesisResult) -> None:
+    """No gate closed early by a right clock: every gate closure a node with a right clock
+    applied (``slot_times`` ``cleared_at``, by its clock, which is the runner's) is at or after
+    the slot's gate time, and no such node counted an early one (``clock.early_gate_closures``)."""
+    early = sorted((slot, name, round(schedule.gate_time(slot) - at, 3))
+                   for (name, slot), at in obs.cleared.items()
+                   if at < schedule.gate_time(slot) - GATE_SLACK_S)  # fmt: skip
+    result.gate_closures_checked = len(obs.cleared)
+    if early:
+        result.failures.append(f"gates closed early by right clocks (slot, node, seconds): "
+                               f"{early[:10]}")  # fmt: skip
+    counted = {n: c for n, c in obs.early_gate_closures.items() if c}
+    if counted:
+        result.failures.append(f"nodes with right clocks counted early gate closures: {counted}")
+
+
 class Runner:
     """Plays one :class:`Plan` on a running :class:`Demo`."""
 
-    def __init__(self, demo: Demo, plan: Plan, result: NemesisResult,
-                 out: Any = print) -> None:  # fmt: skip
+    def __init__(self, demo: Demo, plan: Plan, result: NemesisResult, out: Any = print,
+                 net: NetLab | None = None, disks: DiskLab | None = None) -> None:  # fmt: skip
         self.demo = demo
         self.plan = plan
         self.result = result
@@ -474,6 +1122,14 @@ class Runner:
         self.t0 = time.monotonic()
         self.paused: set[str] = set()
         self.last_docs: dict[str, dict[str, Any]] = {}
+        self.net = net
+        self.disks = disks
+        self.exits: dict[str, int] = {}
+        """Nodes that exited on their own during a fault (not killed by us): the exit status."""
+        self.skewed: set[str] = set()
+        """Nodes running with a clock offset now (``skew``)."""
+        self.unskewed: list[DemoHousehold] = []
+        """Nodes a ``skew`` step restarted with the right time (looked at after the recovery)."""
 
     def log(self, text: str) -> None:
         """Note an event (kept in the result; printed by the CLI)."""
@@ -484,8 +1140,12 @@ class Runner:
     async def poll(self) -> None:
         """Record every node's status every :data:`POLL_SECONDS` until cancelled."""
         while True:
+            skewed, starts = set(self.skewed), {h.name: h.starts for h in self.demo.households}
             docs = await self.demo.statuses()
-            self.obs.record(docs)
+            # a node whose clock was off, or that restarted meanwhile, says nothing of gate times
+            skewed |= self.skewed | {h.name for h in self.demo.households
+                                     if h.starts != starts.get(h.name)}  # fmt: skip
+            self.obs.record(docs, skewed)
             self.last_docs = docs
             await trio.sleep(POLL_SECONDS)
 
@@ -518,6 +1178,15 @@ class Runner:
         demo = self.demo
         hs = [_household(demo, n) for n in names]
         what = f"{fault.kind.value} {','.join(names)} for {fault.duration_s:g}s"
+        if fault.kind.value in self.result.unavailable:
+            self.result.skipped.append(f"{what}: {self.result.unavailable[fault.kind.value]}")
+            return
+        if fault.kind in NETWORK_KINDS + STORAGE_KINDS:
+            await self.inject_newer(fault, hs, what)
+            return
+        if fault.kind is Kind.SKEW:
+            await self.inject_skew(fault, hs[0], what)
+            return
         try:
             if fault.kind is Kind.KILL_WRITE:
                 await self._settle_moment(fault.offset_s)
@@ -542,6 +1211,186 @@ class Runner:
         finally:
             with trio.CancelScope(shield=True):
                 await self.heal(fault, hs)
+
+    def _count(self, fault: Fault) -> None:
+        self.result.faults[fault.kind.value] = self.result.faults.get(fault.kind.value, 0) + 1
+
+    async def _hold(self, seconds: float, hs: list[DemoHousehold]) -> None:
+        """Sleep ``seconds``; note any of ``hs`` whose process exits meanwhile."""
+        deadline = trio.current_time() + seconds
+        while trio.current_time() < deadline:
+            for h in hs:
+                if h.process is not None and not h.alive and h.name not in self.exits:
+                    self.exits[h.name] = int(h.process.returncode or 0)
+                    self.log(f"{h.name} exited with {h.process.returncode} during the fault: "
+                             f"{_last_error(h)}")  # fmt: skip
+            await trio.sleep(min(0.5, max(0.0, deadline - trio.current_time())))
+
+    async def inject_newer(self, fault: Fault, hs: list[DemoHousehold], what: str) -> None:
+        """Apply, hold and heal a ``partition``, ``loss``, ``disk_full`` or ``torn_page``."""
+        net, kind = self.net, fault.kind
+        for h in hs:
+            self.exits.pop(h.name, None)
+        torn: str | None = None
+        try:
+            if kind is Kind.PARTITION:
+                assert net is not None
+                await trio.to_thread.run_sync(net.cut, [h.index for h in hs])
+            elif kind is Kind.LOSS:
+                assert net is not None
+                a, b = hs
+                await trio.to_thread.run_sync(net.lose, a.index, b.index, fault.percent)
+                what = f"loss {a.name}->{b.name} {fault.percent}% for {fault.duration_s:g}s"
+            elif kind is Kind.DISK_FULL:
+                for h in hs:
+                    written = await trio.to_thread.run_sync(DiskLab.fill, h.directory / "data")
+                    what += f" (ballast {written // 1024} KiB)"
+            elif kind is Kind.TORN_PAGE:
+                for h in hs:
+                    await self._kill(h)
+                    torn = await trio.to_thread.run_sync(tear, h.directory / "data", fault.file,
+                                                         fault.cut_bytes)  # fmt: skip
+                    what += f": {torn}"
+            self.log(f"inject {what}")
+            self._count(fault)
+            await self._hold(fault.duration_s, [] if kind is Kind.TORN_PAGE else hs)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.heal_newer(fault, hs, torn)
+
+    async def heal_newer(self, fault: Fault, hs: list[DemoHousehold], torn: str | None) -> None:
+        """Undo a newer fault: flush the nft chains, delete the ballast and restart a node that
+        stopped, restart a torn node and heal a refusal (learner: wipe; voter: ledger aside)."""
+        kind, net = fault.kind, self.net
+        names = ",".join(h.name for h in hs)
+        if kind in NETWORK_KINDS:
+            assert net is not None
+            for h in hs[:1] if kind is Kind.LOSS else hs:
+                await trio.to_thread.run_sync(net.clear, h.index)
+            self.log(f"heal {kind.value} {names}")
+            return
+        if kind is Kind.DISK_FULL:
+            for h in hs:
+                DiskLab.free(h.directory / "data")
+                if h.alive:
+                    self.result.outcomes.append(
+                        f"disk_full {h.name}: kept running (no exit while the disk was full)"
+                    )
+                else:
+                    code = self.exits.get(h.name, h.process.returncode if h.process else None)
+                    self.result.outcomes.append(
+                        f"disk_full {h.name}: exited with {code} ({_last_error(h)}); restarted"
+                    )
+                    await self.demo.start_node(h)
+            self.log(f"heal disk_full {names}")
+            return
+        for h in hs:  # torn page
+            outcome = await self._start_torn(h, fault)
+            self.result.outcomes.append(f"torn_page {h.name} {torn}: {outcome}")
+            self.log(f"heal torn_page {h.name}: {outcome}")
+
+    async def _start_torn(self, h: DemoHousehold, fault: Fault) -> str:
+        """Restart a node whose file was torn: ``started`` once its API answers, or (it exits
+        first: a refusal) heal it and start again."""
+        await self.demo.start_node(h)
+        code = await self._started_or_exit(h)
+        if code is None:
+            return "started (the torn tail was discarded or harmless)"
+        error = _last_error(h)
+        if h.name in self.plan.learner_names:
+            shutil.rmtree(h.directory / "data", ignore_errors=True)
+            healed = "wiped (a learner), restarted"
+        else:
+            aside = h.directory / "data" / f"torn-{h.starts}"
+            aside.mkdir(parents=True, exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                src = h.directory / "data" / f"ledger.db{suffix}"
+                if src.exists():
+                    src.rename(aside / src.name)
+            healed = f"ledger moved aside to {aside.name}/ (a voter), restarted"
+        await self.demo.start_node(h)
+        again = await self._started_or_exit(h)
+        if again is not None:
+            self.result.failures.append(f"torn_page {h.name}: refused again after being "
+                                        f"healed, exit {again}: {_last_error(h)}")  # fmt: skip
+            return f"refused (exit {code}: {error}); {healed}; refused again (exit {again})"
+        return f"refused to start (exit {code}: {error}); {healed}"
+
+    async def _started_or_exit(self, h: DemoHousehold) -> int | None:
+        """Wait (at most :data:`START_TIMEOUT_S`) until ``h``'s API answers (None) or its
+        process exits (the exit status)."""
+        with trio.move_on_after(START_TIMEOUT_S):
+            while True:
+                if h.process is not None and not h.alive:
+                    return int(h.process.returncode or 0)
+                if await fetch(h.api + "/status") is not None:
+                    return None
+                await trio.sleep(0.25)
+        return None  # neither: the recovery wait will tell
+
+    async def inject_skew(self, fault: Fault, h: DemoHousehold, what: str) -> None:
+        """Restart ``h`` with its clock ``fault.skew_s`` off for the fault's duration (longer
+        until its ``/status`` says it is skewed, at most :data:`START_TIMEOUT_S` more), watch
+        it, then restart it with the right time. Checked: it reports ``clock.skewed``; it leads
+        at most :data:`SKEW_LEAD_BOUND_S` at a time; if it led when the step began, the others
+        name another leader within :data:`SKEW_LEAD_BOUND_S` of its stop."""
+        docs = self.last_docs or await self.demo.statuses()
+        was_leader = self.demo.leader_name(docs) == h.name
+        self.skewed.add(h.name)
+        watch = SkewWatch(h, fault.skew_s, was_leader, time.monotonic())
+        try:
+            await self.demo.terminate(h, timeout=10)
+            h.environment[CLOCK_OFFSET_ENV] = f"{fault.skew_s:g}"
+            await self.demo.start_node(h)
+            watch.started = time.monotonic()
+            lead = " (the leader)" if was_leader else ""
+            self.log(f"inject {what}: {fault.skew_s:+g} s{lead}")
+            self._count(fault)
+            await self._watch_skew(watch, fault.duration_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                h.environment.pop(CLOCK_OFFSET_ENV, None)
+                await self.demo.terminate(h, timeout=10)
+                await self.demo.start_node(h)
+                self.skewed.discard(h.name)
+                self.unskewed.append(h)
+                line = watch.outcome()
+                self.result.outcomes.append(line)
+                self.result.failures += watch.failures(self.plan.timing)
+                self.log(f"heal skew {h.name}: restarted with the right time; {line}")
+
+    async def _watch_skew(self, w: SkewWatch, duration: float) -> None:
+        """Poll every node while ``w``'s node runs skewed (see :meth:`inject_skew`)."""
+        h = w.household
+        while True:
+            now = time.monotonic()
+            if now >= w.started + duration and (
+                w.seen_at is not None or now >= w.started + duration + START_TIMEOUT_S
+            ):
+                return
+            if not h.alive:
+                w.exited = f"exit {h.process.returncode if h.process else '?'}: {_last_error(h)}"
+                return
+            docs = await self.demo.statuses()
+            w.observe(docs, self.demo.leader_name({n: d for n, d in docs.items()
+                                                   if n != h.name}), time.monotonic())  # fmt: skip
+            await trio.sleep(0.5)
+
+    async def after_recovery(self) -> None:
+        """After a ``skew`` step recovered: note which nodes still list the healed node's clock
+        as off (their samples of the skewed clock age out within five minutes)."""
+        if not self.unskewed:
+            return
+        docs = await self.demo.statuses()
+        for h in self.unskewed:
+            stale = sorted(n for n, d in docs.items()
+                           if n != h.name and h.did in _disagreeing(d))  # fmt: skip
+            note = (f"skew {h.name} healed: no node lists its clock as off" if not stale else
+                    f"skew {h.name} healed: still listed as off by {','.join(stale)} (their "
+                    "least-delay samples of its skewed clock age out within 5 min)")  # fmt: skip
+            self.result.outcomes.append(note)
+            self.log(note)
+        self.unskewed = []
 
     async def heal(self, fault: Fault, hs: list[DemoHousehold]) -> None:
         """Undo ``fault`` on ``hs`` (restart, SIGCONT, meter answers again)."""
@@ -569,6 +1418,10 @@ class Runner:
         taken: set[str] = set()
         for fault in step.faults:
             names = list(dict.fromkeys(self.resolve(x, docs, index) for x in fault.targets))
+            if fault.kind is Kind.LOSS and len(names) < 2:
+                # both ends resolved to the leader: the other end is a seeded other household
+                rest = [h.name for h in self.demo.households if h.name not in names]
+                names.append(random.Random(f"nemesis:{self.plan.seed}:{index}").choice(rest))
             if fault.kind is Kind.OUTAGE:
                 # the leader may be one of the drawn voters: top up to a majority
                 need = len(fault.targets)
@@ -603,6 +1456,7 @@ class Runner:
             )
             return False
         self.log(f"step {index} recovered in {recovered:.1f}s at height {top}+")
+        await self.after_recovery()
         return True
 
     def _status_line(self) -> str:
@@ -611,7 +1465,8 @@ class Runner:
         for h in self.demo.households:
             d = docs.get(h.name)
             if d is None:
-                parts.append(f"{h.name}: {'no answer' if h.alive else 'down'}")
+                gone = "down" if h.process is None else f"down (exit {h.process.returncode})"
+                parts.append(f"{h.name}: {'no answer' if h.alive else gone}")
             else:
                 parts.append(f"{h.name}: {d['raft']['role']} height {d['ledger']['height']} "
                              f"commit {d['raft']['commit_index']}")  # fmt: skip
@@ -780,21 +1635,58 @@ async def run_plan(
     plan: Plan, directory: Path | None = None, out: Any = print, keep: bool = False
 ) -> NemesisResult:
     """Run ``plan`` on a fresh demo grid in ``directory`` (a temporary one when None; kept on
-    failure or with ``keep``) and check the ledgers; never raises for a failed check."""
+    failure or with ``keep``) and check the ledgers; never raises for a failed check.
+
+    A plan with a ``partition`` or ``loss`` runs every node in a network namespace of its own
+    (:class:`NetLab`); a ``disk_full`` target's data directory is a small tmpfs
+    (:class:`DiskLab`). Where either cannot be made, those faults are skipped and the reason is
+    printed and kept in :attr:`NemesisResult.unavailable`. Namespaces, bridge, nft tables and
+    mounts are removed at the end whatever happens (the mounts' files are copied to disk
+    first)."""
     result = NemesisResult(plan)
     started = time.monotonic()
+    net: NetLab | None = None
+    if plan.needs_netlab:
+        lab = NetLab(plan.nodes)
+        try:
+            await trio.to_thread.run_sync(lab.setup)
+            net = lab
+        except LabUnavailable as exc:
+            for kind in NETWORK_KINDS:
+                result.unavailable[kind.value] = f"no network namespaces: {exc}"
+            out(f"nemesis: skipping {', '.join(k.value for k in NETWORK_KINDS)}: {exc}")
     settings = DemoSettings(
         households=plan.nodes, voters=plan.voters, slot_seconds=plan.timing.slot_seconds,
         dashboard=False, directory=directory, seed=plan.seed,
         raft_snapshot_entries=plan.snapshot_entries,
     )  # fmt: skip
+    if net is not None:
+        settings.hosts = tuple(net.host(i) for i in range(plan.nodes))
+        settings.sim_host = net.gateway
+        settings.node_prefixes = tuple(net.prefix(i) for i in range(plan.nodes))
     demo = Demo(settings, out=lambda _line: None)
     result.directory = demo.directory
-    runner = Runner(demo, plan, result, out)
+    disks = DiskLab()
+    runner = Runner(demo, plan, result, out, net=net, disks=disks)
+
+    async def mount_disks() -> None:
+        for name in plan.disk_targets:
+            try:
+                data = _household(demo, name).directory / "data"
+                await trio.to_thread.run_sync(disks.mount, data)
+            except LabUnavailable as exc:
+                result.unavailable[Kind.DISK_FULL.value] = f"no tmpfs data directory: {exc}"
+                out(f"nemesis: skipping disk_full: {exc}")
+                return
+
     final: dict[str, dict[str, Any]] | None = None
     try:
+        if net is not None:
+            runner.log(f"network namespaces {net.namespace(0)}.. on bridge {net.bridge} "
+                       f"({net.gateway}/24)")  # fmt: skip
         try:
-            async with demo.running(quiesce_timeout=3 * plan.timing.slot_seconds):
+            async with demo.running(quiesce_timeout=3 * plan.timing.slot_seconds,
+                                    before_start=mount_disks):  # fmt: skip
                 try:
                     final = await runner.play()
                 finally:
@@ -802,6 +1694,7 @@ async def run_plan(
                         await runner.release()
         except Exception as exc:  # a harness error is a failed run, with its seed
             result.failures.append(f"run aborted: {exc.__class__.__name__}: {exc}")
+            runner.log("".join(traceback.format_exception(exc))[-3000:])
         obs = runner.obs
         result.elections = len(obs.leaders)
         result.max_term = max((term for term, _ in obs.leaders), default=0)
@@ -809,9 +1702,18 @@ async def run_plan(
         for h in demo.households:
             ledgers[h.name] = await trio.to_thread.run_sync(read_ledger, h.ledger_url)
         check_ledgers(ledgers, obs.heads, final, result)
+        check_gate_times(obs, demo.schedule, result)
         result.wall_s = time.monotonic() - started
         return result
     finally:
+        for h in demo.households:  # nothing of ours may outlive the run
+            if h.alive:
+                demo.kill(h)
+        for err in disks.unmount_all():
+            result.failures.append(f"cleanup: {err}")
+        if net is not None:
+            for err in net.teardown():
+                result.failures.append(f"cleanup: {err}")
         if result.ok and not keep:
             demo.close()
         elif demo.sim is not None:
@@ -828,7 +1730,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--voters", type=int, default=3)
     ap.add_argument("--kinds", default=",".join(k.value for k in DEFAULT_KINDS),
-                    help=f"comma-separated, of: {', '.join(k.value for k in Kind)}")  # fmt: skip
+                    help=f"comma-separated, of: {', '.join(k.value for k in Kind)}; "
+                         "'extended': all but outage and skew")  # fmt: skip
     ap.add_argument("--cover", action="store_true", help="first steps use every kind once")
     ap.add_argument("--dir", type=Path, default=None, help="grid directory (default: temporary)")
     ap.add_argument("--keep", action="store_true", help="keep the grid directory after a pass")
@@ -836,7 +1739,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     duration = args.duration if args.duration is not None else (3600.0 if args.soak else 120.0)
     try:
-        kinds = [Kind(k.strip()) for k in args.kinds.split(",") if k.strip()]
+        names = args.kinds.replace("extended", ",".join(k.value for k in EXTENDED_KINDS))
+        kinds = [Kind(k.strip()) for k in names.split(",") if k.strip()]
         plan = make_plan(args.seed, duration, nodes=args.nodes, voters=args.voters,
                          kinds=kinds, cover=args.cover)  # fmt: skip
     except (ValueError, NemesisError) as exc:

@@ -18,6 +18,11 @@ transformer: the households' net flow plus 2 % line losses, device 100), the gen
 its serial (``feeder_serial``), and household h1 doubles as the operator's node: its config gets
 ``[feeder]`` with the demo's operator key, so it signs and gossips a feeder reading per slot and
 every ledger records the slot's feeder check (``feeder_checks``; the table's last column).
+
+``DemoSettings.batteries`` gives chosen households a simulated battery behind their meter (no
+PV, a SunSpec 124/802 inverter the simulator serves) and their configs a ``[[batteries]]``
+table; ``DemoSettings.environment`` (``DemoHousehold.environment``) sets environment variables
+for a household's node process, e.g. the test-only ``MICROGRID_CLOCK_OFFSET_SECONDS``.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,6 +99,29 @@ class DemoSettings:
     """Simulated meters served beside the households' but in no genesis (households without PV
     or battery, device ids after theirs): for households that join the running grid
     (:attr:`Demo.spare`, :meth:`Demo.adopt`)."""
+    hosts: tuple[str, ...] = ()
+    """Per-household host address (index i: household ``h{i+1}``) its node listens on (libp2p
+    and API) and the genesis bootstrap names; a household without one uses 127.0.0.1. For a grid
+    whose nodes run in network namespaces of their own (the nemesis's partitions)."""
+    sim_host: str = "127.0.0.1"
+    """The address the meter simulator listens on and the nodes' configs name (a namespaced
+    grid: the bridge's address in the root namespace)."""
+    node_prefixes: tuple[tuple[str, ...], ...] = ()
+    """Per-household command prefix for the node process (e.g. ``("ip", "netns", "exec",
+    "mg-h1")``); none: the node runs as is."""
+    batteries: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """Household number (1: ``h1``) -> ``(kWh, kW)``: that household's simulated meter gets a
+    battery of this capacity and charge/discharge limit behind it (a SunSpec 124/802 inverter
+    the simulator serves), and its config a ``[[batteries]]`` table, so its node plans the
+    battery (docs/node.md, "Batteries"). Such a household has no PV and starts with
+    :attr:`battery_initial_permille` of charge: whatever it sells it bought, or stored, first."""
+    battery_initial_permille: int = 150
+    """State of charge a battery of :attr:`batteries` starts at."""
+    battery_horizon_slots: int = 8
+    """The ``horizon_slots`` of a battery household's ``[[batteries]]`` table."""
+    environment: dict[int, dict[str, str]] = field(default_factory=dict)
+    """Household number -> environment variables its node process starts with, on top of this
+    process's (e.g. ``MICROGRID_CLOCK_OFFSET_SECONDS``): :attr:`DemoHousehold.environment`."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -139,6 +167,17 @@ class DemoHousehold:
     joined: bool = False
     """Set up outside the demo (``microgrid init``, :meth:`Demo.adopt`): its config has the
     defaults' timing, so the demo's accelerated settings reach it through the environment."""
+    host: str = "127.0.0.1"
+    """The address its node listens on (libp2p and API): :attr:`DemoSettings.hosts`."""
+    prefix: tuple[str, ...] = ()
+    """Command prefix of its node process: :attr:`DemoSettings.node_prefixes`."""
+    environment: dict[str, str] = field(default_factory=dict)
+    """Environment variables its node process starts with, over this process's (and, for a
+    joined household, over the demo's timing): :attr:`DemoSettings.environment`. Changed
+    between starts, it applies from the next :meth:`Demo.start_node` (the nemesis restarts a
+    node with ``MICROGRID_CLOCK_OFFSET_SECONDS`` for a clock skew, then without)."""
+    battery_device: int | None = None
+    """The simulator's device id of its battery inverter (:attr:`DemoSettings.batteries`)."""
 
     @property
     def config_path(self) -> Path:
@@ -153,7 +192,7 @@ class DemoHousehold:
     @property
     def api(self) -> str:
         """Its API base URL."""
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     @property
     def alive(self) -> bool:
@@ -229,19 +268,28 @@ def _node_config(h: DemoHousehold, settings: DemoSettings, sim_port: int, profil
         "\n[feeder]   # this household's node is also the operator's: it signs feeder readings\n"
         'name = "feeder"\n'
         f'profile = "{FEEDER_PROFILE}"\n'
-        f'endpoint = "tcp://127.0.0.1:{sim_port}"\n'
+        f'endpoint = "tcp://{s.sim_host}:{sim_port}"\n'
         f"device_id = {feeder_device}\n"
         'operator_key_path = "../operator.key"\n'
+    )  # fmt: skip
+    battery = "" if h.battery_device is None else (
+        "\n[[batteries]]   # the simulated battery inverter behind this household's meter\n"
+        'name = "battery"\n'
+        f'endpoint = "tcp://{s.sim_host}:{sim_port}"\n'
+        f"device_id = {h.battery_device}\n"
+        f"horizon_slots = {s.battery_horizon_slots}\n"
+        f"slot_seconds = {SIM_SLOT_SECONDS}   # each demo slot is 15 simulated minutes\n"
     )  # fmt: skip
     return (
         "# written by `microgrid demo`\n"
         'key_path = "node.key"\n'
         'genesis_path = "../genesis.json"\n'
         'data_dir = "data"\n'
-        f'listen = "/ip4/127.0.0.1/tcp/{h.listen_port}"\n'
+        f'listen = "/ip4/{h.host}/tcp/{h.listen_port}"\n'
         "metrics_port = 0\n"
         f"api_port = {h.api_port}\n"
-        f'api_token = "{peers_token}"\n'
+        + ("" if h.host == "127.0.0.1" else f'api_host = "{h.host}"\n')
+        + f'api_token = "{peers_token}"\n'
         'log_format = "json"\n'
         f"meter_poll_seconds = {max(1.0, s.slot_seconds / 2)}\n"
         f"meter_time_scale = {scale:.3f}\n"
@@ -253,9 +301,8 @@ def _node_config(h: DemoHousehold, settings: DemoSettings, sim_port: int, profil
         "\n[[meters]]\n"
         'name = "main"\n'
         f'profile = "{profile}"\n'
-        f'endpoint = "tcp://127.0.0.1:{sim_port}"\n'
-        f"device_id = {h.device_id}\n"
-        + feeder
+        f'endpoint = "tcp://{s.sim_host}:{sim_port}"\n'
+        f"device_id = {h.device_id}\n" + feeder + battery
     )
 
 
@@ -334,9 +381,18 @@ class Demo:
             replace(c, pv_kwp=0.0, battery_kwh=0.0, battery_kw=0.0, initial_export_wh=0.0)
             for c in configs[s.households:]
         ]  # fmt: skip
+        for number, (kwh, kw) in sorted(s.batteries.items()):
+            if not 1 <= number <= s.households or not (kwh > 0 and kw > 0):
+                raise ValueError(f"batteries: household {number} of {s.households} with "
+                                 f"{kwh} kWh / {kw} kW")  # fmt: skip
+            configs[number - 1] = replace(
+                configs[number - 1], pv_kwp=0.0, battery_kwh=kwh, battery_kw=kw,
+                battery_initial_permille=s.battery_initial_permille, initial_export_wh=0.0,
+            )  # fmt: skip
         self.sim = MeterSimulator(configs, seed=s.seed, speed=0, start=SIM_START,
                                   feeder=s.feeder, feeder_device=DEFAULT_FEEDER_DEVICE,
-                                  feeder_profile=FEEDER_PROFILE).start()  # fmt: skip
+                                  feeder_profile=FEEDER_PROFILE,
+                                  host=s.sim_host).start()  # fmt: skip
         sim_port = self.sim.ports[0]
         probe: list[tuple[int, str]] = [(c.device_id, c.profile) for c in configs]
         if self.sim.feeder_device is not None:
@@ -352,10 +408,21 @@ class Demo:
             directory.mkdir()
             identity = create_key_file(directory / "node.key")
             h = DemoHousehold(i, f"h{i + 1}", directory, identity.did, str(identity.peer_id),
-                          c.device_id, ports[2 * i], ports[2 * i + 1])  # fmt: skip
+                          c.device_id, ports[2 * i], ports[2 * i + 1],
+                          host=s.hosts[i] if i < len(s.hosts) else "127.0.0.1",
+                          prefix=s.node_prefixes[i] if i < len(s.node_prefixes)
+                          else (), environment=dict(s.environment.get(i + 1, {})))  # fmt: skip
+            if i + 1 in s.batteries:
+                h.battery_device = self.sim.battery_device(c.device_id)
             directory.joinpath("microgrid.toml").write_text(
-                _node_config(h, s, sim_port, c.profile, self.token,
-                             self.sim.feeder_device if i == 0 else None)
+                _node_config(
+                    h,
+                    s,
+                    sim_port,
+                    c.profile,
+                    self.token,
+                    self.sim.feeder_device if i == 0 else None,
+                )
             )
             os.chmod(directory / "microgrid.toml", 0o600)
             self.households.append(h)
@@ -379,7 +446,7 @@ class Demo:
             slot_seconds=s.slot_seconds,
             gate_closure_lead_seconds=s.gate_lead_seconds,
             settle_delay_seconds=s.settle_delay_seconds,
-            bootstrap=[f"/ip4/127.0.0.1/tcp/{h.listen_port}/p2p/{h.peer_id}"
+            bootstrap=[f"/ip4/{h.host}/tcp/{h.listen_port}/p2p/{h.peer_id}"
                        for h in self.households],
         )  # fmt: skip
         write_genesis(genesis, self.directory / "genesis.json")
@@ -392,7 +459,7 @@ class Demo:
         """Read each simulated meter ``(device id, profile)`` once, over Modbus, for the serial
         the genesis registers."""
         reader = MeterReader([MeterConfig(f"d{device_id}", profile,
-                                          TcpEndpoint("127.0.0.1", port), device_id)
+                                          TcpEndpoint(self.settings.sim_host, port), device_id)
                               for device_id, profile in meters])  # fmt: skip
         try:
             with trio.fail_after(30):
@@ -421,7 +488,7 @@ class Demo:
     def meter_endpoint(self) -> str:
         """The simulator's Modbus TCP endpoint, as a config's ``endpoint``."""
         assert self.sim is not None, "prepare() first"
-        return f"tcp://127.0.0.1:{self.sim.ports[0]}"
+        return f"tcp://{self.settings.sim_host}:{self.sim.ports[0]}"
 
     def timing_environment(self) -> dict[str, str]:
         """``MICROGRID_*`` overrides giving a node configured outside the demo the demo's
@@ -477,9 +544,13 @@ class Demo:
         """Start (or restart) one household's node process."""
         if h.log is None:
             h.log = (h.directory / "node.log").open("a")
-        env = {**os.environ, **self.timing_environment()} if h.joined else None
+        env = None
+        if h.joined or h.environment:
+            timing = self.timing_environment() if h.joined else {}
+            env = {**os.environ, **timing, **h.environment}
         h.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "node.cli", "node", "run", "--config", str(h.config_path)],
+            [*h.prefix, sys.executable, "-m", "node.cli", "node", "run", "--config",
+             str(h.config_path)],
             stdout=h.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         h.starts += 1
@@ -508,15 +579,20 @@ class Demo:
         self,
         first: int | None = None,
         quiesce_timeout: float | None = None,
+        before_start: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[trio.Nursery]:
         """Prepare and start the demo (with ``first``, only the first ``first`` households'
         nodes: tests hold the other households' keys), yielding the nursery its
         tasks run in. On the way out, also on an error or a cancel: every node is stopped
         (:meth:`stop_all`, shielded), the demo's tasks cancelled, any survivor SIGKILLed.
         :meth:`close` stays with the caller, who may still read the ledgers (a temporary
-        directory goes with it). :attr:`started_at` is the monotonic time of the start."""
+        directory goes with it). :attr:`started_at` is the monotonic time of the start.
+        ``before_start`` runs after :meth:`prepare` (directories, configs, genesis written),
+        before any node starts (e.g. to mount a household's data directory)."""
         try:
             await self.prepare()
+            if before_start is not None:
+                await before_start()
             async with trio.open_nursery() as nursery:
                 self.started_at = time.monotonic()
                 await self.start(nursery, None if first is None else self.households[:first])
@@ -695,8 +771,9 @@ def feeder_checks(ledger_url: str) -> dict[int, str]:
     try:
         with engine.connect() as conn:
             c = t.feeder_checks.c
-            rows = conn.execute(select(c.slot, c.status, c.difference_wh)
-                                .order_by(c.slot.desc()).limit(200))
+            rows = conn.execute(
+                select(c.slot, c.status, c.difference_wh).order_by(c.slot.desc()).limit(200)
+            )
             return {int(r.slot): r.status if r.difference_wh is None
                     else f"{r.status} {r.difference_wh:+d} Wh" for r in rows}  # fmt: skip
     finally:
@@ -722,6 +799,7 @@ async def run_demo(settings: DemoSettings, out: Callable[[str], None] = print) -
             out(f"node APIs: {', '.join(f'{h.name} {h.api}' for h in demo.households)}")
             out(demo.header())
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
                 async def watch_signals() -> None:
                     nonlocal stopped_by_user
                     async for _ in signals:

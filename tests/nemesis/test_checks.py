@@ -3,16 +3,32 @@
 :func:`node.testing.nemesis.check_ledgers` is fed ledgers as read rows: equal ones pass; a
 diverging block, a missing height, a slot settled twice or skipped, a head reported during the
 run that no ledger holds, a node whose report differs from its ledger, a ledger that does not
-verify and unbalanced books each fail, with the counts of the summary table.
+verify and unbalanced books each fail, with the counts of the summary table. The clock checks:
+a gate closure applied early by a right clock fails (a skewed node's are left out), and a
+``skew`` step's watch notes the verdict, the leadership and the peers, and fails on a skewed
+node that never says so or leads too long.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from market.schedule import Schedule
 from node.ledger.verify import VerifyReport
-from node.testing.nemesis import LedgerRows, NemesisResult, check_ledgers, make_plan
+from node.testing.nemesis import (
+    SKEW_LEAD_BOUND_S,
+    LedgerRows,
+    NemesisResult,
+    Observations,
+    SkewWatch,
+    Timing,
+    check_gate_times,
+    check_ledgers,
+    make_plan,
+)
+from node.tools.demo import DemoHousehold
 
 
 def ledger(height: int, *, first_slot: int = 100, fork_at: int | None = None,
@@ -97,3 +113,64 @@ def test_unverified_or_unbalanced_ledgers_fail() -> None:
     assert any("sold != bought" in f for f in failures), failures
     bad = replace(a, report=replace(a.report, conservation="failed", conservation_note="h9"))
     assert any("conservation failed: h9" in f for f in run({"h1": bad}, {}).failures)
+
+
+def test_gate_closures_by_right_clocks_are_timed_and_skewed_ones_left_out() -> None:
+    schedule = Schedule(8, 1, 3)
+    slot = 1000
+    gate = schedule.gate_time(slot)
+
+    def doc(cleared_at: float, early: int = 0) -> dict[str, Any]:
+        return {"ledger": {}, "raft": {}, "clock": {"early_gate_closures": early},
+                "slot_times": [{"slot": slot, "cleared_at": cleared_at}]}  # fmt: skip
+
+    obs = Observations()
+    # h2 runs skewed: its (early, by the runner's clock) closure says nothing of the leader
+    obs.record({"h1": doc(gate + 0.2), "h2": doc(gate - 120.0, early=3)}, skewed={"h2"})
+    obs.record({"h1": doc(gate + 5.0)})  # a later poll keeps the first time seen
+    result = NemesisResult(make_plan(1, 60))
+    check_gate_times(obs, schedule, result)
+    assert result.ok and result.gate_closures_checked == 1
+    assert obs.cleared == {("h1", slot): gate + 0.2}
+    # a right clock that applied a closure before its gate time, or counted an early one, fails
+    obs.record({"h3": doc(gate - 0.5), "h4": doc(gate + 1.0, early=1)})
+    result = NemesisResult(make_plan(1, 60))
+    check_gate_times(obs, schedule, result)
+    assert len(result.failures) == 2, result.failures
+    assert f"({slot}, 'h3', 0.5)" in result.failures[0]
+    assert "'h4': 1" in result.failures[1]
+
+
+def test_a_skew_watch_sees_the_verdict_the_lead_and_the_handover(tmp_path: Path) -> None:
+    h = DemoHousehold(1, "h2", tmp_path, "did:key:h2", "peer", 2, 1, 2)
+    watch = SkewWatch(h, -117.6, was_leader=True, stopped=100.0, started=101.0)
+
+    def doc(role: str, skewed: bool = False, disagreeing: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {"raft": {"role": role}, "clock": {"skewed": skewed, "offset": -117.6,
+                                                  "transfers": 0, "held": 0,
+                                                  "disagreeing": list(disagreeing)}}  # fmt: skip
+
+    # the old leader is down: nobody leads yet
+    watch.observe({"h1": doc("follower")}, "-", 101.0)
+    assert watch.moved_at is None
+    watch.observe({"h1": doc("leader", disagreeing=("did:key:h2",)), "h2": doc("follower")},
+                  "h1", 102.0)  # fmt: skip
+    watch.observe({"h1": doc("leader"), "h2": doc("follower", skewed=True)}, "h1", 103.5)
+    assert (watch.moved_at, watch.new_leader, watch.seen_at, watch.peers_saw) == (
+        102.0,
+        "h1",
+        103.5,
+        {"h1"},
+    )
+    assert watch.failures(Timing()) == []
+    assert "reported skewed 2.5 s after its start (offset -117.6 s)" in watch.outcome()
+    assert "leadership moved to h1 2.0 s after its stop" in watch.outcome()
+    # leading on while skewed beyond the bound fails; so does never saying it is skewed
+    for t in (110.0, 110.0 + SKEW_LEAD_BOUND_S + 1):
+        watch.observe({"h2": doc("leader", skewed=True)}, "h2", t)
+    assert any("led" in f for f in watch.failures(Timing()))
+    quiet = SkewWatch(h, 60.0, was_leader=True, stopped=0.0, started=1.0)
+    quiet.observe({"h2": doc("follower")}, "h2", 30.0)
+    failures = quiet.failures(Timing())
+    assert any("never said clock.skewed" in f for f in failures)
+    assert any("named no other leader" in f for f in failures)

@@ -2,6 +2,9 @@
 
 Same seed, same plan; faults bounded in time; a step never impairs a majority of the voters
 unless an outage was asked for; a wipe only ever hits a learner; ``cover`` uses every kind.
+The newer kinds (partition, loss, disk_full, torn_page) keep these bounds, are opt-in (the
+default plans are unchanged), and never cut a voter's Raft log. ``skew`` restarts one node (the
+leader as often as not) with its clock 60-300 s off, either way, long enough to be seen skewed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ import pytest
 
 from node.testing.nemesis import (
     DEFAULT_KINDS,
+    EXTENDED_KINDS,
     LEADER,
+    NETWORK_KINDS,
+    SKEW_MAX_S,
+    SKEW_MIN_S,
+    STORAGE_KINDS,
+    TORN_FILES_LEARNER,
+    TORN_FILES_VOTER,
     Kind,
     NemesisError,
     Plan,
@@ -122,7 +132,7 @@ def test_impossible_plans_are_refused() -> None:
     with pytest.raises(NemesisError, match="majority"):
         make_plan(1, 60, nodes=2, voters=2, kinds=(Kind.PAUSE,))  # no voter may be paused
     with pytest.raises(ValueError):
-        make_plan(1, 60, kinds=("partition",))  # type: ignore[arg-type]
+        make_plan(1, 60, kinds=("flood",))  # type: ignore[arg-type]
 
 
 def test_the_cli_prints_the_plan_it_would_replay(capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,4 +144,116 @@ def test_the_cli_prints_the_plan_it_would_replay(capsys: pytest.CaptureFixture[s
         "python -m node.testing.nemesis --seed 5 --duration 90 --nodes 4 --voters 3 "
         "--kinds kill,kill_write,pause,wipe,meter --cover"
     )
-    assert main(["--kinds", "partition", "--plan"]) == 2
+    assert main(["--kinds", "flood", "--plan"]) == 2
+    assert main(["--seed", "5", "--kinds", "skew", "--plan"]) == 0
+    assert json.loads(capsys.readouterr().out)["kinds"] == ["skew"]
+    assert main(["--seed", "5", "--kinds", "extended", "--plan"]) == 0
+    assert "skew" in json.loads(capsys.readouterr().out)["kinds"]
+
+
+def test_the_default_plans_do_not_change_with_the_newer_kinds() -> None:
+    # the newer kinds are opt-in: a default plan draws as before and its JSON has no new keys
+    plan = make_plan(2, 60, cover=True)
+    assert plan.counts() == {"kill": 1, "kill_write": 1, "pause": 1, "wipe": 1, "meter": 1}
+    assert not plan.needs_netlab and plan.disk_targets == ()
+    assert all(set(f) == {"kind", "targets", "duration_s", "offset_s"}
+               for s in json.loads(plan.to_json())["steps"] for f in s["faults"])  # fmt: skip
+
+
+def test_newer_kinds_are_bounded_and_keep_a_voter_majority(seed_count: int) -> None:
+    timing = Timing()
+    slot = timing.slot_seconds
+    seen: dict[Kind, int] = {}
+    torn_files: set[tuple[str, str]] = set()
+    for seed in range(seed_count):
+        for nodes, voters in SHAPES:
+            # no wipe without a learner; no pause where no voter may be impaired
+            kinds = tuple(k for k in EXTENDED_KINDS
+                          if not (k is Kind.WIPE and nodes == voters)
+                          and not (k is Kind.PAUSE and voters < 3))  # fmt: skip
+            plan = make_plan(seed, 600, nodes=nodes, voters=voters, kinds=kinds, cover=True)
+            minority = (voters - 1) // 2
+            assert set(plan.counts()) == {k.value for k in kinds}, (seed, nodes, voters)
+            everyone = set(plan.voter_names + plan.learner_names)
+            for step in plan.steps:
+                assert impaired_voters(step, plan.voter_names) <= minority, (seed, step)
+                for f in step.faults:
+                    seen[f.kind] = seen.get(f.kind, 0) + 1
+                    assert 1.0 <= f.duration_s <= 3 * slot, f
+                    named = [x for x in f.targets if x != LEADER]
+                    assert set(named) <= everyone
+                    if f.kind is Kind.PARTITION:
+                        # a minority side: never every household, at most `minority` voters
+                        assert 1 <= len(f.targets) < nodes
+                        assert f.duration_s > timing.election_timeout_max_s
+                    elif f.kind is Kind.LOSS:
+                        assert len(f.targets) == 2 and len(set(f.targets)) == 2
+                        assert f.percent in (30, 50, 70, 100)
+                    elif f.kind is Kind.DISK_FULL:
+                        assert LEADER not in f.targets  # its tmpfs is mounted before the start
+                        assert set(f.targets) <= set(plan.disk_targets)
+                        assert f.duration_s >= slot  # a settlement is written meanwhile
+                    elif f.kind is Kind.TORN_PAGE:
+                        assert 0 <= f.cut_bytes < 4096
+                        (target,) = f.targets
+                        kind = "learner" if target in plan.learner_names else "voter"
+                        torn_files.add((kind, f.file))
+                        if kind == "voter":
+                            # a voter's Raft log is never cut: its acknowledged entries stay
+                            assert f.file in TORN_FILES_VOTER, f
+                        else:
+                            assert f.file in TORN_FILES_LEARNER
+            assert plan.needs_netlab
+    assert all(seen.get(k, 0) > 0 for k in NETWORK_KINDS + STORAGE_KINDS), seen
+    assert {("learner", "raft.db"), ("learner", "raft.db-wal")} <= torn_files
+    assert not {("voter", "raft.db"), ("voter", "raft.db-wal")} & torn_files
+
+
+def test_skew_is_minutes_either_way_on_one_node_and_keeps_a_voter_majority(
+    seed_count: int,
+) -> None:
+    timing = Timing()
+    slot = timing.slot_seconds
+    signs: set[int] = set()
+    targets: dict[str, int] = {}
+    for seed in range(seed_count):
+        for nodes, voters in SHAPES:
+            plan = make_plan(seed, 600, nodes=nodes, voters=voters, kinds=(Kind.SKEW, Kind.KILL),
+                             cover=True)  # fmt: skip
+            minority = (voters - 1) // 2
+            assert not plan.needs_netlab and plan.disk_targets == ()
+            for step in plan.steps:
+                assert impaired_voters(step, plan.voter_names) <= minority, (seed, step)
+                for f in step.faults:
+                    doc = f.to_json()
+                    if f.kind is not Kind.SKEW:
+                        assert "skew_s" not in doc
+                        continue
+                    (target,) = f.targets
+                    kind = ("leader" if target == LEADER else
+                            "voter" if target in plan.voter_names else "learner")  # fmt: skip
+                    targets[kind] = targets.get(kind, 0) + 1
+                    if minority == 0:  # no voter may be impaired: a learner only
+                        assert kind == "learner", (seed, nodes, voters, f)
+                    # minutes, ahead or behind: far beyond the 5 s bound
+                    assert SKEW_MIN_S <= abs(f.skew_s) <= SKEW_MAX_S, f
+                    signs.add(1 if f.skew_s > 0 else -1)
+                    assert doc["skew_s"] == f.skew_s
+                    # long enough to restart, sample the peers' clocks and be seen skewed
+                    assert 2 * slot <= f.duration_s <= 3 * slot, f
+    assert signs == {1, -1}
+    assert targets.get("leader", 0) > 0 and targets.get("voter", 0) > 0, targets
+    assert targets.get("learner", 0) > 0, targets
+    # the leader is drawn as often as any other voter put together, give or take
+    assert targets["leader"] >= targets["voter"] // 2, targets
+
+
+def test_skew_joins_the_extended_kinds_and_leaves_the_others_unchanged() -> None:
+    assert Kind.SKEW in EXTENDED_KINDS and Kind.OUTAGE not in EXTENDED_KINDS
+    assert Kind.SKEW not in DEFAULT_KINDS
+    # a plan without skew has no skew field (its JSON, the plan's fingerprint, is as before)
+    kinds = tuple(k for k in EXTENDED_KINDS if k is not Kind.SKEW)
+    plan = make_plan(4, 240, nodes=5, kinds=kinds, cover=True)
+    assert all("skew_s" not in f for s in json.loads(plan.to_json())["steps"]
+               for f in s["faults"])  # fmt: skip
+    assert make_plan(4, 240, nodes=5, kinds=EXTENDED_KINDS, cover=True).counts()["skew"] >= 1

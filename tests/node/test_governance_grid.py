@@ -392,7 +392,7 @@ async def run_grid(tmp_path: Path) -> Outcome:
         )
         demo.kill(h1)
         survivors = ["h2", "h3", "h5", "h6"]
-        settled = await settle_more(demo, survivors, 2, 10 * SLOT_SECONDS)
+        settled = await settle_more(demo, survivors, 2, 20 * SLOT_SECONDS)
         assert settled > 0
         await demo.start_node(h1)  # and it catches up from the others
         await wait_live(
