@@ -35,7 +35,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -79,6 +78,7 @@ from meter.reader import MeterConfig, MeterReader, PollResult
 from node.agent.battery import BatteryAgent
 from node.agent.forecast import FORECAST_FILE, ForecastCollector, load_forecaster, write_forecast
 from node.agent.trader import NONCE_MANUAL, NONCES_PER_SLOT, MeterMismatch, Trader
+from node.daemon.block_filler import BlockFiller
 from node.daemon.censorship import CensorshipWatch
 from node.daemon.clock import ClockWatch, offset_clock
 from node.daemon.consensus import ConsensusDriver
@@ -101,18 +101,13 @@ from node.daemon.status import (
 )
 from node.ledger import LedgerStore
 from node.ledger import schema as t
-from node.ledger.chunk import BlockSyncError
-from node.ledger.chunk_import import import_blocks
 from node.ledger.gaps import missing_ranges
 from node.ledger.queries import load_block_refs, load_clearings, load_settlement_sums
 from node.ledger.rows import fetch_rows
 from node.ledger.statement import StatementError, household_statement
-from node.ledger.store import LedgerStoreError
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
     BlockServer,
-    FetchError,
-    fetch_blocks,
     store_exporter,
 )
 from node.net.clock_sync import (
@@ -132,11 +127,6 @@ from node.setup.keyfile import KeyFileError, NodeIdentity, load_key_file
 
 log = logging.getLogger("microgrid.node")
 
-BLOCK_SYNC_IDLE_SECONDS = 60.0
-"""How long a node without gaps waits before it checks its ledger for one anyway. Gaps appear
-when a Raft snapshot from the leader is installed, and the driver wakes block sync right then
-(:meth:`HouseholdNode._on_batch_applied`); this re-check is only a bound on that wait."""
-BLOCK_SYNC_RETRY_SECONDS = 2.0
 SLOTS_PAGE = 500
 """Most slots one ``GET /slots`` answers with."""
 STATEMENT_DEFAULT_SLOTS = 96
@@ -409,9 +399,8 @@ class HouseholdNode:
         self._manual_send, self._manual_recv = trio.open_memory_channel[SignedRecord](64)
         # manual orders, curves, replace and cancel, GET /events (docs/strategy-api.md)
         self.strategy = StrategyApi(self)
-        self._block_sync_wake = trio.Event()
-        """Set when the ledger may have a new gap (a snapshot was installed): block sync
-        looks at once instead of at its next idle re-check."""
+        self.block_filler = BlockFiller(self.store, self.net, self.counters)
+        """Block sync: fills the ledger's gaps left by a snapshot from the leader."""
         self._stop = trio.Event()
         self.started = trio.Event()
         # one Prometheus endpoint for the network, the meters and the node (127.0.0.1)
@@ -438,7 +427,7 @@ class HouseholdNode:
                     nursery.start_soon(self._feeder_loop)
                 nursery.start_soon(self._publish_manual)
                 nursery.start_soon(self.strategy.run)
-                nursery.start_soon(self._block_sync_loop)
+                nursery.start_soon(self.block_filler.run)
                 log.info(
                     "node started", extra={"event": "started", "did": self.identity.did,
                                            "grid": self.genesis.grid, "api_port": self.api_port,
@@ -495,7 +484,7 @@ class HouseholdNode:
         for index, events in entries:
             self._on_applied(index, events)
         if installed:  # the snapshot recorded the heights it skipped: block sync, look now
-            self._block_sync_wake.set()
+            self.block_filler.wake()
         commands, self._batch_commands = self._batch_commands, []
         self._publish_engine([e for _, events in entries for e in events], rescan=installed)
         self.strategy.after_batch(entries, commands, installed)
@@ -901,59 +890,6 @@ class HouseholdNode:
         async for record in self._manual_recv:
             kind = TopicKind.READINGS if isinstance(record, MeterReading) else TopicKind.ORDERS
             await self._publish(kind, record)
-
-    # -- block sync ---------------------------------------------------------------------------
-
-    async def _block_sync_loop(self) -> None:
-        """Fill the ledger's gaps (left by an installed Raft snapshot) from connected members.
-
-        Each chunk is checked before it lands (:func:`node.ledger.chunk_import.import_blocks`);
-        a peer that sends a bad chunk is skipped for this round and counted.
-        """
-        while True:
-            # a fresh event before reading: a snapshot installed during the read wakes us again
-            wake = self._block_sync_wake = trio.Event()
-            gaps = await trio.to_thread.run_sync(missing_ranges, self.store)
-            if not gaps:
-                with trio.move_on_after(BLOCK_SYNC_IDLE_SECONDS):
-                    await wake.wait()
-                continue
-            first, last = gaps[0]
-            peers = [p for p in self.net.connected_peers()
-                     if str(p) in self.net.member_peers]  # fmt: skip
-            random.shuffle(peers)
-            for peer in peers:
-                try:
-                    data = await fetch_blocks(self.net.host, peer, first, last)
-                    remaining = await trio.to_thread.run_sync(self._import_blocks, data)
-                except FetchError as exc:
-                    self.counters[f"block_fetch_{exc.reason}"] += 1
-                    log.info("block fetch failed", extra={"event": "block_fetch_failed",
-                             "peer": str(peer), "first": first, "reason": exc.reason})  # fmt: skip
-                    continue
-                except LedgerStoreError as exc:  # our own database, not the peer's chunk
-                    self.counters["block_import_local_error"] += 1
-                    log.error("block import failed locally", extra={
-                        "event": "block_import_failed", "error": str(exc)})  # fmt: skip
-                    await trio.sleep(BLOCK_SYNC_RETRY_SECONDS)
-                    break
-                except BlockSyncError as exc:
-                    self.counters[f"block_import_{exc.reason}"] += 1
-                    log.warning("blocks from a peer refused", extra={
-                        "event": "block_import_refused", "peer": str(peer), "first": first,
-                        "reason": exc.reason, "detail": str(exc)})  # fmt: skip
-                    continue
-                self.counters["block_chunks_synced"] += 1
-                log.info("blocks synced", extra={
-                    "event": "blocks_synced", "peer": str(peer), "first": first,
-                    "remaining": [list(r) for r in remaining]})  # fmt: skip
-                break
-            else:
-                await trio.sleep(BLOCK_SYNC_RETRY_SECONDS)
-
-    def _import_blocks(self, data: bytes) -> list[tuple[int, int]]:
-        with self.store.write_lock:
-            return import_blocks(self.store, data)
 
     def all_counters(self) -> dict[str, int]:
         """Every event count of this node (status document and metrics)."""

@@ -27,32 +27,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from node.daemon.block_filler import BlockFiller
 from node.daemon.consensus import ConsensusDriver
 from node.daemon.household_node import NodeError, open_replica
 from node.daemon.http_api import Api, Request
 from node.daemon.proposer import Proposer
 from node.ledger import LedgerStore
-from node.ledger.chunk import BlockSyncError
-from node.ledger.chunk_import import import_blocks
-from node.ledger.gaps import missing_ranges
-from node.ledger.store import LedgerStoreError
 from node.net.block_sync import (
     BLOCKS_PROTOCOL,
     BlockServer,
-    FetchError,
-    fetch_blocks,
     store_exporter,
 )
 from node.net.host import NetNode, NetSettings
@@ -68,7 +63,6 @@ log = logging.getLogger("microgrid.operator")
 DEFAULT_OPERATOR_LISTEN = "/ip4/0.0.0.0/tcp/4001"
 CHILD_STOP_SECONDS = 5.0
 CHILD_RESTART_MAX = 60.0
-BLOCK_SYNC_IDLE_SECONDS = 60.0
 
 
 class OperatorConfigError(ValueError):
@@ -331,10 +325,11 @@ class OperatorNode:
         self.api = Api("")
         self.api.route("GET", "/status", token=False, params=set())(self._get_status)
         self.api_port: int | None = None
-        self._wake_sync = trio.Event()
         self._stop = trio.Event()
         self.started = trio.Event()
-        self.blocks_synced = 0
+        self.counters: Counter[str] = Counter()
+        """Block sync's events (:class:`~node.daemon.block_filler.BlockFiller`)."""
+        self.block_filler = BlockFiller(self.store, self.net, self.counters)
         python = [sys.executable, "-m", "node.cli"]
         logs = config.data_dir
         if config.dashboard is not None:
@@ -362,7 +357,7 @@ class OperatorNode:
                 if self.config.api_port:
                     self.api_port = await nursery.start(self.api.serve, self.config.api_host,
                                                         self.config.api_port)  # fmt: skip
-                nursery.start_soon(self._block_sync_loop)
+                nursery.start_soon(self.block_filler.run)
                 for child in self.children:
                     nursery.start_soon(self._supervise, child)
                 log.info("operator node started", extra={
@@ -389,36 +384,7 @@ class OperatorNode:
 
     def _on_applied(self, entries: list[tuple[int, list[Any]]], installed: bool) -> None:
         if installed:
-            self._wake_sync.set()
-
-    # -- block sync (after a snapshot from the leader) ----------------------------------------
-
-    async def _block_sync_loop(self) -> None:
-        while True:
-            wake = self._wake_sync = trio.Event()
-            gaps = await trio.to_thread.run_sync(missing_ranges, self.store)
-            if not gaps:
-                with trio.move_on_after(BLOCK_SYNC_IDLE_SECONDS):
-                    await wake.wait()
-                continue
-            first, last = gaps[0]
-            peers = [p for p in self.net.connected_peers() if str(p) in self.net.member_peers]
-            random.shuffle(peers)
-            for peer in peers:
-                try:
-                    data = await fetch_blocks(self.net.host, peer, first, last)
-                    await trio.to_thread.run_sync(self._import, data)
-                except (FetchError, BlockSyncError, LedgerStoreError) as exc:
-                    log.info("block sync from %s failed: %s", peer, exc)
-                    continue
-                self.blocks_synced += 1
-                break
-            else:
-                await trio.sleep(2.0)
-
-    def _import(self, data: bytes) -> Any:
-        with self.store.write_lock:
-            return import_blocks(self.store, data)
+            self.block_filler.wake()
 
     # -- children ----------------------------------------------------------------------------
 
@@ -472,7 +438,8 @@ class OperatorNode:
             "connectivity": self.net.connectivity(),
             "holds_operator_key": self.holds_operator_key,
             "children": {c.name: c.status() for c in self.children},
-            "blocks_synced": self.blocks_synced,
+            "blocks_synced": self.counters["block_chunks_synced"],
+            "block_sync": dict(sorted(self.counters.items())),
         }  # fmt: skip
 
     async def _get_status(self, req: Request) -> Any:
