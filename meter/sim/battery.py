@@ -49,9 +49,15 @@ WCHAMAX, WCHAGRA, WDISCHAGRA, STORCTL_MOD, VACHAMAX, MINRSVPCT, CHASTATE, STORAV
 INBATV, CHAST, OUTWRTE, INWRTE, WINTMS, RVRTTMS, RMPTMS, CHAGRISET = range(10, 18)
 WCHAMAX_SF, WCHADISCHAGRA_SF, VACHAMAX_SF, MINRSVPCT_SF, CHASTATE_SF = range(18, 23)
 STORAVAL_SF, INBATV_SF, INOUTWRTE_SF = range(23, 26)
-WRITABLE_124 = {WCHAMAX, STORCTL_MOD, MINRSVPCT, OUTWRTE, INWRTE, WINTMS, RVRTTMS, RMPTMS,
-                CHAGRISET}  # fmt: skip
-"""Points a client may write (WChaGra, WDisChaGra and VAChaMax are not implemented)."""
+CONTROL_POINTS: dict[int, tuple[str, bool]] = {
+    WCHAMAX: ("wcha_max", False), STORCTL_MOD: ("storctl_mod", False),
+    MINRSVPCT: ("min_rsv_pct", False), OUTWRTE: ("out_wrte", True), INWRTE: ("in_wrte", True),
+    WINTMS: ("win_tms", False), RVRTTMS: ("rvrt_tms", False), RMPTMS: ("rmp_tms", False),
+    CHAGRISET: ("cha_gri_set", False),
+}  # fmt: skip
+"""Points a client may write: offset -> (control field, signed). WChaGra, WDisChaGra and
+VAChaMax are not implemented."""
+WRITABLE_124 = frozenset(CONTROL_POINTS)
 
 # model 802 point offsets
 AHRTG, WHRTG, WCHARTEMAX, WDISCHARTEMAX, DISCHARTE, SOCMAX, SOCMIN = range(2, 9)
@@ -235,25 +241,8 @@ class SimulatedBattery:
             if off == CHAGRISET and raw not in (0, 1):
                 raise WriteRefused(f"ChaGriSet {raw} is not 0 (PV) or 1 (GRID)", 3)
         for off, raw in new.items():
-            signed = raw - 0x10000 if raw >= 0x8000 else raw
-            if off == WCHAMAX:
-                ctl.wcha_max = raw
-            elif off == STORCTL_MOD:
-                ctl.storctl_mod = raw
-            elif off == MINRSVPCT:
-                ctl.min_rsv_pct = raw
-            elif off == OUTWRTE:
-                ctl.out_wrte = signed
-            elif off == INWRTE:
-                ctl.in_wrte = signed
-            elif off == WINTMS:
-                ctl.win_tms = raw
-            elif off == RVRTTMS:
-                ctl.rvrt_tms = raw
-            elif off == RMPTMS:
-                ctl.rmp_tms = raw
-            elif off == CHAGRISET:
-                ctl.cha_gri_set = raw
+            name, is_signed = CONTROL_POINTS[off]
+            setattr(ctl, name, raw - 0x10000 if is_signed and raw >= 0x8000 else raw)
         ctl.written_at = time_s
         self.time_s = max(self.time_s, time_s)
         self.writes += 1
