@@ -300,6 +300,10 @@ class HouseholdNode:
                 + infrastructure_learners(genesis),  # the operator node (node/net/relay.py)
                 election_tick=config.raft_election_ticks,
                 heartbeat_tick=config.raft_heartbeat_ticks,
+                # a caught-up learner hears from the leader once per election timeout
+                learner_heartbeat_rounds=max(
+                    1, config.raft_election_ticks // config.raft_heartbeat_ticks
+                ),
             ),
             self.raft_storage,
         )

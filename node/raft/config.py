@@ -31,6 +31,12 @@ class Config:
     """Append messages in flight per follower while replicating."""
     max_committed_size_per_ready: int | None = None
     """Byte budget of committed entries handed out per Ready (None: unlimited)."""
+    learner_heartbeat_rounds: int = 1
+    """A learner that is caught up (replicating, every entry acknowledged) gets a heartbeat
+    only every this many heartbeat rounds; one that is behind, probing or being sent a
+    snapshot gets every round's. Learners never campaign and learn each commit from the append
+    the leader broadcasts when its commit index advances, so their heartbeats only refresh the
+    leader's view of them: with many learners this is most of an idle leader's messages."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -45,5 +51,7 @@ class Config:
             self.learners
         ):
             raise ConfigError("duplicate ids in voters or learners")
+        if self.learner_heartbeat_rounds <= 0:
+            raise ConfigError("learner_heartbeat_rounds must be > 0")
         if self.max_inflight <= 0:
             raise ConfigError("max_inflight must be > 0")

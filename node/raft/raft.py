@@ -73,6 +73,7 @@ class Raft:
         self.votes: dict[str, bool] = {}
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
+        self._heartbeat_round = 0
         self.randomized_election_timeout = config.election_tick
         self.pending_conf_index = 0
         self.lead_transferee = NONE
@@ -180,9 +181,20 @@ class Raft:
         The commit index is ``min(match, committed)`` with the term of our entry there
         (``log_term``): the follower takes it only if it holds that very entry, and otherwise
         answers with a rejection that tells us it lost entries it had acknowledged. When that
-        entry is compacted away (the peer is behind our snapshot) no commit index is sent."""
+        entry is compacted away (the peer is behind our snapshot) no commit index is sent.
+        A caught-up learner is skipped except every ``learner_heartbeat_rounds``-th round."""
+        self._heartbeat_round += 1
+        sparse = self._heartbeat_round % self.cfg.learner_heartbeat_rounds != 0
+        last = self.log.last_index()
         for p in self._peers():
             pr = self.prs[p]
+            if (
+                sparse
+                and p in self.learners
+                and pr.state == ProgressState.REPLICATE
+                and pr.match == last
+            ):
+                continue
             commit = min(pr.match, self.log.committed)
             term = self.log.zero_term_on_missing(commit)
             if term == 0:

@@ -100,6 +100,7 @@ class RaftSimulation:
         max_size_per_msg: int = 1 << 20,
         max_inflight: int = 64,
         extra_ids: Iterable[str] = (),
+        learner_heartbeat_rounds: int = 1,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -116,6 +117,7 @@ class RaftSimulation:
             check_quorum=check_quorum,
             max_size_per_msg=max_size_per_msg,
             max_inflight=max_inflight,
+            learner_heartbeat_rounds=learner_heartbeat_rounds,
         )
         self.configs: dict[str, Config] = {}
         self.storages: dict[str, Storage] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from node.raft import ConfChangeRejected
+from node.raft.types import Message, MessageType
 from node.testing.raft_simulation import RaftSimulation
 from tests.raft.helpers import for_seeds
 
@@ -113,5 +114,68 @@ def test_learner_cannot_be_transfer_target_nor_demote_leader(seed_count: int) ->
             pass
         else:
             raise AssertionError("leader demoted itself")
+
+    for_seeds(seed_count, scenario)
+
+
+def _heartbeats_to(sim: RaftSimulation, ticks: int) -> dict[str, int]:
+    """Heartbeats the simulation's wire carried to each node over ``ticks`` ticks."""
+    seen: dict[str, int] = {}
+
+    def count(m: Message) -> Message:
+        if m.type == MessageType.HEARTBEAT:
+            seen[m.to] = seen.get(m.to, 0) + 1
+        return m
+
+    sim.intercept = count
+    sim.run(ticks)
+    sim.intercept = None
+    return seen
+
+
+def test_caught_up_learners_get_sparse_heartbeats(seed_count: int) -> None:
+    """With ``learner_heartbeat_rounds=5`` an idle leader sends each caught-up learner a fifth
+    of the heartbeats each voter gets, and the learners still apply every entry as soon as
+    the voters commit it (the leader broadcasts each commit)."""
+
+    def scenario(seed: int) -> None:
+        sim = RaftSimulation(3, seed, learners=6, learner_heartbeat_rounds=5)
+        lead = sim.wait_leader()
+        sim.converge()
+        seen = _heartbeats_to(sim, 100)
+        voters = [v for v in sim.voter_ids if v != lead]
+        for v in voters:
+            assert 90 <= seen.get(v, 0) <= 101, seen
+        for lid in sim.learner_ids:
+            assert 15 <= seen.get(lid, 0) <= 21, seen
+        sim.propose(via=lead)
+        # a commit reaches every learner within a few message delays, not a heartbeat round
+        assert sim.run_until(
+            lambda: all(
+                sim.node(n).status().commit == sim.node(lead).status().commit
+                for n in sim.learner_ids
+            ),
+            max_ticks=6,
+        )
+
+    for_seeds(seed_count, scenario)
+
+
+def test_a_wiped_learner_is_caught_up_within_an_election_timeout(seed_count: int) -> None:
+    """A learner that comes back with an empty log while the leader believes it caught up is
+    found by its next (sparse) heartbeat and caught up, without a leader change."""
+
+    def scenario(seed: int) -> None:
+        sim = RaftSimulation(3, seed, learners=2, learner_heartbeat_rounds=5)
+        lead = sim.wait_leader()
+        for _ in range(10):
+            sim.propose(via=lead)
+        sim.converge()
+        term = sim.node(lead).raft.term
+        victim = sim.learner_ids[0]
+        sim.replace_storage(victim)
+        target = sim.node(lead).status().commit
+        assert sim.run_until(lambda: sim.node(victim).status().commit >= target, max_ticks=20)
+        assert sim.node(lead).raft.term == term and sim.leader() == lead
 
     for_seeds(seed_count, scenario)
