@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from node.tools.demo import Demo, DemoSettings
+from node.tools.demo import Demo, DemoSettings, fetch
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -103,13 +103,13 @@ RAFT_TIMING = {
 
 
 async def run_size(
-    n: int, rounds: int, slot_seconds: int, deadline: float, raft: str = "demo"
+    n: int, rounds: int, slot_seconds: int, deadline: float, raft: str = "demo", voters: int = 3
 ) -> dict[str, Any]:
     """Run one demo microgrid of ``n`` households and measure it."""
-    out: dict[str, Any] = {"n": n, "slot_s": slot_seconds, "raft": raft}
+    out: dict[str, Any] = {"n": n, "slot_s": slot_seconds, "raft": raft, "voters": voters}
     with tempfile.TemporaryDirectory() as tmp:
         demo = Demo(
-            DemoSettings(households=n, slot_seconds=slot_seconds, dashboard=False,
+            DemoSettings(households=n, slot_seconds=slot_seconds, dashboard=False, voters=voters,
                          directory=Path(tmp) / "demo", **RAFT_TIMING[raft]),
             out=lambda line: None,
         )  # fmt: skip
@@ -165,14 +165,18 @@ async def _measure(
         if len(t.get("cleared_at", [])) == n:
             cleared = sorted(c - schedule.gate_time(slot) for c in t["cleared_at"])
             gate_lat.append(cleared[-1])
-            row += f" cleared first/median/last {cleared[0]:.3f}/{cleared[n // 2]:.3f}/" \
-                   f"{cleared[-1]:.3f} s after the gate;"
+            row += (
+                f" cleared first/median/last {cleared[0]:.3f}/{cleared[n // 2]:.3f}/"
+                f"{cleared[-1]:.3f} s after the gate;"
+            )
         if len(t.get("settled_at", [])) == n:
             settled = sorted(c - schedule.settle_time(slot) for c in t["settled_at"])
             settle_lat.append(settled[-1] + schedule.settle_delay_seconds)
             settle_over.append(settled[-1])
-            row += f" settled {settled[0]:.3f}/{settled[n // 2]:.3f}/{settled[-1]:.3f} s after" \
-                   " the deadline"
+            row += (
+                f" settled {settled[0]:.3f}/{settled[n // 2]:.3f}/{settled[-1]:.3f} s after"
+                " the deadline"
+            )
         per_slot.append(row)
     out["per_slot"] = per_slot
     out["rounds"] = rounds
@@ -221,6 +225,40 @@ async def _measure(
         published += sum(c1.get(k, 0) - c0.get(k, 0) for k in c1 if k.startswith("published_"))
     # the window can outlast `rounds` slots (it ends when the last one settled everywhere)
     out["gossip_msgs_per_round"] = published / (wall / schedule.slot_seconds)
+    out.update(await measure_restart(demo, docs))
+
+
+async def measure_restart(demo: Demo, docs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Stop the last household's node (SIGTERM) and start it again, timing from the spawn:
+    its API answers (``listen_s``), it is connected to every member (``connected_s``), and
+    it has applied the log up to the commit index the leader had at the restart
+    (``applied_s``). Start-up target (issue 19): all three within 3 s."""
+    h = demo.households[-1]
+    await demo.terminate(h)
+    target = max(d["raft"]["commit_index"] for d in docs.values())
+    t0 = time.monotonic()
+    await demo.start_node(h)
+    marks: dict[str, float] = {}
+    with trio.move_on_after(60):
+        while len(marks) < 3:
+            doc = await fetch(h.api + "/status", timeout=1.0)
+            now = time.monotonic() - t0
+            if doc is not None:
+                marks.setdefault("listen_s", now)
+                members = doc.get("members", {})
+                if members.get("down", 1) == 0:
+                    marks.setdefault("connected_s", now)
+                if doc["raft"]["applied_index"] >= target:
+                    marks.setdefault("applied_s", now)
+            await trio.sleep(0.05)
+    return {k: marks.get(k, math.nan) for k in ("listen_s", "connected_s", "applied_s")}
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a failed run, the innermost errors of an exception group named."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def report(results: list[dict[str, Any]]) -> None:
@@ -228,7 +266,7 @@ def report(results: list[dict[str, Any]]) -> None:
     print()
     print(f"{'N':>3} {'raft':>5} {'start s':>7} {'gate->all ms':>17} {'end->settled ms':>17} "
           f"{'deadline->settled':>18} {'CPU/round s':>11} {'bg %':>5} {'work s':>6} "
-          f"{'15-min %':>8} {'Pi %':>5} {'RSS MB':>11} {'msgs':>5}")  # fmt: skip
+          f"{'15-min %':>8} {'Pi %':>5} {'RSS MB':>11} {'msgs':>5} {'restart s':>15}")  # fmt: skip
     for r in results:
         if "error" in r:
             print(f"{r['n']:>3} {r.get('raft', '')[:5]:>5} error: {r['error']}")
@@ -242,7 +280,8 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{r['cpu_work_round_s']:>6.3f} {r['core_share_15min_pct']:>8.2f} "
             f"{r['pi_core_share_15min_pct']:>5.1f} "
             f"{r['rss_median_mb']:>5.0f}/{r['rss_max_mb']:>4.0f} "
-            f"{r['gossip_msgs_per_round']:>5.0f}"
+            f"{r['gossip_msgs_per_round']:>5.0f} "
+            f"{r['listen_s']:>4.1f}/{r['connected_s']:>4.1f}/{r['applied_s']:>4.1f}"
         )
     print()
     for r in results:
@@ -257,7 +296,9 @@ def report(results: list[dict[str, Any]]) -> None:
           " slot end to block on every node (includes the settle delay); deadline->settled ="
           " from the reading deadline; bg = background CPU of one core; work = CPU of one "
           "round's orders, readings, clearing and settlement; 15-min % = share of one core "
-          "at 15-minute slots (work/900 s + bg)")  # fmt: skip
+          "at 15-minute slots (work/900 s + bg); restart = one learner restarted after the "
+          "rounds: API answering / connected to every member / log applied to the leader's "
+          "commit at the restart, seconds after the spawn (target: all within 3 s)")  # fmt: skip
 
 
 async def amain(args: argparse.Namespace) -> int:
@@ -268,10 +309,11 @@ async def amain(args: argparse.Namespace) -> int:
               f"{raft} Raft timing…", flush=True)  # fmt: skip
         deadline = 240 + (args.rounds + 6) * args.slot_seconds
         try:
-            results.append(await run_size(n, args.rounds, args.slot_seconds, deadline, raft))
-        except (trio.TooSlowError, RuntimeError, OSError) as exc:
-            results.append({"n": n, "raft": raft,
-                            "error": f"{exc.__class__.__name__}: {exc}"})  # fmt: skip
+            results.append(
+                await run_size(n, args.rounds, args.slot_seconds, deadline, raft, args.voters)
+            )
+        except (trio.TooSlowError, RuntimeError, OSError, ExceptionGroup) as exc:
+            results.append({"n": n, "raft": raft, "error": describe(exc)})
         for row in results[-1].pop("per_slot", []):
             print(f"  {row}")
         print(f"  {results[-1]}", flush=True)
@@ -282,9 +324,16 @@ async def amain(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(prog="python -m bench.node_bench")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[5, 10, 20],
+        help="sizes to run with the demo's fast Raft timing",
+    )
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--slot-seconds", type=int, default=10)
+    parser.add_argument("--voters", type=int, default=3)
     parser.add_argument("--production", type=int, nargs="*", default=[10],
                         help="sizes to run again with the production Raft timing (tick 0.25 s,"
                              " heartbeat 1 s) instead of the demo's fast one")  # fmt: skip

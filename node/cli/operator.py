@@ -28,6 +28,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 def cmd_operator_run(args: argparse.Namespace) -> int:
     """Load the config, key and genesis; run the operator node until a signal stops it."""
+    from node.net import lean_imports
+
+    lean_imports.install()  # before anything imports libp2p
     import trio
 
     from node.cli.run import _first_leaf, _run_until_signal

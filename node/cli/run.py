@@ -53,6 +53,9 @@ def _fail(message: str, code: int = 2) -> int:
 
 def cmd_node_run(args: argparse.Namespace) -> int:
     """Load config, key and genesis, then run the node until a signal stops it."""
+    from node.net import lean_imports
+
+    lean_imports.install()  # before anything imports libp2p
     import trio
 
     from node.daemon.household_node import HouseholdNode, NodeError
@@ -252,6 +255,9 @@ def metering_line(metering: Any) -> str | None:
 
 def cmd_net_run(args: argparse.Namespace) -> int:
     """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
+    from node.net import lean_imports
+
+    lean_imports.install()  # before anything imports libp2p
     import trio
 
     files = _load_files(args.config)

@@ -54,7 +54,11 @@ HOME_PORT = 4002
 
 
 def _child(argv: list[str]) -> None:
-    """``python -m tests.net.test_nat child --name h1 --genesis G --listen ADDR [--no-punch]``."""
+    """``python -m tests.net.test_nat child --name h1 --genesis G --listen ADDR [--no-punch]``.
+    Like ``microgrid node run``, it keeps libp2p's unused packages out (node/net/lean_imports)."""
+    from node.net import lean_imports
+
+    lean_imports.install()
     import math
 
     import trio

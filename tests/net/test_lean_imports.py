@@ -1,0 +1,77 @@
+"""A node process leaves py-libp2p's unused optional dependencies out (node/net/lean_imports.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from node.net import lean_imports
+
+PROBE = """
+import json, sys
+from node.net import lean_imports
+finder = lean_imports.install()
+import node.daemon.household_node, node.daemon.operator_node, node.net.host, node.net.relay
+import libp2p.pubsub.gossipsub
+real = sorted(p for p in lean_imports.UNUSED
+              if p in sys.modules and not lean_imports.is_placeholder(sys.modules[p]))
+print(json.dumps({"installed": finder is not None, "real": real,
+                  "answered": sorted(finder.answered) if finder else [],
+                  "libp2p": "libp2p.host.basic_host" in sys.modules}))
+"""
+
+
+def _probe(env: dict[str, str]) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env}, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_node_imports_libp2p_without_its_unused_packages() -> None:
+    """Everything a node and an operator node import loads, libp2p included, and none of the
+    unused packages is really imported (libp2p asked for some of them: placeholders)."""
+    doc = _probe({lean_imports.DISABLE_ENV: ""})
+    assert doc["installed"] and doc["libp2p"]
+    assert doc["real"] == []
+    assert {"aioquic", "zeroconf", "httpx"} <= {str(n).split(".")[0] for n in doc["answered"]}
+
+
+def test_the_switch_turns_it_off() -> None:
+    """With MICROGRID_FULL_IMPORTS=1 nothing is blocked: libp2p loads its optional parts."""
+    doc = _probe({lean_imports.DISABLE_ENV: "1"})
+    assert not doc["installed"]
+    assert "aioquic" in doc["real"]
+
+
+def test_a_placeholder_fails_loudly_when_used() -> None:
+    """Module bodies may import, subclass and catch placeholders; calling one raises a typed
+    error naming what was used."""
+    finder = lean_imports._UnusedFinder(frozenset({"mg_absent_pkg"}))
+    spec = finder.find_spec("mg_absent_pkg.sub", None)
+    assert spec is not None
+    module = finder.create_module(spec)
+    a, b = module.Connection, module.Protocol
+    assert a is module.Connection and a is not b
+
+    class Both(a, b):  # two placeholders as bases
+        pass
+
+    try:
+        raise ValueError("x")
+    except a:  # a valid except clause that never matches
+        pytest.fail("a placeholder matched a real exception")
+    except ValueError:
+        pass
+    with pytest.raises(lean_imports.UnusedDependencyError, match=r"mg_absent_pkg\.sub\.Conn"):
+        module.Connection(1)
+    with pytest.raises(lean_imports.UnusedDependencyError):
+        Both()
+    with pytest.raises(lean_imports.UnusedDependencyError, match=r"Protocol\.make"):
+        module.Protocol.make()
+    assert finder.find_spec("json", None) is None
