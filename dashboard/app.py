@@ -25,9 +25,10 @@ from dash import Dash, Input, Output, State, dcc, html
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from dashboard import data, http_guard, views
+from dashboard import data, http_guard, node_health, statements, views
 from dashboard.http_guard import BadInput
 from dashboard.views import Context
+from node.cli.statement import MONEY_FIELDS, money
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 """Static files Dash serves under ``/assets/`` and links from the page (the stylesheet)."""
@@ -72,6 +73,20 @@ def _slot(value: Any) -> int | None:
 
 def _household(value: Any) -> str | None:
     return http_guard.optional_str(value, "household", MAX_HOUSEHOLD_CHARS)
+
+
+def _date_text(value: Any, name: str) -> str | None:
+    """A date box: None or text of at most :data:`dashboard.statements.MAX_DATE_CHARS`
+    characters (whether it is a date is the view's to say, as a message)."""
+    return http_guard.optional_str(value, name, statements.MAX_DATE_CHARS)
+
+
+def _statement_from(value: Any) -> str | None:
+    return _date_text(value, "from")
+
+
+def _statement_to(value: Any) -> str | None:
+    return _date_text(value, "to")
 
 
 def _scalar(value: Any) -> bool:
@@ -285,6 +300,7 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
             dcc.Interval(id="tick", interval=refresh_ms, n_intervals=0),
             dcc.Store(id="head"),
             dcc.Store(id="api"),
+            dcc.Store(id="nodes"),
             *[dcc.Store(id=f"{g}-zoom") for g in ZOOMABLE],
             html.Header(
                 [
@@ -301,9 +317,11 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                                 ("book", "Order book"),
                                 ("households", "Households"),
                                 ("community", "Community"),
+                                ("statements", "Statements"),
                                 ("governance", "Governance"),
                                 ("ledger", "Ledger"),
                                 ("network", "Consensus & network"),
+                                ("nodes", "Forecasts & clocks"),
                             )
                         ]
                     ),
@@ -392,6 +410,42 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                         csv="community",
                     ),
                     _section(
+                        "statements",
+                        "Community statements: what each household gains",
+                        [
+                            html.Div(
+                                [
+                                    html.Label("from", htmlFor="statement-from"),
+                                    dcc.Input(
+                                        id="statement-from",
+                                        type="text",
+                                        debounce=True,
+                                        placeholder="YYYY-MM-DD",
+                                        maxLength=statements.MAX_DATE_CHARS,
+                                        style={"width": "8.5em"},
+                                    ),
+                                    html.Label("to", htmlFor="statement-to"),
+                                    dcc.Input(
+                                        id="statement-to",
+                                        type="text",
+                                        debounce=True,
+                                        placeholder="YYYY-MM-DD",
+                                        maxLength=statements.MAX_DATE_CHARS,
+                                        style={"width": "8.5em"},
+                                    ),
+                                    html.Span(
+                                        "UTC days, inclusive; empty: the newest 30 days",
+                                        className="muted",
+                                    ),
+                                ],
+                                className="controls",
+                            ),
+                            html.Div(id="statement-summary", className="muted"),
+                            html.Div(id="statement-table"),
+                        ],
+                        csv="statements",
+                    ),
+                    _section(
                         "governance",
                         "Governance: members and rules",
                         [html.Div(id="governance")],
@@ -425,6 +479,12 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
                             ),
                         ],
                         csv="network",
+                    ),
+                    _section(
+                        "nodes",
+                        "Forecasts and clocks of the household nodes",
+                        [html.Div(id="node-health")],
+                        csv="nodes",
                     ),
                 ]
             ),
@@ -794,6 +854,30 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         ]
         return kpis, bars, lag
 
+    @app.callback(Output("nodes", "data"), Input("tick", "n_intervals"))
+    def _poll_nodes(_n: int) -> Any:
+        http_guard.optional_count(_n, "n_intervals")
+        return views.poll_nodes(ctx)
+
+    @app.callback(
+        Output("statement-summary", "children"),
+        Output("statement-table", "children"),
+        Input("head", "data"),
+        Input("statement-from", "value"),
+        Input("statement-to", "value"),
+    )
+    def _statements(head: Any, first: Any, last: Any) -> Any:
+        head, first, last = _head(head), _statement_from(first), _statement_to(last)
+        if not head or "error" in head:
+            return dash.no_update, dash.no_update
+        return statements_children(views.statements_view(ctx, first, last), ctx)
+
+    @app.callback(Output("node-health", "children"), Input("api", "data"), Input("nodes", "data"))
+    def _node_health(api: Any, nodes: Any) -> Any:
+        http_guard.optional_dict(api, "api")
+        http_guard.optional_dict(nodes, "nodes")
+        return node_health_children(views.node_health_view(ctx))
+
     for download in CSV_DOWNLOADS:
         _register_csv(app, ctx, download)
     http_guard.install(app)
@@ -813,6 +897,8 @@ CONTROLS: dict[str, Control] = {
     "window": Control("window", _window),
     "slot": Control("slot-input", _slot),
     "household": Control("household", _household),
+    "first": Control("statement-from", _statement_from),
+    "last": Control("statement-to", _statement_to),
 }
 """The controls a CSV download may read, by the keyword its rows function takes."""
 
@@ -863,10 +949,21 @@ def _governance_rows(ctx: Context) -> list[dict[str, Any]]:
 def _network_rows(ctx: Context) -> list[dict[str, Any]]:
     """Every poll of the node's status API, one column per invalid-message reason."""
     return [
-        {k: v for k, v in p.as_dict().items() if k != "invalid_messages"}
+        {k: v for k, v in p.as_dict().items() if k not in ("invalid_messages", "forecast", "clock")}
         | {f"invalid_{k}": v for k, v in p.invalid_messages.items()}
         for p in ctx.history.polls()
     ]
+
+
+def _statement_rows(ctx: Context, first: str | None, last: str | None) -> list[dict[str, Any]]:
+    """The statements table: one row per household and the totals (empty: nothing to state)."""
+    return views.statements_view(ctx, first, last).csv_rows()
+
+
+def _node_rows(ctx: Context) -> list[dict[str, Any]]:
+    """Per household: its agent's forecast accuracy and its node's clock."""
+    view = views.node_health_view(ctx)
+    return node_health.csv_rows(view.forecasts, view.clocks)
 
 
 CSV_DOWNLOADS: tuple[CsvDownload, ...] = (
@@ -882,9 +979,17 @@ CSV_DOWNLOADS: tuple[CsvDownload, ...] = (
     CsvDownload(
         "csv-community", "dl-community", "microgrid-community.csv", _community_rows, ("window",)
     ),
+    CsvDownload(
+        "csv-statements",
+        "dl-statements",
+        "microgrid-statements.csv",
+        _statement_rows,
+        ("first", "last"),
+    ),
     CsvDownload("csv-governance", "dl-governance", "microgrid-governance.csv", _governance_rows),
     CsvDownload("csv-ledger", "dl-ledger", "microgrid-blocks.csv", _ledger_rows),
     CsvDownload("csv-network", "dl-network", "microgrid-network.csv", _network_rows),
+    CsvDownload("csv-nodes", "dl-nodes", "microgrid-forecasts-clocks.csv", _node_rows),
 )
 """One download per view: the data the view shows, as CSV."""
 
@@ -1051,6 +1156,178 @@ def governance_children(view: views.GovernanceView) -> list[Any]:
         )
     else:
         out.append(html.Div("The ledger records no market rules yet.", className="muted"))
+    return out
+
+
+STATEMENT_COLUMNS: list[tuple[str, str]] = [
+    ("short", "household"),
+    ("measured_slots", "measured slots"),
+    ("local_bought_wh", "bought locally Wh"),
+    ("local_paid", "paid"),
+    ("local_sold_wh", "sold locally Wh"),
+    ("local_received", "received"),
+    ("grid_import_wh", "from the grid Wh"),
+    ("grid_import_paid", "paid"),
+    ("grid_export_wh", "to the grid Wh"),
+    ("grid_export_received", "received"),
+    ("true_up_money", "true-ups"),
+    ("local_fees", "fees, local"),
+    ("grid_fees", "fees, grid"),
+    ("other_money", "other"),
+    ("net_bill", "net bill"),
+    ("grid_only_bill", "grid only"),
+    ("savings", "savings"),
+]
+"""The statements table: what ``microgrid statement`` prints per household (money in currency
+units; bills and paid amounts positive when paid, received amounts positive when received;
+``net bill`` and ``grid only`` negative when the household was paid)."""
+
+
+DEFAULT_NOTE = ", the default period: the newest 30 days, or the whole ledger when shorter"
+"""What the statements summary adds when no date was given."""
+
+
+def statements_children(view: statements.CommunityStatements, ctx: Context) -> tuple[Any, Any]:
+    """The statements section's summary line and table (or its message)."""
+    if view.message or view.period is None or view.totals is None:
+        message = view.message or "Nothing to state."
+        summary = "" if view.period is None else f"{view.period.label()} (UTC)"
+        return summary, html.Div(message, className="alert secondary", id="statement-message")
+    p = view.period
+    span = (
+        f"{data.slot_label(ctx.schedule, view.first_settled)} .. "
+        f"{data.slot_label(ctx.schedule, view.last_settled)}"
+        if view.first_settled is not None and view.last_settled is not None
+        else "—"
+    )
+    tariffs = view.tariffs
+    parts = [
+        f"{p.label()} (UTC){DEFAULT_NOTE if p.default else ''}: "
+        f"{view.settled_slots} settled slots, {span} (slots {view.first_settled}.."
+        f"{view.last_settled})",
+        f"tariffs at its start: retail {money(tariffs['retail_price'])}/kWh, feed-in "
+        f"{money(tariffs['feed_in_tariff'])}/kWh"
+        + (
+            f", grid fees {money(tariffs['local_fee'])}/kWh bought locally, "
+            f"{money(tariffs['grid_fee'])}/kWh imported"
+            if tariffs["local_fee"] or tariffs["grid_fee"]
+            else ""
+        ),
+    ]
+    if view.rules_changed_at:
+        changed = ", ".join(str(slot) for slot in view.rules_changed_at)
+        parts.append(f"rules changed from slot {changed}: each slot is priced under its own")
+    money_fields = {k for k, _ in STATEMENT_COLUMNS} & set(MONEY_FIELDS)
+
+    def shown(row: dict[str, Any], short: str) -> dict[str, Any]:
+        return {
+            **{k: money(v) if k in money_fields else v for k, v in row.items()},
+            "short": short,
+        }
+
+    rows = [shown(r, data.short_did(r["household"])) for r in view.rows]
+    rows.append({**shown(view.totals, "community total"), "household": "TOTAL"})
+    table = _table(
+        rows,
+        STATEMENT_COLUMNS,
+        "statement-rows",
+        titles={"short": "household"},
+        row_class=lambda r: "total" if r["household"] == "TOTAL" else None,
+    )
+    return " · ".join(parts), table
+
+
+def _wh(value: int | None) -> str | None:
+    return None if value is None else f"{value:,}"
+
+
+def _offset(value: float | None) -> str | None:
+    return None if value is None else f"{value:+.2f}"
+
+
+def node_health_children(view: views.NodeHealthView) -> list[Any]:
+    """The forecasts table (per household) and the clocks table (per node)."""
+    out: list[Any] = []
+    if not view.configured:
+        out.append(
+            html.Div(
+                "No node status API configured (start with --api URL, and --node-api URL for "
+                "each household's node): forecast accuracy and clocks show no data.",
+                className="alert secondary",
+                id="nodes-state",
+            )
+        )
+    out.append(
+        html.H3(
+            "Forecast accuracy per household: the agent's mean absolute error per slot against "
+            "the naive persistence forecast (last 96 slots)",
+            className="sub",
+        )
+    )
+    rows = [
+        {
+            **r,
+            "mae_96": _wh(r["mae_96_wh"]),
+            "mae_672": _wh(r["mae_672_wh"]),
+            "persistence": _wh(r["persistence_mae_wh"]),
+            "skill": _permille(r["skill_permille"]),
+        }
+        for r in view.forecasts
+    ]
+    out.append(
+        _table(
+            rows,
+            [
+                ("short", "household"),
+                ("node_api", "node status API"),
+                ("mae_96", "forecast MAE Wh (last 96)"),
+                ("samples_96", "slots"),
+                ("persistence", "persistence MAE Wh"),
+                ("persistence_samples", "slots"),
+                ("skill", "skill vs persistence"),
+                ("mae_672", "forecast MAE Wh (last 672)"),
+                ("status", "status"),
+            ],
+            "forecast-rows",
+            titles={"short": "household"},
+            row_class=lambda r: "former" if str(r["status"]).startswith("no data") else None,
+        )
+    )
+    out.append(
+        html.H3(
+            "Clocks: offset from the grid's median (seconds, + ahead / − behind)",
+            className="sub",
+        )
+    )
+    if view.clocks:
+        out.append(
+            _table(
+                [
+                    {
+                        **r,
+                        "label": r["short"] or r["node_api"],
+                        "offset": _offset(r["offset_s"]),
+                        "error": None if r["error_s"] is None else f"± {r['error_s']:.2f}",
+                        "bound": None if r["max_skew_s"] is None else f"{r['max_skew_s']:g}",
+                    }
+                    for r in view.clocks
+                ],
+                [
+                    ("label", "node"),
+                    ("source", "source"),
+                    ("offset", "offset s"),
+                    ("error", "error s"),
+                    ("bound", "bound s"),
+                    ("peers_sampled", "peers sampled"),
+                    ("status", "status"),
+                ],
+                "clock-rows",
+                titles={"label": "node"},
+                row_class=lambda r: "skewed" if r["skewed"] else None,
+            )
+        )
+    else:
+        out.append(html.Div("No node polled: no clock to show.", className="muted"))
     return out
 
 

@@ -28,6 +28,14 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--api", default=None, help="a node's local status API, e.g. http://127.0.0.1:8400"
     )
+    p.add_argument(
+        "--node-api",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a household node's status API (repeat for each): its agent's forecast accuracy "
+        "and its clock are shown per household (--api is one of them already)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8050)
     p.add_argument("--refresh", type=float, default=5.0, help="seconds between refreshes")
@@ -81,6 +89,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         settle_lag_slots=args.settle_lag,
         verify_interval=args.verify_interval,
         stale_after_s=None if args.stale_after is None else args.stale_after * 60,
+        node_apis=tuple(args.node_api),
     )
     if args.api:
         poll_api(ctx)  # learn the node's slot length before the first page (never raises)

@@ -9,6 +9,7 @@ view keeps working from the ledger database alone.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -56,6 +57,11 @@ class NodeStatus:
     """The leader the node's censorship watch suspects (None: none)."""
     own_censored: bool = False
     """The node's own household's records are not committed while others' are."""
+    forecast: ForecastAccuracy | None = None
+    """The agent's forecast accuracy (``agent.forecast``; None: not reported or malformed)."""
+    clock: ClockStatus | None = None
+    """The node's clock against the grid's median (``clock``; None: not reported or
+    malformed)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (for CSV and tables)."""
@@ -73,6 +79,128 @@ class Censored:
 
 MAX_CENSORED = 64
 """Suspected households kept from one status document (the rest are dropped)."""
+
+MAX_WH = 10**12
+"""Largest forecast error (Wh) taken from a status document."""
+MAX_SAMPLES = 10**6
+"""Largest sample or slot count taken from a status document."""
+MAX_SECONDS = 1e9
+"""Largest clock offset, error or bound (seconds) taken from a status document."""
+MAX_CLOCK_PEERS = 256
+"""Peers kept from one node's ``clock.peers`` (the rest are dropped)."""
+FORECAST_WINDOWS = (96, 672)
+"""The accuracy windows the agent reports (``mae_wh.last_96``, ``mae_wh.last_672``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastAccuracy:
+    """A node's ``agent.forecast`` (node/agent/forecast.py), validated: the mean absolute
+    error of its forecasts of net export per slot (Wh) over the last 96 and 672 metered slots
+    that had one, and how many such slots there were. A malformed field is None."""
+
+    mae_wh: dict[int, int | None]
+    """By window (96, 672): the mean absolute error, None before any forecast was metered."""
+    samples: dict[int, int | None]
+    observed: int | None = None
+    """Slots the forecaster learned from."""
+    located: bool | None = None
+    capacity_wh: int | None = None
+    time_slots_learned: int | None = None
+
+    def mae(self, window: int = FORECAST_WINDOWS[0]) -> int | None:
+        """The error over ``window`` slots, None when it has none (or a malformed one)."""
+        value = self.mae_wh.get(window)
+        samples = self.samples.get(window)
+        return value if value is not None and samples != 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClock:
+    """One peer's clock as a node sees it (``clock.peers``)."""
+
+    peer: str
+    offset: float
+    """The node's clock minus the peer's (seconds)."""
+    error: float
+
+
+@dataclass(frozen=True, slots=True)
+class ClockStatus:
+    """A node's ``clock`` (node/daemon/clock.py), validated."""
+
+    offset: float | None
+    """Seconds the node's clock is ahead of the grid's median (None: no peer sampled yet)."""
+    error: float
+    skewed: bool
+    max_skew: float | None
+    peers_sampled: int | None
+    peers: tuple[PeerClock, ...] = ()
+    disagreeing: tuple[str, ...] = ()
+    """Peers whose clock the node finds off the median beyond ``max_skew``."""
+
+
+def _strict_int(value: Any, lo: int, hi: int) -> int | None:
+    """An integer (not a bool, not a float) in ``[lo, hi]``, else None."""
+    if type(value) is int and lo <= value <= hi:
+        return value
+    return None
+
+
+def _finite(value: Any, lo: float, hi: float) -> float | None:
+    """A finite number (not a bool) in ``[lo, hi]`` as a float, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) and lo <= number <= hi else None
+
+
+def _forecast(agent: Any) -> ForecastAccuracy | None:
+    """``agent.forecast``, validated (None when it is not an object)."""
+    doc = agent.get("forecast") if isinstance(agent, dict) else None
+    if not isinstance(doc, dict):
+        return None
+    mae = doc.get("mae_wh") if isinstance(doc.get("mae_wh"), dict) else {}
+    samples = doc.get("samples") if isinstance(doc.get("samples"), dict) else {}
+    located = doc.get("located")
+    return ForecastAccuracy(
+        mae_wh={w: _strict_int(mae.get(f"last_{w}"), 0, MAX_WH) for w in FORECAST_WINDOWS},
+        samples={w: _strict_int(samples.get(f"last_{w}"), 0, w) for w in FORECAST_WINDOWS},
+        observed=_strict_int(doc.get("observed"), 0, MAX_WH),
+        located=located if isinstance(located, bool) else None,
+        capacity_wh=_strict_int(doc.get("capacity_wh"), 0, MAX_WH),
+        time_slots_learned=_strict_int(doc.get("time_slots_learned"), 0, MAX_SAMPLES),
+    )
+
+
+def _clock(doc: Any) -> ClockStatus | None:
+    """``clock``, validated (None when it is not an object or its verdict is not a bool)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("skewed"), bool):
+        return None
+    peers: list[PeerClock] = []
+    raw = doc.get("peers")
+    for entry in raw[:MAX_CLOCK_PEERS] if isinstance(raw, list) else ():
+        if not isinstance(entry, dict) or not _short_text(entry.get("peer")):
+            continue
+        offset = _finite(entry.get("offset"), -MAX_SECONDS, MAX_SECONDS)
+        error = _finite(entry.get("error"), 0.0, MAX_SECONDS)
+        if offset is not None and error is not None:
+            peers.append(PeerClock(entry["peer"], offset, error))
+    disagreeing = doc.get("disagreeing")
+    max_skew = _finite(doc.get("max_skew"), 0.0, MAX_SECONDS)
+    return ClockStatus(
+        offset=_finite(doc.get("offset"), -MAX_SECONDS, MAX_SECONDS),
+        error=_finite(doc.get("error"), 0.0, MAX_SECONDS) or 0.0,
+        skewed=doc["skewed"],
+        max_skew=max_skew if max_skew else None,
+        peers_sampled=_strict_int(doc.get("peers_sampled"), 0, MAX_SAMPLES),
+        peers=tuple(peers),
+        disagreeing=tuple(
+            p for p in disagreeing[:MAX_CLOCK_PEERS] if _short_text(p)
+        ) if isinstance(disagreeing, list) else (),
+    )  # fmt: skip
 
 
 def _censorship(doc: Any) -> tuple[tuple[Censored, ...], str | None, bool]:
@@ -109,7 +237,7 @@ def _int(value: Any) -> int | None:
         return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         return None
 
 
@@ -154,11 +282,14 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
     leader = raft.get("leader", doc.get("leader"))
     slot_seconds = _int(doc.get("slot_seconds"))
     censored, censored_by, own_censored = _censorship(doc.get("censorship"))
+    node = doc.get("node") or doc.get("id")
+    role = raft.get("role", doc.get("role"))
+    head_hash = ledger.get("head_hash", doc.get("head_hash"))
     return NodeStatus(
         reachable=True,
         fetched_at=now,
-        node=doc.get("node") or doc.get("id"),
-        role=raft.get("role", doc.get("role")),
+        node=node if _short_text(node) else None,
+        role=role if _short_text(role) else None,
         term=_int(raft.get("term", doc.get("term"))),
         leader=leader if isinstance(leader, str) and leader else None,
         leader_changes=_int(raft.get("leader_changes", doc.get("leader_changes"))),
@@ -171,7 +302,7 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
         commit_lag=commit_lag,
         apply_lag=apply_lag,
         ledger_height=_int(ledger.get("height", doc.get("ledger_height"))),
-        head_hash=ledger.get("head_hash", doc.get("head_hash")),
+        head_hash=head_hash if _short_text(head_hash) else None,
         last_reading_slot=reading_slot,
         last_reading_at=reading_at if isinstance(reading_at, str) else None,
         invalid_messages={k: int(v) for k, v in invalid.items()},
@@ -180,6 +311,8 @@ def normalise(doc: Any, fetched_at: float | None = None) -> NodeStatus:
         censored=censored,
         censored_by=censored_by,
         own_censored=own_censored,
+        forecast=_forecast(doc.get("agent")),
+        clock=_clock(doc.get("clock")),
     )
 
 
@@ -196,8 +329,8 @@ def fetch_status(base_url: str, timeout: float = 1.5) -> NodeStatus:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         return NodeStatus(False, f"cannot reach {url}: {reason}", now)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return NodeStatus(False, f"{url} did not return JSON: {exc}", now)
+    except (ValueError, RecursionError) as exc:  # not UTF-8 JSON, nested too deep, huge ints
+        return NodeStatus(False, f"{url} did not return JSON: {str(exc)[:100]}", now)
 
 
 class StatusHistory:
@@ -276,3 +409,61 @@ def api_alerts(status: NodeStatus | None, configured: bool) -> list[dict[str, st
             }
         )
     return alerts
+
+
+MAX_NODE_APIS = 256
+"""Status APIs the dashboard polls at most (``--node-api``, one per household node)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodePoll:
+    """The newest poll of one node's status API, and the node it answered as last time it
+    answered (so an unreachable node is still shown against its household)."""
+
+    url: str
+    status: NodeStatus
+    known_node: str | None
+    """``status.node`` of the newest reachable poll (None: never reached, or no ``node``)."""
+
+
+class NodePolls:
+    """The household nodes' status APIs (``--node-api``): each polled once per refresh, all at
+    once (one thread each, every poll bounded by its timeout), the newest result kept."""
+
+    def __init__(self, urls: tuple[str, ...] | list[str], timeout: float = 1.5) -> None:
+        self.urls = tuple(dict.fromkeys(urls))[:MAX_NODE_APIS]
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._latest: dict[str, NodePoll] = {}
+
+    def poll(self, skip: str | None = None) -> list[NodePoll]:
+        """Poll every API but ``skip`` (polled elsewhere: ``--api``) now, never raising, and
+        return the newest results in :attr:`urls` order."""
+        results: dict[str, NodeStatus] = {}
+        urls = [u for u in self.urls if u != skip]
+
+        def one(url: str) -> None:
+            results[url] = fetch_status(url, timeout=self.timeout)
+
+        threads = [threading.Thread(target=one, args=(u,), daemon=True) for u in urls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.timeout * 4 + 1)
+        for url in urls:
+            self.record(url, results.get(url) or NodeStatus(False, f"{url}: no answer in time"))
+        return self.latest()
+
+    def record(self, url: str, status: NodeStatus) -> None:
+        """Keep ``status`` as the newest poll of ``url``."""
+        with self._lock:
+            old = self._latest.get(url)
+            known = status.node if status.reachable and status.node else None
+            if known is None and old is not None:
+                known = old.known_node
+            self._latest[url] = NodePoll(url, status, known)
+
+    def latest(self) -> list[NodePoll]:
+        """The newest poll of each API polled so far, in :attr:`urls` order."""
+        with self._lock:
+            return [self._latest[u] for u in self.urls if u in self._latest]

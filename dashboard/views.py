@@ -26,8 +26,15 @@ from plotly.subplots import make_subplots
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from dashboard import data
-from dashboard.node_client import NodeStatus, StatusHistory, api_alerts, fetch_status
+from dashboard import data, node_health, statements
+from dashboard.node_client import (
+    NodePoll,
+    NodePolls,
+    NodeStatus,
+    StatusHistory,
+    api_alerts,
+    fetch_status,
+)
 from market.schedule import Schedule
 from node.ledger.queries import SlotRow
 
@@ -136,6 +143,8 @@ class Context:
     db_url: str
     engine: Engine
     api_url: str | None = None
+    node_apis: tuple[str, ...] = ()
+    """The household nodes' status APIs (``--node-api``): their forecasts and clocks."""
     schedule: Schedule = field(default_factory=Schedule)
     """The grid's slots in wall time (only :attr:`~market.schedule.Schedule.slot_seconds` is
     used; the gate and settlement timings are the genesis defaults): see :attr:`slot_source`."""
@@ -154,6 +163,8 @@ class Context:
     slots: data.SlotCache = field(init=False)
     verify: data.VerifyCache = field(init=False)
     records: data.HouseholdRecords = field(init=False)
+    nodes: NodePolls = field(init=False)
+    """The newest poll of ``api_url`` and of each of ``node_apis``."""
     history: StatusHistory = field(default_factory=StatusHistory)
     verify_interval: float = 60.0
     verify_enabled: bool = True
@@ -162,8 +173,12 @@ class Context:
     _head_key: Any = None
     _head_changed_at: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cache: dict[Any, Any] = field(default_factory=dict)
+    """Results of the statement and node views by (view, head, controls): a few entries."""
 
     def __post_init__(self) -> None:
+        urls = ((self.api_url,) if self.api_url else ()) + tuple(self.node_apis)
+        self.nodes = NodePolls(urls, timeout=self.api_timeout)
         self.slots = data.SlotCache(
             self.engine, initial_slots=INITIAL_DAYS * self.schedule.slots_per_day
         )
@@ -299,13 +314,17 @@ def poll_api(ctx: Context) -> dict[str, Any]:
         return {"configured": False}
     status = fetch_status(ctx.api_url, timeout=ctx.api_timeout)
     ctx.history.add(status)
+    ctx.nodes.record(ctx.api_url, status)
     if (
         status.reachable
         and status.slot_seconds is not None
         and ctx.slot_source in (SLOT_API, SLOT_DEFAULT)  # the ledger and the override win
     ):
         ctx.use_slot_seconds(status.slot_seconds, SLOT_API)
-    return {"configured": True, **status.as_dict()}
+    # the forecast and clock sections stay here (the nodes section reads ctx.nodes): the store
+    # travels to the browser and back with every refresh
+    doc = {k: v for k, v in status.as_dict().items() if k not in ("forecast", "clock")}
+    return {"configured": True, **doc}
 
 
 # --- market -----------------------------------------------------------------------------------
@@ -1051,6 +1070,9 @@ def alerts_view(ctx: Context) -> list[dict[str, str]]:
         )
     latest = ctx.history.latest()
     alerts.extend(api_alerts(latest, bool(ctx.api_url)))
+    polls = ctx.nodes.latest()
+    alerts.extend(node_health.unreachable_alerts([p for p in polls if p.url != ctx.api_url]))
+    alerts.extend(node_health.clock_alerts(node_health.clock_rows(polls, _labels(ctx))))
     if (
         latest is not None
         and latest.reachable
@@ -1112,4 +1134,99 @@ def governance_view(ctx: Context) -> GovernanceView:
         as_of_time=data.slot_label(schedule, overview.as_of),
         problems=overview.problems,
         grid_fees=data.GRID_FEES,
+    )
+
+
+# --- community statements -----------------------------------------------------------------------
+
+
+def _cached(ctx: Context, key: Any, make: Any) -> Any:
+    """``make()``, remembered under ``key`` (the newest few keys are kept)."""
+    with ctx._lock:
+        if key in ctx._cache:
+            return ctx._cache[key]
+    value = make()
+    with ctx._lock:
+        ctx._cache[key] = value
+        while len(ctx._cache) > 16:
+            ctx._cache.pop(next(iter(ctx._cache)))
+    return value
+
+
+def statements_view(
+    ctx: Context, first: str | None = None, last: str | None = None
+) -> statements.CommunityStatements:
+    """Every household's statement over the days ``first .. last`` (ISO dates, UTC; empty: the
+    newest 30 days of the ledger, or all of it) and the community's totals
+    (:func:`dashboard.statements.community_statements`), or a message saying why there are
+    none. Recomputed only when the ledger head or the dates change."""
+    try:
+        head = data.head_info(ctx.engine).key()
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:200]
+        return statements.CommunityStatements(None, message=f"Cannot read the ledger: {reason}")
+    key = ("statements", head, ctx.schedule.slot_seconds, first, last)
+    return _cached(
+        ctx, key, lambda: statements.community_statements(ctx.engine, ctx.schedule, first, last)
+    )
+
+
+# --- forecasts and clocks of the household nodes ------------------------------------------------
+
+
+def poll_nodes(ctx: Context) -> dict[str, Any]:
+    """Poll the household nodes' status APIs (``--node-api``; ``--api`` is polled by
+    :func:`poll_api`) once: how many are configured and reachable."""
+    if not ctx.node_apis:
+        return {"configured": 0}
+    polls = ctx.nodes.poll(skip=ctx.api_url)
+    return {
+        "configured": len(ctx.nodes.urls),
+        "reachable": sum(1 for p in polls if p.status.reachable),
+        "polled_at": round(time.time(), 3),
+    }
+
+
+def _labels(ctx: Context) -> dict[str, str]:
+    """The ledger's households: DID to short label (empty when the ledger cannot be read)."""
+    return {m["household"]: m["short"] for m in _ledger_side(ctx)[0]}
+
+
+def _ledger_side(ctx: Context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ledger's households and their persistence-forecast errors, cached per ledger head
+    (none when the ledger cannot be read: the node side still shows)."""
+    try:
+        key = data.head_info(ctx.engine).key()
+        members = _cached(ctx, ("members", key), lambda: node_health.member_labels(ctx.engine))
+        persistence = _cached(
+            ctx, ("persistence", key), lambda: node_health.persistence_errors(ctx.engine)
+        )
+    except SQLAlchemyError:
+        return [], {}
+    return members, persistence
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHealthView:
+    """Per household the agent's forecast accuracy; per node its clock."""
+
+    configured: int
+    """Status APIs configured (``--api`` and ``--node-api``)."""
+    forecasts: list[dict[str, Any]]
+    """:func:`dashboard.node_health.forecast_rows`."""
+    clocks: list[dict[str, Any]]
+    """:func:`dashboard.node_health.clock_rows`."""
+    polls: list[NodePoll]
+
+
+def node_health_view(ctx: Context) -> NodeHealthView:
+    """The forecast table (every household of the ledger) and the clock table (every polled
+    node and the peers they sampled), from the newest polls of the nodes' ``/status``."""
+    polls = ctx.nodes.latest()
+    members, persistence = _ledger_side(ctx)
+    return NodeHealthView(
+        configured=len(ctx.nodes.urls),
+        forecasts=node_health.forecast_rows(members, polls, persistence),
+        clocks=node_health.clock_rows(polls, {m["household"]: m["short"] for m in members}),
+        polls=polls,
     )
