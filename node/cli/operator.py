@@ -43,7 +43,7 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     )
     from node.daemon.replica import ReplicaError, exit_status
     from node.ledger.store import LedgerStoreError
-    from node.raft.errors import StorageCorruption
+    from node.raft.errors import StorageCorruption, StorageError
     from node.setup.genesis import GenesisError, load_genesis
     from node.setup.keyfile import KeyFileError, load_key_file
 
@@ -54,7 +54,7 @@ def cmd_operator_run(args: argparse.Namespace) -> int:
     except (OperatorConfigError, KeyFileError, GenesisError) as exc:
         return _fail(str(exc))
     configure(config.log_level, config.log_format)
-    fatal = (NodeError, ReplicaError, StorageCorruption, LedgerStoreError)
+    fatal = (NodeError, ReplicaError, StorageCorruption, StorageError, LedgerStoreError)
     try:
         node = OperatorNode(config, identity, genesis)
     except NodeError as exc:  # not admitted by the genesis, a bad operator key: exit 2

@@ -62,7 +62,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     from node.daemon.logs import configure
     from node.daemon.replica import ReplicaError, exit_status
     from node.ledger.store import LedgerStoreError
-    from node.raft.errors import StorageCorruption
+    from node.raft.errors import StorageCorruption, StorageError
 
     files = _load_files(args.config)
     if isinstance(files, str):
@@ -73,7 +73,7 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         await _run_until_signal(HouseholdNode(config, identity, genesis))
 
-    fatal = (NodeError, ReplicaError, StorageCorruption, LedgerStoreError)
+    fatal = (NodeError, ReplicaError, StorageCorruption, StorageError, LedgerStoreError)
     profile_path = os.environ.get("MICROGRID_PROFILE")  # docs/node.md "Idle cost"
     try:
         if profile_path:

@@ -54,14 +54,32 @@ connection gate, the gossip validator, the per-peer budgets, the metric labels a
 transport's check (:meth:`NetNode.is_member`, also what the block server should be given), and
 disconnects peers that left the list. A household admitted later dials the bootstrap peers
 itself; they accept it once they applied its admission.
+
+Member addresses (``/microgrid/addrs/1.0.0``): the static dial list names the genesis bootstrap
+and the config's peers only, so without more a household admitted at runtime would be reachable
+only by those it dialled (a Raft leader elsewhere could not replicate to it; two households
+admitted at runtime would never meet). Each connected pair of members swaps address books (each
+member's own listen addresses, and what it knows of every other member's, at most
+``max_peer_addrs`` each) when a connection opens, when something new was learned (at most every
+``addr_push_min`` seconds) and every ``addr_exchange_interval`` seconds; every node keeps a
+reconnect loop for each current member it has an address for. What a peer says is validated
+(:func:`dialable_address`: TCP over an IP or DNS name only, loopback only when we listen on
+loopback, never an unspecified, multicast or link-local address), bounded (64 KiB per book,
+``max_peer_addrs`` per member, a per-peer exchange budget) and only about current members; a
+member's report of its own addresses wins over hearsay, and hearsay that fails to dial yields its
+place. A member removed from the list loses its entries and its learned loop ends (it is never
+redialled).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
+import json
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -76,8 +94,9 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import ParseError
 from libp2p.host.ping import ID as PING_PROTOCOL_ID
-from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.host.ping import PING_LENGTH, perform_ping_roundtrip
 from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLarge
+from libp2p.io.utils import read_exactly
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
@@ -93,7 +112,7 @@ from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
 from market.did import IdentityError
 from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
@@ -107,6 +126,7 @@ from node.net.relay import (
     connection_kinds,
     infrastructure_peers,
     is_circuit,
+    is_relayed,
     relay_addresses,
     split_circuit,
 )
@@ -173,6 +193,11 @@ FAULT_WEIGHTS: dict[str, float] = {
 }
 """Penalty points per stream fault reason (default :data:`DEFAULT_FAULT_WEIGHT`): garbage is a
 deliberate act or a broken peer; an exception we cannot attribute to the bytes weighs less."""
+PING_IDLE_FACTOR = 3
+"""A ping stream with no ping for this many liveness intervals is ended by its server."""
+MAX_PING_STREAMS = 3
+"""Ping streams served at once per peer; more are reset at once."""
+"""A ping stream with no ping for this many liveness intervals is ended by its server."""
 HOUSEKEEPING_MAX_SECONDS = 5.0
 """Longest sleep of the housekeeping loop (a new ban is seen within this; bans last 30 s)."""
 RECONNECT_CHECK_SECONDS = 2.0
@@ -183,6 +208,70 @@ CONTROL_DEADLINE = 10.0
 """Longest gossipsub may take over one RPC's control messages (it awaits queue sends)."""
 DEAD_STREAM_STATES = frozenset({"CLOSE_WRITE", "CLOSE_BOTH", "RESET", "ERROR"})
 """``NetStream`` states in which a pubsub stream can no longer carry its direction's RPCs."""
+
+ADDRS_PROTOCOL = "/microgrid/addrs/1.0.0"
+"""Member-address exchange: the opener writes its address book, the other side answers with
+its own (each one varint-prefixed JSON ``{"v": 1, "addrs": {peer id: [multiaddr, ...]}}``)."""
+ADDRS_MAX_BYTES = 64 * 1024
+"""Largest address book read from a peer (a grid of hundreds of members fits)."""
+ADDRS_MAX_ENTRIES = 1024
+"""Most peers one address book may list (more: the book is malformed)."""
+ADDRS_LOOKED_AT = 16
+"""Addresses looked at per listed peer (the first ``max_peer_addrs`` valid ones are kept)."""
+ADDRS_TIMEOUT = 5.0
+"""Deadline of one address exchange."""
+ADDR_MAX_CHARS = 200
+_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")  # fmt: skip
+
+
+def dialable_address(
+    addr: str, *, peer: str, loopback: bool, observed_ip: str | None = None
+) -> str | None:
+    """``addr`` (a peer's claim of where ``peer`` listens) normalised to
+    ``/ip4|ip6/<ip>/tcp/<port>`` or ``/dns|dns4|dns6/<name>/tcp/<port>``, or None if we would
+    not dial it: anything but TCP over an IP or DNS name (circuits, QUIC, websockets), a
+    ``/p2p/`` naming another peer, port 0, an unspecified, multicast, link-local or broadcast
+    IP, a loopback address or ``localhost`` unless ``loopback``. ``observed_ip`` (the remote IP
+    of the peer's own connection, for its report of itself) replaces an unspecified IP (a node
+    listening on 0.0.0.0 reports that)."""
+    if not isinstance(addr, str) or len(addr) > ADDR_MAX_CHARS:
+        return None
+    parts = addr.split("/")
+    if len(parts) == 7 and parts[5] == "p2p" and parts[6] == peer:
+        parts = parts[:5]
+    if len(parts) != 5 or parts[0] or parts[3] != "tcp":
+        return None
+    proto, host, port = parts[1], parts[2], parts[4]
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+        return None
+    if proto in ("dns", "dns4", "dns6"):
+        if not _DNS_NAME.fullmatch(host):
+            return None
+        if host.lower().rstrip(".") == "localhost" or host.lower().endswith(".localhost"):
+            return f"/{proto}/{host}/tcp/{int(port)}" if loopback else None
+        return f"/{proto}/{host}/tcp/{int(port)}"
+    if proto not in ("ip4", "ip6"):
+        return None
+    try:
+        ip = (ipaddress.IPv4Address(host) if proto == "ip4"
+              else ipaddress.IPv6Address(host))  # fmt: skip
+    except ValueError:
+        return None
+    if ip.is_unspecified and observed_ip is not None:
+        try:
+            ip = ipaddress.ip_address(observed_ip)
+        except ValueError:
+            return None
+        proto = "ip4" if ip.version == 4 else "ip6"
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+        return None
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return None
+    if ip.is_loopback and not loopback:
+        return None
+    return f"/{proto}/{ip.compressed}/tcp/{int(port)}"
+
 
 GossipHandler = Callable[[TopicKind, tuple[SignedRecord, ...], str], None]
 """Called with (topic kind, records, origin DID) for every delivered, validated batch."""
@@ -342,9 +431,6 @@ class NetSettings:
     dial_timeout: float = 5.0
     stable_after: float = 5.0
     """A connection that lasted this long resets the reconnect back-off."""
-    rtt_interval: float = 60.0
-    """Seconds between RTT samples of each peer (a libp2p ping on a new stream: metrics only,
-    liveness comes from the connection itself)."""
     raft_queue: int = 256
     publish_wait: float = 2.0
     """Longest our publish waits for room in the peers' outbound queues."""
@@ -371,18 +457,34 @@ class NetSettings:
     hole_punch: bool = True
     """With relays: run DCUtR to upgrade relayed connections to direct ones."""
     relay_wait: float = 3.0
+    """Through a relay, the member with the larger peer id waits this long (+-25 %) before
+    each dial, so the smaller one's circuit usually comes first (one connection per peer)."""
     liveness_interval: float = 30.0
     """Seconds between liveness pings of each connected peer; a connection whose peer does
     not answer ``liveness_failures`` pings in a row (``liveness_timeout`` each) is closed, so
     the reconnect loop dials again (through the relay if need be). A home whose address
     changed leaves a dead TCP connection that would otherwise black-hole gossip until TCP gives
-    up (~15 min)."""
+    up (~15 min). The pings go over one long-lived stream per peer (a new stream costs a
+    multistream negotiation, ~5 ms of CPU on each side) and are also the RTT samples
+    (``microgrid_peer_rtt_seconds``)."""
     liveness_failures: int = 2
     liveness_timeout: float = 5.0
-    """Deadline of one liveness ping (longer than the RTT sample's 2 s: a peer busy on a
-    loaded machine is not dead)."""
-    """Through a relay, the member with the larger peer id waits this long (+-25 %) before
-    each dial, so the smaller one's circuit usually comes first (one connection per peer)."""
+    """Deadline of one liveness ping (a peer busy on a loaded machine is not dead)."""
+    learn_addrs: bool = True
+    """Swap member addresses with connected members (``/microgrid/addrs/1.0.0``) and keep a
+    reconnect loop for every current member with a known address (see the module docstring);
+    off, only the static dial list is dialled."""
+    max_peer_addrs: int = 4
+    """Addresses kept per member: its own report, and as many more from hearsay."""
+    addr_exchange_interval: float = 300.0
+    """Seconds between address exchanges with every connected member (besides those on each new
+    connection and after learning something new): only a backstop, since each exchange opens a
+    stream to every member."""
+    addr_push_min: float = 2.0
+    """Least seconds between two rounds of exchanges with every connected member."""
+    allow_loopback_addrs: bool | None = None
+    """Accept loopback addresses from peers (None: only when our own listen address is
+    loopback, as on a test grid on one machine)."""
     subscribe: bool = True
     """Subscribe to the grid's gossip topics (the operator node does not: it is not a member,
     so members would refuse what it forwarded; it follows the ledger through Raft)."""
@@ -494,7 +596,14 @@ class NetNode:
         self.relay_service: RelayService | None = None
         self._nursery: trio.Nursery | None = None
         self._dial_loops: set[str] = set()
+        self._sender_records: dict[ID, bytes] = {}
+        """Peer -> the signed peer record it last sent in a pubsub RPC, once verified (one
+        entry per peer with a live pubsub stream)."""
         self._ping_failures: dict[ID, int] = {}
+        self._ping_streams: dict[ID, Any] = {}
+        """Peer -> our long-lived ping stream to it (one per connected peer at most)."""
+        self._ping_served: dict[ID, int] = {}
+        """Peer -> ping streams from it being answered (at most ``MAX_PING_STREAMS``)."""
         """Peer -> liveness pings missed in a row."""
         """Peer ids with a reconnect loop (static address or circuit)."""
         self.metrics = NetMetrics(self.member_peers)
@@ -550,6 +659,28 @@ class NetNode:
         self.delivered_records = 0
         self.refused: dict[str, int] = {}
         self.listen_addrs: list[str] = []
+        self._self_addrs: dict[str, list[str]] = {}
+        """Peer id -> the addresses it reported of itself (normalised, at most
+        ``max_peer_addrs``; replaced by its next report)."""
+        self._heard_addrs: dict[str, list[str]] = {}
+        """Peer id -> addresses other members reported of it (at most ``max_peer_addrs``; one
+        that failed to dial moves last and yields its place to new hearsay)."""
+        self._failed_addrs: set[tuple[str, str]] = set()
+        """(peer id, address) whose last dial failed."""
+        self._static_addrs: dict[str, str] = {}
+        """Peer id -> the static dial list's address of it (no /p2p/), shared with members."""
+        for addr in self.settings.peers:
+            with contextlib.suppress(Exception):
+                if not is_circuit(addr):
+                    info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+                    if info.addrs:
+                        self._static_addrs[str(info.peer_id)] = str(info.addrs[0])
+        self._addr_budgets: dict[str, TokenBucket] = {}
+        """Peer id -> how many address exchanges it may open (10 at once, 1 a second)."""
+        self._addr_push = trio.Event()
+        """Set when a round of address exchanges with every connected member is due."""
+        self.addr_exchanges: Counter[str] = Counter()
+        """Address exchanges by outcome: ``ok``, ``failed``, ``served``, ``learned``."""
 
     # -- identity helpers -------------------------------------------------------------
 
@@ -578,6 +709,10 @@ class NetNode:
                                                                          self.member_peers),
             "infrastructure": sorted(self.infra_peers),
         }  # fmt: skip
+        doc["addresses"] = {
+            self.member_peers.get(k, k): self.known_addrs(k)
+            for k in sorted(set(self._self_addrs) | set(self._heard_addrs))
+        }
         if self.relay_client is not None:
             doc["client"] = self.relay_client.status()
         if self.relay_service is not None:
@@ -599,8 +734,9 @@ class NetNode:
         once (nothing more it sends is processed) and disconnected (within the action loop's
         next turn), refused from then on and no longer dialled; a newly listed peer is
         accepted when it dials (its earlier refusal's blacklist is lifted unless it is banned)
-        and dialled if the static list holds its address. Malformed DIDs are logged and left
-        out. Usable before :meth:`run` (it then only sets the list).
+        and dialled once the static list or an address exchange gave its address (a round of
+        exchanges starts at once). A removed peer's learned addresses are forgotten. Malformed
+        DIDs are logged and left out. Usable before :meth:`run` (it then only sets the list).
         """
         new: dict[str, str] = {}
         for did in dids:
@@ -618,6 +754,7 @@ class NetNode:
         self.metrics.members.set(len(new))
         for peer in removed:
             self._peer_budgets.pop(peer, None)
+            self._forget_addrs(peer)
         rate, burst = self._budget_rates()
         for msgs, _bytes in self._peer_budgets.values():
             msgs.rate, msgs.burst = rate, burst
@@ -635,6 +772,10 @@ class NetNode:
                 # refused (and blacklisted) while it was not a member: readmit its gossip
                 self.pubsub.remove_from_blacklist(ID.from_base58(key))
         self._start_circuit_loops()
+        for key in added:
+            self._ensure_dial_loop(key)
+        if added:
+            self._addr_push.set()  # learn the newcomers' addresses from those who know them
         self._members_changed.set()
         self._members_changed = trio.Event()
 
@@ -790,6 +931,10 @@ class NetNode:
             for addr in self.settings.peers:
                 self._start_dial_loop(addr)
             self._start_circuit_loops()
+            if self.settings.learn_addrs:
+                self.host.set_stream_handler(TProtocol(ADDRS_PROTOCOL), self._serve_addrs)
+                nursery.start_soon(self._addr_loop)
+            self.host.set_stream_handler(PING_PROTOCOL_ID, self._serve_ping)
             if self._raft_codec is not None:
                 self.raft = RaftTransport(
                     self.host,
@@ -867,6 +1012,9 @@ class NetNode:
             if reason == "non_member" and self.pubsub is not None:
                 self.pubsub.add_to_blacklist(peer)  # drops its gossip at once
             self._queue_action("close", peer)
+            return
+        if self.settings.learn_addrs and self._nursery is not None:
+            self._nursery.start_soon(self._exchange_after_connect, peer)
 
     def _on_disconnected(self, peer: ID) -> None:
         log.debug("disconnected from %s", peer)
@@ -909,15 +1057,15 @@ class NetNode:
                     await self._close_peer(peer)
 
     async def _housekeeping_loop(self) -> None:
-        """Lift expired bans (when the earliest one ends), sample RTTs. It sleeps until one of
-        them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen then:
-        bans last far longer). The peers gauge is counted when scraped (:meth:`_peer_count`)."""
-        next_rtt = trio.current_time() + 1.0
-        next_live = trio.current_time() + self.settings.liveness_interval
+        """Lift expired bans (when the earliest one ends), ping every peer (liveness and RTT:
+        one ping 1 s after the start, then every ``liveness_interval``). It sleeps until one
+        of them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen
+        then: bans last far longer). The peers gauge is counted when scraped
+        (:meth:`_peer_count`)."""
+        next_live = trio.current_time() + 1.0
         self.metrics.peers.set_function(self._peer_count)
         while True:
-            wait = min(HOUSEKEEPING_MAX_SECONDS, next_rtt - trio.current_time(),
-                       next_live - trio.current_time())  # fmt: skip
+            wait = min(HOUSEKEEPING_MAX_SECONDS, next_live - trio.current_time())
             bans = list(self.penalties.banned_until.values())
             if bans:
                 wait = min(wait, min(bans) - self.penalties.clock())
@@ -925,10 +1073,6 @@ class NetNode:
             for peer in self.penalties.expired():
                 with contextlib.suppress(Exception):
                     self.pubsub.remove_from_blacklist(ID.from_base58(peer))
-            if trio.current_time() >= next_rtt:
-                next_rtt = trio.current_time() + self.settings.rtt_interval
-                for peer in self.connected_peers():
-                    await self._sample_rtt(peer)
             if trio.current_time() >= next_live:
                 next_live = trio.current_time() + self.settings.liveness_interval
                 await self._check_liveness()
@@ -954,6 +1098,8 @@ class NetNode:
                 nursery.start_soon(check, peer)
         for peer in [p for p in self._ping_failures if p not in peers]:
             del self._ping_failures[peer]
+        for peer in [p for p in self._ping_streams if p not in peers]:
+            await self._drop_ping_stream(peer)
 
     def _peer_count(self) -> int:
         """Connected peers, for the gauge; called from the metrics server's thread, so it only
@@ -964,21 +1110,60 @@ class NetNode:
                    if conns)  # fmt: skip
 
     async def _sample_rtt(self, peer: ID, timeout: float = 2.0) -> bool:
-        """One libp2p ping (``timeout`` deadline), its RTT observed; False if it failed."""
-        try:
-            with trio.fail_after(timeout):
-                stream = await self.host.new_stream(peer, [PING_PROTOCOL_ID])
+        """One libp2p ping (``timeout`` deadline in all), its RTT observed; False if it
+        failed. It reuses the peer's ping stream; if that one fails (the peer restarted, or
+        runs libp2p's own handler, which ends a stream idle for 10 s) it tries once more on a
+        new stream before reporting a miss."""
+        with trio.move_on_after(timeout):
+            for _ in range(2):
+                reused = peer in self._ping_streams
                 try:
+                    stream = self._ping_streams.get(peer)
+                    if stream is None:
+                        stream = await self.host.new_stream(peer, [PING_PROTOCOL_ID])
+                        self._ping_streams[peer] = stream
                     start = time.perf_counter()
                     await perform_ping_roundtrip(stream)
                     self.metrics.rtt.observe(time.perf_counter() - start)
-                finally:
-                    await stream.close()
-        except Exception as exc:
-            self.metrics.stream_errors.labels("ping").inc()
-            log.debug("ping %s failed: %s", peer, exc)
-            return False
-        return True
+                    return True
+                except Exception as exc:
+                    await self._drop_ping_stream(peer)
+                    log.debug("ping %s failed: %s", peer, exc)
+                    if not reused:
+                        break
+        await self._drop_ping_stream(peer)
+        self.metrics.stream_errors.labels("ping").inc()
+        return False
+
+    async def _drop_ping_stream(self, peer: ID) -> None:
+        stream = self._ping_streams.pop(peer, None)
+        if stream is not None:
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
+
+    async def _serve_ping(self, stream: Any) -> None:
+        """Answers pings (``/ipfs/ping/1.0.0``, 32 bytes echoed) on a stream for as long as
+        the peer keeps pinging it at least every ``PING_IDLE_FACTOR`` liveness intervals
+        (libp2p's own handler ends a stream idle for 10 s, so every ping needed a new one)."""
+        idle = PING_IDLE_FACTOR * self.settings.liveness_interval
+        peer = stream.muxed_conn.peer_id
+        if self._ping_served.get(peer, 0) >= MAX_PING_STREAMS:
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()  # a peer needs one; a few allow for a restart's overlap
+            return
+        self._ping_served[peer] = self._ping_served.get(peer, 0) + 1
+        try:
+            while True:
+                with trio.fail_after(idle):
+                    payload = await read_exactly(stream, PING_LENGTH)
+                await stream.write(payload)
+        except (trio.TooSlowError, *CONNECTION_LOSS):
+            with trio.move_on_after(1), contextlib.suppress(Exception):
+                await stream.reset()
+        finally:
+            left = self._ping_served.pop(peer, 1) - 1
+            if left:
+                self._ping_served[peer] = left
 
     async def _wait_disconnected(self, peer: ID, timeout: float) -> None:
         """Until a connection of ``peer`` closes, or ``timeout`` seconds: the caller re-checks
@@ -1042,19 +1227,34 @@ class NetNode:
                 log.debug("circuit to %s failed: %s", info.peer_id, exc)
         raise direct_error
 
-    async def _reconnect_loop(self, addr: str) -> None:
-        """Keep a connection to one static peer, with exponential back-off and jitter, while
-        it is on the member list (waiting while it is not). A circuit address
-        (``<relay>/p2p-circuit/p2p/<peer>``) is dialled through the relay."""
-        circuit = is_circuit(addr)
+    async def _reconnect_loop(self, addr: str | None, learned: str | None = None) -> None:
+        """Keep a connection to one peer, with exponential back-off and jitter, while it is on
+        the member list. A static peer (``addr``) is waited for while it is not a member; a
+        circuit address (``<relay>/p2p-circuit/p2p/<peer>``) is dialled through the relay. A
+        direct dial tries the static address and the learned ones in turn. A ``learned`` loop
+        (a peer id whose addresses only an exchange gave) ends once the peer leaves the list."""
+        circuit = addr is not None and is_circuit(addr)
         try:
-            info = (PeerInfo(split_circuit(addr)[1], []) if circuit
-                    else info_from_p2p_addr(multiaddr.Multiaddr(addr)))  # fmt: skip
+            if addr is None:
+                info = PeerInfo(ID.from_base58(learned or ""), [])
+            else:
+                info = (PeerInfo(split_circuit(addr)[1], []) if circuit
+                        else info_from_p2p_addr(multiaddr.Multiaddr(addr)))  # fmt: skip
         except Exception as exc:
-            log.error("bad peer address %r: %s", addr, exc)
+            log.error("bad peer address %r: %s", addr or learned, exc)
             return
         if info.peer_id == self.peer_id:
             return
+        try:
+            await self._keep_connected(info, addr, circuit)
+        finally:
+            if addr is None:
+                self._dial_loops.discard(str(info.peer_id))
+
+    async def _keep_connected(self, info: PeerInfo, addr: str | None, circuit: bool) -> None:
+        """The body of :meth:`_reconnect_loop` (returns when a learned peer left the list)."""
+        static = str(info.addrs[0]) if info.addrs else None
+        attempt = 0
         network = self.host.get_network()
         delay = self.settings.reconnect_min
         # The peer with the larger id waits a little first, so two nodes starting together
@@ -1070,12 +1270,25 @@ class NetNode:
                 await trio.sleep(0.25)
                 continue
             if key not in self.member_peers and key not in self.infra_peers:
+                if addr is None:
+                    log.debug("learned peer %s left the member list: no more dialling", key)
+                    return
                 # not (or no longer) a member: our gate would refuse the connection anyway
                 with trio.move_on_after(RECONNECT_CHECK_SECONDS):
                     await self._members_changed.wait()
                 continue
             if self._stop.is_set():
                 return  # stopping: dial no more (see _serve)
+            target = addr or ""
+            if not circuit:
+                candidates = self._dial_candidates(key, static)
+                if not candidates:  # hearsay that failed was dropped: wait for an exchange
+                    await trio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(self.settings.reconnect_max, delay * 2)
+                    continue
+                target = candidates[attempt % len(candidates)]
+                attempt += 1
+                info = PeerInfo(info.peer_id, [multiaddr.Multiaddr(target)])
             if circuit and info.peer_id.to_bytes() > self.peer_id.to_bytes():
                 # the other end dials first; we dial only if no connection came meanwhile
                 wait = self.settings.relay_wait * random.uniform(0.75, 1.25)
@@ -1089,9 +1302,10 @@ class NetNode:
                 try:
                     rounds = 1 + (0 if circuit else len(self.settings.relays))
                     with trio.fail_after(self.settings.dial_timeout * rounds):
-                        await self._dial(info, addr)
+                        await self._dial(info, target)
                 finally:
                     self._dialing -= 1
+                self._dialled(key, target, ok=True)
                 self.metrics.dials.labels("ok").inc()
                 log.info("connected to %s", info.peer_id)
                 # the back-off resets only once the connection has proved stable, so a peer
@@ -1108,10 +1322,255 @@ class NetNode:
                 if trio.current_time() - connected_at > self.settings.stable_after:
                     continue
             except Exception as exc:
+                self._dialled(key, target, ok=False)
                 self.metrics.dials.labels("failed").inc()
-                log.debug("dial %s failed: %s", info.peer_id, exc)
+                log.debug("dial %s at %s failed: %s", info.peer_id, target, exc)
             await trio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(self.settings.reconnect_max, delay * 2)
+
+    # -- member addresses ---------------------------------------------------------------
+
+    def known_addrs(self, key: str) -> list[str]:
+        """Where peer ``key`` may be dialled (no /p2p/), best first: the static dial list's
+        address, what it reported of itself, hearsay (deduplicated; hearsay whose last dial
+        failed comes last)."""
+        out: list[str] = []
+        static = self._static_addrs.get(key)
+        heard = self._heard_addrs.get(key, [])
+        for a in [*([static] if static else []), *self._self_addrs.get(key, []), *heard]:
+            if a not in out:
+                out.append(a)
+        return out
+
+    def _dial_candidates(self, key: str, static: str | None) -> list[str]:
+        """The addresses a reconnect loop tries in turn (``static``: its own, first)."""
+        out = [static] if static else []
+        return out + [a for a in self.known_addrs(key) if a not in out]
+
+    def _dialled(self, key: str, addr: str, *, ok: bool) -> None:
+        """Note a dial's outcome: a hearsay address that worked moves first, one that failed
+        last (where new hearsay may take its place)."""
+        heard = self._heard_addrs.get(key)
+        if not heard or addr not in heard:
+            return  # only hearsay is ranked (so the failure set stays within its bounds)
+        heard.remove(addr)
+        if ok:
+            self._failed_addrs.discard((key, addr))
+            heard.insert(0, addr)
+        else:
+            self._failed_addrs.add((key, addr))
+            heard.append(addr)
+
+    def _forget_addrs(self, key: str) -> None:
+        """Drop what we learned of a peer that left the member list (never shared again)."""
+        self._self_addrs.pop(key, None)
+        self._heard_addrs.pop(key, None)
+        self._addr_budgets.pop(key, None)
+        self._failed_addrs = {fa for fa in self._failed_addrs if fa[0] != key}
+
+    def _ensure_dial_loop(self, key: str) -> None:
+        """Start a learned reconnect loop for member ``key`` if we know an address of it and no
+        loop (static, circuit or learned) keeps it yet."""
+        if (
+            not self.settings.learn_addrs
+            or self._nursery is None
+            or key in self._dial_loops
+            or key == str(self.peer_id)
+            or key not in self.member_peers
+            or not self.known_addrs(key)
+        ):
+            return
+        self._dial_loops.add(key)
+        log.info("dialling member %s at learned addresses %s", key, self.known_addrs(key))
+        self._nursery.start_soon(self._reconnect_loop, None, key)
+
+    def _loopback_ok(self) -> bool:
+        allow = self.settings.allow_loopback_addrs
+        if allow is not None:
+            return allow
+        return "/ip4/127." in self.settings.listen or "/ip6/::1/" in self.settings.listen
+
+    def address_book(self) -> dict[str, list[str]]:
+        """What we tell a member: our own listen addresses and each current member's (and
+        infrastructure peer's) known addresses, at most ``max_peer_addrs`` each."""
+        cap = max(1, self.settings.max_peer_addrs)
+        me = str(self.peer_id)
+        own = [a.split("/p2p/", 1)[0] for a in self.listen_addrs if "/p2p-circuit" not in a]
+        book = {me: own[:cap]} if own else {}
+        for key in sorted({*self.member_peers, *self.infra_peers}):
+            addrs = self.known_addrs(key)[:cap] if key != me else []
+            if addrs:
+                book[key] = addrs
+        return book
+
+    def _encode_book(self) -> bytes:
+        """Our address book as the exchange's JSON (trimmed to ``ADDRS_MAX_BYTES``)."""
+        book = self.address_book()
+        while True:
+            data = json.dumps({"v": 1, "addrs": book}, separators=(",", ":")).encode()
+            if len(data) <= ADDRS_MAX_BYTES or not book:
+                return data
+            book.pop(next(reversed(book)))
+
+    def _learn_addrs(self, source: ID, data: bytes, observed_ip: str | None) -> bool:
+        """Merge a peer's address book; True if it taught us an address we did not have.
+
+        Only entries about current members and infrastructure peers count (others are
+        skipped), each address must pass :func:`dialable_address`, and at most
+        ``max_peer_addrs`` are kept per peer: the source's report of itself replaces its
+        previous one, hearsay fills free places (or that of hearsay whose last dial failed).
+        Raises :class:`PeerFault` (``addrs``, ``malformed``) for a book that is not one."""
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PeerFault("addrs", "malformed", f"not JSON: {exc}") from None
+        entries = doc.get("addrs") if isinstance(doc, dict) else None
+        if not isinstance(entries, dict) or len(entries) > ADDRS_MAX_ENTRIES:
+            raise PeerFault("addrs", "malformed", "expected {'addrs': {peer: [address, ...]}}")
+        src, me = str(source), str(self.peer_id)
+        cap, loopback = max(1, self.settings.max_peer_addrs), self._loopback_ok()
+        new = False
+        for key, addrs in entries.items():
+            if not isinstance(addrs, list):
+                raise PeerFault("addrs", "malformed", "an entry is not a list")
+            if key == me or (key not in self.member_peers and key not in self.infra_peers):
+                continue
+            valid: list[str] = []
+            for a in addrs[:ADDRS_LOOKED_AT]:
+                n = dialable_address(a, peer=key, loopback=loopback,
+                                     observed_ip=observed_ip if key == src else None)  # fmt: skip
+                if n is not None and n not in valid:
+                    valid.append(n)
+                if len(valid) >= cap:
+                    break
+            if not valid:
+                continue
+            known = set(self.known_addrs(key))
+            if key == src:
+                self._self_addrs[key] = valid
+            else:
+                heard = self._heard_addrs.setdefault(key, [])
+                for a in valid:
+                    if a in heard or a in self._self_addrs.get(key, ()):
+                        continue
+                    if len(heard) < cap:
+                        heard.append(a)
+                    elif (key, heard[-1]) in self._failed_addrs:
+                        self._failed_addrs.discard((key, heard[-1]))
+                        heard[-1] = a
+            if set(self.known_addrs(key)) - known:
+                new = True
+                self._ensure_dial_loop(key)
+        return new
+
+    def _observed_ip(self, peer: ID, stream: Any) -> str | None:
+        """The remote IP of ``peer``'s direct connection (None if relayed or unknown)."""
+        with contextlib.suppress(Exception):
+            conns = self.host.get_network().get_connections(peer)
+            if conns and all(is_relayed(c) for c in conns):
+                return None
+            remote = stream.get_remote_address()
+            if remote:
+                return str(remote[0])
+        return None
+
+    async def exchange_addrs(self, peer: ID) -> bool:
+        """Swap address books with connected ``peer`` (bounded in time); True if it taught us
+        something new. Failures are counted, a malformed answer is a fault of the peer."""
+        if self.host is None or not self.host.get_network().get_connections(peer):
+            return False
+        try:
+            with trio.fail_after(ADDRS_TIMEOUT):
+                stream = await self.host.new_stream(peer, [TProtocol(ADDRS_PROTOCOL)])
+                try:
+                    await stream.write(encode_varint_prefixed(self._encode_book()))
+                    try:
+                        data = await read_varint_prefixed_bytes_limited(stream, ADDRS_MAX_BYTES)
+                    except MessageTooLarge as exc:
+                        raise PeerFault("addrs", "oversized", str(exc)) from None
+                    except ParseError as exc:
+                        raise PeerFault("addrs", "bad_varint", str(exc)) from None
+                    observed = self._observed_ip(peer, stream)
+                finally:
+                    with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                        await stream.close()
+            learned = self._learn_addrs(peer, data, observed)
+        except PeerFault as exc:
+            self.addr_exchanges["failed"] += 1
+            self._on_stream_fault(peer, "addrs", exc.reason, exc)
+            return False
+        except Exception as exc:
+            self.addr_exchanges["failed"] += 1
+            log.debug("address exchange with %s failed: %r", peer, exc)
+            return False
+        self.addr_exchanges["ok"] += 1
+        if learned:
+            self.addr_exchanges["learned"] += 1
+            self._addr_push.set()
+        return learned
+
+    async def _exchange_after_connect(self, peer: ID) -> None:
+        """A new connection's exchange (after its streams are ready; retried once)."""
+        for pause in (0.2, 1.0):
+            await trio.sleep(pause)
+            if self._stop.is_set() or not self.host.get_network().get_connections(peer):
+                return
+            failed = self.addr_exchanges["failed"]
+            await self.exchange_addrs(peer)
+            if self.addr_exchanges["failed"] == failed:
+                return
+
+    async def _serve_addrs(self, stream: Any) -> None:
+        """``/microgrid/addrs/1.0.0`` handler: read the opener's book, answer with ours. Only
+        members and infrastructure peers, within their budget (a fault otherwise)."""
+        peer: ID = stream.muxed_conn.peer_id
+        key = str(peer)
+        if key not in self.member_peers and key not in self.infra_peers:
+            await self._reset_stream(stream)
+            return
+        budget = self._addr_budgets.get(key)
+        if budget is None:
+            budget = self._addr_budgets[key] = TokenBucket(1.0, 10.0)
+        if not budget.take(trio.current_time()):
+            await self._reset_stream(stream)
+            raise PeerFault("addrs", "rate_limited", "too many address exchanges")
+        learned = False
+        with trio.move_on_after(ADDRS_TIMEOUT) as scope:
+            try:
+                data = await read_varint_prefixed_bytes_limited(stream, ADDRS_MAX_BYTES)
+            except MessageTooLarge as exc:
+                raise PeerFault("addrs", "oversized", str(exc)) from None
+            except ParseError as exc:
+                raise PeerFault("addrs", "bad_varint", str(exc)) from None
+            learned = self._learn_addrs(peer, data, self._observed_ip(peer, stream))
+            await stream.write(encode_varint_prefixed(self._encode_book()))
+            await stream.close()
+        if scope.cancelled_caught:
+            await self._reset_stream(stream)
+            return
+        self.addr_exchanges["served"] += 1
+        if learned:
+            self.addr_exchanges["learned"] += 1
+            self._addr_push.set()
+
+    async def _addr_loop(self) -> None:
+        """Rounds of exchanges with every connected member: when something new was learned
+        or the member list grew (at most every ``addr_push_min`` s), and every
+        ``addr_exchange_interval`` s."""
+        s = self.settings
+        next_round = trio.current_time() + s.addr_exchange_interval
+        while True:
+            with trio.move_on_at(next_round):
+                await self._addr_push.wait()
+            self._addr_push = trio.Event()
+            if trio.current_time() >= next_round:
+                next_round = trio.current_time() + s.addr_exchange_interval
+            peers = [p for p in self.connected_peers()
+                     if str(p) in self.member_peers or str(p) in self.infra_peers]  # fmt: skip
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(self.exchange_addrs, peer)
+            await trio.sleep(s.addr_push_min)
 
     # -- hostile input ------------------------------------------------------------------
 
@@ -1208,8 +1667,15 @@ class NetNode:
                     raise PeerFault(
                         "gossip", "malformed_protobuf", f"{len(incoming)} bytes: {exc}"
                     ) from None
-                if not maybe_consume_signed_record(rpc, ps.host, peer_id):
-                    continue  # as libp2p: an invalid sender record drops the whole RPC
+                # libp2p attaches the sender's signed peer record to every RPC; it is verified
+                # (Ed25519) and stored only when it differs from the one this peer last sent
+                if (
+                    rpc.HasField("senderRecord")
+                    and self._sender_records.get(peer_id) != rpc.senderRecord
+                ):
+                    if not maybe_consume_signed_record(rpc, ps.host, peer_id):
+                        continue  # as libp2p: an invalid sender record drops the whole RPC
+                    self._sender_records[peer_id] = rpc.senderRecord
                 if rpc.publish:
                     self._accept_publish(peer_id, rpc, len(incoming))
                 if rpc.subscriptions and len(rpc.subscriptions) <= ps.max_subscriptions_per_rpc:
@@ -1238,6 +1704,7 @@ class NetNode:
             streams.discard(stream)
             if not streams:
                 self._pubsub_inbound.pop(peer_id, None)
+                self._sender_records.pop(peer_id, None)
 
     def _accept_publish(self, peer_id: ID, rpc: Any, size: int) -> None:
         """Hand each subscribed message of ``rpc`` to pubsub, within the peer's budgets."""
@@ -1256,6 +1723,8 @@ class NetNode:
             if not msgs.take(now):
                 over += 1
                 continue
+            if ps._is_msg_seen(msg):
+                continue  # a copy forwarded by another mesh peer: push_msg would drop it too
             ps.manager.run_task(ps.push_msg, peer_id, msg)
         if over:
             self._drop_gossip(key, "budget_msgs", over)

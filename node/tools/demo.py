@@ -570,7 +570,8 @@ class Demo:
             self.dashboard = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "node.cli", "dashboard", "--db", first.ledger_url,
                  "--api", first.api, "--port", str(self.settings.dashboard_port),
-                 "--refresh", str(max(2, self.settings.slot_seconds // 2))],
+                 "--refresh", str(max(2, self.settings.slot_seconds // 2)),
+                 *(a for h in self.households[1:] for a in ("--node-api", h.api))],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
 

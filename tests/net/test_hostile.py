@@ -328,3 +328,30 @@ def test_libp2p_rpc_frames_parse() -> None:
     rpc = rpc_pb2.RPC()
     rpc.ParseFromString(data[start:])
     assert rpc.publish[0].data == b"x"
+
+
+async def test_a_changed_sender_record_is_verified_again(tmp_path: Path) -> None:
+    """The signed peer record libp2p attaches to every RPC is verified once per distinct
+    bytes (issue 19: not per RPC); a record that differs from the one verified is checked
+    again, and an invalid one still drops the whole RPC."""
+    grid, a, v, h = three(tmp_path)
+    async with running(grid.nodes):
+        await meshed(a, v, h)
+        await honest_gossip_flows(grid, a, v, 1)
+        record = v._sender_records.get(a.peer_id)
+        assert record  # a's record, verified once and kept
+        topic, vi = a.topics[TopicKind.ORDERS], grid.nodes.index(v)
+        stream = await raw_stream(a, str(v.peer_id), MESHSUB)
+
+        def rpc_with(nonce: int, sender_record: bytes) -> bytes:
+            data = encode_batch([order(a.identity, grid.genesis, nonce)], nonce)
+            rpc = rpc_pb2.RPC(publish=[pubsub_message(a.identity, topic, data, time.time_ns())],
+                              senderRecord=sender_record)  # fmt: skip
+            body = rpc.SerializeToString()
+            return bytes(encode_uvarint(len(body))) + body
+
+        await stream.write(rpc_with(10, record[:-1] + bytes([record[-1] ^ 1])))  # bad signature
+        await stream.write(rpc_with(11, record))
+        await until(lambda: 11 in grid.got(vi, a), 10)
+        assert 10 not in grid.got(vi, a)
+        assert v._sender_records[a.peer_id] == record
