@@ -273,6 +273,11 @@ class HouseholdNode:
         self.wall_clock = wall_clock
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = LedgerStore(config.ledger_url)
+        if (check := self.store.open_check) is not None:  # docs/ledger.md, "Opening"
+            log.info("ledger checked at open", extra={
+                "event": "ledger_checked", "clean": check.clean, "reason": check.reason,
+                "quick_check_seconds": check.quick_check_seconds,
+                "tail_seconds": round(check.tail_seconds, 4)})  # fmt: skip
         self.raft_storage = SQLStorage(config.raft_url)
         retry = min(5.0, self.schedule.slot_seconds / 2)
         self.proposer = Proposer(self.schedule, retry_after=retry)

@@ -5,12 +5,21 @@ entry's log index, to :meth:`LedgerStore.record`: blocks, their transactions and
 balances, orders, trades, readings, settlements, true-ups, the feeder check, the accepted
 governance records and the applied index land together or not at all, so a restart neither loses
 nor re-applies an entry and nothing half-written reaches the ledger.
+
+Opening a SQLite ledger checks the file (docs/ledger.md, "Damage inside the file"): a torn file
+is refused at once (:func:`sqlite_file_fault`); after an unclean stop (no clean-shutdown marker,
+or a file changed since the marker was written) ``PRAGMA quick_check`` reads every page; the
+newest rows of every table and the hash links of the newest blocks are read at every open. A
+damaged file raises :class:`LedgerCorruptError` with one line: what, which file, how to resync.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import threading
+import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -19,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DatabaseError, SQLAlchemyError
+from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
 from market.events import (
     Event,
@@ -70,6 +79,168 @@ LEDGER_RESYNC_ADVICE = (
     "blocks it lacks from its peers"
 )
 """What an operator does about a ledger the node refuses to open."""
+
+
+class LedgerCorruptError(LedgerStoreError):
+    """The ledger file is damaged (torn, or a page inside it fails SQLite's checks or our tail
+    check): the node must not use it. ``path`` is the file, ``detail`` what was found."""
+
+    def __init__(self, path: Path | str, detail: str) -> None:
+        what = detail if detail.startswith(str(path)) else f"{path}: {detail}"
+        super().__init__(f"refusing the ledger: {what}; {LEDGER_RESYNC_ADVICE}")
+        self.path = str(path)
+        self.detail = detail
+
+
+CLEAN_MARKER_SUFFIX = ".clean"
+"""``<ledger file>.clean``: written by a clean close (with the file's size and mtime), removed
+at open; its absence at open means the last stop was not clean."""
+CLEAN_MARKER_MAX_BYTES = 4096
+TAIL_ROWS = 256
+"""Newest rows of each table read at every open."""
+TAIL_BLOCKS = 64
+"""Newest blocks whose hash links are checked at every open."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCheck:
+    """What :class:`LedgerStore` checked when it opened a SQLite file."""
+
+    clean: bool
+    """The last close was clean (its marker matched the file)."""
+    reason: str
+    """Why the full check ran or did not (``clean shutdown``, ``no clean-shutdown marker``,
+    ``changed since its clean shutdown``, ``new ledger``)."""
+    quick_check_seconds: float | None
+    """Time of ``PRAGMA quick_check`` (None: not run)."""
+    tail_seconds: float
+    """Time of the tail check (run at every open)."""
+
+
+def clean_marker_path(path: Path) -> Path:
+    """The clean-shutdown marker of the ledger file ``path``."""
+    return path.with_name(path.name + CLEAN_MARKER_SUFFIX)
+
+
+def _file_stamp(path: Path) -> dict[str, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _wal_has_frames(path: Path) -> bool:
+    wal = path.with_name(path.name + "-wal")
+    try:
+        return wal.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def consume_clean_marker(path: Path) -> tuple[bool, str]:
+    """Whether the ledger file's last close was clean, and why; removes the marker (durably), so
+    a crash from now on leaves none. Clean means: the marker exists, is ours (bounded, valid
+    JSON) and records the file's current size and mtime, and no write-ahead log holds frames."""
+    marker = clean_marker_path(path)
+    try:
+        with marker.open("rb") as f:
+            raw = f.read(CLEAN_MARKER_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return False, "no clean-shutdown marker"
+    except OSError as exc:
+        raw, reason = b"", f"unreadable clean-shutdown marker ({exc.strerror})"
+    else:
+        reason = ""
+    try:
+        marker.unlink()
+        _fsync_dir(marker.parent)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LedgerStoreError(
+            f"cannot remove the clean-shutdown marker {marker}: {exc.strerror}"
+        ) from exc
+    if reason:
+        return False, reason
+    try:
+        doc = json.loads(raw) if len(raw) <= CLEAN_MARKER_MAX_BYTES else None
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("v") != 1:
+        return False, "malformed clean-shutdown marker"
+    stamp = _file_stamp(path)
+    if stamp is None or any(doc.get(k) != v for k, v in stamp.items()):
+        return False, "changed since its clean shutdown"
+    if _wal_has_frames(path):
+        return False, "write-ahead log not checkpointed"
+    return True, "clean shutdown"
+
+
+def write_clean_marker(path: Path) -> bool:
+    """Record a clean close of the ledger file ``path`` (its size and mtime), atomically and
+    durably; not when a write-ahead log still holds frames (another connection is open).
+    True if written."""
+    stamp = _file_stamp(path)
+    if stamp is None or stamp["size"] == 0 or _wal_has_frames(path):
+        return False
+    marker = clean_marker_path(path)
+    tmp = marker.with_name(marker.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            f.write(json.dumps({"v": 1, **stamp}, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+        _fsync_dir(marker.parent)
+    except OSError:
+        return False
+    return True
+
+
+def _quick_check(conn: Connection) -> str | None:
+    """``PRAGMA quick_check``'s first finding, or None if the file passed."""
+    rows = conn.exec_driver_sql("PRAGMA quick_check(5)").fetchall()
+    found = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+    return "; ".join(found)[:300] if found else None
+
+
+def _tail_fault(conn: Connection) -> str | None:
+    """Read the newest rows of every ledger table and check the newest blocks' hash links
+    (heights present on both sides of a link only: block sync may leave gaps)."""
+    for table in t.metadata.sorted_tables:
+        try:
+            conn.exec_driver_sql(
+                f'SELECT * FROM "{table.name}" ORDER BY rowid DESC LIMIT {TAIL_ROWS}'
+            ).fetchall()
+        except OperationalError as exc:
+            if "no such" in str(exc.orig):  # a table without rowid or not there
+                continue
+            raise
+    b = t.blocks.c
+    rows = conn.execute(
+        select(b.height, b.hash, b.prev_hash).order_by(b.height.desc()).limit(TAIL_BLOCKS)
+    ).all()
+    for newer, older in itertools.pairwise(rows):
+        if newer.height == older.height + 1 and newer.prev_hash != older.hash:
+            return (
+                f"block {newer.height} links to {str(newer.prev_hash)[:16]}…, but block "
+                f"{older.height} is {str(older.hash)[:16]}…"
+            )
+    return None
 
 
 def sqlite_file_fault(path: Path) -> str | None:
@@ -136,30 +307,71 @@ class Head:
 
 
 class LedgerStore:
-    """Read/write access to one node's ledger database."""
+    """Read/write access to one node's ledger database.
 
-    def __init__(self, url: str) -> None:
+    A SQLite file is checked at open (see the module docstring); ``full_check`` forces
+    (True) or skips (False) ``PRAGMA quick_check`` whatever the clean-shutdown marker says.
+    Raises :class:`LedgerCorruptError` for a damaged file; :attr:`open_check` tells what ran
+    and how long it took."""
+
+    def __init__(self, url: str, *, full_check: bool | None = None) -> None:
         self.url = url
-        path = sqlite_path(url)
+        self.path = path = sqlite_path(url)
+        self.open_check: OpenCheck | None = None
         fault = None if path is None else sqlite_file_fault(path)
         if fault is not None:
-            raise LedgerStoreError(f"refusing the ledger: {fault}; {LEDGER_RESYNC_ADVICE}")
+            raise LedgerCorruptError(path or url, fault)
+        stamp = None if path is None else _file_stamp(path)
+        existing = stamp is not None and stamp["size"] > 0
+        clean, reason = (
+            consume_clean_marker(path) if path is not None and existing else (False, "new ledger")
+        )
         self.engine = make_engine(url)
+        quick: float | None = None
         try:
+            if path is not None and existing and (full_check or (full_check is None and not clean)):
+                started = time.perf_counter()
+                try:
+                    with self.engine.connect() as conn:
+                        found = _quick_check(conn)
+                except DatabaseError as exc:  # SQLite may raise instead of reporting
+                    found = str(exc.orig)
+                quick = time.perf_counter() - started
+                if found is not None:
+                    raise LedgerCorruptError(
+                        path, f"damaged inside ({reason}; quick_check: {found})"
+                    )
             t.ensure_schema(self.engine)  # an older node's ledger gets the new tables, columns
+            started = time.perf_counter()
+            if path is not None:
+                try:
+                    with self.engine.connect() as conn:
+                        found = _tail_fault(conn)
+                except DatabaseError as exc:
+                    found = f"tail check: {exc.orig}"
+                if found is not None:
+                    raise LedgerCorruptError(path, f"damaged inside: {found}")
+            tail = time.perf_counter() - started
         except DatabaseError as exc:
             self.engine.dispose()
-            raise LedgerStoreError(
-                f"refusing the ledger {url}: the database cannot be read ({exc.orig}); "
-                f"{LEDGER_RESYNC_ADVICE}"
+            raise LedgerCorruptError(
+                path or url, f"the database cannot be read ({exc.orig})"
             ) from exc
+        except BaseException:
+            self.engine.dispose()
+            raise
+        if path is not None:
+            self.open_check = OpenCheck(clean, reason, quick, tail)
         self.write_lock = threading.RLock()
         """Held by every write transaction of this process (the replica's, block sync's), so
         two worker threads never race for SQLite's write lock mid-transaction."""
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Release the database connections; for a SQLite file, then write its clean-shutdown
+        marker (unless a write-ahead log still holds frames: another connection is open)."""
         self.engine.dispose()
+        if self.path is not None:
+            write_clean_marker(self.path)
 
     def __enter__(self) -> LedgerStore:
         return self
