@@ -21,7 +21,21 @@ grid-only (every Wh of its net at the feed-in tariff or retail price, slot by sl
 agents, and the difference. ``--days N`` shortens the year (CI runs 14 days:
 ``tests/node/test_forecast_bench.py``).
 
+**Batteries** (``--battery-days N``, default 0: skipped). Three more grids of learning agents
+under an evening peak tariff (:data:`PEAK_TIME_OF_USE`: retail 32, 48 from 17:00 to 21:00),
+the households the simulator gives a battery (``make_households``) run it: ``none`` leaves the
+batteries out (the baseline), ``plain`` plans them (``node.agent.battery.BatteryAgent``, as a
+node does) and orders the battery's energy at the household's own limit prices (before the
+battery-aware prices), ``aware`` orders it at the battery-aware prices
+(:class:`~node.agent.battery.BatteryOrder`). The battery is modelled per slot with the
+planner's own integer rules (``BatteryState``: limits, floor and ceiling, the round-trip loss
+on the way in); a slot without a commitment runs self-consumption (charge from the own
+surplus, cover the own deficit). Its energy moves the trading meter's counters. Printed per
+battery household: grid-only money under the peak tariff and the savings against it for the
+three runs.
+
     python -m bench.forecast_bench [--days 365] [--households 6] [--seed 1]
+        [--battery-days 0] [--battery-from 0] [--skip-forecast]
 """
 
 from __future__ import annotations
@@ -37,13 +51,17 @@ from typing import Any
 from market import CloseGate, MarketConfig, MemberRegistration, MemberRole, SettleSlot, State
 from market import apply as engine_apply
 from market.accounting import MONEY, household_account, money_for
-from market.events import Rejected, SlotSettled
+from market.errors import RejectReason
+from market.events import GateClosed, Rejected, SlotSettled
 from market.schedule import Schedule
 from market.signing import Signer
 from market.state import sell_limit_wh
+from meter.battery import BatteryStatus
 from meter.sample import MeterSample
+from meter.sim.battery import BatteryConfig
 from meter.sim.household import HouseholdConfig, SimulatedHousehold, make_households
 from meter.sim.solar import Clouds
+from node.agent.battery import BatteryAgent, BatteryState
 from node.agent.strategy import Forecaster
 from node.agent.trader import Trader
 
@@ -56,6 +74,14 @@ STEP_S = 180.0
 """Simulator step (power constant within it); 5 steps per slot."""
 FEED_IN, RETAIL = 8, 32
 AGENTS = ("previous", "learning")
+PEAK_RETAIL = 48
+PEAK_TIME_OF_USE = (
+    (0, FEED_IN, RETAIL),
+    (17 * 60, FEED_IN, PEAK_RETAIL),
+    (21 * 60, FEED_IN, RETAIL),
+)
+"""The battery runs' tariffs: an evening peak (what a battery shifts energy into)."""
+PRICINGS = ("none", "plain", "aware")
 
 
 @dataclass
@@ -65,6 +91,11 @@ class Household:
     config: HouseholdConfig
     imports: list[int] = field(default_factory=list)
     exports: list[int] = field(default_factory=list)
+    battery: BatteryConfig | None = None
+    """The battery the simulator gives it (left out of ``imports``/``exports``: the battery
+    runs model it per slot)."""
+    first_slot: int = int(START.replace(tzinfo=dt.UTC).timestamp()) // SLOT_SECONDS
+    """The slot its first counters end."""
 
     @property
     def has_pv(self) -> bool:
@@ -76,15 +107,20 @@ class Household:
         return (self.exports[k + 1] - self.exports[k]) - (self.imports[k + 1] - self.imports[k])
 
 
-def simulate(households: int, days: int, seed: int) -> list[Household]:
-    """The households' counters at every slot boundary over ``days`` days."""
-    configs = [replace(c, battery_kwh=0.0) for c in make_households(households, seed)]
+def simulate(households: int, days: int, seed: int, start_day: int = 0) -> list[Household]:
+    """The households' counters at every slot boundary over ``days`` days from ``start_day``
+    days after :data:`START`."""
+    begin = START + dt.timedelta(days=start_day)
+    first = int(begin.replace(tzinfo=dt.UTC).timestamp()) // SLOT_SECONDS
+    made = make_households(households, seed)
+    configs = [replace(c, battery_kwh=0.0) for c in made]
     clouds = Clouds(seed)
     out = []
     steps = round(SLOT_SECONDS / STEP_S)
-    for c in configs:
-        sim = SimulatedHousehold(c, seed, START, LATITUDE, clouds)
-        home = Household(c, [int(sim.state.import_wh)], [int(sim.state.export_wh)])
+    for c, original in zip(configs, made, strict=True):
+        sim = SimulatedHousehold(c, seed, begin, LATITUDE, clouds)
+        home = Household(c, [int(sim.state.import_wh)], [int(sim.state.export_wh)],
+                         original.battery_config(), first)  # fmt: skip
         for _ in range(days * 86_400 // SLOT_SECONDS):
             for _ in range(steps):
                 sim.step(STEP_S)
@@ -101,16 +137,75 @@ class AgentResult:
     abs_errors: list[list[int]]
     money: list[int]
     """Minor units received (negative: paid) under the market, per household."""
+    refused: list[int] = field(default_factory=list)
+    """Offers the engine refused per household (``over_sell_limit``: its delivery record fell
+    between the order's signing and its slot)."""
 
 
-def run_grid(homes: list[Household], agent: str, seed: int) -> AgentResult:
-    """Every slot through the engine with every household's agent of kind ``agent``."""
+@dataclass
+class SimBattery:
+    """A battery behind one household's trading meter in a battery run, per slot (integers):
+    its planning agent, its stored energy, and the meter's counters with its flow."""
+
+    config: BatteryConfig
+    agent: BatteryAgent
+    soc_wh: int
+    imports: list[int]
+    exports: list[int]
+    moved: list[int] = field(default_factory=list)
+    """AC energy per slot (positive: charged)."""
+
+    @classmethod
+    def of(cls, home: Household, config: BatteryConfig) -> SimBattery:
+        """The battery of ``home`` at its initial charge, its counters at the first boundary."""
+        agent = BatteryAgent(slot_seconds=SLOT_SECONDS,
+                             efficiency_permille=config.efficiency_permille)  # fmt: skip
+        soc = config.capacity_wh * config.initial_soc_permille // 1000
+        return cls(config, agent, soc, [home.imports[0]], [home.exports[0]])
+
+    def status(self) -> BatteryStatus:
+        """What the node would read (the state of charge in permille, as SunSpec gives it)."""
+        c = self.config
+        return BatteryStatus("battery", str(c.serial), c.capacity_wh,
+                             self.soc_wh * 1000 // c.capacity_wh, c.soc_min_permille,
+                             c.soc_max_permille, c.max_charge_w, c.max_discharge_w, None,
+                             True, 0.0)  # fmt: skip
+
+    def run_slot(self, home: Household, k: int, setpoint_wh: int | None) -> None:
+        """Slot ``k`` with ``setpoint_wh`` (None: self-consumption): the battery moves, the
+        meter's counters take its flow."""
+        c = self.config
+        state = BatteryState(self.soc_wh, -(-c.capacity_wh * c.soc_min_permille // 1000),
+                             c.capacity_wh * c.soc_max_permille // 1000,
+                             c.max_charge_w * SLOT_SECONDS // 3600,
+                             c.max_discharge_w * SLOT_SECONDS // 3600,
+                             c.efficiency_permille)  # fmt: skip
+        imported = home.imports[k + 1] - home.imports[k]
+        exported = home.exports[k + 1] - home.exports[k]
+        b = state.feasible(exported - imported if setpoint_wh is None else setpoint_wh)
+        self.soc_wh = state.after(b)
+        if b > 0:  # charging: first from what it would export
+            taken = min(exported, b)
+            exported, imported = exported - taken, imported + b - taken
+        elif b < 0:  # discharging: first into its own load
+            given = min(imported, -b)
+            imported, exported = imported - given, exported - b - given
+        self.imports.append(self.imports[-1] + imported)
+        self.exports.append(self.exports[-1] + exported)
+        self.moved.append(b)
+
+
+def run_grid(homes: list[Household], agent: str, seed: int,
+             pricing: str | None = None) -> AgentResult:  # fmt: skip
+    """Every slot through the engine with every household's agent of kind ``agent``;
+    ``pricing`` (one of :data:`PRICINGS`): a battery run under the peak tariff."""
     operator = Signer.from_seed(b"forecast-bench-operator-" + bytes([seed % 256]) * 8)
     config = MarketConfig(grid="forecast-bench", operator=operator.did, feed_in_tariff=FEED_IN,
-                          retail_price=RETAIL, slot_seconds=SLOT_SECONDS)  # fmt: skip
+                          retail_price=RETAIL, slot_seconds=SLOT_SECONDS,
+                          time_of_use=() if pricing is None else PEAK_TIME_OF_USE)  # fmt: skip
     schedule = Schedule(SLOT_SECONDS, 300, 120)
     state = State.initial(config)
-    first = int(START.replace(tzinfo=dt.UTC).timestamp()) // SLOT_SECONDS
+    first = homes[0].first_slot
     traders = []
     for i in range(len(homes)):
         signer = Signer.from_seed(f"forecast-bench-{seed}-{i}".encode().ljust(32, b".")[:32])
@@ -126,24 +221,46 @@ def run_grid(homes: list[Household], agent: str, seed: int) -> AgentResult:
     slots = len(homes[0].imports) - 1
     errors: list[list[int]] = [[] for _ in homes]
     money = [0] * len(homes)
+    refused = [0] * len(homes)
     accounts = {household_account(t.did): i for i, t in enumerate(traders)}
     pending: dict[int, list[Any]] = {}
     issued: list[dict[int, int]] = [{} for _ in homes]
 
+    batteries: dict[int, SimBattery] = {}
+    if pricing in ("plain", "aware"):
+        batteries = {i: SimBattery.of(h, h.battery) for i, h in enumerate(homes) if h.battery}
+
     def sample(i: int, k: int) -> MeterSample:
+        meter = batteries.get(i) or homes[i]
         return MeterSample(meter="main", serial=traders[i].meter_serial, time=0.0,
-                           import_wh=homes[i].imports[k], export_wh=homes[i].exports[k],
+                           import_wh=meter.imports[k], export_wh=meter.exports[k],
                            power_w=0.0, voltage_v=230.0, frequency_hz=50.0)  # fmt: skip
 
     for i, trader in enumerate(traders):  # the boundary before the first slot
         trader.boundary[first - 1] = sample(i, 0)
+    for i, battery in batteries.items():  # no commitment yet: self-consumption
+        battery.run_slot(homes[i], 0, None)
     for k in range(slots):
         slot = first + k
         for order in pending.pop(slot, []):
-            state = _apply(state, order)
-        state = _apply(state, CloseGate(slot=slot))
+            state, events = engine_apply(state, order)
+            for ev in events:  # the delivery record fell since the order was signed
+                if isinstance(ev, Rejected) and ev.reason is RejectReason.OVER_SELL_LIMIT:
+                    refused[accounts[household_account(order.household)]] += 1
+                elif isinstance(ev, Rejected):
+                    raise RuntimeError(f"order rejected: {ev}")
+        state, events = engine_apply(state, CloseGate(slot=slot))
+        for ev in events:
+            if isinstance(ev, Rejected):
+                raise RuntimeError(f"gate closing rejected: {ev}")
+            if isinstance(ev, GateClosed):
+                for battery in batteries.values():
+                    c = ev.clearing
+                    battery.agent.observe_clearing(slot, c.price, c.volume_wh,
+                                                   config.tariffs_at(slot))  # fmt: skip
         for i, trader in enumerate(traders):
-            state = _apply(state, trader.slot_ended(slot, sample(i, k + 1)))
+            moved = batteries[i].moved[k] if i in batteries else 0
+            state = _apply(state, trader.slot_ended(slot, sample(i, k + 1), battery_wh=moved))
             forecast = issued[i].pop(slot, None)
             if forecast is not None:
                 errors[i].append(abs(homes[i].net(k) - forecast))
@@ -157,15 +274,27 @@ def run_grid(homes: list[Household], agent: str, seed: int) -> AgentResult:
                         if p.asset == MONEY and p.account in accounts:
                             money[accounts[p.account]] += p.amount
         target = slot + 2  # the open slot just after this slot's end
+        for i, battery in batteries.items():  # the node's battery step at this slot's end
+            if k + 1 < slots:
+                decision = battery.agent.decide(
+                    battery.status(), slot + 1, target if k + 2 < slots else None,
+                    traders[i].forecaster.predict, config.tariffs_at,
+                )  # fmt: skip
+                battery.run_slot(homes[i], k + 1, decision.setpoint_wh)
         if k + 2 < slots:
             for i, trader in enumerate(traders):
                 forecast = trader.forecaster.predict(target)
                 if forecast is not None:
                     issued[i][target] = forecast
-                order = trader.order_for(target, sell_limit_wh(state, trader.did))
+                part: Any = 0
+                if i in batteries:
+                    part = batteries[i].agent.order_energy(target)
+                    part = part if pricing == "aware" else part.battery_wh
+                order = trader.order_for(target, sell_limit_wh(state, trader.did),
+                                         config.tariffs_at(target), part)  # fmt: skip
                 if order is not None:
                     pending.setdefault(target, []).append(order)
-    return AgentResult(errors, money)
+    return AgentResult(errors, money, refused)
 
 
 def _apply(state: State, command: Any) -> State:
@@ -176,12 +305,16 @@ def _apply(state: State, command: Any) -> State:
     return state
 
 
-def grid_only_money(home: Household) -> int:
-    """What the household's net costs without the market, slot by slot (negative: paid)."""
+def grid_only_money(home: Household, time_of_use: tuple[tuple[int, int, int], ...] = ()) -> int:
+    """What the household's net (without a battery) costs without the market, slot by slot
+    (negative: paid), under the flat tariffs or ``time_of_use``."""
+    config = MarketConfig(grid="g", operator="o", feed_in_tariff=FEED_IN, retail_price=RETAIL,
+                          slot_seconds=SLOT_SECONDS, time_of_use=time_of_use)  # fmt: skip
+    first = home.first_slot
     total = 0
     for k in range(len(home.imports) - 1):
-        net = home.net(k)
-        total += money_for(net, FEED_IN) if net >= 0 else -money_for(-net, RETAIL)
+        net, band = home.net(k), config.tariffs_at(first + k)
+        total += money_for(net, band.feed_in) if net >= 0 else -money_for(-net, band.retail)
     return total
 
 
@@ -213,6 +346,59 @@ def run(days: int = 365, households: int = 6, seed: int = 1) -> BenchResult:
     results = {agent: run_grid(homes, agent, seed) for agent in AGENTS}
     return BenchResult(homes, results, [grid_only_money(h) for h in homes],
                        time.monotonic() - start)  # fmt: skip
+
+
+@dataclass
+class BatteryBenchResult:
+    """The battery runs: money per household for each of :data:`PRICINGS`, grid-only money
+    under the peak tariff."""
+
+    homes: list[Household]
+    money: dict[str, list[int]]
+    grid_only: list[int]
+    seconds: float
+    refused: dict[str, int] = field(default_factory=dict)
+    """Offers refused over the sell limit, per run."""
+
+    def saved(self, pricing: str, i: int) -> int:
+        """Household ``i``'s money against grid-only in the ``pricing`` run."""
+        return self.money[pricing][i] - self.grid_only[i]
+
+
+def run_batteries(days: int, households: int = 6, seed: int = 1,
+                  start_day: int = 0) -> BatteryBenchResult:  # fmt: skip
+    """Simulate (``days`` from ``start_day``) and run the three battery grids (learning
+    agents, peak tariff)."""
+    start = time.monotonic()
+    homes = simulate(households, days, seed, start_day)
+    results = {p: run_grid(homes, "learning", seed, p) for p in PRICINGS}
+    return BatteryBenchResult(homes, {p: r.money for p, r in results.items()},
+                              [grid_only_money(h, PEAK_TIME_OF_USE) for h in homes],
+                              time.monotonic() - start,
+                              {p: sum(r.refused) for p, r in results.items()})  # fmt: skip
+
+
+def report_batteries(r: BatteryBenchResult, out: Any = sys.stdout) -> None:
+    """Print the battery households' savings against grid-only (peak tariff)."""
+    slots = len(r.homes[0].imports) - 1
+    print(f"batteries (peak tariff: retail {RETAIL}, {PEAK_RETAIL} from 17:00 to 21:00; "
+          f"{slots} slots; savings against grid-only):", file=out)  # fmt: skip
+    print(f"{'home':>4} {'PV kWp':>6} {'kWh':>5} {'kW':>4} | {'grid-only':>9} "
+          + " ".join(f"{p:>9}" for p in PRICINGS), file=out)  # fmt: skip
+    rows = [i for i, h in enumerate(r.homes) if h.battery is not None]
+    for i in rows:
+        h, b = r.homes[i], r.homes[i].battery
+        assert b is not None
+        print(f"{i:>4} {h.config.pv_kwp:>6.1f} {b.capacity_wh / 1000:>5.1f} "
+              f"{b.max_charge_w / 1000:>4.1f} | {r.grid_only[i] / 100:>9.2f} "
+              + " ".join(f"{r.saved(p, i) / 100:>9.2f}" for p in PRICINGS), file=out)  # fmt: skip
+    others = [i for i in range(len(r.homes)) if i not in rows]
+    print("battery households: " + ", ".join(
+        f"{p} {sum(r.saved(p, i) for i in rows) / 100:.2f}" for p in PRICINGS)
+        + "; the others: " + ", ".join(
+        f"{p} {sum(r.saved(p, i) for i in others) / 100:.2f}" for p in PRICINGS)
+        + f"; offers refused over the sell limit: {r.refused} ({r.seconds:.1f} s)",
+        file=out)  # fmt: skip
 
 
 def _ratio(new: float, old: float) -> str:
@@ -252,10 +438,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=365)
     parser.add_argument("--households", type=int, default=6)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--battery-days", type=int, default=0,
+                        help="days of the battery runs (0: skip them)")  # fmt: skip
+    parser.add_argument("--battery-from", type=int, default=0,
+                        help="first day of the battery runs (days after 1 January)")  # fmt: skip
+    parser.add_argument("--skip-forecast", action="store_true",
+                        help="only the battery runs")  # fmt: skip
     args = parser.parse_args(argv)
     if not 1 <= args.days <= 3660 or not 1 <= args.households <= 64:
         parser.error("--days in 1..3660, --households in 1..64")
-    report(run(args.days, args.households, args.seed))
+    if not 0 <= args.battery_days <= 3660 or not 0 <= args.battery_from <= 3660:
+        parser.error("--battery-days and --battery-from in 0..3660")
+    if not args.skip_forecast:
+        report(run(args.days, args.households, args.seed))
+    if args.battery_days:
+        report_batteries(run_batteries(args.battery_days, args.households, args.seed,
+                                       args.battery_from))  # fmt: skip
     return 0
 
 

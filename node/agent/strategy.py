@@ -7,7 +7,8 @@ to the most recent slot when a slot-of-day has not been seen yet. The node's age
 forecasts with :class:`node.agent.forecast.LearningForecaster`. The strategy then offers only a
 safe share of a forecast surplus (a household must never promise more than it can deliver: a
 shortfall is bought back at the retail price) and bids for the forecast deficit, at limit prices
-inside the band.
+inside the band. With a battery, :func:`plan_battery_order` prices the battery's part apart
+(``node/agent/battery.py``, "Prices of the battery's part").
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fractions import Fraction
 
 from market import MarketConfig, Side
 from market.settlement import Tariffs
+from node.agent.battery import BatteryOrder, battery_bid_price, battery_offer_price
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,9 @@ class OrderPlan:
     side: Side
     quantity_wh: int
     price: int
+    steps: tuple[tuple[int, int], ...] = ()
+    """A curve (2 or more ``(quantity_wh, price)`` steps: a battery's part priced apart from
+    the household's own), or () for a plain order."""
 
 
 @dataclass
@@ -117,3 +122,72 @@ def plan_order(
     if qty < strategy.min_order_wh:
         return None
     return OrderPlan(slot, side, qty, price)
+
+
+def plan_battery_order(
+    slot: int,
+    forecast_net_wh: int | None,
+    battery: BatteryOrder,
+    strategy: Strategy,
+    config: MarketConfig,
+    max_offer_wh: int | None = None,
+    band: Tariffs | None = None,
+    mechanism: str | None = None,
+) -> OrderPlan | None:
+    """The order for ``slot`` of a household whose battery moves ``battery.battery_wh`` there
+    (None when the forecast is unknown or the order too small).
+
+    The household's own part (its forecast surplus or deficit) is priced as :func:`plan_order`
+    prices it, the battery's part apart: a discharge beyond the own deficit is offered in full
+    (the setpoint is forced, so it is not forecast: no safety share) at
+    :func:`~node.agent.battery.battery_offer_price`, a charge beyond the own surplus is bid for
+    at :func:`~node.agent.battery.battery_bid_price`, both for ``mechanism`` (default the
+    genesis rules') against the price the default agent offers PV surplus at. When the two
+    parts' prices differ the order is a curve (a sell curve's cheapest step first, a buy
+    curve's dearest), so the battery's energy clears on its own price. Without a battery part
+    (or without a price for it) this is :func:`plan_order` of the net."""
+    if forecast_net_wh is None:
+        return None
+    band = config.tariffs if band is None else band
+    mechanism = config.mechanism if mechanism is None else mechanism
+    b = battery.battery_wh
+    net = forecast_net_wh - b
+    sell_limit, buy_limit = strategy.limits(config, band)
+    competing, _ = Strategy().limits(config, band)
+    cap = min(strategy.max_order_wh, config.max_order_wh)
+    rows: list[tuple[int, int]]
+    if net > 0 and b < 0 and battery.offer_floor is not None:
+        stored = min(-b, net)
+        price = battery_offer_price(battery.offer_floor, battery.expected_sell or band.feed_in,
+                                    band, mechanism, competing)  # fmt: skip
+        if price is None:
+            return plan_order(slot, net, strategy, config, max_offer_wh, band)
+        own = int((net - stored) * strategy.safety)
+        rows = sorted([(price, stored), (sell_limit, own)])  # cheapest first
+        side = Side.SELL
+        if max_offer_wh is not None:
+            cap = min(cap, max_offer_wh)
+    elif net < 0 and b > 0 and battery.bid_cap is not None:
+        charge = min(b, -net)
+        price = battery_bid_price(battery.bid_cap, band, mechanism, competing)
+        if price is None:
+            return plan_order(slot, net, strategy, config, max_offer_wh, band)
+        rows = sorted([(price, charge), (buy_limit, -net - charge)], reverse=True)
+        side = Side.BUY
+    else:
+        return plan_order(slot, net, strategy, config, max_offer_wh, band)
+    steps: list[tuple[int, int]] = []
+    left = cap
+    for price, qty in rows:  # merged by price, cut to the caps from the last step
+        qty = min(qty, left)
+        if qty <= 0:
+            continue
+        left -= qty
+        if steps and steps[-1][1] == price:
+            steps[-1] = (steps[-1][0] + qty, price)
+        else:
+            steps.append((qty, price))
+    total = sum(q for q, _ in steps)
+    if total < strategy.min_order_wh:
+        return None
+    return OrderPlan(slot, side, total, steps[0][1], tuple(steps) if len(steps) > 1 else ())

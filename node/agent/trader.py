@@ -29,8 +29,9 @@ from market.schedule import Schedule
 from market.settlement import Tariffs
 from market.signing import Signer
 from meter.sample import MeterSample
+from node.agent.battery import BatteryOrder
 from node.agent.forecast import LearningForecaster
-from node.agent.strategy import Strategy, plan_order
+from node.agent.strategy import Strategy, plan_battery_order, plan_order
 
 NONCE_ORDER = 0
 NONCE_READING = 1
@@ -163,7 +164,7 @@ class Trader:
         slot: int,
         max_offer_wh: int | None = None,
         band: Tariffs | None = None,
-        battery_wh: int = 0,
+        battery_wh: int | BatteryOrder = 0,
     ) -> Order | None:
         """The agent's order for ``slot`` (once per slot), or None when nothing is worth
         trading or no forecast exists yet; an offer is cut to ``max_offer_wh`` (what the
@@ -171,24 +172,32 @@ class Trader:
         ``band`` (the slot's tariffs under the rules in force there; default the genesis
         rules' flat tariffs). ``battery_wh``: the battery planner's energy for the slot
         (positive: charging, bought on top of the forecast deficit or taken off the surplus;
-        negative: discharging, offered), ``node/agent/battery.py``."""
+        negative: discharging, offered), ``node/agent/battery.py``; a
+        :class:`~node.agent.battery.BatteryOrder` (``BatteryAgent.order_energy``) also carries
+        what the battery's part may be priced at, and the order prices it apart
+        (:func:`~node.agent.strategy.plan_battery_order`: a curve when the prices differ)."""
         if slot in self.ordered:
             return None
         forecast = self.forecaster.issue(slot)  # remembered: its error is measured later
-        plan = plan_order(
-            slot,
-            None if forecast is None else forecast - battery_wh,
-            self.strategy,
-            self.config,
-            max_offer_wh,
-            band,
-        )
+        if isinstance(battery_wh, BatteryOrder):
+            plan = plan_battery_order(slot, forecast, battery_wh, self.strategy, self.config,
+                                      max_offer_wh, band)  # fmt: skip
+        else:
+            plan = plan_order(
+                slot,
+                None if forecast is None else forecast - battery_wh,
+                self.strategy,
+                self.config,
+                max_offer_wh,
+                band,
+            )
         if plan is None:
             return None
         self.ordered.add(slot)
         for old in [s for s in self.ordered if s < slot - 8]:
             self.ordered.discard(old)
-        return self.sign_order(slot, plan.side, plan.quantity_wh, plan.price, NONCE_ORDER)
+        return self.sign_order(slot, plan.side, plan.quantity_wh, plan.price, NONCE_ORDER,
+                               plan.steps)  # fmt: skip
 
     @staticmethod
     def nonce(slot: int, kind: int) -> int:
@@ -231,9 +240,16 @@ class Trader:
         return order_id.startswith(f"{slot}-{self.did[-8:]}-")
 
     def sign_order(
-        self, slot: int, side: Side, quantity_wh: int, price: int, kind: int = NONCE_MANUAL
+        self,
+        slot: int,
+        side: Side,
+        quantity_wh: int,
+        price: int,
+        kind: int = NONCE_MANUAL,
+        steps: tuple[tuple[int, int], ...] = (),
     ) -> Order:
-        """A signed order of this household (the agent's, or one placed through the API)."""
+        """A signed order of this household (the agent's, or one placed through the API);
+        ``steps``: a curve (2-16 steps; ``quantity_wh`` their total, ``price`` the first's)."""
         return Order(
             grid=self.config.grid,
             nonce=self.nonce(slot, kind),
@@ -243,4 +259,5 @@ class Trader:
             slot=slot,
             quantity_wh=quantity_wh,
             price=price,
+            steps=steps,
         ).signed_by(self.signer)

@@ -4,9 +4,9 @@ h3 has no PV and a 10 kWh / 4 kW battery behind its trading meter, read and set 
 over Modbus (SunSpec 124/802, ``[[batteries]]``). The operator announces a peak tariff (retail
 60 instead of 30) a few slots ahead; h3's planner sees it in the rules of the coming slots, bids
 to charge from the neighbours' surplus before it and offers the stored energy during it, when
-neighbours pay more than the feed-in tariff (whether an offer trades is the auction's business:
-with many sellers at one price it may not). The simulator's battery never leaves its limits,
-and every ledger verifies (the settlement follows the trading meter only).
+neighbours pay more than the feed-in tariff, one unit below the PV offers (battery-aware prices,
+node/agent/battery.py), so the offers sell ahead of them. The simulator's battery never leaves
+its limits, and every ledger verifies (the settlement follows the trading meter only).
 """
 
 from __future__ import annotations
@@ -113,4 +113,9 @@ async def test_a_battery_charges_from_neighbours_and_sells_into_the_peak(
     assert before_peak >= start + 1500, (start, before_peak)  # charged from the grid: no PV
     assert len(peak_offers) >= 2, orders
     assert all(o.price > 8 for o in peak_offers)  # above the feed-in tariff
+    # priced under the PV offers (battery-aware), the peak offers sell
+    sold_at_peak = sum(tr.quantity_wh for tr in trades
+                       if tr.seller == h3.did and peak <= tr.slot < peak + PEAK_SLOTS)  # fmt: skip
+    assert sold_at_peak > 0, (peak_offers, [o for o in rows(url, t.orders)
+                                            if peak <= o.slot < peak + PEAK_SLOTS])  # fmt: skip
     assert after_peak <= before_peak - 1000, (before_peak, after_peak)

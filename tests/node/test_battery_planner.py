@@ -148,7 +148,7 @@ def test_the_agent_commits_what_it_ordered_and_sets_it_when_the_slot_comes() -> 
                          band=band)  # fmt: skip
     assert first.setpoint_wh is None  # nothing committed for slot 11: self-consumption
     assert first.battery_wh is not None and first.battery_wh > 0  # charge before the peak
-    assert agent.order_energy(12) == first.battery_wh
+    assert agent.order_energy(12).battery_wh == first.battery_wh
     second = agent.decide(status(250), 12, 13, lambda s: -300, band)
     assert second.setpoint_wh == first.battery_wh
     assert agent.setpoint_w(second.setpoint_wh) == second.setpoint_wh * 4
