@@ -78,6 +78,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -196,6 +197,9 @@ deliberate act or a broken peer; an exception we cannot attribute to the bytes w
 PING_IDLE_FACTOR = 3
 """A ping stream with no ping for this many liveness intervals is ended by its server."""
 MAX_PING_STREAMS = 3
+"""Ping streams served at once per peer; more are reset at once."""
+LOOP_LAG_TOLERANCE = 1.0
+"""A failed liveness ping whose deadline fired more than this late is not counted as a miss."""
 """Ping streams served at once per peer; more are reset at once."""
 """A ping stream with no ping for this many liveness intervals is ended by its server."""
 HOUSEKEEPING_MAX_SECONDS = 5.0
@@ -603,6 +607,8 @@ class NetNode:
         self._ping_streams: dict[ID, Any] = {}
         """Peer -> our long-lived ping stream to it (one per connected peer at most)."""
         self._ping_served: dict[ID, int] = {}
+        self._heard: dict[ID, float] = {}
+        """Peer -> when (trio time) it last pinged us or sent a pubsub RPC (connected peers)."""
         """Peer -> ping streams from it being answered (at most ``MAX_PING_STREAMS``)."""
         """Peer -> liveness pings missed in a row."""
         """Peer ids with a reconnect loop (static address or circuit)."""
@@ -1079,12 +1085,25 @@ class NetNode:
 
     async def _check_liveness(self) -> None:
         """Ping every connected peer at once; close the connections of a peer that missed
-        ``liveness_failures`` pings in a row (see :class:`NetSettings`)."""
+        ``liveness_failures`` pings in a row (see :class:`NetSettings`). A ping that failed
+        while the peer was heard from meanwhile (it pinged us, or sent gossip) is not a miss:
+        the connection carries bytes, the peer or this machine is only slow (a loaded machine
+        answering late must not tear down its connections, which costs everyone a new
+        handshake and makes the load worse)."""
         peers = self.connected_peers()
+        since = trio.current_time()
 
         async def check(peer: ID) -> None:
-            if await self._sample_rtt(peer, self.settings.liveness_timeout):
+            timeout = self.settings.liveness_timeout
+            if await self._sample_rtt(peer, timeout):
                 self._ping_failures.pop(peer, None)
+                return
+            heard = self._heard.get(peer, -math.inf) >= since - self.settings.liveness_interval
+            # the ping's deadline fired late: this node's own loop was starved meanwhile (a
+            # loaded machine), so the miss says nothing about the peer
+            starved = trio.current_time() - since > timeout + LOOP_LAG_TOLERANCE
+            if heard or starved:
+                self.metrics.stream_errors.labels("ping_late").inc()
                 return
             n = self._ping_failures[peer] = self._ping_failures.get(peer, 0) + 1
             if n >= self.settings.liveness_failures:
@@ -1100,6 +1119,8 @@ class NetNode:
             del self._ping_failures[peer]
         for peer in [p for p in self._ping_streams if p not in peers]:
             await self._drop_ping_stream(peer)
+        for peer in [p for p in self._heard if p not in peers]:
+            del self._heard[peer]
 
     def _peer_count(self) -> int:
         """Connected peers, for the gauge; called from the metrics server's thread, so it only
@@ -1156,6 +1177,7 @@ class NetNode:
             while True:
                 with trio.fail_after(idle):
                     payload = await read_exactly(stream, PING_LENGTH)
+                self._heard[peer] = trio.current_time()
                 await stream.write(payload)
         except (trio.TooSlowError, *CONNECTION_LOSS):
             with trio.move_on_after(1), contextlib.suppress(Exception):
@@ -1259,8 +1281,10 @@ class NetNode:
         delay = self.settings.reconnect_min
         # The peer with the larger id waits a little first, so two nodes starting together
         # rarely dial each other simultaneously (max one connection per peer).
+        # (1-3 s: fifty nodes starting at once on one machine took longer than 0.3-0.6 s to
+        # answer, and each simultaneous pair costs two handshakes)
         if info.peer_id.to_bytes() > self.peer_id.to_bytes():
-            await trio.sleep(random.uniform(0.3, 0.6))
+            await trio.sleep(random.uniform(1.0, 3.0))
         key = str(info.peer_id)
         while True:
             if network.get_connections(info.peer_id):
@@ -1660,6 +1684,7 @@ class NetNode:
                     raise PeerFault("gossip", "oversized", str(exc)) from None
                 except ParseError as exc:
                     raise PeerFault("gossip", "bad_varint", str(exc)) from None
+                self._heard[peer_id] = trio.current_time()
                 rpc = rpc_pb2.RPC()
                 try:
                     rpc.ParseFromString(incoming)

@@ -145,3 +145,28 @@ async def test_non_members_and_silent_askers_get_no_answer(tmp_path: Path) -> No
             await query_time(h.host, ID.from_base58(str(v.peer_id)), time.time, timeout=5)
         assert refused.value.reason in ("closed", "malformed")
         assert server.refused == {"not_member": 1}
+
+
+async def test_the_sampling_interval_stretches_with_many_members() -> None:
+    """With 40 connected members and 8 per interval, each is asked about every 5 intervals (the
+    cap), so the node makes about 8 requests per interval; with 4 members every interval."""
+    for members, expected in ((40, 5.0), (4, 1.0), (12, 1.5)):
+        peers = [(ID(bytes([0, 1, i])), f"did:test:{i}") for i in range(members)]
+        asked: list[str] = []
+        sampler = TimeSampler(lambda: object(), lambda peers=peers: peers, time.time,
+                              lambda *a: None, interval=10.0, jitter=0.0,
+                              check_every=0.5)  # fmt: skip
+
+        async def record(did: str, peer: ID, asked: list[str] = asked) -> bool:
+            asked.append(did)
+            return True
+
+        sampler.sample = record  # type: ignore[method-assign]
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sampler.run)
+            await trio.sleep(1.0)  # everyone asked once on connecting, none again yet
+            nursery.cancel_scope.cancel()
+        assert len(asked) == members
+        gaps = [due - start for due in sampler.due.values()]
+        assert all(abs(g - 10.0 * expected) <= 0.5 for g in gaps), (members, gaps)
