@@ -149,6 +149,7 @@ async def _measure(
     first = max(d["ledger"]["settled_through"] or 0 for d in docs.values()) + 1
     window_start = time.time()
     counters0 = {name: dict(d.get("counters", {})) for name, d in docs.items()}
+    docs0 = docs
     last = first + rounds - 1
     await demo.wait_until(
         lambda d: len(d) == n and all((doc["ledger"]["settled_through"] or 0) >= last
@@ -232,6 +233,24 @@ async def _measure(
         published += sum(c1.get(k, 0) - c0.get(k, 0) for k in c1 if k.startswith("published_"))
     # the window can outlast `rounds` slots (it ends when the last one settled everywhere)
     out["gossip_msgs_per_round"] = published / (wall / schedule.slot_seconds)
+    # the leader: its CPU per round and the Raft bytes it sent per round (issue 19: leader cost
+    # against N)
+    leaders = [name for name, d in docs.items() if d["raft"]["role"] == "leader"]
+    if (
+        leaders
+        and leaders[0] in pids
+        and docs0.get(leaders[0], {}).get("raft", {}).get("role") == "leader"
+    ):
+        name = leaders[0]
+        total = sampler.between(name, window_start, window_end)
+        out["leader_cpu_round_s"] = total[0] / rounds if total else math.nan
+        sent0 = (docs0.get(name, {}).get("raft_transport") or {}).get("bytes_sent")
+        sent1 = (docs[name].get("raft_transport") or {}).get("bytes_sent")
+        out["leader_kb_round"] = (
+            (sent1 - sent0) / 1000 / (wall / schedule.slot_seconds)
+            if isinstance(sent0, int) and isinstance(sent1, int)
+            else math.nan
+        )
     out.update(await measure_restart(demo, docs))
 
 
@@ -273,7 +292,8 @@ def report(results: list[dict[str, Any]]) -> None:
     print()
     print(f"{'N':>3} {'raft':>5} {'start s':>7} {'gate->all ms':>17} {'end->settled ms':>17} "
           f"{'deadline->settled':>18} {'CPU/round s':>11} {'bg %':>5} {'work s':>6} "
-          f"{'15-min %':>8} {'Pi %':>5} {'RSS MB':>11} {'msgs':>5} {'restart s':>15}")  # fmt: skip
+          f"{'15-min %':>8} {'Pi %':>5} {'RSS MB':>11} {'msgs':>5} {'restart s':>15} "
+          f"{'leader CPU s':>12} {'leader kB':>9}")  # fmt: skip
     for r in results:
         if "error" in r:
             print(f"{r['n']:>3} {r.get('raft', '')[:5]:>5} error: {r['error']}")
@@ -288,7 +308,9 @@ def report(results: list[dict[str, Any]]) -> None:
             f"{r['pi_core_share_15min_pct']:>5.1f} "
             f"{r['rss_median_mb']:>5.0f}/{r['rss_max_mb']:>4.0f} "
             f"{r['gossip_msgs_per_round']:>5.0f} "
-            f"{r['listen_s']:>4.1f}/{r['connected_s']:>4.1f}/{r['applied_s']:>4.1f}"
+            f"{r['listen_s']:>4.1f}/{r['connected_s']:>4.1f}/{r['applied_s']:>4.1f} "
+            f"{r.get('leader_cpu_round_s', math.nan):>12.3f} "
+            f"{r.get('leader_kb_round', math.nan):>9.1f}"
         )
     print()
     for r in results:
@@ -305,7 +327,9 @@ def report(results: list[dict[str, Any]]) -> None:
           "round's orders, readings, clearing and settlement; 15-min % = share of one core "
           "at 15-minute slots (work/900 s + bg); restart = one learner restarted after the "
           "rounds: API answering / connected to every member / log applied to the leader's "
-          "commit at the restart, seconds after the spawn (target: all within 3 s)")  # fmt: skip
+          "commit at the restart, seconds after the spawn (target: all within 3 s); leader "
+          "CPU s / kB = the Raft leader's CPU seconds and Raft bytes sent per round (nan: the "
+          "leader changed)")  # fmt: skip
 
 
 async def amain(args: argparse.Namespace) -> int:

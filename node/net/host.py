@@ -608,6 +608,8 @@ class NetNode:
         """Peer -> our long-lived ping stream to it (one per connected peer at most)."""
         self._ping_served: dict[ID, int] = {}
         self._heard: dict[ID, float] = {}
+        self._ping_late: dict[ID, float] = {}
+        """Peer -> how late the deadline of the last timed-out ping to it fired (seconds)."""
         """Peer -> when (trio time) it last pinged us or sent a pubsub RPC (connected peers)."""
         """Peer -> ping streams from it being answered (at most ``MAX_PING_STREAMS``)."""
         """Peer -> liveness pings missed in a row."""
@@ -1101,7 +1103,7 @@ class NetNode:
             heard = self._heard.get(peer, -math.inf) >= since - self.settings.liveness_interval
             # the ping's deadline fired late: this node's own loop was starved meanwhile (a
             # loaded machine), so the miss says nothing about the peer
-            starved = trio.current_time() - since > timeout + LOOP_LAG_TOLERANCE
+            starved = self._ping_late.pop(peer, 0.0) > LOOP_LAG_TOLERANCE
             if heard or starved:
                 self.metrics.stream_errors.labels("ping_late").inc()
                 return
@@ -1134,8 +1136,10 @@ class NetNode:
         """One libp2p ping (``timeout`` deadline in all), its RTT observed; False if it
         failed. It reuses the peer's ping stream; if that one fails (the peer restarted, or
         runs libp2p's own handler, which ends a stream idle for 10 s) it tries once more on a
-        new stream before reporting a miss."""
-        with trio.move_on_after(timeout):
+        new stream before reporting a miss. When the deadline ends it, how late the deadline
+        fired (this node's loop was busy) is kept for :meth:`_check_liveness`."""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_after(timeout) as scope:
             for _ in range(2):
                 reused = peer in self._ping_streams
                 try:
@@ -1152,6 +1156,8 @@ class NetNode:
                     log.debug("ping %s failed: %s", peer, exc)
                     if not reused:
                         break
+        if scope.cancelled_caught:
+            self._ping_late[peer] = trio.current_time() - deadline
         await self._drop_ping_stream(peer)
         self.metrics.stream_errors.labels("ping").inc()
         return False

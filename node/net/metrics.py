@@ -73,6 +73,9 @@ class NetMetrics:
         self.peers_banned = counter("microgrid_net_peers_banned", "Peer bans")
         self.dials = counter("microgrid_net_dials", "Dial attempts", "result")
         self.raft_sent = counter("microgrid_raft_frames_sent", "Raft frames sent")
+        self.raft_bytes_sent = counter(
+            "microgrid_raft_bytes_sent", "Bytes of Raft frames sent (length prefix included)"
+        )
         self.raft_received = counter("microgrid_raft_frames_received",
                                      "Raft frames received and accepted")  # fmt: skip
         self.raft_dropped = counter("microgrid_raft_frames_dropped", "Raft frames dropped",

@@ -100,6 +100,7 @@ class RaftTransport:
         self._peers: dict[str, _Peer] = {}
         self._nursery: trio.Nursery | None = None
         self.sent = 0
+        self.bytes_sent = 0
         self.received = 0
         self.dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
@@ -171,7 +172,9 @@ class RaftTransport:
                     with trio.fail_after(self.write_timeout):
                         await stream.write(data)
                     self.sent += 1
+                    self.bytes_sent += len(data)
                     self.metrics.raft_sent.inc()
+                    self.metrics.raft_bytes_sent.inc(len(data))
                 except Exception as exc:
                     self._stream_error("write", did, exc)
                     self._drop("write_failed")
