@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	MICROGRID_TEST_PG=$${MICROGRID_TEST_PG:-$$(bash .ci/postgres.sh 2>/dev/null || true)} \
-		$(BIN)/python -m pytest -q
+		$(BIN)/python -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
