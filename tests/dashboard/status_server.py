@@ -9,10 +9,12 @@ from typing import Any
 
 
 class StatusServer:
-    """Serves ``self.doc`` as JSON at ``/status`` until :meth:`stop`."""
+    """Serves ``self.doc`` as JSON at ``/status`` until :meth:`stop`; with ``raw``, those
+    bytes verbatim as ``application/json`` instead (odd bodies a node might send)."""
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self, doc: dict[str, Any], raw: bytes | None = None) -> None:
         self.doc = doc
+        self.raw = raw
         self.requests = 0
         owner = self
 
@@ -22,7 +24,7 @@ class StatusServer:
                 if self.path != "/status":
                     self.send_error(404)
                     return
-                body = json.dumps(owner.doc).encode()
+                body = owner.raw if owner.raw is not None else json.dumps(owner.doc).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

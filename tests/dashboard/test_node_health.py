@@ -14,9 +14,7 @@ import itertools
 import json
 import math
 import sqlite3
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -39,34 +37,9 @@ def did(name: str) -> str:
     return signer(name).did
 
 
-class RawServer:
-    """Serves fixed bytes as ``application/json`` at every path (odd bodies a node might send)."""
-
-    def __init__(self, body: bytes) -> None:
-        owner = self
-        self.body = body
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(owner.body)))
-                self.end_headers()
-                self.wfile.write(owner.body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(5)
+def raw_server(body: bytes) -> StatusServer:
+    """Serves fixed bytes as ``application/json`` at ``/status``."""
+    return StatusServer({}, raw=body)
 
 
 def forecast_section(slots: int) -> dict[str, Any]:
@@ -136,7 +109,7 @@ def grid(url: str) -> Iterator[dict[str, Any]]:
     )
     closed = StatusServer({})
     closed.stop()
-    deep = RawServer(b"[" * 200_000 + b"]" * 200_000)
+    deep = raw_server(b"[" * 200_000 + b"]" * 200_000)
     hostile = StatusServer(HOSTILE)
     servers = {"bob": bob, "alice-2": alice2, "closed": closed, "deep": deep, "hostile": hostile}
     ctx = Context.open(
@@ -344,7 +317,7 @@ def test_many_clock_peers_are_bounded() -> None:
     ],
 )
 def test_odd_status_bodies_never_raise(body: bytes) -> None:
-    server = RawServer(body)
+    server = raw_server(body)
     try:
         status = fetch_status(server.url, timeout=2)
     finally:
