@@ -562,6 +562,16 @@ class _Gate:
         return None
 
 
+
+async def _read_book(stream: Any) -> bytes:
+    """One address book frame (``/microgrid/addrs/1.0.0``); a bad frame is a :class:`PeerFault`."""
+    try:
+        return await read_varint_prefixed_bytes_limited(stream, ADDRS_MAX_BYTES)
+    except MessageTooLarge as exc:
+        raise PeerFault("addrs", "oversized", str(exc)) from None
+    except ParseError as exc:
+        raise PeerFault("addrs", "bad_varint", str(exc)) from None
+
 class NetNode:
     """One household's network presence. Run with ``await nursery.start(node.run)``."""
 
@@ -1514,12 +1524,7 @@ class NetNode:
                 stream = await self.host.new_stream(peer, [TProtocol(ADDRS_PROTOCOL)])
                 try:
                     await stream.write(encode_varint_prefixed(self._encode_book()))
-                    try:
-                        data = await read_varint_prefixed_bytes_limited(stream, ADDRS_MAX_BYTES)
-                    except MessageTooLarge as exc:
-                        raise PeerFault("addrs", "oversized", str(exc)) from None
-                    except ParseError as exc:
-                        raise PeerFault("addrs", "bad_varint", str(exc)) from None
+                    data = await _read_book(stream)
                     observed = self._observed_ip(peer, stream)
                 finally:
                     with trio.move_on_after(1.0), contextlib.suppress(Exception):
@@ -1566,12 +1571,7 @@ class NetNode:
             raise PeerFault("addrs", "rate_limited", "too many address exchanges")
         learned = False
         with trio.move_on_after(ADDRS_TIMEOUT) as scope:
-            try:
-                data = await read_varint_prefixed_bytes_limited(stream, ADDRS_MAX_BYTES)
-            except MessageTooLarge as exc:
-                raise PeerFault("addrs", "oversized", str(exc)) from None
-            except ParseError as exc:
-                raise PeerFault("addrs", "bad_varint", str(exc)) from None
+            data = await _read_book(stream)
             learned = self._learn_addrs(peer, data, self._observed_ip(peer, stream))
             await stream.write(encode_varint_prefixed(self._encode_book()))
             await stream.close()
