@@ -1754,8 +1754,6 @@ class NetNode:
             if not msgs.take(now):
                 over += 1
                 continue
-            if ps._is_msg_seen(msg):
-                continue  # a copy forwarded by another mesh peer: push_msg would drop it too
             ps.manager.run_task(ps.push_msg, peer_id, msg)
         if over:
             self._drop_gossip(key, "budget_msgs", over)

@@ -57,8 +57,11 @@ class HostileMember:
         self.net = NetNode(
             identity,
             genesis,
+            # the attacker's program dials whom it is told (no address exchange of its own):
+            # the tests place its hosts deliberately
             NetSettings(
-                listen=f"/ip4/127.0.0.1/tcp/{port}", peers=list(peers), reconnect_max=1.0
+                listen=f"/ip4/127.0.0.1/tcp/{port}", peers=list(peers), reconnect_max=1.0,
+                learn_addrs=False,
             ),
             slot_policy=lambda record: None,
         )
