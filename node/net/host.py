@@ -395,6 +395,22 @@ async def _no_auto_connect() -> None:
     """Replaces libp2p's AutoConnector cycle (our reconnect loop does the dialling)."""
 
 
+def guard_listen_addrs(host: Any) -> None:
+    """``host.get_addrs`` reads each TCP listener's ``getsockname``; while the host shuts down a
+    closed listener raises ``OSError`` (EBADF) there, and libp2p calls it from pubsub tasks (the
+    signed peer record attached to a GRAFT), so the error stopped pubsub and failed the node's
+    exit. The guard answers the last addresses read instead."""
+    original = host.get_addrs
+    last: list[Any] = []
+
+    def get_addrs() -> list[Any]:
+        with contextlib.suppress(OSError):
+            last[:] = original()
+        return list(last)
+
+    host.get_addrs = get_addrs
+
+
 def patch_yamux_window_updates() -> None:
     """Install :func:`_batched_window_update` on py-libp2p's YamuxStream (idempotent)."""
     YamuxStream._auto_tune_and_send_window_update = _batched_window_update  # type: ignore[method-assign]
@@ -861,6 +877,7 @@ class NetNode:
         self.host.get_network().register_notifee(_Gate(self))
         self._harden_pubsub()
         install_stream_guard(self.host, self._on_stream_fault)
+        guard_listen_addrs(self.host)
 
     def _flood_own_publications(self) -> None:
         """Send our own messages to every peer subscribed to the topic (go's floodPublish).

@@ -288,3 +288,24 @@ def test_pubsub_sessions_are_per_peer_id() -> None:
     assert "self._forget_all_subscriptions(peer_id)" in dead_peer, "_handle_dead_peer changed"
     assert "self.router.remove_peer(peer_id)" in dead_peer, "_handle_dead_peer changed"
     assert Pubsub._handle_dead_peer is net_host.LIBP2P_HANDLE_DEAD_PEER  # replaced per node only
+
+
+def test_listen_addresses_survive_a_closed_listener() -> None:
+    """``guard_listen_addrs``: once a listener's socket is closed (the host shutting down),
+    ``get_addrs`` answers the last addresses instead of raising EBADF into pubsub."""
+    from node.net.host import guard_listen_addrs
+
+    calls = {"n": 0}
+
+    class Host:
+        def get_addrs(self) -> list[str]:
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError(9, "Bad file descriptor")
+            return ["/ip4/127.0.0.1/tcp/4001"]
+
+    host = Host()
+    guard_listen_addrs(host)
+    assert host.get_addrs() == ["/ip4/127.0.0.1/tcp/4001"]
+    assert host.get_addrs() == ["/ip4/127.0.0.1/tcp/4001"]
+    assert calls["n"] == 2
