@@ -51,11 +51,22 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
+def _lean_imports(config_path: Path | None) -> None:
+    """Keep libp2p's unused parts out of this process (node/net/lean_imports.py), mDNS's only
+    when the config does not turn it on; before anything imports libp2p."""
+    from node.net import lean_imports
+    from node.setup.config import ConfigError, load_config
+
+    try:
+        mdns = load_config(config_path).mdns
+    except ConfigError:
+        mdns = False  # _load_files reports it
+    lean_imports.install(lean_imports.unused(mdns=mdns))
+
+
 def cmd_node_run(args: argparse.Namespace) -> int:
     """Load config, key and genesis, then run the node until a signal stops it."""
-    from node.net import lean_imports
-
-    lean_imports.install()  # before anything imports libp2p
+    _lean_imports(args.config)
     import trio
 
     from node.daemon.household_node import HouseholdNode, NodeError
@@ -255,9 +266,7 @@ def metering_line(metering: Any) -> str | None:
 
 def cmd_net_run(args: argparse.Namespace) -> int:
     """Run the libp2p host of this node (gossip and Raft transport) until Ctrl-C."""
-    from node.net import lean_imports
-
-    lean_imports.install()  # before anything imports libp2p
+    _lean_imports(args.config)
     import trio
 
     files = _load_files(args.config)

@@ -9,7 +9,10 @@ charset_normalizer), TLS (pyOpenSSL, service-identity), IPNS and bitswap records
 through httpx's command-line interface where they are installed, rich, pygments and click. A
 node uses none of them: TCP, Noise, yamux, gossipsub, identify, ping, circuit relay v2 and
 DCUtR (docs/libp2p.md). Loading them costs about 19 MB of RSS per node and 0.15-0.25 s of
-start-up (docs/performance.md).
+start-up (docs/performance.md). libp2p's own modules of those parts (QUIC, WebSocket, TLS,
+secio, mplex, the persistent peer store, mDNS, random walk, rendezvous, UPnP, Kademlia,
+bitswap, records: 150 modules) cost about 6 MB more and are blocked the same way. With
+``mdns = true`` in the config, mDNS's packages are loaded (:func:`unused`).
 
 :func:`install` puts a finder first on ``sys.meta_path`` that answers an import of any of
 :data:`UNUSED` (and its submodules) with a placeholder module: libp2p's module bodies import
@@ -55,8 +58,32 @@ UNUSED: tuple[str, ...] = (
     "rich",
     "pygments",
     "click",
+    # libp2p's own parts a node never runs (its package imports them all): about 6 MB
+    "libp2p.transport.quic",
+    "libp2p.transport.websocket",
+    "libp2p.security.tls",
+    "libp2p.security.secio",
+    "libp2p.security.pnet",
+    "libp2p.stream_muxer.mplex",
+    "libp2p.peer.persistent",
+    "libp2p.discovery.mdns",
+    "libp2p.discovery.random_walk",
+    "libp2p.discovery.rendezvous",
+    "libp2p.discovery.upnp",
+    "libp2p.kad_dht",
+    "libp2p.bitswap",
+    "libp2p.records",
 )
-"""Top-level packages a node never uses (see the module docstring for who imports each)."""
+"""Packages and libp2p subpackages a node never uses (see the module docstring for who imports
+each); a dotted name blocks that subpackage and everything under it."""
+
+MDNS_PACKAGES: tuple[str, ...] = ("zeroconf", "ifaddr", "libp2p.discovery.mdns")
+"""What libp2p's mDNS discovery needs: loaded when the config turns ``mdns`` on."""
+
+
+def unused(*, mdns: bool = False) -> tuple[str, ...]:
+    """:data:`UNUSED`, less what mDNS discovery needs when it is on."""
+    return tuple(b for b in UNUSED if not (mdns and b in MDNS_PACKAGES))
 
 DISABLE_ENV = "MICROGRID_FULL_IMPORTS"
 
@@ -109,7 +136,7 @@ class _UnusedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname.partition(".")[0] not in self.blocked:
+        if not any(fullname == b or fullname.startswith(b + ".") for b in self.blocked):
             return None
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
@@ -130,8 +157,7 @@ def install(blocked: Sequence[str] = UNUSED) -> _UnusedFinder | None:
         return None
     if any(isinstance(f, _UnusedFinder) for f in sys.meta_path):
         return None
-    loaded = {name.partition(".")[0] for name in sys.modules}
-    finder = _UnusedFinder(frozenset(b for b in blocked if b not in loaded))
+    finder = _UnusedFinder(frozenset(b for b in blocked if b not in sys.modules))
     sys.meta_path.insert(0, finder)
     return finder
 

@@ -39,7 +39,30 @@ def test_a_node_imports_libp2p_without_its_unused_packages() -> None:
     doc = _probe({lean_imports.DISABLE_ENV: ""})
     assert doc["installed"] and doc["libp2p"]
     assert doc["real"] == []
-    assert {"aioquic", "zeroconf", "httpx"} <= {str(n).split(".")[0] for n in doc["answered"]}
+    # (zeroconf, httpx: only libp2p's blocked modules ask for them now)
+    answered = {str(n) for n in doc["answered"]}
+    assert "aioquic" in {n.split(".")[0] for n in answered}
+    # libp2p's own unused subpackages too, not its used neighbours
+    assert {"libp2p.kad_dht", "libp2p.transport.quic", "libp2p.security.tls"} <= {
+        ".".join(n.split(".")[:3]) if not n.startswith("libp2p.kad_dht") else "libp2p.kad_dht"
+        for n in answered
+    }
+    used = ("libp2p.transport.tcp", "libp2p.security.noise")
+    assert not any(n.startswith(used) for n in answered)
+
+
+def test_a_dotted_name_blocks_that_subpackage_only() -> None:
+    """``libp2p.kad_dht`` blocks it and its submodules, not a sibling sharing its prefix; the
+    mDNS packages stay loadable when the config turns mDNS on."""
+    finder = lean_imports._UnusedFinder(frozenset({"mg_pkg.sub"}))
+    assert finder.find_spec("mg_pkg.sub", None) is not None
+    assert finder.find_spec("mg_pkg.sub.deep", None) is not None
+    assert finder.find_spec("mg_pkg.subway", None) is None
+    assert finder.find_spec("mg_pkg", None) is None
+    assert "zeroconf" in lean_imports.unused() and "libp2p.discovery.mdns" in lean_imports.unused()
+    with_mdns = lean_imports.unused(mdns=True)
+    assert not set(lean_imports.MDNS_PACKAGES) & set(with_mdns)
+    assert "aioquic" in with_mdns
 
 
 def test_the_switch_turns_it_off() -> None:
