@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,39 @@ def test_a_placeholder_fails_loudly_when_used() -> None:
     with pytest.raises(lean_imports.UnusedDependencyError, match=r"Protocol\.make"):
         module.Protocol.make()
     assert finder.find_spec("json", None) is None
+
+
+MDNS_PROBE = """
+import sys
+from pathlib import Path
+from node.net import lean_imports
+lean_imports.install(lean_imports.unused(mdns={mdns}))
+from node.net.host import NetNode, NetSettings
+from node.setup.genesis import load_genesis
+from node.setup.keyfile import NodeIdentity
+node = NetNode(NodeIdentity.from_seed(b"m" * 32), load_genesis(sys.argv[1]),
+               NetSettings(mdns=True), slot_policy=lambda r: None)
+try:
+    node._build()
+    print("built", type(node.host.mDNS).__name__)
+except lean_imports.UnusedDependencyError as exc:
+    print("refused", exc.name)
+"""
+
+
+@pytest.mark.parametrize("mdns", [False, True])
+def test_mdns_in_the_config_loads_what_mdns_needs(mdns: bool, tmp_path: Path) -> None:
+    """A node whose config turns mDNS on builds its host with mDNS discovery; blocked, the
+    first use fails loudly (what ``microgrid node run`` avoids by reading the config first)."""
+    from node.testing.harness import make_grid
+
+    _, _, genesis = make_grid(tmp_path, 1)
+    out = subprocess.run(
+        [sys.executable, "-c", MDNS_PROBE.format(mdns=mdns), str(genesis)], capture_output=True,
+        text=True, timeout=120, env={**os.environ, lean_imports.DISABLE_ENV: ""}, check=True,
+    )  # fmt: skip
+    last = out.stdout.strip().splitlines()[-1]
+    if mdns:
+        assert last == "built MDNSDiscovery"
+    else:
+        assert last.startswith("refused libp2p.discovery.mdns")
