@@ -221,7 +221,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"node      {doc['node']} ({doc.get('membership', '?')}) in grid {doc['grid']}")
     print(f"raft      {raft['role']} term {raft['term']}, leader {raft['leader'] or '-'}, "
           f"commit {raft['commit_index']}, applied {raft['applied_index']}")  # fmt: skip
-    print(f"peers     {up}/{len(doc['peers'])} connected")
+    indirect = sum(1 for p in doc["peers"] if p.get("indirect") and not p["up"])
+    print(f"peers     {up}/{len(doc['peers'])} connected"
+          + (f", {indirect} reached through them (a large grid)" if indirect else ""))  # fmt: skip
     print(f"ledger    height {ledger['height']}, head {ledger['head_hash'][:16]}…, "
           f"closed through {ledger['closed_through']}, settled through "
           f"{ledger['settled_through']}")  # fmt: skip

@@ -64,6 +64,7 @@ from market.models import (
     FeederReading,
     GovernanceRecord,
     MemberRegistration,
+    MemberRole,
     SignedRecord,
     decode_command,
     record_hash,
@@ -84,6 +85,7 @@ from node.daemon.clock import ClockWatch, offset_clock
 from node.daemon.consensus import ConsensusDriver
 from node.daemon.events_stream import StrategyApi, with_steps_lists
 from node.daemon.http_api import Api, ApiError, Reply, Request
+from node.daemon.membership import desired_roles
 from node.daemon.prometheus import NodeCollector
 from node.daemon.proposer import Proposer
 from node.daemon.replica import Replica
@@ -294,6 +296,8 @@ class HouseholdNode:
         self._reserved_nonces: dict[int, float] = {}
         """Operator nonces ``GET /governance`` handed out, and until when they stay reserved."""
         self._connected: tuple[str, ...] | None = None
+        self._core: list[str] | None = None
+        """The voters last handed to the network's ``set_core_members``."""
         """The DIDs last handed to the network's ``update_members``."""
         self._admission_logged: str | None = None
         voters = genesis.voters
@@ -545,10 +549,16 @@ class HouseholdNode:
         if update is None or shadow is None:
             return
         dids = tuple(connected_members(shadow))
-        if dids == self._connected:
-            return
-        self._connected = dids
-        update(list(dids))
+        if dids != self._connected:
+            self._connected = dids
+            update(list(dids))
+        set_core = getattr(self.net, "set_core_members", None)
+        if set_core is not None:  # the voters: every member keeps a connection to them
+            roles = desired_roles(shadow.state)
+            core = [d for d, role in roles.items() if role == MemberRole.VOTER]
+            if core != self._core:
+                self._core = core
+                set_core(core)
 
     def _on_applied(self, index: int, events: list[Event]) -> None:
         """Count, log and time each rejection, clearing and settlement of one applied entry
@@ -964,9 +974,13 @@ class HouseholdNode:
         connected = {str(p) for p in self.net.connected_peers()}
         peers = {did: pid in connected for pid, did in self.net.member_peers.items()
                  if did != self.identity.did}  # fmt: skip
+        wants = getattr(self.net, "wants", None)
+        indirect = {did for pid, did in self.net.member_peers.items()
+                    if wants is not None and not wants(pid)}  # fmt: skip
         doc = status_document(
             self.driver,
             peers_up=peers,
+            peers_indirect=indirect,
             invalid_messages=dict(self.net.validator.rejected),
             meter_read_failures=self.counters["meter_read_failures"],
             last_reading=self.last_reading,

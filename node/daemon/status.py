@@ -17,7 +17,7 @@ which can be large), so they never touch the live engine the apply worker mutate
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,6 +292,7 @@ def status_document(
     driver: ConsensusDriver,
     *,
     peers_up: Mapping[str, bool] | None = None,
+    peers_indirect: Collection[str] = (),
     invalid_messages: Mapping[str, int] | None = None,
     meter_read_failures: int = 0,
     last_reading: MeterReading | None = None,
@@ -309,6 +310,9 @@ def status_document(
     st, stats = view.raft, view.stats
     peers = dict(peers_up or {})
     up = sum(1 for ok in peers.values() if ok)
+    # a large grid's member this node does not dial (NetSettings.full_mesh_members) is reached
+    # through the others: not connected, yet not down
+    indirect = {did for did, ok in peers.items() if not ok and did in peers_indirect}
     return {
         "node": st.id,
         "grid": driver.replica.config.grid,
@@ -323,9 +327,16 @@ def status_document(
             "voters": list(st.voters),
             "learners": list(st.learners),
         },
-        "peers": [{"id": did, "up": ok} for did, ok in sorted(peers.items())],
+        "peers": [
+            {"id": did, "up": ok, **({"indirect": True} if did in indirect else {})}
+            for did, ok in sorted(peers.items())
+        ],
         # This node counts itself as up.
-        "members": {"up": up + 1, "down": len(peers) - up},
+        "members": {
+            "up": up + 1,
+            "down": len(peers) - up - len(indirect),
+            "indirect": len(indirect),
+        },
         "last_reading": (
             None
             if last_reading is None

@@ -207,6 +207,9 @@ HOUSEKEEPING_MAX_SECONDS = 5.0
 RECONNECT_CHECK_SECONDS = 2.0
 """While connected, the reconnect loop waits for the swarm's disconnect notice, re-checking the
 connection at least this often (it polled every 0.25 s before: issue 19)."""
+UNWANTED_CHECK_SECONDS = 30.0
+"""A reconnect loop of a member this node does not dial (a large grid) looks again this often,
+besides whenever the member list or the core changes."""
 DEFAULT_FAULT_WEIGHT = 10.0
 CONTROL_DEADLINE = 10.0
 """Longest gossipsub may take over one RPC's control messages (it awaits queue sends)."""
@@ -505,6 +508,16 @@ class NetSettings:
     allow_loopback_addrs: bool | None = None
     """Accept loopback addresses from peers (None: only when our own listen address is
     loopback, as on a test grid on one machine)."""
+    full_mesh_members: int = 24
+    """Up to this many members every member dials every other (a full mesh). Past it a learner
+    dials only the core (the Raft voters, :meth:`NetNode.set_core_members`) and ``neighbours``
+    other members picked by rendezvous hashing, while a voter still dials every member: the
+    leader replicates to every member and a voter links every learner's gossip to the rest, so
+    the graph stays connected with a diameter of two. Connections a member opens to us are
+    always accepted. A full mesh of 50 members is 1,225 connections, each with its keep-alive,
+    liveness pings and gossip control traffic; bounded, about 5 x 45 + 45 x 6."""
+    neighbours: int = 6
+    """Members besides the core that a learner of a large grid dials (see above)."""
     subscribe: bool = True
     """Subscribe to the grid's gossip topics (the operator node does not: it is not a member,
     so members would refuse what it forwarded; it follows the ledger through Raft)."""
@@ -679,8 +692,13 @@ class NetNode:
         """Further stream protocols ``(protocol id, async handler(stream))`` (block sync)."""
         self._actions_send, self._actions_recv = trio.open_memory_channel[tuple[str, ID]](1024)
         self._members_changed = trio.Event()
-        """Set (and replaced) whenever :meth:`update_members` changes the list: the reconnect
-        loops of non-member addresses wait on it."""
+        """Set (and replaced) whenever :meth:`update_members` or :meth:`set_core_members`
+        changes the list or the core: the reconnect loops of non-member or unwanted peers wait
+        on it."""
+        self._core: frozenset[str] | None = None
+        """Peer ids of the core (the Raft voters); None until the daemon names it."""
+        self._wanted: frozenset[str] | None = None
+        """The members this node dials (None: all of them): see ``full_mesh_members``."""
         self._disconnect_waiters: dict[ID, trio.Event] = {}
         """Peer -> event set when a connection of it closes (the reconnect loop waits on it)."""
         self._own_ids: set[bytes] = set()
@@ -783,6 +801,7 @@ class NetNode:
         removed = [p for p in self.member_peers if p not in new]
         added = [p for p in new if p not in self.member_peers]
         self.member_peers = new
+        self._wanted = self._choose_wanted()
         self.validator.set_members(new)
         self.metrics.set_members(new)
         self.metrics.members.set(len(new))
@@ -812,6 +831,51 @@ class NetNode:
             self._addr_push.set()  # learn the newcomers' addresses from those who know them
         self._members_changed.set()
         self._members_changed = trio.Event()
+
+    def set_core_members(self, dids: Iterable[str]) -> None:
+        """Name the core members (the Raft voters, by DID): in a grid of more than
+        ``full_mesh_members`` a learner dials only them and ``neighbours`` others (see
+        :class:`NetSettings`); a voter dials everyone. Malformed DIDs are logged and left out."""
+        keys: set[str] = set()
+        for did in dids:
+            try:
+                keys.add(str(peer_id_from_did(did)))
+            except Exception as exc:  # IdentityError, or a DID that is not even text
+                log.warning("ignoring malformed core DID %r: %s", did, exc)
+        core = frozenset(keys)
+        if core == self._core:
+            return
+        self._core = core
+        wanted = self._choose_wanted()
+        if wanted == self._wanted:
+            return
+        self._wanted = wanted
+        for key in self.member_peers:
+            self._ensure_dial_loop(key)
+        self._members_changed.set()  # waiting reconnect loops look again
+        self._members_changed = trio.Event()
+
+    def wants(self, key: str) -> bool:
+        """This node keeps a connection to peer ``key`` (it dials it): every member in a full
+        mesh; else the core, this node's ``neighbours``, and the infrastructure peers."""
+        return self._wanted is None or key in self._wanted or key in self.infra_peers
+
+    def _linked(self) -> bool:
+        """A member this node wants (:meth:`wants`) is connected."""
+        return any(str(p) in self.member_peers and self.wants(str(p))
+                   for p in self.connected_peers())  # fmt: skip
+
+    def _choose_wanted(self) -> frozenset[str] | None:
+        """The members to dial (None: every one); see :class:`NetSettings` ``full_mesh_members``.
+        Rendezvous hashing of the pair (the same score from both ends) spreads the choices
+        evenly and moves few of them when a member joins or leaves."""
+        me = str(self.peer_id)
+        core = self._core
+        if core is None or me in core or len(self.member_peers) <= self.settings.full_mesh_members:
+            return None
+        others = [k for k in self.member_peers if k != me and k not in core]
+        others.sort(key=lambda k: hashlib.sha256("|".join(sorted((me, k))).encode()).digest())
+        return frozenset({*core, *others[: max(0, self.settings.neighbours)]} - {me})
 
     def connected_peers(self) -> list[ID]:
         """Peers with an open connection."""
@@ -1334,6 +1398,16 @@ class NetNode:
                 with trio.move_on_after(RECONNECT_CHECK_SECONDS):
                     await self._members_changed.wait()
                 continue
+            if not self.wants(key):
+                # a large grid: another member links us to this one (set_core_members). Unless
+                # no member we want is connected yet: after the loops of those had their turn,
+                # this one may be our way in (a bootstrap peer we would not pick).
+                if not self._linked():
+                    await trio.sleep(random.uniform(5.0, 10.0))
+                if self._linked() or self._stop.is_set():
+                    with trio.move_on_after(UNWANTED_CHECK_SECONDS):
+                        await self._members_changed.wait()
+                    continue
             if self._stop.is_set():
                 return  # stopping: dial no more (see _serve)
             target = addr or ""

@@ -1,0 +1,131 @@
+"""A large grid is not a full mesh (``NetSettings.full_mesh_members``, issue 19).
+
+Past ``full_mesh_members`` members a learner dials only the core (the Raft voters, named by the
+daemon through ``NetNode.set_core_members``) and ``neighbours`` other members picked by
+rendezvous hashing; a voter still dials every member. The pure choice is checked on nodes that
+are not started; the real-host test runs NetNodes (py-libp2p) in process on 127.0.0.1 with a
+small threshold, so eight nodes already form a bounded graph.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from node.net.host import NetNode, NetSettings, TopicKind
+from node.setup.genesis import load_genesis
+from node.setup.keyfile import NodeIdentity
+from node.testing.harness import NodeSpec, make_grid
+from tests.net.test_membership_gate import Grid, connected, order, running, until
+
+
+def idle_nodes(tmp_path: Path, members: int, **kw: object) -> list[NetNode]:
+    """``members`` NetNodes of one genesis, not started (their choice of peers is pure)."""
+    specs, _, path = make_grid(tmp_path, members)
+    genesis = load_genesis(path)
+    return [NetNode(NodeIdentity.from_seed(s.seed), genesis, NetSettings(listen=s.listen, **kw),
+                    slot_policy=lambda r: None) for s in specs]  # fmt: skip
+
+
+def key(node: NetNode) -> str:
+    return str(node.peer_id)
+
+
+def test_a_small_grid_is_a_full_mesh_and_a_large_one_is_bounded(tmp_path: Path) -> None:
+    """Up to the threshold every member is dialled; past it a learner dials the core and its
+    ``neighbours``, a voter everyone; the pair's score is the same from both ends, the
+    choices spread (nobody is everybody's neighbour), and a new member moves few of them."""
+    everyone = idle_nodes(tmp_path, 31, full_mesh_members=30, neighbours=4)
+    nodes, newcomer = everyone[:30], everyone[30]
+    dids = [n.identity.did for n in nodes]
+    core = dids[:3]
+    for n in nodes:
+        n.update_members(dids)
+        n.set_core_members(core)
+    assert all(n.wants(key(m)) for n in nodes for m in nodes)  # 30 members: a full mesh
+
+    small = NetSettings(full_mesh_members=20, neighbours=4)
+    for n in nodes:
+        n.settings = small
+        n._wanted = n._choose_wanted()
+    voters, learners = nodes[:3], nodes[3:]
+    assert all(v.wants(key(m)) for v in voters for m in nodes)
+    chosen: Counter[str] = Counter()
+    for n in learners:
+        wanted = {key(m) for m in nodes if m is not n and n.wants(key(m))}
+        assert {key(v) for v in voters} <= wanted
+        others = wanted - {key(v) for v in voters}
+        assert len(others) == 4 and key(n) not in wanted
+        chosen.update(others)
+    # each learner dials 4 others: 27 x 4 choices over 27 learners; none is picked by most
+    assert sum(chosen.values()) == 27 * 4 and max(chosen.values()) <= 12
+    assert len(chosen) >= 20
+
+    before = {key(n): {key(m) for m in nodes if n.wants(key(m))} for n in learners}
+    for n in nodes:
+        n.update_members([*dids, newcomer.identity.did])
+    moved = sum(len(before[key(n)] - {key(m) for m in nodes if n.wants(key(m))})
+                for n in learners)  # fmt: skip
+    assert moved <= 6  # the newcomer takes the place of a few choices, not a reshuffle
+
+    for n in learners[:2]:  # a core change: the new voter is wanted by every learner
+        n.set_core_members([*core, learners[-1].identity.did])
+        assert n.wants(key(learners[-1]))
+    n = learners[0]
+    n.set_core_members([n.identity.did, *core])  # promoted: it dials everyone
+    assert all(n.wants(key(m)) for m in nodes)
+
+
+async def test_a_bounded_grid_connects_learners_to_the_core_and_gossips_everywhere(
+    tmp_path: Path,
+) -> None:
+    """Nine members, two voters, a threshold of four and two neighbours: eight of them dial
+    every other statically (as the demo's genesis bootstrap does), yet a learner keeps
+    connections only to the voters, the neighbours it picked and those that picked it; a
+    learner's gossip reaches every member. The ninth, started later, knows the address of one
+    learner it would not pick: that is its way in, and it then connects to the voters (their
+    addresses come from the exchange)."""
+    specs, _, path = make_grid(tmp_path, 9)
+    grid = Grid(load_genesis(path))
+    settings = {"full_mesh_members": 4, "neighbours": 2, "reconnect_max": 1.0,
+                "learn_addrs": True}  # fmt: skip
+    members, late = specs[:8], specs[8]
+    nodes = [grid.node(s, [p for p in members if p is not s], **settings) for s in members]
+    core = [s.did for s in members[:2]]
+    for n in nodes:
+        n.set_core_members(core)
+    voters, learners = nodes[:2], nodes[2:]
+    async with running(grid.nodes):
+        await until(lambda: all(connected(v, m) for v in voters for m in nodes if m is not v), 30)
+        await trio.sleep(11.0)  # past the 5-10 s after which an unwanted loop may dial
+
+        def expected(a: NetNode, b: NetNode) -> bool:
+            return a.wants(key(b)) or b.wants(key(a))
+
+        for a in learners:
+            for b in nodes:
+                if b is not a:
+                    assert connected(a, b) == expected(a, b), (a.identity.did, b.identity.did)
+        assert any(not connected(a, b) for a in learners for b in learners if a is not b)
+
+        origin = learners[-1]
+        await origin.publish(TopicKind.ORDERS, [order(origin.identity, grid.genesis, 1)])
+        await until(lambda: all(1 in grid.got(n, origin) for n in nodes if n is not origin), 15)
+
+        probe = idle_node(grid, late, **settings)
+        probe.set_core_members(core)
+        way_in = next(i for i, n in enumerate(nodes) if n in learners and not probe.wants(key(n)))
+        newcomer = grid.node(late, [members[way_in]], **settings)
+        newcomer.set_core_members(core)
+        async with running([newcomer]):
+            await until(lambda: all(connected(newcomer, v) for v in voters), 30)
+
+
+def idle_node(grid: Grid, spec: NodeSpec, **settings: Any) -> NetNode:
+    """A NetNode of ``spec`` that is not started (to ask what it would pick)."""
+    settings = NetSettings(listen=spec.listen, **settings)
+    return NetNode(NodeIdentity.from_seed(spec.seed), grid.genesis, settings,
+                   slot_policy=lambda r: None)  # fmt: skip
