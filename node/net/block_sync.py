@@ -156,8 +156,8 @@ def store_exporter(store: Any) -> Callable[[int, int], bytes]:
 async def fetch_blocks(host: Any, peer: ID, first: int, last: int, timeout: float = 20.0) -> bytes:
     """Ask ``peer`` for blocks ``first..last``; the chunk it sent (maybe fewer blocks), unchecked.
 
-    Raises :class:`FetchError` (``no_stream``, ``timeout``, ``refused``, ``not_available``,
-    ``malformed``) instead of the libp2p error.
+    Raises :class:`FetchError` (``no_stream``, ``closed``, ``timeout``, ``refused``,
+    ``not_available``, ``malformed``) instead of the libp2p error.
     """
     stream = None
     try:
@@ -166,7 +166,10 @@ async def fetch_blocks(host: Any, peer: ID, first: int, last: int, timeout: floa
                 stream = await host.new_stream(peer, [BLOCKS_PROTOCOL_ID])
             except Exception as exc:
                 raise FetchError("no_stream", str(exc)) from None
-            await stream.write(frame(encode_request(first, last)))
+            try:
+                await stream.write(frame(encode_request(first, last)))
+            except Exception as exc:  # reset by the peer, or its connection closed meanwhile
+                raise FetchError("closed", f"sending the request: {exc}") from None
             try:
                 data = await read_varint_prefixed_bytes_limited(stream, MAX_RESPONSE_BYTES)
             except Exception as exc:

@@ -76,3 +76,43 @@ async def test_a_member_fetches_blocks_and_gets_typed_refusals(tmp_path: Path) -
                 node.stop()
     assert asked == [(3, 9), (101, 120)]
     assert server.served == 1 and server.refused == {"not_available": 1}
+
+
+async def test_a_peer_resetting_the_stream_gives_a_typed_error(tmp_path: Path) -> None:
+    """A peer that resets each block stream at once (or whose connection closes meanwhile):
+    the requester sees a FetchError whether the reset reaches it while it sends the request
+    (``closed``), while it waits for the answer (``malformed``) or, with the lazy protocol
+    negotiation, already on opening it (``no_stream``), never a libp2p exception
+    (the block filler catches only FetchError; anything else would stop the node)."""
+    specs, _, path = make_grid(tmp_path, 2)
+    genesis = load_genesis(path)
+    resets = 0
+
+    async def reset(stream: object) -> None:
+        nonlocal resets
+        resets += 1
+        await stream.reset()  # type: ignore[attr-defined]
+
+    a, b = specs
+    nodes = [
+        NetNode(NodeIdentity.from_seed(s.seed), genesis,
+                NetSettings(listen=s.listen, peers=[other.addr] if i == 0 else []),
+                stream_handlers=[(BLOCKS_PROTOCOL, reset)] if i == 1 else [])
+        for i, (s, other) in enumerate(((a, b), (b, a)))
+    ]  # fmt: skip
+    reasons = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.run)
+            while not nodes[0].connected_peers():
+                await trio.sleep(0.05)
+            host, peer = nodes[0].host, ID.from_base58(b.peer_id)
+            for _ in range(5):
+                with pytest.raises(FetchError) as exc:
+                    await fetch_blocks(host, peer, 1, 2, timeout=5)
+                reasons.append(exc.value.reason)
+            for node in nodes:
+                node.stop()
+    assert resets == 5 and set(reasons) <= {"no_stream", "closed", "malformed"}
+    assert "closed" in reasons or "malformed" in reasons
