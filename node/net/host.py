@@ -117,6 +117,8 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 
 from market.did import IdentityError
 from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
+from node.net.faults import NO_FAULTS, FaultRules, FaultsFile, faults_file_from_env
+from node.net.faults import POLL_SECONDS as FAULTS_POLL_SECONDS
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
 from node.net.relay import (
@@ -144,6 +146,8 @@ from node.setup.genesis import Genesis
 from node.setup.keyfile import NodeIdentity, did_from_peer_id, peer_id_from_did
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from node.setup.config import NodeConfig
 
 log = logging.getLogger("microgrid.net")
@@ -521,6 +525,10 @@ class NetSettings:
     subscribe: bool = True
     """Subscribe to the grid's gossip topics (the operator node does not: it is not a member,
     so members would refuse what it forwarded; it follows the ledger through Raft)."""
+    faults_file: Path | None = None
+    """TESTS AND DRILLS ONLY: a JSON file of fault rules (partitions, one-way message loss)
+    this node follows while it runs (node/net/faults.py; ``MICROGRID_FAULTS_FILE``). None: no
+    fault injection at all."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -536,6 +544,9 @@ class NetSettings:
             metrics_port=config.metrics_port or None,
             metrics_host=config.metrics_host,
             relays=[a for a in relay_addresses(genesis) if own not in a],
+            hole_punch=config.hole_punch,
+            liveness_interval=config.liveness_seconds,
+            faults_file=faults_file_from_env(),  # test-only (node/net/faults.py)
         )
 
 
@@ -675,6 +686,12 @@ class NetNode:
         """(peer, protocol, reason) -> inbound streams reset for a protocol fault."""
         self.dropped: Counter[tuple[str, str]] = Counter()
         """(forwarding peer, reason) -> inbound gossip dropped by the per-peer budgets."""
+        self.fault_rules: FaultRules = NO_FAULTS
+        """Test-only injected faults (``settings.faults_file``; node/net/faults.py)."""
+        self.fault_drops: Counter[str] = Counter()
+        """What the injected faults dropped: ``gossip_in``, ``gossip_out``, ``raft_in``,
+        ``raft_out``, ``stream_in`` (a request stream reset), ``connection`` (refused/closed)."""
+        self._fault_rng = random.Random()
         self._peer_budgets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._pubsub_inbound: dict[ID, set[Any]] = {}
         """Peer -> the inbound pubsub streams our read loops serve (a peer announces its
@@ -964,6 +981,8 @@ class NetNode:
                 for topic in topic_ids:
                     peers.update(self.pubsub.peer_topics.get(topic, ()))
                 peers.discard(me)
+            if self.fault_rules is not NO_FAULTS:  # test-only injected loss (node/net/faults.py)
+                peers = {p for p in peers if not self._fault_drop_out(p, "gossip_out")}
             return peers
 
         gossipsub._get_peers_to_send = peers_to_send
@@ -1044,9 +1063,16 @@ class NetNode:
                     queue_size=self.settings.raft_queue,
                     allowed=self.is_allowed_peer,
                 )
+                if self.settings.faults_file is not None:  # test-only (node/net/faults.py)
+                    self.raft.drop_inbound = lambda p: self._fault_drop_in(p, "raft_in")
+                    self.raft.drop_outbound = lambda p: self._fault_drop_out(p, "raft_out")
                 await nursery.start(self.raft.run)
             for protocol, handler in self._stream_handlers:
+                if self.settings.faults_file is not None:  # test-only (node/net/faults.py)
+                    handler = self._fault_guarded(handler)
                 self.host.set_stream_handler(TProtocol(protocol), handler)
+            if self.settings.faults_file is not None:
+                nursery.start_soon(self._faults_loop, FaultsFile(self.settings.faults_file))
             self.started.set()
             task_status.started(self)
             await self._stop.wait()
@@ -1104,6 +1130,9 @@ class NetNode:
             reason = "non_member"
         elif self.penalties.is_banned(key):
             reason = "banned"
+        elif self.fault_rules.partitioned(key):  # test-only (node/net/faults.py): no blacklist
+            reason = "partitioned"
+            self.fault_drops["connection"] += 1
         if reason is not None:
             self.refused[reason] = self.refused.get(reason, 0) + 1
             self.metrics.peers_refused.labels(reason).inc()
@@ -1130,6 +1159,59 @@ class NetNode:
             self._actions_send.send_nowait((action, peer))
         except trio.WouldBlock:
             log.warning("action queue full; dropping %s of %s", action, peer)
+
+    # -- test-only fault injection (node/net/faults.py) ---------------------------------
+
+    def set_fault_rules(self, rules: FaultRules) -> None:
+        """Follow ``rules`` from now on (tests and drills only): connections to partitioned
+        peers are closed (and refused, and not dialled, until the rules change)."""
+        self.fault_rules = NO_FAULTS if rules.empty else rules
+        for peer in self.connected_peers():
+            if rules.partitioned(str(peer)):
+                log.info("closing the connection of partitioned peer %s (injected fault)", peer)
+                self.fault_drops["connection"] += 1
+                self._queue_action("close", peer)
+
+    async def _faults_loop(self, faults: FaultsFile) -> None:
+        """Re-read the faults file whenever it changes (at most every 0.2 s)."""
+        log.warning("fault injection is on (tests and drills only): following %s", faults.path)
+        while True:
+            rules = faults.poll()
+            if rules is not None and rules != self.fault_rules:
+                log.warning("fault rules now: %s", rules.to_json())
+                self.set_fault_rules(rules)
+            await trio.sleep(FAULTS_POLL_SECONDS)
+
+    def _fault_drop_in(self, peer: Any, what: str) -> bool:
+        """An injected fault drops this message from ``peer`` (counted)."""
+        if self.fault_rules.drop_inbound(str(peer), self._fault_rng):
+            self.fault_drops[what] += 1
+            return True
+        return False
+
+    def _fault_drop_out(self, peer: Any, what: str) -> bool:
+        """An injected fault drops this message to ``peer`` (counted)."""
+        if self.fault_rules.drop_outbound(str(peer), self._fault_rng):
+            self.fault_drops[what] += 1
+            return True
+        return False
+
+    def _fault_guarded(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``handler`` for inbound request streams, under the injected faults: a request from
+        a peer whose messages are dropped is lost as a whole (read, unanswered, reset)."""
+
+        async def guarded(stream: Any) -> None:
+            peer = getattr(getattr(stream, "muxed_conn", None), "peer_id", None)
+            if peer is not None and self._fault_drop_in(peer, "stream_in"):
+                # read (and lose) the request first: a reset before it arrived would fail the
+                # asker's write rather than its wait for an answer
+                with trio.move_on_after(1.0), contextlib.suppress(Exception):
+                    await stream.read(65536)
+                await self._reset_stream(stream)
+                return
+            await handler(stream)
+
+        return guarded
 
     def _on_ban(self, peer: str) -> None:
         self.metrics.peers_banned.inc()
@@ -1387,8 +1469,8 @@ class NetNode:
             if network.get_connections(info.peer_id):
                 await self._wait_disconnected(info.peer_id, RECONNECT_CHECK_SECONDS)
                 continue
-            if self.penalties.is_banned(key):
-                await trio.sleep(0.25)
+            if self.penalties.is_banned(key) or self.fault_rules.partitioned(key):
+                await trio.sleep(0.25)  # (partitioned: test-only, node/net/faults.py)
                 continue
             if key not in self.member_peers and key not in self.infra_peers:
                 if addr is None:
@@ -1860,6 +1942,8 @@ class NetNode:
         if msg_forwarder == self.peer_id:
             await self._libp2p_push_msg(msg_forwarder, msg)  # our own: errors reach publish()
             return
+        if self.fault_rules is not NO_FAULTS and self._fault_drop_in(msg_forwarder, "gossip_in"):
+            return  # test-only injected loss (node/net/faults.py): as if it never arrived
         origin = str(ID(msg.from_id))
         if origin not in self.member_peers:
             if not self.pubsub.is_peer_blacklisted(msg_forwarder):

@@ -104,6 +104,11 @@ class RaftTransport:
         self.received = 0
         self.dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
+        self.drop_inbound: Callable[[ID], bool] | None = None
+        self.drop_outbound: Callable[[ID], bool] | None = None
+        """Test-only fault injection (node/net/faults.py; set by the host): called with the
+        remote peer for each accepted inbound frame / each frame queued to it; True drops it
+        (counted as ``fault_injected``), as a lossy link would."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register the stream handler and run the per-peer writers until cancelled."""
@@ -141,6 +146,9 @@ class RaftTransport:
             send, recv = trio.open_memory_channel[bytes](self.queue_size)
             peer = self._peers[msg.to] = _Peer(peer_id, send, recv)
             self._nursery.start_soon(self._writer, msg.to, peer)
+        if self.drop_outbound is not None and self.drop_outbound(peer.peer_id):
+            self._drop("fault_injected")
+            return False
         data = frame(self.encode(msg))
         if len(data) > MAX_RAFT_FRAME:
             self._drop("too_large")
@@ -252,6 +260,9 @@ class RaftTransport:
                     f"frame claims frm={msg.frm[:24]} to={msg.to[:24]}, came from "
                     f"{remote_did[:24]}",
                 )  # fmt: skip
+            if self.drop_inbound is not None and self.drop_inbound(remote):
+                self._reject("fault_injected")
+                continue
             self.received += 1
             self.metrics.raft_received.inc()
             self.on_message(msg)

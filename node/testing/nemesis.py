@@ -41,9 +41,12 @@ skew       restart a node (the leader as often as not) with its wall clock 60-30
 ========== ================================================================================
 
 ``partition`` and ``loss`` run every node in a network namespace of its own, on a bridge, with
-nftables drop rules (:class:`NetLab`); ``disk_full`` mounts its targets' data directories as
-small tmpfs before the start (:class:`DiskLab`). Where this machine cannot (not root, no
-``ip``/``nft``/namespaces/tmpfs), those faults are skipped and the reason printed. The newer
+nftables drop rules (:class:`NetLab`); where namespaces cannot be made (or with
+``--net-faults libp2p``), they go through the nodes' test-only libp2p fault injector instead
+(:class:`InjectorLab`: a faults file per node, ``MICROGRID_FAULTS_FILE``, node/net/faults.py).
+``disk_full`` mounts its targets' data directories as small tmpfs before the start
+(:class:`DiskLab`). Where this machine cannot (not root, no tmpfs; ``--net-faults netns``
+without namespaces), those faults are skipped and the reason printed. The newer
 kinds are opt-in (``--kinds``, :data:`EXTENDED_KINDS`; ``--kinds extended``): default plans are
 unchanged.
 
@@ -105,6 +108,7 @@ from sqlalchemy import create_engine, select
 from market.schedule import Schedule
 from node.ledger import schema as t
 from node.ledger.verify import VerifyReport, verify_ledger
+from node.net.faults import FAULTS_FILE_ENV, NO_FAULTS, FaultRules, write_rules
 from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
 LEADER = "leader"
@@ -130,7 +134,8 @@ class Kind(StrEnum):
 DEFAULT_KINDS: tuple[Kind, ...] = (Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.METER)
 """Kinds a plan draws from unless told otherwise (``outage`` only when asked for)."""
 NETWORK_KINDS: tuple[Kind, ...] = (Kind.PARTITION, Kind.LOSS)
-"""Kinds that need one network namespace per node (:class:`NetLab`; skipped where there is none)."""
+"""Kinds that need one network namespace per node (:class:`NetLab`) or, where there is none, the
+nodes' libp2p fault injector (:class:`InjectorLab`)."""
 STORAGE_KINDS: tuple[Kind, ...] = (Kind.DISK_FULL, Kind.TORN_PAGE)
 """Kinds that hit a node's data directory (``disk_full`` needs a tmpfs mount: root)."""
 EXTENDED_KINDS: tuple[Kind, ...] = DEFAULT_KINDS + NETWORK_KINDS + STORAGE_KINDS + (Kind.SKEW,)
@@ -152,6 +157,11 @@ SKEW_MAX_S = 300.0
 the bound (``clock_max_skew_seconds``, 5 s), yet within the slot horizons a clock error of an
 unsynchronised machine reaches in a day."""
 CLOCK_OFFSET_ENV = "MICROGRID_CLOCK_OFFSET_SECONDS"
+NET_FAULT_MODES = ("auto", "netns", "libp2p")
+"""How ``partition`` and ``loss`` are injected: ``netns``: nftables in per-node network
+namespaces (:class:`NetLab`; skipped where there are none); ``libp2p``: the nodes' test-only
+fault injector (:class:`InjectorLab`, ``MICROGRID_FAULTS_FILE``); ``auto``: namespaces where
+this machine can make them, else the injector."""
 """The node's test-only wall-clock offset (``clock_offset_seconds``; docs/node.md, "Clocks")."""
 
 
@@ -253,7 +263,8 @@ class Plan:
 
     @property
     def needs_netlab(self) -> bool:
-        """A ``partition`` or ``loss`` is planned: the nodes run in network namespaces."""
+        """A ``partition`` or ``loss`` is planned: the nodes run in network namespaces (or
+        follow a libp2p faults file each: :class:`InjectorLab`)."""
         return any(f.kind in NETWORK_KINDS for s in self.steps for f in s.faults)
 
     def counts(self) -> dict[str, int]:
@@ -685,6 +696,87 @@ class NetLab:
         return errors
 
 
+class InjectorLab:
+    """``partition`` and ``loss`` through the nodes' libp2p fault injector (node/net/faults.py),
+    where network namespaces are unavailable or not wanted.
+
+    Every household's node runs with ``MICROGRID_FAULTS_FILE`` naming ``faults.json`` in its
+    directory (:meth:`prepare`, before the first start; restarts keep it). A partition of side
+    S makes every member of S name every other household as partitioned, and every other
+    household name the members of S (no connection either way, no dialling); a loss A->B makes
+    B drop that share of the messages arriving from A (gossip, Raft frames, block and clock
+    requests). Faults active together are merged (the highest loss per link); healing one
+    rewrites the files without it, an empty file when nothing is left. A node follows its
+    file within 0.2 s."""
+
+    def __init__(self) -> None:
+        self.households: list[DemoHousehold] = []
+        self.active: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], int]] = {}
+        """(kind, households) -> (households, loss percentage) of each fault in force."""
+        self.written: dict[str, FaultRules] = {}
+
+    @staticmethod
+    def path(h: DemoHousehold) -> Path:
+        """Household ``h``'s faults file."""
+        return h.directory / "faults.json"
+
+    def prepare(self, households: Sequence[DemoHousehold]) -> None:
+        """Give every household an empty faults file and the variable naming it."""
+        self.households = list(households)
+        for h in self.households:
+            write_rules(self.path(h), NO_FAULTS)
+            self.written[h.name] = NO_FAULTS
+            h.environment[FAULTS_FILE_ENV] = str(self.path(h))
+
+    def cut(self, side: Sequence[str]) -> None:
+        """Cut the households ``side`` off from all the others, both ways."""
+        self.active[(Kind.PARTITION.value, tuple(side))] = (tuple(side), 0)
+        self._write()
+
+    def lose(self, a: str, b: str, percent: int) -> None:
+        """Drop ``percent`` % of household ``a``'s messages to ``b`` (at random, one way)."""
+        if not 0 < percent <= 100:
+            raise ValueError(f"loss of {percent} %")
+        self.active[(Kind.LOSS.value, (a, b))] = ((a, b), percent)
+        self._write()
+
+    def clear(self, kind: Kind, names: Sequence[str]) -> None:
+        """Heal the ``kind`` fault on ``names`` (the others in force stay)."""
+        self.active.pop((kind.value, tuple(names)), None)
+        self._write()
+
+    def rules(self) -> dict[str, FaultRules]:
+        """Every household's rules for the faults in force."""
+        did = {h.name: h.did for h in self.households}
+        cut: dict[str, set[str]] = {h.name: set() for h in self.households}
+        lost: dict[str, dict[str, int]] = {h.name: {} for h in self.households}
+        for (kind, _), (names, percent) in self.active.items():
+            if kind == Kind.PARTITION.value:
+                others = [n for n in did if n not in names]
+                for n in names:
+                    cut[n].update(did[o] for o in others)
+                for o in others:
+                    cut[o].update(did[n] for n in names)
+            else:
+                a, b = names
+                lost[b][did[a]] = max(percent, lost[b].get(did[a], 0))
+        return {n: FaultRules.make(cut[n], lost[n]) for n in did}
+
+    def _write(self) -> None:
+        every = self.rules()
+        for h in self.households:
+            rules = every[h.name]
+            if self.written.get(h.name) != rules:
+                write_rules(self.path(h), rules)
+                self.written[h.name] = rules
+
+    def clear_all(self) -> None:
+        """Heal everything (the files stay, empty)."""
+        self.active.clear()
+        with contextlib.suppress(OSError):
+            self._write()
+
+
 DISK_MIB = 64
 """Size of a ``disk_full`` household's tmpfs data directory (an hour's ledger and Raft log take
 a few MiB; the ballast fills the rest while the fault lasts)."""
@@ -819,6 +911,8 @@ class NemesisResult:
     unavailable: dict[str, str] = field(default_factory=dict)
     """Kinds this machine cannot inject (no namespaces, no tmpfs), with the reason; their
     faults are skipped."""
+    net_faults: str = ""
+    """How ``partition`` and ``loss`` were injected (empty: none planned)."""
     outcomes: list[str] = field(default_factory=list)
     """What a ``disk_full`` or ``torn_page`` did to its node (kept running, exited with what,
     discarded the torn tail, refused to start and was healed how)."""
@@ -881,6 +975,8 @@ class NemesisResult:
             )
         for o in self.outcomes:
             lines.append(f"    {o}")
+        if self.net_faults:
+            lines.append(f"  partition and loss through {self.net_faults}")
         for kind, why in self.unavailable.items():
             lines.append(f"  {kind} unavailable here: {why}")
         if self.skipped:
@@ -892,7 +988,8 @@ class NemesisResult:
             lines += [f"  - {f}" for f in self.failures]
             if self.directory is not None:
                 lines.append(f"  logs and ledgers: {self.directory}")
-        lines.append(f"replay: {p.replay_command()}")
+        forced = " --net-faults libp2p" if self.net_faults.startswith("the libp2p") else ""
+        lines.append(f"replay: {p.replay_command()}{forced}")
         return "\n".join(lines)
 
 
@@ -1113,7 +1210,8 @@ class Runner:
     """Plays one :class:`Plan` on a running :class:`Demo`."""
 
     def __init__(self, demo: Demo, plan: Plan, result: NemesisResult, out: Any = print,
-                 net: NetLab | None = None, disks: DiskLab | None = None) -> None:  # fmt: skip
+                 net: NetLab | None = None, disks: DiskLab | None = None,
+                 injector: InjectorLab | None = None) -> None:  # fmt: skip
         self.demo = demo
         self.plan = plan
         self.result = result
@@ -1124,6 +1222,8 @@ class Runner:
         self.last_docs: dict[str, dict[str, Any]] = {}
         self.net = net
         self.disks = disks
+        self.injector = injector
+        """The libp2p fault injector, where ``partition`` and ``loss`` go through it."""
         self.exits: dict[str, int] = {}
         """Nodes that exited on their own during a fault (not killed by us): the exit status."""
         self.skewed: set[str] = set()
@@ -1234,12 +1334,18 @@ class Runner:
         torn: str | None = None
         try:
             if kind is Kind.PARTITION:
-                assert net is not None
-                await trio.to_thread.run_sync(net.cut, [h.index for h in hs])
+                if self.injector is not None:
+                    self.injector.cut([h.name for h in hs])
+                else:
+                    assert net is not None
+                    await trio.to_thread.run_sync(net.cut, [h.index for h in hs])
             elif kind is Kind.LOSS:
-                assert net is not None
                 a, b = hs
-                await trio.to_thread.run_sync(net.lose, a.index, b.index, fault.percent)
+                if self.injector is not None:
+                    self.injector.lose(a.name, b.name, fault.percent)
+                else:
+                    assert net is not None
+                    await trio.to_thread.run_sync(net.lose, a.index, b.index, fault.percent)
                 what = f"loss {a.name}->{b.name} {fault.percent}% for {fault.duration_s:g}s"
             elif kind is Kind.DISK_FULL:
                 for h in hs:
@@ -1263,6 +1369,10 @@ class Runner:
         stopped, restart a torn node and heal a refusal (learner: wipe; voter: ledger aside)."""
         kind, net = fault.kind, self.net
         names = ",".join(h.name for h in hs)
+        if kind in NETWORK_KINDS and self.injector is not None:
+            self.injector.clear(kind, [h.name for h in hs])
+            self.log(f"heal {kind.value} {names}")
+            return
         if kind in NETWORK_KINDS:
             assert net is not None
             for h in hs[:1] if kind is Kind.LOSS else hs:
@@ -1632,29 +1742,46 @@ def check_ledgers(
 
 
 async def run_plan(
-    plan: Plan, directory: Path | None = None, out: Any = print, keep: bool = False
+    plan: Plan,
+    directory: Path | None = None,
+    out: Any = print,
+    keep: bool = False,
+    net_faults: str = "auto",
 ) -> NemesisResult:
     """Run ``plan`` on a fresh demo grid in ``directory`` (a temporary one when None; kept on
     failure or with ``keep``) and check the ledgers; never raises for a failed check.
 
     A plan with a ``partition`` or ``loss`` runs every node in a network namespace of its own
-    (:class:`NetLab`); a ``disk_full`` target's data directory is a small tmpfs
-    (:class:`DiskLab`). Where either cannot be made, those faults are skipped and the reason is
-    printed and kept in :attr:`NemesisResult.unavailable`. Namespaces, bridge, nft tables and
-    mounts are removed at the end whatever happens (the mounts' files are copied to disk
-    first)."""
+    (:class:`NetLab`) or, where namespaces cannot be made or ``net_faults`` is ``libp2p``,
+    injects them through the nodes' libp2p fault injector (:class:`InjectorLab`; with
+    ``net_faults="netns"`` they are skipped instead, :data:`NET_FAULT_MODES`); a
+    ``disk_full`` target's data directory is a small tmpfs (:class:`DiskLab`). A fault that
+    cannot be injected is skipped and the reason is printed and kept in
+    :attr:`NemesisResult.unavailable`. Namespaces, bridge, nft tables and mounts are removed at
+    the end whatever happens (the mounts' files are copied to disk first)."""
+    if net_faults not in NET_FAULT_MODES:
+        raise NemesisError(f"net_faults {net_faults!r}: one of {', '.join(NET_FAULT_MODES)}")
     result = NemesisResult(plan)
     started = time.monotonic()
     net: NetLab | None = None
-    if plan.needs_netlab:
+    injector: InjectorLab | None = None
+    if plan.needs_netlab and net_faults != "libp2p":
         lab = NetLab(plan.nodes)
         try:
             await trio.to_thread.run_sync(lab.setup)
             net = lab
+            result.net_faults = "nftables in network namespaces"
         except LabUnavailable as exc:
-            for kind in NETWORK_KINDS:
-                result.unavailable[kind.value] = f"no network namespaces: {exc}"
-            out(f"nemesis: skipping {', '.join(k.value for k in NETWORK_KINDS)}: {exc}")
+            if net_faults == "netns":
+                for kind in NETWORK_KINDS:
+                    result.unavailable[kind.value] = f"no network namespaces: {exc}"
+                out(f"nemesis: skipping {', '.join(k.value for k in NETWORK_KINDS)}: {exc}")
+            else:
+                out(f"nemesis: no network namespaces ({exc}): partition and loss through the "
+                    "libp2p fault injector")  # fmt: skip
+    if plan.needs_netlab and net is None and net_faults != "netns":
+        injector = InjectorLab()
+        result.net_faults = "the libp2p fault injector (MICROGRID_FAULTS_FILE)"
     settings = DemoSettings(
         households=plan.nodes, voters=plan.voters, slot_seconds=plan.timing.slot_seconds,
         dashboard=False, directory=directory, seed=plan.seed,
@@ -1667,9 +1794,11 @@ async def run_plan(
     demo = Demo(settings, out=lambda _line: None)
     result.directory = demo.directory
     disks = DiskLab()
-    runner = Runner(demo, plan, result, out, net=net, disks=disks)
+    runner = Runner(demo, plan, result, out, net=net, disks=disks, injector=injector)
 
-    async def mount_disks() -> None:
+    async def before_start() -> None:
+        if injector is not None:  # every node follows its faults file from its first start
+            injector.prepare(demo.households)
         for name in plan.disk_targets:
             try:
                 data = _household(demo, name).directory / "data"
@@ -1686,12 +1815,14 @@ async def run_plan(
                        f"({net.gateway}/24)")  # fmt: skip
         try:
             async with demo.running(quiesce_timeout=3 * plan.timing.slot_seconds,
-                                    before_start=mount_disks):  # fmt: skip
+                                    before_start=before_start):  # fmt: skip
                 try:
                     final = await runner.play()
                 finally:
                     with trio.CancelScope(shield=True):
                         await runner.release()
+                        if injector is not None:
+                            injector.clear_all()
         except Exception as exc:  # a harness error is a failed run, with its seed
             result.failures.append(f"run aborted: {exc.__class__.__name__}: {exc}")
             runner.log("".join(traceback.format_exception(exc))[-3000:])
@@ -1736,6 +1867,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="grid directory (default: temporary)")
     ap.add_argument("--keep", action="store_true", help="keep the grid directory after a pass")
     ap.add_argument("--plan", action="store_true", help="print the plan as JSON and exit")
+    ap.add_argument("--net-faults", choices=NET_FAULT_MODES, default="auto",
+                    help="partition and loss: nftables in network namespaces (netns), the "
+                         "nodes' libp2p fault injector (libp2p), or namespaces where possible "
+                         "(auto)")  # fmt: skip
     args = ap.parse_args(argv)
     duration = args.duration if args.duration is not None else (3600.0 if args.soak else 120.0)
     try:
@@ -1751,7 +1886,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"nemesis seed {plan.seed}: {len(plan.steps)} steps, faults {plan.counts()}")
     with contextlib.suppress(KeyboardInterrupt):
-        result = trio.run(run_plan, plan, args.dir, print, args.keep)
+        result = trio.run(run_plan, plan, args.dir, print, args.keep, args.net_faults)
         print(result.table())
         return 0 if result.ok else 1
     print(f"interrupted; replay: {plan.replay_command()}")

@@ -5,7 +5,9 @@ and from the root namespace; a ``cut`` stops it both ways, a 100 % ``lose`` one 
 restores it; ``teardown`` leaves no namespace, veth or bridge behind. :class:`DiskLab` mounts a
 small tmpfs, fills it to ENOSPC and frees it; unmounting keeps the files. :func:`tear` cuts a
 SQLite file's last page or WAL frame. Where this machine cannot (not root, no ``ip``/``nft``),
-the lab tests skip with the reason, as the runner does.
+the lab tests skip with the reason, as the runner does. :class:`InjectorLab` (the fallback
+without namespaces) writes each household's libp2p faults file: a partition in both sides' files,
+a loss in the receiving end's, merged while faults overlap, emptied on healing.
 """
 
 from __future__ import annotations
@@ -19,7 +21,21 @@ from pathlib import Path
 
 import pytest
 
-from node.testing.nemesis import BALLAST, DiskLab, LabUnavailable, NetLab, tear
+from node.net.faults import FAULTS_FILE_ENV, NO_FAULTS, FaultRules, FaultsFile
+from node.setup.keyfile import NodeIdentity
+from node.testing.nemesis import (
+    BALLAST,
+    DiskLab,
+    InjectorLab,
+    Kind,
+    LabUnavailable,
+    NemesisError,
+    NetLab,
+    make_plan,
+    run_plan,
+    tear,
+)
+from node.tools.demo import DemoHousehold
 
 PROBE = """
 import socket, sys
@@ -230,3 +246,48 @@ def test_a_node_refuses_a_ledger_with_a_torn_last_page(torn_ledger: str) -> None
             store.applied_index()
         finally:
             store.close()
+
+
+def test_the_injector_writes_each_households_faults_file(tmp_path: Path) -> None:
+    hs = []
+    for i in range(4):
+        ident = NodeIdentity.from_seed(bytes([i + 1]) * 32)
+        (tmp_path / f"h{i + 1}").mkdir()
+        hs.append(DemoHousehold(i, f"h{i + 1}", tmp_path / f"h{i + 1}", ident.did,
+                                str(ident.peer_id), i + 1, 0, 0))  # fmt: skip
+    h1, h2, h3, h4 = hs
+    lab = InjectorLab()
+    lab.prepare(hs)
+    files = {h.name: FaultsFile(InjectorLab.path(h)) for h in hs}
+
+    def read() -> dict[str, FaultRules]:
+        out = {}
+        for name, f in files.items():
+            f.poll()
+            assert f.last_error is None, f.last_error
+            out[name] = f.rules
+        return out
+
+    assert all(h.environment[FAULTS_FILE_ENV] == str(InjectorLab.path(h)) for h in hs)
+    assert all(r == NO_FAULTS for r in read().values())
+    lab.cut(["h1", "h4"])  # both sides name each other: no connection either way
+    lab.lose("h2", "h3", 70)  # h3 drops 70 % of what arrives from h2
+    lab.lose("h1", "h3", 30)
+    rules = read()
+    assert rules["h1"].partitioned_peers == {h2.peer_id, h3.peer_id}
+    assert rules["h4"].partitioned_peers == {h2.peer_id, h3.peer_id}
+    assert rules["h2"].partitioned_peers == {h1.peer_id, h4.peer_id} and not rules["h2"].inbound
+    assert rules["h3"].inbound == {h2.peer_id: 70, h1.peer_id: 30}
+    lab.clear(Kind.PARTITION, ["h1", "h4"])
+    rules = read()
+    assert not any(r.partitioned_peers for r in rules.values())
+    assert rules["h3"].inbound == {h2.peer_id: 70, h1.peer_id: 30}
+    lab.clear(Kind.LOSS, ["h2", "h3"])
+    lab.clear_all()
+    assert all(r.empty for r in read().values())
+
+
+async def test_the_runner_refuses_an_unknown_net_fault_mode() -> None:
+    plan = make_plan(1, 10, kinds=[Kind.PARTITION], cover=True)
+    with pytest.raises(NemesisError, match="net_faults"):
+        await run_plan(plan, net_faults="iptables")
