@@ -1862,7 +1862,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voters", type=int, default=3)
     ap.add_argument("--kinds", default=",".join(k.value for k in DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(k.value for k in Kind)}; "
-                         "'extended': all but outage and skew")  # fmt: skip
+                         "'extended': every kind but outage")  # fmt: skip
     ap.add_argument("--cover", action="store_true", help="first steps use every kind once")
     ap.add_argument("--dir", type=Path, default=None, help="grid directory (default: temporary)")
     ap.add_argument("--keep", action="store_true", help="keep the grid directory after a pass")
