@@ -1274,6 +1274,11 @@ class NetNode:
                 self._ping_failures.pop(peer, None)
                 return
             heard = self._heard.get(peer, -math.inf) >= since - self.settings.liveness_interval
+            if heard and len(self.host.get_network().get_connections(peer)) > 1:
+                # heard over which one? libp2p opens streams (this ping, Raft) on the "best"
+                # connection (direct first), which may be dead while a newer one carries the
+                # peer's bytes (its public address changed and it came back through the relay)
+                heard = False
             # the ping's deadline fired late: this node's own loop was starved meanwhile (a
             # loaded machine), so the miss says nothing about the peer
             starved = self._ping_late.pop(peer, 0.0) > LOOP_LAG_TOLERANCE

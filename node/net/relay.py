@@ -68,6 +68,14 @@ RESERVATION_TTL = 3600
 RENEW_FRACTION = 0.5
 REQUEST_TIMEOUT = 10.0
 """Longest one reservation or CONNECT exchange with the relay may take."""
+HOLE_PUNCH_DIAL_TIMEOUT = 3
+"""Seconds DCUtR gives one direct dial (py-libp2p's default: 10). Its auto-drive loop tries the
+relayed peers one after another and first dials each at its known addresses (a home's private
+LAN address, learned from the member address exchange or identify), which a NAT silently drops:
+each such dial used the whole timeout, delaying every peer queued behind it by as much (3 homes
+behind NAT: every pair direct ~20 s after the relay with 10 s, 6-8 s with 3 s;
+tests/net/test_nat_grid.py).
+A hole-punch dial (TCP simultaneous open) completes within a round trip or one SYN retransmit."""
 
 
 class RelayError(Exception):
@@ -279,7 +287,9 @@ class RelayClient:
         # STOP handling (accepting a relayed connection) is py-libp2p's; we guard who may call
         self._stop = CircuitV2Protocol(host, allow_hop=False)
         self.hole_punch = hole_punch
-        self.dcutr: DCUtRProtocol | None = DCUtRProtocol(host) if hole_punch else None
+        self.dcutr: DCUtRProtocol | None = None
+        if hole_punch:
+            self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_TIMEOUT)
         self.refused_stop = 0
 
     def reserved(self) -> list[str]:

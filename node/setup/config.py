@@ -12,6 +12,8 @@ api_port = 8400                  # local HTTP API (0 disables it)
 api_host = "127.0.0.1"
 api_token = ""                   # bearer token for state-changing requests ("" refuses them)
 mdns = false
+hole_punch = true                # behind NAT: upgrade relayed connections by hole punching
+liveness_seconds = 30.0          # ping every connected peer this often (2 misses: dropped)
 log_level = "INFO"
 log_format = "text"              # or "json": one JSON object per line
 meter_poll_seconds = 5.0
@@ -167,6 +169,12 @@ class NodeConfig:
     api_host: str = "127.0.0.1"
     api_token: str = ""
     mdns: bool = False
+    hole_punch: bool = True
+    """Behind NAT (the genesis names an operator node): try to replace relayed connections by
+    direct ones (DCUtR, docs/network.md). False: stay on the relay."""
+    liveness_seconds: float = 30.0
+    """Seconds between liveness pings of each connected peer; a connection missing two in a row
+    is closed (a home whose public address changed: docs/network.md, "Address changes")."""
     log_level: str = "INFO"
     log_format: str = "text"
     meter_poll_seconds: float = 5.0
@@ -218,6 +226,7 @@ _POSITIVE_FLOATS = {
     "raft_tick_seconds",
     "clock_max_skew_seconds",
     "clock_sample_seconds",
+    "liveness_seconds",
 }
 MAX_CLOCK_OFFSET = 10 * 365 * 86_400
 """Largest test clock offset accepted (ten years either way)."""
@@ -456,14 +465,14 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value <= 0:
             raise ConfigError(f"{source}: {name} must be a positive integer")
         return value
-    if name == "mdns":
+    if name in ("mdns", "hole_punch"):
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no"):
-                raise ConfigError(f"{source}: mdns {value!r} is not a boolean")
+                raise ConfigError(f"{source}: {name} {value!r} is not a boolean")
             value = lowered in ("1", "true", "yes")
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: mdns must be a boolean")
+            raise ConfigError(f"{source}: {name} must be a boolean")
         return value
     if name == "log_level":
         if not isinstance(value, str) or value.upper() not in _LEVELS:

@@ -127,6 +127,10 @@ class DemoSettings:
     environment: dict[int, dict[str, str]] = field(default_factory=dict)
     """Household number -> environment variables its node process starts with, on top of this
     process's (e.g. ``MICROGRID_CLOCK_OFFSET_SECONDS``): :attr:`DemoHousehold.environment`."""
+    bootstrap: tuple[str, ...] | None = None
+    """The genesis bootstrap list (multiaddrs with ``/p2p/``); None: every household's listen
+    address. A grid behind NAT names only the operator node (relay and bootstrap; its key is the
+    caller's): the households' own addresses are private (tests/net/test_nat_grid.py)."""
 
     @property
     def gate_lead_seconds(self) -> int:
@@ -451,8 +455,8 @@ class Demo:
             slot_seconds=s.slot_seconds,
             gate_closure_lead_seconds=s.gate_lead_seconds,
             settle_delay_seconds=s.settle_delay_seconds,
-            bootstrap=[f"/ip4/{h.host}/tcp/{h.listen_port}/p2p/{h.peer_id}"
-                       for h in self.households],
+            bootstrap=list(s.bootstrap) if s.bootstrap is not None else
+            [f"/ip4/{h.host}/tcp/{h.listen_port}/p2p/{h.peer_id}" for h in self.households],
         )  # fmt: skip
         write_genesis(genesis, self.directory / "genesis.json")
         first_slot = self.schedule.slot_at(time.time())
