@@ -164,6 +164,10 @@ class ConsensusDriver:
     propose_every: float = 0.2
     snapshot_every: int = 5000
     """Compact the log after this many applied entries (0: never)."""
+    snapshot_bytes: int = 4 * 1024 * 1024
+    """...or once the entries written since the last compaction hold this many bytes (0: no
+    bound): the storage keeps every entry since the snapshot in memory, and a large grid's
+    entries are large (50 households: about 10 kB each, 5000 of them 50 MB; issue 19)."""
     compact_retry_seconds: float = 1.0
     """Wait before retrying a postponed compaction (checks only: cheap)."""
     compact_failure_backoff: float = 60.0
@@ -187,6 +191,8 @@ class ConsensusDriver:
     def __post_init__(self) -> None:
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](self.inbox_size)
         self._last_snapshot = self.replica.applied_index
+        self._log_bytes = 0
+        """Entry bytes made durable since the last compaction (approximate: a trigger)."""
         self._compact_not_before = float("-inf")
         self._leader: str | None = None
         self._desired: tuple[int, dict] = (-1, {})
@@ -488,6 +494,7 @@ class ConsensusDriver:
         """Worker thread: make ``rd`` durable. SQLStorage also updates its in-memory log here,
         after the transaction: the core is not stepped and no one else reads the storage
         meanwhile (they read :attr:`view`)."""
+        self._log_bytes += sum(len(e.data) for e in rd.entries)
         save_ready = getattr(self.storage, "save_ready", None)
         if save_ready is not None:  # SQLStorage: the whole Ready in one transaction
             save_ready(rd)
@@ -518,8 +525,11 @@ class ConsensusDriver:
     async def _maybe_compact(self) -> None:
         applied = self.replica.applied_index
         held = self.storage.snapshot().metadata.index  # e.g. one installed from the leader
-        self._last_snapshot = max(self._last_snapshot, held)
-        if not self.snapshot_every or applied - self._last_snapshot < self.snapshot_every:
+        if held > self._last_snapshot:
+            self._last_snapshot, self._log_bytes = held, 0
+        due = self.snapshot_every and applied - self._last_snapshot >= self.snapshot_every
+        full = self.snapshot_bytes and self._log_bytes >= self.snapshot_bytes
+        if applied <= self._last_snapshot or not (due or full):
             return
         if trio.current_time() < self._compact_not_before:
             return
@@ -542,7 +552,7 @@ class ConsensusDriver:
                 self.compact_failure_backoff,
             )
             return
-        self._last_snapshot = applied
+        self._last_snapshot, self._log_bytes = applied, 0
         self.stats.snapshots += 1
         self.publish_view()
 

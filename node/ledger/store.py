@@ -268,12 +268,19 @@ def sqlite_file_fault(path: Path) -> str | None:
     return None
 
 
+SQLITE_CACHE_KIB = 1024
+"""Page cache of each SQLite connection of a node's ledger, KiB (SQLite's default: 2000)."""
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=5000")
+    # 1 MiB of page cache per connection, not SQLite's 2 MiB: the node reads recent rows, the
+    # OS's file cache holds the rest, and each pooled connection fills its own (issue 19: RSS)
+    cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.close()
 
 

@@ -135,6 +135,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA cache_size=-1024")  # 1 MiB, not 2: reads come from the in-memory mirror
     cur.close()
 
 

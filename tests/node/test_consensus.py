@@ -234,6 +234,26 @@ async def test_compaction_truncates_the_log_off_the_trio_thread(
     reopened.close()
 
 
+async def test_a_log_holding_many_bytes_is_compacted_before_its_entry_count(
+    tmp_path: Path,
+) -> None:
+    """The storage keeps every entry since the snapshot in memory: a few large entries
+    trigger the compaction that many small ones would (``snapshot_bytes``)."""
+    driver = _solo_driver(tmp_path, snapshot_every=1000)
+    driver.snapshot_bytes = 64 * 1024
+    for _ in range(3):  # 48 kB: under the bound
+        driver.raft.propose(b"x" * 16 * 1024)
+    await driver._drain_ready()
+    assert driver.stats.snapshots == 0
+    driver.raft.propose(b"x" * 20 * 1024)  # 68 kB: over it
+    await driver._drain_ready()
+    applied = driver.replica.applied_index
+    assert driver.stats.snapshots == 1 and driver.storage.first_index() == applied + 1
+    await _commit(driver, 5)  # small entries: no second compaction for a while
+    assert driver.stats.snapshots == 1
+    driver.storage.close()
+
+
 async def test_a_storage_failure_during_compaction_is_logged_counted_and_not_retried_hot(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
