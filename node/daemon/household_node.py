@@ -118,6 +118,7 @@ from node.net.clock_sync import (
     TimeServer,
     connected_member_peers,
 )
+from node.net.faults import LiveClockOffset, faults_file_from_env
 from node.net.host import NetNode, NetSettings, PublishError, default_slot_policy
 from node.net.relay import infrastructure_learners
 from node.net.wire import TopicKind
@@ -257,6 +258,10 @@ class HouseholdNode:
             log.warning("clock_offset_seconds = %s: this node's wall clock is shifted (tests and "
                         "drills only)", config.clock_offset_seconds)  # fmt: skip
             wall_clock = offset_clock(wall_clock, config.clock_offset_seconds)
+        self.live_clock_offset = LiveClockOffset()
+        """Test-only: the faults file's ``clock_offset_seconds`` (node/net/faults.py), on top."""
+        if faults_file_from_env() is not None:  # tests and drills only: the clock may jump
+            wall_clock = self.live_clock_offset.shift(wall_clock)
         member = genesis.member(identity.did)
         if not config.meters:
             raise NodeError("no [[meters]] configured: a household node trades what it meters")
@@ -333,6 +338,7 @@ class HouseholdNode:
             on_raft=self._on_raft,
             stream_handlers=[(BLOCKS_PROTOCOL, self.block_server.handle),
                              (TIME_PROTOCOL, self.time_server.handle)],
+            clock_offset=self.live_clock_offset,
         )
         self.time_sampler = TimeSampler(
             lambda: self.net.host, lambda: connected_member_peers(self.net), wall_clock,

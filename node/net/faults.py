@@ -12,7 +12,8 @@ The file (every key optional; peers named by their base58 libp2p peer id or thei
 
     {"partitioned": ["did:key:z6Mk...", "12D3KooW..."],
      "drop_inbound": {"12D3KooW...": 50},
-     "drop_outbound": {"did:key:z6Mk...": 100}}
+     "drop_outbound": {"did:key:z6Mk...": 100},
+     "clock_offset_seconds": 150}
 
 - ``partitioned``: no traffic with that peer either way. The node closes its connections to it,
   refuses new ones (like a non-member's, but without blacklisting it in pubsub, so healing
@@ -22,6 +23,11 @@ The file (every key optional; peers named by their base58 libp2p peer id or thei
   opens (block sync, clock samples), each as a whole.
 - ``drop_outbound``: that percentage of the gossip messages and Raft frames *to* that peer is
   dropped before sending.
+- ``clock_offset_seconds``: a number of seconds (within ``MAX_CLOCK_OFFSET``, ten years, either
+  way) by which the running household node's wall clock jumps, on top of any configured
+  ``clock_offset_seconds``; removing the key (or 0) sets it right again. The node's clock
+  follows the file at once (:class:`LiveClockOffset`), and logs a warning on every change:
+  what a machine whose clock is stepped while it runs sees (the process nemesis's ``jump``).
 
 The loss is of whole messages, not packets: TCP cannot lose bytes in the middle of a stream
 without corrupting it, and a message lost is what a Raft or gossip peer sees of a lossy link.
@@ -38,11 +44,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ from typing import Any
 from libp2p.peer.id import ID
 
 from market.did import IdentityError
+from node.setup.config import MAX_CLOCK_OFFSET
 from node.setup.keyfile import peer_id_from_did
 
 log = logging.getLogger("microgrid.net.faults")
@@ -62,7 +70,7 @@ MAX_ENTRIES = 256
 """At most this many peers in a rules file, over all its keys."""
 MAX_FILE_BYTES = 64 * 1024
 """A larger faults file is refused (the last good rules stay)."""
-KEYS = ("partitioned", "drop_inbound", "drop_outbound")
+KEYS = ("partitioned", "drop_inbound", "drop_outbound", "clock_offset_seconds")
 
 _BASE58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,64}$")
 
@@ -106,6 +114,14 @@ def _percent(value: Any, where: str, source: str) -> int:
     return value
 
 
+def _clock_offset(value: Any, source: str) -> float:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+            or abs(value) > MAX_CLOCK_OFFSET):  # fmt: skip
+        raise FaultRulesError(source, f"clock_offset_seconds: a finite number of seconds within "
+                                      f"±{MAX_CLOCK_OFFSET}, not {value!r}")  # fmt: skip
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class FaultRules:
     """What one node does to its traffic with named peers (keys: base58 peer ids). The empty
@@ -116,13 +132,17 @@ class FaultRules:
     """Peer -> percentage of its messages dropped on arrival."""
     outbound: Mapping[str, int] = field(default_factory=dict)
     """Peer -> percentage of our messages to it dropped before sending."""
+    clock_offset: float = 0.0
+    """Seconds the node's wall clock is shifted by, live (``clock_offset_seconds``)."""
 
     @classmethod
     def make(cls, partitioned: Iterable[str] = (), drop_inbound: Mapping[str, int] | None = None,
              drop_outbound: Mapping[str, int] | None = None, source: str = "faults",
-             ) -> FaultRules:  # fmt: skip
+             clock_offset_seconds: Any = 0.0) -> FaultRules:  # fmt: skip
         """Validated rules (peers as base58 ids or DIDs, normalised to base58 ids; percentages
-        0-100; at most :data:`MAX_ENTRIES` entries); raises :class:`FaultRulesError`."""
+        0-100; at most :data:`MAX_ENTRIES` entries; a finite clock offset within
+        ``MAX_CLOCK_OFFSET``); raises :class:`FaultRulesError`."""
+        offset = _clock_offset(clock_offset_seconds, source)
         parts = list(partitioned)
         ins = dict(drop_inbound or {})
         outs = dict(drop_outbound or {})
@@ -135,7 +155,7 @@ class FaultRules:
                 p = _percent(pct, f"{key}[{str(peer)[:60]!r}]", source)
                 if p:
                     into[peer_key(peer, source)] = p
-        return cls(frozenset(peer_key(p, source) for p in parts), inbound, outbound)
+        return cls(frozenset(peer_key(p, source) for p in parts), inbound, outbound, offset)
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "faults") -> FaultRules:
@@ -160,19 +180,22 @@ class FaultRules:
             if not isinstance(table, dict):
                 raise FaultRulesError(source, f"{key}: not an object")
             tables.append(table)
-        return cls.make(parts, tables[0], tables[1], source)
+        return cls.make(parts, tables[0], tables[1], source,
+                        doc.get("clock_offset_seconds", 0.0))  # fmt: skip
 
     def to_json(self) -> str:
-        """The rules as a faults file's content (canonical)."""
-        return json.dumps({"partitioned": sorted(self.partitioned_peers),
-                           "drop_inbound": dict(sorted(self.inbound.items())),
-                           "drop_outbound": dict(sorted(self.outbound.items()))},
-                          sort_keys=True)  # fmt: skip
+        """The rules as a faults file's content (canonical; the clock offset only if set)."""
+        doc: dict[str, Any] = {"partitioned": sorted(self.partitioned_peers),
+                               "drop_inbound": dict(sorted(self.inbound.items())),
+                               "drop_outbound": dict(sorted(self.outbound.items()))}  # fmt: skip
+        if self.clock_offset:
+            doc["clock_offset_seconds"] = self.clock_offset
+        return json.dumps(doc, sort_keys=True)
 
     @property
     def empty(self) -> bool:
-        """No rule: nothing is dropped or refused."""
-        return not (self.partitioned_peers or self.inbound or self.outbound)
+        """No rule: nothing is dropped or refused, the clock is not shifted."""
+        return not (self.partitioned_peers or self.inbound or self.outbound or self.clock_offset)
 
     def partitioned(self, peer: str) -> bool:
         """No traffic with ``peer`` (a base58 peer id) either way."""
@@ -195,6 +218,37 @@ class FaultRules:
 
 NO_FAULTS = FaultRules()
 """The rules of a node without a faults file."""
+
+
+class LiveClockOffset:
+    """The faults file's ``clock_offset_seconds`` as a running node's wall clock follows it
+    (tests and drills only). The node builds its wall clock once with :meth:`shift`; the faults
+    loop calls :meth:`follow` with each new rules' offset. A clock function reads
+    :attr:`seconds` on every call: a change shows at the next reading, nothing is restarted."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        """The live offset now (0: none)."""
+        self.changes = 0
+        """Times it changed."""
+
+    def shift(self, clock: Callable[[], float]) -> Callable[[], float]:
+        """``clock`` plus the live offset (whatever it is when the result is called)."""
+        return lambda: clock() + self.seconds
+
+    def follow(self, seconds: float) -> bool:
+        """Take ``seconds`` (validated: a finite number within ``MAX_CLOCK_OFFSET``, else
+        :class:`FaultRulesError` and no change) as the live offset; True (and a warning logged)
+        if it changed."""
+        seconds = _clock_offset(seconds, "live clock offset")
+        if seconds == self.seconds:
+            return False
+        log.warning("wall clock jumps by %+g s: live clock offset %g s -> %g s (faults file; "
+                    "tests and drills only)", seconds - self.seconds, self.seconds,
+                    seconds)  # fmt: skip
+        self.seconds = seconds
+        self.changes += 1
+        return True
 
 
 def faults_file_from_env(environ: Mapping[str, str] | None = None) -> Path | None:

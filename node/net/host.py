@@ -117,7 +117,13 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 
 from market.did import IdentityError
 from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
-from node.net.faults import NO_FAULTS, FaultRules, FaultsFile, faults_file_from_env
+from node.net.faults import (
+    NO_FAULTS,
+    FaultRules,
+    FaultsFile,
+    LiveClockOffset,
+    faults_file_from_env,
+)
 from node.net.faults import POLL_SECONDS as FAULTS_POLL_SECONDS
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
@@ -626,7 +632,10 @@ class NetNode:
         raft_codec: tuple[Encoder, Decoder] | None = None,
         on_raft: Callable[[Any], None] | None = None,
         stream_handlers: Sequence[tuple[str, Callable[[Any], Any]]] = (),
+        clock_offset: LiveClockOffset | None = None,
     ) -> None:
+        self.clock_offset = clock_offset if clock_offset is not None else LiveClockOffset()
+        """Test-only: the live wall-clock offset the faults file sets (node/net/faults.py)."""
         if (
             not genesis.is_member(identity.did)
             and identity.did not in infrastructure_peers(genesis).values()
@@ -1180,6 +1189,7 @@ class NetNode:
             if rules is not None and rules != self.fault_rules:
                 log.warning("fault rules now: %s", rules.to_json())
                 self.set_fault_rules(rules)
+                self.clock_offset.follow(rules.clock_offset)  # the wall clock jumps (test-only)
             await trio.sleep(FAULTS_POLL_SECONDS)
 
     def _fault_drop_in(self, peer: Any, what: str) -> bool:

@@ -38,6 +38,10 @@ torn_page  SIGKILL a node, cut its last page (or part of it, or a WAL's last fra
 skew       restart a node (the leader as often as not) with its wall clock 60-300 s off
            (``MICROGRID_CLOCK_OFFSET_SECONDS``), then restart it with the right time; it must
            say it is skewed, lead no longer than a bound, and no gate closes early
+jump       (opt-in) step a *running* node's wall clock (the leader as often as not) 60-300 s
+           through its test-only faults file (``clock_offset_seconds``), then set it right:
+           it must say it is skewed, a leader must hand over within a bound, and no gate
+           closes early
 ========== ================================================================================
 
 ``partition`` and ``loss`` run every node in a network namespace of its own, on a bridge, with
@@ -67,7 +71,13 @@ The checks after the run (each failure is a line of :attr:`NemesisResult.failure
 
 A ``skew`` step also checks, while the node runs skewed (:class:`SkewWatch`): its ``/status``
 says ``clock.skewed``; it leads at most :data:`SKEW_LEAD_BOUND_S` at a stretch; if it was the
-leader, the others name another one within that bound.
+leader, the others name another one within that bound. A ``skew`` restarts its node, so a
+skewed leader never goes on leading; a ``jump`` (:class:`JumpWatch`) moves the clock of the node
+as it runs (every node then follows a faults file, :class:`InjectorLab`), so a leader has to
+see its own clock jump and hand over (Raft leader transfer): recorded are when its ``/status``
+said ``clock.skewed``, how long until the others named another leader (at most
+:data:`SKEW_LEAD_BOUND_S`), how long it led meanwhile, and whether any node with a right clock
+applied a gate closure before its gate time meanwhile (none may).
 
 ``python -m node.testing.nemesis --seed 7 --duration 120`` runs a plan and prints the summary
 table (faults by kind, slots settled, elections, recoveries and the longest, divergences, lost
@@ -85,6 +95,7 @@ import contextlib
 import errno
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -129,6 +140,7 @@ class Kind(StrEnum):
     DISK_FULL = "disk_full"
     TORN_PAGE = "torn_page"
     SKEW = "skew"
+    JUMP = "jump"
 
 
 DEFAULT_KINDS: tuple[Kind, ...] = (Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.METER)
@@ -139,11 +151,11 @@ nodes' libp2p fault injector (:class:`InjectorLab`)."""
 STORAGE_KINDS: tuple[Kind, ...] = (Kind.DISK_FULL, Kind.TORN_PAGE)
 """Kinds that hit a node's data directory (``disk_full`` needs a tmpfs mount: root)."""
 EXTENDED_KINDS: tuple[Kind, ...] = DEFAULT_KINDS + NETWORK_KINDS + STORAGE_KINDS + (Kind.SKEW,)
-"""Every kind except the opt-in ``outage`` (the soak's mix)."""
+"""Every kind except the opt-in ``outage`` and ``jump`` (the soak's mix)."""
 NOT_YET: dict[Kind, str] = {}
 """Kinds named but not implemented, with why (a plan asking for one is refused): none now."""
 IMPAIRS_VOTER = frozenset({Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.PARTITION,
-                           Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW})  # fmt: skip
+                           Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW, Kind.JUMP})  # fmt: skip
 """Kinds that take a node out of the Raft group while they last (a ``loss`` impairs one end of
 its link: :func:`impaired_voters`)."""
 TORN_FILES_LEARNER = ("raft.db", "raft.db-wal", "ledger.db", "ledger.db-wal")
@@ -188,7 +200,8 @@ class Fault:
     ``file`` and ``cut_bytes``: which file of the data directory a ``torn_page`` cuts, and how
     many bytes off its end (0: the whole last page, or the last frame of a ``-wal``). A
     ``partition``'s targets are the side cut off from every other household, both ways.
-    ``skew_s``: a ``skew``'s clock offset (positive: the node's clock runs ahead)."""
+    ``skew_s``: a ``skew``'s or ``jump``'s clock offset (positive: the node's clock runs
+    ahead)."""
 
     kind: Kind
     targets: tuple[str, ...]
@@ -267,6 +280,11 @@ class Plan:
         follow a libp2p faults file each: :class:`InjectorLab`)."""
         return any(f.kind in NETWORK_KINDS for s in self.steps for f in s.faults)
 
+    @property
+    def needs_faults_files(self) -> bool:
+        """A ``jump`` is planned: every node follows a faults file (:class:`InjectorLab`)."""
+        return any(f.kind is Kind.JUMP for s in self.steps for f in s.faults)
+
     def counts(self) -> dict[str, int]:
         """Faults by kind."""
         out: dict[str, int] = defaultdict(int)
@@ -329,7 +347,7 @@ def _fault(kind: Kind, rng: random.Random, plan_voters: Sequence[str],
         if not free:
             return None
         return Fault(kind, (rng.choice(free),), _r(rng.uniform(slot, 3 * slot)))
-    if kind in (Kind.PARTITION, Kind.LOSS, Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW):
+    if kind in (Kind.PARTITION, Kind.LOSS, Kind.DISK_FULL, Kind.TORN_PAGE, Kind.SKEW, Kind.JUMP):
         return _newer_fault(kind, rng, free_voters, free_learners, timing, busy, voter_budget)
     if kind is Kind.OUTAGE:
         need = len(plan_voters) // 2 + 1
@@ -357,9 +375,21 @@ def _fault(kind: Kind, rng: random.Random, plan_voters: Sequence[str],
 def _newer_fault(kind: Kind, rng: random.Random, free_voters: list[str],
                  free_learners: list[str], timing: Timing, busy: set[str],
                  voter_budget: int) -> Fault | None:  # fmt: skip
-    """:func:`_fault` for ``partition``, ``loss``, ``disk_full``, ``torn_page`` and ``skew``."""
+    """:func:`_fault` for ``partition``, ``loss``, ``disk_full``, ``torn_page``, ``skew`` and
+    ``jump``."""
     slot = timing.slot_seconds
     leader_free = LEADER not in busy
+    if kind is Kind.JUMP:
+        # the leader twice as often as another voter, as a skew. Held at least until the node
+        # said it is skewed and, a leader, handed over (the runner waits, bounded, for both)
+        pool = free_learners + (free_voters if voter_budget > 0 else [])
+        if voter_budget > 0 and leader_free:
+            pool = [LEADER, LEADER, *pool]
+        if not pool:
+            return None
+        target = rng.choice(pool)
+        skew = _r(rng.uniform(SKEW_MIN_S, SKEW_MAX_S)) * rng.choice((1, -1))
+        return Fault(kind, (target,), _r(rng.uniform(0.5 * slot, 1.5 * slot)), skew_s=skew)
     if kind is Kind.SKEW:
         # like a kill: the leader twice as often as another voter; a learner without a budget.
         # Long enough to restart, compare clocks with the peers and be seen skewed
@@ -705,14 +735,17 @@ class InjectorLab:
     S makes every member of S name every other household as partitioned, and every other
     household name the members of S (no connection either way, no dialling); a loss A->B makes
     B drop that share of the messages arriving from A (gossip, Raft frames, block and clock
-    requests). Faults active together are merged (the highest loss per link); healing one
-    rewrites the files without it, an empty file when nothing is left. A node follows its
-    file within 0.2 s."""
+    requests); a clock jump of A by D seconds sets ``clock_offset_seconds`` D in A's file (its
+    running wall clock follows; ``jump``). Faults active together are merged (the highest loss
+    per link); healing one rewrites the files without it, an empty file when nothing is left.
+    A node follows its file within 0.2 s."""
 
     def __init__(self) -> None:
         self.households: list[DemoHousehold] = []
         self.active: dict[tuple[str, tuple[str, ...]], tuple[tuple[str, ...], int]] = {}
         """(kind, households) -> (households, loss percentage) of each fault in force."""
+        self.offsets: dict[str, float] = {}
+        """Household -> the live clock offset in force (``jump``)."""
         self.written: dict[str, FaultRules] = {}
 
     @staticmethod
@@ -745,6 +778,16 @@ class InjectorLab:
         self.active.pop((kind.value, tuple(names)), None)
         self._write()
 
+    def jump(self, name: str, seconds: float) -> None:
+        """Step household ``name``'s running wall clock to ``seconds`` off the right time."""
+        self.offsets[name] = seconds
+        self._write()
+
+    def set_right(self, name: str) -> None:
+        """Household ``name``'s clock right again (its file without ``clock_offset_seconds``)."""
+        self.offsets.pop(name, None)
+        self._write()
+
     def rules(self) -> dict[str, FaultRules]:
         """Every household's rules for the faults in force."""
         did = {h.name: h.did for h in self.households}
@@ -760,7 +803,8 @@ class InjectorLab:
             else:
                 a, b = names
                 lost[b][did[a]] = max(percent, lost[b].get(did[a], 0))
-        return {n: FaultRules.make(cut[n], lost[n]) for n in did}
+        return {n: FaultRules.make(cut[n], lost[n], clock_offset_seconds=self.offsets.get(n, 0.0))
+                for n in did}  # fmt: skip
 
     def _write(self) -> None:
         every = self.rules()
@@ -773,6 +817,7 @@ class InjectorLab:
     def clear_all(self) -> None:
         """Heal everything (the files stay, empty)."""
         self.active.clear()
+        self.offsets.clear()
         with contextlib.suppress(OSError):
             self._write()
 
@@ -871,7 +916,14 @@ class Observations:
     """(node, slot) -> when that node applied the slot's gate closure, by its own wall clock,
     for nodes whose clock was right (``/status`` ``slot_times``: the runner's clock is theirs)."""
     early_gate_closures: dict[str, int] = field(default_factory=dict)
-    """The most ``clock.early_gate_closures`` each node with a right clock reported."""
+    """The most ``clock.early_gate_closures`` each node with a right clock reported (beyond
+    :attr:`early_baseline`)."""
+    early_baseline: dict[str, int] = field(default_factory=dict)
+    """Node -> its ``clock.early_gate_closures`` when its jumped clock was set right (a running
+    node keeps what it counted while its own clock was off: not a right clock's count)."""
+    tainted: dict[str, float] = field(default_factory=dict)
+    """Node -> a wall time: its ``slot_times`` of slots whose gate time is not later were (or
+    may have been) taken while its running clock was off (``jump``), and are not checked."""
 
     def record(self, docs: dict[str, dict[str, Any]], skewed: Iterable[str] = ()) -> None:
         """Note one round of ``/status`` documents; ``skewed``: nodes whose clock was off (or
@@ -895,8 +947,15 @@ class Observations:
             if isinstance(at, int | float) and isinstance(slot, int):
                 self.cleared.setdefault((name, slot), float(at))
         early = (doc.get("clock") or {}).get("early_gate_closures")
-        if isinstance(early, int) and early > self.early_gate_closures.get(name, 0):
-            self.early_gate_closures[name] = early
+        if isinstance(early, int):
+            early -= self.early_baseline.get(name, 0)
+            if early > self.early_gate_closures.get(name, 0):
+                self.early_gate_closures[name] = early
+
+    def timed_closures(self, schedule: Schedule) -> dict[tuple[str, int], float]:
+        """:attr:`cleared` without the closures a jumped clock may have timed (:attr:`tainted`)."""
+        return {(name, slot): at for (name, slot), at in self.cleared.items()
+                if schedule.gate_time(slot) > self.tainted.get(name, -math.inf)}  # fmt: skip
 
 
 @dataclass
@@ -926,6 +985,8 @@ class NemesisResult:
     observed_heads: int = 0
     gate_closures_checked: int = 0
     """Gate closures applied by nodes with a right clock, compared with their gate times."""
+    jumps: list[JumpWatch] = field(default_factory=list)
+    """What each ``jump`` observed (its line is in :attr:`outcomes` too)."""
     wall_s: float = 0.0
     directory: Path | None = None
     events: list[str] = field(default_factory=list)
@@ -1190,14 +1251,166 @@ class SkewWatch:
         return out
 
 
+@dataclass
+class JumpWatch:
+    """What the runner saw of one ``jump``: the running node's own verdict, its leadership, the
+    handover, and the gate closures the nodes with right clocks applied meanwhile."""
+
+    household: DemoHousehold
+    skew_s: float
+    was_leader: bool
+    at: float = 0.0
+    """Monotonic time its faults file got the offset."""
+    wall_at: float = 0.0
+    """The runner's (right) wall clock then."""
+    seen_at: float | None = None
+    """When its ``/status`` first said ``clock.skewed``."""
+    offset: float | None = None
+    """The offset it then reported."""
+    moved_at: float | None = None
+    """When the other nodes first named another leader (it led when the jump came)."""
+    new_leader: str = "-"
+    lead_since: float | None = None
+    """Since when it leads (a leader at the jump: from the jump on)."""
+    longest_lead: float = 0.0
+    """Longest stretch it led after the jump, up to the first poll that found it not leading
+    (an upper bound: polls are half a second apart)."""
+    transfers: int = 0
+    """Leadership handovers it made while its clock was off (its counter's increase)."""
+    held: int = 0
+    """Gate closures or settlements it held back meanwhile (its counter's increase)."""
+    before: dict[str, int] = field(default_factory=dict)
+    """Counters before the jump: ``transfers``, ``held`` of the node, and each other node's
+    ``early_gate_closures`` (by name)."""
+    own_early: int = 0
+    """The most ``early_gate_closures`` the jumped node itself reported meanwhile."""
+    timed: set[tuple[str, int]] = field(default_factory=set)
+    """(node, slot) gate closures nodes with right clocks applied after the jump."""
+    early: dict[tuple[str, int], float] = field(default_factory=dict)
+    """Those of them applied before the gate time: seconds early."""
+    counted: dict[str, int] = field(default_factory=dict)
+    """Early gate closures nodes with right clocks counted meanwhile."""
+    peers_saw: set[str] = field(default_factory=set)
+    """Nodes that listed its clock as off the median (``clock.disagreeing``)."""
+    exited: str | None = None
+
+    def start(self, docs: dict[str, dict[str, Any]]) -> None:
+        """Note the counters before the jump (``docs``: every node's ``/status`` then)."""
+        for name, doc in docs.items():
+            clock = doc.get("clock") or {}
+            if name == self.household.name:
+                self.before["transfers"] = int(clock.get("transfers") or 0)
+                self.before["held"] = int(clock.get("held") or 0)
+            elif isinstance(clock.get("early_gate_closures"), int):
+                self.before[name] = clock["early_gate_closures"]
+
+    def observe(self, docs: dict[str, dict[str, Any]], others_leader: str, now: float,
+                schedule: Schedule, off: Iterable[str] = ()) -> None:  # fmt: skip
+        """Note one round of ``/status`` documents (``others_leader``: whom the other nodes
+        name; ``off``: other nodes whose clock is off too, left out of the gate timing)."""
+        h, skip = self.household, set(off) | {self.household.name}
+        doc = docs.get(h.name)
+        if doc is not None:
+            clock = doc.get("clock") or {}
+            if clock.get("skewed") and self.seen_at is None:
+                self.seen_at, self.offset = now, clock.get("offset")
+            self.transfers = max(self.transfers, int(clock.get("transfers") or 0)
+                                 - self.before.get("transfers", 0))  # fmt: skip
+            self.held = max(self.held, int(clock.get("held") or 0) - self.before.get("held", 0))
+            self.own_early = max(self.own_early, int(clock.get("early_gate_closures") or 0))
+            leads = (doc.get("raft") or {}).get("role") == "leader"
+            if leads and self.lead_since is None:
+                self.lead_since = now
+            if self.lead_since is not None:
+                self.longest_lead = max(self.longest_lead, now - self.lead_since)
+            if not leads:
+                self.lead_since = None
+        if self.was_leader and self.moved_at is None and others_leader not in ("-", h.name):
+            self.moved_at, self.new_leader = now, others_leader
+        for name, d in docs.items():
+            if name == h.name:
+                continue
+            if h.did in _disagreeing(d):
+                self.peers_saw.add(name)
+            if name in skip:
+                continue
+            for row in d.get("slot_times") or ():
+                at, slot = row.get("cleared_at"), row.get("slot")
+                if not (isinstance(at, int | float) and isinstance(slot, int)):
+                    continue
+                if at >= self.wall_at - 1.0:  # applied after the jump (the poll's slack)
+                    self.timed.add((name, slot))
+                    if at < schedule.gate_time(slot) - GATE_SLACK_S:
+                        self.early[(name, slot)] = round(schedule.gate_time(slot) - at, 3)
+            early = (d.get("clock") or {}).get("early_gate_closures")
+            if isinstance(early, int) and early > self.before.get(name, early):
+                self.counted[name] = early - self.before[name]
+
+    @property
+    def handover_s(self) -> float | None:
+        """Seconds from the jump until the other nodes named another leader (None: never)."""
+        return None if self.moved_at is None else self.moved_at - self.at
+
+    def outcome(self) -> str:
+        """One line for the table."""
+        h, parts = self.household, []
+        if self.exited is not None:
+            parts.append(f"exited while its clock was off ({self.exited})")
+        if self.seen_at is None:
+            parts.append("never reported skewed")
+        else:
+            off = "?" if self.offset is None else f"{self.offset:+.1f} s"
+            parts.append(f"reported skewed {self.seen_at - self.at:.1f} s after the jump "
+                         f"(offset {off})")  # fmt: skip
+        if self.was_leader:
+            took = self.handover_s
+            if took is None:
+                parts.append("leadership never moved")
+            else:
+                parts.append(f"handed over to {self.new_leader} {took:.1f} s after the jump")
+        parts.append(f"led at most {self.longest_lead:.1f} s at a stretch after the jump "
+                     f"({self.transfers} handovers, {self.held} holds)")  # fmt: skip
+        if self.early or self.counted:
+            parts.append(f"gates closed early: {sorted(self.early.items())[:5]} "
+                         f"counted {self.counted}")  # fmt: skip
+        else:
+            parts.append(f"no gate closed early ({len(self.timed)} closures timed meanwhile)")
+        parts.append(f"seen off by {','.join(sorted(self.peers_saw)) or 'no node'}")
+        lead = " (the leader)" if self.was_leader else ""
+        return f"jump {h.name}{lead} {self.skew_s:+g} s: " + "; ".join(parts)
+
+    def failures(self) -> list[str]:
+        """What the step's jump checks found wrong."""
+        name, out = self.household.name, []
+        if self.exited is not None:
+            out.append(f"jump {name}: the node exited while its clock was off: {self.exited}")
+        if self.seen_at is None:
+            out.append(f"jump {name} ({self.skew_s:+g} s): /status never said clock.skewed")
+        if self.longest_lead > SKEW_LEAD_BOUND_S:
+            out.append(f"jump {name}: led {self.longest_lead:.1f} s at a stretch after its clock "
+                       f"jumped (bound {SKEW_LEAD_BOUND_S:g} s)")  # fmt: skip
+        took = self.handover_s
+        if self.was_leader and (took is None or took > SKEW_LEAD_BOUND_S):
+            out.append(f"jump {name}: the leader's clock jumped and the others named no other "
+                       f"leader within {SKEW_LEAD_BOUND_S:g} s")  # fmt: skip
+        if self.early:
+            out.append(f"jump {name}: gates closed early by right clocks meanwhile (node, slot "
+                       f"-> seconds): {dict(sorted(self.early.items())[:10])}")  # fmt: skip
+        if self.counted:
+            out.append(f"jump {name}: nodes with right clocks counted early gate closures "
+                       f"meanwhile: {self.counted}")  # fmt: skip
+        return out
+
+
 def check_gate_times(obs: Observations, schedule: Schedule, result: NemesisResult) -> None:
     """No gate closed early by a right clock: every gate closure a node with a right clock
     applied (``slot_times`` ``cleared_at``, by its clock, which is the runner's) is at or after
     the slot's gate time, and no such node counted an early one (``clock.early_gate_closures``)."""
+    timed = obs.timed_closures(schedule)
     early = sorted((slot, name, round(schedule.gate_time(slot) - at, 3))
-                   for (name, slot), at in obs.cleared.items()
+                   for (name, slot), at in timed.items()
                    if at < schedule.gate_time(slot) - GATE_SLACK_S)  # fmt: skip
-    result.gate_closures_checked = len(obs.cleared)
+    result.gate_closures_checked = len(timed)
     if early:
         result.failures.append(f"gates closed early by right clocks (slot, node, seconds): "
                                f"{early[:10]}")  # fmt: skip
@@ -1211,7 +1424,8 @@ class Runner:
 
     def __init__(self, demo: Demo, plan: Plan, result: NemesisResult, out: Any = print,
                  net: NetLab | None = None, disks: DiskLab | None = None,
-                 injector: InjectorLab | None = None) -> None:  # fmt: skip
+                 injector: InjectorLab | None = None,
+                 clocks: InjectorLab | None = None) -> None:  # fmt: skip
         self.demo = demo
         self.plan = plan
         self.result = result
@@ -1224,12 +1438,15 @@ class Runner:
         self.disks = disks
         self.injector = injector
         """The libp2p fault injector, where ``partition`` and ``loss`` go through it."""
+        self.clocks = clocks
+        """The nodes' faults files, where a ``jump`` is planned (the injector's, if any)."""
         self.exits: dict[str, int] = {}
         """Nodes that exited on their own during a fault (not killed by us): the exit status."""
         self.skewed: set[str] = set()
         """Nodes running with a clock offset now (``skew``)."""
-        self.unskewed: list[DemoHousehold] = []
-        """Nodes a ``skew`` step restarted with the right time (looked at after the recovery)."""
+        self.unskewed: list[tuple[DemoHousehold, str]] = []
+        """Nodes a ``skew`` or ``jump`` step set right, and the kind (looked at after the
+        recovery)."""
 
     def log(self, text: str) -> None:
         """Note an event (kept in the result; printed by the CLI)."""
@@ -1286,6 +1503,9 @@ class Runner:
             return
         if fault.kind is Kind.SKEW:
             await self.inject_skew(fault, hs[0], what)
+            return
+        if fault.kind is Kind.JUMP:
+            await self.inject_jump(fault, hs[0], what)
             return
         try:
             if fault.kind is Kind.KILL_WRITE:
@@ -1463,7 +1683,7 @@ class Runner:
                 await self.demo.terminate(h, timeout=10)
                 await self.demo.start_node(h)
                 self.skewed.discard(h.name)
-                self.unskewed.append(h)
+                self.unskewed.append((h, Kind.SKEW.value))
                 line = watch.outcome()
                 self.result.outcomes.append(line)
                 self.result.failures += watch.failures(self.plan.timing)
@@ -1486,17 +1706,75 @@ class Runner:
                                                    if n != h.name}), time.monotonic())  # fmt: skip
             await trio.sleep(0.5)
 
+    async def inject_jump(self, fault: Fault, h: DemoHousehold, what: str) -> None:
+        """Step ``h``'s running wall clock ``fault.skew_s`` off through its faults file, for the
+        fault's duration (longer until its ``/status`` says it is skewed and, if it led, the
+        others name another leader: at most :data:`START_TIMEOUT_S` more), watch it
+        (:class:`JumpWatch`), then set its clock right. Its gate times are left out of the
+        run's gate checks from the jump until the slots its clock may have timed are past
+        (:attr:`Observations.tainted`)."""
+        clocks = self.clocks
+        if clocks is None:  # run_plan gives every node a faults file when a jump is planned
+            self.result.skipped.append(f"{what}: the nodes follow no faults file")
+            return
+        docs = await self.demo.statuses()
+        was_leader = self.demo.leader_name(docs) == h.name
+        self.skewed.add(h.name)
+        watch = JumpWatch(h, fault.skew_s, was_leader)
+        watch.start(docs)
+        try:
+            watch.at, watch.wall_at = time.monotonic(), time.time()
+            watch.lead_since = watch.at if was_leader else None
+            clocks.jump(h.name, fault.skew_s)
+            lead = " (the leader)" if was_leader else ""
+            self.log(f"inject {what}: its running clock {fault.skew_s:+g} s{lead}")
+            self._count(fault)
+            await self._watch_jump(watch, fault.duration_s)
+        finally:
+            with trio.CancelScope(shield=True):
+                clocks.set_right(h.name)
+                await trio.sleep(1.0)  # the node follows its file within 0.2 s
+                doc = (await self.demo.statuses()).get(h.name) or {}
+                early = (doc.get("clock") or {}).get("early_gate_closures")
+                own = max(watch.own_early, early if isinstance(early, int) else 0)
+                self.obs.early_baseline[h.name] = own
+                self.obs.tainted[h.name] = time.time() + abs(fault.skew_s) + 2.0
+                self.skewed.discard(h.name)
+                self.unskewed.append((h, Kind.JUMP.value))
+                line = watch.outcome()
+                self.result.jumps.append(watch)
+                self.result.outcomes.append(line)
+                self.result.failures += watch.failures()
+                self.log(f"heal jump {h.name}: its clock set right; {line}")
+
+    async def _watch_jump(self, w: JumpWatch, duration: float) -> None:
+        """Poll every node while ``w``'s node runs with its clock off (see
+        :meth:`inject_jump`)."""
+        h = w.household
+        while True:
+            now = time.monotonic()
+            done = w.seen_at is not None and (not w.was_leader or w.moved_at is not None)
+            if now >= w.at + duration and (done or now >= w.at + duration + START_TIMEOUT_S):
+                return
+            if not h.alive:
+                w.exited = f"exit {h.process.returncode if h.process else '?'}: {_last_error(h)}"
+                return
+            docs = await self.demo.statuses()
+            others = self.demo.leader_name({n: d for n, d in docs.items() if n != h.name})
+            w.observe(docs, others, time.monotonic(), self.demo.schedule, self.skewed)
+            await trio.sleep(0.5)
+
     async def after_recovery(self) -> None:
-        """After a ``skew`` step recovered: note which nodes still list the healed node's clock
-        as off (their samples of the skewed clock age out within five minutes)."""
+        """After a ``skew`` or ``jump`` step recovered: note which nodes still list the healed
+        node's clock as off (their samples of the skewed clock age out within five minutes)."""
         if not self.unskewed:
             return
         docs = await self.demo.statuses()
-        for h in self.unskewed:
+        for h, kind in self.unskewed:
             stale = sorted(n for n, d in docs.items()
                            if n != h.name and h.did in _disagreeing(d))  # fmt: skip
-            note = (f"skew {h.name} healed: no node lists its clock as off" if not stale else
-                    f"skew {h.name} healed: still listed as off by {','.join(stale)} (their "
+            note = (f"{kind} {h.name} healed: no node lists its clock as off" if not stale else
+                    f"{kind} {h.name} healed: still listed as off by {','.join(stale)} (their "
                     "least-delay samples of its skewed clock age out within 5 min)")  # fmt: skip
             self.result.outcomes.append(note)
             self.log(note)
@@ -1782,6 +2060,7 @@ async def run_plan(
     if plan.needs_netlab and net is None and net_faults != "netns":
         injector = InjectorLab()
         result.net_faults = "the libp2p fault injector (MICROGRID_FAULTS_FILE)"
+    clocks = injector if injector is not None or not plan.needs_faults_files else InjectorLab()
     settings = DemoSettings(
         households=plan.nodes, voters=plan.voters, slot_seconds=plan.timing.slot_seconds,
         dashboard=False, directory=directory, seed=plan.seed,
@@ -1794,11 +2073,12 @@ async def run_plan(
     demo = Demo(settings, out=lambda _line: None)
     result.directory = demo.directory
     disks = DiskLab()
-    runner = Runner(demo, plan, result, out, net=net, disks=disks, injector=injector)
+    runner = Runner(demo, plan, result, out, net=net, disks=disks, injector=injector,
+                    clocks=clocks)  # fmt: skip
 
     async def before_start() -> None:
-        if injector is not None:  # every node follows its faults file from its first start
-            injector.prepare(demo.households)
+        if clocks is not None:  # every node follows its faults file from its first start
+            clocks.prepare(demo.households)
         for name in plan.disk_targets:
             try:
                 data = _household(demo, name).directory / "data"
@@ -1821,8 +2101,8 @@ async def run_plan(
                 finally:
                     with trio.CancelScope(shield=True):
                         await runner.release()
-                        if injector is not None:
-                            injector.clear_all()
+                        if clocks is not None:
+                            clocks.clear_all()
         except Exception as exc:  # a harness error is a failed run, with its seed
             result.failures.append(f"run aborted: {exc.__class__.__name__}: {exc}")
             runner.log("".join(traceback.format_exception(exc))[-3000:])
@@ -1862,7 +2142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voters", type=int, default=3)
     ap.add_argument("--kinds", default=",".join(k.value for k in DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(k.value for k in Kind)}; "
-                         "'extended': every kind but outage")  # fmt: skip
+                         "'extended': every kind but outage and jump")  # fmt: skip
     ap.add_argument("--cover", action="store_true", help="first steps use every kind once")
     ap.add_argument("--dir", type=Path, default=None, help="grid directory (default: temporary)")
     ap.add_argument("--keep", action="store_true", help="keep the grid directory after a pass")

@@ -6,7 +6,10 @@ run that no ledger holds, a node whose report differs from its ledger, a ledger 
 verify and unbalanced books each fail, with the counts of the summary table. The clock checks:
 a gate closure applied early by a right clock fails (a skewed node's are left out), and a
 ``skew`` step's watch notes the verdict, the leadership and the peers, and fails on a skewed
-node that never says so or leads too long.
+node that never says so or leads too long. A ``jump`` (a running node's clock stepped) leaves
+that node's gate times out of the checks for the slots its clock may have timed, forgives what
+it counted meanwhile, and its watch times the verdict and the handover and fails on an early
+gate closure by a right clock meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from market.schedule import Schedule
 from node.ledger.verify import VerifyReport
 from node.testing.nemesis import (
     SKEW_LEAD_BOUND_S,
+    JumpWatch,
     LedgerRows,
     NemesisResult,
     Observations,
@@ -174,3 +178,72 @@ def test_a_skew_watch_sees_the_verdict_the_lead_and_the_handover(tmp_path: Path)
     failures = quiet.failures(Timing())
     assert any("never said clock.skewed" in f for f in failures)
     assert any("named no other leader" in f for f in failures)
+
+
+def test_a_jumped_clock_is_left_out_of_the_gate_checks_until_its_slots_are_past() -> None:
+    """A running node keeps the ``slot_times`` (and the early-closure count) it took while its
+    clock was off: those are not a right clock's."""
+    schedule = Schedule(8, 1, 3)
+    slot = 1000
+    gate = schedule.gate_time(slot)
+
+    def doc(s: int, cleared_at: float, early: int = 0) -> dict[str, Any]:
+        return {"ledger": {}, "raft": {}, "clock": {"early_gate_closures": early},
+                "slot_times": [{"slot": s, "cleared_at": cleared_at}]}  # fmt: skip
+
+    obs = Observations()
+    obs.tainted["h1"] = gate + 1.0  # its clock was 250 s ahead until about then
+    obs.early_baseline["h1"] = 2
+    obs.record({"h1": doc(slot, gate - 250.0, early=2), "h2": doc(slot, gate + 0.1)})
+    obs.record({"h1": doc(slot + 1, schedule.gate_time(slot + 1) + 0.2, early=2)})
+    result = NemesisResult(make_plan(1, 60))
+    check_gate_times(obs, schedule, result)
+    assert result.ok, result.failures
+    assert result.gate_closures_checked == 2  # h2's slot and h1's next one, after the jump
+    obs.record({"h1": doc(slot + 2, schedule.gate_time(slot + 2) - 3.0, early=3)})
+    check_gate_times(obs, schedule, result)
+    assert len(result.failures) == 2 and "'h1': 1" in result.failures[1], result.failures
+
+
+def test_a_jump_watch_times_the_verdict_the_handover_and_early_gates(tmp_path: Path) -> None:
+    schedule = Schedule(8, 1, 3)
+    slot = 1000
+    gate = schedule.gate_time(slot)
+    h = DemoHousehold(0, "h1", tmp_path, "did:key:h1", "peer", 1, 1, 2)
+
+    def doc(role: str, skewed: bool = False, transfers: int = 0, early: int = 0,
+            cleared: float | None = None) -> dict[str, Any]:  # fmt: skip
+        times = [] if cleared is None else [{"slot": slot, "cleared_at": cleared}]
+        return {"raft": {"role": role}, "slot_times": times,
+                "clock": {"skewed": skewed, "offset": 250.2, "transfers": transfers,
+                          "held": 0, "early_gate_closures": early, "disagreeing": []}}  # fmt: skip
+
+    watch = JumpWatch(h, 250.2, was_leader=True)
+    watch.start({"h1": doc("leader", transfers=1), "h2": doc("follower", early=4)})
+    watch.at, watch.wall_at, watch.lead_since = 100.0, gate - 3.0, 100.0
+    watch.observe({"h1": doc("leader", transfers=1), "h2": doc("follower", early=4)},
+                  "h1", 100.4, schedule)  # fmt: skip
+    after = {"h1": doc("follower", skewed=True, transfers=2),
+             "h2": doc("leader", early=4, cleared=gate + 0.3)}  # fmt: skip
+    watch.observe(after, "h2", 100.75, schedule)
+    assert (watch.seen_at, watch.moved_at, watch.new_leader) == (100.75, 100.75, "h2")
+    assert watch.handover_s == 0.75 and watch.transfers == 1 and watch.longest_lead == 0.75
+    assert watch.timed == {("h2", slot)} and not watch.early and not watch.counted
+    assert watch.failures() == []
+    line = watch.outcome()
+    assert "jump h1 (the leader) +250.2 s: reported skewed 0.8 s after the jump" in line
+    assert "handed over to h2 0.8 s after the jump" in line and "no gate closed early" in line
+    # a right clock applying a gate closure early meanwhile (or counting one) fails
+    watch.observe({"h3": doc("follower", early=1, cleared=gate - 2.0)}, "h2", 101.5, schedule)
+    watch.before["h3"] = 0
+    watch.observe({"h3": doc("follower", early=1, cleared=gate - 2.0)}, "h2", 102.0, schedule)
+    failures = watch.failures()
+    assert any("gates closed early" in f and "('h3', 1000)" in f for f in failures), failures
+    assert any("counted early gate closures" in f and "'h3': 1" in f for f in failures)
+    # a leader that never says so and never hands over fails both ways
+    stuck = JumpWatch(h, -90.0, was_leader=True, at=0.0, lead_since=0.0)
+    stuck.observe({"h1": doc("leader")}, "h1", SKEW_LEAD_BOUND_S + 1, schedule)
+    failures = stuck.failures()
+    assert any("never said clock.skewed" in f for f in failures)
+    assert any("named no other leader" in f for f in failures)
+    assert any("led" in f for f in failures)

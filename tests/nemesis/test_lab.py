@@ -283,6 +283,15 @@ def test_the_injector_writes_each_households_faults_file(tmp_path: Path) -> None
     assert not any(r.partitioned_peers for r in rules.values())
     assert rules["h3"].inbound == {h2.peer_id: 70, h1.peer_id: 30}
     lab.clear(Kind.LOSS, ["h2", "h3"])
+    lab.jump("h2", 250.2)  # a running clock stepped (jump): beside the network rules
+    lab.cut(["h2"])
+    rules = read()
+    assert rules["h2"].clock_offset == 250.2 and rules["h2"].partitioned_peers
+    assert all(r.clock_offset == 0 for n, r in rules.items() if n != "h2")
+    lab.set_right("h2")
+    rules = read()
+    assert rules["h2"].clock_offset == 0 and rules["h2"].partitioned_peers
+    lab.jump("h3", -60)
     lab.clear_all()
     assert all(r.empty for r in read().values())
 

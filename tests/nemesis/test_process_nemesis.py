@@ -23,6 +23,12 @@ A third bounded run plays a partition (the leader) and a one-way loss on three v
 the nodes' libp2p fault injector (``net_faults="libp2p"``: what a machine without namespaces
 falls back to; about 40 s); ``NEMESIS_INJECTOR_SEED`` and ``-k injector`` replay it.
 
+A fourth bounded run jumps the *running* leader's wall clock minutes ahead through its faults
+file (``jump``: ``clock_offset_seconds``, no restart), on three voters: the leader must say it
+is skewed, hand leadership over (the others name another leader within a bound), and no node
+with a right clock may apply a gate closure early; every ledger verifies and the heads agree
+(about 40 s; ``NEMESIS_JUMP_SEED`` and ``-k jump`` replay it).
+
 A failure prints the seed, the table and the replay commands. Replay the CI runs with
 ``NEMESIS_SEED=<seed> pytest tests/nemesis -k bounded_seeded`` (``NEMESIS_ENV_SEED`` and
 ``-k environment`` for the second) or the printed ``python -m`` command.
@@ -41,6 +47,7 @@ import trio
 from node.testing.nemesis import (
     EXTENDED_KINDS,
     NETWORK_KINDS,
+    SKEW_LEAD_BOUND_S,
     STORAGE_KINDS,
     Kind,
     NemesisResult,
@@ -67,6 +74,9 @@ CI_INJECTOR_SEED = int(os.environ.get("NEMESIS_INJECTOR_SEED", "54"))
 """The network faults through the libp2p injector (no namespaces): seed 54 on three voters
 cuts the leader off for 5.3 s, then drops all of one voter's messages to another for 4.5 s
 (about 40 s)."""
+CI_JUMP_SEED = int(os.environ.get("NEMESIS_JUMP_SEED", "2"))
+"""Seed 2 on three voters: 2.1 s after the first settled slot the leader's running clock jumps
+250.2 s ahead, for 5.8 s (longer, bounded, until it said it is skewed and handed over)."""
 SOAK_SECONDS = float(os.environ.get("NEMESIS_SOAK_SECONDS", "3600"))
 
 
@@ -157,6 +167,29 @@ async def test_bounded_network_faults_through_the_libp2p_injector(tmp_path: Path
     logs = {p.parent.name: p.read_text() for p in (tmp_path / "grid").glob("h*/node.log")}
     assert len(logs) == 3 and all("fault rules now" in text for text in logs.values())
     assert any("closing the connection of partitioned peer" in text for text in logs.values())
+
+
+async def test_bounded_clock_jump_of_the_running_leader(tmp_path: Path) -> None:
+    """The leader's clock jumps while it runs (its faults file, not a restart): it detects its
+    skew, holds its deadlines and hands leadership over; no gate closes early."""
+    plan = make_plan(CI_JUMP_SEED, 10.0, nodes=3, voters=3, kinds=(Kind.JUMP,), cover=True)
+    [step] = plan.steps
+    [fault] = step.faults
+    assert fault.targets == ("leader",) and abs(fault.skew_s) >= 60, (
+        f"NEMESIS_JUMP_SEED: pick a seed whose jump hits the leader: {plan.to_json()}"
+    )
+    result = await play(plan, tmp_path / "grid", CI_WALL_LIMIT_S)
+    check(result)  # ledgers verify and agree, heads, conservation, no early gate (right clocks)
+    [jump] = result.jumps
+    assert jump.was_leader and jump.seen_at is not None, result.table()
+    assert jump.handover_s is not None and jump.handover_s <= SKEW_LEAD_BOUND_S, result.table()
+    assert jump.new_leader not in ("-", jump.household.name)
+    assert not jump.early and not jump.counted and jump.exited is None
+    assert jump.transfers + jump.held >= 1, result.table()  # it acted on its own verdict
+    assert result.gate_closures_checked > 0
+    assert "jump" not in result.net_faults  # no network fault: the files carry the clock only
+    log = (tmp_path / "grid" / jump.household.name / "node.log").read_text()
+    assert f"wall clock jumps by {fault.skew_s:+g} s" in log, log[-2000:]
 
 
 @pytest.mark.soak

@@ -257,3 +257,40 @@ def test_skew_joins_the_extended_kinds_and_leaves_the_others_unchanged() -> None
     assert all("skew_s" not in f for s in json.loads(plan.to_json())["steps"]
                for f in s["faults"])  # fmt: skip
     assert make_plan(4, 240, nodes=5, kinds=EXTENDED_KINDS, cover=True).counts()["skew"] >= 1
+
+
+def test_jump_is_opt_in_minutes_either_way_on_one_running_node(seed_count: int) -> None:
+    """``jump`` (a running node's clock stepped through its faults file) is drawn only when
+    asked for: the soak's mix and every plan without it are drawn as before."""
+    assert Kind.JUMP not in EXTENDED_KINDS and Kind.JUMP not in DEFAULT_KINDS
+    assert not make_plan(4, 240, nodes=5, kinds=EXTENDED_KINDS, cover=True).needs_faults_files
+    slot = Timing().slot_seconds
+    signs: set[int] = set()
+    targets: dict[str, int] = {}
+    for seed in range(seed_count):
+        for nodes, voters in SHAPES:
+            plan = make_plan(seed, 600, nodes=nodes, voters=voters, kinds=(Kind.JUMP, Kind.KILL),
+                             cover=True)  # fmt: skip
+            minority = (voters - 1) // 2
+            assert plan.needs_faults_files and not plan.needs_netlab
+            for step in plan.steps:
+                assert impaired_voters(step, plan.voter_names) <= minority, (seed, step)
+                for f in step.faults:
+                    if f.kind is not Kind.JUMP:
+                        continue
+                    (target,) = f.targets
+                    kind = ("leader" if target == LEADER else
+                            "voter" if target in plan.voter_names else "learner")  # fmt: skip
+                    targets[kind] = targets.get(kind, 0) + 1
+                    if minority == 0:
+                        assert kind == "learner", (seed, nodes, voters, f)
+                    assert SKEW_MIN_S <= abs(f.skew_s) <= SKEW_MAX_S, f
+                    assert f.to_json()["skew_s"] == f.skew_s
+                    signs.add(1 if f.skew_s > 0 else -1)
+                    # held at least until seen and handed over (the runner waits for both)
+                    assert 0.5 * slot <= f.duration_s <= 1.5 * slot, f
+    assert signs == {1, -1}
+    assert targets.get("leader", 0) >= targets.get("voter", 0) // 2 > 0, targets
+    assert targets.get("learner", 0) > 0, targets
+    plan = make_plan(2, 10, nodes=3, voters=3, kinds=(Kind.JUMP,), cover=True)
+    assert "--kinds jump" in plan.replay_command()

@@ -9,7 +9,9 @@ running node follows, and real NetNodes on 127.0.0.1 in process obeying it.
   Raft frames still reach A;
 - a running node survives its faults file being half-written, malformed or deleted: the last
   good rules stay in force;
-- the model validates peers, percentages and sizes.
+- the model validates peers, percentages and sizes;
+- the live clock offset (``clock_offset_seconds``): validated like the rest, and a running
+  node's wall clock follows it at once (and back to right when the key goes), with a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from node.net.faults import (
     FaultRules,
     FaultRulesError,
     FaultsFile,
+    LiveClockOffset,
     faults_file_from_env,
     peer_key,
     write_rules,
@@ -38,7 +41,7 @@ from node.net.faults import (
 from node.net.host import NetNode, NetSettings
 from node.net.wire import TopicKind
 from node.raft import Message, MessageType
-from node.setup.config import load_config
+from node.setup.config import MAX_CLOCK_OFFSET, load_config
 from node.setup.genesis import load_genesis
 from node.setup.keyfile import NodeIdentity
 from node.testing.harness import make_grid
@@ -86,11 +89,79 @@ def test_rules_name_peers_by_did_or_peer_id_and_drop_by_percentage() -> None:
         (json.dumps({"drop_outbound": {A_ID: 50.5}}), "integer percentage"),
         (json.dumps({"drop_outbound": {A_ID: True}}), "integer percentage"),
         (json.dumps({"drop_outbound": {A_ID: "50"}}), "integer percentage"),
+        ('{"clock_offset_seconds": "60"}', "clock_offset_seconds"),
+        ('{"clock_offset_seconds": true}', "clock_offset_seconds"),
+        ('{"clock_offset_seconds": null}', "clock_offset_seconds"),
+        ('{"clock_offset_seconds": NaN}', "clock_offset_seconds"),
+        ('{"clock_offset_seconds": -Infinity}', "clock_offset_seconds"),
+        ('{"clock_offset_seconds": 1e300}', "clock_offset_seconds"),
+        (json.dumps({"clock_offset_seconds": MAX_CLOCK_OFFSET + 1}), "clock_offset_seconds"),
     ],
 )
 def test_bad_rules_are_refused_with_the_reason(doc: str, error: str) -> None:
     with pytest.raises(FaultRulesError, match=error):
         FaultRules.from_json(doc, "f.json")
+
+
+def test_a_clock_offset_is_a_rule_of_its_own() -> None:
+    """``clock_offset_seconds``: any finite number of seconds within the config's bound, either
+    way; written only when set (files without it read and write as before)."""
+    rules = FaultRules.from_json(json.dumps({"clock_offset_seconds": 150}))
+    assert rules.clock_offset == 150.0 and not rules.empty
+    assert rules.partitioned_peers == frozenset() and not rules.inbound and not rules.outbound
+    assert FaultRules.from_json(rules.to_json()) == rules
+    assert json.loads(rules.to_json())["clock_offset_seconds"] == 150.0
+    edge = FaultRules.make(clock_offset_seconds=-MAX_CLOCK_OFFSET)
+    assert edge.clock_offset == -MAX_CLOCK_OFFSET
+    both = FaultRules.make([A_DID], clock_offset_seconds=-0.25)
+    assert FaultRules.from_json(both.to_json()) == both and both.partitioned(A_ID)
+    assert "clock_offset_seconds" not in FaultRules.make([A_DID]).to_json()
+    assert FaultRules.from_json('{"clock_offset_seconds": 0}') == NO_FAULTS
+
+
+def test_the_live_clock_offset_moves_a_clock_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    live = LiveClockOffset()
+    clock = live.shift(lambda: 1000.0)
+    assert clock() == 1000.0
+    with caplog.at_level(logging.WARNING, "microgrid.net.faults"):
+        assert live.follow(150)
+        assert clock() == 1150.0  # the same function: it reads the holder on every call
+        assert not live.follow(150.0)  # unchanged: no warning
+        assert live.follow(-90.5) and clock() == 909.5
+        for bad in (float("nan"), float("inf"), MAX_CLOCK_OFFSET + 1, True):
+            with pytest.raises(FaultRulesError, match="clock_offset_seconds"):
+                live.follow(bad)  # type: ignore[arg-type]
+        assert clock() == 909.5
+        assert live.follow(0) and clock() == 1000.0 and live.changes == 3
+    jumps = [r.getMessage() for r in caplog.records if "wall clock jumps" in r.getMessage()]
+    assert len(jumps) == 3 and "+150 s" in jumps[0] and "-240.5 s" in jumps[1], jumps
+
+
+async def test_a_running_node_follows_the_clock_offset_in_its_faults_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The faults loop sets the node's live offset within a poll of the file changing; the key
+    removed, the clock is right again (the network rules beside it are kept as usual)."""
+    specs, _, path = make_grid(tmp_path, 1)
+    grid = Grid(load_genesis(path))
+    faults = tmp_path / "faults.json"
+    write_rules(faults, NO_FAULTS)
+    node = grid.node(specs[0], [], faults_file=faults)
+    clock = node.clock_offset.shift(lambda: 1000.0)  # what a household node builds its clock as
+    with caplog.at_level(logging.WARNING, "microgrid.net.faults"):
+        async with running(grid.nodes, timeout=30):
+            await trio.sleep(0.3)
+            assert clock() == 1000.0
+            write_rules(faults, FaultRules.make(clock_offset_seconds=150))
+            await until(lambda: clock() == 1150.0, 5)
+            write_rules(faults, FaultRules.make([B_DID], clock_offset_seconds=-60))
+            await until(lambda: clock() == 940.0, 5)
+            assert node.fault_rules.partitioned(peer_key(B_DID))
+            write_rules(faults, FaultRules.make([B_DID]))  # the key removed: right again
+            await until(lambda: clock() == 1000.0, 5)
+            assert node.fault_rules.partitioned(peer_key(B_DID))
+    assert node.clock_offset.changes == 3
+    assert sum("wall clock jumps" in r.getMessage() for r in caplog.records) == 3
 
 
 def test_rules_are_bounded() -> None:
