@@ -164,7 +164,7 @@ class ConsensusDriver:
     propose_every: float = 0.2
     snapshot_every: int = 5000
     """Compact the log after this many applied entries (0: never)."""
-    snapshot_bytes: int = 4 * 1024 * 1024
+    snapshot_bytes: int = 2 * 1024 * 1024
     """...or once the entries written since the last compaction hold this many bytes (0: no
     bound): the storage keeps every entry since the snapshot in memory, and a large grid's
     entries are large (50 households: about 10 kB each, 5000 of them 50 MB; issue 19)."""
