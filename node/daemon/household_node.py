@@ -433,6 +433,9 @@ class HouseholdNode:
                   ) -> None:  # fmt: skip
         """Run every part until :meth:`stop` or cancellation; closes the stores on the way out."""
         try:
+            # the members and the voters before the first dial: in a large grid a learner must
+            # not start dialling everyone (NetSettings.full_mesh_members)
+            self._update_members()
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.net.run)
                 await nursery.start(self.time_sampler.run)
