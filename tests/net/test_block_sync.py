@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,11 +19,22 @@ from node.net.block_sync import (
     fetch_blocks,
 )
 from node.net.host import NetNode, NetSettings
-from node.setup.genesis import load_genesis
+from node.setup.genesis import Genesis, load_genesis
 from node.setup.keyfile import NodeIdentity
-from node.testing.harness import make_grid
+from node.testing.harness import NodeSpec, make_grid
 
 pytestmark = pytest.mark.slow
+
+
+def pair(specs: list[NodeSpec], genesis: Genesis, handler: Any) -> list[NetNode]:
+    """Two nodes: the first dials the second, which serves the block protocol with ``handler``."""
+    a, b = specs
+    return [
+        NetNode(NodeIdentity.from_seed(s.seed), genesis,
+                NetSettings(listen=s.listen, peers=[other.addr] if i == 0 else []),
+                stream_handlers=[(BLOCKS_PROTOCOL, handler)] if i == 1 else [])
+        for i, (s, other) in enumerate(((a, b), (b, a)))
+    ]  # fmt: skip
 
 
 def test_requests_round_trip_and_odd_ones_are_refused() -> None:
@@ -50,12 +62,7 @@ async def test_a_member_fetches_blocks_and_gets_typed_refusals(tmp_path: Path) -
 
     server = BlockServer(export, genesis.is_member)
     a, b = specs
-    nodes = [
-        NetNode(NodeIdentity.from_seed(s.seed), genesis,
-                NetSettings(listen=s.listen, peers=[other.addr] if i == 0 else []),
-                stream_handlers=[(BLOCKS_PROTOCOL, server.handle)] if i == 1 else [])
-        for i, (s, other) in enumerate(((a, b), (b, a)))
-    ]  # fmt: skip
+    nodes = pair(specs, genesis, server.handle)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             for node in nodes:
@@ -93,13 +100,8 @@ async def test_a_peer_resetting_the_stream_gives_a_typed_error(tmp_path: Path) -
         resets += 1
         await stream.reset()  # type: ignore[attr-defined]
 
-    a, b = specs
-    nodes = [
-        NetNode(NodeIdentity.from_seed(s.seed), genesis,
-                NetSettings(listen=s.listen, peers=[other.addr] if i == 0 else []),
-                stream_handlers=[(BLOCKS_PROTOCOL, reset)] if i == 1 else [])
-        for i, (s, other) in enumerate(((a, b), (b, a)))
-    ]  # fmt: skip
+    b = specs[1]
+    nodes = pair(specs, genesis, reset)
     reasons = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
