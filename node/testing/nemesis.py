@@ -108,7 +108,7 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -1165,16 +1165,17 @@ def _disagreeing(doc: dict[str, Any]) -> list[str]:
 
 
 @dataclass
-class SkewWatch:
-    """What the runner saw of one ``skew``: the node's own verdict, its leadership, its peers."""
+class _ClockWatch:
+    """What a ``skew`` and a ``jump`` watch alike while a node's clock is off: its own verdict
+    (``clock.skewed``), its leadership, the handover to another leader, the peers that saw its
+    clock off, and the outcome line's and the failures' common parts. What differs stays in
+    :class:`SkewWatch` and :class:`JumpWatch`: what their times count from, how they count the
+    node's counters and a stretch of leading, and (a jump) the gate timing meanwhile."""
 
     household: DemoHousehold
     skew_s: float
     was_leader: bool
-    stopped: float
-    """Monotonic time the right-clock process was stopped."""
-    started: float = 0.0
-    """Monotonic time the skewed process was started."""
+    _: KW_ONLY
     seen_at: float | None = None
     """When its ``/status`` first said ``clock.skewed``."""
     offset: float | None = None
@@ -1182,30 +1183,49 @@ class SkewWatch:
     moved_at: float | None = None
     """When the other nodes first named another leader (it led when the step began)."""
     new_leader: str = "-"
+    """Whom they then named."""
     lead_since: float | None = None
+    """Since when it leads (None: the last poll found it not leading)."""
     longest_lead: float = 0.0
-    """Longest stretch it reported itself leader while skewed."""
+    """Longest stretch it led while its clock was off."""
     transfers: int = 0
+    """Leadership handovers it made while its clock was off."""
     held: int = 0
+    """Gate closures or settlements it held back meanwhile."""
     peers_saw: set[str] = field(default_factory=set)
     """Nodes that listed its clock as off the median (``clock.disagreeing``)."""
     exited: str | None = None
+    """How its process exited while its clock was off (None: it did not)."""
 
-    def observe(self, docs: dict[str, dict[str, Any]], others_leader: str, now: float) -> None:
-        """Note one round of ``/status`` documents (``others_leader``: whom the other nodes
-        name)."""
+    def _note_counters(self, clock: dict[str, Any]) -> None:
+        """Note the node's ``transfers`` and ``held`` from its ``/status`` ``clock`` object."""
+        raise NotImplementedError
+
+    def _note_round(
+        self,
+        docs: dict[str, dict[str, Any]],
+        others_leader: str,
+        now: float,
+        *,
+        lead_through_loss: bool,
+    ) -> None:
+        """Note what both kinds watch in one round of ``/status`` documents (``others_leader``:
+        whom the other nodes name). ``lead_through_loss``: a stretch of leading lasts up to the
+        first poll that finds the node not leading, not only up to the last that found it
+        leading."""
         h = self.household
         doc = docs.get(h.name)
         if doc is not None:
             clock = doc.get("clock") or {}
             if clock.get("skewed") and self.seen_at is None:
                 self.seen_at, self.offset = now, clock.get("offset")
-            self.transfers = max(self.transfers, int(clock.get("transfers") or 0))
-            self.held = max(self.held, int(clock.get("held") or 0))
-            if (doc.get("raft") or {}).get("role") == "leader":
-                self.lead_since = now if self.lead_since is None else self.lead_since
+            self._note_counters(clock)
+            leads = (doc.get("raft") or {}).get("role") == "leader"
+            if leads and self.lead_since is None:
+                self.lead_since = now
+            if self.lead_since is not None and (leads or lead_through_loss):
                 self.longest_lead = max(self.longest_lead, now - self.lead_since)
-            else:
+            if not leads:
                 self.lead_since = None
         if self.was_leader and self.moved_at is None and others_leader not in ("-", h.name):
             self.moved_at, self.new_leader = now, others_leader
@@ -1213,72 +1233,128 @@ class SkewWatch:
             if name != h.name and h.did in _disagreeing(d):
                 self.peers_saw.add(name)
 
-    def outcome(self) -> str:
-        """One line for the table."""
-        h, parts = self.household, []
+    def _moved_after(self, since: float) -> float | None:
+        """Seconds from ``since`` until the other nodes named another leader (None: never)."""
+        return None if self.moved_at is None else self.moved_at - since
+
+    def _verdict_parts(self, off: str, since: float, after: str) -> list[str]:
+        """The outcome's first parts: how it exited while ``off`` (if it did), and when it
+        reported itself skewed, ``after`` (text) ``since`` (a monotonic time)."""
+        parts: list[str] = []
         if self.exited is not None:
-            parts.append(f"exited while skewed ({self.exited})")
+            parts.append(f"exited while {off} ({self.exited})")
         if self.seen_at is None:
             parts.append("never reported skewed")
         else:
-            off = "?" if self.offset is None else f"{self.offset:+.1f} s"
-            parts.append(f"reported skewed {self.seen_at - self.started:.1f} s after its start "
-                         f"(offset {off})")  # fmt: skip
-        if self.was_leader:
-            parts.append("leadership never moved" if self.moved_at is None else
-                         f"leadership moved to {self.new_leader} "
-                         f"{self.moved_at - self.stopped:.1f} s after its stop")  # fmt: skip
-        parts.append(f"led {self.longest_lead:.1f} s while skewed ({self.transfers} handovers, "
-                     f"{self.held} holds)")  # fmt: skip
-        parts.append(f"seen off by {','.join(sorted(self.peers_saw)) or 'no node'}")
-        lead = " (the leader)" if self.was_leader else ""
-        return f"skew {h.name}{lead} {self.skew_s:+g} s: " + "; ".join(parts)
+            shown = "?" if self.offset is None else f"{self.offset:+.1f} s"
+            parts.append(
+                f"reported skewed {self.seen_at - since:.1f} s after {after} (offset {shown})"
+            )
+        return parts
 
-    def failures(self, timing: Timing) -> list[str]:
-        """What the step's skew checks found wrong."""
+    def _handover_part(self, moved: str, since: float, after: str) -> str:
+        """The outcome's part for a node that led: whom leadership ``moved`` (text) to, how
+        long ``after`` (text) ``since`` (a monotonic time)."""
+        took = self._moved_after(since)
+        if took is None:
+            return "leadership never moved"
+        return f"{moved} {self.new_leader} {took:.1f} s after {after}"
+
+    def _counts(self) -> str:
+        """The outcome's handover and hold counts, in parentheses."""
+        return f"({self.transfers} handovers, {self.held} holds)"
+
+    def _line(self, kind: str, parts: list[str]) -> str:
+        """The outcome line: ``kind``, the node, ``parts``, then the peers that saw it off."""
+        seen_by = f"seen off by {','.join(sorted(self.peers_saw)) or 'no node'}"
+        lead = " (the leader)" if self.was_leader else ""
+        head = f"{kind} {self.household.name}{lead} {self.skew_s:+g} s: "
+        return head + "; ".join([*parts, seen_by])
+
+    def _failures(
+        self, kind: str, *, off: str, led: str, leader: str, handover_s: float | None
+    ) -> list[str]:
+        """The checks both kinds make: it did not exit while ``off``; it said it is skewed; it
+        led at most :data:`SKEW_LEAD_BOUND_S` at a stretch ``led`` (text); if it led (``leader``:
+        text), the others named another leader within that bound (``handover_s``)."""
         name, out = self.household.name, []
         if self.exited is not None:
-            out.append(f"skew {name}: the node exited while skewed: {self.exited}")
+            out.append(f"{kind} {name}: the node exited while {off}: {self.exited}")
         if self.seen_at is None:
-            out.append(f"skew {name} ({self.skew_s:+g} s): /status never said clock.skewed")
+            out.append(f"{kind} {name} ({self.skew_s:+g} s): /status never said clock.skewed")
         if self.longest_lead > SKEW_LEAD_BOUND_S:
-            out.append(f"skew {name}: led {self.longest_lead:.1f} s at a stretch while skewed "
-                       f"(bound {SKEW_LEAD_BOUND_S:g} s)")  # fmt: skip
-        if self.was_leader and (self.moved_at is None
-                                or self.moved_at - self.stopped > SKEW_LEAD_BOUND_S):  # fmt: skip
-            out.append(f"skew {name}: the leader was skewed and the others named no other "
-                       f"leader within {SKEW_LEAD_BOUND_S:g} s")  # fmt: skip
+            out.append(
+                f"{kind} {name}: led {self.longest_lead:.1f} s at a stretch {led} "
+                f"(bound {SKEW_LEAD_BOUND_S:g} s)"
+            )
+        if self.was_leader and (handover_s is None or handover_s > SKEW_LEAD_BOUND_S):
+            out.append(
+                f"{kind} {name}: {leader} and the others named no other leader within "
+                f"{SKEW_LEAD_BOUND_S:g} s"
+            )
         return out
 
 
 @dataclass
-class JumpWatch:
-    """What the runner saw of one ``jump``: the running node's own verdict, its leadership, the
-    handover, and the gate closures the nodes with right clocks applied meanwhile."""
+class SkewWatch(_ClockWatch):
+    """What the runner saw of one ``skew``: the node's own verdict, its leadership, its peers.
 
-    household: DemoHousehold
-    skew_s: float
-    was_leader: bool
+    A ``skew`` restarts its node, so its times count from the restarts: the verdict from the
+    skewed process's start (:attr:`started`), the handover from the right-clock process's stop
+    (:attr:`stopped`). Its counters (``transfers``, ``held``) are the skewed process's own (a
+    fresh process counts from zero), and a stretch of leading lasts up to the last poll that
+    found it leading."""
+
+    stopped: float
+    """Monotonic time the right-clock process was stopped."""
+    started: float = 0.0
+    """Monotonic time the skewed process was started."""
+
+    def observe(self, docs: dict[str, dict[str, Any]], others_leader: str, now: float) -> None:
+        """Note one round of ``/status`` documents (``others_leader``: whom the other nodes
+        name)."""
+        self._note_round(docs, others_leader, now, lead_through_loss=False)
+
+    def _note_counters(self, clock: dict[str, Any]) -> None:
+        """The skewed process's own counters (it started with them at zero)."""
+        self.transfers = max(self.transfers, int(clock.get("transfers") or 0))
+        self.held = max(self.held, int(clock.get("held") or 0))
+
+    def outcome(self) -> str:
+        """One line for the table."""
+        parts = self._verdict_parts("skewed", self.started, "its start")
+        if self.was_leader:
+            parts.append(self._handover_part("leadership moved to", self.stopped, "its stop"))
+        parts.append(f"led {self.longest_lead:.1f} s while skewed {self._counts()}")
+        return self._line("skew", parts)
+
+    def failures(self, timing: Timing) -> list[str]:
+        """What the step's skew checks found wrong (``timing``: the plan's; the checks' bound
+        is :data:`SKEW_LEAD_BOUND_S`)."""
+        return self._failures(
+            "skew",
+            off="skewed",
+            led="while skewed",
+            leader="the leader was skewed",
+            handover_s=self._moved_after(self.stopped),
+        )
+
+
+@dataclass
+class JumpWatch(_ClockWatch):
+    """What the runner saw of one ``jump``: the running node's own verdict, its leadership, the
+    handover, and the gate closures the nodes with right clocks applied meanwhile.
+
+    A ``jump`` moves the clock of the running node, so its times count from the jump
+    (:attr:`at`); ``transfers`` and ``held`` are its counters' increases over :attr:`before`;
+    ``lead_since`` of a leader at the jump is the jump (the runner sets it), and
+    ``longest_lead`` is the longest stretch it led after the jump, up to the first poll that
+    found it not leading (an upper bound: polls are half a second apart)."""
+
     at: float = 0.0
     """Monotonic time its faults file got the offset."""
     wall_at: float = 0.0
     """The runner's (right) wall clock then."""
-    seen_at: float | None = None
-    """When its ``/status`` first said ``clock.skewed``."""
-    offset: float | None = None
-    """The offset it then reported."""
-    moved_at: float | None = None
-    """When the other nodes first named another leader (it led when the jump came)."""
-    new_leader: str = "-"
-    lead_since: float | None = None
-    """Since when it leads (a leader at the jump: from the jump on)."""
-    longest_lead: float = 0.0
-    """Longest stretch it led after the jump, up to the first poll that found it not leading
-    (an upper bound: polls are half a second apart)."""
-    transfers: int = 0
-    """Leadership handovers it made while its clock was off (its counter's increase)."""
-    held: int = 0
-    """Gate closures or settlements it held back meanwhile (its counter's increase)."""
     before: dict[str, int] = field(default_factory=dict)
     """Counters before the jump: ``transfers``, ``held`` of the node, and each other node's
     ``early_gate_closures`` (by name)."""
@@ -1290,9 +1366,6 @@ class JumpWatch:
     """Those of them applied before the gate time: seconds early."""
     counted: dict[str, int] = field(default_factory=dict)
     """Early gate closures nodes with right clocks counted meanwhile."""
-    peers_saw: set[str] = field(default_factory=set)
-    """Nodes that listed its clock as off the median (``clock.disagreeing``)."""
-    exited: str | None = None
 
     def start(self, docs: dict[str, dict[str, Any]]) -> None:
         """Note the counters before the jump (``docs``: every node's ``/status`` then)."""
@@ -1304,34 +1377,19 @@ class JumpWatch:
             elif isinstance(clock.get("early_gate_closures"), int):
                 self.before[name] = clock["early_gate_closures"]
 
-    def observe(self, docs: dict[str, dict[str, Any]], others_leader: str, now: float,
-                schedule: Schedule, off: Iterable[str] = ()) -> None:  # fmt: skip
+    def observe(
+        self,
+        docs: dict[str, dict[str, Any]],
+        others_leader: str,
+        now: float,
+        schedule: Schedule,
+        off: Iterable[str] = (),
+    ) -> None:
         """Note one round of ``/status`` documents (``others_leader``: whom the other nodes
         name; ``off``: other nodes whose clock is off too, left out of the gate timing)."""
-        h, skip = self.household, set(off) | {self.household.name}
-        doc = docs.get(h.name)
-        if doc is not None:
-            clock = doc.get("clock") or {}
-            if clock.get("skewed") and self.seen_at is None:
-                self.seen_at, self.offset = now, clock.get("offset")
-            self.transfers = max(self.transfers, int(clock.get("transfers") or 0)
-                                 - self.before.get("transfers", 0))  # fmt: skip
-            self.held = max(self.held, int(clock.get("held") or 0) - self.before.get("held", 0))
-            self.own_early = max(self.own_early, int(clock.get("early_gate_closures") or 0))
-            leads = (doc.get("raft") or {}).get("role") == "leader"
-            if leads and self.lead_since is None:
-                self.lead_since = now
-            if self.lead_since is not None:
-                self.longest_lead = max(self.longest_lead, now - self.lead_since)
-            if not leads:
-                self.lead_since = None
-        if self.was_leader and self.moved_at is None and others_leader not in ("-", h.name):
-            self.moved_at, self.new_leader = now, others_leader
+        skip = set(off) | {self.household.name}
+        self._note_round(docs, others_leader, now, lead_through_loss=True)
         for name, d in docs.items():
-            if name == h.name:
-                continue
-            if h.did in _disagreeing(d):
-                self.peers_saw.add(name)
             if name in skip:
                 continue
             for row in d.get("slot_times") or ():
@@ -1346,59 +1404,55 @@ class JumpWatch:
             if isinstance(early, int) and early > self.before.get(name, early):
                 self.counted[name] = early - self.before[name]
 
+    def _note_counters(self, clock: dict[str, Any]) -> None:
+        """Its counters' increases since the jump, and its own early gate closures."""
+        self.transfers = max(
+            self.transfers, int(clock.get("transfers") or 0) - self.before.get("transfers", 0)
+        )
+        self.held = max(self.held, int(clock.get("held") or 0) - self.before.get("held", 0))
+        self.own_early = max(self.own_early, int(clock.get("early_gate_closures") or 0))
+
     @property
     def handover_s(self) -> float | None:
         """Seconds from the jump until the other nodes named another leader (None: never)."""
-        return None if self.moved_at is None else self.moved_at - self.at
+        return self._moved_after(self.at)
 
     def outcome(self) -> str:
         """One line for the table."""
-        h, parts = self.household, []
-        if self.exited is not None:
-            parts.append(f"exited while its clock was off ({self.exited})")
-        if self.seen_at is None:
-            parts.append("never reported skewed")
-        else:
-            off = "?" if self.offset is None else f"{self.offset:+.1f} s"
-            parts.append(f"reported skewed {self.seen_at - self.at:.1f} s after the jump "
-                         f"(offset {off})")  # fmt: skip
+        parts = self._verdict_parts("its clock was off", self.at, "the jump")
         if self.was_leader:
-            took = self.handover_s
-            if took is None:
-                parts.append("leadership never moved")
-            else:
-                parts.append(f"handed over to {self.new_leader} {took:.1f} s after the jump")
-        parts.append(f"led at most {self.longest_lead:.1f} s at a stretch after the jump "
-                     f"({self.transfers} handovers, {self.held} holds)")  # fmt: skip
+            parts.append(self._handover_part("handed over to", self.at, "the jump"))
+        parts.append(
+            f"led at most {self.longest_lead:.1f} s at a stretch after the jump {self._counts()}"
+        )
         if self.early or self.counted:
-            parts.append(f"gates closed early: {sorted(self.early.items())[:5]} "
-                         f"counted {self.counted}")  # fmt: skip
+            parts.append(
+                f"gates closed early: {sorted(self.early.items())[:5]} counted {self.counted}"
+            )
         else:
             parts.append(f"no gate closed early ({len(self.timed)} closures timed meanwhile)")
-        parts.append(f"seen off by {','.join(sorted(self.peers_saw)) or 'no node'}")
-        lead = " (the leader)" if self.was_leader else ""
-        return f"jump {h.name}{lead} {self.skew_s:+g} s: " + "; ".join(parts)
+        return self._line("jump", parts)
 
     def failures(self) -> list[str]:
         """What the step's jump checks found wrong."""
-        name, out = self.household.name, []
-        if self.exited is not None:
-            out.append(f"jump {name}: the node exited while its clock was off: {self.exited}")
-        if self.seen_at is None:
-            out.append(f"jump {name} ({self.skew_s:+g} s): /status never said clock.skewed")
-        if self.longest_lead > SKEW_LEAD_BOUND_S:
-            out.append(f"jump {name}: led {self.longest_lead:.1f} s at a stretch after its clock "
-                       f"jumped (bound {SKEW_LEAD_BOUND_S:g} s)")  # fmt: skip
-        took = self.handover_s
-        if self.was_leader and (took is None or took > SKEW_LEAD_BOUND_S):
-            out.append(f"jump {name}: the leader's clock jumped and the others named no other "
-                       f"leader within {SKEW_LEAD_BOUND_S:g} s")  # fmt: skip
+        name = self.household.name
+        out = self._failures(
+            "jump",
+            off="its clock was off",
+            led="after its clock jumped",
+            leader="the leader's clock jumped",
+            handover_s=self.handover_s,
+        )
         if self.early:
-            out.append(f"jump {name}: gates closed early by right clocks meanwhile (node, slot "
-                       f"-> seconds): {dict(sorted(self.early.items())[:10])}")  # fmt: skip
+            out.append(
+                f"jump {name}: gates closed early by right clocks meanwhile (node, slot "
+                f"-> seconds): {dict(sorted(self.early.items())[:10])}"
+            )
         if self.counted:
-            out.append(f"jump {name}: nodes with right clocks counted early gate closures "
-                       f"meanwhile: {self.counted}")  # fmt: skip
+            out.append(
+                f"jump {name}: nodes with right clocks counted early gate closures "
+                f"meanwhile: {self.counted}"
+            )
         return out
 
 
