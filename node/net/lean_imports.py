@@ -85,6 +85,7 @@ def unused(*, mdns: bool = False) -> tuple[str, ...]:
     """:data:`UNUSED`, less what mDNS discovery needs when it is on."""
     return tuple(b for b in UNUSED if not (mdns and b in MDNS_PACKAGES))
 
+
 DISABLE_ENV = "MICROGRID_FULL_IMPORTS"
 
 
