@@ -379,20 +379,11 @@ def _newer_fault(kind: Kind, rng: random.Random, free_voters: list[str],
     ``jump``."""
     slot = timing.slot_seconds
     leader_free = LEADER not in busy
-    if kind is Kind.JUMP:
-        # the leader twice as often as another voter, as a skew. Held at least until the node
-        # said it is skewed and, a leader, handed over (the runner waits, bounded, for both)
-        pool = free_learners + (free_voters if voter_budget > 0 else [])
-        if voter_budget > 0 and leader_free:
-            pool = [LEADER, LEADER, *pool]
-        if not pool:
-            return None
-        target = rng.choice(pool)
-        skew = _r(rng.uniform(SKEW_MIN_S, SKEW_MAX_S)) * rng.choice((1, -1))
-        return Fault(kind, (target,), _r(rng.uniform(0.5 * slot, 1.5 * slot)), skew_s=skew)
-    if kind is Kind.SKEW:
+    if kind in (Kind.JUMP, Kind.SKEW):
         # like a kill: the leader twice as often as another voter; a learner without a budget.
-        # Long enough to restart, compare clocks with the peers and be seen skewed
+        # A skew lasts long enough to restart, compare clocks with the peers and be seen
+        # skewed; a jump at least until the node said it is skewed and, a leader, handed over
+        # (the runner waits, bounded, for both)
         pool = free_learners + (free_voters if voter_budget > 0 else [])
         if voter_budget > 0 and leader_free:
             pool = [LEADER, LEADER, *pool]
@@ -400,7 +391,8 @@ def _newer_fault(kind: Kind, rng: random.Random, free_voters: list[str],
             return None
         target = rng.choice(pool)
         skew = _r(rng.uniform(SKEW_MIN_S, SKEW_MAX_S)) * rng.choice((1, -1))
-        return Fault(kind, (target,), _r(rng.uniform(2 * slot, 3 * slot)), skew_s=skew)
+        low, high = (0.5, 1.5) if kind is Kind.JUMP else (2.0, 3.0)
+        return Fault(kind, (target,), _r(rng.uniform(low * slot, high * slot)), skew_s=skew)
     if kind is Kind.PARTITION:
         # a minority side: up to voter_budget voters (the leader as often as not), maybe a learner
         side: list[str] = []
