@@ -82,6 +82,7 @@ import math
 import random
 import re
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -100,8 +101,10 @@ from libp2p.io.exceptions import IncompleteReadError, IOException, MessageTooLar
 from libp2p.io.utils import read_exactly
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
+from libp2p.peer import peerstore as peerstore_module
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub import gossipsub as gossipsub_module
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -424,6 +427,35 @@ def guard_listen_addrs(host: Any) -> None:
     host.get_addrs = get_addrs
 
 
+SPR_CACHE_SECONDS = 2.0
+"""How long a host's signed peer record, as attached to every pubsub RPC, is reused before
+libp2p is asked again (which reads every listener's address and compares address sets)."""
+_SPR_CACHE: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+_LIBP2P_ENV_TO_SEND = peerstore_module.env_to_send_in_RPC
+
+
+def _cached_env_to_send(host: Any) -> tuple[bytes, bool]:
+    """libp2p's ``env_to_send_in_RPC``, reused for :data:`SPR_CACHE_SECONDS` per host.
+
+    py-libp2p 0.8.1 rebuilds the record's address set from ``host.get_addrs()`` and marshals the
+    envelope for *every* RPC it sends (each forwarded message, each GRAFT): about 5 % of a
+    learner's CPU in a 30-household grid. A changed address reaches the record within the
+    cache's lifetime (our own address exchange carries addresses to members at once)."""
+    now = time.monotonic()
+    hit = _SPR_CACHE.get(host)
+    if hit is not None and hit[0] > now:
+        return hit[1], False
+    envelope, created = _LIBP2P_ENV_TO_SEND(host)
+    _SPR_CACHE[host] = (now + SPR_CACHE_SECONDS, envelope)
+    return envelope, created
+
+
+def patch_peer_record_cache() -> None:
+    """Install :func:`_cached_env_to_send` where pubsub and gossipsub call it (idempotent)."""
+    pubsub_module.env_to_send_in_RPC = _cached_env_to_send
+    gossipsub_module.env_to_send_in_RPC = _cached_env_to_send
+
+
 def patch_yamux_window_updates() -> None:
     """Install :func:`_batched_window_update` on py-libp2p's YamuxStream (idempotent)."""
     YamuxStream._auto_tune_and_send_window_update = _batched_window_update  # type: ignore[method-assign]
@@ -528,6 +560,11 @@ class NetSettings:
     liveness pings and gossip control traffic; bounded, about 5 x 45 + 45 x 6."""
     neighbours: int = 6
     """Members besides the core that a learner of a large grid dials (see above)."""
+    large_degree_high: int = 5
+    """In a grid past ``full_mesh_members``, gossipsub's ``degree_high`` (most mesh peers
+    before pruning) is at most this: every mesh peer sends each record once more, and with
+    the voters connected to everyone a learner's mesh otherwise drifts up to ``degree_high``
+    (8), i.e. up to 8 copies of each of the grid's records in and out per learner."""
     subscribe: bool = True
     """Subscribe to the grid's gossip topics (the operator node does not: it is not a member,
     so members would refuse what it forwarded; it follows the ledger through Raft)."""
@@ -828,6 +865,7 @@ class NetNode:
         added = [p for p in new if p not in self.member_peers]
         self.member_peers = new
         self._wanted = self._choose_wanted()
+        self._fit_mesh()
         self.validator.set_members(new)
         self.metrics.set_members(new)
         self.metrics.members.set(len(new))
@@ -881,6 +919,16 @@ class NetNode:
         self._members_changed.set()  # waiting reconnect loops look again
         self._members_changed = trio.Event()
 
+    def _fit_mesh(self) -> None:
+        """Bound gossipsub's mesh for the topology: ``large_degree_high`` past the full mesh."""
+        gossipsub = getattr(self, "gossipsub", None)
+        if gossipsub is None:
+            return
+        s = self.settings
+        large = len(self.member_peers) > s.full_mesh_members  # voters too: they dial everyone
+        high = min(s.degree_high, s.large_degree_high) if large else s.degree_high
+        gossipsub.degree_high = max(high, s.degree)
+
     def wants(self, key: str) -> bool:
         """This node keeps a connection to peer ``key`` (it dials it): every member in a full
         mesh; else the core, this node's ``neighbours``, and the infrastructure peers."""
@@ -919,6 +967,7 @@ class NetNode:
 
     def _build(self) -> None:
         patch_yamux_window_updates()
+        patch_peer_record_cache()
         kp = self.identity.key_pair
         self.host = new_host(
             key_pair=kp,
@@ -947,10 +996,16 @@ class NetNode:
             degree_high=s.degree_high,
             heartbeat_interval=s.heartbeat_interval,
             heartbeat_initial_delay=0.1,
+            # "adaptive gossip" widens the mesh (degree_high up to +4) when its health score
+            # drops, which on a loaded machine means more copies of every record exactly when
+            # CPU is short; our degrees are fixed (NetSettings, _fit_mesh)
+            adaptive_gossip_enabled=False,
             # pitfall 2: fixed 10 msg/s per (peer, topic), applied to forwarding, silent
             spam_protection_enabled=False,
         )
         self._flood_own_publications()
+        self._back_off_pruned_peers()
+        self._fit_mesh()
         self.pubsub = Pubsub(
             self.host,
             self.gossipsub,
@@ -995,6 +1050,28 @@ class NetNode:
             return peers
 
         gossipsub._get_peers_to_send = peers_to_send
+
+    def _back_off_pruned_peers(self) -> None:
+        """Keep a peer our heartbeat pruned out of our mesh for the PRUNE's back-off, as go's
+        gossipsub does (``addBackoff`` when it prunes).
+
+        py-libp2p 0.8.1 adds the back-off only on the side that *receives* a PRUNE, so the
+        pruning side may GRAFT the same peer again a heartbeat later; the peer then sees a GRAFT
+        within 10 s of the PRUNE it got, calls it a GRAFT flood, lowers our score and prunes us
+        back. Wherever meshes get pruned (a grid past the full mesh, where the voters are
+        connected to everyone) that churn ended with nodes whose meshes were empty.
+        """
+        gossipsub = self.gossipsub
+        original = gossipsub.mesh_heartbeat
+
+        def mesh_heartbeat() -> Any:
+            to_graft, to_prune = original()
+            for peer, topics in to_prune.items():
+                for topic in topics:
+                    gossipsub._add_back_off(peer, topic, False)
+            return to_graft, to_prune
+
+        gossipsub.mesh_heartbeat = mesh_heartbeat
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED
@@ -1941,6 +2018,10 @@ class NetNode:
         for msg in wanted:
             if not msgs.take(now):
                 over += 1
+                continue
+            # a copy of a message already validated (one arrives from each mesh peer) ends
+            # here, as it would in push_msg, without a task spawned for it
+            if ps._is_msg_seen(msg):
                 continue
             ps.manager.run_task(ps.push_msg, peer_id, msg)
         if over:

@@ -91,7 +91,8 @@ async def test_a_bounded_grid_connects_learners_to_the_core_and_gossips_everywhe
     specs, _, path = make_grid(tmp_path, 9)
     grid = Grid(load_genesis(path))
     settings = {"full_mesh_members": 4, "neighbours": 2, "reconnect_max": 1.0,
-                "learn_addrs": True}  # fmt: skip
+                "learn_addrs": True, "degree": 2, "degree_low": 1, "degree_high": 6,
+                "large_degree_high": 3}  # fmt: skip
     members, late = specs[:8], specs[8]
     nodes = [grid.node(s, [p for p in members if p is not s], **settings) for s in members]
     core = [s.did for s in members[:2]]
@@ -110,6 +111,11 @@ async def test_a_bounded_grid_connects_learners_to_the_core_and_gossips_everywhe
                 if b is not a:
                     assert connected(a, b) == expected(a, b), (a.identity.did, b.identity.did)
         assert any(not connected(a, b) for a in learners for b in learners if a is not b)
+        # past the full mesh the gossip mesh is bounded too: a voter is connected to all seven
+        # others, yet after the heartbeats no mesh holds more than large_degree_high peers
+        assert all(n.gossipsub.degree_high == 3 for n in nodes)
+        for n in nodes:
+            assert len(n.mesh_peers(TopicKind.ORDERS)) <= 3, n.mesh_peers(TopicKind.ORDERS)
 
         origin = learners[-1]
         await origin.publish(TopicKind.ORDERS, [order(origin.identity, grid.genesis, 1)])
