@@ -247,7 +247,10 @@ class CensorshipWatch:
         """Timely records whose deadline was applied first (kept as evidence)."""
         self._per_household: Counter[str] = Counter()
         self._by_deadline: dict[Deadline, set[RecordKey]] = {}
-        self._committed: OrderedDict[RecordKey, None] = OrderedDict()
+        self._committed: OrderedDict[RecordKey, int] = OrderedDict()
+        """Records the log holds -> the slot boundary they were committed after (so a copy
+        seen later is not tracked again); kept for ``retain_slots``, at most
+        ``max_committed``."""
         self.served: dict[tuple[str, str], int] = {}
         """(household, class) -> latest seen slot of one of its records committed in time."""
         self._served_household: dict[str, int] = {}
@@ -315,7 +318,7 @@ class CensorshipWatch:
                                             tracked.slot)  # fmt: skip
         elif key in self.missed:
             self.counters["committed_late"] += 1  # still missed: the engine refused it
-        self._committed[key] = None
+        self._committed[key] = -1 if self.slot is None else self.slot
         self._committed.move_to_end(key)
         while len(self._committed) > self.max_committed:
             self._committed.popitem(last=False)
@@ -369,6 +372,10 @@ class CensorshipWatch:
             for key in [k for k, t in source.items() if t.slot < horizon]:
                 self._forget(key)
                 self.counters["aged_out"] += 1
+        # a committed record's deadline is long applied by now: a late copy is refused as
+        # expired without this memory of it (commit order is slot order: oldest first)
+        while self._committed and next(iter(self._committed.values())) < horizon:
+            self._committed.popitem(last=False)
         start = self.leader_since if self.leader_since is not None else horizon
         failing: dict[str, dict[str, list[int]]] = {}
         uncommitted: Counter[str] = Counter()

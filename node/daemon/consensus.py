@@ -164,10 +164,11 @@ class ConsensusDriver:
     propose_every: float = 0.2
     snapshot_every: int = 5000
     """Compact the log after this many applied entries (0: never)."""
-    snapshot_bytes: int = 2 * 1024 * 1024
+    snapshot_bytes: int = 1024 * 1024
     """...or once the entries written since the last compaction hold this many bytes (0: no
     bound): the storage keeps every entry since the snapshot in memory, and a large grid's
-    entries are large (50 households: about 10 kB each, 5000 of them 50 MB; issue 19)."""
+    entries are large (50 households: about 10 kB each, 5000 of them 50 MB; issue 19). 1 MiB
+    is about 25 slots of 50 households, 300 of 3."""
     compact_retry_seconds: float = 1.0
     """Wait before retrying a postponed compaction (checks only: cheap)."""
     compact_failure_backoff: float = 60.0

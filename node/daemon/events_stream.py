@@ -66,8 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EVENT_BUFFER = 1024
-"""Events kept for clients that reconnect (``Last-Event-ID``)."""
+EVENT_BUFFER = 256
+"""Events kept for clients that reconnect (``Last-Event-ID``): a household has about five
+per slot, so 256 cover the last 50 slots (half a day of 15-minute slots)."""
 STREAM_QUEUE = 256
 """Events queued for one stream; a stream whose queue is full is dropped."""
 KEEPALIVE_SECONDS = 15.0
@@ -251,12 +252,13 @@ class ManualNonces:
             return state
         try:
             doc = json.loads(raw)
-            assert isinstance(doc, dict) and doc.get("version") == 1
+            if not isinstance(doc, dict) or doc.get("version") != 1:
+                raise ValueError("not a version 1 manual order state")
             state.next = _nonneg(doc["next"])
             state.taken = {_nonneg(s) for s in doc["taken"]}
             state.current = {_nonneg(int(s)): _text(i) for s, i in doc["current"].items()}
             state.withdrawn = {_text(i): _nonneg(s) for i, s in doc["withdrawn"].items()}
-        except (ValueError, KeyError, TypeError, AssertionError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             aside = path.with_suffix(".corrupt")
             with contextlib.suppress(OSError):
                 path.replace(aside)

@@ -275,6 +275,8 @@ class GossipValidator:
         self.signatures: dict[str, dict[int, str]] = {}
         """Per author: the signature of the record accepted under each recent nonce (Ed25519
         signatures are deterministic, so a different signature means different content)."""
+        self._highest: dict[str, int] = {}
+        """Per author: the highest nonce remembered in :attr:`signatures`."""
         self.seqnos: dict[str, int] = {}
         """Per origin: the highest pubsub seqno seen in a message reaching the validator."""
         self.buckets: dict[str, TokenBucket] = {}
@@ -366,10 +368,14 @@ class GossipValidator:
         return "" if culprit == self.local_peer else culprit
 
     def _remember_signature(self, record: SignedRecord) -> None:
+        """Keep the signature under the record's nonce while the nonce is inside the author's
+        anti-replay window (below it the record is refused as replayed anyway): at most the
+        nonces an author used within one window, whatever the grid's age."""
         seen = self.signatures.setdefault(record.author, {})
         seen[record.nonce] = record.signature
-        if len(seen) > 2 * self.nonce_window:
-            floor = max(seen) - self.nonce_window
+        floor = max(record.nonce, self._highest.get(record.author, -1)) - self.nonce_window
+        self._highest[record.author] = floor + self.nonce_window
+        if len(seen) > 1 and next(iter(seen)) <= floor:
             for nonce in [n for n in seen if n <= floor]:
                 del seen[nonce]
 

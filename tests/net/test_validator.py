@@ -289,3 +289,19 @@ def test_default_slot_policy_refuses_feeder_readings_before_their_slot_ends(
     assert policy(record) == "slot_not_open"
     now[0] = float(genesis.schedule.end(1000))
     assert policy(record) is None
+
+
+def test_signatures_are_remembered_within_the_nonce_window_only() -> None:
+    """The equivocation check keeps an author's signatures for the nonces inside its window
+    (older ones are refused as replays anyway): memory stays bounded however long the grid
+    runs, and equivocation inside the window is still caught."""
+    v = validator(nonce_window=16, rate_per_origin=1e9, burst_per_origin=1e9)
+    a = str(A.peer_id)
+    for i, nonce in enumerate(range(0, 400, 2)):  # two nonces in four per slot, as households
+        assert v.validate(TopicKind.ORDERS, a, a, encode_batch([order(nonce)]), seqno=i + 1).ok
+    remembered = v.signatures[A.did]
+    assert set(remembered) == {n for n in range(0, 400, 2) if n > 398 - 16}
+    eq = v.validate(TopicKind.ORDERS, a, a, encode_batch([order(390, price=11)]), seqno=999)
+    assert eq.reason == "equivocation"
+    old = v.validate(TopicKind.ORDERS, a, a, encode_batch([order(300, price=11)]), seqno=1000)
+    assert old.reason == "replayed"

@@ -121,6 +121,21 @@ def test_a_household_whose_records_are_dropped_is_suspected_while_others_are_ser
     assert [s.household for s in report.suspected] == [A] and not report.own_suspected
 
 
+def test_the_memory_of_committed_records_lasts_retain_slots_however_long_the_grid_runs() -> None:
+    """Committed record keys are remembered only for ``retain_slots`` boundaries (a late copy
+    is refused as expired by its deadline by then), so the watch's memory levels off: 3
+    households, 2 records each per slot, 16 slots retained, after 500 slots."""
+    watch = CensorshipWatch(A, retain_slots=16)
+    script = Script(watch)
+    for k in range(10, 510):
+        report = script.slot(k)
+        assert not report.suspected, k
+    assert len(watch._committed) <= 2 * 3 * 17
+    # a copy of a record committed long ago is not tracked again: its deadline has passed
+    assert not watch.seen(script.order(B, 12))
+    assert watch.report.tracked == 0
+
+
 def test_a_stalled_grid_or_a_partitioned_node_accuses_no_one() -> None:
     """Nothing commits for anyone (no leader progress, or this node cut off): records age, but
     no one is suspected, since no other household is being served either; they age out."""
