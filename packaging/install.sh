@@ -154,6 +154,11 @@ install_venv() {
         || die "pip install --force-reinstall $wheel failed"
     rm -rf "$workdir"
     trap - EXIT
+    # The unit runs Python with PYTHONOPTIMIZE=2 (no docstrings: less memory) and cannot
+    # write to /opt: compile every module for it now, or each start would compile them again.
+    log "compiling the modules for the node's optimised Python"
+    "$PREFIX/bin/python" -OO -m compileall -q -j 0 "$PREFIX/lib" >/dev/null 2>&1 \
+        || log "some files under $PREFIX/lib did not compile (test data of dependencies; harmless)"
     "$PREFIX/bin/microgrid" --help >/dev/null || die "$PREFIX/bin/microgrid does not run"
     ln -sfn "$PREFIX/bin/microgrid" "$COMMAND_LINK"
     install -d -m 0755 "$DOC_DIR"

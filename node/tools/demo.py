@@ -63,6 +63,10 @@ from node.setup.genesis import create_genesis, write_genesis
 from node.setup.keyfile import create_key_file
 from node.tools.ports import free_ports
 
+NODE_PYTHON_OPTIONS = ("-OO",)
+"""How the demo starts its node processes' Python, as the systemd unit does
+(``PYTHONOPTIMIZE=2``): without docstrings, which take about 6 MB of each node's memory
+(docs/performance.md, "Memory"). Nothing in a node relies on a docstring or an ``assert``."""
 SIM_SLOT_SECONDS = 900
 SIM_START = dt.datetime(2025, 6, 21, 9, 0)
 """Mid-morning of a June day: PV households have surplus while others still draw."""
@@ -558,8 +562,8 @@ class Demo:
             timing = self.timing_environment() if h.joined else {}
             env = {**os.environ, **timing, **h.environment}
         h.process = await trio.lowlevel.open_process(
-            [*h.prefix, sys.executable, "-m", "node.cli", "node", "run", "--config",
-             str(h.config_path)],
+            [*h.prefix, sys.executable, *NODE_PYTHON_OPTIONS, "-m", "node.cli", "node", "run",
+             "--config", str(h.config_path)],
             stdout=h.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )  # fmt: skip
         h.starts += 1
@@ -656,14 +660,17 @@ class Demo:
         return out
 
     async def wait_until(self, predicate: Callable[[dict[str, dict[str, Any]]], bool],
-                         timeout: float) -> dict[str, dict[str, Any]]:  # fmt: skip
-        """Poll statuses until ``predicate`` holds (raises trio.TooSlowError on timeout)."""
+                         timeout: float, interval: float = 0.25,
+                         ) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """Poll statuses every ``interval`` seconds until ``predicate`` holds (raises
+        trio.TooSlowError on timeout). A benchmark polls seldom: every poll is a ``/status``
+        request to every node."""
         with trio.fail_after(timeout):
             while True:
                 docs = await self.statuses()
                 if docs and predicate(docs):
                     return docs
-                await trio.sleep(0.25)
+                await trio.sleep(interval)
 
     def leader_name(self, docs: dict[str, dict[str, Any]]) -> str:
         """The leader as most live nodes see it, by household name."""
