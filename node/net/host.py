@@ -1483,7 +1483,9 @@ class NetNode:
         self._nursery.start_soon(self._reconnect_loop, addr)
 
     def _start_circuit_loops(self) -> None:
-        """With a relay: a loop dialling through it each member no static address names."""
+        """With relays: a loop dialling through them each member no static address names (one
+        loop per member; the address names the first relay, but :meth:`_dial` goes through
+        whichever relay works, ``RelayClient.route``)."""
         if self.relay_client is None or not self.settings.relays:
             return
         relay = self.settings.relays[0]
@@ -1492,13 +1494,15 @@ class NetNode:
                 self._start_dial_loop(circuit_address(relay, key))
 
     async def _dial(self, info: Any, addr: str) -> None:
-        """Connect to ``info``'s peer: through the relay for a circuit address; otherwise
-        directly and, if that fails and relays are configured, through each relay in turn."""
+        """Connect to ``info``'s peer: for a circuit address through any of our relays that
+        carries it (its own relay only if that is not one of ours); otherwise directly and, if
+        that fails and relays are configured, through the relays (``RelayClient.dial_peer``:
+        the one that worked last first, each with its own timeout)."""
         timeout = self.settings.dial_timeout
         if is_circuit(addr):
             if self.relay_client is None:
                 raise RelayError(addr, "no relay client (no relays configured)")
-            await self.relay_client.dial(addr, timeout)
+            await self.relay_client.dial_circuit(addr, timeout)
             return
         # identify fills the peerstore with the peer's *listen* addresses (0.0.0.0, a home's
         # private address) and the swarm dials one address per transport: keep only ours
@@ -1512,20 +1516,20 @@ class NetNode:
             if self.relay_client is None or str(info.peer_id) in self.infra_peers:
                 raise
             direct_error = exc
-        for relay in self.settings.relays:
-            try:
-                await self.relay_client.dial(circuit_address(relay, info.peer_id), timeout)
-                return
-            except RelayError as exc:
-                log.debug("circuit to %s failed: %s", info.peer_id, exc)
+        try:
+            await self.relay_client.dial_peer(info.peer_id, timeout)
+            return
+        except RelayError as exc:
+            log.debug("circuit to %s failed: %s", info.peer_id, exc)
         raise direct_error
 
     async def _reconnect_loop(self, addr: str | None, learned: str | None = None) -> None:
         """Keep a connection to one peer, with exponential back-off and jitter, while it is on
         the member list. A static peer (``addr``) is waited for while it is not a member; a
-        circuit address (``<relay>/p2p-circuit/p2p/<peer>``) is dialled through the relay. A
-        direct dial tries the static address and the learned ones in turn. A ``learned`` loop
-        (a peer id whose addresses only an exchange gave) ends once the peer leaves the list."""
+        circuit address (``<relay>/p2p-circuit/p2p/<peer>``) is dialled through a relay (see
+        :meth:`_dial`). A direct dial tries the static address and the learned ones in turn. A
+        ``learned`` loop (a peer id whose addresses only an exchange gave) ends once the peer
+        leaves the list."""
         circuit = addr is not None and is_circuit(addr)
         try:
             if addr is None:
@@ -1605,7 +1609,8 @@ class NetNode:
             try:
                 self._dialing += 1
                 try:
-                    rounds = 1 + (0 if circuit else len(self.settings.relays))
+                    # one dial_timeout per relay a circuit may try (+ the direct dial)
+                    rounds = max(1, (0 if circuit else 1) + len(self.settings.relays))
                     with trio.fail_after(self.settings.dial_timeout * rounds):
                         await self._dial(info, target)
                 finally:

@@ -11,11 +11,20 @@ upgrade a relayed connection to a direct one by TCP simultaneous open (hole punc
 fails, the grid keeps working over the relay. docs/network.md ("Connectivity") has the model
 and what py-libp2p 0.8.1 does and does not do.
 
+Several relays: every infrastructure peer the genesis names is one. A household reserves at
+each, and a circuit to a member goes through any relay it is connected to
+(:meth:`RelayClient.route`): the healthy ones first (reserved there, last circuit through it
+did not fail on the relay's side), among them the one that last carried a circuit with that
+member, then genesis order; then the rest. Each gets its own timeout, the next is tried when
+one fails. A relay is never asked for a circuit to itself. Only when no relay is connected
+are all of them tried, each connected first. An open connection is never moved: a relay coming
+back is used for the next circuit that needs one (no flapping).
+
 Who may use the relay: the operator node admits members only (its connection gate; a
 reservation or a circuit to a non-member is refused here as well). Who is a relay: an
 *infrastructure peer*, a peer id named in the operator-signed genesis' bootstrap list that is
 not a household (:func:`infrastructure_peers`). A household accepts relayed connections
-(the STOP protocol) only from such a relay.
+(the STOP protocol) from any such relay, and from no one else.
 
 py-libp2p 0.8.1 specifics (read its ``libp2p/relay/circuit_v2``):
 
@@ -30,6 +39,11 @@ py-libp2p 0.8.1 specifics (read its ``libp2p/relay/circuit_v2``):
 - ``RelayLimits(data=0)`` does not mean unlimited: a circuit with a reservation is cut at its
   first byte. We use no duration limit (``duration=0`` is unlimited) and a data limit no grid
   reaches.
+- The hop connects a circuit only to a destination holding a reservation *at that hop*
+  (``NO_RESERVATION`` otherwise): hence a reservation at every relay.
+- The STOP side tags an accepted relayed connection ``/p2p/<own id>/p2p-circuit/...`` (its own
+  id where the relay's belongs): :class:`_StopProtocol` tags it with the relay that carried it
+  and the peer Noise authenticated, so per-relay counts and ``via`` in ``/status`` are true.
 """
 
 from __future__ import annotations
@@ -66,6 +80,8 @@ RELAY_DATA_LIMIT = 1 << 60
 RESERVATION_TTL = 3600
 """Seconds a reservation lasts at the hop; clients renew at half of it."""
 RENEW_FRACTION = 0.5
+MAX_VIA = 4096
+"""Members whose preferred relay a client remembers (the oldest is forgotten first)."""
 REQUEST_TIMEOUT = 10.0
 """Longest one reservation or CONNECT exchange with the relay may take."""
 HOLE_PUNCH_DIAL_TIMEOUT = 3
@@ -156,6 +172,38 @@ def is_relayed(conn: Any) -> bool:
     return False
 
 
+def relay_of(conn: Any) -> str | None:
+    """The relay peer id a relayed swarm connection runs through (the ``/p2p/`` before
+    ``/p2p-circuit`` in its transport address), None for a direct one or if unknown."""
+    with contextlib.suppress(Exception):
+        for addr in conn.get_transport_addresses() or []:
+            head, sep, _ = str(addr).partition("/p2p-circuit")
+            if sep and "/p2p/" in head:
+                return head.rsplit("/p2p/", 1)[1].split("/", 1)[0] or None
+    return None
+
+
+TARGET_SIDE_STATUS = frozenset({int(StatusCode.NO_RESERVATION), int(StatusCode.CONNECTION_FAILED)})
+"""Hop answers that blame the destination (no reservation at this relay, did not answer STOP),
+not the relay: they do not make a relay unhealthy in :func:`relay_order`."""
+
+
+def relay_order(states: Mapping[str, RelayState], *, now: float, via: str | None = None
+                ) -> list[str]:  # fmt: skip
+    """The relays of ``states`` (peer id -> state, in genesis order) in the order a circuit
+    tries them: healthy ones first (a live reservation there, and its last circuit did not fail
+    on the relay's side), among them ``via`` (the relay of the last circuit with this member)
+    first, then the others in order; then the unhealthy ones, ``via`` first, then in order."""
+    keys = list(states)
+
+    def rank(key: str) -> tuple[bool, bool, int]:
+        s = states[key]
+        healthy = s.reserved_until > now and s.failed_seq <= s.ok_seq
+        return (not healthy, key != via, keys.index(key))
+
+    return sorted(keys, key=rank)
+
+
 class _NoActiveRelays(dict[Any, Any]):
     """Replaces ``CircuitV2Protocol._active_relays``: stores nothing (see the module doc)."""
 
@@ -218,6 +266,38 @@ class _HopProtocol(CircuitV2Protocol):
                     await stream.reset()
 
 
+class _StopProtocol(CircuitV2Protocol):
+    """py-libp2p's STOP side (accepting a relayed connection) that tags the connection with
+    the relay that carried it and tells :class:`RelayClient` (see the module doc)."""
+
+    def __init__(self, host: Any, on_accepted: Callable[[ID, ID], None]) -> None:
+        super().__init__(host, allow_hop=False)
+        self.on_accepted = on_accepted
+
+    async def handle_incoming_connection(self, stream: Any, remote_peer_id: bytes) -> None:
+        """Upgrade the STOP stream into a connection (Noise + yamux: ``remote_peer_id``, the
+        relay's word, is only a claim; the handshake says who is at the other end)."""
+        relay = stream.muxed_conn.peer_id
+        try:
+            claimed = ID(remote_peer_id)
+            placeholder = multiaddr.Multiaddr(f"/p2p/{relay}/p2p-circuit/p2p/{claimed}")
+            raw = RawConnection(stream=stream, initiator=False,
+                                connection_type=ConnectionType.RELAYED,
+                                addresses=[placeholder])  # fmt: skip
+            muxed = await self.host.upgrade_inbound_connection(raw, placeholder)
+            peer = muxed.peer_id
+            addr = multiaddr.Multiaddr(f"/p2p/{relay}/p2p-circuit/p2p/{peer}")
+            for conn in self.host.get_network().get_connections(peer):
+                if getattr(conn, "muxed_conn", None) is muxed:
+                    conn.set_transport_info([addr], ConnectionType.RELAYED)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await stream.close()
+            raise ConnectionError(f"relayed connection through {relay} failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        self.on_accepted(relay, peer)
+
+
 class RelayService:
     """The operator node's circuit relay v2 hop (members only)."""
 
@@ -257,15 +337,21 @@ class RelayState:
     last_error: str | None = None
     reservations: int = 0
     circuits: dict[str, int] = field(default_factory=dict)
-    """Outbound circuit dials through it: ok / failed."""
+    """Outbound circuit dials through it: ok / failed (whoever was to blame)."""
+    inbound: int = 0
+    """Relayed connections it handed us (STOP accepted)."""
+    ok_seq: int = 0
+    failed_seq: int = 0
+    """When (a :class:`RelayClient` event number) a circuit through it last worked (either
+    direction) / last failed on the relay's side: its health in :func:`relay_order`."""
 
 
 class RelayClient:
     """A household's side: reservations at the relays, circuits through them, DCUtR.
 
     ``trusted(peer)`` says whether a peer may hand us a relayed connection (STOP): the relays
-    the genesis names. The connection gate still decides whether the household at the other
-    end is admitted.
+    the genesis names (any of them). The connection gate still decides whether the household
+    at the other end is admitted. :meth:`dial_peer` picks the relay (:meth:`route`).
     """
 
     def __init__(self, host: Any, relays: Iterable[str], trusted: Callable[[ID], bool], *,
@@ -285,7 +371,10 @@ class RelayClient:
         self.trusted = trusted
         self.clock = clock or time.time
         # STOP handling (accepting a relayed connection) is py-libp2p's; we guard who may call
-        self._stop = CircuitV2Protocol(host, allow_hop=False)
+        self._stop = _StopProtocol(host, self._accepted)
+        self._seq = 0
+        self._via: dict[str, str] = {}
+        """Member peer id -> the relay of the last circuit that worked with it (either way)."""
         self.hole_punch = hole_punch
         self.dcutr: DCUtRProtocol | None = None
         if hole_punch:
@@ -297,16 +386,91 @@ class RelayClient:
         now = self.clock()
         return [p for p, s in self.relays.items() if s.reserved_until > now]
 
+    def _relayed(self) -> list[tuple[str, str]]:
+        """(peer id, relay peer id) of every relayed connection open now, either direction."""
+        out: list[tuple[str, str]] = []
+        with contextlib.suppress(Exception):
+            for peer, conns in list(self.host.get_network().get_connections_map().items()):
+                for conn in conns:
+                    relay = relay_of(conn) if is_relayed(conn) else None
+                    if relay is not None:
+                        out.append((str(peer), relay))
+        return out
+
+    def open_circuits(self) -> dict[str, str]:
+        """Peer id -> relay peer id of each relayed connection open now (either direction; a
+        peer with several: the first listed)."""
+        out: dict[str, str] = {}
+        for peer, relay in self._relayed():
+            out.setdefault(peer, relay)
+        return out
+
     def status(self) -> dict[str, Any]:
-        """Relays, reservations and circuit dials for ``/status``."""
+        """Relays, reservations and circuits for ``/status``: per relay whether we are
+        connected and hold a reservation, reservations made, outbound circuit dials through it
+        (``ok``/``failed``), relayed connections it handed us (``inbound``), circuits open
+        through it now (``open``) and whether its last circuit worked; ``via``: the relay of
+        each member connected only through a relay (by DID)."""
         now = self.clock()
+        relayed = self._relayed()
+        network = self.host.get_network()
+        via: dict[str, str] = {}
+        for peer, relay in self.open_circuits().items():
+            with contextlib.suppress(Exception):
+                conns = network.get_connections(ID.from_base58(peer))
+                if conns and all(is_relayed(c) for c in conns):
+                    via[did_from_peer_id(ID.from_base58(peer))] = relay
+
+        def last(s: RelayState) -> str | None:
+            if not s.ok_seq and not s.failed_seq:
+                return None
+            return "failed" if s.failed_seq > s.ok_seq else "ok"
+
         return {
             "hole_punch": self.hole_punch,
-            "relays": [{"peer": p, "addr": s.addr, "reserved": s.reserved_until > now,
-                        "reservations": s.reservations, "error": s.last_error,
-                        "circuits": dict(s.circuits)} for p, s in self.relays.items()],
+            "relays": [{"peer": p, "addr": s.addr, "connected": self._connected(s.info.peer_id),
+                        "reserved": s.reserved_until > now, "reservations": s.reservations,
+                        "error": s.last_error, "circuits": dict(s.circuits),
+                        "inbound": s.inbound, "open": sum(1 for _, r in relayed if r == p),
+                        "last_circuit": last(s)}
+                       for p, s in self.relays.items()],
+            "via": via,
             "stop_refused": self.refused_stop,
         }  # fmt: skip
+
+    def route(self, target: ID | str) -> list[str]:
+        """The relays (peer ids) a circuit to ``target`` tries, in order: those we are
+        connected to, ordered by :func:`relay_order`; if none is connected, every relay in
+        genesis order (each is connected first). Never ``target`` itself nor this node."""
+        key = str(target)
+        own = str(self.host.get_id())
+        others = {p: s for p, s in self.relays.items() if p not in (key, own)}
+        up = {p: s for p, s in others.items() if self._connected(s.info.peer_id)}
+        if not up:
+            return list(others)
+        return relay_order(up, now=self.clock(), via=self._via.get(key))
+
+    def _note(self, relay: str, peer: str, *, ok: bool) -> None:
+        """A circuit with ``peer`` through ``relay`` worked (``ok``) or failed on the relay's
+        side: the relay's health and the member's preferred relay."""
+        state = self.relays.get(relay)
+        if state is None:
+            return
+        self._seq += 1
+        if ok:
+            state.ok_seq = self._seq
+            self._via.pop(peer, None)
+            self._via[peer] = relay
+            while len(self._via) > MAX_VIA:
+                self._via.pop(next(iter(self._via)))
+        else:
+            state.failed_seq = self._seq
+
+    def _accepted(self, relay: ID, peer: ID) -> None:
+        state = self.relays.get(str(relay))
+        if state is not None:
+            state.inbound += 1
+        self._note(str(relay), str(peer), ok=True)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept relayed connections from trusted relays, keep a reservation at each relay
@@ -324,6 +488,8 @@ class RelayClient:
                 await trio.sleep_forever()
 
     async def _guarded_stop(self, stream: Any) -> None:
+        """STOP from a trusted relay (any infrastructure peer): accept the relayed
+        connection; from anyone else: reset."""
         peer = stream.muxed_conn.peer_id
         if not self.trusted(peer):
             self.refused_stop += 1
@@ -385,13 +551,43 @@ class RelayClient:
                                                   "expires": int(expires)})  # fmt: skip
         return expires
 
+    async def dial_peer(self, target: ID, timeout: float = REQUEST_TIMEOUT) -> Any:
+        """Open a relayed connection to ``target`` through the relays of :meth:`route`, one
+        after another until one carries it, each given ``timeout`` seconds; returns the swarm
+        connection. Raises :class:`RelayError` naming every relay tried and why it failed."""
+        order = self.route(target)
+        if not order:
+            raise RelayError("-", f"no relay to reach {target} through (only itself)")
+        errors: list[str] = []
+        for relay in order:
+            try:
+                return await self.dial(circuit_address(self.relays[relay].addr, target), timeout)
+            except RelayError as exc:
+                errors.append(str(exc))
+        raise RelayError(",".join(order), f"no relay carried a circuit to {target}: "
+                         + "; ".join(errors))  # fmt: skip
+
+    async def dial_circuit(self, addr: str, timeout: float = REQUEST_TIMEOUT) -> Any:
+        """Open the circuit ``addr`` (``<relay>/p2p-circuit/p2p/<peer>``): through any of our
+        relays (:meth:`dial_peer`) if it names one of them, else through its relay only.
+        Raises :class:`RelayError` (``ValueError`` if ``addr`` is not a circuit address)."""
+        relay_info, target = split_circuit(addr)
+        if str(relay_info.peer_id) in self.relays:
+            return await self.dial_peer(target, timeout)
+        return await self.dial(addr, timeout)
+
     async def dial(self, addr: str, timeout: float = REQUEST_TIMEOUT) -> Any:
         """Open a relayed connection to the circuit address ``addr``
-        (``<relay>/p2p-circuit/p2p/<peer>``); returns the swarm connection. Connects to the
-        relay first if needed. Raises :class:`RelayError`."""
+        (``<relay>/p2p-circuit/p2p/<peer>``) through that relay only; returns the swarm
+        connection. Connects to the relay first if needed. Raises :class:`RelayError`; the
+        relay's health (:func:`relay_order`) suffers unless the hop blamed the destination
+        (:data:`TARGET_SIDE_STATUS`) or the end-to-end handshake failed after the hop's OK."""
         relay_info, target = split_circuit(addr)
         relay = str(relay_info.peer_id)
+        if relay_info.peer_id == target:
+            raise RelayError(relay, "a circuit to the relay itself")
         state = self.relays.get(relay)
+        relay_blamed = True
         try:
             with trio.fail_after(timeout):
                 if not self._connected(relay_info.peer_id):
@@ -404,8 +600,10 @@ class RelayClient:
                     resp = await read_delimited_msg(stream, HopMessage)
                     status = resp.status if resp.HasField("status") else int(StatusCode.OK)
                     if resp.type != HopMessage.STATUS or status != StatusCode.OK:
+                        relay_blamed = int(status) not in TARGET_SIDE_STATUS
                         raise RelayError(relay, f"circuit to {target} refused (status "
                                                 f"{status})", status)  # fmt: skip
+                    relay_blamed = False  # the hop connected us: the rest is end to end
                     raw = RawConnection(stream=stream, initiator=True,
                                         connection_type=ConnectionType.RELAYED,
                                         addresses=[multiaddr.Multiaddr(addr)])  # fmt: skip
@@ -415,24 +613,28 @@ class RelayClient:
                         await stream.reset()
                     raise
         except RelayError:
-            self._count(state, "failed")
+            self._count(state, "failed", relay, str(target), relay_blamed)
             raise
         except trio.TooSlowError:
-            self._count(state, "failed")
+            self._count(state, "failed", relay, str(target), relay_blamed)
             raise RelayError(relay, f"circuit to {target} timed out") from None
         except Exception as exc:
-            self._count(state, "failed")
+            self._count(state, "failed", relay, str(target), relay_blamed)
             raise RelayError(relay, f"circuit to {target} failed: {type(exc).__name__}: {exc}"
                              ) from exc  # fmt: skip
-        self._count(state, "ok")
+        self._count(state, "ok", relay, str(target), False)
         with contextlib.suppress(Exception):
             conn.set_transport_info([multiaddr.Multiaddr(addr)], ConnectionType.RELAYED)
         return conn
 
-    @staticmethod
-    def _count(state: RelayState | None, result: str) -> None:
+    def _count(self, state: RelayState | None, result: str, relay: str, target: str,
+               relay_blamed: bool) -> None:  # fmt: skip
         if state is not None:
             state.circuits[result] = state.circuits.get(result, 0) + 1
+        if result == "ok":
+            self._note(relay, target, ok=True)
+        elif relay_blamed:
+            self._note(relay, target, ok=False)
 
 
 def connection_kinds(host: Any, peers: Mapping[str, str]) -> dict[str, str]:
