@@ -168,6 +168,14 @@ class RaftTransport:
         try:
             async for data in peer.recv:
                 if stream is None:
+                    # only over a connection the node's reconnect loops made: new_stream would
+                    # otherwise dial the peer itself, at whatever addresses identify stored (a
+                    # home's private or 0.0.0.0 listen address: our own machine), bypassing
+                    # the relays, the topology and the back-off
+                    if not self.host.get_network().get_connections(peer.peer_id):
+                        self._drop("not_connected")
+                        await self._backoff(peer)
+                        continue
                     try:
                         with trio.fail_after(self.open_timeout):
                             stream = await self.host.new_stream(peer.peer_id, [RAFT_PROTOCOL_ID])

@@ -52,9 +52,11 @@ class FakeStream:
 class FakeHost:
     """Connects a writer's new_stream to the remote's registered handler."""
 
-    def __init__(self, me: NodeIdentity, block: bool = False) -> None:
+    def __init__(self, me: NodeIdentity, block: bool = False, connected: bool = True) -> None:
         self.me = me
         self.block = block
+        self.connected = connected
+        self.streams_opened = 0
         self.remote: FakeHost | None = None
         self.handler: Any = None
         self.nursery: trio.Nursery | None = None
@@ -62,7 +64,14 @@ class FakeHost:
     def set_stream_handler(self, proto: Any, handler: Any) -> None:
         self.handler = handler
 
+    def get_network(self) -> FakeHost:
+        return self
+
+    def get_connections(self, peer: Any) -> list[object]:
+        return [object()] if self.connected else []
+
     async def new_stream(self, peer: Any, protos: list[Any]) -> FakeStream:
+        self.streams_opened += 1
         if self.block:
             await trio.sleep_forever()
         assert self.remote is not None and self.nursery is not None
@@ -129,3 +138,19 @@ def test_metrics_served_on_loopback_only() -> None:
         assert b'microgrid_gossip_invalid_by_peer_total{peer="other"} 1.0' in body
     finally:
         m.close()
+
+
+async def test_no_stream_is_opened_to_a_peer_without_a_connection() -> None:
+    """The transport never dials: with no connection to the peer its frames are dropped
+    (``not_connected``) and no stream is asked for (libp2p would dial identify's addresses)."""
+    host = FakeHost(A, connected=False)
+    t = RaftTransport(host, A.did, encode_message, decode_message, lambda m: None)
+    t.retry_delay = 0.05
+    async with trio.open_nursery() as nursery:
+        await nursery.start(t.run)
+        assert t.send(hb(A.did, B.did))
+        with trio.fail_after(5):
+            while not t.dropped.get("not_connected"):
+                await trio.sleep(0.01)
+        assert host.streams_opened == 0
+        nursery.cancel_scope.cancel()
