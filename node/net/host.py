@@ -450,6 +450,27 @@ def _cached_env_to_send(host: Any) -> tuple[bytes, bool]:
     return envelope, created
 
 
+PENDING_PER_PEER = 32
+"""Messages gossipsub queues for a connected peer whose subscriptions it has not seen (py-libp2p
+0.8.1: 100). A peer that never subscribes, the operator node, gets every message queued until
+it expires, and each queued message rebuilds the peer's queue: 32 covers the moment between a
+connection and its subscriptions at the rate of a 50-household slot boundary."""
+PENDING_TTL_SECONDS = 5.0
+"""How long such a queued message waits for the subscription (py-libp2p 0.8.1: 30 s)."""
+
+
+class _PendingQueueNoise(logging.Filter):
+    """Drops gossipsub's WARNING per message queued for a peer that does not subscribe (the
+    operator node never does: every household logged one line per gossip message once its
+    queue was full). The queue stays bounded (:data:`PENDING_PER_PEER`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("pending message queue for peer")
+
+
+_PENDING_FILTER = _PendingQueueNoise()
+
+
 def patch_peer_record_cache() -> None:
     """Install :func:`_cached_env_to_send` where pubsub and gossipsub call it (idempotent)."""
     pubsub_module.env_to_send_in_RPC = _cached_env_to_send
@@ -968,6 +989,7 @@ class NetNode:
     def _build(self) -> None:
         patch_yamux_window_updates()
         patch_peer_record_cache()
+        logging.getLogger("libp2p.pubsub.gossipsub").addFilter(_PENDING_FILTER)  # idempotent
         kp = self.identity.key_pair
         self.host = new_host(
             key_pair=kp,
@@ -1000,6 +1022,8 @@ class NetNode:
             # drops, which on a loaded machine means more copies of every record exactly when
             # CPU is short; our degrees are fixed (NetSettings, _fit_mesh)
             adaptive_gossip_enabled=False,
+            max_pending_messages_per_peer=PENDING_PER_PEER,
+            pending_messages_ttl=PENDING_TTL_SECONDS,
             # pitfall 2: fixed 10 msg/s per (peer, topic), applied to forwarding, silent
             spam_protection_enabled=False,
         )

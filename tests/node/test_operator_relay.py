@@ -19,7 +19,7 @@ import trio
 from market import MarketConfig
 from market.models import MemberRole, Order, Side
 from market.signing import Signer
-from node.net.host import NetNode, NetSettings
+from node.net.host import PENDING_PER_PEER, NetNode, NetSettings
 from node.net.relay import (
     RelayClient,
     RelayError,
@@ -114,7 +114,9 @@ def test_infrastructure_from_genesis() -> None:
     assert relay_addresses(genesis) == list(genesis.bootstrap)
 
 
-async def test_households_connect_and_gossip_through_the_relay(tmp_path: Path) -> None:
+async def test_households_connect_and_gossip_through_the_relay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with relay_grid(tmp_path, hole_punch=False) as g:
         nodes, ids = g["nodes"], g["ids"]
         h0, h1, op = nodes["h0"], nodes["h1"], nodes["op"]
@@ -136,6 +138,14 @@ async def test_households_connect_and_gossip_through_the_relay(tmp_path: Path) -
         await wait_for(lambda: len(g["delivered"]["h1"]) >= 2 and len(g["delivered"]["h0"]) >= 2,
                        15, "orders delivered both ways")  # fmt: skip
         assert str(op.peer_id) not in h0.mesh_peers()
+        # the operator never subscribes: what gossipsub queues for it (waiting for
+        # subscriptions) stays bounded, and no line is logged per message
+        caplog.clear()
+        for nonce in range(2, 2 + 2 * PENDING_PER_PEER):
+            await h0.publish(TopicKind.ORDERS, [order(ids["h0"], g["genesis"], nonce)])
+        queued = len(h0.gossipsub._pending_messages.get(op.peer_id, []))
+        assert 0 < queued <= PENDING_PER_PEER + 1  # trimmed to the bound, then one appended
+        assert not [r for r in caplog.records if "pending message queue" in r.getMessage()]
         # Raft frames over the circuit, and between a household and the operator (learner)
         msg = Message(type=MessageType.HEARTBEAT, to=ids["h1"].did, frm=ids["h0"].did, term=1)
         h0.raft.send(msg)
