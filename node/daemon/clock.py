@@ -25,12 +25,16 @@ here: every time is an argument, ``at``/``now`` are monotonic seconds of the cal
   allowing for its error (and no longer once it is within ``max_skew`` allowing for it: the
   gap between the two is a hysteresis); while skewed a leader proposes no gate closure or
   settlement and hands leadership to the most caught-up voter whose clock agrees with the
-  median (at most once per ``transfer_every`` seconds: one slot); while not skewed the leader judges
+  median (at most once per ``transfer_every`` seconds: one slot; a handover that did not take,
+  to a voter that is down, is followed by one to the next such voter). A sole voter has no one
+  to hand over to: skewed (its learners' clocks, two or more, outvote its own) it holds every
+  gate closure and settlement until its clock is right again. While not skewed the leader judges
   deadlines by ``wall_clock - offset - error`` (the peers' median clock, conservatively: never
-  earlier than it, at most twice the error later). A follower that applies a ``CloseGate``
-  earlier than its own (corrected) clock allows by more than ``max_skew`` counts it against
-  the leader; ``distrust_after`` of them from one leader make a voter distrust it (the Raft
-  ``distrust`` the censorship watch uses; at most once per ``distrust_every_slots``).
+  earlier than it, at most twice the error later; a sole voter by its own clock). A follower
+  that applies a ``CloseGate`` earlier than its own (corrected) clock allows by more than
+  ``max_skew`` counts it against the leader; ``distrust_after`` of them from one leader make a
+  voter distrust it (the Raft ``distrust`` the censorship watch uses; at most once per
+  ``distrust_every_slots``).
 
 Why 5 s. The bound must be far below the gate lead (default 300 s: orders for a slot are
 refused once its gate closes, so a leader early by the bound takes that much off the last
@@ -309,6 +313,10 @@ class ClockWatch:
     """The estimate of the last :meth:`assess`."""
     _unforgiven: dict[str, int] = field(default_factory=dict)
     """Early closures per leader since its last distrust here."""
+    _tried: list[str] = field(default_factory=list)
+    """Voters handed leadership to while this node stayed skewed (cleared once it is not)."""
+    _proposed: str | None = None
+    """The last :meth:`transfer_target` (what :meth:`may_transfer` records as tried)."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_skew) or self.max_skew <= 0:
@@ -339,6 +347,8 @@ class ClockWatch:
             self.skewed = True
         elif abs(est.offset) + est.error <= self.max_skew:
             self.skewed = False
+        if not self.skewed:
+            self._tried.clear()
         return est
 
     def report(self) -> ClockReport:
@@ -352,16 +362,20 @@ class ClockWatch:
     def deadline_time(self, local: float, now: float, *, alone: bool) -> float | None:
         """The wall time by which a leader judges due gate closures and settlements, or None
         to hold them back. ``local``: this node's wall clock; ``alone``: no other voter in
-        the Raft group (no quorum to compare with, its learners may all be down: the local
-        clock rules).
+        the Raft group (no quorum to wait for: its learners may all be down).
 
-        Skewed: None. No sample yet while there are peers: None for up to ``unsampled_hold``
-        seconds, then the local clock. Otherwise ``local - offset - error``: the grid's median
-        clock, never ahead of it (the offset is within ``max_skew + error`` here, the error
-        within ``max_delay / 2``)."""
+        Skewed: None, ``alone`` or not: a sole voter whose clock the median of its own and its
+        learners' clocks finds off (two learners or more sampled) has no one to hand over to,
+        so it holds every gate closure and settlement until its clock is right again (the
+        samples it took before its own clock stepped are carried over the step, for up to
+        ``MAX_AGE``). Otherwise ``alone``: the local clock (no unsampled hold; one learner's
+        clock cannot outvote it). No sample yet while there are other voters: None for up to
+        ``unsampled_hold`` seconds, then the local clock. Otherwise ``local - offset -
+        error``: the grid's median clock, never ahead of it (the offset is within ``max_skew
+        + error`` here, the error within ``max_delay / 2``)."""
         est = self.estimate
         if alone:
-            return local
+            return None if self.skewed else local
         if est.offset is None:
             if self.unsampled_since is None:
                 self.unsampled_since = now
@@ -379,13 +393,16 @@ class ClockWatch:
 
     def may_transfer(self, now: float) -> bool:
         """A skewed leader may hand leadership away now (at most once per ``transfer_every``);
-        True records the handover."""
+        True records the handover (to the last :meth:`transfer_target`, which the next ones
+        then pass over: see there)."""
         if not self.skewed:
             return False
         if self.last_transfer is not None and now - self.last_transfer < self.transfer_every:
             return False
         self.last_transfer = now
         self.transfers += 1
+        if self._proposed is not None:
+            self._tried.append(self._proposed)
         return True
 
     def gate_closed(self, gate_time: float, local: float, leader: str | None) -> bool:
@@ -429,13 +446,20 @@ class ClockWatch:
     def transfer_target(self, me: str, voters: tuple[str, ...],
                         matches: dict[str, int]) -> str | None:  # fmt: skip
         """The voter to hand leadership to: the most caught-up (highest ``matches``) voter other
-        than ``me`` whose clock agrees with the median (ties: the smallest id). None if there
-        is none."""
+        than ``me`` whose clock agrees with the median (ties: the smallest id), passing over
+        the voters already handed to while this node stayed skewed (a handover to a voter that
+        is down or stopped times out and leaves this node leading; a skewed leader proposes
+        nothing, so the down voter would stay the most caught-up and be picked again each time):
+        once every candidate was tried, the round starts over. None if there is none."""
         disagreeing = {p.peer for p in self.estimate.disagreeing(self.max_skew)}
-        candidates = [v for v in voters if v != me and v not in disagreeing]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda v: (-matches.get(v, 0), v))
+        candidates = sorted((v for v in voters if v != me and v not in disagreeing),
+                            key=lambda v: (-matches.get(v, 0), v))  # fmt: skip
+        untried = [v for v in candidates if v not in self._tried]
+        if candidates and not untried:
+            self._tried.clear()
+            untried = candidates
+        self._proposed = untried[0] if untried else None
+        return self._proposed
 
 
 def offset_clock(clock: Callable[[], float], offset: float) -> Callable[[], float]:
