@@ -38,7 +38,7 @@ torn_page  SIGKILL a node, cut its last page (or part of it, or a WAL's last fra
 skew       restart a node (the leader as often as not) with its wall clock 60-300 s off
            (``MICROGRID_CLOCK_OFFSET_SECONDS``), then restart it with the right time; it must
            say it is skewed, lead no longer than a bound, and no gate closes early
-jump       (opt-in) step a *running* node's wall clock (the leader as often as not) 60-300 s
+jump       step a *running* node's wall clock (the leader as often as not) 60-300 s
            through its test-only faults file (``clock_offset_seconds``), then set it right:
            it must say it is skewed, a leader must hand over within a bound, and no gate
            closes early
@@ -51,8 +51,8 @@ nftables drop rules (:class:`NetLab`); where namespaces cannot be made (or with
 ``disk_full`` mounts its targets' data directories as small tmpfs before the start
 (:class:`DiskLab`). Where this machine cannot (not root, no tmpfs; ``--net-faults netns``
 without namespaces), those faults are skipped and the reason printed. The newer
-kinds are opt-in (``--kinds``, :data:`EXTENDED_KINDS`; ``--kinds extended``): default plans are
-unchanged.
+kinds are opt-in (``--kinds``, :data:`EXTENDED_KINDS`; ``--kinds extended``, every kind but
+``outage``): default plans are unchanged.
 
 The checks after the run (each failure is a line of :attr:`NemesisResult.failures`):
 
@@ -77,7 +77,10 @@ as it runs (every node then follows a faults file, :class:`InjectorLab`), so a l
 see its own clock jump and hand over (Raft leader transfer): recorded are when its ``/status``
 said ``clock.skewed``, how long until the others named another leader (at most
 :data:`SKEW_LEAD_BOUND_S`), how long it led meanwhile, and whether any node with a right clock
-applied a gate closure before its gate time meanwhile (none may).
+applied a gate closure before its gate time meanwhile (none may). A leader with no other voter
+to hand over to (:func:`sole_voter_jump_plan`, ``--sole-voter-jump``: one voter and learners,
+which :func:`make_plan` never draws) must instead hold: no node may apply any gate closure
+while its clock is off, and the grid must settle the held slots once it is right.
 
 ``python -m node.testing.nemesis --seed 7 --duration 120`` runs a plan and prints the summary
 table (faults by kind, slots settled, elections, recoveries and the longest, divergences, lost
@@ -150,8 +153,11 @@ NETWORK_KINDS: tuple[Kind, ...] = (Kind.PARTITION, Kind.LOSS)
 nodes' libp2p fault injector (:class:`InjectorLab`)."""
 STORAGE_KINDS: tuple[Kind, ...] = (Kind.DISK_FULL, Kind.TORN_PAGE)
 """Kinds that hit a node's data directory (``disk_full`` needs a tmpfs mount: root)."""
-EXTENDED_KINDS: tuple[Kind, ...] = DEFAULT_KINDS + NETWORK_KINDS + STORAGE_KINDS + (Kind.SKEW,)
-"""Every kind except the opt-in ``outage`` and ``jump`` (the soak's mix)."""
+EXTENDED_KINDS: tuple[Kind, ...] = (
+    DEFAULT_KINDS + NETWORK_KINDS + STORAGE_KINDS + (Kind.SKEW, Kind.JUMP)
+)
+"""Every kind except the opt-in ``outage`` (the soak's mix; ``jump`` joined it last, so a plan
+of the kinds before it, listed by name, draws as it did)."""
 NOT_YET: dict[Kind, str] = {}
 """Kinds named but not implemented, with why (a plan asking for one is refused): none now."""
 IMPAIRS_VOTER = frozenset({Kind.KILL, Kind.KILL_WRITE, Kind.PAUSE, Kind.WIPE, Kind.PARTITION,
@@ -257,6 +263,9 @@ class Plan:
     cover: bool
     timing: Timing
     steps: tuple[Step, ...]
+    sole_voter_jump: bool = False
+    """Made by :func:`sole_voter_jump_plan` (not :func:`make_plan`): the one step jumps the
+    clock of the grid's only voter, which has no one to hand over to."""
 
     @property
     def voter_names(self) -> tuple[str, ...]:
@@ -301,10 +310,14 @@ class Plan:
             "kinds": [k.value for k in self.kinds], "cover": self.cover,
             "steps": [{"gap_s": s.gap_s, "faults": [f.to_json() for f in s.faults]}
                       for s in self.steps],
-        }, sort_keys=True)  # fmt: skip
+        } | ({"sole_voter_jump": True} if self.sole_voter_jump else {}),
+            sort_keys=True)  # fmt: skip
 
     def replay_command(self) -> str:
         """The command line that replays this plan."""
+        if self.sole_voter_jump:
+            return (f"python -m node.testing.nemesis --sole-voter-jump --seed {self.seed} "
+                    f"--nodes {self.nodes}")  # fmt: skip
         kinds = ",".join(k.value for k in self.kinds)
         return (f"python -m node.testing.nemesis --seed {self.seed} --duration "
                 f"{self.duration_s:g} --nodes {self.nodes} --voters {self.voters} "
@@ -514,6 +527,31 @@ def make_plan(
     return Plan(
         seed, duration_s, nodes, voters, snapshot_entries, kinds, cover, timing, tuple(steps)
     )
+
+
+SOLE_VOTER_HOLD_SLOTS = 1.0
+"""How long :func:`sole_voter_jump_plan` keeps the sole voter's clock off, in slots: a gate time
+and a settle time (one of each per slot) pass by the right clocks meanwhile."""
+
+
+def sole_voter_jump_plan(seed: int, *, nodes: int = 3, timing: Timing = Timing()) -> Plan:
+    """A grid of one voter and ``nodes - 1`` learners (a tiny neighbourhood) whose voter, the
+    leader, gets its running clock jumped 60-300 s *ahead* (seeded) for
+    :data:`SOLE_VOTER_HOLD_SLOTS` slots, then set right. :func:`make_plan` never draws this: a
+    plan impairs at most a minority of the voters, none of one. What it shows
+    (:class:`JumpWatch` ``alone``): the voter says it is skewed (its learners' clocks outvote
+    its own: two of them at least), closes no gate and settles nothing while its clock is off
+    (no voter to hand over to), and the grid settles every held slot once the clock is right.
+    Pure, like :func:`make_plan`."""
+    if nodes < 3:
+        raise NemesisError(f"a sole voter's clock is outvoted by two learners at least, not "
+                           f"{nodes - 1}")  # fmt: skip
+    rng = random.Random(f"nemesis:sole-voter-jump:{seed}")
+    skew = _r(rng.uniform(SKEW_MIN_S, SKEW_MAX_S))
+    hold = _r(SOLE_VOTER_HOLD_SLOTS * timing.slot_seconds)
+    step = Step(_r(rng.uniform(1.0, 3.0)), (Fault(Kind.JUMP, (LEADER,), hold, skew_s=skew),))
+    return Plan(seed, step.length_s + timing.recovery_allowance_s, nodes, 1, 5000, (Kind.JUMP,),
+                True, timing, (step,), sole_voter_jump=True)  # fmt: skip
 
 
 # -- the environment: network namespaces and small disks ----------------------------------------
@@ -1148,6 +1186,9 @@ another leader after a skewed leader stopped: two 8 s slots. A skewed leader han
 up to an election timeout (3 s); the rest is a loaded machine's slack."""
 GATE_SLACK_S = 0.001
 """A gate closure applied earlier than this before its gate time, by a right clock, is early."""
+JUMP_APPLY_SLACK_S = 1.0
+"""A gate closure the sole voter proposed just before its clock jumped may be applied this long
+after (a commit round and a poll); later ones were proposed with its clock off."""
 
 
 def _disagreeing(doc: dict[str, Any]) -> list[str]:
@@ -1264,16 +1305,26 @@ class _ClockWatch:
         return head + "; ".join([*parts, seen_by])
 
     def _failures(
-        self, kind: str, *, off: str, led: str, leader: str, handover_s: float | None
+        self,
+        kind: str,
+        *,
+        off: str,
+        led: str,
+        leader: str,
+        handover_s: float | None,
+        hands_over: bool = True,
     ) -> list[str]:
         """The checks both kinds make: it did not exit while ``off``; it said it is skewed; it
         led at most :data:`SKEW_LEAD_BOUND_S` at a stretch ``led`` (text); if it led (``leader``:
-        text), the others named another leader within that bound (``handover_s``)."""
+        text), the others named another leader within that bound (``handover_s``). Without
+        ``hands_over`` (no other voter to hand over to) the last two are not checked."""
         name, out = self.household.name, []
         if self.exited is not None:
             out.append(f"{kind} {name}: the node exited while {off}: {self.exited}")
         if self.seen_at is None:
             out.append(f"{kind} {name} ({self.skew_s:+g} s): /status never said clock.skewed")
+        if not hands_over:
+            return out
         if self.longest_lead > SKEW_LEAD_BOUND_S:
             out.append(
                 f"{kind} {name}: led {self.longest_lead:.1f} s at a stretch {led} "
@@ -1358,6 +1409,18 @@ class JumpWatch(_ClockWatch):
     """Those of them applied before the gate time: seconds early."""
     counted: dict[str, int] = field(default_factory=dict)
     """Early gate closures nodes with right clocks counted meanwhile."""
+    alone: bool = False
+    """It led with no other voter in the grid to hand over to (:func:`sole_voter_jump_plan`):
+    instead of a handover, no gate may close anywhere while its clock is off."""
+    closed_while_off: dict[tuple[str, int], float] = field(default_factory=dict)
+    """(node, slot) -> wall time: gate closures nodes with right clocks applied from
+    :data:`JUMP_APPLY_SLACK_S` after the jump on (``alone``: there must be none)."""
+    settled_while_off: dict[tuple[str, int], float] = field(default_factory=dict)
+    """The same for settlements (``settled_at``; ``alone``: there must be none)."""
+    wall_healed: float = 0.0
+    """The runner's wall clock when the node's clock was set right."""
+    gates_passed: int = 0
+    """Gate times the right clocks passed between the jump and :attr:`wall_healed`."""
 
     def start(self, docs: dict[str, dict[str, Any]]) -> None:
         """Note the counters before the jump (``docs``: every node's ``/status`` then)."""
@@ -1385,13 +1448,18 @@ class JumpWatch(_ClockWatch):
             if name in skip:
                 continue
             for row in d.get("slot_times") or ():
-                at, slot = row.get("cleared_at"), row.get("slot")
+                at, slot, settled = row.get("cleared_at"), row.get("slot"), row.get("settled_at")
+                if (self.alone and isinstance(slot, int) and isinstance(settled, int | float)
+                        and settled >= self.wall_at + JUMP_APPLY_SLACK_S):  # fmt: skip
+                    self.settled_while_off[(name, slot)] = float(settled)
                 if not (isinstance(at, int | float) and isinstance(slot, int)):
                     continue
                 if at >= self.wall_at - 1.0:  # applied after the jump (the poll's slack)
                     self.timed.add((name, slot))
                     if at < schedule.gate_time(slot) - GATE_SLACK_S:
                         self.early[(name, slot)] = round(schedule.gate_time(slot) - at, 3)
+                if self.alone and at >= self.wall_at + JUMP_APPLY_SLACK_S:
+                    self.closed_while_off[(name, slot)] = float(at)
             early = (d.get("clock") or {}).get("early_gate_closures")
             if isinstance(early, int) and early > self.before.get(name, early):
                 self.counted[name] = early - self.before[name]
@@ -1409,9 +1477,30 @@ class JumpWatch(_ClockWatch):
         """Seconds from the jump until the other nodes named another leader (None: never)."""
         return self._moved_after(self.at)
 
+    def heal(self, schedule: Schedule, wall: float) -> None:
+        """Note that its clock was set right at the runner's wall time ``wall`` (and how many
+        gate times the right clocks passed since the jump)."""
+        self.wall_healed = wall
+        first = schedule.slot_at(self.wall_at) - 1
+        last = schedule.slot_at(wall + schedule.gate_lead_seconds) + 1
+        self.gates_passed = sum(1 for slot in range(first, last + 1)
+                                if self.wall_at < schedule.gate_time(slot) <= wall)  # fmt: skip
+
     def outcome(self) -> str:
         """One line for the table."""
         parts = self._verdict_parts("its clock was off", self.at, "the jump")
+        if self.alone:
+            closed = "no gate closed and no slot settled anywhere meanwhile"
+            if self.closed_while_off or self.settled_while_off:
+                closed = (
+                    f"{len(self.closed_while_off)} gate closures and "
+                    f"{len(self.settled_while_off)} settlements applied meanwhile"
+                )
+            parts.append(
+                f"the sole voter, no one to hand over to: held deadlines ({self.held} holds, "
+                f"{self.gates_passed} gate times passed while its clock was off), {closed}"
+            )
+            return self._line("jump", parts)
         if self.was_leader:
             parts.append(self._handover_part("handed over to", self.at, "the jump"))
         parts.append(
@@ -1434,7 +1523,24 @@ class JumpWatch(_ClockWatch):
             led="after its clock jumped",
             leader="the leader's clock jumped",
             handover_s=self.handover_s,
+            hands_over=not self.alone,
         )
+        if self.alone:
+            if self.closed_while_off:
+                out.append(
+                    f"jump {name}: the sole voter's clock was off, yet gates closed (node, slot "
+                    f"-> wall time): {dict(sorted(self.closed_while_off.items())[:10])}"
+                )
+            if self.settled_while_off:
+                out.append(
+                    f"jump {name}: the sole voter's clock was off, yet slots settled (node, "
+                    f"slot -> wall time): {dict(sorted(self.settled_while_off.items())[:10])}"
+                )
+            if self.skew_s > 0 and self.gates_passed and not self.held:
+                out.append(
+                    f"jump {name}: the sole voter's clock ran {self.skew_s:+g} s ahead over "
+                    f"{self.gates_passed} gate times, and it held no deadline (clock.held)"
+                )
         if self.early:
             out.append(
                 f"jump {name}: gates closed early by right clocks meanwhile (node, slot "
@@ -1511,6 +1617,23 @@ class Runner:
             self.obs.record(docs, skewed)
             self.last_docs = docs
             await trio.sleep(POLL_SECONDS)
+
+    async def watch_statuses(self) -> dict[str, dict[str, Any]]:
+        """``/status`` of every live node that answers, as :meth:`Demo.statuses`, without the
+        paused ones (SIGSTOP: their API would only time out, 2 s, and a clock watch polling
+        them would see every change that much later)."""
+        out: dict[str, dict[str, Any]] = {}
+
+        async def one(h: DemoHousehold) -> None:
+            doc = await fetch(h.api + "/status")
+            if doc is not None:
+                out[h.name] = doc
+
+        async with trio.open_nursery() as nursery:
+            for h in self.demo.households:
+                if h.alive and h.name not in self.paused:
+                    nursery.start_soon(one, h)
+        return out
 
     def resolve(self, target: str, docs: dict[str, dict[str, Any]], step: int) -> str:
         """A household name for ``target`` (the current leader for :data:`LEADER`; a seeded
@@ -1747,7 +1870,7 @@ class Runner:
             if not h.alive:
                 w.exited = f"exit {h.process.returncode if h.process else '?'}: {_last_error(h)}"
                 return
-            docs = await self.demo.statuses()
+            docs = await self.watch_statuses()
             w.observe(docs, self.demo.leader_name({n: d for n, d in docs.items()
                                                    if n != h.name}), time.monotonic())  # fmt: skip
             await trio.sleep(0.5)
@@ -1763,10 +1886,12 @@ class Runner:
         if clocks is None:  # run_plan gives every node a faults file when a jump is planned
             self.result.skipped.append(f"{what}: the nodes follow no faults file")
             return
-        docs = await self.demo.statuses()
+        docs = await self.watch_statuses()
         was_leader = self.demo.leader_name(docs) == h.name
         self.skewed.add(h.name)
         watch = JumpWatch(h, fault.skew_s, was_leader)
+        # no other voter to hand over to: a sole voter (sole_voter_jump_plan)
+        watch.alone = was_leader and not set(self.plan.voter_names) - {h.name}
         watch.start(docs)
         try:
             watch.at, watch.wall_at = time.monotonic(), time.time()
@@ -1779,6 +1904,7 @@ class Runner:
         finally:
             with trio.CancelScope(shield=True):
                 clocks.set_right(h.name)
+                watch.heal(self.demo.schedule, time.time())
                 await trio.sleep(1.0)  # the node follows its file within 0.2 s
                 doc = (await self.demo.statuses()).get(h.name) or {}
                 early = (doc.get("clock") or {}).get("early_gate_closures")
@@ -1799,13 +1925,14 @@ class Runner:
         h = w.household
         while True:
             now = time.monotonic()
-            done = w.seen_at is not None and (not w.was_leader or w.moved_at is not None)
+            handed = not w.was_leader or w.alone or w.moved_at is not None
+            done = w.seen_at is not None and handed
             if now >= w.at + duration and (done or now >= w.at + duration + START_TIMEOUT_S):
                 return
             if not h.alive:
                 w.exited = f"exit {h.process.returncode if h.process else '?'}: {_last_error(h)}"
                 return
-            docs = await self.demo.statuses()
+            docs = await self.watch_statuses()
             others = self.demo.leader_name({n: d for n, d in docs.items() if n != h.name})
             w.observe(docs, others, time.monotonic(), self.demo.schedule, self.skewed)
             await trio.sleep(0.5)
@@ -2184,12 +2311,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=None,
                     help="seconds of faults (default 120; 3600 with --soak)")  # fmt: skip
     ap.add_argument("--soak", action="store_true", help="an hour of faults")
-    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=None,
+                    help="households (default 4; 3 with --sole-voter-jump)")  # fmt: skip
     ap.add_argument("--voters", type=int, default=3)
     ap.add_argument("--kinds", default=",".join(k.value for k in DEFAULT_KINDS),
                     help=f"comma-separated, of: {', '.join(k.value for k in Kind)}; "
-                         "'extended': every kind but outage and jump")  # fmt: skip
+                         "'extended': every kind but outage")  # fmt: skip
     ap.add_argument("--cover", action="store_true", help="first steps use every kind once")
+    ap.add_argument("--sole-voter-jump", action="store_true",
+                    help="one voter and learners: the voter's running clock jumps minutes "
+                         "ahead; it must hold every gate until its clock is right (ignores "
+                         "--duration, --voters, --kinds)")  # fmt: skip
     ap.add_argument("--dir", type=Path, default=None, help="grid directory (default: temporary)")
     ap.add_argument("--keep", action="store_true", help="keep the grid directory after a pass")
     ap.add_argument("--plan", action="store_true", help="print the plan as JSON and exit")
@@ -2200,10 +2332,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     duration = args.duration if args.duration is not None else (3600.0 if args.soak else 120.0)
     try:
-        names = args.kinds.replace("extended", ",".join(k.value for k in EXTENDED_KINDS))
-        kinds = [Kind(k.strip()) for k in names.split(",") if k.strip()]
-        plan = make_plan(args.seed, duration, nodes=args.nodes, voters=args.voters,
-                         kinds=kinds, cover=args.cover)  # fmt: skip
+        if args.sole_voter_jump:
+            plan = sole_voter_jump_plan(args.seed, nodes=args.nodes or 3)
+        else:
+            names = args.kinds.replace("extended", ",".join(k.value for k in EXTENDED_KINDS))
+            kinds = [Kind(k.strip()) for k in names.split(",") if k.strip()]
+            plan = make_plan(args.seed, duration, nodes=args.nodes or 4, voters=args.voters,
+                             kinds=kinds, cover=args.cover)  # fmt: skip
     except (ValueError, NemesisError) as exc:
         print(f"nemesis: {exc}", file=sys.stderr)
         return 2

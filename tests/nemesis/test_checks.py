@@ -9,7 +9,9 @@ a gate closure applied early by a right clock fails (a skewed node's are left ou
 node that never says so or leads too long. A ``jump`` (a running node's clock stepped) leaves
 that node's gate times out of the checks for the slots its clock may have timed, forgives what
 it counted meanwhile, and its watch times the verdict and the handover and fails on an early
-gate closure by a right clock meanwhile.
+gate closure by a right clock meanwhile. A jump of a sole voter (no one to hand over to) is
+not held to a handover or a lead bound; it fails if any gate closes while its clock is off, or
+if it ran ahead over a gate time and held nothing.
 """
 
 from __future__ import annotations
@@ -247,3 +249,54 @@ def test_a_jump_watch_times_the_verdict_the_handover_and_early_gates(tmp_path: P
     assert any("never said clock.skewed" in f for f in failures)
     assert any("named no other leader" in f for f in failures)
     assert any("led" in f for f in failures)
+
+
+def test_a_sole_voters_jump_needs_no_handover_but_no_gate_may_close(tmp_path: Path) -> None:
+    schedule = Schedule(8, 1, 3)
+    slot = 1000
+    gate = schedule.gate_time(slot)
+    h = DemoHousehold(0, "h1", tmp_path, "did:key:h1", "peer", 1, 1, 2)
+
+    def doc(role: str, *, held: int = 0, cleared: float | None = None,
+            settled: float | None = None) -> dict[str, Any]:  # fmt: skip
+        times = [] if cleared is None else [{"slot": slot, "cleared_at": cleared}]
+        if settled is not None:
+            times.append({"slot": slot - 1, "settled_at": settled})
+        return {"raft": {"role": role}, "slot_times": times,
+                "clock": {"skewed": role == "leader", "offset": 120.0, "transfers": 0,
+                          "held": held, "early_gate_closures": 0, "disagreeing": []}}  # fmt: skip
+
+    def watch() -> JumpWatch:
+        w = JumpWatch(h, 120.0, was_leader=True, alone=True)
+        w.start({"h1": doc("follower"), "h2": doc("follower")})
+        w.at, w.wall_at, w.lead_since = 100.0, gate - 5.0, 100.0
+        return w
+
+    # it keeps leading past the bound and never hands over: fine, it held, nothing closed
+    ok = watch()
+    ok.observe({"h1": doc("leader", held=1), "h2": doc("follower")}, "h1", 100.5, schedule)
+    ok.observe({"h1": doc("leader", held=1), "h2": doc("follower")}, "h1",
+               100.0 + SKEW_LEAD_BOUND_S + 4, schedule)  # fmt: skip
+    ok.heal(schedule, gate + 5.0)
+    assert ok.gates_passed == 1 and ok.held == 1 and ok.longest_lead > SKEW_LEAD_BOUND_S
+    assert ok.failures() == [], ok.failures()
+    line = ok.outcome()
+    assert "the sole voter, no one to hand over to: held deadlines (1 holds, 1 gate times" in line
+    assert "no gate closed and no slot settled anywhere meanwhile" in line
+    assert "never moved" not in line
+    # a gate closed by a right clock while the voter's clock was off (even on time) fails,
+    # and so does running ahead over a gate time without holding anything
+    bad = watch()
+    off = doc("follower", cleared=gate + 0.5, settled=gate + 1.0)
+    bad.observe({"h1": doc("leader"), "h2": off}, "h1", 106.0, schedule)
+    bad.heal(schedule, gate + 5.0)
+    failures = bad.failures()
+    assert any("yet gates closed" in f and "('h2', 1000)" in f for f in failures), failures
+    assert any("yet slots settled" in f and "('h2', 999)" in f for f in failures), failures
+    assert any("held no deadline" in f for f in failures), failures
+    assert "1 gate closures and 1 settlements applied meanwhile" in bad.outcome()
+    # a closure applied within a second of the jump was proposed before it: not counted
+    late = watch()
+    late.observe({"h1": doc("leader", held=1), "h2": doc("follower", cleared=gate - 4.5)}, "h1",
+                 101.0, schedule)  # fmt: skip
+    assert not late.closed_while_off

@@ -29,11 +29,18 @@ is skewed, hand leadership over (the others name another leader within a bound),
 with a right clock may apply a gate closure early; every ledger verifies and the heads agree
 (about 40 s; ``NEMESIS_JUMP_SEED`` and ``-k jump`` replay it).
 
+A fifth bounded run has no voter to hand over to: one voter (the leader) and two learners, a
+tiny neighbourhood's grid. The voter's running clock jumps minutes ahead: its learners' clocks
+outvote its own, so it must say it is skewed and, with no one to hand over to, close no gate
+and settle nothing until its clock is set right (no gate closes anywhere meanwhile, early or
+not); then the grid settles the held slots, every ledger verifies, and the heads agree
+(``NEMESIS_SOLE_SEED`` and ``-k sole_voter`` replay it).
+
 A failure prints the seed, the table and the replay commands. Replay the CI runs with
 ``NEMESIS_SEED=<seed> pytest tests/nemesis -k bounded_seeded`` (``NEMESIS_ENV_SEED`` and
 ``-k environment`` for the second) or the printed ``python -m`` command.
 ``pytest tests/nemesis --soak`` runs the nemesis for an hour (``NEMESIS_SOAK_SECONDS``), with
-every kind but ``outage`` (``skew`` included).
+every kind but ``outage`` (``skew`` and ``jump`` included).
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from node.testing.nemesis import (
     Plan,
     make_plan,
     run_plan,
+    sole_voter_jump_plan,
 )
 
 pytestmark = pytest.mark.slow
@@ -77,6 +85,9 @@ cuts the leader off for 5.3 s, then drops all of one voter's messages to another
 CI_JUMP_SEED = int(os.environ.get("NEMESIS_JUMP_SEED", "2"))
 """Seed 2 on three voters: 2.1 s after the first settled slot the leader's running clock jumps
 250.2 s ahead, for 5.8 s (longer, bounded, until it said it is skewed and handed over)."""
+CI_SOLE_SEED = int(os.environ.get("NEMESIS_SOLE_SEED", "1"))
+"""Seed 1: the sole voter's running clock jumps 294.9 s ahead, 1.4 s after the first settled
+slot, for 8 s (a gate time and a settle time pass meanwhile)."""
 SOAK_SECONDS = float(os.environ.get("NEMESIS_SOAK_SECONDS", "3600"))
 
 
@@ -190,6 +201,32 @@ async def test_bounded_clock_jump_of_the_running_leader(tmp_path: Path) -> None:
     assert "jump" not in result.net_faults  # no network fault: the files carry the clock only
     log = (tmp_path / "grid" / jump.household.name / "node.log").read_text()
     assert f"wall clock jumps by {fault.skew_s:+g} s" in log, log[-2000:]
+
+
+async def test_bounded_clock_jump_of_a_sole_voter_with_no_one_to_hand_over_to(
+    tmp_path: Path,
+) -> None:
+    """One voter, two learners: the voter's running clock jumps minutes ahead. It cannot hand
+    over, so it holds every gate closure and settlement until its clock is right; then the grid
+    settles the held slots and nothing is lost."""
+    plan = sole_voter_jump_plan(CI_SOLE_SEED, nodes=3)
+    [step] = plan.steps
+    [fault] = step.faults
+    assert plan.voters == 1 and fault.skew_s >= 60
+    result = await play(plan, tmp_path / "grid", CI_WALL_LIMIT_S)
+    check(result)  # ledgers verify and agree, heads, contiguous settlements, conservation
+    [jump] = result.jumps
+    assert jump.was_leader and jump.alone and jump.seen_at is not None, result.table()
+    assert jump.exited is None and jump.transfers == 0
+    # it held what fell due: no gate closed and no slot settled anywhere while its clock was off
+    assert jump.gates_passed >= 1 and jump.held >= 1, result.table()
+    assert not jump.closed_while_off and not jump.settled_while_off, result.table()
+    assert not jump.early and not jump.counted, result.table()
+    # then the held slots were closed and settled: one more slot settled on every node after
+    # the heal, the settlements contiguous in every ledger (check)
+    assert result.gate_closures_checked > 0
+    log = (tmp_path / "grid" / jump.household.name / "node.log").read_text()
+    assert "holding back due gate closures and settlements" in log, log[-2000:]
 
 
 @pytest.mark.soak

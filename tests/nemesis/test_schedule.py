@@ -5,6 +5,9 @@ unless an outage was asked for; a wipe only ever hits a learner; ``cover`` uses 
 The newer kinds (partition, loss, disk_full, torn_page) keep these bounds, are opt-in (the
 default plans are unchanged), and never cut a voter's Raft log. ``skew`` restarts one node (the
 leader as often as not) with its clock 60-300 s off, either way, long enough to be seen skewed.
+``jump`` steps a running node's clock as far; it is in the soak's mix (``extended``) and keeps
+the voter bound there beside every other kind, while the CI runs' plans, drawn from their own
+kinds, are unchanged.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from node.testing.nemesis import (
     Kind,
     NemesisError,
     Plan,
+    Step,
     Timing,
     impaired_voters,
     main,
     make_plan,
+    sole_voter_jump_plan,
 )
 
 SHAPES = ((4, 3), (5, 3), (5, 5), (7, 5), (3, 1))
@@ -148,7 +153,7 @@ def test_the_cli_prints_the_plan_it_would_replay(capsys: pytest.CaptureFixture[s
     assert main(["--seed", "5", "--kinds", "skew", "--plan"]) == 0
     assert json.loads(capsys.readouterr().out)["kinds"] == ["skew"]
     assert main(["--seed", "5", "--kinds", "extended", "--plan"]) == 0
-    assert "skew" in json.loads(capsys.readouterr().out)["kinds"]
+    assert {"skew", "jump"} <= set(json.loads(capsys.readouterr().out)["kinds"])
 
 
 def test_the_default_plans_do_not_change_with_the_newer_kinds() -> None:
@@ -251,19 +256,25 @@ def test_skew_is_minutes_either_way_on_one_node_and_keeps_a_voter_majority(
 def test_skew_joins_the_extended_kinds_and_leaves_the_others_unchanged() -> None:
     assert Kind.SKEW in EXTENDED_KINDS and Kind.OUTAGE not in EXTENDED_KINDS
     assert Kind.SKEW not in DEFAULT_KINDS
-    # a plan without skew has no skew field (its JSON, the plan's fingerprint, is as before)
-    kinds = tuple(k for k in EXTENDED_KINDS if k is not Kind.SKEW)
+    # a plan without skew (and jump) has no skew field (its JSON, the plan's fingerprint, is
+    # as before)
+    kinds = tuple(k for k in EXTENDED_KINDS if k not in (Kind.SKEW, Kind.JUMP))
     plan = make_plan(4, 240, nodes=5, kinds=kinds, cover=True)
     assert all("skew_s" not in f for s in json.loads(plan.to_json())["steps"]
                for f in s["faults"])  # fmt: skip
     assert make_plan(4, 240, nodes=5, kinds=EXTENDED_KINDS, cover=True).counts()["skew"] >= 1
 
 
-def test_jump_is_opt_in_minutes_either_way_on_one_running_node(seed_count: int) -> None:
-    """``jump`` (a running node's clock stepped through its faults file) is drawn only when
-    asked for: the soak's mix and every plan without it are drawn as before."""
-    assert Kind.JUMP not in EXTENDED_KINDS and Kind.JUMP not in DEFAULT_KINDS
-    assert not make_plan(4, 240, nodes=5, kinds=EXTENDED_KINDS, cover=True).needs_faults_files
+def test_jump_joins_the_soaks_mix_minutes_either_way_on_one_running_node(
+    seed_count: int,
+) -> None:
+    """``jump`` (a running node's clock stepped through its faults file) is in the soak's mix,
+    not in the default plans; a plan of the kinds before it, named, is drawn as before."""
+    assert Kind.JUMP in EXTENDED_KINDS and Kind.JUMP not in DEFAULT_KINDS
+    assert EXTENDED_KINDS[-1] is Kind.JUMP  # appended: the earlier kinds keep their order
+    assert make_plan(7, 480, nodes=5, kinds=EXTENDED_KINDS, cover=True).needs_faults_files
+    before = tuple(k for k in EXTENDED_KINDS if k is not Kind.JUMP)
+    assert not make_plan(4, 240, nodes=5, kinds=before, cover=True).needs_faults_files
     slot = Timing().slot_seconds
     signs: set[int] = set()
     targets: dict[str, int] = {}
@@ -294,3 +305,60 @@ def test_jump_is_opt_in_minutes_either_way_on_one_running_node(seed_count: int) 
     assert targets.get("learner", 0) > 0, targets
     plan = make_plan(2, 10, nodes=3, voters=3, kinds=(Kind.JUMP,), cover=True)
     assert "--kinds jump" in plan.replay_command()
+
+
+def test_a_jump_of_the_leader_shares_its_step_with_no_other_impaired_voter(
+    seed_count: int,
+) -> None:
+    """In the soak's mix a jump can share its step with another fault (a wipe, a skew, a
+    kill...), yet a jump of a voter (the leader as often as not) counts as its impaired voter:
+    in a grid of three voters the voters it can hand over to are never hit in the same step,
+    and in a grid of five at most one other is (the jumped leader then hands over to another
+    voter if its first choice is down: node/daemon/clock.py ``transfer_target``)."""
+    mixed = 0
+    for seed in range(seed_count * 2):
+        for nodes, voters in ((5, 3), (7, 5)):
+            plan = make_plan(seed, 480, nodes=nodes, voters=voters, kinds=EXTENDED_KINDS,
+                             cover=True)  # fmt: skip
+            minority = (voters - 1) // 2
+            for step in plan.steps:
+                jumps = [f for f in step.faults if f.kind is Kind.JUMP]
+                if not jumps:
+                    continue
+                assert impaired_voters(step, plan.voter_names) <= minority, (seed, step)
+                if len(step.faults) > 1:
+                    mixed += 1
+                hits_voter = any(x == LEADER or x in plan.voter_names
+                                 for f in jumps for x in f.targets)  # fmt: skip
+                if hits_voter and voters == 3:
+                    others = [f for f in step.faults if f not in jumps]
+                    assert impaired_voters(Step(0, tuple(others)), plan.voter_names) == 0, step
+    assert mixed > 0
+
+
+def test_a_sole_voters_jump_is_its_own_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """One voter and learners, one step: the voter's running clock minutes ahead for a slot
+    (``--sole-voter-jump``); make_plan never draws it (no voter of one may be impaired)."""
+    plan = sole_voter_jump_plan(1)
+    assert plan == sole_voter_jump_plan(1) and plan.to_json() != sole_voter_jump_plan(2).to_json()
+    assert (plan.nodes, plan.voters, plan.voter_names) == (3, 1, ("h1",))
+    [step] = plan.steps
+    [fault] = step.faults
+    assert fault.kind is Kind.JUMP and fault.targets == (LEADER,)
+    assert SKEW_MIN_S <= fault.skew_s <= SKEW_MAX_S  # ahead: its gates would fall due at once
+    assert fault.duration_s == Timing().slot_seconds  # a gate time and a settle time pass
+    assert plan.needs_faults_files and json.loads(plan.to_json())["sole_voter_jump"] is True
+    assert "sole_voter_jump" not in make_plan(2, 10, nodes=3, voters=3, kinds=(Kind.JUMP,),
+                                              cover=True).to_json()  # fmt: skip
+    replay = "python -m node.testing.nemesis --sole-voter-jump --seed 1 --nodes 3"
+    assert plan.replay_command() == replay
+    assert sole_voter_jump_plan(1, nodes=4).learner_names == ("h2", "h3", "h4")
+    with pytest.raises(NemesisError):
+        sole_voter_jump_plan(1, nodes=2)  # one learner cannot outvote the voter's clock
+    assert main(["--sole-voter-jump", "--seed", "1", "--plan"]) == 0
+    assert capsys.readouterr().out.strip() == plan.to_json()
+    # make_plan keeps a sole voter out of every fault that impairs it
+    for seed in range(20):
+        drawn = make_plan(seed, 120, nodes=3, voters=1, kinds=(Kind.JUMP,), cover=True)
+        assert all(f.targets != (LEADER,) and "h1" not in f.targets
+                   for s in drawn.steps for f in s.faults)  # fmt: skip
