@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, insert, select, update
+from sqlalchemy import Engine, bindparam, create_engine, event, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DatabaseError, OperationalError, SQLAlchemyError
 
@@ -48,7 +48,7 @@ from node.ledger.rows import (
     BalanceOverflowError,
     apply_balance_deltas,
     insert_rows,
-    insert_transaction,
+    insert_transactions,
     read_meta,
     steps_column,
 )
@@ -644,10 +644,9 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
     if ev.feeder is not None:
         conn.execute(insert(t.feeder_checks).values(feeder_check_row(ev.feeder, b.height)))
     deltas: dict[tuple[str, str], int] = {}
-    for pos, tx in enumerate(ev.transactions):
-        postings = ((p.account, p.asset, p.amount) for p in tx.postings)
-        insert_transaction(conn, b.height, pos, (tx.txid, tx.kind, tx.slot, tx.ref), postings,
-                           deltas)  # fmt: skip
+    insert_transactions(conn, b.height, [
+        ((tx.txid, tx.kind, tx.slot, tx.ref), [(p.account, p.asset, p.amount) for p in tx.postings])
+        for tx in ev.transactions], deltas)  # fmt: skip
     try:
         apply_balance_deltas(conn, deltas)
     except BalanceOverflowError as exc:
@@ -677,20 +676,19 @@ def _write_settlement(conn: Connection, ev: SlotSettled) -> None:
             ],
         )
     insert_rows(conn, t.true_ups, true_up_rows(ev.slot, b.height, ev.settlements))
-    for did, rep in ev.reputation:
+    if ev.reputation:  # one executemany
+        fields = ("sold_wh", "delivered_wh", "bought_wh", "consumed_wh", "slots",
+                  "missed_readings", "reputation_permille")  # fmt: skip
         conn.execute(
             update(t.households)
-            .where(t.households.c.did == did)
-            .values(
-                sold_wh=rep.sold_wh,
-                delivered_wh=rep.delivered_wh,
-                bought_wh=rep.bought_wh,
-                consumed_wh=rep.consumed_wh,
-                slots=rep.slots,
-                missed_readings=rep.missed_readings,
-                reputation_permille=rep.score_permille,
-            )
-        )
+            .where(t.households.c.did == bindparam("r_did"))
+            .values({f: bindparam(f"r_{f}") for f in fields}),
+            [{"r_did": did, "r_sold_wh": rep.sold_wh, "r_delivered_wh": rep.delivered_wh,
+              "r_bought_wh": rep.bought_wh, "r_consumed_wh": rep.consumed_wh,
+              "r_slots": rep.slots, "r_missed_readings": rep.missed_readings,
+              "r_reputation_permille": rep.score_permille}
+             for did, rep in ev.reputation],
+        )  # fmt: skip
 
 
 def true_up_rows(
