@@ -1622,18 +1622,7 @@ class Runner:
         """``/status`` of every live node that answers, as :meth:`Demo.statuses`, without the
         paused ones (SIGSTOP: their API would only time out, 2 s, and a clock watch polling
         them would see every change that much later)."""
-        out: dict[str, dict[str, Any]] = {}
-
-        async def one(h: DemoHousehold) -> None:
-            doc = await fetch(h.api + "/status")
-            if doc is not None:
-                out[h.name] = doc
-
-        async with trio.open_nursery() as nursery:
-            for h in self.demo.households:
-                if h.alive and h.name not in self.paused:
-                    nursery.start_soon(one, h)
-        return out
+        return await self.demo.statuses(skip=self.paused)
 
     def resolve(self, target: str, docs: dict[str, dict[str, Any]], step: int) -> str:
         """A household name for ``target`` (the current leader for :data:`LEADER`; a seeded

@@ -41,7 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -644,8 +644,9 @@ class Demo:
             await h.process.wait()
         return h.process.returncode
 
-    async def statuses(self) -> dict[str, dict[str, Any]]:
-        """``/status`` of every live node that answers, by household name."""
+    async def statuses(self, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+        """``/status`` of every live node that answers, by household name (not of those named
+        in ``skip``)."""
         out: dict[str, dict[str, Any]] = {}
 
         async def one(h: DemoHousehold) -> None:
@@ -655,7 +656,7 @@ class Demo:
 
         async with trio.open_nursery() as nursery:
             for h in self.households:
-                if h.alive:
+                if h.alive and h.name not in skip:
                     nursery.start_soon(one, h)
         return out
 

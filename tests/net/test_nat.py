@@ -53,6 +53,40 @@ HOME_PORT = 4002
 # -- the child: one household's network layer, JSON lines on stdout ------------------------
 
 
+async def publish_orders(node: Any, me: Any, name: str, slot: int,
+                         emit: Callable[..., None]) -> None:  # fmt: skip
+    """A child's gossip (here and in tests/net/test_relays.py): one signed order a second for
+    ``slot``, nonces from the wall clock (they grow across restarts); a publish that finds no
+    peer yet is reported and tried again."""
+    import trio
+
+    from market.models import Order, Side
+    from node.net.wire import TopicKind
+
+    nonce = int(time.time() * 10)
+    while True:
+        nonce += 1
+        o = Order(grid=node.genesis.grid, nonce=nonce, id=f"{name}-{nonce}", household=me.did,
+                  side=Side.SELL, slot=slot, quantity_wh=100,
+                  price=10).signed_by(me.signer)  # fmt: skip
+        try:
+            await node.publish(TopicKind.ORDERS, [o])
+        except Exception as exc:  # no peer yet: keep trying
+            emit(event="publish_error", error=str(exc))
+        await trio.sleep(1.0)
+
+
+async def stop_on_signal(node: Any, scope: Any) -> None:
+    """A child's SIGTERM/SIGINT: stop the node, cancel ``scope``."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            node.stop()
+            scope.cancel()
+            return
+
+
 def _child(argv: list[str]) -> None:
     """``python -m tests.net.test_nat child --name h1 --genesis G --listen ADDR [--no-punch]``.
     Like ``microgrid node run``, it keeps libp2p's unused packages out (node/net/lean_imports)."""
@@ -63,7 +97,6 @@ def _child(argv: list[str]) -> None:
 
     import trio
 
-    from market.models import Order, Side
     from node.net.host import NetNode, NetSettings, configure_logging
     from node.net.relay import connection_kinds, relay_addresses
     from node.net.wire import TopicKind
@@ -113,29 +146,9 @@ def _child(argv: list[str]) -> None:
                     )
                     await trio.sleep(0.5)
 
-            async def publish() -> None:
-                nonce = int(time.time() * 10)  # grows across restarts
-                while True:
-                    nonce += 1
-                    o = Order(grid=genesis.grid, nonce=nonce, id=f"{a.name}-{nonce}",
-                              household=me.did, side=Side.SELL, slot=slot, quantity_wh=100,
-                              price=10).signed_by(me.signer)  # fmt: skip
-                    try:
-                        await node.publish(TopicKind.ORDERS, [o])
-                    except Exception as exc:  # no peer yet: keep trying
-                        emit(event="publish_error", error=str(exc))
-                    await trio.sleep(1.0)
-
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        node.stop()
-                        nursery.cancel_scope.cancel()
-                        return
-
             nursery.start_soon(report)
-            nursery.start_soon(publish)
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(publish_orders, node, me, a.name, slot, emit)
+            nursery.start_soon(stop_on_signal, node, nursery.cancel_scope)
 
     trio.run(main)
 

@@ -53,6 +53,8 @@ from tests.net.test_nat import (
     Proc,
     _netns_unavailable,
     build,
+    publish_orders,
+    stop_on_signal,
     wait_until,
 )
 
@@ -213,7 +215,6 @@ def _child(argv: list[str]) -> None:
     lean_imports.install()
     import trio
 
-    from market.models import Order, Side
     from node.net.host import NetNode, NetSettings, configure_logging
     from node.net.relay import connection_kinds, relay_addresses
     from node.net.wire import TopicKind
@@ -275,19 +276,6 @@ def _child(argv: list[str]) -> None:
                              client=node.relay_client.status())  # fmt: skip
                     await trio.sleep(0.5)
 
-            async def publish() -> None:
-                nonce = int(time.time() * 10)
-                while True:
-                    nonce += 1
-                    o = Order(grid=genesis.grid, nonce=nonce, id=f"{a.name}-{nonce}",
-                              household=me.did, side=Side.SELL, slot=slot, quantity_wh=100,
-                              price=10).signed_by(me.signer)  # fmt: skip
-                    try:
-                        await node.publish(TopicKind.ORDERS, [o])
-                    except Exception as exc:  # no peer yet: keep trying
-                        emit(event="publish_error", error=str(exc))
-                    await trio.sleep(1.0)
-
             async def heartbeats() -> None:
                 assert node.raft is not None
                 while True:
@@ -296,17 +284,10 @@ def _child(argv: list[str]) -> None:
                                                term=1))  # fmt: skip
                     await trio.sleep(0.5)
 
-            async def stop_on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        node.stop()
-                        nursery.cancel_scope.cancel()
-                        return
-
             nursery.start_soon(report)
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(stop_on_signal, node, nursery.cancel_scope)
             if a.role == "home":
-                nursery.start_soon(publish)
+                nursery.start_soon(publish_orders, node, me, a.name, slot, emit)
                 nursery.start_soon(heartbeats)
 
     trio.run(main)
