@@ -75,7 +75,8 @@ def test_unit_keeps_its_hardening() -> None:
         "ExecStart": [
             "/opt/microgrid/bin/microgrid node run --config /etc/microgrid/microgrid.toml"
         ],
-        "Environment": ["MICROGRID_DATA_DIR=/var/lib/microgrid"],
+        # -OO: no docstrings, about 6 MB less per node (install.sh compiles the venv for it)
+        "Environment": ["MICROGRID_DATA_DIR=/var/lib/microgrid", "PYTHONOPTIMIZE=2"],
     }
     for key, value in expected.items():
         assert s.get(key) == value, (key, s.get(key))
