@@ -30,7 +30,7 @@ from tests.node.test_demo import (
     running_demo,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.soak]
 
 BATTERY_HOUSEHOLD = 3
 PEAK_RETAIL = 60
@@ -52,8 +52,13 @@ async def rules_set(demo: Demo, api: str, *args: str) -> dict[str, Any]:
 
 
 async def test_a_battery_charges_from_neighbours_and_sells_into_the_peak(
-    tmp_path: Path,
+    tmp_path: Path, soak: bool
 ) -> None:
+    # about 100 s of CI time: run with --soak (CI keeps the battery's planner, pricing, meter
+    # and economics through tests/node/test_battery_planner.py, test_battery_pricing.py,
+    # test_battery_bench.py and tests/meter/test_battery.py)
+    if not soak:
+        pytest.skip("the battery demo grid (~100 s): run with --soak")
     socs: dict[int, list[float]] = {}
     async with running_demo(tmp_path, 5, batteries={BATTERY_HOUSEHOLD: BATTERY}) as demo:
         assert demo.sim is not None
