@@ -301,7 +301,10 @@ async def test_equivocation_is_blamed_on_its_author_not_the_relays(tmp_path: Pat
             nursery.start_soon(e1.publish, TopicKind.ORDERS, [r1])
             nursery.start_soon(e2.publish, TopicKind.ORDERS, [r2])
         e = e_spec.peer_id
-        await until(lambda: sum(n.validator.rejected["equivocation"] for n in (n1, n2, n3)) >= 2,
+        # how many honest nodes see both records is a race: if r1 crosses h1 -> h2 before e2's
+        # r2 reaches h2, only h2 sees the conflict (it refuses r2, which then goes no further);
+        # if each first hop accepted its own record, two or three do. At least one always does.
+        await until(lambda: sum(n.validator.rejected["equivocation"] for n in (n1, n2, n3)) >= 1,
                     10)  # fmt: skip
         await trio.sleep(1.0)
         for n in (n1, n2, n3):
@@ -314,7 +317,8 @@ async def test_equivocation_is_blamed_on_its_author_not_the_relays(tmp_path: Pat
                 )
                 assert not any(c == key for c, _ in n.validator.penalised)
         blamed = sum(n.validator.penalised[(e, "equivocation")] for n in (n1, n2, n3))
-        assert blamed >= 2
+        seen = sum(n.validator.rejected["equivocation"] for n in (n1, n2, n3))
+        assert blamed == seen >= 1  # every conflict seen is blamed on the author
         # honest gossip between the relays still flows
         await honest_gossip_flows(grid, n1, n2, 1)
 
