@@ -318,6 +318,7 @@ class HouseholdNode:
                 learner_heartbeat_rounds=max(
                     1, config.raft_election_ticks // config.raft_heartbeat_ticks
                 ),
+                delegate_learners=config.raft_delegate_learners,
             ),
             self.raft_storage,
         )

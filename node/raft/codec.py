@@ -224,7 +224,7 @@ def decode_message(data: bytes) -> Message:
         meta = SnapshotMetadata(s_index, s_term, ConfState(voters, learners))
         snapshot = Snapshot(meta, s_data)
     r.end()
-    if entries and mtype != MessageType.APP:
+    if entries and mtype not in (MessageType.APP, MessageType.SYNC):
         raise DecodeError(f"{mtype.name} message cannot carry entries")
     if (snapshot is None) != (mtype != MessageType.SNAP):
         raise DecodeError("exactly SNAP messages carry a snapshot")

@@ -37,6 +37,14 @@ class Config:
     snapshot gets every round's. Learners never campaign and learn each commit from the append
     the leader broadcasts when its commit index advances, so their heartbeats only refresh the
     leader's view of them: with many learners this is most of an idle leader's messages."""
+    delegate_learners: bool = False
+    """The leader replicates to the voters only; each learner gets the committed entries from
+    one other voter, its delegate (``node.raft.delegation``), so the leader's bytes per entry
+    stop growing with the number of learners. The leader still heartbeats every learner and
+    serves one itself while it falls behind."""
+    delegate_patience: int = 3
+    """Heartbeat rounds a delegated learner may stay behind the commit index before the
+    leader serves it directly."""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -53,5 +61,7 @@ class Config:
             raise ConfigError("duplicate ids in voters or learners")
         if self.learner_heartbeat_rounds <= 0:
             raise ConfigError("learner_heartbeat_rounds must be > 0")
+        if self.delegate_patience <= 0:
+            raise ConfigError("delegate_patience must be > 0")
         if self.max_inflight <= 0:
             raise ConfigError("max_inflight must be > 0")

@@ -16,6 +16,7 @@ import random
 
 from node.raft.codec import decode_conf_change
 from node.raft.config import Config
+from node.raft.delegation import LagWatch, delegate_of, delegated_learners
 from node.raft.errors import (
     CompactedError,
     ConfChangeRejected,
@@ -80,6 +81,13 @@ class Raft:
         self.conf_index = self.log.first_index() - 1
         """Log index of the latest membership applied (the snapshot's, or a conf change's)."""
         self._snap_elapsed: dict[str, int] = {}
+        self.lag = LagWatch(config.delegate_patience)
+        """Leader: which delegated learners it serves itself because they fell behind."""
+        self._sync: dict[str, Progress] = {}
+        """Delegate (a follower voter): its learners' progress (``delegation``)."""
+        self._sync_key: tuple[str, int] | None = None
+        self._sync_elapsed = 0
+        self._sync_seen: dict[str, int] = {}
         self.distrusted: dict[str, int] = {}
         """Node id -> ticks left during which this node neither honours that node's leader lease
         nor votes for it (:meth:`distrust`). Volatile: a restart forgets it."""
@@ -129,7 +137,7 @@ class Raft:
     def send_append(self, to: str, send_if_empty: bool = True) -> bool:
         """Send entries (or a snapshot) to ``to`` according to its progress."""
         pr = self.prs.get(to)
-        if pr is None or pr.is_paused():
+        if pr is None or pr.is_paused() or self._delegated(to):
             return False
         try:
             prev_term = self.log.term(pr.next - 1)
@@ -186,15 +194,15 @@ class Raft:
         self._heartbeat_round += 1
         sparse = self._heartbeat_round % self.cfg.learner_heartbeat_rounds != 0
         last = self.log.last_index()
+        self._watch_delegated()
         for p in self._peers():
             pr = self.prs[p]
-            if (
-                sparse
-                and p in self.learners
-                and pr.state == ProgressState.REPLICATE
-                and pr.match == last
-            ):
-                continue
+            if sparse and p in self.learners:
+                if self._delegated(p):
+                    if pr.match >= self.log.committed:
+                        continue
+                elif pr.state == ProgressState.REPLICATE and pr.match == last:
+                    continue
             commit = min(pr.match, self.log.committed)
             term = self.log.zero_term_on_missing(commit)
             if term == 0:
@@ -217,6 +225,10 @@ class Raft:
         self._snap_elapsed = {}
         self._reset_progress()
         self.pending_conf_index = 0
+        self.lag.reset()
+        self._sync = {}
+        self._sync_key = None
+        self._sync_seen = {}
 
     def _reset_progress(self) -> None:
         last = self.log.last_index()
@@ -352,6 +364,8 @@ class Raft:
             self._tick_heartbeat()
         else:
             self._tick_election()
+            if self.role == RaftRole.FOLLOWER:
+                self._tick_sync()
 
     def _tick_election(self) -> None:
         self.election_elapsed += 1
@@ -604,6 +618,10 @@ class Raft:
         elif m.type == MessageType.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if not m.reject and self.cfg.delegate_learners and m.frm in self.learners:
+                # A learner's committed entries are ours (leader completeness): what it has
+                # committed is what it holds of our log, whoever sent it the entries.
+                pr.maybe_update(min(m.commit, self.log.last_index()))
             if m.reject:
                 hint = m.reject_hint
                 if m.log_term > 0:
@@ -710,6 +728,12 @@ class Raft:
                 self.send(Message(MessageType.TRANSFER_LEADER, to=self.lead, frm=m.frm))
         elif m.type == MessageType.TIMEOUT_NOW:
             self.hup(transfer=True)
+        elif m.type == MessageType.SYNC:
+            self._handle_sync(m)
+        elif m.type == MessageType.SYNC_RESP:
+            self._handle_sync_resp(m)
+        if m.type in (MessageType.APP, MessageType.HEARTBEAT, MessageType.SNAP):
+            self._serve_learners()  # our commit index may have moved
 
     # -- follower handlers -----------------------------------------------------------------
     def _handle_append(self, m: Message) -> None:
@@ -741,11 +765,11 @@ class Raft:
         leader probes us again. A durable follower always holds the entry: the leader sends
         at most what we acknowledged in its term."""
         if m.commit <= self.log.committed:
-            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm))
+            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm, commit=self.log.committed))
             return
         if m.log_term > 0 and self.log.match_term(m.commit, m.log_term):
             self.log.commit_to(m.commit)
-            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm))
+            self.send(self._msg(MessageType.HEARTBEAT_RESP, m.frm, commit=self.log.committed))
             return
         hint = min(m.commit, self.log.last_index())
         hint, hint_term = self.log.find_conflict_by_term(hint, m.log_term)
@@ -782,6 +806,175 @@ class Raft:
         self._reset_progress()
         self.lead = lead
         return True
+
+    # -- delegated learner replication (Config.delegate_learners, node.raft.delegation) ----
+    def _delegated(self, p: str) -> bool:
+        """Leader: is learner ``p`` served by a delegate rather than by us?"""
+        return (
+            self.cfg.delegate_learners
+            and p in self.learners
+            and p not in self.lag.direct
+            and delegate_of(p, self.voters, self.id) != self.id
+        )
+
+    def _watch_delegated(self) -> None:
+        """Leader, once per heartbeat round: serve a delegated learner ourselves while it is
+        behind the commit index of ``delegate_patience`` rounds ago; hand it back once it has
+        caught up and its delegate is active."""
+        if not self.cfg.delegate_learners or not self.learners:
+            return
+        due = self.lag.round(self.log.committed)
+        for p in sorted(self.learners):
+            pr = self.prs.get(p)
+            d = delegate_of(p, self.voters, self.id)
+            if pr is None or p == self.id or d == self.id:
+                continue
+            if p in self.lag.direct:
+                dpr = self.prs.get(d)
+                if (
+                    pr.match >= self.log.committed
+                    and dpr is not None
+                    and dpr.recent_active
+                    and dpr.state == ProgressState.REPLICATE
+                ):
+                    self.lag.direct.discard(p)
+            elif pr.match < due:
+                self.lag.direct.add(p)
+                pr.become_probe()
+                self.send_append(p)
+
+    def _delegate_prs(self) -> dict[str, Progress]:
+        """Follower voter: the learners we serve under the current leader, with their
+        progress (recomputed when the leader or the membership changes)."""
+        serving = (
+            self.cfg.delegate_learners
+            and self.role == RaftRole.FOLLOWER
+            and self.id in self.voters
+            and self.lead not in (NONE, self.id)
+        )
+        if not serving:
+            if self._sync:
+                self._sync, self._sync_key, self._sync_seen = {}, None, {}
+            return self._sync
+        key = (self.lead, self.conf_index)
+        if key != self._sync_key:
+            mine = delegated_learners(self.id, self.learners, self.voters, self.lead)
+            self._sync = {
+                p: self._sync.get(p)
+                or Progress(self.log.committed + 1, self.cfg.max_inflight, is_learner=True)
+                for p in mine
+            }
+            self._sync_seen = {p: v for p, v in self._sync_seen.items() if p in self._sync}
+            self._sync_key = key
+        return self._sync
+
+    def _serve_learners(self) -> None:
+        for p in self._delegate_prs():
+            while self._send_sync(p):
+                pass
+
+    def _send_sync(self, to: str) -> bool:
+        """Delegate: send ``to`` our committed entries from its ``next`` on (never past our
+        commit index: only committed entries are the same everywhere)."""
+        pr = self._sync.get(to)
+        hi = self.log.committed
+        if pr is None or pr.is_paused() or pr.next > hi:
+            return False
+        try:
+            prev_term = self.log.term(pr.next - 1)
+            ents = self.log.slice(pr.next, hi + 1, self.cfg.max_size_per_msg)
+        except (CompactedError, UnavailableError):
+            pr.become_snapshot(0)  # we cannot serve it: the leader will (LagWatch)
+            return False
+        self.send(
+            self._msg(
+                MessageType.SYNC,
+                to,
+                index=pr.next - 1,
+                log_term=prev_term,
+                entries=tuple(ents),
+                commit=hi,
+            )
+        )
+        if pr.state == ProgressState.REPLICATE:
+            pr.optimistic_update(ents[-1].index)
+            pr.inflights.add(ents[-1].index)
+        else:
+            pr.probe_sent = True
+        return True
+
+    def _tick_sync(self) -> None:
+        """Delegate, every heartbeat interval: retry what may have been lost (a probe, a
+        stalled pipeline, a learner we could not serve) and send what is committed."""
+        self._sync_elapsed += 1
+        if self._sync_elapsed < self.cfg.heartbeat_tick:
+            return
+        self._sync_elapsed = 0
+        prs = self._delegate_prs()
+        for p, pr in prs.items():
+            stalled = self._sync_seen.get(p) == pr.match and pr.match < self.log.committed
+            self._sync_seen[p] = pr.match
+            if pr.state == ProgressState.SNAPSHOT:
+                prs[p] = Progress(self.log.committed + 1, self.cfg.max_inflight, is_learner=True)
+            elif pr.state == ProgressState.REPLICATE and (stalled or pr.inflights.full()):
+                pr.become_probe()
+            elif pr.state == ProgressState.PROBE:
+                pr.probe_sent = False
+            while self._send_sync(p):
+                pass
+
+    def _handle_sync(self, m: Message) -> None:
+        """Learner: committed entries from our delegate; like an append, without taking the
+        sender for the leader (a voter's committed entries are the leader's)."""
+        if self.id not in self.learners or m.frm not in self.voters or m.frm == self.id:
+            return
+        if m.index < self.log.committed:
+            self.send(self._msg(MessageType.SYNC_RESP, m.frm, index=self.log.committed))
+            return
+        last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
+        if last_new is not None:
+            self.send(self._msg(MessageType.SYNC_RESP, m.frm, index=last_new))
+            return
+        hint = min(m.index, self.log.last_index())
+        hint, hint_term = self.log.find_conflict_by_term(hint, m.log_term)
+        self.send(
+            self._msg(
+                MessageType.SYNC_RESP,
+                m.frm,
+                index=m.index,
+                reject=True,
+                reject_hint=hint,
+                log_term=hint_term,
+                commit=self.log.committed,
+            )
+        )
+
+    def _handle_sync_resp(self, m: Message) -> None:
+        """Delegate: a learner's answer (the leader's append-response logic, for committed
+        entries only)."""
+        pr = self._delegate_prs().get(m.frm)
+        if pr is None:
+            return
+        if m.reject:
+            next_probe = m.reject_hint
+            if m.log_term > 0:
+                next_probe, _ = self.log.find_conflict_by_term(m.reject_hint, m.log_term)
+            if next_probe < pr.match:  # the learner lost entries it acknowledged
+                pr.reset_after_loss(min(next_probe, m.commit), next_probe + 1)
+                self._send_sync(m.frm)
+            elif pr.maybe_decr_to(m.index, next_probe):
+                if pr.state == ProgressState.REPLICATE:
+                    pr.become_probe()
+                self._send_sync(m.frm)
+            return
+        if not pr.maybe_update(m.index):
+            return
+        if pr.state == ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state == ProgressState.REPLICATE:
+            pr.inflights.free_le(m.index)
+        while self._send_sync(m.frm):
+            pass
 
     # -- commit ----------------------------------------------------------------------------
     def _maybe_commit(self) -> bool:

@@ -121,6 +121,9 @@ class MessageType(enum.IntEnum):
     SNAP = 9
     TIMEOUT_NOW = 10
     TRANSFER_LEADER = 11
+    SYNC = 12
+    """A delegate voter's committed entries for a learner (``Config.delegate_learners``)."""
+    SYNC_RESP = 13
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ raft_tick_seconds = 0.25
 raft_election_ticks = 20
 raft_heartbeat_ticks = 4
 raft_snapshot_entries = 5000     # compact the Raft log after this many applied entries
+raft_delegate_learners = true    # learners replicate from voters other than the leader
 clock_max_skew_seconds = 5.0     # clock off the grid's median by more: skewed (docs/node.md)
 clock_sample_seconds = 30.0      # compare clocks with each connected member this often
 clock_offset_seconds = 0.0       # TESTS AND DRILLS ONLY: shift this node's wall clock
@@ -184,6 +185,11 @@ class NodeConfig:
     raft_election_ticks: int = 20
     raft_heartbeat_ticks: int = 4
     raft_snapshot_entries: int = 5000
+    raft_delegate_learners: bool = True
+    """Learners get the committed log from a voter other than the leader (docs/raft.md,
+    "Delegated learner replication"). Every node of a grid should agree; set false on every
+    node while a grid is upgraded from a release without it (an older node refuses the
+    message as malformed)."""
     clock_max_skew_seconds: float = 5.0
     """This node's clock off the grid's median by more than this: skewed (docs/node.md)."""
     clock_sample_seconds: float = 30.0
@@ -465,7 +471,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value <= 0:
             raise ConfigError(f"{source}: {name} must be a positive integer")
         return value
-    if name in ("mdns", "hole_punch"):
+    if name in ("mdns", "hole_punch", "raft_delegate_learners"):
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no"):

@@ -148,9 +148,18 @@ def nemesis(sim: RaftSimulation, steps: int) -> dict[str, int]:
     return done
 
 
-def run(seed: int, nodes: int = 5, steps: int = 300) -> dict[str, int]:
-    """One nemesis run on a fresh simulated group (lossy network, snapshots on). The seed
-    also picks whether pre-vote and check-quorum are on (both on for half the seeds)."""
+def run(
+    seed: int,
+    nodes: int = 5,
+    steps: int = 300,
+    *,
+    learners: int = 0,
+    delegate_learners: bool = False,
+) -> dict[str, int]:
+    """One nemesis run on a fresh simulated group of ``nodes`` voters and ``learners``
+    learners (lossy network, snapshots on; ``delegate_learners``: learners replicate from
+    delegate voters, ``node.raft.delegation``). The seed also picks whether pre-vote and
+    check-quorum are on (both on for half the seeds)."""
     net = NetConfig(drop_pm=50, dup_pm=30, max_delay=3, jitter_pm=30)
     variant = seed % 4
     sim = RaftSimulation(
@@ -160,6 +169,8 @@ def run(seed: int, nodes: int = 5, steps: int = 300) -> dict[str, int]:
         snapshot_threshold=24,
         pre_vote=variant in (0, 1),
         check_quorum=variant in (0, 2),
+        learners=learners,
+        delegate_learners=delegate_learners,
     )
     return nemesis(sim, steps)
 
@@ -171,15 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=1, help="seeds from --seed on")
     ap.add_argument("--nodes", type=int, default=5)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--learners", type=int, default=0)
+    ap.add_argument("--delegate", action="store_true", help="delegated learner replication")
     args = ap.parse_args(argv)
     for seed in range(args.seed, args.seed + args.count):
         try:
-            done = run(seed, args.nodes, args.steps)
+            done = run(
+                seed,
+                args.nodes,
+                args.steps,
+                learners=args.learners,
+                delegate_learners=args.delegate,
+            )
         except InvariantViolation as exc:
             print(f"seed {seed}: FAILED: {exc}")
             print(
                 f"replay: python -m node.testing.raft_nemesis --seed {seed} --nodes {args.nodes} "
-                f"--steps {args.steps}"
+                f"--steps {args.steps} --learners {args.learners}"
+                + (" --delegate" if args.delegate else "")
             )
             return 1
         print(f"seed {seed}: ok {sorted(done.items())}")

@@ -101,6 +101,7 @@ class RaftSimulation:
         max_inflight: int = 64,
         extra_ids: Iterable[str] = (),
         learner_heartbeat_rounds: int = 1,
+        delegate_learners: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -118,6 +119,7 @@ class RaftSimulation:
             max_size_per_msg=max_size_per_msg,
             max_inflight=max_inflight,
             learner_heartbeat_rounds=learner_heartbeat_rounds,
+            delegate_learners=delegate_learners,
         )
         self.configs: dict[str, Config] = {}
         self.storages: dict[str, Storage] = {}

@@ -90,8 +90,11 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         "MICROGRID_LOG_FORMAT": "json",
         "MICROGRID_LOG_LEVEL": "debug",
         "MICROGRID_METER_TIME_SCALE": "60",
+        "MICROGRID_RAFT_DELEGATE_LEARNERS": "false",
     }
+    assert load_config(path, environ={}).raft_delegate_learners is True
     config = load_config(path, environ=env)
+    assert config.raft_delegate_learners is False
     assert config.api_token == "from-env" and config.api_port == 0
     assert config.raft_tick_seconds == 0.05 and config.raft_election_ticks == 30
     assert (config.log_format, config.log_level) == ("json", "DEBUG")
@@ -196,6 +199,7 @@ def test_config_file_errors(tmp_path: Path, text: str, match: str) -> None:
         ({"MICROGRID_RAFT_TICK_SECONDS": "fast"}, "'fast' is not a number"),
         ({"MICROGRID_RAFT_ELECTION_TICKS": "4"}, "must exceed raft_heartbeat_ticks"),
         ({"MICROGRID_DATA_DIR": ""}, "MICROGRID_DATA_DIR: data_dir must be a non-empty"),
+        ({"MICROGRID_RAFT_DELEGATE_LEARNERS": "maybe"}, "'maybe' is not a boolean"),
     ],
 )
 def test_environment_errors(tmp_path: Path, env: dict[str, str], match: str) -> None:

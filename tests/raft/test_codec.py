@@ -35,7 +35,7 @@ def messages(draw: st.DrawFn) -> Message:
     index = draw(small)
     entries: tuple[Entry, ...] = ()
     snapshot = None
-    if mtype == MessageType.APP:
+    if mtype in (MessageType.APP, MessageType.SYNC):
         n = draw(st.integers(min_value=0, max_value=5))
         entries = tuple(
             Entry(
