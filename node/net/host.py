@@ -517,6 +517,11 @@ class NetSettings:
     dial_timeout: float = 5.0
     stable_after: float = 5.0
     """A connection that lasted this long resets the reconnect back-off."""
+    redial_fast_for: float = 10.0
+    """After a stable connection closes, redial at most every ``2 x reconnect_min`` for this
+    long (then back off as usual): a member that restarted (an upgrade, a reboot) is usually
+    listening again within seconds, and the back-off would otherwise keep us from it for up
+    to its next step (4-8 s)."""
     raft_queue: int = 256
     publish_wait: float = 2.0
     """Longest our publish waits for room in the peers' outbound queues."""
@@ -954,6 +959,20 @@ class NetNode:
         """This node keeps a connection to peer ``key`` (it dials it): every member in a full
         mesh; else the core, this node's ``neighbours``, and the infrastructure peers."""
         return self._wanted is None or key in self._wanted or key in self.infra_peers
+
+    def dialled_by(self, key: str) -> bool:
+        """Does peer ``key`` keep a connection to us (dial us), by the same rule as
+        :meth:`wants` seen from its end: in a full mesh, if either of us is a core member, or
+        if we are among its ``neighbours``."""
+        me = str(self.peer_id)
+        core = self._core
+        if core is None or key in core or me in core or key in self.infra_peers:
+            return True
+        if len(self.member_peers) <= self.settings.full_mesh_members:
+            return True
+        others = [k for k in self.member_peers if k != key and k not in core]
+        others.sort(key=lambda k: hashlib.sha256("|".join(sorted((key, k))).encode()).digest())
+        return me in others[: max(0, self.settings.neighbours)]
 
     def _linked(self) -> bool:
         """A member this node wants (:meth:`wants`) is connected."""
@@ -1578,13 +1597,20 @@ class NetNode:
         attempt = 0
         network = self.host.get_network()
         delay = self.settings.reconnect_min
+        key = str(info.peer_id)
         # The peer with the larger id waits a little first, so two nodes starting together
         # rarely dial each other simultaneously (max one connection per peer).
         # (1-3 s: fifty nodes starting at once on one machine took longer than 0.3-0.6 s to
-        # answer, and each simultaneous pair costs two handshakes)
+        # answer, and each simultaneous pair costs two handshakes.) Only if that peer dials
+        # us too: one that does not keep a connection to us (a large grid's learner that did
+        # not pick us) would leave us waiting for nothing.
         if info.peer_id.to_bytes() > self.peer_id.to_bytes():
-            await trio.sleep(random.uniform(1.0, 3.0))
-        key = str(info.peer_id)
+            # its dial wins the wait, or ours goes ahead afterwards (the core members may be
+            # named while we wait: asked again each time)
+            with trio.move_on_after(random.uniform(1.0, 3.0)):
+                while not network.get_connections(info.peer_id) and self.dialled_by(key):
+                    await trio.sleep(0.1)
+        fast_until = 0.0
         while True:
             if network.get_connections(info.peer_id):
                 await self._wait_disconnected(info.peer_id, RECONNECT_CHECK_SECONDS)
@@ -1654,11 +1680,14 @@ class NetNode:
                     if trio.current_time() - connected_at > self.settings.stable_after:
                         delay = self.settings.reconnect_min
                 if trio.current_time() - connected_at > self.settings.stable_after:
+                    fast_until = trio.current_time() + self.settings.redial_fast_for
                     continue
             except Exception as exc:
                 self._dialled(key, target, ok=False)
                 self.metrics.dials.labels("failed").inc()
                 log.debug("dial %s at %s failed: %s", info.peer_id, target, exc)
+            if trio.current_time() < fast_until:
+                delay = min(delay, 2 * self.settings.reconnect_min)
             await trio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(self.settings.reconnect_max, delay * 2)
 

@@ -79,6 +79,23 @@ def test_a_small_grid_is_a_full_mesh_and_a_large_one_is_bounded(tmp_path: Path) 
     assert all(n.wants(key(m)) for m in nodes)
 
 
+def test_dialled_by_is_wants_seen_from_the_other_end(tmp_path: Path) -> None:
+    """``m.dialled_by(n)`` (does ``n`` dial ``m``?) is exactly ``n.wants(m)``, in a full mesh
+    and a bounded one: a restarted node waits for a peer's dial only when one is coming."""
+    nodes = idle_nodes(tmp_path, 24, full_mesh_members=30, neighbours=4)
+    dids = [n.identity.did for n in nodes]
+    for n in nodes:
+        n.update_members(dids)
+        n.set_core_members(dids[:3])
+    pairs = [(n, m) for n in nodes for m in nodes if n is not m]
+    assert all(m.dialled_by(key(n)) for n, m in pairs)  # a full mesh
+    for n in nodes:
+        n.settings = NetSettings(full_mesh_members=20, neighbours=4)
+        n._wanted = n._choose_wanted()
+    assert all(m.dialled_by(key(n)) == n.wants(key(m)) for n, m in pairs)
+    assert sum(not m.dialled_by(key(n)) for n, m in pairs) > len(pairs) // 2  # bounded
+
+
 async def test_a_bounded_grid_connects_learners_to_the_core_and_gossips_everywhere(
     tmp_path: Path,
 ) -> None:
@@ -135,3 +152,40 @@ def idle_node(grid: Grid, spec: NodeSpec, **settings: Any) -> NetNode:
     settings = NetSettings(listen=spec.listen, **settings)
     return NetNode(NodeIdentity.from_seed(spec.seed), grid.genesis, settings,
                    slot_policy=lambda r: None)  # fmt: skip
+
+
+async def test_a_member_that_restarts_is_redialled_every_half_second(tmp_path: Path) -> None:
+    """A stable connection closes (the peer stops for an upgrade): for ``redial_fast_for``
+    seconds the loop redials at most ``2 x reconnect_min`` after each failure instead of
+    backing off exponentially (0.25, 0.5, 1, 2, 4, 8 s), so a peer that listens again a few
+    seconds later is connected within about a second, on a Raspberry Pi whose restart takes
+    longer too. (A failed dial itself takes about 0.7 s in py-libp2p, which retries inside.)"""
+    specs, _, path = make_grid(tmp_path, 2)
+    grid = Grid(load_genesis(path))
+    a_spec, b_spec = specs
+    a = grid.node(a_spec, [b_spec], stable_after=0.5, reconnect_min=0.1)
+    b = grid.node(b_spec, [])  # only ``a`` dials: its loop is what is measured
+    failures: list[float] = []
+    record = a._dialled
+
+    def dialled(key: str, addr: str, *, ok: bool) -> None:
+        if not ok:
+            failures.append(trio.current_time())
+        record(key, addr, ok=ok)
+
+    a._dialled = dialled  # type: ignore[method-assign]
+    async with running([a]):
+        async with running([b]):
+            await until(lambda: connected(a, b), 15)
+            await trio.sleep(1.0)  # stable
+        await until(lambda: not connected(a, b), 10)
+        t_down = trio.current_time()
+        await trio.sleep(8.0)
+        gaps = [y - x for x, y in zip([t_down, *failures], failures, strict=False)]
+        again = grid.node(b_spec, [])
+        async with running([again]):
+            t0 = trio.current_time()
+            await until(lambda: connected(a, again), 10)
+            took = trio.current_time() - t0
+    assert len(failures) >= 7 and max(gaps) < 1.5, gaps  # the back-off alone: gaps of 2-4 s
+    assert took < 1.5, took
