@@ -18,14 +18,21 @@ for a number of rounds and prints:
 
 CPU comes from /proc (utime + stime, 10 ms ticks), sampled every 0.1 s. Every run is bounded
 (``trio.fail_after``). ``python -m bench.node_bench --sizes 5 10 20 --rounds 6``.
+
+``--baseline REV`` first runs the same sizes with the code of git revision ``REV`` (exported
+into a temporary directory and run from there, its node processes too) and then prints the
+ratio of this version's figures to that one's, measured in the same run on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -389,6 +396,72 @@ def report(results: list[dict[str, Any]]) -> None:
           "delegated learner replication it sends learners their committed entries)")  # fmt: skip
 
 
+RATIO_KEYS = (
+    ("startup_s", "start-up"),
+    ("gate_p99_ms", "gate->all p99"),
+    ("settle_over_p99_ms", "deadline->settled p99"),
+    ("cpu_round_s", "CPU/round"),
+    ("cpu_background_pct", "background"),
+    ("rss_median_mb", "RSS median"),
+    ("leader_cpu_round_s", "leader CPU"),
+    ("leader_kb_round", "leader kB"),
+    ("voter_kb_round", "voter kB"),
+    ("connected_s", "restart connected"),
+)
+"""Figures compared with ``--baseline`` (this version / the baseline's)."""
+
+_RESULT_LINE = re.compile(r"^  (\{'n': .*\})$")
+
+
+def parse_results(output: str) -> list[dict[str, Any]]:
+    """The per-size result dictionaries a bench run printed (``nan``/``inf`` become None)."""
+    found = []
+    for line in output.splitlines():
+        m = _RESULT_LINE.match(line)
+        if m:
+            text = re.sub(r"\b(nan|inf)\b", "None", m.group(1))
+            found.append(ast.literal_eval(text))
+    return found
+
+
+def run_baseline(rev: str, argv: list[str]) -> list[dict[str, Any]]:
+    """Run this bench with ``argv`` on the code of git revision ``rev`` (exported into a
+    temporary directory; its node processes run from there too) and return its results."""
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="node-bench-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True,
+                                 capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        env = {**os.environ, "PYTHONPATH": tmp}
+        print(f"baseline {rev}: running the same sizes with its code…", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.node_bench", *argv], cwd=tmp,
+                              env=env, capture_output=True, text=True)  # fmt: skip
+    for line in proc.stdout.splitlines():
+        print(f"  [{rev}] {line}")
+    return parse_results(proc.stdout)
+
+
+def report_ratios(rev: str, base: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+    """Print this run's figures over the baseline's, per size and Raft timing."""
+    print()
+    print(f"ratios to {rev} (this version / {rev}, measured in this run; lower is better):")
+    old = {(r["n"], r["raft"]): r for r in base if "error" not in r}
+    for r in results:
+        b = old.get((r["n"], r.get("raft")))
+        if b is None or "error" in r:
+            print(f"  N={r['n']} {r.get('raft')}: no comparable baseline figures")
+            continue
+        parts = []
+        for key, label in RATIO_KEYS:
+            new, prev = r.get(key), b.get(key)
+            if isinstance(new, int | float) and isinstance(prev, int | float) and prev > 0:
+                parts.append(f"{label} {new:.3g}/{prev:.3g} = x{new / prev:.2f}")
+            else:
+                shown = f"{new:.3g}" if isinstance(new, int | float) else "-"
+                parts.append(f"{label} {shown}/{prev if prev is not None else '-'}")
+        print(f"  N={r['n']} {r['raft']}: " + "; ".join(parts))
+
+
 async def amain(args: argparse.Namespace) -> int:
     results = []
     runs = [(n, "demo") for n in args.sizes] + [(n, "production") for n in args.production]
@@ -406,6 +479,8 @@ async def amain(args: argparse.Namespace) -> int:
             print(f"  {row}")
         print(f"  {results[-1]}", flush=True)
     report(results)
+    if args.baseline_results is not None:
+        report_ratios(args.baseline, args.baseline_results, results)
     return 0 if all("error" not in r for r in results) else 1
 
 
@@ -425,7 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--production", type=int, nargs="*", default=[10],
                         help="sizes to run again with the production Raft timing (tick 0.25 s,"
                              " heartbeat 1 s) instead of the demo's fast one")  # fmt: skip
+    parser.add_argument("--baseline", metavar="REV",
+                        help="first run the same sizes with git revision REV's code, then "
+                             "print this version's figures over that one's")  # fmt: skip
     args = parser.parse_args(argv)
+    args.baseline_results = None
+    if args.baseline:
+        raw, rest = list(sys.argv[1:] if argv is None else argv), []
+        while raw:
+            token = raw.pop(0)
+            if token == "--baseline":
+                raw.pop(0)
+            elif not token.startswith("--baseline="):
+                rest.append(token)
+        args.baseline_results = run_baseline(args.baseline, rest)
     return trio.run(amain, args)
 
 
