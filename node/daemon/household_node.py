@@ -319,6 +319,10 @@ class HouseholdNode:
                     1, config.raft_election_ticks // config.raft_heartbeat_ticks
                 ),
                 delegate_learners=config.raft_delegate_learners,
+                # a delegated learner behind for an election timeout is served by the leader
+                delegate_patience=max(
+                    3, config.raft_election_ticks // config.raft_heartbeat_ticks
+                ),
             ),
             self.raft_storage,
         )

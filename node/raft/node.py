@@ -247,6 +247,8 @@ class RaftNode:
             learners=cs.learners,
             progress=progress,
             lead_transferee=r.lead_transferee if r.lead_transferee != NONE else None,
+            direct_learners=tuple(sorted(r.lag.direct)) if r.role == RaftRole.LEADER else (),
+            serving=r.served_learners(),
         )
 
 

@@ -843,6 +843,10 @@ class Raft:
                 pr.become_probe()
                 self.send_append(p)
 
+    def served_learners(self) -> tuple[str, ...]:
+        """Follower voter: the learners it serves as their delegate now (sorted)."""
+        return tuple(self._sync)
+
     def _delegate_prs(self) -> dict[str, Progress]:
         """Follower voter: the learners we serve under the current leader, with their
         progress (recomputed when the leader or the membership changes)."""

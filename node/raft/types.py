@@ -197,3 +197,8 @@ class Status:
     progress: dict[str, tuple[int, int, str]] = field(default_factory=dict)
     """Leader only: peer -> (match, next, state)."""
     lead_transferee: str | None = None
+    direct_learners: tuple[str, ...] = ()
+    """Leader with ``delegate_learners``: the learners it serves itself because they fell
+    behind their delegate (``node.raft.delegation``)."""
+    serving: tuple[str, ...] = ()
+    """Follower voter with ``delegate_learners``: the learners it serves committed entries."""

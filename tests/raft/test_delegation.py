@@ -104,12 +104,12 @@ def test_a_learner_whose_delegate_is_down_is_served_by_the_leader(seed_count: in
             sim.propose(via=lead)
             sim.run(1)
         sim.converge(nodes=[lead, *sim.learner_ids])
-        raft = sim.node(lead).raft
-        assert set(orphans) <= raft.lag.direct
+        assert set(orphans) <= set(sim.node(lead).status().direct_learners)
         sim.restart(down)
         sim.propose(via=lead)
         sim.converge()
-        assert sim.run_until(lambda: not sim.node(lead).raft.lag.direct, 100)
+        assert sim.run_until(lambda: not sim.node(lead).status().direct_learners, 100)
+        assert sim.node(down).status().serving == orphans
 
     for_seeds(min(seed_count, 10), scenario)
 
