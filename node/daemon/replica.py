@@ -6,7 +6,10 @@ them and the ledger store records what they produced together with the entry's i
 database transaction. So after a crash the ledger's ``applied_index`` says exactly which
 entries are in it: on restart the engine state is rebuilt from the newest engine snapshot and
 the entries after it are re-applied to the engine only (they are already in the ledger), then
-new entries go to both. Nothing is lost and nothing is recorded twice.
+new entries go to both. Nothing is lost and nothing is recorded twice. An entry that writes no
+ledger row (a batch of orders or readings) commits nothing: its index is committed with the next
+entry that writes rows, or before a log compaction, or at close; after a crash such entries are
+applied again and write nothing again (:meth:`node.ledger.LedgerStore.record_entry`).
 
 A batch whose framing is valid is applied command by command: a malformed command becomes a
 ``Rejected(malformed)`` naming its index, and the others still apply, identically on every node.
@@ -268,7 +271,9 @@ class Replica:
         events = self._apply(index, data)
         if self.store is not None:
             try:
-                self.store.record(events, applied_index=index)
+                # an entry that writes no ledger row commits nothing: its index goes with the
+                # next one that does (LedgerStore.record_entry)
+                self.store.record_entry(events, index)
             except Exception as exc:
                 raise self._fail(index, data, exc) from exc
         if self.listener is not None and events:
@@ -301,7 +306,12 @@ class Replica:
         self.applied_index = index
 
     def snapshot(self) -> tuple[int, bytes]:
-        """``(applied index, engine snapshot bytes)`` for Raft log compaction."""
+        """``(applied index, engine snapshot bytes)`` for Raft log compaction. First the
+        ledger commits the applied index of entries that wrote no row (:meth:`LedgerStore.
+        sync_applied_index`): the compaction drops them from the log, so a restart could not
+        apply them again, and the ledger must never stand behind the engine snapshot."""
+        if self.store is not None:
+            self.store.sync_applied_index()
         return self.applied_index, dump_state(self.state)
 
     def _fail(self, index: int, data: bytes, cause: BaseException) -> EntryError:

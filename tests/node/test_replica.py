@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import insert, select
+from sqlalchemy import event, insert, select
 
 from market import (
     CloseGate,
@@ -34,7 +34,7 @@ from node.daemon.replica import (
 )
 from node.ledger import LedgerStore, verify_ledger
 from node.ledger import schema as t
-from node.ledger.store import LedgerStoreError
+from node.ledger.store import LedgerStoreError, writes_rows
 from node.tools import market_sim
 from tests.market.world import GRID, World, signer
 
@@ -253,3 +253,37 @@ def test_an_engine_failure_stops_the_replica_and_its_recovery_naming_the_entry(
     alice, bob = (r.household for r in regs)
     assert caught.value.commands == (f"order by {alice}", "malformed order", f"order by {bob}")
     store.close()
+
+
+def test_only_entries_with_rows_commit_and_a_crash_applies_the_others_again(tmp_path: Path):
+    """Issue 19: the ledger commits (one fsync each) only the entries whose events write rows;
+    the index of the others waits. A crash loses only that waiting index: the restart applies
+    those entries again, they write nothing again, and the ledger is the crash-free one. A
+    snapshot for log compaction commits the waiting index first."""
+    config, entries = log_entries(3, 4, 7)
+    entries.append((len(entries) + 1, b""))  # the log ends with a Raft no-op
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    store = LedgerStore(url)
+    replica = Replica(config, store)
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: commits.append(1))
+    with_rows = [i for i, data in entries if writes_rows(replica.apply_entry(i, data))]
+    assert 0 < len(with_rows) < len(entries)
+    assert len(commits) == len(with_rows)
+    assert store.meta()["applied_index"] == str(with_rows[-1])
+    assert store.applied_index() == replica.applied_index == len(entries)
+    store.engine.dispose()  # the process dies: no close, the waiting index is lost
+
+    store = LedgerStore(url)
+    assert store.applied_index() == with_rows[-1]
+    replica = Replica.recover(config, store, None, iter(entries))
+    assert replica.applied_index == with_rows[-1]
+    for index, payload in entries:
+        replica.apply_entry(index, payload)
+    assert replica.state.head_hash == reference_head(config, entries)
+    assert replica.snapshot()[0] == len(entries)
+    assert store.meta()["applied_index"] == str(len(entries))  # committed before compaction
+    store.close()
+    report = verify_ledger(url)
+    assert report.ok, report.error
+    assert report.head_hash == reference_head(config, entries)
