@@ -15,22 +15,24 @@ here: every time is an argument, ``at``/``now`` are monotonic seconds of the cal
   most precise, NTP's clock filter), each carried forward to now by how much our wall clock
   moved against our monotonic clock since it was taken (a step of our own clock, an NTP slew:
   seen at the next assessment, not at the next sample), then the *median* over every member's
-  clock, this node's own (offset 0) included. A minority of wrong or lying clocks cannot move
-  the median out of the range of the honest ones; with this node counted, an honest node of a
-  grid of three in which one clock is minutes off finds itself on time (median of ``{0, 0, -d}``
-  is 0), while the skewed node finds itself ``d`` ahead (``{0, d, d}``). With only one peer
-  neither can tell whose clock is wrong (the median is halfway, the error bound covers both):
-  the disagreement is reported, no one is called skewed.
+  clock, this node's own (offset 0) included, and the most this clock can be ahead of that
+  median given every sample's error (:func:`median_ahead_bound`: the leader's deadline shift). A
+  minority of wrong or lying clocks cannot move the median out of the range of the honest ones;
+  with this node counted, an honest node of a grid of three in which one clock is minutes off
+  finds itself on time (median of ``{0, 0, -d}`` is 0), while the skewed node finds itself ``d``
+  ahead (``{0, d, d}``). With only one peer neither can tell whose clock is wrong (the median is
+  halfway, the error bound covers both): the disagreement is reported, no one is called skewed.
 - :class:`ClockWatch`: the policy. ``skewed`` once the estimate is beyond ``max_skew`` even
-  allowing for its error (and no longer once it is within ``max_skew`` allowing for it: the
-  gap between the two is a hysteresis); while skewed a leader proposes no gate closure or
-  settlement and hands leadership to the most caught-up voter whose clock agrees with the
-  median (at most once per ``transfer_every`` seconds: one slot; a handover that did not take,
-  to a voter that is down, is followed by one to the next such voter). A sole voter has no one
-  to hand over to: skewed (its learners' clocks, two or more, outvote its own) it holds every
-  gate closure and settlement until its clock is right again. While not skewed the leader judges
-  deadlines by ``wall_clock - offset - error`` (the peers' median clock, conservatively: never
-  earlier than it, at most twice the error later; a sole voter by its own clock). A follower
+  allowing for its error (and no longer once it is within ``max_skew`` allowing for it: the gap
+  between the two is a hysteresis); while skewed a leader proposes no gate closure or settlement
+  and hands leadership to the most caught-up voter whose clock agrees with the median (at most
+  once per ``transfer_every`` seconds: one slot; a handover that did not take, to a voter that
+  is down, is followed by one to the next such voter). A sole voter has no one to hand over to:
+  skewed (its learners' clocks, two or more, outvote its own) it holds every gate closure and
+  settlement until its clock is right again. While not skewed the leader judges deadlines by
+  ``wall_clock - ahead`` (the peers' median clock, conservatively: ``ahead`` is the most this
+  clock can be ahead of the median given every sample's error, so never earlier than it, at most
+  twice the largest error around the median later; a sole voter by its own clock). A follower
   that applies a ``CloseGate`` earlier than its own (corrected) clock allows by more than
   ``max_skew`` counts it against the leader; ``distrust_after`` of them from one leader make a
   voter distrust it (the Raft ``distrust`` the censorship watch uses; at most once per
@@ -149,6 +151,10 @@ class ClockEstimate:
     """Bound on the estimate's error (from the sample delays around the median)."""
     peers: tuple[PeerOffset, ...] = ()
     """Each sampled peer's clock, by peer id."""
+    ahead: float | None = None
+    """The most our clock can be ahead of the grid's median clock, given every sample's error
+    (:func:`median_ahead_bound`): what a leader subtracts from its clock to judge deadlines
+    (None: no peer sampled)."""
 
     @property
     def sampled(self) -> int:
@@ -191,6 +197,27 @@ def median_clock(offsets: list[tuple[float, float]]) -> tuple[float, float]:
         return ordered[mid]
     (a, ea), (b, eb) = ordered[mid - 1], ordered[mid]
     return (a + b) / 2, (b - a) / 2 + max(ea, eb)
+
+
+def median_ahead_bound(offsets: list[tuple[float, float]]) -> float:
+    """The most our clock can be ahead of the median clock, from ``(offset, error)`` pairs
+    (non-empty; ours ``(0.0, 0.0)`` among them): each clock's true offset lies within
+    ``offset +- error``, so the ``k``-th smallest true offset is at most the ``k``-th smallest
+    ``offset + error``, and that bound is reached when every clock is at the top of its range.
+    With an odd count the median clock is the middle one; with an even count the later of the
+    two middle clocks counts (a leader is never early by either, as :func:`median_clock`'s
+    error covers both).
+
+    Tighter than ``offset + error`` of :func:`median_clock` when the middle sample is an
+    imprecise one (one slow round trip then no longer delays every deadline by its error), and
+    never below the true median's offset, which that one can be: the clock in the middle by
+    offset need not be the one in the middle by upper bound (``(0, 0)``, ``(-0.5, 1.0)``,
+    ``(0.1, 0)``: the middle is ours at 0, yet the second clock may be at +0.5, making the median
+    +0.1)."""
+    if not offsets:
+        raise ValueError("no clocks")
+    tops = sorted(offset + error for offset, error in offsets)
+    return tops[len(tops) // 2]
 
 
 @dataclass
@@ -246,8 +273,9 @@ class ClockEstimator:
         peers = self.peer_offsets(now, local)
         if not peers:
             return ClockEstimate(None, 0.0)
-        offset, error = median_clock([(0.0, 0.0), *((p.offset, p.error) for p in peers)])
-        return ClockEstimate(offset, error, peers)
+        clocks = [(0.0, 0.0), *((p.offset, p.error) for p in peers)]
+        offset, error = median_clock(clocks)
+        return ClockEstimate(offset, error, peers, median_ahead_bound(clocks))
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,9 +398,10 @@ class ClockWatch:
         samples it took before its own clock stepped are carried over the step, for up to
         ``MAX_AGE``). Otherwise ``alone``: the local clock (no unsampled hold; one learner's
         clock cannot outvote it). No sample yet while there are other voters: None for up to
-        ``unsampled_hold`` seconds, then the local clock. Otherwise ``local - offset -
-        error``: the grid's median clock, never ahead of it (the offset is within ``max_skew
-        + error`` here, the error within ``max_delay / 2``)."""
+        ``unsampled_hold`` seconds, then the local clock. Otherwise ``local - ahead``
+        (:func:`median_ahead_bound`): the grid's median clock, never ahead of it, and later
+        than it by at most the largest error of the samples around the median, twice (each
+        within ``max_delay / 2``)."""
         est = self.estimate
         if alone:
             return None if self.skewed else local
@@ -385,7 +414,8 @@ class ClockWatch:
         self.unsampled_since = None
         if self.skewed:
             return None
-        return local - est.offset - est.error
+        ahead = est.ahead if est.ahead is not None else est.offset + est.error
+        return local - ahead
 
     def note_held(self) -> None:
         """The leader held back a due gate closure or settlement."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from market import CloseGate, SettleSlot
 from market.schedule import Schedule
@@ -16,6 +18,7 @@ from node.daemon.clock import (
     ClockWatch,
     SampleError,
     TimeSample,
+    median_ahead_bound,
     median_clock,
     offset_clock,
 )
@@ -262,3 +265,48 @@ def test_the_test_only_clock_offset_is_configurable_and_bounded() -> None:
     assert offset_clock(lambda: 100.0, -30.0)() == 70.0
     with pytest.raises(ValueError):
         offset_clock(lambda: 0.0, math.inf)
+
+
+def test_the_deadline_shift_is_the_tightest_bound_on_the_median_never_below_it() -> None:
+    """Issue 19: the leader's shift is the median of the clocks' upper bounds (offset + error),
+    not the upper bound of the clock in the middle by offset: one imprecise sample in the middle
+    no longer delays every deadline by its error, and the shift can no longer fall short of the
+    true median (the clock in the middle by offset need not be the one in the middle by bound)."""
+    # self, a precise peer 0.2 s behind us, an imprecise one (error 1 s) in the middle
+    assert median_clock([(0.0, 0.0), (0.1, 1.0), (0.2, 0.001)]) == (0.1, 1.0)  # old: 1.1
+    assert median_ahead_bound([(0.0, 0.0), (0.1, 1.0), (0.2, 0.001)]) == pytest.approx(0.201)
+    # the middle by offset is ours (0), but the imprecise clock may truly be at +0.5: then the
+    # median is +0.1, which the old shift (0 + 0) missed
+    clocks = [(0.0, 0.0), (-0.5, 1.0), (0.1, 0.0)]
+    assert sum(median_clock(clocks)) == 0.0
+    assert median_ahead_bound(clocks) == pytest.approx(0.1)
+    # an even count: the later of the two middle clocks counts (as median_clock's error does)
+    assert median_ahead_bound([(0.0, 0.0), (10.0, 0.1)]) == pytest.approx(10.1)
+    with pytest.raises(ValueError):
+        median_ahead_bound([])
+    # the estimator and the leader use it
+    watch = ClockWatch(max_skew=5.0)
+    watch.add(exchange("precise", -0.2, 0.001, 0.001))
+    watch.add(exchange("slow", -0.1, 0.4, 0.4))  # in the middle by offset, error 0.4 s
+    est = watch.assess(0.0)
+    assert est.offset == pytest.approx(-0.1, abs=0.01) and est.error == pytest.approx(0.4, 0.01)
+    # the bounds: ours 0, the precise peer's -0.2, the slow one's +0.3: the median is ours
+    assert est.ahead == pytest.approx(0.0, abs=0.01)  # was offset + error = 0.3
+    assert watch.deadline_time(T, 0.0, alone=False) == pytest.approx(T - est.ahead)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_deadline_bound_holds_for_any_true_clocks_within_the_samples_errors(data) -> None:
+    """For any clocks and any true offsets within their samples' error bounds, the leader's
+    shift is at least how far its clock is truly ahead of the median clock (the later middle
+    one for an even count) and at most twice the largest error later."""
+    n = data.draw(st.integers(1, 9))
+    peers = data.draw(st.lists(st.tuples(st.floats(-3, 3), st.floats(0, 1)), min_size=n,
+                               max_size=n))  # fmt: skip
+    clocks = [(0.0, 0.0), *peers]
+    truths = [0.0] + [o + data.draw(st.floats(-1, 1)) * e for o, e in peers]
+    true_median = sorted(truths)[len(truths) // 2]
+    bound = median_ahead_bound(clocks)
+    assert bound >= true_median - 1e-9
+    assert bound <= true_median + 2 * max(e for _, e in clocks) + 1e-9
