@@ -151,6 +151,12 @@ class _Applied:
     snapshot_installed: bool = False
 
 
+DUE_LATE = 0.005
+"""Seconds after a deadline at which the leader wakes to propose it (clock rounding)."""
+DUE_MIN_WAIT = 0.01
+"""Shortest wait for a deadline (a clock stepped back cannot make the driver spin)."""
+
+
 @dataclass
 class ConsensusDriver:
     """Drives one Raft peer and applies what commits."""
@@ -204,6 +210,8 @@ class ConsensusDriver:
         """Peers whose clock disagreed with the grid's at the last clock check."""
         self._holding = False
         """As leader, due deadlines were held back at the last clock check."""
+        self._due_wall: float | None = None
+        """As leader, the wall time of the next gate closure or settlement, until proposed."""
         if self.censorship is not None:
             state = self.replica.state
             self.censorship.sync(state.closed_through, state.settled_through)
@@ -238,7 +246,8 @@ class ConsensusDriver:
         next_tick = trio.current_time() + self.tick_seconds
         next_propose = trio.current_time()
         while True:
-            with trio.move_on_after(max(0.0, next_tick - trio.current_time())):
+            due = self._next_due()
+            with trio.move_on_after(max(0.0, min(next_tick, due) - trio.current_time())):
                 message = await self._inbox.receive()
                 self._step(message)
                 while True:  # drain what else arrived, then process it in one Ready
@@ -251,12 +260,28 @@ class ConsensusDriver:
                 self.raft.tick()
                 self.stats.ticks += 1
                 next_tick = now + self.tick_seconds
-            if now >= next_propose:
+            if now >= next_propose or now >= due:
                 self._check_clock()
                 self._propose()
                 next_propose = now + self.propose_every
+                self._due_wall = None  # the next deadline is looked up afresh
             self._check_slot()
             await self._drain_ready()
+
+    def _next_due(self) -> float:
+        """Leader: the monotonic time at which the next gate closure or settlement falls due
+        (``Proposer.next_deadline``), so it is proposed then rather than at the next proposal
+        tick (up to ``propose_every`` later); ``inf`` otherwise. A few milliseconds late, so
+        the proposer, judging by the wall clock then, finds it due."""
+        if self.raft.role != "leader":
+            self._due_wall = None
+            return math.inf
+        wall = self.wall_clock()
+        if self._due_wall is None:  # kept until a proposal: a wake just short of it retries
+            self._due_wall = self.proposer.next_deadline(wall)
+        if self._due_wall is None:
+            return math.inf
+        return trio.current_time() + max(DUE_MIN_WAIT, self._due_wall - wall + DUE_LATE)
 
     def _step(self, message: Message) -> None:
         self.stats.steps += 1

@@ -16,6 +16,7 @@ committed, not against anyone's clock.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from market import CancelOrder, CloseGate, Command, MeterReading, Order, SettleSlot
@@ -101,6 +102,25 @@ class Proposer:
         settled = view.settled_through
         first = closed + 1 if settled is None else settled + 1  # as _system_commands
         return first <= closed and self.schedule.settle_time(first) <= now
+
+    def next_deadline(self, now: float) -> float | None:
+        """The next wall time (this node's clock, as ``now``) after ``now`` at which a gate
+        closure or a settlement falls due, by the grid's clock (:attr:`deadline_shift`
+        added); None while :attr:`hold_deadlines` (the clock check decides when they go).
+
+        The driver proposes every ``propose_every`` seconds (0.2 s), so a settlement that
+        falls due between two proposals waits for the next one (0.1 s on average); a driver
+        that also wakes at this time proposes it at once. It may be a deadline the grid met
+        already (a slot another leader settled earlier): then the wake-up proposes nothing."""
+        if self.hold_deadlines:
+            return None
+        shifted = now - self.deadline_shift
+        sch = self.schedule
+        gate = sch.gate_time(sch.open_slot(shifted))
+        settle = sch.settle_time(
+            math.floor((shifted - sch.settle_delay_seconds) / sch.slot_seconds)
+        )
+        return min(gate, settle) + self.deadline_shift
 
     def _system_commands(self, due: float, now: float, view: EngineView) -> list[Command]:
         """Gate closures and settlements due at wall time ``due`` (``now``: for retries)."""

@@ -368,3 +368,27 @@ async def test_an_idle_cluster_sends_heartbeats_without_storage_transactions(
             assert net.delivered - delivered >= 20, "no heartbeats flowed"
             assert saves["n"] == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_the_leader_proposes_a_gate_closure_when_it_falls_due_not_at_its_next_tick(
+    tmp_path: Path,
+) -> None:
+    """The driver wakes at the proposer's next deadline: with proposals only every 30 s, a
+    gate that falls due 0.3 s after the start is closed within a tenth of a second of it."""
+    driver = _solo_driver(tmp_path)
+    driver.propose_every = 30.0
+    gate_slot = SCHEDULE.open_slot(1_000_000.0)
+    gate_at = SCHEDULE.gate_time(gate_slot)
+    t0 = trio.current_time()
+    driver.wall_clock = lambda: gate_at - 0.3 + (trio.current_time() - t0)
+    seen: float | None = None
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            while seen is None:
+                closed = driver.replica.state.closed_through
+                if closed is not None and closed >= gate_slot:
+                    seen = driver.wall_clock()
+                await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+    assert gate_at <= seen < gate_at + 0.1, seen - gate_at

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from market import CloseGate, SettleSlot, SlotSettled, State, apply
 from market.schedule import Schedule
 from node.daemon.proposer import EngineView, Proposer
@@ -73,3 +75,28 @@ def test_a_new_leader_catches_up_missed_deadlines_in_one_batch() -> None:
     assert settles == [7, 8, 9, 10]
     # The same deadlines are not proposed twice while in flight.
     assert p.next_batch(now, EngineView(closed_through=7, settled_through=6)) == []
+
+
+def test_next_deadline_is_the_next_gate_or_reading_deadline_by_the_grid_clock() -> None:
+    """Issue 19: the time a driver may wake at to propose a gate closure or settlement at once
+    rather than at its next propose tick: strictly after now, shifted like the deadlines."""
+    s = Schedule(slot_seconds=30, gate_lead_seconds=6, settle_delay_seconds=9)
+    p = Proposer(s)
+    # slot 10: gate at 294, delivery 300-330, settles at 339; slot 11's gate at 324
+    assert p.next_deadline(300.0) == 309.0  # slot 9 settles at 309
+    assert p.next_deadline(309.0) == 324.0  # strictly after now
+    assert p.next_deadline(325.0) == 339.0
+    p.deadline_shift = 0.4  # our clock 0.4 s ahead of the grid's (with the error)
+    assert p.next_deadline(325.0) == 339.4
+    p.deadline_shift = 0.0
+    for now in (123.4, 309.0, 338.99, 10_000.5):  # nothing falls due in between
+        due = p.next_deadline(now)
+        assert due is not None and due > now
+        # the grid committed everything due just before: one command due at `due`, none before
+        t = due - 0.001
+        view = EngineView(s.last_due_gate(t), math.floor((t - 9) / 30) - 1)
+        assert Proposer(s).next_batch(t, view) == []
+        (command,) = Proposer(s).next_batch(due, view)
+        assert isinstance(command, CloseGate | SettleSlot)
+    p.hold_deadlines = True
+    assert p.next_deadline(300.0) is None
