@@ -150,6 +150,9 @@ class SQLStorage:
             event.listen(engine, "connect", _sqlite_pragmas)
         self._mem = MemoryStorage()
         self._conn: Connection | None = None
+        self._lazy_commit = False
+        """The mirror's hard state differs from the stored one only in a higher commit index,
+        not written yet (:meth:`save_ready`)."""
         self.torn_tail_discarded: int | None = None
         """Index of a torn last entry discarded at open, for metrics (None if none)."""
         try:
@@ -163,8 +166,12 @@ class SQLStorage:
             raise StorageError(f"cannot open raft storage: {exc}") from exc
 
     def close(self) -> None:
-        """Release the database connections."""
-        self.engine.dispose()
+        """Write a commit index held back by :meth:`save_ready`, release the connections."""
+        try:
+            if self._lazy_commit:
+                self.set_hard_state(self._mem.hard_state)
+        finally:
+            self.engine.dispose()
 
     # -- open and verify -------------------------------------------------------------------
     def _check_schema(self, conn: Connection) -> None:
@@ -257,14 +264,36 @@ class SQLStorage:
                 yield conn
 
     def save_ready(self, rd: Ready) -> None:
-        """Persist a Ready's snapshot, entries and hard state in one transaction."""
+        """Persist a Ready's snapshot, entries and hard state in one transaction.
+
+        A Ready whose only change is a higher commit index writes nothing (etcd's
+        ``MustSync``): the commit index need not be durable (after a restart the node learns
+        it again from the leader, and a sole voter commits its log with its first entry of the
+        new term), and writing it alone cost an fsync per commit, one at every settlement on
+        every node. It is written with the next transaction that persists anything, and at
+        :meth:`close`; reads see it at once."""
+        hs = rd.hard_state
+        stored = self._mem.hard_state
+        if (
+            rd.snapshot is None
+            and not rd.entries
+            and hs is not None
+            and (hs.term, hs.vote) == (stored.term, stored.vote)
+            and hs.commit >= stored.commit
+        ):
+            self._mem.set_hard_state(hs)
+            self._lazy_commit = True
+            return
         with self.batch():
             if rd.snapshot is not None:
                 self.apply_snapshot(rd.snapshot)
             if rd.entries:
                 self.append(rd.entries)
-            if rd.hard_state is not None:
-                self.set_hard_state(rd.hard_state)
+            if hs is not None:
+                self.set_hard_state(hs)
+            elif self._lazy_commit:
+                self.set_hard_state(self._mem.hard_state)
+        self._lazy_commit = False
 
     # -- Storage reads (from the verified mirror) ------------------------------------------
     def initial_state(self) -> tuple[HardState, ConfState | None]:

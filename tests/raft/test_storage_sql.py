@@ -137,6 +137,32 @@ def test_one_transaction_per_ready(tmp_path: Path) -> None:
     assert st2.last_index() == 3 and st2.initial_state()[0] == HardState(9, "n2", 2)
 
 
+def _stored_commit(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT commit_index FROM raft_hard_state").fetchone()[0])
+
+
+def test_a_ready_that_only_moves_the_commit_index_writes_nothing(tmp_path: Path) -> None:
+    """etcd's MustSync: a higher commit index alone is not written (no fsync per commit);
+    reads see it at once, and it is written with the next Ready that persists anything
+    (entries, term, vote, snapshot) or at close. A restart before that resumes from the last
+    written commit index, which the leader then raises again."""
+    path = tmp_path / "m.db"
+    st = SQLStorage(_url(path))
+    _fill(st, 5, commit=2)
+    st.save_ready(_ready([], HardState(9, "n2", 4)))
+    assert st.initial_state()[0].commit == 4 and _stored_commit(path) == 2
+    assert SQLStorage(_url(path)).initial_state()[0].commit == 2  # a crash now: back to 2
+    st.save_ready(_ready([Entry(6, 9, b"e6")], None))  # entries: the held commit goes too
+    assert _stored_commit(path) == 4
+    st.save_ready(_ready([], HardState(9, "n2", 5)))
+    assert _stored_commit(path) == 4
+    st.close()
+    assert _stored_commit(path) == 5
+    st.save_ready(_ready([], HardState(10, "", 5)))  # a new term is written at once
+    assert SQLStorage(_url(path)).initial_state()[0] == HardState(10, "", 5)
+
+
 def test_simulated_cluster_on_sqlite_survives_restarts(tmp_path: Path, seed_count: int) -> None:
     """A 3-node group on SQLite files, crashed and reopened from disk, stays safe."""
 
