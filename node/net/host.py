@@ -73,7 +73,9 @@ redialled).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -146,6 +148,7 @@ from node.net.validator import (
     GossipValidator,
     PeerFault,
     PenaltyBox,
+    SeqnoContent,
     SlotPolicy,
     TokenBucket,
     Verdict,
@@ -457,6 +460,16 @@ it expires, and each queued message rebuilds the peer's queue: 32 covers the mom
 connection and its subscriptions at the rate of a 50-household slot boundary."""
 PENDING_TTL_SECONDS = 5.0
 """How long such a queued message waits for the subscription (py-libp2p 0.8.1: 30 s)."""
+OWN_IDS_KEPT = 256
+"""Message ids of our own recent publications, for the topic validator to recognise them
+(:meth:`NetNode.publish_raw`): it runs inside the publish call, so only the newest few matter.
+256 is many publications more than any slot's; was up to 4,096, cleared at once when full, so
+the set grew for about 1,500 slots of a long run before its first reset (issue 19)."""
+RECENT_DELIVERIES_KEPT = 64
+"""Timestamps py-libp2p 0.8.1's gossipsub keeps per topic in ``recent_message_deliveries``, one
+per message it forwards; only its adaptive-gossip health score trims them, which we disable, so
+the lists grew by one float per message for the node's lifetime (issue 19). Nothing else reads
+them."""
 
 
 class _PendingQueueNoise(logging.Filter):
@@ -790,7 +803,8 @@ class NetNode:
         """The members this node dials (None: all of them): see ``full_mesh_members``."""
         self._disconnect_waiters: dict[ID, trio.Event] = {}
         """Peer -> event set when a connection of it closes (the reconnect loop waits on it)."""
-        self._own_ids: set[bytes] = set()
+        self._own_ids: dict[bytes, None] = {}
+        """Our recent publications' message ids, oldest first (:data:`OWN_IDS_KEPT`)."""
         self._batch_seq = 0
         self._stop = trio.Event()
         self._dialing = 0
@@ -1048,6 +1062,7 @@ class NetNode:
         )
         self._flood_own_publications()
         self._back_off_pruned_peers()
+        self._bound_gossipsub_state()
         self._fit_mesh()
         self.pubsub = Pubsub(
             self.host,
@@ -1115,6 +1130,27 @@ class NetNode:
             return to_graft, to_prune
 
         gossipsub.mesh_heartbeat = mesh_heartbeat
+
+    def _bound_gossipsub_state(self) -> None:
+        """Bound two structures py-libp2p 0.8.1's gossipsub grows for as long as it runs
+        (issue 19): its equivocation check keeps up to 1,000 whole messages (their protobuf
+        memory is outside Python's allocator), replaced by :class:`SeqnoContent` (digests, the
+        same verdicts); its per-topic delivery timestamps, trimmed only by adaptive gossip
+        (disabled), become lists of at most :data:`RECENT_DELIVERIES_KEPT`."""
+        gossipsub = self.gossipsub
+        seen = SeqnoContent()
+
+        def check_equivocation(msg: rpc_pb2.Message) -> bool:
+            if seen.check(msg.from_id, msg.seqno, msg.topicIDs, msg.data):
+                return True
+            if gossipsub.scorer is not None:  # as gossipsub's own check
+                gossipsub.scorer.penalize_equivocation(ID(msg.from_id), 100.0)
+            return False
+
+        gossipsub._check_equivocation = check_equivocation
+        gossipsub.recent_message_deliveries = collections.defaultdict(
+            functools.partial(collections.deque, maxlen=RECENT_DELIVERIES_KEPT)
+        )
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED
@@ -2259,10 +2295,9 @@ class NetNode:
         """Publish bytes without our own validation (tests use it to play a bad peer)."""
         topic = self.topics[kind]
         msg_key = _content_msg_id_parts(self.peer_id.to_bytes(), [topic], data)
-        self._own_ids.add(msg_key)
-        if len(self._own_ids) > 4096:
-            self._own_ids.clear()
-            self._own_ids.add(msg_key)
+        self._own_ids[msg_key] = None
+        while len(self._own_ids) > OWN_IDS_KEPT:
+            del self._own_ids[next(iter(self._own_ids))]
         await self._await_outbound_room()
         await self.pubsub.publish(topic, data)
         self.metrics.gossip_out.labels(kind.value).inc()

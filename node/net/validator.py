@@ -69,9 +69,10 @@ for ``member_grace`` seconds after a peer or DID left the list, a ``non_member_p
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from market.errors import Rejection
@@ -211,6 +212,71 @@ class PenaltyBox:
         return max(0.0, decayed)
 
 
+NONCE_TRIM_STEP = 64
+"""The validator drops the nonces at or below an author's window floor (``highest -
+nonce_window``, refused as replays whatever the set holds) each time that floor has risen this
+much. :class:`~market.state.NonceWindow` itself prunes only once it holds ``2 * nonce_window``
+nonces: at two records per slot (of four nonces) that is after about 1,000 slots, so a node's
+copy of every author's window kept growing through a long run (issue 19). 64 nonces are 16
+slots: a set then holds at most the nonces an author used within ``nonce_window + 64``, and the
+trim (one pass over the set) runs once per 16 slots per author."""
+
+SIGNATURE_DIGEST_BYTES = 16
+""":attr:`GossipValidator.signatures` keeps a BLAKE2b digest of this many bytes of each
+signature (49 bytes as a ``bytes``), not the signature text (128 hex characters, 177 bytes):
+what the equivocation check asks is only "the same signature or another one" (Ed25519
+signatures are deterministic). 128 bits: an author cannot find two of its own records whose
+signatures collide, which is what would hide an equivocation from gossip (the engine still
+refuses the second record as replayed)."""
+
+SEQNO_CONTENT_KEPT = 1024
+"""How many recent gossip messages :class:`SeqnoContent` remembers (a digest of the content of
+each ``(origin, seqno)``). gossipsub's own check (py-libp2p 0.8.1 ``_check_equivocation``) keeps
+up to 1,000 *whole* messages: protobuf objects whose memory is outside Python's allocator (and
+each keeps the arena of the RPC it came in alive), held long after the message cache let go of
+them. 1,024 is at least what gossipsub's check kept (500 to 1,000), at about 150 bytes each
+instead of a whole message: about 150 kB."""
+
+
+def signature_digest(signature: str) -> bytes:
+    """What :attr:`GossipValidator.signatures` keeps of a signature
+    (:data:`SIGNATURE_DIGEST_BYTES`)."""
+    return hashlib.blake2b(signature.encode(), digest_size=SIGNATURE_DIGEST_BYTES).digest()
+
+
+class SeqnoContent:
+    """A bounded equivocation check of gossip messages: one ``(origin, seqno)`` must always
+    carry the same topics and data. Keeps a digest per key, the newest ``size`` keys."""
+
+    def __init__(self, size: int = SEQNO_CONTENT_KEPT) -> None:
+        if size < 1:
+            raise ValueError(f"SeqnoContent size must be positive, not {size}")
+        self.size = size
+        self._seen: dict[bytes, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, origin: bytes, seqno: bytes, topics: Iterable[str], data: bytes) -> bool:
+        """False if ``(origin, seqno)`` was seen with other topics or data; else remember it
+        (the first content seen stays) and return True. Never raises on odd input."""
+        key = hashlib.blake2b(len(origin).to_bytes(4, "big") + origin + seqno,
+                              digest_size=16).digest()  # fmt: skip
+        names = [t.encode("utf-8", "surrogatepass") for t in topics]
+        content = hashlib.blake2b(len(names).to_bytes(4, "big"), digest_size=16)
+        for raw in names:
+            content.update(len(raw).to_bytes(4, "big") + raw)
+        content.update(data)
+        digest = content.digest()
+        earlier = self._seen.get(key)
+        if earlier is not None:
+            return earlier == digest
+        self._seen[key] = digest
+        while len(self._seen) > self.size:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of validating one gossip message."""
@@ -272,9 +338,13 @@ class GossipValidator:
         self.on_ban = on_ban
         self.local_peer = local_peer
         self.nonces: dict[str, NonceWindow] = {}
-        self.signatures: dict[str, dict[int, str]] = {}
-        """Per author: the signature of the record accepted under each recent nonce (Ed25519
-        signatures are deterministic, so a different signature means different content)."""
+        self.signatures: dict[str, dict[int, bytes]] = {}
+        """Per author: the digest (:func:`signature_digest`) of the signature of the record
+        accepted under each recent nonce (Ed25519 signatures are deterministic, so a different
+        signature means different content)."""
+        self._trimmed: dict[str, int] = {}
+        """Per author: the window floor at which its nonce set was last trimmed
+        (:data:`NONCE_TRIM_STEP`)."""
         self._highest: dict[str, int] = {}
         """Per author: the highest nonce remembered in :attr:`signatures`."""
         self.seqnos: dict[str, int] = {}
@@ -337,6 +407,7 @@ class GossipValidator:
             for record in verdict.records:
                 window = self.nonces.setdefault(record.author, NonceWindow())
                 window.consume(record.nonce, self.nonce_window)
+                self._trim_nonces(record.author, window)
                 self._remember_signature(record)
             self.accepted += 1
             return verdict
@@ -367,12 +438,22 @@ class GossipValidator:
             culprit = ""
         return "" if culprit == self.local_peer else culprit
 
+    def _trim_nonces(self, author: str, window: NonceWindow) -> None:
+        """Drop the nonces at or below ``author``'s window floor once it rose
+        :data:`NONCE_TRIM_STEP` since the last trim (they are refused as replays anyway)."""
+        floor = window.highest - self.nonce_window
+        if floor - self._trimmed.get(author, floor - NONCE_TRIM_STEP) < NONCE_TRIM_STEP:
+            return
+        self._trimmed[author] = floor
+        if window.recent and min(window.recent) <= floor:
+            window.recent = {n for n in window.recent if n > floor}
+
     def _remember_signature(self, record: SignedRecord) -> None:
         """Keep the signature under the record's nonce while the nonce is inside the author's
         anti-replay window (below it the record is refused as replayed anyway): at most the
         nonces an author used within one window, whatever the grid's age."""
         seen = self.signatures.setdefault(record.author, {})
-        seen[record.nonce] = record.signature
+        seen[record.nonce] = signature_digest(record.signature)
         floor = max(record.nonce, self._highest.get(record.author, -1)) - self.nonce_window
         self._highest[record.author] = floor + self.nonce_window
         if len(seen) > 1 and next(iter(seen)) <= floor:
@@ -391,7 +472,7 @@ class GossipValidator:
             records = decode_batch(data, kind)
         except WireError as exc:
             return Verdict(False, exc.reason, exc.detail)
-        seen: dict[tuple[str, int], str] = {}
+        seen: dict[tuple[str, int], bytes] = {}
         for i, record in enumerate(records):
             author = record.author
             if record.grid != self.grid:
@@ -412,15 +493,16 @@ class GossipValidator:
             if not record.verify(author):
                 return Verdict(False, "bad_signature", f"record {i} signature does not verify")
             key = (author, record.nonce)
+            digest = signature_digest(record.signature)
             earlier = seen.get(key, self.signatures.get(author, {}).get(record.nonce))
-            if earlier is not None and earlier != record.signature:
+            if earlier is not None and earlier != digest:
                 return Verdict(
                     False, "equivocation", f"record {i}: nonce {record.nonce} signed twice"
                 )
             window = self.nonces.get(author)
             if key in seen or not _fresh(window, record.nonce, self.nonce_window):
                 return Verdict(False, "replayed", f"record {i} nonce {record.nonce} replayed")
-            seen[key] = record.signature
+            seen[key] = digest
             if self.slot_policy is not None:
                 reason = self.slot_policy(record)
                 if reason is not None:
