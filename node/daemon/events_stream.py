@@ -425,12 +425,18 @@ class StrategyApi:
                 sent = self.cancels.get(command.order_id)
                 if sent:
                     sent.pop(0)
+                if not sent:
+                    self.cancels.pop(command.order_id, None)
         for index, command, event in paired:
             self._event(index, command, event)
         window = self.node.replica.state.nonces.get(self.me)
         self.engine_highest = -1 if window is None else window.highest
         closed = self.node.replica.state.closed_through
         self.nonces.prune(closed)
+        # a cancel matters while its order is withdrawn (:meth:`_needs_cancel`); without this
+        # an entry stayed for every cancel ever signed (issue 19)
+        self.cancels = {i: sent for i, sent in self.cancels.items()
+                        if sent and i in self.nonces.withdrawn}  # fmt: skip
         if closed is not None:
             for slot in [s for s in self.book if s <= closed]:
                 del self.book[slot]
