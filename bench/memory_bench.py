@@ -23,8 +23,11 @@ The import parts run with ``PYTHONDONTWRITEBYTECODE=1`` (as CI and the demo's no
 source tree): our own modules are compiled from source each time, site-packages use their
 ``.pyc`` files.
 
+``--progress`` also prints each checkpoint as it is reached (with a timestamp), so a long run
+(1,000 slots at 3 s is 50 minutes) leaves its figures even if it is stopped early.
+
 ``python -m bench.memory_bench [--repeat 3] [--packages 25] [--slots 2 20] [--households 3]
-[--slot-seconds 5] [--modules]``.
+[--slot-seconds 5] [--modules] [--progress]``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -225,6 +229,9 @@ async def running(args: argparse.Namespace) -> dict[str, Any]:
                         out["checkpoints"].append((slots, {
                             name: (*_status_kb(pid), smaps(pid)) for name, pid in pids.items()
                         }))  # fmt: skip
+                        if args.progress:
+                            print_checkpoint(*out["checkpoints"][-1],
+                                             stamp=time.strftime(" (%H:%M:%S)"))  # fmt: skip
                 if scope.cancelled_caught:
                     out["error"] = f"the grid did not settle {max(args.slots)} slots in time"
         finally:
@@ -278,6 +285,18 @@ def _status_kb(pid: int) -> tuple[float, float]:
     return values["VmRSS:"], values["VmHWM:"]
 
 
+def print_checkpoint(
+    slots: int, nodes: dict[str, tuple[float, float, dict[str, float]]], stamp: str = ""
+) -> None:
+    """Print one checkpoint of :func:`running`: each node's RSS, peak and mappings, the median."""
+    print(f"  after {slots} settled slots{stamp}:")
+    for name, (rss, hwm, maps) in sorted(nodes.items()):
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(maps.items()))
+        print(f"    {name:<6} RSS {rss:6.1f}  peak {hwm:6.1f}  ({parts})")
+    rss_all = [v[0] for v in nodes.values()]
+    print(f"    median RSS {statistics.median(rss_all):.1f}, max {max(rss_all):.1f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.memory_bench", description=__doc__)
     parser.add_argument("--repeat", type=int, default=3, help="runs per import step (median)")
@@ -294,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slot-seconds", type=int, default=5)
     parser.add_argument("--directory", type=Path, help="keep the demo's files (node.log) here")
     parser.add_argument("--no-imports", action="store_true", help="only the running node")
+    parser.add_argument(
+        "--progress",
+        action="store_true",
+        help="also print each checkpoint as it is reached (a long run's figures survive a kill)",
+    )
     args = parser.parse_args(argv)
     if not args.no_imports:
         imports(args.repeat, args.modules)
@@ -310,12 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"  {r['error']}")
         for slots, nodes in r.get("checkpoints", []):
-            print(f"  after {slots} settled slots:")
-            for name, (rss, hwm, maps) in sorted(nodes.items()):
-                parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(maps.items()))
-                print(f"    {name:<6} RSS {rss:6.1f}  peak {hwm:6.1f}  ({parts})")
-            rss_all = [v[0] for v in nodes.values()]
-            print(f"    median RSS {statistics.median(rss_all):.1f}, max {max(rss_all):.1f}")
+            print_checkpoint(slots, nodes)
     return 0
 
 
