@@ -736,19 +736,20 @@ class Raft:
             self._serve_learners()  # our commit index may have moved
 
     # -- follower handlers -----------------------------------------------------------------
-    def _handle_append(self, m: Message) -> None:
+    def _handle_append(self, m: Message, resp: MessageType = MessageType.APP_RESP) -> None:
+        """Append ``m``'s entries (an APP, or a delegate's SYNC answered with ``resp``)."""
         if m.index < self.log.committed:
-            self.send(self._msg(MessageType.APP_RESP, m.frm, index=self.log.committed))
+            self.send(self._msg(resp, m.frm, index=self.log.committed))
             return
         last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
         if last_new is not None:
-            self.send(self._msg(MessageType.APP_RESP, m.frm, index=last_new))
+            self.send(self._msg(resp, m.frm, index=last_new))
             return
         hint = min(m.index, self.log.last_index())
         hint, hint_term = self.log.find_conflict_by_term(hint, m.log_term)
         self.send(
             self._msg(
-                MessageType.APP_RESP,
+                resp,
                 m.frm,
                 index=m.index,
                 reject=True,
@@ -932,26 +933,7 @@ class Raft:
         sender for the leader (a voter's committed entries are the leader's)."""
         if self.id not in self.learners or m.frm not in self.voters or m.frm == self.id:
             return
-        if m.index < self.log.committed:
-            self.send(self._msg(MessageType.SYNC_RESP, m.frm, index=self.log.committed))
-            return
-        last_new = self.log.maybe_append(m.index, m.log_term, m.commit, m.entries)
-        if last_new is not None:
-            self.send(self._msg(MessageType.SYNC_RESP, m.frm, index=last_new))
-            return
-        hint = min(m.index, self.log.last_index())
-        hint, hint_term = self.log.find_conflict_by_term(hint, m.log_term)
-        self.send(
-            self._msg(
-                MessageType.SYNC_RESP,
-                m.frm,
-                index=m.index,
-                reject=True,
-                reject_hint=hint,
-                log_term=hint_term,
-                commit=self.log.committed,
-            )
-        )
+        self._handle_append(m, MessageType.SYNC_RESP)
 
     def _handle_sync_resp(self, m: Message) -> None:
         """Delegate: a learner's answer (the leader's append-response logic, for committed
