@@ -294,14 +294,17 @@ class ConsensusDriver:
             self._follow_membership()
         state = self.replica.state
         batch = self.proposer.next_batch(
-            self.wall_clock(), EngineView(state.closed_through, state.settled_through)
+            self.wall_clock(),
+            EngineView(state.closed_through, state.settled_through),
+            self.raft.term,
         )
         if not batch:
             return
         try:
             self.raft.propose(encode_batch(batch))
         except (NotLeader, ProposalDropped):
-            # lost leadership this instant, or handing it over: the records are retried
+            # lost leadership this instant, or handing it over: propose it all again later
+            self.proposer.requeue()
             return
         self.stats.proposals += 1
         self.stats.proposed_commands += len(batch)

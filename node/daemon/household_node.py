@@ -286,8 +286,7 @@ class HouseholdNode:
                 "quick_check_seconds": check.quick_check_seconds,
                 "tail_seconds": round(check.tail_seconds, 4)})  # fmt: skip
         self.raft_storage = SQLStorage(config.raft_url)
-        retry = min(5.0, self.schedule.slot_seconds / 2)
-        self.proposer = Proposer(self.schedule, retry_after=retry)
+        self.proposer = Proposer(self.schedule)
         self.replica = open_replica(genesis, self.store, self.raft_storage)
         # after the replica bound the ledger to the grid (init_genesis): readers such as the
         # dashboard take the wall-clock slot length from here; older ledgers get it now

@@ -2,9 +2,15 @@
 
 Sans-I/O: the node calls :meth:`Proposer.offer` with every validated record it hears,
 :meth:`Proposer.committed` with every record that reached the log, and :meth:`Proposer.next_batch`
-with the time and the engine's committed view whenever it may propose. Re-proposing a record is
-harmless (the engine rejects the duplicate nonce deterministically), so records whose proposal
-did not commit in time simply go back to the queue; that also carries them over a leader change.
+with the time, the engine's committed view and the leader's Raft term whenever it may propose.
+
+A proposal sits in the leader's log, and a leader never drops an entry of its own term: it
+commits, or the term ends (the leader steps down, a new one may overwrite it). So what is in
+flight goes back to the queue when the term changes, and within one term only after
+``retry_after`` seconds, a backstop. Re-proposing is harmless (the engine rejects the duplicate
+nonce deterministically) but not free: under load, when commits take seconds, a short timer
+re-proposed a whole slot boundary's records while the first copies were still on their way and
+doubled the log's traffic just when it was busiest (issue 19: 50 households on two cores).
 
 Clocks (docs/node.md, "Clocks"). Gate closures and settlements are due by the wall clock, and a
 leader's clock can be off the grid's. The driver sets :attr:`Proposer.deadline_shift` (the clock
@@ -40,7 +46,9 @@ class Proposer:
 
     schedule: Schedule
     max_batch: int = 512
-    retry_after: float = 5.0
+    retry_after: float = 30.0
+    """Seconds after which a proposal of the current term that has not committed is proposed
+    again: a backstop (a term change requeues at once), so well above a congested commit."""
     pending: dict[bytes, Record] = field(default_factory=dict)
     in_flight: dict[bytes, tuple[float, Record]] = field(default_factory=dict)
     _system_in_flight: dict[tuple[str, int], float] = field(default_factory=dict)
@@ -50,6 +58,8 @@ class Proposer:
     hold_deadlines: bool = False
     """Propose no gate closure or settlement (records still go): the leader's clock is not
     trusted now (node/daemon/clock.py)."""
+    term: int | None = None
+    """The Raft term of what is in flight (set by :meth:`next_batch`)."""
 
     def offer(self, record: Record) -> bool:
         """Queue a validated record; False if it is already queued or in flight."""
@@ -72,13 +82,25 @@ class Proposer:
         elif isinstance(command, SettleSlot):
             self._system_in_flight.pop(("settle", command.slot), None)
 
-    def next_batch(self, now: float, view: EngineView) -> list[Command]:
+    def requeue(self) -> None:
+        """Everything in flight may be lost (the term changed, or the core refused the last
+        proposal): queue its records again and let due deadlines be proposed again."""
+        for key, (_, record) in self.in_flight.items():
+            self.pending.setdefault(key, record)
+        self.in_flight.clear()
+        self._system_in_flight.clear()
+
+    def next_batch(self, now: float, view: EngineView, term: int | None = None) -> list[Command]:
         """Commands to propose now, in the order they must apply (may be empty).
 
         Records come first so that orders submitted before a gate deadline make it into the
         slot; then due gate closures and settlements, strictly in slot order, judged at
-        ``now - deadline_shift`` (none while :attr:`hold_deadlines`).
+        ``now - deadline_shift`` (none while :attr:`hold_deadlines`). ``term`` is the leader's
+        Raft term: when it differs from the last call's, what was in flight is proposed again.
         """
+        if term != self.term:
+            self.requeue()
+            self.term = term
         for key, (sent, record) in list(self.in_flight.items()):
             if now - sent >= self.retry_after:
                 del self.in_flight[key]

@@ -218,6 +218,11 @@ class RaftNode:
         return str(self.raft.public_role())
 
     @property
+    def term(self) -> int:
+        """Current term."""
+        return self.raft.term
+
+    @property
     def leader(self) -> str | None:
         """Known leader, or None."""
         return self.raft.lead or None

@@ -39,6 +39,38 @@ def test_records_are_proposed_once_and_retried_only_after_timeout() -> None:
     assert p.next_batch(20, quiet) == []
 
 
+def test_within_a_term_a_proposal_is_not_repeated_a_new_term_repeats_it_at_once() -> None:
+    """A leader never drops an entry of its own term, so a slow commit is no reason to propose
+    the same records again; a term change is (the entry may have been overwritten)."""
+    sim = market_sim.build(3, seed=1)
+    trading, _ = market_sim.slot_commands(sim, 5)
+    p = Proposer(SCHED)
+    quiet = EngineView(closed_through=5, settled_through=4)  # nothing else due before t=350
+    for record in trading[:3]:
+        assert p.offer(record)
+    assert p.next_batch(0, quiet, term=4) == trading[:3]
+    assert p.next_batch(20, quiet, term=4) == []  # 20 s without a commit: still in flight
+    p.committed(trading[0])
+    assert p.next_batch(21, quiet, term=6) == trading[1:3]  # re-elected in a later term
+    assert p.next_batch(22, quiet, term=6) == []
+    assert p.next_batch(21 + p.retry_after, quiet, term=6) == trading[1:3]  # the backstop
+
+
+def test_requeue_puts_records_and_deadlines_back() -> None:
+    """What the driver does when the core refuses a proposal (leadership transfer)."""
+    sim = market_sim.build(3, seed=1)
+    trading, _ = market_sim.slot_commands(sim, 5)
+    p = Proposer(SCHED)
+    now = SCHED.settle_time(10) + 1
+    behind = EngineView(closed_through=9, settled_through=8)
+    assert p.offer(trading[0])
+    first = p.next_batch(now, behind, term=2)
+    assert first[0] == trading[0] and SettleSlot(slot=9) in first
+    assert p.next_batch(now, behind, term=2) == []
+    p.requeue()
+    assert p.next_batch(now, behind, term=2) == first
+
+
 def test_gates_and_settlements_follow_the_clock_in_slot_order() -> None:
     sim = market_sim.build(3, seed=2)
     state = State.initial(sim.config)
