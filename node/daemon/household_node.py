@@ -89,6 +89,7 @@ from node.daemon.membership import desired_roles
 from node.daemon.prometheus import NodeCollector
 from node.daemon.proposer import Proposer
 from node.daemon.replica import Replica
+from node.daemon.spread import Publication, publication_times, spread_fraction
 from node.daemon.status import (
     GovernanceShadow,
     connected_members,
@@ -271,6 +272,8 @@ class HouseholdNode:
         """The grid operator's signer, for the feeder readings (only with ``[feeder]``)."""
         self.config = config
         self.identity = identity
+        self.spread_fraction = spread_fraction(identity.did)
+        """This household's turn after each slot end (node/daemon/spread.py)."""
         self.genesis = genesis
         self.member: MemberRegistration | None = member
         """This household's genesis registration; None for a household the operator admitted
@@ -656,16 +659,28 @@ class HouseholdNode:
         slot = self.schedule.slot_at(now)
         poll_every = self.config.meter_poll_seconds
         next_poll = now + poll_every
+        async with trio.open_nursery() as publications:
+            await self._meter_rounds(slot, next_poll, publications)
+
+    async def _meter_rounds(self, slot: int, next_poll: float, publications: trio.Nursery) -> None:
+        """The meter loop's rounds: poll every ``meter_poll_seconds``; at each slot end read
+        the meter, sign the reading and leave its publication and the next order to a task
+        in ``publications`` that waits for this household's turn (node/daemon/spread.py)."""
+        poll_every = self.config.meter_poll_seconds
         while True:
             boundary = self.schedule.end(slot) + self.config.read_delay_seconds
             wake = min(boundary, next_poll)
             await trio.sleep(max(0.0, wake - self.wall_clock()))
             now = self.wall_clock()
             if now >= boundary:
-                await self._battery_slot(slot)
-                await self._slot_ended(slot)
-                slot = self.schedule.slot_at(now)
-                await self._place_order(self.schedule.open_slot(self.wall_clock()))
+                ended, slot = slot, self.schedule.slot_at(now)
+                times = publication_times(
+                    self.schedule, self.schedule.end(ended), self.config.read_delay_seconds,
+                    self.spread_fraction, self.config.spread_publications,
+                )  # fmt: skip
+                await self._battery_slot(ended)
+                reading = await self._slot_ended(ended)
+                publications.start_soon(self._publish_spread, times, reading)
             if now >= next_poll:
                 result = await self._poll()
                 next_poll = now + poll_every
@@ -712,11 +727,12 @@ class HouseholdNode:
         self.trader.meter_serial = term.meter_serial
         self.trader.check_meter(sample, term.meter_serial)
 
-    async def _slot_ended(self, slot: int) -> None:
-        """Read the meter for ``slot`` (retrying until its reading deadline) and publish."""
+    async def _slot_ended(self, slot: int) -> MeterReading | None:
+        """Read the meter for ``slot`` (retrying until its reading deadline) and sign the
+        reading (published by :meth:`_publish_spread`); None when there is none."""
         term = self._active_term(slot)
         if term is None:
-            return
+            return None
         deadline = self.schedule.settle_time(slot) - self.schedule.settle_delay_seconds / 4
         while True:
             result = await self._poll()
@@ -725,7 +741,7 @@ class HouseholdNode:
             if self.wall_clock() + 0.5 >= deadline:
                 self.counters["readings_missed"] += 1
                 log.error("no reading for slot", extra={"event": "reading_missed", "slot": slot})
-                return
+                return None
             await trio.sleep(0.5)
         try:
             reading = self.trader.slot_ended(slot, result.sample, term.meter_serial,
@@ -733,11 +749,19 @@ class HouseholdNode:
         except MeterMismatch as exc:
             self.counters["meter_mismatch"] += 1
             log.error(str(exc), extra={"event": "meter_mismatch", "slot": slot})
-            return
+            return None
         self.last_reading = reading
         self.last_reading_at = dt.datetime.fromtimestamp(result.sample.time, dt.UTC).isoformat()
-        await self._publish(TopicKind.READINGS, reading)
         await self._save_forecast()
+        return reading
+
+    async def _publish_spread(self, times: Publication, reading: MeterReading | None) -> None:
+        """Publish ``reading`` and place the next order, each at this household's time."""
+        if reading is not None:
+            await trio.sleep(max(0.0, times.reading_at - self.wall_clock()))
+            await self._publish(TopicKind.READINGS, reading)
+        await trio.sleep(max(0.0, times.order_at - self.wall_clock()))
+        await self._place_order(times.order_slot)
 
     async def _save_forecast(self) -> None:
         """Persist the forecaster's state (atomically, in a worker thread); a failed write is

@@ -19,6 +19,7 @@ log_format = "text"              # or "json": one JSON object per line
 meter_poll_seconds = 5.0
 meter_time_scale = 1.0           # simulated seconds per real second (accelerated simulators)
 read_delay_seconds = 0.5         # poll the meter this long after a slot ends
+spread_publications = true       # publish reading and order at this household's own offset
 raft_tick_seconds = 0.25
 raft_election_ticks = 20
 raft_heartbeat_ticks = 4
@@ -181,6 +182,10 @@ class NodeConfig:
     meter_poll_seconds: float = 5.0
     meter_time_scale: float = 1.0
     read_delay_seconds: float = 0.5
+    spread_publications: bool = True
+    """Publish each slot's reading and next order at this household's own offset after the
+    slot end (node/daemon/spread.py) rather than all households at the same instant. False:
+    both right after the meter is read."""
     raft_tick_seconds: float = 0.25
     raft_election_ticks: int = 20
     raft_heartbeat_ticks: int = 4
@@ -471,7 +476,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value <= 0:
             raise ConfigError(f"{source}: {name} must be a positive integer")
         return value
-    if name in ("mdns", "hole_punch", "raft_delegate_learners"):
+    if name in ("mdns", "hole_punch", "raft_delegate_learners", "spread_publications"):
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no"):

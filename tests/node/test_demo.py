@@ -13,9 +13,11 @@ processes wrote, not against what they report about themselves:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import sys
+import tomllib
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ import trio
 from sqlalchemy import create_engine, func, select
 
 from market.accounting import ENERGY, household_account
+from node.daemon.spread import publication_times, spread_fraction
 from node.ledger import schema as t
 from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
@@ -138,6 +141,31 @@ def check_settled_energy_follows_the_meters(demo: Demo, url: str) -> dict[str, i
     return dict(unmeasured)
 
 
+def check_spread_publications(demo: Demo) -> None:
+    """Each household gossiped its readings and orders at its own offset after the slot end
+    (node/daemon/spread.py), read from the ``published`` events in its log: never before its
+    time, at most a loaded machine's delay after it."""
+    sch = demo.schedule
+    late = 1.5  # five node processes and the test on two cores
+    for h in demo.households:
+        fraction = spread_fraction(h.did)
+        events = [json.loads(line) for line in (h.directory / "node.log").read_text().splitlines()
+                  if '"event": "published"' in line]  # fmt: skip
+        offsets: dict[str, list[float]] = {"reading": [], "order": []}
+        for e in events:
+            at = dt.datetime.fromisoformat(e["ts"]).timestamp()
+            offsets[e["kind"]].append(at - sch.start(sch.slot_at(at)))
+        offsets["order"] = offsets["order"][1:]  # the first: placed at start-up, not at a slot end
+        assert len(offsets["reading"]) >= 3 and len(offsets["order"]) >= 3, (h.name, offsets)
+        read_delay = tomllib.loads(h.config_path.read_text()).get("read_delay_seconds", 0.5)
+        times = publication_times(sch, sch.end(0), read_delay, fraction)
+        expect = {"reading": times.reading_at - sch.end(0), "order": times.order_at - sch.end(0)}
+        assert expect["order"] > expect["reading"] + 2  # the order waits for the settlement
+        for kind, seen in offsets.items():
+            assert all(expect[kind] - 0.05 <= x <= expect[kind] + late for x in seen), (
+                h.name, kind, expect[kind], seen)  # fmt: skip
+
+
 def check_all_ledgers(demo: Demo) -> None:
     verdict = demo.verdict()
     assert verdict.ok, verdict.message
@@ -182,6 +210,7 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
     assert len({tr.seller for tr in trades} | {tr.buyer for tr in trades}) >= 2
     measured = check_energy_against_meters(demo, url)
     assert measured >= 3 * len(demo.households), measured
+    check_spread_publications(demo)
     engine = create_engine(url)
     with engine.connect() as conn:
         readers = conn.execute(select(func.count(func.distinct(t.readings.c.household))))
