@@ -56,11 +56,15 @@ def find_py_spy() -> list[str] | None:
 
 
 def quiet_intervals(demo: Demo, t0: float, t1: float, margin: float) -> list[tuple[float, float]]:
-    """The parts of [t0, t1] away from every slot end, gate closure and settlement."""
+    """The parts of [t0, t1] away from every slot end, gate closure and settlement, and from
+    every household's reading and order publication (node/daemon/spread.py)."""
     schedule = demo.schedule
     busy: list[tuple[float, float]] = []
     for slot in range(schedule.slot_at(t0) - 3, schedule.slot_at(t1) + 3):
-        for when in (schedule.end(slot), schedule.gate_time(slot), schedule.settle_time(slot)):
+        whens = [schedule.end(slot), schedule.gate_time(slot), schedule.settle_time(slot)]
+        for p in demo.publications(slot):
+            whens += [p.reading_at, p.order_at]
+        for when in whens:
             busy.append((when - 0.5, when + margin))
     busy.sort()
     out, at = [], t0

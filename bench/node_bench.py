@@ -252,7 +252,10 @@ async def _measure(
         totals.append(total[0])
         quiet_cpu = quiet_wall = 0.0
         for slot in range(first, last):
-            q0 = schedule.settle_time(slot) + 0.8
+            # after the settlement and the last household's order (node/daemon/spread.py),
+            # before the next gate closure
+            orders = [p.order_at for p in demo.publications(slot)]
+            q0 = max([schedule.settle_time(slot), *orders]) + 0.8
             q1 = schedule.gate_time(slot + 2) - 0.3
             part = sampler.between(name, q0, q1) if q1 - q0 > 1 else None
             if part is not None:

@@ -13,9 +13,9 @@ the publication waits:
 
 - the **reading** within the first quarter of the settle delay after ``read_delay``: three
   quarters of the delay remain for it to commit before the settlement is proposed;
-- the **order** for the slot whose gate is open at the boundary after the settlement's
-  deadline plus half the settle delay (out of the readings' and the settlement's way), within
-  a quarter slot, ending at least half the remaining time before that slot's gate.
+- the **order** for the slot whose gate is open at the boundary from a quarter of the settle
+  delay after the reading deadline (out of the readings' and the settlement's way), within a
+  quarter slot, ending at least half the remaining time before that slot's gate.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ READING_SHARE = 0.25
 """Readings spread over this share of the settle delay."""
 ORDER_SLOT_SHARE = 0.25
 """Orders spread over at most this share of a slot."""
+ORDER_AFTER_SETTLE = 1.25
+"""Orders start this many settle delays after the slot end (after the reading deadline)."""
 
 
 def spread_fraction(did: str) -> float:
@@ -57,7 +59,7 @@ def publication_times(
     if not spread:
         return Publication(first, first, order_slot)
     reading_at = first + fraction * READING_SHARE * schedule.settle_delay_seconds
-    order_from = end + 1.5 * schedule.settle_delay_seconds
+    order_from = end + ORDER_AFTER_SETTLE * schedule.settle_delay_seconds
     gate = schedule.gate_time(order_slot)
     window = min(ORDER_SLOT_SHARE * schedule.slot_seconds, (gate - order_from) / 2)
     if window <= 0:  # a schedule with hardly any time before the gate: as soon as possible

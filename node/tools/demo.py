@@ -57,6 +57,7 @@ from meter.sim.feeder import DEFAULT_FEEDER_DEVICE
 from meter.sim.household import make_households
 from meter.sim.server import MeterSimulator
 from meter.transport import TcpEndpoint
+from node.daemon.spread import Publication, publication_times, spread_fraction
 from node.ledger import schema as t
 from node.ledger.verify import VerifyReport, verify_ledger
 from node.setup.genesis import create_genesis, write_genesis
@@ -172,6 +173,11 @@ class DemoSettings:
         """The simulated meters stand still this long after each slot boundary (a node reads
         its meter 0.3 s after the boundary; the rest is slack for a loaded machine)."""
         return min(2.0, self.slot_seconds / 4)
+
+    @property
+    def read_delay_seconds(self) -> float:
+        """Every node reads its meter this long after a slot boundary, inside the freeze."""
+        return round(min(0.3, self.freeze_seconds / 2), 3)
 
 
 @dataclass(frozen=True)
@@ -327,7 +333,7 @@ def _node_config(h: DemoHousehold, settings: DemoSettings, sim_port: int, profil
         'log_format = "json"\n'
         f"meter_poll_seconds = {max(1.0, s.slot_seconds / 2)}\n"
         f"meter_time_scale = {scale:.3f}\n"
-        f"read_delay_seconds = {min(0.3, s.freeze_seconds / 2):.3f}\n"
+        f"read_delay_seconds = {s.read_delay_seconds:.3f}\n"
         f"raft_tick_seconds = {s.raft_tick_seconds}\n"
         f"raft_election_ticks = {s.raft_election_ticks}\n"
         f"raft_heartbeat_ticks = {s.raft_heartbeat_ticks}\n"
@@ -666,6 +672,16 @@ class Demo:
             h.process.kill()
             await h.process.wait()
         return h.process.returncode
+
+    def publications(self, slot: int) -> list[Publication]:
+        """When each household publishes its reading and order after ``slot`` ends
+        (node/daemon/spread.py): for benchmarks that measure CPU away from them."""
+        end = self.schedule.end(slot)
+        delay = self.settings.read_delay_seconds
+        return [
+            publication_times(self.schedule, end, delay, spread_fraction(h.did))
+            for h in self.households
+        ]
 
     async def statuses(self, skip: Collection[str] = ()) -> dict[str, dict[str, Any]]:
         """``/status`` of every live node that answers, by household name (not of those named
