@@ -38,7 +38,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -335,10 +335,16 @@ class HouseholdNode:
         self.clock = ClockWatch(max_skew=config.clock_max_skew_seconds, transfer_every=slot,
                                 distrust_every=8 * slot)  # fmt: skip
         self.time_server = TimeServer(wall_clock, lambda d: self.net.is_member(d))
+        self._gossip_roles = trio.Event()
+        """Set when the Raft membership or the desired voters may have changed: the gossip
+        subscription follows this node's role (:meth:`_follow_gossip_role`)."""
         self.net = NetNode(
             identity,
             genesis,
-            NetSettings.from_config(config, identity, genesis),
+            replace(
+                NetSettings.from_config(config, identity, genesis),
+                subscribe=self._wants_record_gossip(),
+            ),
             on_gossip=self._on_gossip,
             slot_policy=default_slot_policy(genesis, wall_clock),
             raft_codec=(encode_message, decode_message),
@@ -451,6 +457,7 @@ class HouseholdNode:
                     self.api_port = await nursery.start(
                         self.api.serve, self.config.api_host, self.config.api_port
                     )
+                nursery.start_soon(self._follow_gossip_role)
                 nursery.start_soon(self._meter_loop)
                 if self.config.feeder is not None:
                     nursery.start_soon(self._feeder_loop)
@@ -519,6 +526,8 @@ class HouseholdNode:
         self.strategy.after_batch(entries, commands, installed)
         self._governance_committed(entries, commands)
         self._update_members()
+        if self.net.subscribed != self._wants_record_gossip():
+            self._gossip_roles.set()
 
     def _governance_committed(
         self, entries: list[tuple[int, list[Event]]], commands: list[Command]
@@ -575,6 +584,32 @@ class HouseholdNode:
             if core != self._core:
                 self._core = core
                 set_core(core)
+                self._gossip_roles.set()
+
+    def _wants_record_gossip(self) -> bool:
+        """Whether this node receives and forwards the grid's records on gossip: a Raft voter
+        (any voter may lead, and a leader proposes what it heard), a member the engine wants
+        as a voter (about to become one), or every node with ``learner_gossip``. A learner
+        gets every record in the committed log and only publishes its own (flood publish
+        reaches every subscribed peer it is connected to: the voters)."""
+        did = self.identity.did
+        return (
+            self.config.learner_gossip
+            or did in self.raft.conf_state().voters
+            or did in (self._core or ())
+        )
+
+    async def _follow_gossip_role(self) -> None:
+        """Join or leave the record gossip as this node's role changes (checked whenever the
+        membership may have changed, and once a minute as a bound)."""
+        while True:
+            with trio.move_on_after(60):
+                await self._gossip_roles.wait()
+            self._gossip_roles = trio.Event()
+            wanted = self._wants_record_gossip()
+            if wanted != self.net.subscribed:
+                with trio.fail_after(10):
+                    await self.net.subscribe_records(wanted)
 
     def _on_applied(self, index: int, events: list[Event]) -> None:
         """Count, log and time each rejection, clearing and settlement of one applied entry
@@ -1051,6 +1086,7 @@ class HouseholdNode:
         doc["agent"] = {"forecast": self.trader.forecaster.accuracy()}
         doc["network"] = self._network_faults()
         doc["connectivity"] = self.net.connectivity()  # relay, direct/relayed (docs/network.md)
+        doc["connectivity"]["record_gossip"] = self.net.subscribed  # docs/network.md
         doc["api"] = {"connections": self.api.connections,
                       "responses": {str(k): v for k, v in sorted(self.api.requests.items())},
                       "rejections": dict(sorted(self.api.rejections.items()))}  # fmt: skip

@@ -734,6 +734,8 @@ class NetNode:
         self.relay_client: RelayClient | None = None
         self.relay_service: RelayService | None = None
         self._nursery: trio.Nursery | None = None
+        self._subscriptions: dict[TopicKind, trio.CancelScope] = {}
+        """The record topics this node is subscribed to, each with its delivery task's scope."""
         self._dial_loops: set[str] = set()
         self._sender_records: dict[ID, bytes] = {}
         """Peer -> the signed peer record it last sent in a pubsub RPC, once verified (one
@@ -1190,16 +1192,15 @@ class NetNode:
     async def _serve(self, task_status: trio.TaskStatus[NetNode]) -> None:
         with trio.fail_after(10):
             await self.pubsub.wait_until_ready()
-            subs = ({k: await self.pubsub.subscribe(n) for k, n in self.topics.items()}
-                    if self.settings.subscribe else {})  # fmt: skip
         addrs = [str(a) for a in self.host.get_addrs()]
         self.listen_addrs = [a if "/p2p/" in a else f"{a}/p2p/{self.peer_id}" for a in addrs]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._actions_loop)
             nursery.start_soon(self._housekeeping_loop)
-            for kind, sub in subs.items():
-                nursery.start_soon(self._deliver_loop, kind, sub)
             self._nursery = nursery
+            if self.settings.subscribe:
+                with trio.fail_after(10):
+                    await self.subscribe_records(True)
             if self.settings.relay_hop:
                 self.relay_service = RelayService(self.host, lambda p: str(p) in self.member_peers)
                 await nursery.start(self.relay_service.run)
@@ -2321,7 +2322,44 @@ class NetNode:
                 return
             await trio.sleep(0.002)
 
-    async def _deliver_loop(self, kind: TopicKind, sub: Any) -> None:
+    @property
+    def subscribed(self) -> bool:
+        """Whether this node takes part in the gossip of the grid's records (receives and
+        forwards them) rather than only publishing its own."""
+        return bool(self._subscriptions)
+
+    async def subscribe_records(self, on: bool) -> bool:
+        """Join (``on``) or leave the gossip of the grid's record topics while running;
+        returns whether anything changed. Publishing needs neither: a node that is not
+        subscribed sends its own records to every subscribed peer it is connected to (flood
+        publish), and receives and forwards nobody's. Raft voters subscribe (any of them may
+        lead and must hear every record), learners need not (they get the records in the
+        committed log; docs/network.md, "Who gossips records")."""
+        if self.pubsub is None or self._nursery is None:
+            raise RuntimeError("node is not running")
+        if on == self.subscribed:
+            return False
+        if on:
+            for kind, name in self.topics.items():
+                sub = await self.pubsub.subscribe(name)
+                scope = trio.CancelScope()
+                self._subscriptions[kind] = scope
+                self._nursery.start_soon(self._deliver_loop, kind, sub, scope)
+        else:
+            for kind, scope in list(self._subscriptions.items()):
+                scope.cancel()
+                del self._subscriptions[kind]
+                with contextlib.suppress(Exception):  # leaving is best effort (peers' view)
+                    await self.pubsub.unsubscribe(self.topics[kind])
+        log.info("gossip of the grid's records %s", "joined" if on else "left",
+                 extra={"event": "gossip_subscription", "subscribed": on})  # fmt: skip
+        return True
+
+    async def _deliver_loop(self, kind: TopicKind, sub: Any, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._deliver(kind, sub)
+
+    async def _deliver(self, kind: TopicKind, sub: Any) -> None:
         while True:
             msg = await sub.get()
             try:

@@ -25,6 +25,7 @@ raft_election_ticks = 20
 raft_heartbeat_ticks = 4
 raft_snapshot_entries = 5000     # compact the Raft log after this many applied entries
 raft_delegate_learners = true    # learners replicate from voters other than the leader
+learner_gossip = false           # as a Raft learner, also receive and forward others' records
 clock_max_skew_seconds = 5.0     # clock off the grid's median by more: skewed (docs/node.md)
 clock_sample_seconds = 30.0      # compare clocks with each connected member this often
 clock_offset_seconds = 0.0       # TESTS AND DRILLS ONLY: shift this node's wall clock
@@ -195,6 +196,11 @@ class NodeConfig:
     "Delegated learner replication"). Every node of a grid should agree; set false on every
     node while a grid is upgraded from a release without it (an older node refuses the
     message as malformed)."""
+    learner_gossip: bool = False
+    """As a Raft learner, take part in the gossip of everyone's records (receive, validate,
+    forward) rather than only publishing its own: the voters need every record (any may
+    lead), a learner gets them all in the committed log (docs/network.md, "Who gossips
+    records"). True costs a learner most of its CPU per round in a large grid."""
     clock_max_skew_seconds: float = 5.0
     """This node's clock off the grid's median by more than this: skewed (docs/node.md)."""
     clock_sample_seconds: float = 30.0
@@ -476,7 +482,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if value <= 0:
             raise ConfigError(f"{source}: {name} must be a positive integer")
         return value
-    if name in ("mdns", "hole_punch", "raft_delegate_learners", "spread_publications"):
+    if name in ("mdns", "hole_punch", "raft_delegate_learners", "spread_publications",
+                "learner_gossip"):
         if isinstance(value, str):
             lowered = value.strip().lower()
             if lowered not in ("1", "0", "true", "false", "yes", "no"):

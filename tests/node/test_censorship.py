@@ -426,8 +426,8 @@ async def _censor_and_recover(nodes: list[HouseholdNode]) -> None:
     victim = victim_node.identity.did
     real_next_batch = leader.proposer.next_batch
 
-    def censoring(now: float, view: Any) -> list[Any]:
-        return [c for c in real_next_batch(now, view)
+    def censoring(now: float, view: Any, term: int | None = None) -> list[Any]:
+        return [c for c in real_next_batch(now, view, term)
                 if getattr(c, "household", None) != victim]  # fmt: skip
 
     leader.proposer.next_batch = censoring  # type: ignore[method-assign]

@@ -166,6 +166,19 @@ def check_spread_publications(demo: Demo) -> None:
                 h.name, kind, expect[kind], seen)  # fmt: skip
 
 
+async def check_record_gossip(demo: Demo) -> None:
+    """The voters receive everyone's records on gossip; the learners none: they publish their
+    own and get the rest in the committed log (docs/network.md, "Who gossips records"). That
+    every household's readings reach the ledgers is checked by the caller."""
+    for h in demo.households:
+        doc = await fetch(h.api + "/status")
+        assert doc is not None, h.name
+        voter = doc["raft"]["role"] != "learner"
+        heard = sum(v for k, v in doc["counters"].items() if k.startswith("gossip_"))
+        assert doc["connectivity"]["record_gossip"] is voter, (h.name, doc["raft"]["role"])
+        assert (heard > 0) is voter, (h.name, doc["raft"]["role"], doc["counters"])
+
+
 def check_all_ledgers(demo: Demo) -> None:
     verdict = demo.verdict()
     assert verdict.ok, verdict.message
@@ -182,6 +195,7 @@ async def test_households_trade_and_every_ledger_agrees_with_the_meters(tmp_path
     verified ledgers, conserved money and energy, settlements equal to the meters' counts."""
     async with running_demo(tmp_path) as demo:
         await demo.wait_rounds(5, timeout=STARTUP_TIMEOUT + 8 * SLOT_SECONDS)
+        await check_record_gossip(demo)
         status = await microgrid_status(demo.households[-1])
         assert status.returncode == 0, status.stderr
         text = status.stdout.decode()

@@ -404,6 +404,9 @@ async def run_grid(tmp_path: Path) -> Outcome:
             ),
             8 * SLOT_SECONDS,
         )
+        # a voter may lead: it takes part in the records' gossip (a learner only publishes)
+        await wait_live(demo, members, lambda d: d["h6"]["connectivity"]["record_gossip"],
+                        2 * SLOT_SECONDS)  # fmt: skip
         # The next leader may be any voter, and it must reach every member. h6 and h5's new
         # key were admitted at runtime: no static dial list names them (both dial only the
         # genesis bootstrap, h6 also its --peer), so the others, and they each other, reach
