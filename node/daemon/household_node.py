@@ -601,15 +601,23 @@ class HouseholdNode:
 
     async def _follow_gossip_role(self) -> None:
         """Join or leave the record gossip as this node's role changes (checked whenever the
-        membership may have changed, and once a minute as a bound)."""
+        membership may have changed, and once a minute as a bound). A failed change is
+        logged, counted and tried again 5 s later; it never stops the node."""
         while True:
             with trio.move_on_after(60):
                 await self._gossip_roles.wait()
             self._gossip_roles = trio.Event()
             wanted = self._wants_record_gossip()
-            if wanted != self.net.subscribed:
+            try:  # returns at once when nothing changes
                 with trio.fail_after(10):
                     await self.net.subscribe_records(wanted)
+            except Exception as exc:  # libp2p's errors, or too slow: contained, retried
+                self.counters["gossip_subscription_failures"] += 1
+                log.warning("could not %s the gossip of the grid's records: %r",
+                            "join" if wanted else "leave", exc,
+                            extra={"event": "gossip_subscription_failed"})  # fmt: skip
+                await trio.sleep(5)
+                self._gossip_roles.set()
 
     def _on_applied(self, index: int, events: list[Event]) -> None:
         """Count, log and time each rejection, clearing and settlement of one applied entry

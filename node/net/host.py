@@ -2325,8 +2325,8 @@ class NetNode:
     @property
     def subscribed(self) -> bool:
         """Whether this node takes part in the gossip of the grid's records (receives and
-        forwards them) rather than only publishing its own."""
-        return bool(self._subscriptions)
+        forwards them on every record topic) rather than only publishing its own."""
+        return len(self._subscriptions) == len(self.topics)
 
     async def subscribe_records(self, on: bool) -> bool:
         """Join (``on``) or leave the gossip of the grid's record topics while running;
@@ -2337,23 +2337,27 @@ class NetNode:
         committed log; docs/network.md, "Who gossips records")."""
         if self.pubsub is None or self._nursery is None:
             raise RuntimeError("node is not running")
-        if on == self.subscribed:
-            return False
-        if on:
+        changed = False
+        if on:  # topic by topic: a call cut short is completed by the next one
             for kind, name in self.topics.items():
+                if kind in self._subscriptions:
+                    continue
                 sub = await self.pubsub.subscribe(name)
                 scope = trio.CancelScope()
                 self._subscriptions[kind] = scope
                 self._nursery.start_soon(self._deliver_loop, kind, sub, scope)
+                changed = True
         else:
             for kind, scope in list(self._subscriptions.items()):
                 scope.cancel()
                 del self._subscriptions[kind]
+                changed = True
                 with contextlib.suppress(Exception):  # leaving is best effort (peers' view)
                     await self.pubsub.unsubscribe(self.topics[kind])
-        log.info("gossip of the grid's records %s", "joined" if on else "left",
-                 extra={"event": "gossip_subscription", "subscribed": on})  # fmt: skip
-        return True
+        if changed:
+            log.info("gossip of the grid's records %s", "joined" if on else "left",
+                     extra={"event": "gossip_subscription", "subscribed": on})  # fmt: skip
+        return changed
 
     async def _deliver_loop(self, kind: TopicKind, sub: Any, scope: trio.CancelScope) -> None:
         with scope:
