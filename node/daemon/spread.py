@@ -54,8 +54,8 @@ def publication_times(
 ) -> Publication:
     """The wall times at which a household with offset ``fraction`` publishes its reading and
     order after the slot boundary ``end`` (``spread`` False: both at ``end + read_delay``)."""
-    order_slot = schedule.open_slot(end + read_delay)
     first = end + read_delay
+    order_slot = schedule.open_slot(first)
     if not spread:
         return Publication(first, first, order_slot)
     reading_at = first + fraction * READING_SHARE * schedule.settle_delay_seconds

@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import re
 import sys
-import tomllib
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,7 +28,6 @@ import trio
 from sqlalchemy import create_engine, func, select
 
 from market.accounting import ENERGY, household_account
-from node.daemon.spread import publication_times, spread_fraction
 from node.ledger import schema as t
 from node.tools.demo import Demo, DemoHousehold, DemoSettings, fetch
 
@@ -147,8 +145,7 @@ def check_spread_publications(demo: Demo) -> None:
     time, at most a loaded machine's delay after it."""
     sch = demo.schedule
     late = 1.5  # five node processes and the test on two cores
-    for h in demo.households:
-        fraction = spread_fraction(h.did)
+    for h, times in zip(demo.households, demo.publications(0), strict=True):
         events = [json.loads(line) for line in (h.directory / "node.log").read_text().splitlines()
                   if '"event": "published"' in line]  # fmt: skip
         offsets: dict[str, list[float]] = {"reading": [], "order": []}
@@ -157,8 +154,6 @@ def check_spread_publications(demo: Demo) -> None:
             offsets[e["kind"]].append(at - sch.start(sch.slot_at(at)))
         offsets["order"] = offsets["order"][1:]  # the first: placed at start-up, not at a slot end
         assert len(offsets["reading"]) >= 3 and len(offsets["order"]) >= 3, (h.name, offsets)
-        read_delay = tomllib.loads(h.config_path.read_text()).get("read_delay_seconds", 0.5)
-        times = publication_times(sch, sch.end(0), read_delay, fraction)
         expect = {"reading": times.reading_at - sch.end(0), "order": times.order_at - sch.end(0)}
         assert expect["order"] > expect["reading"] + 2  # the order waits for the settlement
         for kind, seen in offsets.items():
