@@ -212,15 +212,6 @@ class PenaltyBox:
         return max(0.0, decayed)
 
 
-NONCE_TRIM_STEP = 64
-"""The validator drops the nonces at or below an author's window floor (``highest -
-nonce_window``, refused as replays whatever the set holds) each time that floor has risen this
-much. :class:`~market.state.NonceWindow` itself prunes only once it holds ``2 * nonce_window``
-nonces: at two records per slot (of four nonces) that is after about 1,000 slots, so a node's
-copy of every author's window kept growing through a long run (issue 19). 64 nonces are 16
-slots: a set then holds at most the nonces an author used within ``nonce_window + 64``, and the
-trim (one pass over the set) runs once per 16 slots per author."""
-
 SIGNATURE_DIGEST_BYTES = 16
 """:attr:`GossipValidator.signatures` keeps a BLAKE2b digest of this many bytes of each
 signature (49 bytes as a ``bytes``), not the signature text (128 hex characters, 177 bytes):
@@ -342,9 +333,6 @@ class GossipValidator:
         """Per author: the digest (:func:`signature_digest`) of the signature of the record
         accepted under each recent nonce (Ed25519 signatures are deterministic, so a different
         signature means different content)."""
-        self._trimmed: dict[str, int] = {}
-        """Per author: the window floor at which its nonce set was last trimmed
-        (:data:`NONCE_TRIM_STEP`)."""
         self._highest: dict[str, int] = {}
         """Per author: the highest nonce remembered in :attr:`signatures`."""
         self.seqnos: dict[str, int] = {}
@@ -407,7 +395,6 @@ class GossipValidator:
             for record in verdict.records:
                 window = self.nonces.setdefault(record.author, NonceWindow())
                 window.consume(record.nonce, self.nonce_window)
-                self._trim_nonces(record.author, window)
                 self._remember_signature(record)
             self.accepted += 1
             return verdict
@@ -437,16 +424,6 @@ class GossipValidator:
         else:
             culprit = ""
         return "" if culprit == self.local_peer else culprit
-
-    def _trim_nonces(self, author: str, window: NonceWindow) -> None:
-        """Drop the nonces at or below ``author``'s window floor once it rose
-        :data:`NONCE_TRIM_STEP` since the last trim (they are refused as replays anyway)."""
-        floor = window.highest - self.nonce_window
-        if floor - self._trimmed.get(author, floor - NONCE_TRIM_STEP) < NONCE_TRIM_STEP:
-            return
-        self._trimmed[author] = floor
-        if window.recent and min(window.recent) <= floor:
-            window.recent = {n for n in window.recent if n > floor}
 
     def _remember_signature(self, record: SignedRecord) -> None:
         """Keep the signature under the record's nonce while the nonce is inside the author's

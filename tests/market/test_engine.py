@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from market import GateClosed, RejectReason, SlotSettled
 from market.accounting import ENERGY, GRID, MONEY, household_account, money_for
+from market.errors import Rejection
+from market.state import NONCE_TRIM_STEP, NonceWindow
 from tests.market.world import World
 
 
@@ -217,3 +221,56 @@ def test_nonce_window_accepts_out_of_order_but_not_ancient_nonces() -> None:
     assert w.rejected(order(4990 - 2000)).reason == RejectReason.REPLAYED_NONCE
     with pytest.raises(ValidationError, match="nonce"):  # negative: refused by the model
         order(-1)
+
+
+def _reference_fresh(used: set[int], highest: int, nonce: int, window: int) -> bool:
+    """The anti-replay rule with every nonce ever used kept: what trimming must not change."""
+    return nonce >= 0 and nonce > highest - window and nonce not in used
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    window=st.integers(1, 300),
+    steps=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 400)), max_size=300),
+)
+def test_nonce_window_trims_without_changing_a_verdict(
+    window: int, steps: list[tuple[int, int]]
+) -> None:
+    """Issue 19: ``NonceWindow`` forgets the nonces its floor refuses anyway. Against a
+    reference that keeps every nonce, each verdict is the same, and the set never holds a nonce
+    more than ``window + NONCE_TRIM_STEP`` below the highest. Each step moves the highest nonce
+    up by ``rise`` and tries ``highest - back`` (late, replayed or below the window)."""
+    kept = NonceWindow()
+    used: set[int] = set()
+    highest = -1
+    for rise, back in steps:
+        for nonce in (highest + rise, highest + rise - back):
+            fresh = _reference_fresh(used, highest, nonce, window)
+            try:
+                kept.check(nonce, window)
+                verdict = True
+            except Rejection:
+                verdict = False
+            assert verdict == fresh, (nonce, highest)
+            if fresh:
+                kept.consume(nonce, window)
+                used.add(nonce)
+                highest = max(highest, nonce)
+            assert kept.highest == highest
+            assert all(n > highest - window - NONCE_TRIM_STEP for n in kept.recent)
+
+
+def test_nonce_window_set_is_a_function_of_the_nonces_used() -> None:
+    """Trimming is decided by the nonces alone, so two replicas, or one restored from a
+    snapshot half-way, hold the same set, and a household's set stays within its window over
+    a long run (it grew to ``2 * nonce_window`` before: 2,048 nonces, about 1,000 slots)."""
+    window = 1024
+    a, b = NonceWindow(), NonceWindow()
+    for slot in range(3000):
+        for nonce in (4 * slot, 4 * slot + 2):
+            a.consume(nonce, window)
+            b.consume(nonce, window)
+        if slot == 1700:  # a restart from a snapshot: the same highest and set
+            b = NonceWindow(b.highest, set(b.recent))
+        assert a.recent == b.recent
+        assert len(a.recent) <= (window + NONCE_TRIM_STEP) // 2 + 1

@@ -16,13 +16,9 @@ import trio
 from libp2p.pubsub.pb import rpc_pb2
 
 from market.models import Order, Side
+from market.state import NONCE_TRIM_STEP
 from node.net.host import OWN_IDS_KEPT, RECENT_DELIVERIES_KEPT, NetNode
-from node.net.validator import (
-    NONCE_TRIM_STEP,
-    SIGNATURE_DIGEST_BYTES,
-    GossipValidator,
-    SeqnoContent,
-)
+from node.net.validator import SIGNATURE_DIGEST_BYTES, GossipValidator, SeqnoContent
 from node.net.wire import TopicKind, encode_batch
 from node.setup.genesis import load_genesis
 from node.setup.keyfile import NodeIdentity
