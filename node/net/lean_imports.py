@@ -12,7 +12,9 @@ DCUtR (docs/libp2p.md). Loading them costs about 19 MB of RSS per node and 0.15-
 start-up (docs/performance.md). libp2p's own modules of those parts (QUIC, WebSocket, TLS,
 secio, mplex, the persistent peer store, mDNS, random walk, rendezvous, UPnP, Kademlia,
 bitswap, records: 150 modules) cost about 6 MB more and are blocked the same way. With
-``mdns = true`` in the config, mDNS's packages are loaded (:func:`unused`).
+``mdns = true`` in the config, mDNS's packages are loaded (:func:`unused`). multiaddr's DNS
+resolver, the only user of dnspython, is answered with :mod:`node.net.system_resolver`
+(:data:`SUBSTITUTES`: the operating system's resolver), and dnspython is blocked too.
 
 :func:`install` puts a finder first on ``sys.meta_path`` that answers an import of any of
 :data:`UNUSED` (and its submodules) with a placeholder module: libp2p's module bodies import
@@ -55,6 +57,7 @@ UNUSED: tuple[str, ...] = (
     "OpenSSL",
     "service_identity",
     "cbor2",
+    "dns",
     "rich",
     "pygments",
     "click",
@@ -76,6 +79,10 @@ UNUSED: tuple[str, ...] = (
 )
 """Packages and libp2p subpackages a node never uses (see the module docstring for who imports
 each); a dotted name blocks that subpackage and everything under it."""
+
+SUBSTITUTES: dict[str, str] = {"multiaddr.resolvers.dns": "node.net.system_resolver"}
+"""Modules answered with one of ours instead: multiaddr's DNS resolver (dnspython, blocked
+above) by one over the operating system's resolver (:mod:`node.net.system_resolver`)."""
 
 MDNS_PACKAGES: tuple[str, ...] = ("zeroconf", "ifaddr", "libp2p.discovery.mdns")
 """What libp2p's mDNS discovery needs: loaded when the config turns ``mdns`` on."""
@@ -130,18 +137,24 @@ class _PlaceholderModule(types.ModuleType):
 class _UnusedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Answers imports of the blocked packages with placeholder modules."""
 
-    def __init__(self, blocked: frozenset[str]) -> None:
+    def __init__(self, blocked: frozenset[str], substitutes: dict[str, str] | None = None) -> None:
         self.blocked = blocked
+        self.substitutes = substitutes or {}
         self.answered: set[str] = set()
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
+        if fullname in self.substitutes:
+            return importlib.machinery.ModuleSpec(fullname, self)
         if not any(fullname == b or fullname.startswith(b + ".") for b in self.blocked):
             return None
         return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        if spec.name in self.substitutes:
+            self.answered.add(spec.name)
+            return importlib.import_module(self.substitutes[spec.name])
         module = _PlaceholderModule(spec.name)
         module.__path__ = []
         self.answered.add(spec.name)
@@ -151,14 +164,21 @@ class _UnusedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
 
-def install(blocked: Sequence[str] = UNUSED) -> _UnusedFinder | None:
-    """Block ``blocked`` for the rest of this process (None when ``MICROGRID_FULL_IMPORTS``
-    is set or already installed). A package already imported stays as it is."""
+def install(
+    blocked: Sequence[str] = UNUSED, substitutes: dict[str, str] | None = None
+) -> _UnusedFinder | None:
+    """Block ``blocked`` and answer the :data:`SUBSTITUTES` (or ``substitutes``) with our
+    modules for the rest of this process (None when ``MICROGRID_FULL_IMPORTS`` is set or
+    already installed). A module already imported stays as it is."""
     if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
         return None
     if any(isinstance(f, _UnusedFinder) for f in sys.meta_path):
         return None
-    finder = _UnusedFinder(frozenset(b for b in blocked if b not in sys.modules))
+    subs = SUBSTITUTES if substitutes is None else substitutes
+    finder = _UnusedFinder(
+        frozenset(b for b in blocked if b not in sys.modules),
+        {name: ours for name, ours in subs.items() if name not in sys.modules},
+    )
     sys.meta_path.insert(0, finder)
     return finder
 
