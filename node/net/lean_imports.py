@@ -14,7 +14,9 @@ secio, mplex, the persistent peer store, mDNS, random walk, rendezvous, UPnP, Ka
 bitswap, records: 150 modules) cost about 6 MB more and are blocked the same way. With
 ``mdns = true`` in the config, mDNS's packages are loaded (:func:`unused`). multiaddr's DNS
 resolver, the only user of dnspython, is answered with :mod:`node.net.system_resolver`
-(:data:`SUBSTITUTES`: the operating system's resolver), and dnspython is blocked too.
+(:data:`SUBSTITUTES`: the operating system's resolver), and dnspython is blocked too; libp2p's
+RSA and secp256k1 key modules are answered with :mod:`node.net.refused_keys` (grid members use
+Ed25519 keys only), and pycryptodome and coincurve are blocked.
 
 :func:`install` puts a finder first on ``sys.meta_path`` that answers an import of any of
 :data:`UNUSED` (and its submodules) with a placeholder module: libp2p's module bodies import
@@ -58,6 +60,8 @@ UNUSED: tuple[str, ...] = (
     "service_identity",
     "cbor2",
     "dns",
+    "Crypto",
+    "coincurve",
     "rich",
     "pygments",
     "click",
@@ -80,9 +84,15 @@ UNUSED: tuple[str, ...] = (
 """Packages and libp2p subpackages a node never uses (see the module docstring for who imports
 each); a dotted name blocks that subpackage and everything under it."""
 
-SUBSTITUTES: dict[str, str] = {"multiaddr.resolvers.dns": "node.net.system_resolver"}
+SUBSTITUTES: dict[str, str] = {
+    "multiaddr.resolvers.dns": "node.net.system_resolver",
+    "libp2p.crypto.rsa": "node.net.refused_keys",
+    "libp2p.crypto.secp256k1": "node.net.refused_keys",
+}
 """Modules answered with one of ours instead: multiaddr's DNS resolver (dnspython, blocked
-above) by one over the operating system's resolver (:mod:`node.net.system_resolver`)."""
+above) by one over the operating system's resolver (:mod:`node.net.system_resolver`); libp2p's
+RSA and secp256k1 keys (pycryptodome, coincurve, blocked above) by key classes that refuse
+them as a parser refuses an unknown key type (:mod:`node.net.refused_keys`)."""
 
 MDNS_PACKAGES: tuple[str, ...] = ("zeroconf", "ifaddr", "libp2p.discovery.mdns")
 """What libp2p's mDNS discovery needs: loaded when the config turns ``mdns`` on."""
