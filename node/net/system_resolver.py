@@ -16,15 +16,13 @@ exchange accept only ``dns``, ``dns4`` and ``dns6`` (``node.net.host.dialable_ad
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
+from multiaddr import Multiaddr
 from multiaddr.exceptions import ResolutionError
 from multiaddr.protocols import P_DNS, P_DNS4, P_DNS6, P_DNSADDR
 from multiaddr.resolvers.base import Resolver
-
-if TYPE_CHECKING:
-    from multiaddr import Multiaddr
 
 DNSADDR_TXT_PREFIX = "dnsaddr="
 """As in ``multiaddr.resolvers.dns`` (re-exported by ``multiaddr.resolvers``)."""
@@ -39,12 +37,12 @@ class DNSResolver(Resolver):
     """``multiaddr``'s resolver interface over ``getaddrinfo`` (run in a worker thread by
     trio, so a slow resolver holds no event loop; the caller bounds it with a deadline)."""
 
-    async def resolve(self, maddr: Multiaddr, options: dict[str, Any] | None = None) -> list[Any]:
+    async def resolve(
+        self, maddr: Multiaddr, options: dict[str, Any] | None = None
+    ) -> list[Multiaddr]:
         """``maddr`` with its leading DNS name replaced by each address it resolves to (the
         rest of the address kept), or ``[maddr]`` if it does not start with a DNS name.
         Raises ``ResolutionError`` if the name does not resolve."""
-        from multiaddr import Multiaddr
-
         protocols = list(maddr.protocols())
         if not protocols:
             raise ResolutionError("empty multiaddr")
@@ -63,7 +61,7 @@ class DNSResolver(Resolver):
             raise ResolutionError(f"cannot resolve {host!r}: {exc}") from None
         parts = maddr.split(1)
         rest = parts[1] if len(parts) > 1 else None
-        out: list[Any] = []
+        out: list[Multiaddr] = []
         seen: set[str] = set()
         for fam, _type, _proto, _name, sockaddr in infos:
             ip = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 zone index

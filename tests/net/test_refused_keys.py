@@ -118,7 +118,9 @@ async def test_a_peer_with_an_rsa_or_secp256k1_key_fails_its_handshake_only(
         assert line.strip() == "ready", child.stderr.read() if child.stderr else ""
         outcomes = [await _attack(secp256k1.create_new_key_pair(), b.addr),
                     await _attack(rsa.create_new_key_pair(2048), b.addr)]  # fmt: skip
-        assert all(o != "open" for o in outcomes), outcomes
+        # refused in the handshake itself (with the real key modules the handshake succeeded
+        # and the member gate closed the connection a moment later)
+        assert all(o.startswith("refused") for o in outcomes), outcomes
         assert child.poll() is None, "the node process died"
         child.stdin.write("go\n")
         child.stdin.flush()
