@@ -36,7 +36,9 @@ def _refuse(key_type: KeyType) -> NoReturn:
     raise RefusedKeyType(key_type)
 
 
-class _RefusedPublicKey(PublicKey):
+class _Refused:
+    """What the public and the private key classes share: no instance, no key read."""
+
     KEY_TYPE: KeyType
 
     def __init__(self, *_args: Any, **_kwargs: Any) -> None:
@@ -58,36 +60,17 @@ class _RefusedPublicKey(PublicKey):
     def get_type(self) -> KeyType:
         return self.KEY_TYPE
 
+
+class _RefusedPublicKey(_Refused, PublicKey):
     def verify(self, data: bytes, signature: bytes) -> bool:  # never reached
         _refuse(self.KEY_TYPE)
 
 
-class _RefusedPrivateKey(PrivateKey):
-    KEY_TYPE: KeyType
-
-    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
-        _refuse(self.KEY_TYPE)
-
+class _RefusedPrivateKey(_Refused, PrivateKey):
     @classmethod
     def new(cls, *_args: Any, **_kwargs: Any) -> NoReturn:
         """Refused: raises :class:`RefusedKeyType`."""
         _refuse(cls.KEY_TYPE)
-
-    @classmethod
-    def from_bytes(cls, _data: bytes) -> NoReturn:
-        """Refused: raises :class:`RefusedKeyType`."""
-        _refuse(cls.KEY_TYPE)
-
-    @classmethod
-    def deserialize(cls, _data: bytes) -> NoReturn:
-        """Refused: raises :class:`RefusedKeyType`."""
-        _refuse(cls.KEY_TYPE)
-
-    def to_bytes(self) -> bytes:  # never reached
-        _refuse(self.KEY_TYPE)
-
-    def get_type(self) -> KeyType:
-        return self.KEY_TYPE
 
     def sign(self, data: bytes) -> bytes:  # never reached
         _refuse(self.KEY_TYPE)
