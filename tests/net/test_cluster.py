@@ -29,9 +29,13 @@ from node.testing.harness import (
 
 pytestmark = pytest.mark.slow
 
-OPEN_SLOT = math.floor(time.time() / 900) + 4
-"""An open slot of the test grid (900 s slots): its gate closes 40+ minutes from now, and it is
-inside the slot horizon that the nodes' slot policy enforces."""
+
+def open_slot() -> int:
+    """An open slot of the test grid (900 s slots): its gate closes 40+ minutes from now, and it
+    is inside the slot horizon that the nodes' slot policy enforces. Computed when a record is
+    made, not at import: a long suite runs this module's tests many minutes after collecting
+    it."""
+    return math.floor(time.time() / 900) + 4
 
 
 def order(spec: NodeSpec, nonce: int, *, grid: str = "test-grid", signer: Signer | None = None,
@@ -39,7 +43,7 @@ def order(spec: NodeSpec, nonce: int, *, grid: str = "test-grid", signer: Signer
     """A buy order by ``spec`` (signed by ``signer`` if given: a forgery)."""
     return Order(
         grid=grid, nonce=nonce, id=f"{spec.name}-{nonce}", household=household or spec.did,
-        side=Side.BUY, slot=OPEN_SLOT, quantity_wh=500, price=12,
+        side=Side.BUY, slot=open_slot(), quantity_wh=500, price=12,
     ).signed_by(signer or spec.signer)  # fmt: skip
 
 
@@ -142,7 +146,7 @@ async def test_invalid_gossip_is_rejected_counted_and_never_delivered(tmp_path: 
             "bad_signature": encode_batch([order(spec, 2, signer=outsider)]),
             "not_member": encode_batch([
                 Order(grid="test-grid", nonce=1, id="x", household=outsider.did, side=Side.SELL,
-                      slot=OPEN_SLOT, quantity_wh=1, price=9).signed_by(outsider)
+                      slot=open_slot(), quantity_wh=1, price=9).signed_by(outsider)
             ]),
             "replayed": encode_batch([good], batch_seq=99),  # same record, new message
             "oversized": b"\x01\x00\x01" + encode_uvarint(MAX_GOSSIP_BYTES) + b"x" * (
@@ -157,7 +161,7 @@ async def test_invalid_gossip_is_rejected_counted_and_never_delivered(tmp_path: 
         # the outsider publishes its own, validly signed order
         out = outsiders[0]
         out_order = Order(grid="test-grid", nonce=1, id="o", household=out.spec.did,
-                          side=Side.SELL, slot=OPEN_SLOT, quantity_wh=1, price=9)  # fmt: skip
+                          side=Side.SELL, slot=open_slot(), quantity_wh=1, price=9)  # fmt: skip
         await out.send(cmd="publish_raw", kind="orders",
                        hex=encode_batch([out_order.signed_by(out.spec.signer)]).hex())  # fmt: skip
         for reason, data in cases.items():

@@ -33,13 +33,19 @@ from node.testing.harness import NodeSpec, make_grid, pubsub_message, raw_stream
 pytestmark = pytest.mark.slow
 
 MESHSUB = "/meshsub/1.1.0"
-SLOT = math.floor(time.time() / 900) + 2
+
+
+def open_slot() -> int:
+    """A slot whose gate is still open now (2 slots of 900 s ahead): computed when a record is
+    made, not at import, since a long suite runs this module's tests many minutes after
+    collecting it (a slot fixed at import had its gate closed by then)."""
+    return math.floor(time.time() / 900) + 2
 
 
 def order(identity: NodeIdentity, genesis: Genesis, nonce: int, price: int = 10) -> Order:
     """A sell order by ``identity`` in an open slot."""
     return Order(grid=genesis.grid, nonce=nonce, id=f"o{nonce}-{price}", household=identity.did,
-                 side=Side.SELL, slot=SLOT, quantity_wh=100, price=price,
+                 side=Side.SELL, slot=open_slot(), quantity_wh=100, price=price,
                  ).signed_by(identity.signer)  # fmt: skip
 
 

@@ -35,13 +35,18 @@ from node.testing.harness import NodeSpec, make_grid, named_seed
 
 pytestmark = pytest.mark.slow
 
-SLOT = math.floor(time.time() / 900) + 2
+
+def open_slot() -> int:
+    """A slot whose gate is still open now (2 slots of 900 s ahead): computed when a record is
+    made, not at import, since a long suite runs this module's tests many minutes after
+    collecting it (a slot fixed at import had its gate closed by then)."""
+    return math.floor(time.time() / 900) + 2
 
 
 def order(identity: NodeIdentity, genesis: Genesis, nonce: int) -> Order:
     """A sell order by ``identity`` in an open slot."""
     return Order(grid=genesis.grid, nonce=nonce, id=f"o{nonce}", household=identity.did,
-                 side=Side.SELL, slot=SLOT, quantity_wh=100, price=10,
+                 side=Side.SELL, slot=open_slot(), quantity_wh=100, price=10,
                  ).signed_by(identity.signer)  # fmt: skip
 
 
@@ -228,16 +233,17 @@ async def test_governance_records_ride_their_own_topic(tmp_path: Path) -> None:
     operator = Signer.from_seed(named_seed(f"{genesis.grid}/operator"))
     assert operator.did == genesis.market.operator
     newcomer = NodeIdentity.from_seed(b"n" * 32)
+    slot = open_slot()  # once: the records compared below must be the same records
 
     def admit(nonce: int, signer: Signer = operator, name: str | None = None) -> AddMember:
         return AddMember(grid=genesis.grid, nonce=nonce, operator=name or signer.did,
-                         from_slot=SLOT, household=newcomer.did, meter_serial="M-new",
+                         from_slot=slot, household=newcomer.did, meter_serial="M-new",
                          role=MemberRole.LEARNER).signed_by(signer)  # fmt: skip
 
     async with running(grid.nodes):
         await until(lambda: all(len(n.mesh_peers(TopicKind.GOVERNANCE)) == 2 for n in (a, b, c)),
                     20)  # fmt: skip
-        rules = ChangeRules(grid=genesis.grid, nonce=2, operator=operator.did, from_slot=SLOT,
+        rules = ChangeRules(grid=genesis.grid, nonce=2, operator=operator.did, from_slot=slot,
                             retail_price=31).signed_by(operator)  # fmt: skip
         await a.publish(TopicKind.GOVERNANCE, [admit(1), rules])
         await until(lambda: all(grid.records(n, TopicKind.GOVERNANCE) == [admit(1), rules]
@@ -246,7 +252,7 @@ async def test_governance_records_ride_their_own_topic(tmp_path: Path) -> None:
         with pytest.raises(PublishError) as exc:
             await a.publish(TopicKind.GOVERNANCE, [admit(3, signer=a.identity.signer)])
         assert exc.value.verdict.reason == "not_operator"
-        past = AddMember(grid=genesis.grid, nonce=9, operator=operator.did, from_slot=SLOT - 3,
+        past = AddMember(grid=genesis.grid, nonce=9, operator=operator.did, from_slot=slot - 3,
                          household=newcomer.did, meter_serial="M-new",
                          role=MemberRole.LEARNER).signed_by(operator)  # fmt: skip
         # A plays a bad peer (no own validation): each is refused at B and C, never delivered

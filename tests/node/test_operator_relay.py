@@ -37,7 +37,12 @@ from node.testing.harness import free_ports, named_seed
 
 pytestmark = pytest.mark.slow
 
-SLOT = math.floor(time.time() / 900) + 2
+
+def open_slot() -> int:
+    """A slot whose gate is still open now (2 slots of 900 s ahead): computed when a record is
+    made, not at import, since a long suite runs this module's tests many minutes after
+    collecting it (a slot fixed at import had its gate closed by then)."""
+    return math.floor(time.time() / 900) + 2
 
 
 def ident(name: str) -> NodeIdentity:
@@ -59,7 +64,7 @@ def make_genesis(port: int, households: list[NodeIdentity], op_node: NodeIdentit
 
 def order(identity: NodeIdentity, genesis: Genesis, nonce: int) -> Order:
     return Order(grid=genesis.grid, nonce=nonce, id=f"o{nonce}", household=identity.did,
-                 side=Side.SELL, slot=SLOT, quantity_wh=100, price=10,
+                 side=Side.SELL, slot=open_slot(), quantity_wh=100, price=10,
                  ).signed_by(identity.signer)  # fmt: skip
 
 
