@@ -460,45 +460,6 @@ it expires, and each queued message rebuilds the peer's queue: 32 covers the mom
 connection and its subscriptions at the rate of a 50-household slot boundary."""
 PENDING_TTL_SECONDS = 5.0
 """How long such a queued message waits for the subscription (py-libp2p 0.8.1: 30 s)."""
-
-
-class PendingQueues(dict[Any, list[Any]]):
-    """gossipsub's per-peer queues of messages for a connected peer "whose subscriptions it has
-    not seen", open only for :data:`PENDING_TTL_SECONDS` from the first message queued for the
-    peer's connection.
-
-    py-libp2p 0.8.1 queues every message it publishes or forwards for every connected peer not
-    subscribed to the message's topic, to cover the moment between a connection and its
-    subscriptions, and prunes that peer's queue each time (one pass over up to
-    :data:`PENDING_PER_PEER` entries). A peer that is not subscribed by then never is: the
-    learners, which take no part in the records' gossip (docs/network.md), and the operator
-    node. A voter paid that for each of its N - V learners on every record: 2-3.5 % of a
-    voter's CPU at 50 households, quadratic in N. Past the window ``queues[peer]`` drops what
-    was queued and answers a fresh list that is not kept (the append is lost, the prune finds
-    nothing); the window opens again on the peer's next connection (:meth:`forget`, called
-    when gossipsub removes the peer)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
-        self.clock = clock
-        self.first: dict[Any, float] = {}
-        """Per peer: when its connection's first message was queued."""
-
-    def __getitem__(self, peer: Any) -> list[Any]:
-        now = self.clock()
-        if now - self.first.setdefault(peer, now) > PENDING_TTL_SECONDS:
-            self.pop(peer, None)
-            return []
-        queue = self.get(peer)
-        if queue is None:
-            queue = []
-            self[peer] = queue
-        return queue
-
-    def forget(self, peer: Any) -> None:
-        """The peer left: its next connection gets a window of its own."""
-        self.first.pop(peer, None)
-        self.pop(peer, None)
 OWN_IDS_KEPT = 256
 """Message ids of our own recent publications, for the topic validator to recognise them
 (:meth:`NetNode.publish_raw`): it runs inside the publish call, so only the newest few matter.
@@ -1173,13 +1134,11 @@ class NetNode:
         gossipsub.mesh_heartbeat = mesh_heartbeat
 
     def _bound_gossipsub_state(self) -> None:
-        """Bound three structures py-libp2p 0.8.1's gossipsub grows for as long as it runs
+        """Bound two structures py-libp2p 0.8.1's gossipsub grows for as long as it runs
         (issue 19): its equivocation check keeps up to 1,000 whole messages (their protobuf
         memory is outside Python's allocator), replaced by :class:`SeqnoContent` (digests, the
         same verdicts); its per-topic delivery timestamps, trimmed only by adaptive gossip
-        (disabled), become lists of at most :data:`RECENT_DELIVERIES_KEPT`; its queues for
-        peers not subscribed to a message's topic stay open only for a new connection's first
-        seconds (:class:`PendingQueues`)."""
+        (disabled), become lists of at most :data:`RECENT_DELIVERIES_KEPT`."""
         gossipsub = self.gossipsub
         seen = SeqnoContent()
 
@@ -1194,15 +1153,6 @@ class NetNode:
         gossipsub.recent_message_deliveries = collections.defaultdict(
             functools.partial(collections.deque, maxlen=RECENT_DELIVERIES_KEPT)
         )
-        queues = PendingQueues()
-        gossipsub._pending_messages = queues
-        remove_peer = gossipsub.remove_peer
-
-        def remove_peer_and_window(peer_id: ID) -> None:
-            remove_peer(peer_id)
-            queues.forget(peer_id)
-
-        gossipsub.remove_peer = remove_peer_and_window  # type: ignore[method-assign]
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED

@@ -13,18 +13,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 
 from market.models import Order, Side
 from market.state import NONCE_TRIM_STEP
-from node.net.host import (
-    OWN_IDS_KEPT,
-    PENDING_TTL_SECONDS,
-    RECENT_DELIVERIES_KEPT,
-    NetNode,
-    PendingQueues,
-)
+from node.net.host import OWN_IDS_KEPT, RECENT_DELIVERIES_KEPT, NetNode
 from node.net.validator import SIGNATURE_DIGEST_BYTES, GossipValidator, SeqnoContent
 from node.net.wire import TopicKind, encode_batch
 from node.setup.genesis import load_genesis
@@ -132,49 +125,5 @@ def test_node_gossipsub_and_own_ids_stay_bounded(tmp_path: Path) -> None:
                 await node.publish_raw(TopicKind.ORDERS, b"own %d" % i)
                 assert len(node._own_ids) <= OWN_IDS_KEPT
             assert len(gossipsub.mcache.msgs) == cached + 1000
-
-    trio.run(main)
-
-
-def test_gossipsub_queues_nothing_for_a_peer_that_did_not_subscribe(tmp_path: Path) -> None:
-    """A connected peer not subscribed to a topic (a learner, which takes no part in the
-    records' gossip) gets messages queued only in its connection's first
-    ``PENDING_TTL_SECONDS``; after that every publish leaves it alone (py-libp2p queued and
-    re-pruned for it on every message, for as long as it stayed connected). Its next
-    connection opens a new window."""
-    specs, _, path = make_grid(tmp_path, 3)
-    node = NetNode(NodeIdentity.from_seed(specs[0].seed), load_genesis(path))
-    node._build()
-    gossipsub, pubsub = node.gossipsub, node.pubsub
-    queues = gossipsub._pending_messages
-    assert isinstance(queues, PendingQueues)
-    now = [1000.0]
-    queues.clock = lambda: now[0]
-    learner = ID.from_base58(specs[1].peer_id)
-    pubsub.peers[learner] = object()  # connected; its subscriptions name no record topic
-    topic = node.topics[TopicKind.ORDERS]
-    me = node.peer_id.to_bytes()
-    sent = [0]
-
-    def message(seqno: int) -> rpc_pb2.Message:
-        return rpc_pb2.Message(from_id=me, seqno=seqno.to_bytes(8, "big"), data=b"r%d" % seqno,
-                               topicIDs=[topic])  # fmt: skip
-
-    async def publish(count: int) -> None:
-        for _ in range(count):
-            sent[0] += 1
-            await gossipsub.publish(node.peer_id, message(sent[0]))
-
-    async def main() -> None:
-        await publish(10)  # the connection's first seconds: queued (py-libp2p's race cover)
-        assert len(queues[learner]) == 10
-        now[0] += PENDING_TTL_SECONDS + 1
-        await publish(100)  # past the window: what was queued is dropped, nothing more
-        assert learner not in queues
-        assert learner in pubsub.peers
-        gossipsub.remove_peer(learner)  # it disconnects; its next connection gets a window
-        pubsub.peers[learner] = object()
-        await publish(3)
-        assert len(queues[learner]) == 3
 
     trio.run(main)
