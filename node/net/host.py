@@ -122,6 +122,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 
 from market.did import IdentityError
 from market.models import FeederReading, GovernanceRecord, MeterReading, Order, SignedRecord
+from node.net import source_lines
 from node.net.faults import (
     NO_FAULTS,
     FaultRules,
@@ -684,7 +685,6 @@ class _Gate:
         return None
 
 
-
 async def _read_book(stream: Any) -> bytes:
     """One address book frame (``/microgrid/addrs/1.0.0``); a bad frame is a :class:`PeerFault`."""
     try:
@@ -693,6 +693,7 @@ async def _read_book(stream: Any) -> bytes:
         raise PeerFault("addrs", "oversized", str(exc)) from None
     except ParseError as exc:
         raise PeerFault("addrs", "bad_varint", str(exc)) from None
+
 
 class NetNode:
     """One household's network presence. Run with ``await nursery.start(node.run)``."""
@@ -1406,7 +1407,8 @@ class NetNode:
 
     async def _housekeeping_loop(self) -> None:
         """Lift expired bans (when the earliest one ends), ping every peer (liveness and RTT:
-        one ping 1 s after the start, then every ``liveness_interval``). It sleeps until one
+        one ping 1 s after the start, then every ``liveness_interval``), and then release the
+        source files read for tracebacks (:mod:`node.net.source_lines`). It sleeps until one
         of them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen
         then: bans last far longer). The peers gauge is counted when scraped
         (:meth:`_peer_count`)."""
@@ -1424,6 +1426,7 @@ class NetNode:
             if trio.current_time() >= next_live:
                 next_live = trio.current_time() + self.settings.liveness_interval
                 await self._check_liveness()
+                source_lines.release()
 
     async def _check_liveness(self) -> None:
         """Ping every connected peer at once; close the connections of a peer that missed

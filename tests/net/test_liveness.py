@@ -72,3 +72,22 @@ async def test_a_slow_peer_that_is_heard_from_keeps_its_connection(tmp_path: Pat
         assert h._ping_failures.get(a.peer_id, 0) == 0
         assert a.peer_id in set(h.connected_peers())
         assert h.metrics.stream_errors.labels("liveness_closed")._value.get() == 0
+
+
+async def test_each_liveness_round_releases_the_source_files_read_for_tracebacks(
+    tmp_path: Path,
+) -> None:
+    """A node keeps no source file read for a traceback past its next liveness round
+    (node/net/source_lines.py: libp2p formats a traceback for every failed connection)."""
+    import linecache
+    import traceback
+
+    _, a, v, h = three(tmp_path, liveness_interval=0.5, liveness_timeout=0.5)
+    async with running([a, v, h]):
+        await meshed(a, v, h)
+        try:
+            raise RuntimeError("a traceback to format")
+        except RuntimeError as exc:
+            traceback.format_exception(exc)
+        assert __file__ in linecache.cache
+        await until(lambda: __file__ not in linecache.cache, 5)
