@@ -7,6 +7,8 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
 - ``ConnectionConfig(max_connections_per_peer=1)``: the default of 3 adds 250 ms to each dial
   (pitfall 1). libp2p trims only when a connection is added and spares young ones, so both
   connections of a simultaneous dial stayed: :meth:`NetNode.duplicate_connections`.
+- An accepted connection's handler task held its inbound slot until the swarm stopped (250
+  slots: a long-lived node would refuse inbound connections): :func:`release_inbound_handlers`.
 - Our own reconnect loop over the static dial list (genesis bootstrap + config peers; only
   those that are current members are dialled) with exponential back-off and jitter;
   libp2p's ``bootstrap=`` gives up after 3 failures and its negative dial cache blocks a peer
@@ -383,6 +385,62 @@ def fault_reason(exc: BaseException) -> str:
 
 StreamFaultHandler = Callable[[ID, str, str, BaseException], None]
 """``on_fault(peer, protocol label, reason, exception)``."""
+
+
+class InboundConnectionClosed(Exception):
+    """Ends py-libp2p's handler of an inbound connection once that connection has closed
+    (:func:`release_inbound_handlers`)."""
+
+
+def release_inbound_handlers(host: Any) -> None:
+    """End each accepted connection's handler task when its connection closes (idempotent).
+
+    py-libp2p 0.8.1's swarm keeps the task that accepted an inbound TCP connection waiting for
+    the *swarm's* end (an "intentional barrier": trio closes the socket when the handler
+    returns), long after the connection closed. Each such task holds one of the swarm's 250
+    inbound slots (``max_connections - min_connections``) and its socket objects, so a node
+    leaked one of each per inbound connection it ever accepted: a leader of 50 households held
+    63 handler tasks for 49 connections after its start-up, and a node accepting reconnections
+    for months (peers restarting, home addresses changing, duplicates closed) would reach the
+    cap and then refuse every inbound connection, silently (a debug line).
+
+    Two wrappers: the listener's handler marks the TCP stream it accepted (its ``close``, which
+    every layer's close ends in, sets an event); the upgrade, for a marked stream only, runs as
+    before, then waits for that event and raises :class:`InboundConnectionClosed`, which
+    libp2p's handler catches (a debug line) before its ``finally`` frees the slot. Upgrades of
+    other connections (a relayed circuit, a hole punch's TCP connection) return as before."""
+    swarm = host.get_network()
+    upgrade = swarm.upgrade_inbound_raw_conn
+    if getattr(upgrade, "microgrid_release", False):
+        return
+    handle = swarm._do_handle_inbound_connection
+
+    async def handle_marked(read_write_closer: Any, *args: Any) -> None:
+        close = getattr(read_write_closer, "close", None)
+        if close is not None:
+            closed = trio.Event()
+
+            async def close_and_signal() -> None:
+                try:
+                    await close()
+                finally:
+                    closed.set()
+
+            read_write_closer.close = close_and_signal
+            read_write_closer.microgrid_closed = closed
+        await handle(read_write_closer, *args)
+
+    async def upgrade_then_wait_for_close(raw_conn: Any, maddr: Any) -> Any:
+        muxed = await upgrade(raw_conn, maddr)
+        closed = getattr(getattr(raw_conn, "stream", None), "microgrid_closed", None)
+        if closed is None:
+            return muxed  # not accepted by the listener: its caller goes on with it
+        await closed.wait()  # (a connection that closed during the upgrade has set it)
+        raise InboundConnectionClosed(f"inbound connection from {maddr} closed")
+
+    upgrade_then_wait_for_close.microgrid_release = True  # type: ignore[attr-defined]
+    swarm.upgrade_inbound_raw_conn = upgrade_then_wait_for_close
+    swarm._do_handle_inbound_connection = handle_marked
 
 
 def install_stream_guard(host: Any, on_fault: StreamFaultHandler) -> None:
@@ -1137,6 +1195,7 @@ class NetNode:
         self.host.get_network().register_notifee(_Gate(self))
         self._harden_pubsub()
         install_stream_guard(self.host, self._on_stream_fault)
+        release_inbound_handlers(self.host)
         guard_listen_addrs(self.host)
 
     def _flood_own_publications(self) -> None:
