@@ -145,7 +145,8 @@ class _PlaceholderModule(types.ModuleType):
 
 
 class _UnusedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Answers imports of the blocked packages with placeholder modules."""
+    """Answers imports of the blocked packages with placeholder modules, and each of the
+    ``substitutes`` (module name -> ours) with our module."""
 
     def __init__(self, blocked: frozenset[str], substitutes: dict[str, str] | None = None) -> None:
         self.blocked = blocked
