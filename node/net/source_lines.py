@@ -6,8 +6,8 @@ peer the gate refused), whether or not the warning is logged, so every node held
 ``swarm.py`` and the other files on those tracebacks: 0.7 MiB in every node of a 25-household
 grid, 1.3 MiB in a voter (tracemalloc). :func:`release` drops the entries read from files; a
 later traceback reads them again (a millisecond, and tracebacks are rare). Entries registered
-in memory (``attrs`` and ``dataclasses`` put their generated methods' source there, with no
-file to read it back from) and lazy entries are kept.
+in memory (``attrs`` puts its generated methods' source there, with no file to read it back
+from) and lazy entries are kept.
 """
 
 from __future__ import annotations
