@@ -273,8 +273,14 @@ async def _measure(
     share = work / PRODUCTION_SLOT_S + rate
     out["core_share_15min_pct"] = 100 * share
     out["pi_core_share_15min_pct"] = 100 * share * PI_FACTOR
-    rss = [r for r in (rss_mb(p) for p in pids.values()) if r is not None]
+    by_node = {name: rss_mb(p) for name, p in pids.items()}
+    rss = [r for r in by_node.values() if r is not None]
     out["rss_median_mb"], out["rss_max_mb"] = statistics.median(rss), max(rss)
+    # the voters hold a connection to every member, a learner to 10-15: their RSS differs
+    learners = {name for name, d in docs.items() if d["raft"]["role"] == "learner"}
+    for key, want in (("rss_voter_max_mb", False), ("rss_learner_max_mb", True)):
+        of_role = [r for name, r in by_node.items() if r is not None and (name in learners) is want]
+        out[key] = max(of_role) if of_role else math.nan
     published = 0
     for name, d in docs.items():
         c0, c1 = counters0.get(name, {}), d.get("counters", {})
@@ -386,7 +392,10 @@ def report(results: list[dict[str, Any]]) -> None:
               f"{r['gate_p99_ms'] / 1000:.2f}; "
               f"Pi core share at 15-min slots {r['pi_core_share_15min_pct']:.1f} % "
               f"(x{PI_FACTOR:g} estimate); gossip msgs per round / N = "
-              f"{r['gossip_msgs_per_round'] / r['n']:.1f}; {r['verdict']}")  # fmt: skip
+              f"{r['gossip_msgs_per_round'] / r['n']:.1f}; RSS max voters "
+              f"{r.get('rss_voter_max_mb', math.nan):.1f} / learners "
+              f"{r.get('rss_learner_max_mb', math.nan):.1f} MiB (target 100); "
+              f"{r['verdict']}")  # fmt: skip
     print("columns: gate->all = gate closure to clearing applied on every node; end->settled ="
           " slot end to block on every node (includes the settle delay); deadline->settled ="
           " from the reading deadline; bg = background CPU of one core; work = CPU of one "
@@ -406,6 +415,7 @@ RATIO_KEYS = (
     ("cpu_round_s", "CPU/round"),
     ("cpu_background_pct", "background"),
     ("rss_median_mb", "RSS median"),
+    ("rss_max_mb", "RSS max"),
     ("leader_cpu_round_s", "leader CPU"),
     ("leader_kb_round", "leader kB"),
     ("voter_kb_round", "voter kB"),
