@@ -29,14 +29,6 @@ def smaller_first(x: NetNode, y: NetNode) -> tuple[NetNode, NetNode]:
     return (x, y) if x.peer_id.to_bytes() < y.peer_id.to_bytes() else (y, x)
 
 
-async def race(small: NetNode, large: NetNode) -> None:
-    """What a simultaneous dial leaves: beside their connection, a second one dialled by the
-    end that did not dial the first."""
-    [existing] = small.host.get_network().get_connections(large.peer_id)
-    dialer = large if _dialled_by_us(existing) else small
-    await second_connection(dialer, large if dialer is small else small)
-
-
 async def test_a_simultaneous_dial_leaves_the_smaller_ids_connection_at_both_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,7 +38,10 @@ async def test_a_simultaneous_dial_leaves_the_smaller_ids_connection_at_both_end
     small, large = smaller_first(v, h)
     async with running([a, v, h]):
         await meshed(a, v, h)
-        await race(small, large)
+        [existing] = small.host.get_network().get_connections(large.peer_id)
+        # the second connection is dialled by whichever end did not dial the first
+        dialer = large if _dialled_by_us(existing) else small
+        await second_connection(dialer, large if dialer is small else small)
         closed = small.metrics.stream_errors.labels("duplicate_closed")
         closed_large = large.metrics.stream_errors.labels("duplicate_closed")
 
@@ -78,7 +73,9 @@ async def test_connections_opened_far_apart_are_left_to_liveness(
     small, large = smaller_first(v, h)
     async with running([a, v, h]):
         await meshed(a, v, h)
-        await race(small, large)
+        [existing] = small.host.get_network().get_connections(large.peer_id)
+        dialer = large if _dialled_by_us(existing) else small
+        await second_connection(dialer, large if dialer is small else small)
         assert small.duplicate_connections() == [] and large.duplicate_connections() == []
         await trio.sleep(2.0)  # four housekeeping rounds
         await honest_gossip_flows(grid, v, h, 1)
