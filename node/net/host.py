@@ -5,8 +5,7 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
 
 - Only Noise (no plaintext/secio/TLS fallback) and only yamux are offered.
 - ``ConnectionConfig(max_connections_per_peer=1)``: the default of 3 adds 250 ms to each dial
-  (pitfall 1). libp2p trims only when a connection is added and spares young ones, so both
-  connections of a simultaneous dial stayed: :meth:`NetNode.duplicate_connections`.
+  (pitfall 1).
 - An accepted connection's handler task held its inbound slot until the swarm stopped (250
   slots: a long-lived node would refuse inbound connections): :func:`release_inbound_handlers`.
 - Our own reconnect loop over the static dial list (genesis bootstrap + config peers; only
@@ -222,15 +221,6 @@ LOOP_LAG_TOLERANCE = 1.0
 """A failed liveness ping whose deadline fired more than this late is not counted as a miss."""
 """Ping streams served at once per peer; more are reset at once."""
 """A ping stream with no ping for this many liveness intervals is ended by its server."""
-DUPLICATE_RACE_SECONDS = 10.0
-"""Two direct connections to one peer opened within this many seconds of each other are a
-simultaneous dial (both ends dialled): the one the peer with the smaller id dialled is kept
-and the other closed (:meth:`NetNode._close_duplicate_connections`). Farther apart, the older
-one may be a dead connection not yet noticed (the peer restarted and dialled again): liveness
-decides, not this."""
-DUPLICATE_MIN_AGE_SECONDS = 3.0
-"""A duplicate connection younger than this is left alone (its streams are still being set
-up; the next housekeeping round closes it)."""
 HOUSEKEEPING_MAX_SECONDS = 5.0
 """Longest sleep of the housekeeping loop (a new ban is seen within this; bans last 30 s)."""
 RECONNECT_CHECK_SECONDS = 2.0
@@ -401,7 +391,7 @@ def release_inbound_handlers(host: Any) -> None:
     inbound slots (``max_connections - min_connections``) and its socket objects, so a node
     leaked one of each per inbound connection it ever accepted: a leader of 50 households held
     63 handler tasks for 49 connections after its start-up, and a node accepting reconnections
-    for months (peers restarting, home addresses changing, duplicates closed) would reach the
+    for months (peers restarting, home addresses changing) would reach the
     cap and then refuse every inbound connection, silently (a debug line).
 
     Two wrappers: the listener's handler marks the TCP stream it accepted (its ``close``, which
@@ -787,19 +777,6 @@ class _Gate:
 
     async def listen_close(self, network: Any, maddr: Any) -> None:
         return None
-
-
-def _dialled_by_us(conn: Any) -> bool | None:
-    """Whether this node dialled a swarm connection (None if it cannot tell)."""
-    initiator = getattr(getattr(conn, "muxed_conn", None), "is_initiator_value", None)
-    if isinstance(initiator, bool):
-        return initiator
-    direction = str(getattr(conn, "direction", "")).lower()
-    if "outbound" in direction:
-        return True
-    if "inbound" in direction:
-        return False
-    return None
 
 
 async def _read_book(stream: Any) -> bytes:
@@ -1541,9 +1518,8 @@ class NetNode:
 
     async def _housekeeping_loop(self) -> None:
         """Lift expired bans (when the earliest one ends), ping every peer (liveness and RTT:
-        one ping 1 s after the start, then every ``liveness_interval``, after closing
-        simultaneous-dial duplicates), and then release the source files read for tracebacks
-        (:mod:`node.net.source_lines`). It sleeps until one
+        one ping 1 s after the start, then every ``liveness_interval``), and then release the
+        source files read for tracebacks (:mod:`node.net.source_lines`). It sleeps until one
         of them is due, at most ``HOUSEKEEPING_MAX_SECONDS`` (a ban made meanwhile is seen
         then: bans last far longer). The peers gauge is counted when scraped
         (:meth:`_peer_count`)."""
@@ -1560,7 +1536,6 @@ class NetNode:
                     self.pubsub.remove_from_blacklist(ID.from_base58(peer))
             if trio.current_time() >= next_live:
                 next_live = trio.current_time() + self.settings.liveness_interval
-                await self._close_duplicate_connections()
                 await self._check_liveness()
                 source_lines.release()
 
@@ -1607,50 +1582,6 @@ class NetNode:
             await self._drop_ping_stream(peer)
         for peer in [p for p in self._heard if p not in peers]:
             del self._heard[peer]
-
-    def duplicate_connections(self) -> list[Any]:
-        """Direct connections this node closes as duplicates: for each peer with two or more
-        direct connections opened within :data:`DUPLICATE_RACE_SECONDS` of each other (both
-        ends dialled at once, which the dial loops' wait makes rare but not impossible on a
-        loaded machine: a 25-household grid's voter held 9 of its 24 peers twice), every one
-        the peer with the larger id dialled, if one the smaller id dialled is there too. Both
-        ends pick the same connection to keep, whoever acts first. Relayed connections are
-        never counted (the relay logic upgrades and drops those)."""
-        if self.host is None:
-            return []
-        me = self.peer_id.to_bytes()
-        now = time.time()
-        surplus: list[Any] = []
-        for peer, conns in list(self.host.get_network().get_connections_map().items()):
-            if len(conns) < 2:
-                continue
-            direct = [c for c in conns if not is_relayed(c)]
-            dialled = {id(c): _dialled_by_us(c) for c in direct}
-            born = [b for c in direct if isinstance(b := getattr(c, "_created_at", None), float)]
-            if (
-                len(direct) < 2
-                or None in dialled.values()
-                or len(born) != len(direct)
-                or max(born) - min(born) > DUPLICATE_RACE_SECONDS
-            ):
-                continue
-            ours_kept = me < peer.to_bytes()  # the smaller id's dial is kept
-            kept = [c for c in direct if dialled[id(c)] is ours_kept]
-            if kept:
-                surplus += [c for c in direct if dialled[id(c)] is not ours_kept
-                            and now - c._created_at >= DUPLICATE_MIN_AGE_SECONDS]  # fmt: skip
-        return surplus
-
-    async def _close_duplicate_connections(self) -> None:
-        """Close :meth:`duplicate_connections` (each one costs a noise session, a yamux
-        session with its own ping, pubsub and Raft streams, and their tasks: about 0.2 MiB).
-        Streams on a closed one end; pubsub registers the peer again on the connection kept
-        (:meth:`_handle_dead_pubsub_peer`), the Raft writer reopens its stream there."""
-        for conn in self.duplicate_connections():
-            self.metrics.stream_errors.labels("duplicate_closed").inc()
-            log.debug("closing a duplicate connection to %s", conn.muxed_conn.peer_id)
-            with trio.move_on_after(3), contextlib.suppress(Exception):
-                await conn.close()
 
     def _peer_count(self) -> int:
         """Connected peers, for the gauge; called from the metrics server's thread, so it only

@@ -8,11 +8,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import multiaddr
 import pytest
 
-from node.net.host import NetNode, _dialled_by_us
-from tests.net.test_duplicate_connections import second_connection
+from node.net.host import NetNode
 from tests.net.test_hostile import honest_gossip_flows, meshed, running, three, until
+
+
+def _dialled_by_us(conn: Any) -> bool:
+    """Whether this end dialled a swarm connection (yamux knows who initiated)."""
+    return bool(conn.muxed_conn.is_initiator_value)
+
+
+async def second_connection(dialer: NetNode, peer: NetNode) -> None:
+    """A new direct connection from ``dialer`` to ``peer`` beside the one they have."""
+    network = dialer.host.get_network()
+    before = len(network.get_connections(peer.peer_id))
+    addr = next(str(a) for a in peer.host.get_addrs() if "/tcp/" in str(a))
+    transport = multiaddr.Multiaddr(addr.split("/p2p/")[0])
+    await network.dial_addr(transport, peer.peer_id)
+    await until(lambda: len(network.get_connections(peer.peer_id)) == before + 1, 10)
+    await until(lambda: len(peer.host.get_network().get_connections(dialer.peer_id)) == 2, 10)
 
 
 def inbound(node: NetNode, peer: NetNode) -> list[Any]:
