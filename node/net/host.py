@@ -546,21 +546,14 @@ class PendingQueues(dict[Any, list[Any]]):
     ``queues[peer]`` is a fresh list that is not kept (the append is lost; the prune finds no
     queue). A peer that subscribes later gets the message cache's recent messages for the
     topic (py-libp2p replays them on every new subscription). A queue made before the hello
-    stays until gossipsub flushes it or it expires, as before.
+    stays until gossipsub flushes it or it expires, as before."""
 
-    gossipsub also queues for a peer it knows *is* subscribed but cannot send to yet (our
-    outbound pubsub session with it is not registered: a new connection, or a session moving
-    to another connection); that queue is what delivers the message once the session is
-    registered, so a peer counts as ``settled`` (droppable) only while its session is
-    registered too. (Without that condition an order was lost in a grid whose learners drop
-    and make connections: the topology test failed under CI's load.)"""
-
-    def __init__(self, settled: Callable[[Any], bool]) -> None:
+    def __init__(self, greeted: Callable[[Any], bool]) -> None:
         super().__init__()
-        self.settled = settled
+        self.greeted = greeted
 
     def __missing__(self, peer: Any) -> list[Any]:
-        if self.settled(peer):
+        if self.greeted(peer):
             return []
         queue: list[Any] = []
         self[peer] = queue
@@ -1253,18 +1246,13 @@ class NetNode:
         gossipsub.recent_message_deliveries = collections.defaultdict(
             functools.partial(collections.deque, maxlen=RECENT_DELIVERIES_KEPT)
         )
-        gossipsub._pending_messages = PendingQueues(self._pubsub_settled)
+        gossipsub._pending_messages = PendingQueues(self._greeted)
 
     def _greeted(self, peer_id: ID) -> bool:
         """Whether the peer's hello was read on each of its live inbound pubsub streams (so
         its subscriptions are known)."""
         streams = self._pubsub_inbound.get(peer_id)
         return bool(streams) and streams <= self._pubsub_hello
-
-    def _pubsub_settled(self, peer_id: ID) -> bool:
-        """Whether gossipsub can send to the peer now (our session with it is registered) and
-        knows its subscriptions (:class:`PendingQueues`)."""
-        return peer_id in self.gossipsub.peer_protocol and self._greeted(peer_id)
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import trio
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
 
 from market.models import Order, Side
@@ -151,7 +150,6 @@ def test_gossipsub_queues_only_for_a_peer_whose_hello_is_not_read_yet(tmp_path: 
     assert isinstance(queues, PendingQueues)
     learner = ID.from_base58(specs[1].peer_id)
     pubsub.peers[learner] = object()  # connected (our stream to it); no subscription known
-    gossipsub.peer_protocol[learner] = PROTOCOL_ID_V11  # (add_peer registered it)
     topic = node.topics[TopicKind.ORDERS]
     me = node.peer_id.to_bytes()
     sent = [0]
@@ -180,35 +178,5 @@ def test_gossipsub_queues_only_for_a_peer_whose_hello_is_not_read_yet(tmp_path: 
         node._pubsub_inbound[learner].add(second)  # it reconnects: a new stream, no hello yet
         await publish(3)
         assert len(queues[learner]) == 3
-
-    trio.run(main)
-
-
-def test_gossipsub_keeps_queueing_for_a_subscribed_peer_it_cannot_send_to_yet(
-    tmp_path: Path,
-) -> None:
-    """A peer whose hello was read and that *is* subscribed, but whose outbound session is
-    not registered yet (a new connection, a session moving to another one): gossipsub's queue
-    for it is what delivers the message once the session is registered, so it is kept."""
-    specs, _, path = make_grid(tmp_path, 3)
-    node = NetNode(NodeIdentity.from_seed(specs[0].seed), load_genesis(path))
-    node._build()
-    gossipsub, pubsub = node.gossipsub, node.pubsub
-    queues = gossipsub._pending_messages
-    voter = ID.from_base58(specs[1].peer_id)
-    topic = node.topics[TopicKind.ORDERS]
-    pubsub.peer_topics.setdefault(topic, set()).add(voter)  # its hello named the topic
-    stream = object()
-    node._pubsub_inbound[voter] = {stream}
-    node._pubsub_hello.add(stream)
-    assert node._greeted(voter) and voter not in gossipsub.peer_protocol
-    me = node.peer_id.to_bytes()
-
-    async def main() -> None:
-        for seqno in range(1, 4):
-            msg = rpc_pb2.Message(from_id=me, seqno=seqno.to_bytes(8, "big"), data=b"o%d" % seqno,
-                                  topicIDs=[topic])  # fmt: skip
-            await gossipsub.publish(node.peer_id, msg)
-        assert len(queues[voter]) == 3  # flushed to it when its session is registered
 
     trio.run(main)
