@@ -1697,8 +1697,9 @@ class NetNode:
         network = self.host.get_network()
         delay = self.settings.reconnect_min
         key = str(info.peer_id)
-        # The peer with the larger id waits a little first, so two nodes starting together
-        # rarely dial each other simultaneously (max one connection per peer).
+        # Of two members that dial each other, the one with the smaller id waits a little
+        # first, so two nodes starting together rarely dial each other simultaneously (max
+        # one connection per peer).
         # (1-3 s: fifty nodes starting at once on one machine took longer than 0.3-0.6 s to
         # answer, and each simultaneous pair costs two handshakes.) Only if that peer dials
         # us too: one that does not keep a connection to us (a large grid's learner that did
@@ -1710,10 +1711,22 @@ class NetNode:
                 while not network.get_connections(info.peer_id) and self.dialled_by(key):
                     await trio.sleep(0.1)
         fast_until = 0.0
+        seen_since: float | None = None  # when the connection the peer dialled was first seen
+        reaches_us = False  # the peer has dialled us: no NAT in its way to this node
         while True:
             if network.get_connections(info.peer_id):
+                if seen_since is None:
+                    seen_since, reaches_us = trio.current_time(), True
                 await self._wait_disconnected(info.peer_id, RECONNECT_CHECK_SECONDS)
                 continue
+            if seen_since is not None:
+                # a stable connection the peer dialled closed: as after one of ours (below),
+                # the peer is probably restarting, so redial fast instead of where the
+                # back-off was
+                if trio.current_time() - seen_since > self.settings.stable_after:
+                    delay = self.settings.reconnect_min
+                    fast_until = trio.current_time() + self.settings.redial_fast_for
+                seen_since = None
             if self.penalties.is_banned(key) or self.fault_rules.partitioned(key):
                 await trio.sleep(0.25)  # (partitioned: test-only, node/net/faults.py)
                 continue
@@ -1735,6 +1748,18 @@ class NetNode:
                     with trio.move_on_after(UNWANTED_CHECK_SECONDS):
                         await self._members_changed.wait()
                     continue
+            if (
+                trio.current_time() < fast_until
+                and reaches_us
+                and not circuit
+                and info.peer_id.to_bytes() > self.peer_id.to_bytes()
+                and self.dialled_by(key)
+            ):
+                # the start's rule in the fast window: the peer, which reached us before,
+                # redials us fast too and its dial goes first, so a restart does not end with
+                # both ends dialled (two connections, kept for good)
+                await trio.sleep(2 * self.settings.reconnect_min * random.uniform(0.8, 1.2))
+                continue
             if self._stop.is_set():
                 return  # stopping: dial no more (see _serve)
             target = addr or ""

@@ -189,3 +189,46 @@ async def test_a_member_that_restarts_is_redialled_every_half_second(tmp_path: P
             took = trio.current_time() - t0
     assert len(failures) >= 7 and max(gaps) < 1.5, gaps  # the back-off alone: gaps of 2-4 s
     assert took < 1.5, took
+
+
+async def test_a_member_that_dialled_us_and_restarts_dials_first_and_leaves_one_connection(
+    tmp_path: Path,
+) -> None:
+    """Two members that dial each other: the larger id dials first (the smaller waits at its
+    start). When the larger restarts, the smaller, which it reached before, does not dial it
+    in the fast window after that stable connection closed (its dial could cross the
+    restarted node's and leave two connections for good): the restarted node's dial connects
+    them within a second of its start, and one connection remains at each end."""
+    specs, _, path = make_grid(tmp_path, 2)
+    grid = Grid(load_genesis(path))
+    ids = [NodeIdentity.from_seed(s.seed).peer_id.to_bytes() for s in specs]
+    small_spec, large_spec = specs if ids[0] < ids[1] else specs[::-1]
+    timing: dict[str, Any] = {"stable_after": 0.5, "reconnect_min": 0.1}
+    small = grid.node(small_spec, [large_spec], **timing)
+    large = grid.node(large_spec, [small_spec], **timing)
+    attempts: list[float] = []
+    record = small._dialled
+
+    def dialled(key: str, addr: str, *, ok: bool) -> None:
+        attempts.append(trio.current_time())
+        record(key, addr, ok=ok)
+
+    small._dialled = dialled  # type: ignore[method-assign]
+    async with running([small]):
+        async with running([large]):
+            await until(lambda: connected(small, large), 15)
+            await trio.sleep(1.0)  # stable
+        assert attempts == []  # the larger id dialled
+        await until(lambda: not connected(small, large), 10)
+        await trio.sleep(2.0)  # down: the back-off alone would have dialled it 4 times
+        again = grid.node(large_spec, [small_spec], **timing)
+        async with running([again]):
+            t0 = trio.current_time()
+            await until(lambda: connected(small, again), 10)
+            took = trio.current_time() - t0
+            await trio.sleep(1.0)  # a crossing dial would have landed by now
+            net = small.host.get_network()
+            assert len(net.get_connections(again.peer_id)) == 1
+            assert len(again.host.get_network().get_connections(small.peer_id)) == 1
+    assert attempts == [], attempts
+    assert took < 1.5, took
