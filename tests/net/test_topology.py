@@ -154,6 +154,21 @@ def idle_node(grid: Grid, spec: NodeSpec, **settings: Any) -> NetNode:
                    slot_policy=lambda r: None)  # fmt: skip
 
 
+def record_dials(node: NetNode, *, failed_only: bool = False) -> list[float]:
+    """A list that gets the trio time of each dial of ``node`` as it ends (only the failed
+    ones with ``failed_only``)."""
+    times: list[float] = []
+    record = node._dialled
+
+    def dialled(key: str, addr: str, *, ok: bool) -> None:
+        if not (ok and failed_only):
+            times.append(trio.current_time())
+        record(key, addr, ok=ok)
+
+    node._dialled = dialled  # type: ignore[method-assign]
+    return times
+
+
 async def test_a_member_that_restarts_is_redialled_every_half_second(tmp_path: Path) -> None:
     """A stable connection closes (the peer stops for an upgrade): for ``redial_fast_for``
     seconds the loop redials at most ``2 x reconnect_min`` after each failure instead of
@@ -165,15 +180,7 @@ async def test_a_member_that_restarts_is_redialled_every_half_second(tmp_path: P
     a_spec, b_spec = specs
     a = grid.node(a_spec, [b_spec], stable_after=0.5, reconnect_min=0.1)
     b = grid.node(b_spec, [])  # only ``a`` dials: its loop is what is measured
-    failures: list[float] = []
-    record = a._dialled
-
-    def dialled(key: str, addr: str, *, ok: bool) -> None:
-        if not ok:
-            failures.append(trio.current_time())
-        record(key, addr, ok=ok)
-
-    a._dialled = dialled  # type: ignore[method-assign]
+    failures = record_dials(a, failed_only=True)
     async with running([a]):
         async with running([b]):
             await until(lambda: connected(a, b), 15)
@@ -206,14 +213,7 @@ async def test_a_member_that_dialled_us_and_restarts_dials_first_and_leaves_one_
     timing: dict[str, Any] = {"stable_after": 0.5, "reconnect_min": 0.1}
     small = grid.node(small_spec, [large_spec], **timing)
     large = grid.node(large_spec, [small_spec], **timing)
-    attempts: list[float] = []
-    record = small._dialled
-
-    def dialled(key: str, addr: str, *, ok: bool) -> None:
-        attempts.append(trio.current_time())
-        record(key, addr, ok=ok)
-
-    small._dialled = dialled  # type: ignore[method-assign]
+    attempts = record_dials(small)
     async with running([small]):
         async with running([large]):
             await until(lambda: connected(small, large), 15)
