@@ -15,11 +15,12 @@ from typing import Any
 
 import trio
 
+from node.net.faults import FaultRules
 from node.net.host import NetNode, NetSettings, TopicKind
 from node.setup.genesis import load_genesis
 from node.setup.keyfile import NodeIdentity
 from node.testing.harness import NodeSpec, make_grid
-from tests.net.test_membership_gate import Grid, connected, order, running, until
+from tests.net.test_membership_gate import Grid, connected, in_mesh, order, running, until
 
 
 def idle_nodes(tmp_path: Path, members: int, **kw: object) -> list[NetNode]:
@@ -152,6 +153,34 @@ def idle_node(grid: Grid, spec: NodeSpec, **settings: Any) -> NetNode:
     settings = NetSettings(listen=spec.listen, **settings)
     return NetNode(NodeIdentity.from_seed(spec.seed), grid.genesis, settings,
                    slot_policy=lambda r: None)  # fmt: skip
+
+
+async def test_a_member_every_peer_pruned_still_gets_the_gossip(tmp_path: Path) -> None:
+    """``a`` is connected only to ``b``, and a prune stands between them both ways (each has
+    the other in back-off, neither in its mesh), as when every peer pruned a learner of a
+    bounded grid. ``c``'s order reaches ``b``, which forwards it along its mesh (``c`` only),
+    so ``a`` gets it from ``b``'s IHAVE gossip and its own IWANT: within a few heartbeats, not
+    after the 60 s back-off (py-libp2p left peers in back-off out of its gossip)."""
+    specs, _, path = make_grid(tmp_path, 3)
+    grid = Grid(load_genesis(path))
+    a_spec, b_spec, c_spec = specs
+    a = grid.node(a_spec, [b_spec])
+    b = grid.node(b_spec, [a_spec, c_spec])
+    c = grid.node(c_spec, [b_spec])
+    a.set_fault_rules(FaultRules.make([c.identity.did]))
+    c.set_fault_rules(FaultRules.make([a.identity.did]))
+    topic = a.topics[TopicKind.ORDERS]
+    async with running([a, b, c]):
+        await until(lambda: connected(a, b) and connected(b, c), 20)
+        await until(lambda: in_mesh(b, c) and in_mesh(c, b), 10)
+        for one, other in ((a, b), (b, a)):
+            one.gossipsub.mesh[topic].discard(other.peer_id)
+            one.gossipsub._add_back_off(other.peer_id, topic, False)
+        await trio.sleep(2.0)  # heartbeats: no GRAFT between them while the back-off holds
+        assert not in_mesh(a, b) and not in_mesh(b, a) and not connected(a, c)
+        await c.publish(TopicKind.ORDERS, [order(c.identity, grid.genesis, 1)])
+        await until(lambda: 1 in grid.got(b, c), 10)
+        await until(lambda: 1 in grid.got(a, c), 10)
 
 
 def record_dials(node: NetNode, *, failed_only: bool = False) -> list[float]:
