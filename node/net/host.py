@@ -531,6 +531,12 @@ the lists grew by one float per message for the node's lifetime (issue 19). Noth
 them."""
 
 
+GOSSIP_LAZY = 6
+"""Fewest peers outside the mesh a heartbeat sends IHAVE to (gossipsub's D_lazy)."""
+GOSSIP_FACTOR_INV = 4
+"""Past that, one in this many of them (gossipsub's gossip factor, 0.25)."""
+
+
 class _PendingQueueNoise(logging.Filter):
     """Drops gossipsub's WARNING per message queued for a peer that does not subscribe (the
     operator node never does: every household logged one line per gossip message once its
@@ -1203,8 +1209,9 @@ class NetNode:
         (:meth:`_back_off_pruned_peers`), a member that every peer had pruned (its mesh empty,
         its GRAFTs refused) got neither forwarded messages nor IHAVE for the 60 s back-off: in
         the bounded-grid test an order did not reach one learner within 15 s (about one CI run
-        in three failed on it). Targets as py-libp2p's without adaptive gossip: max(6, 25 %)
-        of the topic's subscribed gossipsub peers outside the mesh (or fanout), at random.
+        in three failed on it). Targets as py-libp2p's without adaptive gossip: at least
+        :data:`GOSSIP_LAZY`, else a quarter, of the topic's subscribed gossipsub peers outside
+        the mesh (or fanout), at random.
         """
         gossipsub = self.gossipsub
 
@@ -1218,12 +1225,14 @@ class NetNode:
             fanout = [(t, p) for t, p in gossipsub.fanout.items() if t not in gossipsub.mesh]
             for topic, current in [*gossipsub.mesh.items(), *fanout]:
                 subscribed = pubsub.peer_topics.get(topic)
-                msg_ids = gossipsub.mcache.window(topic) if subscribed else []
-                if not subscribed or not msg_ids:
+                if not subscribed:
+                    continue
+                msg_ids = gossipsub.mcache.window(topic)
+                if not msg_ids:
                     continue
                 # a peer with a gossipsub session (the only protocol we run)
                 pool = [p for p in subscribed if p not in current and p in gossipsub.peer_protocol]
-                count = max(6, (len(subscribed) - len(current)) // 4)
+                count = max(GOSSIP_LAZY, (len(subscribed) - len(current)) // GOSSIP_FACTOR_INV)
                 for peer in gossipsub.select_from_minus(count, pool, ()):
                     targets[peer][topic] = list(msg_ids)
             return targets
