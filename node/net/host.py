@@ -537,6 +537,42 @@ GOSSIP_FACTOR_INV = 4
 """Past that, one in this many of them (gossipsub's gossip factor, 0.25)."""
 
 
+class PendingQueues(dict[Any, list[Any]]):
+    """gossipsub's per-peer queues of messages for a connected peer "whose subscriptions it has
+    not seen", made only for a peer whose hello this node has not read yet.
+
+    py-libp2p 0.8.1 queues every message it publishes or forwards for every connected peer not
+    subscribed to the message's topic, to cover the moment between a connection and the
+    peer's subscriptions, and prunes that peer's queue on each (one pass over up to
+    :data:`PENDING_PER_PEER` entries). A peer whose hello has been read (the first RPC on each
+    of its live pubsub streams lists its subscriptions) and that is not subscribed to the topic
+    is not about to be: the learners, which take no part in the records' gossip
+    (docs/network.md), and the operator node. A voter paid for each of its N - V learners on
+    every record: 2-3.5 % of its CPU at 50 households, quadratic in N. For such a peer
+    ``queues[peer]`` is a fresh list that is not kept (the append is lost; the prune finds no
+    queue). A peer that subscribes later gets the message cache's recent messages for the
+    topic (py-libp2p replays them on every new subscription). A queue made before the hello
+    stays until gossipsub flushes it or it expires, as before.
+
+    gossipsub also queues for a peer it knows *is* subscribed but cannot send to yet (our
+    outbound pubsub session with it is not registered: a new connection, or a session moving
+    to another connection); that queue is what delivers the message once the session is
+    registered, so a peer counts as ``settled`` (droppable) only while its session is
+    registered too. (Without that condition an order was lost in a grid whose learners drop
+    and make connections: the topology test failed under CI's load.)"""
+
+    def __init__(self, settled: Callable[[Any], bool]) -> None:
+        super().__init__()
+        self.settled = settled
+
+    def __missing__(self, peer: Any) -> list[Any]:
+        if self.settled(peer):
+            return []
+        queue: list[Any] = []
+        self[peer] = queue
+        return queue
+
+
 class _PendingQueueNoise(logging.Filter):
     """Drops gossipsub's WARNING per message queued for a peer that does not subscribe (the
     operator node never does: every household logged one line per gossip message once its
@@ -848,6 +884,8 @@ class NetNode:
         self._pubsub_inbound: dict[ID, set[Any]] = {}
         """Peer -> the inbound pubsub streams our read loops serve (a peer announces its
         subscriptions first thing on each); a stream is listed exactly as long as its loop."""
+        self._pubsub_hello: set[Any] = set()
+        """The inbound pubsub streams whose first RPC (the peer's hello) has been read."""
         self._pubsub_locks: dict[ID, trio.Lock] = {}
         """Peer -> lock serialising its pubsub registration (present while one runs)."""
         self.topics = {kind: topic_name(genesis.grid, kind) for kind in TopicKind}
@@ -1240,11 +1278,13 @@ class NetNode:
         gossipsub.gossip_heartbeat = gossip_heartbeat  # type: ignore[method-assign]
 
     def _bound_gossipsub_state(self) -> None:
-        """Bound two structures py-libp2p 0.8.1's gossipsub grows for as long as it runs
+        """Bound what py-libp2p 0.8.1's gossipsub grows or repeats for as long as it runs
         (issue 19): its equivocation check keeps up to 1,000 whole messages (their protobuf
         memory is outside Python's allocator), replaced by :class:`SeqnoContent` (digests, the
         same verdicts); its per-topic delivery timestamps, trimmed only by adaptive gossip
-        (disabled), become lists of at most :data:`RECENT_DELIVERIES_KEPT`."""
+        (disabled), become lists of at most :data:`RECENT_DELIVERIES_KEPT`; its queues for
+        peers not subscribed to a message's topic are made only before their hello
+        (:class:`PendingQueues`)."""
         gossipsub = self.gossipsub
         seen = SeqnoContent()
 
@@ -1259,6 +1299,18 @@ class NetNode:
         gossipsub.recent_message_deliveries = collections.defaultdict(
             functools.partial(collections.deque, maxlen=RECENT_DELIVERIES_KEPT)
         )
+        gossipsub._pending_messages = PendingQueues(self._pubsub_settled)
+
+    def _greeted(self, peer_id: ID) -> bool:
+        """Whether the peer's hello was read on each of its live inbound pubsub streams (so
+        its subscriptions are known)."""
+        streams = self._pubsub_inbound.get(peer_id)
+        return bool(streams) and streams <= self._pubsub_hello
+
+    def _pubsub_settled(self, peer_id: ID) -> bool:
+        """Whether gossipsub can send to the peer now (our session with it is registered) and
+        knows its subscriptions (:class:`PendingQueues`)."""
+        return peer_id in self.gossipsub.peer_protocol and self._greeted(peer_id)
 
     async def run(
         self, *, task_status: trio.TaskStatus[NetNode] = trio.TASK_STATUS_IGNORED
@@ -2206,6 +2258,7 @@ class NetNode:
                     for sub in rpc.subscriptions:
                         if sub.topicid in self._kind_of:
                             ps.handle_subscription(peer_id, sub)
+                self._pubsub_hello.add(stream)  # its subscriptions are known from here on
                 if rpc.HasField("control"):
                     for prune in rpc.control.prune:
                         del prune.peers[:]
@@ -2224,6 +2277,7 @@ class NetNode:
             # the stream or connection ended (as libp2p: not a fault)
             log.debug("pubsub stream from %s ended: %r", key, exc)
         finally:
+            self._pubsub_hello.discard(stream)
             streams = self._pubsub_inbound.get(peer_id, set())
             streams.discard(stream)
             if not streams:

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pb import rpc_pb2
 
 from market.models import Order, Side
 from market.state import NONCE_TRIM_STEP
-from node.net.host import OWN_IDS_KEPT, RECENT_DELIVERIES_KEPT, NetNode
+from node.net.host import (
+    OWN_IDS_KEPT,
+    PENDING_PER_PEER,
+    RECENT_DELIVERIES_KEPT,
+    NetNode,
+    PendingQueues,
+)
 from node.net.validator import SIGNATURE_DIGEST_BYTES, GossipValidator, SeqnoContent
 from node.net.wire import TopicKind, encode_batch
 from node.setup.genesis import load_genesis
@@ -125,5 +133,82 @@ def test_node_gossipsub_and_own_ids_stay_bounded(tmp_path: Path) -> None:
                 await node.publish_raw(TopicKind.ORDERS, b"own %d" % i)
                 assert len(node._own_ids) <= OWN_IDS_KEPT
             assert len(gossipsub.mcache.msgs) == cached + 1000
+
+    trio.run(main)
+
+
+def test_gossipsub_queues_only_for_a_peer_whose_hello_is_not_read_yet(tmp_path: Path) -> None:
+    """py-libp2p queues each message for a connected peer not subscribed to its topic, to
+    cover the moment before the peer's subscriptions arrive, and re-prunes that queue on every
+    message. Once the peer's hello has been read on each of its pubsub streams and it is not
+    subscribed (a learner, which takes no part in the records' gossip), nothing is queued for
+    it; a new stream whose hello is not read yet (a reconnection) is covered again."""
+    specs, _, path = make_grid(tmp_path, 3)
+    node = NetNode(NodeIdentity.from_seed(specs[0].seed), load_genesis(path))
+    node._build()
+    gossipsub, pubsub = node.gossipsub, node.pubsub
+    queues = gossipsub._pending_messages
+    assert isinstance(queues, PendingQueues)
+    learner = ID.from_base58(specs[1].peer_id)
+    pubsub.peers[learner] = object()  # connected (our stream to it); no subscription known
+    gossipsub.peer_protocol[learner] = PROTOCOL_ID_V11  # (add_peer registered it)
+    topic = node.topics[TopicKind.ORDERS]
+    me = node.peer_id.to_bytes()
+    sent = [0]
+
+    def message(seqno: int) -> rpc_pb2.Message:
+        return rpc_pb2.Message(from_id=me, seqno=seqno.to_bytes(8, "big"), data=b"r%d" % seqno,
+                               topicIDs=[topic])  # fmt: skip
+
+    async def publish(count: int) -> None:
+        for _ in range(count):
+            sent[0] += 1
+            await gossipsub.publish(node.peer_id, message(sent[0]))
+
+    async def main() -> None:
+        await publish(10)  # no hello read yet: queued (py-libp2p's cover for the race)
+        assert len(queues[learner]) == 10
+        first, second = object(), object()
+        node._pubsub_inbound[learner] = {first}  # its stream is open: hello not read yet
+        await publish(100)
+        # still queued, within the bound (gossipsub prunes a queue before each append)
+        assert len(queues[learner]) == PENDING_PER_PEER + 1
+        node._pubsub_hello.add(first)  # its hello named no orders topic
+        queues.pop(learner)  # what gossipsub's flush does when the hello arrives
+        await publish(100)
+        assert learner not in queues
+        node._pubsub_inbound[learner].add(second)  # it reconnects: a new stream, no hello yet
+        await publish(3)
+        assert len(queues[learner]) == 3
+
+    trio.run(main)
+
+
+def test_gossipsub_keeps_queueing_for_a_subscribed_peer_it_cannot_send_to_yet(
+    tmp_path: Path,
+) -> None:
+    """A peer whose hello was read and that *is* subscribed, but whose outbound session is
+    not registered yet (a new connection, a session moving to another one): gossipsub's queue
+    for it is what delivers the message once the session is registered, so it is kept."""
+    specs, _, path = make_grid(tmp_path, 3)
+    node = NetNode(NodeIdentity.from_seed(specs[0].seed), load_genesis(path))
+    node._build()
+    gossipsub, pubsub = node.gossipsub, node.pubsub
+    queues = gossipsub._pending_messages
+    voter = ID.from_base58(specs[1].peer_id)
+    topic = node.topics[TopicKind.ORDERS]
+    pubsub.peer_topics.setdefault(topic, set()).add(voter)  # its hello named the topic
+    stream = object()
+    node._pubsub_inbound[voter] = {stream}
+    node._pubsub_hello.add(stream)
+    assert node._greeted(voter) and voter not in gossipsub.peer_protocol
+    me = node.peer_id.to_bytes()
+
+    async def main() -> None:
+        for seqno in range(1, 4):
+            msg = rpc_pb2.Message(from_id=me, seqno=seqno.to_bytes(8, "big"), data=b"o%d" % seqno,
+                                  topicIDs=[topic])  # fmt: skip
+            await gossipsub.publish(node.peer_id, msg)
+        assert len(queues[voter]) == 3  # flushed to it when its session is registered
 
     trio.run(main)
