@@ -37,10 +37,12 @@ from typing import Any
 
 import trio
 
-from bench.node_bench import RAFT_TIMING, CpuSampler, rss_mb
+from bench.node_bench import RAFT_TIMING, CpuSampler, rss_mb, start_interval
 from node.tools.demo import Demo, DemoSettings
 
 PRODUCTION_POLL_S = 5.0
+START_TIMEOUT = 600
+"""Seconds for every node to connect and see a leader (50 processes on 2 cores: about 2 min)."""
 """node/setup/config.py's ``meter_poll_seconds`` default (the demo polls every slot/2 s)."""
 
 
@@ -123,19 +125,23 @@ async def run_timing(args: argparse.Namespace, raft: str, py_spy: list[str] | No
         os.environ["MICROGRID_PROFILE"] = str(prof_dir / "node-{pid}.prof")
     demo = Demo(
         DemoSettings(households=args.households, slot_seconds=args.slot_seconds,
-                     dashboard=False, directory=tmp / f"demo-{raft}", **RAFT_TIMING[raft]),
+                     dashboard=False, voters=args.voters,
+                     start_interval=start_interval(args.households),
+                     directory=tmp / f"demo-{raft}", **RAFT_TIMING[raft]),
         out=lambda line: None,
     )  # fmt: skip
     spies: list[tuple[str, trio.Process, Path]] = []
     try:
         async with demo.running(quiesce_timeout=2 * args.slot_seconds) as nursery:
             n = len(demo.households)
-            with trio.move_on_after(240) as scope:
+            # (a large grid's learner does not dial every member: "indirect" ones count)
+            with trio.move_on_after(START_TIMEOUT) as scope:
                 await demo.wait_until(lambda d: len(d) == n and all(
-                    doc["raft"]["leader"] and all(p["up"] for p in doc["peers"])
-                    for doc in d.values()), timeout=240)  # fmt: skip
+                    doc["raft"]["leader"]
+                    and all(p["up"] or p.get("indirect") for p in doc["peers"])
+                    for doc in d.values()), timeout=START_TIMEOUT)  # fmt: skip
             if scope.cancelled_caught:
-                out["error"] = "the grid did not connect and elect a leader within 240 s"
+                out["error"] = f"no leader seen by every connected node within {START_TIMEOUT} s"
                 return out
             await trio.sleep(args.settle)
             docs = await demo.statuses()
@@ -145,7 +151,11 @@ async def run_timing(args: argparse.Namespace, raft: str, py_spy: list[str] | No
                 "membership", "?")) for name in pids}  # fmt: skip
             out["roles"] = roles
             if py_spy is not None:
-                picks = [leader, *[x for x in pids if x != leader][:1]]
+                # the leader and one node of each other role (a voter, a learner)
+                picks = [leader]
+                for name, role in roles.items():
+                    if role not in {roles[p] for p in picks}:
+                        picks.append(name)
                 for name in picks:
                     raw = tmp / f"spy-{raft}-{name}.txt"
                     proc = await trio.lowlevel.open_process(
@@ -205,6 +215,12 @@ def report(r: dict[str, Any], top: int) -> None:
               f"window {p['all_pct']:5.2f} %, RSS {p['rss_mb'] or 0:.0f} MB")  # fmt: skip
     quiet = [p["quiet_pct"] for p in r["per_node"].values()]
     print(f"  median quiet share {statistics.median(quiet):.2f} % (max {max(quiet):.2f} %)")
+    for role in sorted(set(r["roles"].values())):
+        mine = [p["quiet_pct"] for n, p in r["per_node"].items() if r["roles"].get(n) == role]
+        rss = [p["rss_mb"] or 0 for n, p in r["per_node"].items() if r["roles"].get(n) == role]
+        print(f"  {role}: {len(mine)} nodes, quiet share median {statistics.median(mine):.2f} %"
+              f" (max {max(mine):.2f} %), RSS median {statistics.median(rss):.1f} MB"
+              f" (max {max(rss):.1f})")
     for name, raw in r["spy"]:
         total, own, incl = parse_py_spy_raw(raw, top)
         busy = 100 * total / 200 / r["window_s"]
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.idle_bench")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window")
     parser.add_argument("--households", type=int, default=3)
+    parser.add_argument("--voters", type=int, default=3, help="Raft voters; the rest learn")
     parser.add_argument("--slot-seconds", type=int, default=30,
                         help="slot length (longer: more quiet time per window)")  # fmt: skip
     parser.add_argument("--settle", type=float, default=5.0,
