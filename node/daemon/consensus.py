@@ -12,9 +12,11 @@ worker touches: the storage's in-memory log (``save_ready`` updates it after its
 the engine state (mutated in place) and the replica's applied index. So no other task, and no
 other thread, reads the core, the storage or the replica: they read :attr:`ConsensusDriver.view`,
 a :class:`ConsensusView` this task publishes whole (one reference) whenever no worker runs:
-after each ``Ready`` and after compaction. What applying produced for others is handed over on
-this task too: the replica's ``observer`` (the proposer's ``committed``) and :attr:`on_applied`
-are called here, after the worker returned, never from the worker.
+after each ``Ready`` that changed the core's state or applied entries, after compaction, and
+otherwise at most :data:`VIEW_REFRESH_SECONDS` after the last (counters and peers' progress).
+What applying produced for others is handed over on this task too: the replica's
+``observer`` (the proposer's ``committed``) and :attr:`on_applied` are called here, after the
+worker returned, never from the worker.
 
 Every ``snapshot_every`` applied entries it compacts the log. The core's checks and the update
 of its in-memory log run in this task; serialising the engine state and the SQL run in a
@@ -155,6 +157,12 @@ DUE_LATE = 0.005
 """Seconds after a deadline at which the leader wakes to propose it (clock rounding)."""
 DUE_MIN_WAIT = 0.01
 """Shortest wait for a deadline (a clock stepped back cannot make the driver spin)."""
+VIEW_REFRESH_SECONDS = 0.2
+"""How old the published view may get while only counters and peers' progress changed (a wake
+whose ``Ready`` persisted, applied and changed nothing: a heartbeat, a response). Taking it
+costs 50-100 us at 50 households (the core's status with every peer's progress, the clock
+report over every peer), and a delegate voter wakes about a hundred times a second for its
+learners' responses: it was about 7 % of such a voter's CPU, each view a copy of the last."""
 
 
 @dataclass
@@ -217,6 +225,8 @@ class ConsensusDriver:
             self.censorship.sync(state.closed_through, state.settled_through)
         self.view: ConsensusView = self._take_view()
         """The latest :class:`ConsensusView` (replaced whole: read it from anywhere)."""
+        self._view_at = -math.inf
+        """When :attr:`view` was last published (trio time)."""
 
     def _take_view(self) -> ConsensusView:
         """On the driver's task, while no worker thread runs."""
@@ -230,8 +240,9 @@ class ConsensusDriver:
         )  # fmt: skip
 
     def publish_view(self) -> None:
-        """Publish a fresh :attr:`view` (the driver's task, or before it runs)."""
+        """Publish a fresh :attr:`view` (the driver's task)."""
         self.view = self._take_view()
+        self._view_at = trio.current_time()
 
     def deliver(self, message: Message) -> None:
         """Hand a received message to the driver; dropped (and counted) when the inbox is full."""
@@ -354,9 +365,12 @@ class ConsensusDriver:
                 finally:  # back on this task: hand over what was applied, even before a failure
                     self._applied(observer, applied)
             self.raft.advance(rd)
-            self.publish_view()
+            if (rd.soft_state is not None or rd.hard_state is not None or rd.entries
+                    or rd.committed_entries or rd.snapshot is not None):  # fmt: skip
+                self.publish_view()  # before the next worker: others read it meanwhile
         await self._maybe_compact()
-        self.publish_view()
+        if trio.current_time() - self._view_at >= VIEW_REFRESH_SECONDS:
+            self.publish_view()  # counters, peers' progress (VIEW_REFRESH_SECONDS)
 
     def _applied(self, observer: Callable[[Command], None] | None, applied: _Applied) -> None:
         """Driver's task: count, tell the observer and :attr:`on_applied` what was applied."""

@@ -17,7 +17,7 @@ import trio
 from market import MeterReading, Order
 from market.schedule import Schedule
 from market.snapshot import dump_state
-from node.daemon.consensus import ConsensusDriver
+from node.daemon.consensus import VIEW_REFRESH_SECONDS, ConsensusDriver
 from node.daemon.proposer import Proposer
 from node.daemon.replica import Replica
 from node.ledger import LedgerStore, verify_ledger
@@ -301,6 +301,30 @@ async def test_a_refused_compaction_is_postponed_and_counted(
     await _commit(driver, 1)  # retried later: done
     assert driver.stats.snapshots == 1
     assert driver.storage.snapshot().metadata.index == driver.replica.applied_index
+
+
+
+async def test_the_view_is_taken_again_on_a_state_change_and_otherwise_at_most_every_refresh(
+    tmp_path: Path,
+) -> None:
+    """A wake that changed nothing but counters (a heartbeat, a response) does not take the
+    view again for :data:`VIEW_REFRESH_SECONDS` (a delegate voter wakes about a hundred times
+    a second); a ``Ready`` that applies entries publishes it at once."""
+    driver = _solo_driver(tmp_path, snapshot_every=0)
+    await _commit(driver, 1)
+    view = driver.view
+    assert view.applied_index == driver.replica.applied_index
+    driver.stats.steps += 1  # what a step without a Ready changes
+    await driver._drain_ready()
+    assert driver.view is view  # kept: nothing but a counter changed
+    await trio.sleep(VIEW_REFRESH_SECONDS)
+    await driver._drain_ready()
+    assert driver.view is not view and driver.view.stats.steps == driver.stats.steps
+    view = driver.view
+    await _commit(driver, 2)  # at once, however recent the last view
+    assert driver.view is not view
+    assert driver.view.applied_index == driver.replica.applied_index == view.applied_index + 2
+    driver.storage.close()  # type: ignore[attr-defined]
 
 
 # -- threads: only the driver's task hands over what was applied ---------------------------------
