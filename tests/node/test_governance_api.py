@@ -97,6 +97,10 @@ async def test_governance_records_through_the_api_and_the_cli(
         assert answer["committed"] and answer["type"] == "add_member"
         assert answer["household"] == newcomer.did and answer["from_slot"] == from_slot
         assert isinstance(answer["applied_index"], int) and answer["withdrawn_orders"] == 0
+        # admitted for a later slot: the network accepts its connections from now on
+        with trio.fail_after(5):
+            while not node.net.is_member(newcomer.did):
+                await trio.sleep(0.05)
         # the same record again: already committed
         code, again = await call(node, "POST", "/governance", record)
         assert code == 200 and again["committed"], again
