@@ -41,9 +41,9 @@ from bench.node_bench import RAFT_TIMING, CpuSampler, rss_mb, start_interval
 from node.tools.demo import Demo, DemoSettings
 
 PRODUCTION_POLL_S = 5.0
+"""node/setup/config.py's ``meter_poll_seconds`` default (the demo polls every slot/2 s)."""
 START_TIMEOUT = 600
 """Seconds for every node to connect and see a leader (50 processes on 2 cores: about 2 min)."""
-"""node/setup/config.py's ``meter_poll_seconds`` default (the demo polls every slot/2 s)."""
 
 
 def find_py_spy() -> list[str] | None:

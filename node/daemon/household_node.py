@@ -578,7 +578,7 @@ class HouseholdNode:
         # Both lists follow from the governance history and the members (a new history object
         # when a record is added or a snapshot installed) and from the first slot not closed
         # or not settled: unchanged, skip them (each walks every member's terms; on every
-        # applied batch that was about a tenth of a learner's CPU at 50 households).
+        # applied batch that was about 9 % of a learner's CPU at 50 households).
         state = shadow.state
         basis = (state.governance, shadow.records, len(state.members), state.closed_through,
                  state.settled_through)  # fmt: skip
