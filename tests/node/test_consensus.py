@@ -305,7 +305,7 @@ async def test_a_refused_compaction_is_postponed_and_counted(
 
 
 async def test_the_view_is_taken_again_on_a_state_change_and_otherwise_at_most_every_refresh(
-    tmp_path: Path,
+    tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     """A wake that changed nothing but counters (a heartbeat, a response) does not take the
     view again for :data:`VIEW_REFRESH_SECONDS` (a delegate voter wakes about a hundred times
@@ -317,7 +317,7 @@ async def test_the_view_is_taken_again_on_a_state_change_and_otherwise_at_most_e
     driver.stats.steps += 1  # what a step without a Ready changes
     await driver._drain_ready()
     assert driver.view is view  # kept: nothing but a counter changed
-    await trio.sleep(VIEW_REFRESH_SECONDS)
+    mock_clock.jump(VIEW_REFRESH_SECONDS)  # (trio's clock stands still otherwise)
     await driver._drain_ready()
     assert driver.view is not view and driver.view.stats.steps == driver.stats.steps
     view = driver.view
