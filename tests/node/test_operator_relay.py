@@ -166,6 +166,11 @@ async def test_households_connect_and_gossip_through_the_relay(
 async def test_non_member_cannot_reserve(tmp_path: Path) -> None:
     async with relay_grid(tmp_path, hole_punch=False) as g:
         op = g["nodes"]["op"]
+        service = op.relay_service
+        assert service is not None
+        # the households' own reservations first (made after their connection: under CI's load
+        # they were not there yet when the count below was read)
+        await wait_for(lambda: service.reservations == 2, 20, "the households' reservations")
         outsider = ident("outsider")
         port = free_ports(1)[0]
         import multiaddr
@@ -179,9 +184,8 @@ async def test_non_member_cannot_reserve(tmp_path: Path) -> None:
             await host.connect(state.info)  # the gate closes it at once
             with pytest.raises(RelayError):
                 await client.reserve(state)
-            assert op.relay_service is not None
             await wait_for(lambda: op.refused.get("non_member", 0) >= 1, 5, "gate refusal")
-            assert op.relay_service.reservations == 2  # the households' only
+            assert service.reservations == 2  # the households' only
 
 
 async def test_hole_punch_upgrades_to_direct_when_reachable(tmp_path: Path) -> None:
