@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
 
 from market.encoding import canonical_bytes, canonical_json
 from node.net.host import NetNode, NetSettings
@@ -113,6 +114,25 @@ class HostileMember:
     async def publish(self, kind: TopicKind, data: bytes) -> None:
         """Publish bytes on a grid topic with no validation of our own."""
         await self.net.publish_raw(kind, data)
+
+    async def flood(self, kind: TopicKind, batches: Sequence[bytes],
+                    peer_ids: Sequence[str]) -> None:  # fmt: skip
+        """Publish every batch to each of ``peer_ids`` whatever the gossip mesh holds.
+
+        An attacker sends to every peer it reaches, not to its mesh: the peers are made the
+        router's direct peers for the flood (gossipsub sends to those always), once connected.
+        """
+        await self.wait_connected(peer_ids)
+        direct = self.net.pubsub.router.direct_peers
+        added = [ID.from_base58(p) for p in peer_ids if ID.from_base58(p) not in direct]
+        for peer in added:
+            direct[peer] = PeerInfo(peer, [])
+        try:
+            for batch in batches:
+                await self.publish(kind, batch)
+        finally:
+            for peer in added:
+                direct.pop(peer, None)
 
     async def write_stream(self, peer_id: str, protocol: str, data: bytes,
                            *, linger: float = 0.5) -> bool:  # fmt: skip
