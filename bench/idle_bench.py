@@ -157,7 +157,7 @@ async def run_timing(args: argparse.Namespace, raft: str, py_spy: list[str] | No
                     if role not in {roles[p] for p in picks}:
                         picks.append(name)
                 for name in picks:
-                    raw = tmp / f"spy-{raft}-{name}.txt"
+                    raw = (args.profiles or tmp) / f"spy-{raft}-{name}.txt"
                     proc = await trio.lowlevel.open_process(
                         [*py_spy, "record", "--pid", str(pids[name]), "--format", "raw",
                          "--rate", "200", "--gil", "--duration", str(int(args.seconds)),
@@ -274,10 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", nargs="+", choices=sorted(RAFT_TIMING),
                         default=["demo", "production"])  # fmt: skip
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--profiles", type=Path, default=None,
+                        help="keep py-spy's collapsed stacks (one file per profiled node) here")
     parser.add_argument("--no-py-spy", action="store_true",
                         help="profile with cProfile (MICROGRID_PROFILE) even with py-spy",
                         )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.profiles is not None:
+        args.profiles.mkdir(parents=True, exist_ok=True)
     return trio.run(amain, args)
 
 
