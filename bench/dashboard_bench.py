@@ -142,10 +142,14 @@ class Generator:
             )
         }
         sql = {
-            "blocks": "INSERT INTO blocks VALUES (?,?,?,?,?,?,?,?,?)",
+            "blocks": "INSERT INTO blocks (height, slot, hash, prev_hash, tx_root, trade_root, "
+            "reading_root, state_hash, tx_count) VALUES (?,?,?,?,?,?,?,?,?)",
             "clearings": "INSERT INTO clearings VALUES (?,?,?,?,?,?,?,?)",
-            "orders": "INSERT INTO orders VALUES (?,?,?,?,?,?,?,?,?)",
-            "trades": "INSERT INTO trades VALUES (?,?,?,?,?,?,?,?,?)",
+            # the nullable columns added after the first release (schema.ADDED_COLUMNS) stay NULL
+            "orders": "INSERT INTO orders (slot, order_id, position, household, side, "
+            "quantity_wh, price, nonce, signature) VALUES (?,?,?,?,?,?,?,?,?)",
+            "trades": "INSERT INTO trades (slot, position, buy_id, sell_id, buyer, seller, "
+            "quantity_wh, price, sell_price) VALUES (?,?,?,?,?,?,?,?,?)",
             "readings": "INSERT INTO readings VALUES (?,?,?,?,?,?,?,?,?)",
             "settlements": "INSERT INTO settlements VALUES (?,?,?,?,?,?,?,?,?,?)",
             "tx": "INSERT INTO transactions VALUES (?,?,?,?,?,?,?)",
@@ -380,7 +384,8 @@ class Generator:
             [(slot, d, True, 100, 50, 0, 0, -50, 0, 0) for d in self.dids],
         )
         db.execute(
-            "INSERT INTO blocks VALUES (?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO blocks (height, slot, hash, prev_hash, tx_root, trade_root, reading_root, "
+            "state_hash, tx_count) VALUES (?,?,?,?,?,?,?,?,?)",
             (height, slot, _hex(self.rng, 64), prev, *(_hex(self.rng, 64) for _ in range(4)), 100),
         )
         db.commit()
