@@ -5,7 +5,9 @@ docs/libp2p.md first; each workaround below names the pitfall or bug it avoids:
 
 - Only Noise (no plaintext/secio/TLS fallback) and only yamux are offered.
 - ``ConnectionConfig(max_connections_per_peer=1)``: the default of 3 adds 250 ms to each dial
-  (pitfall 1).
+  (pitfall 1). That limit spares a connection younger than its 20 s grace period, and each end
+  picks its own victim, so two members dialling each other at once kept both connections for
+  good: :meth:`NetNode._close_duplicate` closes the same one at both ends.
 - An accepted connection's handler task held its inbound slot until the swarm stopped (250
   slots: a long-lived node would refuse inbound connections): :func:`release_inbound_handlers`.
 - Our own reconnect loop over the static dial list (genesis bootstrap + config peers; only
@@ -226,6 +228,12 @@ HOUSEKEEPING_MAX_SECONDS = 5.0
 RECONNECT_CHECK_SECONDS = 2.0
 """While connected, the reconnect loop waits for the swarm's disconnect notice, re-checking the
 connection at least this often (it polled every 0.25 s before: issue 19)."""
+DUPLICATE_SETTLE_SECONDS = 2.0
+"""When a second connection with a peer appears (both ends dialled at once), both are left this
+long to finish their handshakes before the duplicate is closed (:meth:`_close_duplicate`)."""
+DUPLICATE_ROUNDS = 3
+"""Looks of :meth:`_close_duplicate` at one peer's connections; in the last, extra dials of the
+peer that it did not close itself are closed here."""
 UNWANTED_CHECK_SECONDS = 30.0
 """A reconnect loop of a member this node does not dial (a large grid) looks again this often,
 besides whenever the member list or the core changes."""
@@ -759,6 +767,15 @@ def default_slot_policy(genesis: Genesis, clock: Callable[[], float] = time.time
     return policy
 
 
+def _dialled_by_us(conn: Any) -> bool | None:
+    """Did this node dial swarm connection ``conn`` (None if its muxer does not say)?"""
+    with contextlib.suppress(Exception):
+        initiator = conn.muxed_conn.is_initiator
+        if isinstance(initiator, bool):
+            return initiator
+    return None
+
+
 class _Gate:
     """Network notifee: refuses connections from non-members and banned peers (the node's
     *current* member list: :meth:`NetNode.update_members`)."""
@@ -838,6 +855,9 @@ class NetNode:
         self._subscriptions: dict[TopicKind, trio.CancelScope] = {}
         """The record topics this node is subscribed to, each with its delivery task's scope."""
         self._dial_loops: set[str] = set()
+        self._deduping: set[ID] = set()
+        """Peers a :meth:`_close_duplicate` task is looking at."""
+        self.duplicates_closed = 0
         self._sender_records: dict[ID, bytes] = {}
         """Peer -> the signed peer record it last sent in a pubsub RPC, once verified (one
         entry per peer with a live pubsub stream)."""
@@ -1465,8 +1485,65 @@ class NetNode:
                 self.pubsub.add_to_blacklist(peer)  # drops its gossip at once
             self._queue_action("close", peer)
             return
+        network = self.host.get_network()
+        # not with a relay: our reservation rides on the connection that made it
+        if (self._nursery is not None and peer not in self._deduping
+                and key not in self.infra_peers
+                and len(network.get_connections(peer)) > 1):  # fmt: skip
+            self._deduping.add(peer)
+            self._nursery.start_soon(self._close_duplicate, peer)
         if self.settings.learn_addrs and self._nursery is not None:
             self._nursery.start_soon(self._exchange_after_connect, peer)
+
+    async def _close_duplicate(self, peer: ID) -> None:
+        """Leave one direct connection with ``peer``, the same one at both ends, after
+        :data:`DUPLICATE_SETTLE_SECONDS`, looking again while more than one remains.
+
+        Two connections arise when both ends dialled at once (the start-up wait of
+        :meth:`_keep_connected` only makes that rare) or when one end dialled twice. Both ends
+        apply one rule, so they never close different connections and leave none (libp2p's own
+        trimming, by age and stream count, may): of connections dialled by each end, the one
+        the peer with the smaller id dialled is closed at both ends; of several dialled by the
+        same end, that end closes all but the oldest, and the other end waits for it, and only
+        in its last look (:data:`DUPLICATE_ROUNDS`) closes them itself: the dialler may have
+        given up on a dial we accepted, and then holds one connection where we hold two.
+        Streams on a closed connection end: the pubsub session is registered
+        again on the kept one (:meth:`_handle_dead_pubsub_peer`) and the Raft writer reopens
+        its stream. Relayed connections, and connections with a relay (which carry our
+        reservation), are left alone."""
+        try:
+            for attempt in range(DUPLICATE_ROUNDS):
+                await trio.sleep(DUPLICATE_SETTLE_SECONDS)
+                conns = list(self.host.get_network().get_connections(peer))
+                if len(conns) < 2 or any(is_relayed(c) for c in conns):
+                    return
+                ours = [_dialled_by_us(c) for c in conns]
+                if None in ours:
+                    return
+                keep_ours = self.peer_id.to_bytes() > peer.to_bytes()
+                kept = [c for c, mine in zip(conns, ours, strict=True) if mine == keep_ours]
+                extra = [c for c in conns if kept and c not in kept]
+                mine = sorted((c for c, m in zip(conns, ours, strict=True) if m and c not in extra),
+                              key=lambda c: getattr(c, "_created_at", 0.0))  # fmt: skip
+                extra += mine[1:]
+                if not extra and attempt == DUPLICATE_ROUNDS - 1:
+                    # the peer's own dials, which it did not close: it lost track of one (at 50
+                    # households a dial it gave up on while we accepted it), so we do
+                    theirs = sorted((c for c, m in zip(conns, ours, strict=True) if not m),
+                                    key=lambda c: getattr(c, "_created_at", 0.0))  # fmt: skip
+                    extra = theirs[1:]
+                if not extra:
+                    continue  # the peer closes its own extra dials
+                log.info("closing %d duplicate connection(s) with %s", len(extra), peer)
+                self.duplicates_closed += len(extra)
+                self.metrics.dials.labels("duplicate_closed").inc(len(extra))
+                for conn in extra:
+                    with trio.move_on_after(3):
+                        await conn.close()
+        except Exception as exc:
+            log.debug("closing a duplicate connection with %s: %s", peer, exc)
+        finally:
+            self._deduping.discard(peer)
 
     def _on_disconnected(self, peer: ID) -> None:
         log.debug("disconnected from %s", peer)

@@ -13,10 +13,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import multiaddr
+import pytest
 import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from node.net.faults import FaultRules
-from node.net.host import NetNode, NetSettings, TopicKind
+from node.net.host import (
+    DUPLICATE_ROUNDS,
+    DUPLICATE_SETTLE_SECONDS,
+    NetNode,
+    NetSettings,
+    TopicKind,
+)
+from node.raft import Message, MessageType
 from node.setup.genesis import load_genesis
 from node.setup.keyfile import NodeIdentity
 from node.testing.harness import NodeSpec, make_grid
@@ -261,3 +271,79 @@ async def test_a_member_that_dialled_us_and_restarts_dials_first_and_leaves_one_
             assert len(again.host.get_network().get_connections(small.peer_id)) == 1
     assert attempts == [], attempts
     assert took < 1.5, took
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("smaller", "crossing"), ("larger", "crossing"), ("smaller", "again"), ("larger", "again"),
+     ("smaller", "orphaned"), ("larger", "orphaned")],
+)  # fmt: skip
+async def test_two_connections_with_one_member_end_as_the_same_one_at_both_ends(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """A member holds two connections with another: both dialled at once (``crossing``: the
+    second is the other end's), or one dialled twice (``again``). libp2p's per-peer limit
+    spares young connections and never looks at them again. Here, of crossing dials both ends
+    close the one the smaller id dialled; of two dials by one end, that end closes the newer.
+    ``orphaned``: the dialler lost track of its second dial (gave up on it while the other end
+    accepted it, as seen at 50 households), so only the other end holds two: it closes the
+    newer in its last look. One connection remains, the same one at both ends, and gossip and
+    Raft go on over it."""
+    specs, _, path = make_grid(tmp_path, 2)
+    grid = Grid(load_genesis(path))
+    ids = [NodeIdentity.from_seed(s.seed).peer_id.to_bytes() for s in specs]
+    small_spec, large_spec = specs if ids[0] < ids[1] else specs[::-1]
+    small, large = grid.node(small_spec, []), grid.node(large_spec, [])
+    spec_of = {id(small): small_spec, id(large): large_spec}
+    dialer, other = (small, large) if first == "smaller" else (large, small)
+    second_dialer, target = (other, dialer) if second == "crossing" else (dialer, other)
+    pairs = 1 if second == "orphaned" else 2  # connections the dialler holds after its 2nd dial
+    async with running(grid.nodes):
+        await dialer.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(spec_of[id(other)].addr)))
+        await until(lambda: connected(other, dialer), 10)
+        [first_conn] = dialer.host.get_network().get_connections(other.peer_id)
+        conn = await second_dialer.host.get_network().dial_addr(
+            multiaddr.Multiaddr(spec_of[id(target)].listen), target.peer_id
+        )
+        if second == "orphaned":  # out of the dialler's map, still open (libp2p's state then)
+            dialer.host.get_network().connections[other.peer_id].remove(conn)
+        assert len(dialer.host.get_network().get_connections(other.peer_id)) == pairs
+        await until(lambda: len(other.host.get_network().get_connections(dialer.peer_id)) == 2, 5)
+
+        def one_each() -> bool:
+            return all(len(n.host.get_network().get_connections(p.peer_id)) == 1
+                       for n, p in ((small, large), (large, small)))  # fmt: skip
+
+        await until(one_each, DUPLICATE_ROUNDS * DUPLICATE_SETTLE_SECONDS + 8)
+        [at_small] = small.host.get_network().get_connections(large.peer_id)
+        [at_large] = large.host.get_network().get_connections(small.peer_id)
+        assert at_small.muxed_conn.is_initiator != at_large.muxed_conn.is_initiator  # the same
+        if second == "crossing":
+            assert at_large.muxed_conn.is_initiator  # the larger id's dial
+            # each end closed it, or found it closed by the other
+            assert 1 <= small.duplicates_closed + large.duplicates_closed <= 2
+        else:
+            assert dialer.host.get_network().get_connections(other.peer_id) == [first_conn]
+            closer = (dialer, other) if second == "again" else (other, dialer)
+            assert (closer[0].duplicates_closed, closer[1].duplicates_closed) == (1, 0)
+        await trio.sleep(1.0)  # nothing else is closed afterwards
+        assert one_each()
+        # gossip both ways over the kept connection (pubsub sessions re-registered on it)
+        await until(lambda: in_mesh(small, large) and in_mesh(large, small), 20)
+        await small.publish(TopicKind.ORDERS, [order(small.identity, grid.genesis, 1)])
+        await large.publish(TopicKind.ORDERS, [order(large.identity, grid.genesis, 2)])
+        await until(lambda: 1 in grid.got(large, small) and 2 in grid.got(small, large), 10)
+        # and Raft (its writers reopen a stream that ran over the closed connection)
+        for node, to in ((small, large), (large, small)):
+            i = grid.nodes.index(to)
+            frm = spec_of[id(node)].did
+            assert node.raft is not None
+
+            def heard(i: int = i, frm: str = frm) -> bool:
+                return any(m.term == 3 and m.frm == frm for m in grid.raft.get(i, []))
+
+            with trio.fail_after(10):
+                while not heard():
+                    node.raft.send(Message(type=MessageType.HEARTBEAT,
+                                           to=spec_of[id(to)].did, frm=frm, term=3))  # fmt: skip
+                    await trio.sleep(0.2)
