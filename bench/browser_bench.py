@@ -36,11 +36,11 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from bench.dashboard_bench import Generator
+from tests.dashboard.status_server import StatusServer
 
 CHROMIUM = os.environ.get("MICROGRID_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -68,37 +68,6 @@ def status_document(height: int, head_hash: str) -> dict[str, Any]:
         "invalid_messages": {"bad_signature": 0},
         "meter_read_failures": 0,
     }
-
-
-class StatusAPI:
-    """``GET /status`` on a free loopback port, serving one document."""
-
-    def __init__(self, doc: dict[str, Any]) -> None:
-        body = json.dumps(doc).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path != "/status":
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def ledger(days: int, households: int) -> Path:
@@ -130,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         height, head_hash = db.execute(
             "SELECT height, hash FROM blocks ORDER BY height DESC LIMIT 1"
         ).fetchone()
-    api = StatusAPI(status_document(height, head_hash))
+    api = StatusServer(status_document(height, head_hash))
     ctx = Context.open(f"sqlite:///{path}", api.url, verify_enabled=False)
     server = serve(create_app(ctx, refresh_ms=int(args.refresh * 1000)), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
