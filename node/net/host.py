@@ -776,6 +776,11 @@ def _dialled_by_us(conn: Any) -> bool | None:
     return None
 
 
+def _oldest_first(conns: list[Any]) -> list[Any]:
+    """Swarm connections by the time this end added them, oldest first."""
+    return sorted(conns, key=lambda c: getattr(c, "_created_at", 0.0))
+
+
 class _Gate:
     """Network notifee: refuses connections from non-members and banned peers (the node's
     *current* member list: :meth:`NetNode.update_members`)."""
@@ -1523,15 +1528,13 @@ class NetNode:
                 keep_ours = self.peer_id.to_bytes() > peer.to_bytes()
                 kept = [c for c, mine in zip(conns, ours, strict=True) if mine == keep_ours]
                 extra = [c for c in conns if kept and c not in kept]
-                mine = sorted((c for c, m in zip(conns, ours, strict=True) if m and c not in extra),
-                              key=lambda c: getattr(c, "_created_at", 0.0))  # fmt: skip
-                extra += mine[1:]
+                mine = [c for c, m in zip(conns, ours, strict=True) if m and c not in extra]
+                extra += _oldest_first(mine)[1:]
                 if not extra and attempt == DUPLICATE_ROUNDS - 1:
                     # the peer's own dials, which it did not close: it lost track of one (at 50
                     # households a dial it gave up on while we accepted it), so we do
-                    theirs = sorted((c for c, m in zip(conns, ours, strict=True) if not m),
-                                    key=lambda c: getattr(c, "_created_at", 0.0))  # fmt: skip
-                    extra = theirs[1:]
+                    theirs = [c for c, m in zip(conns, ours, strict=True) if not m]
+                    extra = _oldest_first(theirs)[1:]
                 if not extra:
                     continue  # the peer closes its own extra dials
                 log.info("closing %d duplicate connection(s) with %s", len(extra), peer)
