@@ -11,6 +11,8 @@ endpoints (request size, callback payloads, component suites, logs). The page's 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import re
@@ -22,6 +24,7 @@ from typing import Any
 
 import dash
 from dash import Dash, Input, Output, State, dcc, html
+from plotly.utils import PlotlyJSONEncoder
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -300,7 +303,7 @@ def layout(ctx: Context, refresh_ms: int) -> Any:
             dcc.Interval(id="tick", interval=refresh_ms, n_intervals=0),
             dcc.Store(id="head"),
             dcc.Store(id="api"),
-            dcc.Store(id="nodes"),
+            dcc.Store(id="status-sent"),
             *[dcc.Store(id=f"{g}-zoom") for g in ZOOMABLE],
             html.Header(
                 [
@@ -518,7 +521,25 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
     @app.callback(Output("api", "data"), Input("tick", "n_intervals"))
     def _poll_api(_n: int) -> Any:
         http_guard.optional_count(_n, "n_intervals")
-        return views.poll_api(ctx)
+        return views.poll_status(ctx)
+
+    @app.callback(
+        *(Output(component, prop) for component, prop in STATUS_VIEW_OUTPUTS),
+        Output("status-sent", "data"),
+        Input("head", "data"),
+        Input("api", "data"),
+        State("status-sent", "data"),
+    )
+    def _status_views(head: Any, api: Any, sent: Any) -> Any:
+        head = _head(head)
+        api = http_guard.optional_dict(api, "api")
+        values = (
+            *api_badge(api),
+            alerts_children(ctx, head),
+            *network_children(ctx),
+            node_health_children(views.node_health_view(ctx)),
+        )
+        return only_changed(values, sent)
 
     @app.callback(
         Output("title", "children"),
@@ -549,44 +570,6 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
             label,
             f"badge {state}",
         )
-
-    @app.callback(
-        Output("api-badge", "children"), Output("api-badge", "className"), Input("api", "data")
-    )
-    def _api_badge(api: dict[str, Any] | None) -> Any:
-        api = http_guard.optional_dict(api, "api")
-        if not api or not api.get("configured"):
-            return "no status API (ledger only)", "badge off"
-        if not api.get("reachable"):
-            return "status API unreachable", "badge failed"
-        return f"API ok · {api.get('role') or '?'} · term {api.get('term')}", "badge ok"
-
-    @app.callback(Output("alerts", "children"), Input("head", "data"), Input("api", "data"))
-    def _alerts(head: Any, _api: Any) -> Any:
-        head = _head(head)
-        http_guard.optional_dict(_api, "api")
-        if head and "error" in head:
-            return [
-                html.Div(
-                    f"Cannot read the ledger database: {head['error']}",
-                    className="alert danger",
-                    **{"data-code": "ledger_unreadable"},
-                )
-            ]
-        alerts = views.alerts_view(ctx)
-        feeder = _feeder_summary(views.feeder_summary_view(ctx), ctx.alert_window())
-        notice = ctx.slot_notice()
-        if notice:  # a notice, not an alert: the grid may well be fine
-            feeder = [html.Div(notice, className="alert secondary", id="slot-notice"), *feeder]
-        if not alerts:
-            return [html.Div("No alerts.", className="alert none", id="no-alerts"), *feeder]
-        return [
-            *(
-                html.Div(a["message"], className=f"alert {a['level']}", **{"data-code": a["code"]})
-                for a in alerts
-            ),
-            *feeder,
-        ]
 
     for graph in ZOOMABLE:
         _register_zoom(app, graph)
@@ -800,66 +783,6 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         ]
 
     @app.callback(
-        Output("network-kpis", "children"),
-        Output("invalid-graph", "figure"),
-        Output("lag-graph", "figure"),
-        Input("api", "data"),
-    )
-    def _network(api: dict[str, Any] | None) -> Any:
-        http_guard.optional_dict(api, "api")
-        network = views.network_view(ctx)
-        latest, bars, lag = network.latest, network.invalid_figure, network.lag_figure
-        if not ctx.api_url:
-            note = html.Div(
-                "No node status API configured (start with --api URL): consensus and network "
-                "health are not available; every other view works from the ledger.",
-                className="alert secondary",
-                id="network-state",
-            )
-            return [note], bars, lag
-        if latest is None or not latest.reachable:
-            why = latest.error if latest is not None else "not polled yet"
-            note = html.Div(
-                f"Status API unreachable: {why}", className="alert secondary", id="network-state"
-            )
-            return [note], bars, lag
-        leader = latest.leader
-        changes = (
-            str(latest.leader_changes)
-            if latest.leader_changes is not None
-            else f"{ctx.history.observed_leader_changes} seen"
-        )
-        members = (
-            f"{latest.members_up} up / {latest.members_down} down"
-            if latest.members_up is not None
-            else "—"
-        )
-        kpis = [
-            _kpi("role", latest.role or "—", "kpi-role"),
-            _kpi("term", str(latest.term), "kpi-term"),
-            _kpi("leader", data.short_did(leader) if leader else "NONE", "kpi-leader"),
-            _kpi("leader changes", changes),
-            _kpi("peers", "—" if latest.peers is None else str(latest.peers)),
-            _kpi("members", members, "kpi-members"),
-            _kpi("commit lag", _opt(latest.commit_lag)),
-            _kpi("apply lag", _opt(latest.apply_lag)),
-            _kpi("node ledger height", _opt(latest.ledger_height)),
-            _kpi("last reading (slot)", _opt(latest.last_reading_slot)),
-            _kpi("meter read failures", _opt(latest.meter_read_failures)),
-            html.Span(
-                f"polled {time.strftime('%H:%M:%S', time.gmtime(latest.fetched_at))} UTC",
-                className="muted",
-                id="network-state",
-            ),
-        ]
-        return kpis, bars, lag
-
-    @app.callback(Output("nodes", "data"), Input("tick", "n_intervals"))
-    def _poll_nodes(_n: int) -> Any:
-        http_guard.optional_count(_n, "n_intervals")
-        return views.poll_nodes(ctx)
-
-    @app.callback(
         Output("statement-summary", "children"),
         Output("statement-table", "children"),
         Input("head", "data"),
@@ -871,12 +794,6 @@ def create_app(ctx: Context, refresh_ms: int = 5000) -> Dash:
         if not head or "error" in head:
             return dash.no_update, dash.no_update
         return statements_children(views.statements_view(ctx, first, last), ctx)
-
-    @app.callback(Output("node-health", "children"), Input("api", "data"), Input("nodes", "data"))
-    def _node_health(api: Any, nodes: Any) -> Any:
-        http_guard.optional_dict(api, "api")
-        http_guard.optional_dict(nodes, "nodes")
-        return node_health_children(views.node_health_view(ctx))
 
     for download in CSV_DOWNLOADS:
         _register_csv(app, ctx, download)
@@ -1243,6 +1160,134 @@ def _wh(value: int | None) -> str | None:
 
 def _offset(value: float | None) -> str | None:
     return None if value is None else f"{value:+.2f}"
+
+
+STATUS_VIEW_OUTPUTS: tuple[tuple[str, str], ...] = (
+    ("api-badge", "children"),
+    ("api-badge", "className"),
+    ("alerts", "children"),
+    ("network-kpis", "children"),
+    ("invalid-graph", "figure"),
+    ("lag-graph", "figure"),
+    ("node-health", "children"),
+)
+"""What each status poll redraws, in one callback (one request per refresh, not one per view:
+docs/dashboard.md "What an open dashboard costs the operator's browser")."""
+
+
+DIGEST_BYTES = 8
+"""Length of an output digest (a collision only skips one redraw until the next change)."""
+
+
+def output_digest(value: Any) -> str:
+    """A short digest of one callback output as the page receives it (figures and components
+    serialized the way Dash sends them)."""
+    text = json.dumps(value, cls=PlotlyJSONEncoder, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=DIGEST_BYTES).hexdigest()
+
+
+def only_changed(values: tuple[Any, ...], sent: Any) -> tuple[Any, ...]:
+    """``values`` with each one the page already shows replaced by ``dash.no_update``, followed
+    by the digests of all of them for the page's ``status-sent`` store. ``sent`` is that store
+    as the page sends it back: None (a new page) or one digest per value, else
+    :class:`BadInput`."""
+    if sent is not None and not (
+        isinstance(sent, list)
+        and len(sent) == len(values)
+        and all(isinstance(d, str) and len(d) == 2 * DIGEST_BYTES for d in sent)
+    ):
+        raise BadInput(f"status-sent must be a list of {len(values)} digests")
+    digests = [output_digest(v) for v in values]
+    before = sent or [None] * len(values)
+    return (
+        *(dash.no_update if d == b else v for v, d, b in zip(values, digests, before, strict=True)),
+        digests,
+    )
+
+
+def api_badge(api: dict[str, Any] | None) -> tuple[str, str]:
+    """The header's status API badge: its text and class."""
+    if not api or not api.get("configured"):
+        return "no status API (ledger only)", "badge off"
+    if not api.get("reachable"):
+        return "status API unreachable", "badge failed"
+    return f"API ok · {api.get('role') or '?'} · term {api.get('term')}", "badge ok"
+
+
+def alerts_children(ctx: Context, head: dict[str, Any] | None) -> list[Any]:
+    """The alerts section: the ledger's and the feeder's alerts, or that there are none."""
+    if head and "error" in head:
+        return [
+            html.Div(
+                f"Cannot read the ledger database: {head['error']}",
+                className="alert danger",
+                **{"data-code": "ledger_unreadable"},
+            )
+        ]
+    alerts = views.alerts_view(ctx)
+    feeder = _feeder_summary(views.feeder_summary_view(ctx), ctx.alert_window())
+    notice = ctx.slot_notice()
+    if notice:  # a notice, not an alert: the grid may well be fine
+        feeder = [html.Div(notice, className="alert secondary", id="slot-notice"), *feeder]
+    if not alerts:
+        return [html.Div("No alerts.", className="alert none", id="no-alerts"), *feeder]
+    return [
+        *(
+            html.Div(a["message"], className=f"alert {a['level']}", **{"data-code": a["code"]})
+            for a in alerts
+        ),
+        *feeder,
+    ]
+
+
+def network_children(ctx: Context) -> tuple[list[Any], Any, Any]:
+    """The consensus and network section: its figures (KPIs) and its two charts."""
+    network = views.network_view(ctx)
+    latest, bars, lag = network.latest, network.invalid_figure, network.lag_figure
+    if not ctx.api_url:
+        note = html.Div(
+            "No node status API configured (start with --api URL): consensus and network "
+            "health are not available; every other view works from the ledger.",
+            className="alert secondary",
+            id="network-state",
+        )
+        return [note], bars, lag
+    if latest is None or not latest.reachable:
+        why = latest.error if latest is not None else "not polled yet"
+        note = html.Div(
+            f"Status API unreachable: {why}", className="alert secondary", id="network-state"
+        )
+        return [note], bars, lag
+    leader = latest.leader
+    changes = (
+        str(latest.leader_changes)
+        if latest.leader_changes is not None
+        else f"{ctx.history.observed_leader_changes} seen"
+    )
+    members = (
+        f"{latest.members_up} up / {latest.members_down} down"
+        if latest.members_up is not None
+        else "—"
+    )
+    kpis = [
+        _kpi("role", latest.role or "—", "kpi-role"),
+        _kpi("term", str(latest.term), "kpi-term"),
+        _kpi("leader", data.short_did(leader) if leader else "NONE", "kpi-leader"),
+        _kpi("leader changes", changes),
+        _kpi("peers", "—" if latest.peers is None else str(latest.peers)),
+        _kpi("members", members, "kpi-members"),
+        _kpi("commit lag", _opt(latest.commit_lag)),
+        _kpi("apply lag", _opt(latest.apply_lag)),
+        _kpi("node ledger height", _opt(latest.ledger_height)),
+        _kpi("last reading (slot)", _opt(latest.last_reading_slot)),
+        _kpi("meter read failures", _opt(latest.meter_read_failures)),
+        html.Span(
+            f"polled {time.strftime('%H:%M:%S', time.gmtime(latest.fetched_at))} UTC",
+            className="muted",
+            id="network-state",
+        ),
+    ]
+    return kpis, bars, lag
 
 
 def node_health_children(view: views.NodeHealthView) -> list[Any]:

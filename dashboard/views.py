@@ -327,6 +327,12 @@ def poll_api(ctx: Context) -> dict[str, Any]:
     return {"configured": True, **doc}
 
 
+def poll_status(ctx: Context) -> dict[str, Any]:
+    """Poll the node's status API (:func:`poll_api`) and the household nodes' (:func:`poll_nodes`,
+    as ``nodes``): the one poll of each refresh, so the page's status views redraw once."""
+    return {**poll_api(ctx), "nodes": poll_nodes(ctx)}
+
+
 # --- market -----------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from sqlalchemy import case, create_engine, func, insert, select
 
-from dashboard.app import create_app, serve
+from dashboard.app import STATUS_VIEW_OUTPUTS, create_app, serve
 from dashboard.views import Context
 from market.schedule import Schedule
 from node.ledger import schema as t
@@ -171,6 +171,12 @@ def wait_text(page: Any, selector: str, needle: str) -> None:
         "([s, n]) => { const e = document.querySelector(s); return e && e.innerText.includes(n); }",
         arg=[selector, needle],
     )
+
+
+STATUS_VIEWS = (
+    ".." + "...".join(f"{c}.{p}" for c, p in (*STATUS_VIEW_OUTPUTS, ("status-sent", "data"))) + ".."
+)
+"""The output key (``/_dash-dependencies``) of the callback that draws the status views."""
 
 
 def callback_payload(

@@ -28,6 +28,7 @@ from market.schedule import Schedule
 from node.ledger import queries
 from node.ledger.verify import verify_ledger
 from tests.dashboard.conftest import (
+    STATUS_VIEWS,
     callback_payload,
     feeder_check_rows,
     new_feeder,
@@ -82,7 +83,7 @@ def page(ctx: views.Context) -> dict[str, Any]:
     """The alerts and the feeder figure as the real app serves them after a head poll."""
     app = create_app(ctx)
     head = call(app, "head.data", {"tick.n_intervals": 1})["head"]["data"]
-    alerts = call(app, "alerts.children", {"head.data": head, "api.data": {"configured": False}})
+    alerts = call(app, STATUS_VIEWS, {"head.data": head, "api.data": {"configured": False}})
     feeder = call(
         app,
         "..feeder-graph.figure...feeder-block.style..",

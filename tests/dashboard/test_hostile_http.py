@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from dashboard import http_guard, views
-from dashboard.app import MAX_SLOT
+from dashboard.app import MAX_SLOT, STATUS_VIEW_OUTPUTS
 from dashboard.views import Context
-from tests.dashboard.conftest import RunningDashboard, callback_payload, new_feeder
+from tests.dashboard.conftest import STATUS_VIEWS, RunningDashboard, callback_payload, new_feeder
 from tests.dashboard.feeder import Feeder
 
 SLOTS = 12
@@ -339,9 +339,12 @@ def bad_inputs(head: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     cases["tick negative"] = ("head.data", {"tick.n_intervals": -1})
     cases["tick text"] = ("api.data", {"tick.n_intervals": "1"})
     cases["csv clicks text"] = ("dl-ledger.data", {"csv-ledger.n_clicks": "many"})
-    cases["api store list"] = (
-        "..api-badge.children...api-badge.className..",
-        {"api.data": [1, 2]},
+    cases["api store list"] = (STATUS_VIEWS, {"api.data": [1, 2]})
+    cases["status digests not a list"] = (STATUS_VIEWS, {"status-sent.data": "digests"})
+    cases["status digests too few"] = (STATUS_VIEWS, {"status-sent.data": ["0" * 16]})
+    cases["status digests of numbers"] = (
+        STATUS_VIEWS,
+        {"status-sent.data": [7] * (len(STATUS_VIEW_OUTPUTS))},
     )
     cases["relayout list"] = (
         "market-graph-zoom.data",

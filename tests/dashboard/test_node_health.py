@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 
 from dashboard import node_health, views
-from dashboard.app import create_app
+from dashboard.app import STATUS_VIEW_OUTPUTS, create_app
 from dashboard.node_client import MAX_CLOCK_PEERS, NodePoll, fetch_status, normalise
 from dashboard.views import Context
 from node.agent.forecast import LearningForecaster
 from node.daemon.clock import ClockWatch, TimeSample
 from node.daemon.replica import Replica
 from node.ledger import LedgerStore
-from tests.dashboard.conftest import callback_payload
+from tests.dashboard.conftest import STATUS_VIEWS, callback_payload
 from tests.dashboard.status_server import StatusServer, status_doc
 from tests.ledger.governance_grid import governance_log
 from tests.market.world import signer
@@ -212,12 +212,12 @@ def test_the_section_and_its_csv_through_the_app(grid: dict[str, Any]) -> None:
     app = create_app(ctx)
     client = app.server.test_client()
     deps = {d["output"]: d for d in client.get("/_dash-dependencies").get_json()}
-    values = {"api.data": {"configured": True}, "nodes.data": {"configured": 5}}
+    values = {"api.data": {"configured": True, "nodes": {"configured": 5}}}
     response = client.post(
-        "/_dash-update-component", json=callback_payload(deps["node-health.children"], values)
+        "/_dash-update-component", json=callback_payload(deps[STATUS_VIEWS], values)
     )
     assert response.status_code == 200
-    page = json.dumps(response.get_json()["response"])
+    page = json.dumps(response.get_json()["response"]["node-health"])
     assert "forecast-rows" in page and "clock-rows" in page and "SKEWED" in page
     assert "no data: no forecast yet" in page and "no data: unreachable" in page
     response = client.post(
@@ -230,9 +230,51 @@ def test_the_section_and_its_csv_through_the_app(grid: dict[str, Any]) -> None:
     assert rows[did("alice-2")]["clock_skewed"] == "True"
     assert rows[did("bob")]["clock_status"] == "ok" and rows[did("bob")]["mae_96_wh"]
     assert rows[did("carol")]["clock_status"] == "no data"
-    # a nodes store of the wrong shape is refused, not crashed on
-    bad = callback_payload(deps["node-health.children"], {"nodes.data": ["x"]})
+    # a status store of the wrong shape is refused, not crashed on
+    bad = callback_payload(deps[STATUS_VIEWS], {"api.data": ["x"]})
     assert client.post("/_dash-update-component", json=bad).status_code == 400
+
+
+def test_a_refresh_sends_the_page_only_the_status_views_that_changed(url: str) -> None:
+    """Each refresh polls the node once and draws every status view in one request; the page
+    keeps digests of what it shows and sends them back, so a refresh that changes nothing
+    sends no view, and one whose poll changed the node's term and invalid messages sends the
+    badge and the network section but not the unchanged forecasts and clocks."""
+    api = StatusServer({**status_doc(did("bob"), 10, None), "node": did("bob")})
+    ctx = Context.open(url, api.url, verify_enabled=False)
+    try:
+        client = create_app(ctx).server.test_client()
+        deps = {d["output"]: d for d in client.get("/_dash-dependencies").get_json()}
+
+        def post(output: str, values: dict[str, Any]) -> dict[str, Any]:
+            response = client.post(
+                "/_dash-update-component", json=callback_payload(deps[output], values)
+            )
+            assert response.status_code == 200, response.get_data(as_text=True)[:300]
+            return response.get_json()["response"]
+
+        head = post("head.data", {"tick.n_intervals": 1})["head"]["data"]
+        status = post("api.data", {"tick.n_intervals": 1})["api"]["data"]
+        first = post(STATUS_VIEWS, {"head.data": head, "api.data": status})
+        assert set(first) == {c for c, _ in STATUS_VIEW_OUTPUTS} | {"status-sent"}
+        sent = first["status-sent"]["data"]
+        assert len(sent) == len(STATUS_VIEW_OUTPUTS)
+        values = {"head.data": head, "api.data": status, "status-sent.data": sent}
+        again = post(STATUS_VIEWS, values)
+        assert set(again) == {"status-sent"} and again["status-sent"]["data"] == sent
+
+        api.doc = {**api.doc, "raft": {**api.doc["raft"], "term": 8},
+                   "invalid_messages": {"bad_signature": 9}}  # fmt: skip
+        status = post("api.data", {"tick.n_intervals": 2})["api"]["data"]
+        changed = post(STATUS_VIEWS, {**values, "api.data": status})
+        assert "term 8" in changed["api-badge"]["children"]
+        assert "className" not in changed["api-badge"]  # still "badge ok"
+        assert changed["invalid-graph"]["figure"]["data"][0]["y"] == [9]
+        assert {"network-kpis", "lag-graph"} <= set(changed)
+        assert "node-health" not in changed and "alerts" not in changed
+    finally:
+        ctx.close()
+        api.stop()
 
 
 def test_without_any_status_api_every_household_has_no_data(url: str) -> None:
