@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from node.net.host import configure_logging
 
@@ -58,6 +58,42 @@ class TextFormatter(logging.Formatter):
         return text
 
 
+class TransientNetworkErrors(logging.Filter):
+    """libp2p logs at ERROR every stream it could not open or negotiate and every connection
+    that went away under its reader: at a grid's start, or when a duplicate connection is
+    closed (docs/network.md, "One connection per member"), a node of 50 wrote about ten such
+    lines a second, none of them for the operator to act on. Each caller retries (pubsub,
+    identify, our Raft and address streams, which count their failures in the metrics), so
+    these records are shown at INFO; every other libp2p error keeps its level."""
+
+    RULES: ClassVar[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
+        "libp2p.host.basic_host": (("Failed to open stream to peer", ()),),
+        "libp2p.protocol_muxer.multiselect_client": (("MultiselectClient handshake:", ()),),
+        "libp2p.stream_muxer.yamux.yamux": (
+            ("Error in handle_incoming for peer", ("ConnectionClosedError", "ClosedResourceError")),
+        ),
+        "libp2p.network.swarm": (
+            ("fail to upgrade mux for peer", ()),
+            ("[ADDCONN_FAIL]", ("Cancelled",)),
+        ),
+    }
+    """Logger name: (message prefix, words one of which the message must hold (none: any))."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Demote a matching ERROR record to INFO (dropped if INFO is not logged)."""
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()
+        for prefix, words in self.RULES.get(record.name, ()):
+            if message.startswith(prefix) and (not words or any(w in message for w in words)):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
+TRANSIENT_NETWORK_ERRORS = TransientNetworkErrors()
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     """Set levels (ours and libp2p's) and install one handler with the chosen format."""
     root = logging.getLogger()
@@ -73,3 +109,5 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(
         logging.DEBUG if level == "DEBUG" else logging.CRITICAL
     )
+    for name in TransientNetworkErrors.RULES:
+        logging.getLogger(name).addFilter(TRANSIENT_NETWORK_ERRORS)  # once: same object

@@ -116,6 +116,34 @@ def test_libp2p_records_reach_the_handler() -> None:
     assert [json.loads(line)["msg"] for line in lines(stream)] == ["dial failed", "details"]
 
 
+def test_libp2p_stream_churn_is_shown_at_info_and_its_other_errors_stay_errors() -> None:
+    """A stream libp2p could not open, or a connection closed under its reader, is logged at
+    INFO (callers retry); another libp2p error keeps ERROR; at WARNING the demoted ones go."""
+    churn = [
+        ("libp2p.host.basic_host", "Failed to open stream to peer 12D3Koo:\n  Error: reset"),
+        ("libp2p.protocol_muxer.multiselect_client", "MultiselectClient handshake: read failed"),
+        ("libp2p.stream_muxer.yamux.yamux",
+         "Error in handle_incoming for peer 12D3Koo: ClosedResourceError: "),
+        ("libp2p.network.swarm", "[ADDCONN_FAIL] add_conn failed for peer X: Cancelled(source=)"),
+    ]  # fmt: skip
+    kept = [
+        ("libp2p.stream_muxer.yamux.yamux", "Error in handle_incoming for peer X: ValueError: bad"),
+        ("libp2p.host.basic_host", "something else went wrong"),
+    ]
+    with configured("INFO", "json") as stream:
+        for name, message in churn + kept:
+            logging.getLogger(name).error(message)
+    records = [json.loads(line) for line in lines(stream)]
+    assert [(r["logger"], r["level"]) for r in records] == [
+        *((name, "INFO") for name, _ in churn),
+        *((name, "ERROR") for name, _ in kept),
+    ]
+    with configured("WARNING", "json") as stream:
+        for name, message in churn + kept:
+            logging.getLogger(name).error(message)
+    assert [json.loads(line)["msg"] for line in lines(stream)] == [m for _, m in kept]
+
+
 def test_configure_twice_keeps_one_handler() -> None:
     """Reconfiguring replaces the handler instead of adding a second one (no doubled lines)."""
     with configured("INFO", "json"):
