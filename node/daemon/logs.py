@@ -64,7 +64,9 @@ class TransientNetworkErrors(logging.Filter):
     closed (docs/network.md, "One connection per member"), a node of 50 wrote about ten such
     lines a second, none of them for the operator to act on. Each caller retries (pubsub,
     identify, our Raft and address streams, which count their failures in the metrics), so
-    these records are shown at INFO; every other libp2p error keeps its level."""
+    these records become INFO records of their logger: shown only where libp2p's INFO is
+    (``configure`` sets libp2p to WARNING, so by default they are not); every other libp2p
+    error keeps its level."""
 
     RULES: ClassVar[dict[str, tuple[tuple[str, tuple[str, ...]], ...]]] = {
         "libp2p.host.basic_host": (("Failed to open stream to peer", ()),),
@@ -80,14 +82,14 @@ class TransientNetworkErrors(logging.Filter):
     """Logger name: (message prefix, words one of which the message must hold (none: any))."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Demote a matching ERROR record to INFO (dropped if INFO is not logged)."""
+        """Demote a matching ERROR record to INFO (dropped if its logger does not log INFO)."""
         if record.levelno < logging.ERROR:
             return True
         message = record.getMessage()
         for prefix, words in self.RULES.get(record.name, ()):
             if message.startswith(prefix) and (not words or any(w in message for w in words)):
                 record.levelno, record.levelname = logging.INFO, "INFO"
-                return logging.getLogger().isEnabledFor(logging.INFO)
+                return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
 
 
