@@ -329,17 +329,23 @@ async def test_household_node_trades_settles_stops_and_resumes(
             r["slot"] * NONCES_PER_SLOT + NONCE_READING)
         for r in readings
     )  # fmt: skip
-    # the agent bid for the deficit the meter's power foretold (a standing meter then teaches
-    # it a zero net, so it stops ordering): power x 15 simulated minutes, at the buy limit
+    # the agent first bid for the deficit the meter's power foretold: power x 15 simulated
+    # minutes, at the buy limit; a standing meter then teaches it a zero net, so its later bids
+    # shrink (how many slots that takes depends on when each reading is applied) until it
+    # stops ordering
     orders = ledger_rows(url, t.orders)
     deficit = round(grid.truth.power_w * (SLOT_SECONDS * TIME_SCALE) / 3600)
     buy_limit = grid.config.strategy.limits(grid.genesis.market)[1]
-    agent = [o for o in orders if o["order_id"] == f"{o['slot']}-{did[-8:]}"]
-    assert agent and all(
-        (o["side"], o["quantity_wh"], o["price"], o["nonce"])
-        == ("buy", deficit, buy_limit, o["slot"] * NONCES_PER_SLOT + NONCE_ORDER)
+    agent = sorted((o for o in orders if o["order_id"] == f"{o['slot']}-{did[-8:]}"),
+                   key=lambda o: o["slot"])  # fmt: skip
+    assert agent and agent[0]["quantity_wh"] == deficit, agent
+    assert all(
+        (o["side"], o["price"], o["nonce"])
+        == ("buy", buy_limit, o["slot"] * NONCES_PER_SLOT + NONCE_ORDER)
         for o in agent
     )  # fmt: skip
+    sizes = [o["quantity_wh"] for o in agent]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] > 0, sizes
     assert [o["order_id"] for o in orders if o["slot"] == placed["slot"]].count(placed["id"]) == 1
 
     # restart on the same data directory: the same state before anything new is applied
