@@ -137,6 +137,7 @@ from node.net.faults import (
 from node.net.faults import POLL_SECONDS as FAULTS_POLL_SECONDS
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import Decoder, Encoder, RaftTransport
+from node.net.rejection_log import RejectionLog
 from node.net.relay import (
     RelayClient,
     RelayError,
@@ -168,6 +169,8 @@ if TYPE_CHECKING:
     from node.setup.config import NodeConfig
 
 log = logging.getLogger("microgrid.net")
+REJECTION_DETAIL_CHARS = 200
+"""A rejection's detail is cut to this length in the log (it may quote a peer's bytes)."""
 
 LIBP2P_SUBSCRIPTION_CHANNEL_SIZE = pubsub_module.SUBSCRIPTION_CHANNEL_SIZE
 """libp2p's own value, recorded before NetNode widens it (a canary test checks it)."""
@@ -895,6 +898,7 @@ class NetNode:
             local_peer=str(identity.peer_id),
             member_grace=self.settings.member_grace,
         )
+        self.rejection_log = RejectionLog()
         self.faults: Counter[tuple[str, str, str]] = Counter()
         """(peer, protocol, reason) -> inbound streams reset for a protocol fault."""
         self.dropped: Counter[tuple[str, str]] = Counter()
@@ -1629,12 +1633,29 @@ class NetNode:
             self.pubsub.add_to_blacklist(peer_id)
         self._queue_action("close", peer_id)
 
-    def _on_reject(self, reason: str, forwarder: str, culprit: str) -> None:
+    def _on_reject(self, verdict: Verdict, forwarder: str) -> None:
+        """Count a rejected gossip message and log it (rate-limited, per reason and forwarder:
+        :mod:`node.net.rejection_log`): at WARNING when someone is penalised for it, else at
+        INFO (nobody provably at fault)."""
+        reason, culprit = verdict.reason, verdict.culprit
+        forwarder_label = self.metrics.peer_label(forwarder)
         self.metrics.gossip_invalid.labels(reason).inc()
-        self.metrics.gossip_invalid_by_peer.labels(self.metrics.peer_label(forwarder)).inc()
+        self.metrics.gossip_invalid_by_peer.labels(forwarder_label).inc()
         if culprit:
             label = self.metrics.peer_label(culprit)
             self.metrics.gossip_penalised_by_peer.labels(label, reason).inc()
+        left_out = self.rejection_log.admit(reason, forwarder_label)
+        if left_out is None:
+            return
+        log.log(
+            logging.WARNING if culprit else logging.INFO,
+            "gossip rejected: %s: %s (from %s%s)%s",
+            reason, verdict.detail[:REJECTION_DETAIL_CHARS], forwarder,
+            f", penalising {culprit}" if culprit else "",
+            f"; {left_out} more like it not logged" if left_out else "",
+            extra={"event": "gossip_rejected", "reason": reason, "forwarder": forwarder,
+                   "culprit": culprit or None, "left_out": left_out},
+        )  # fmt: skip
 
     async def _actions_loop(self) -> None:
         async for action, peer in self._actions_recv:

@@ -268,6 +268,13 @@ class SeqnoContent:
         return True
 
 
+def _about(index: int, record: SignedRecord) -> str:
+    """A rejected record named for the log: kind, place in its batch, author, nonce, slot."""
+    slot = getattr(record, "slot", getattr(record, "from_slot", None))
+    where = "" if slot is None else f", slot {slot}"
+    return f"{record.KIND} (record {index}) by {record.author}, nonce {record.nonce}{where}"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The outcome of validating one gossip message."""
@@ -286,8 +293,9 @@ class GossipValidator:
     """Validates gossip batches of one grid against its member list.
 
     ``members`` maps a member's peer id *string* (base58) to its DID. ``slot_policy`` is the
-    node's clock-dependent check. ``on_reject(reason, forwarder, culprit)`` and
-    ``on_ban(peer)`` are hooks for metrics and for the host (disconnect and blacklist);
+    node's clock-dependent check. ``on_reject(verdict, forwarder)`` (the verdict carries the
+    reason, the detail and the culprit) and ``on_ban(peer)`` are hooks for metrics, the log and
+    the host (disconnect and blacklist);
     ``local_peer`` (this node) is never penalised. ``operator`` is the genesis operator's DID,
     the only author of feeder readings and governance records (None: every such record is
     ``not_operator``). ``member_grace``: seconds after a member left the list during which a
@@ -305,7 +313,7 @@ class GossipValidator:
         burst_per_origin: float = 100.0,
         penalties: PenaltyBox | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_reject: Callable[[str, str, str], None] | None = None,
+        on_reject: Callable[[Verdict, str], None] | None = None,
         on_ban: Callable[[str], None] | None = None,
         local_peer: str | None = None,
         operator: str | None = None,
@@ -405,7 +413,7 @@ class GossipValidator:
         self.rejected[verdict.reason] += 1
         self.rejected_by_peer[(forwarder, verdict.reason)] += 1
         if self.on_reject is not None:
-            self.on_reject(verdict.reason, forwarder, culprit)
+            self.on_reject(verdict, forwarder)
         if not culprit:
             self.unattributed[verdict.reason] += 1
             return verdict
@@ -473,17 +481,17 @@ class GossipValidator:
             digest = signature_digest(record.signature)
             earlier = seen.get(key, self.signatures.get(author, {}).get(record.nonce))
             if earlier is not None and earlier != digest:
-                return Verdict(
-                    False, "equivocation", f"record {i}: nonce {record.nonce} signed twice"
-                )
+                return Verdict(False, "equivocation",
+                               f"{_about(i, record)}: the nonce was signed twice")  # fmt: skip
             window = self.nonces.get(author)
             if key in seen or not _fresh(window, record.nonce, self.nonce_window):
-                return Verdict(False, "replayed", f"record {i} nonce {record.nonce} replayed")
+                return Verdict(False, "replayed", f"{_about(i, record)}: replayed")
             seen[key] = digest
             if self.slot_policy is not None:
                 reason = self.slot_policy(record)
                 if reason is not None:
-                    return Verdict(False, reason, f"record {i} refused by slot policy")
+                    detail = f"{_about(i, record)}: outside its slot's window by this clock"
+                    return Verdict(False, reason, detail)
         bucket = self.buckets.get(origin)
         if bucket is None:
             bucket = self.buckets[origin] = TokenBucket(self.rate_per_origin, self.burst_per_origin)

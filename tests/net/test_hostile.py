@@ -8,6 +8,7 @@ on the honest households that relayed the conflicting copies.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -283,9 +284,13 @@ async def test_a_members_flood_is_dropped_per_peer_and_others_still_arrive(
         assert not h.dropped and not h.penalties.score(str(v.peer_id))
 
 
-async def test_equivocation_is_blamed_on_its_author_not_the_relays(tmp_path: Path) -> None:
+async def test_equivocation_is_blamed_on_its_author_not_the_relays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """One key on two hosts: each sends a different record with the same nonce to a different
-    honest household; the honest relays forward what was valid for them and stay clean."""
+    honest household; the honest relays forward what was valid for them and stay clean. The
+    node that refused the conflict says so in its log: reason, record, nonce, culprit."""
+    caplog.set_level(logging.INFO, logger="microgrid.net")
     specs, _, path = make_grid(tmp_path, 4)
     grid = Grid(specs, load_genesis(path))
     e_spec, h1, h2, h3 = specs
@@ -325,6 +330,14 @@ async def test_equivocation_is_blamed_on_its_author_not_the_relays(tmp_path: Pat
         blamed = sum(n.validator.penalised[(e, "equivocation")] for n in (n1, n2, n3))
         seen = sum(n.validator.rejected["equivocation"] for n in (n1, n2, n3))
         assert blamed == seen >= 1  # every conflict seen is blamed on the author
+        lines = [r for r in caplog.records if getattr(r, "event", None) == "gossip_rejected"]
+        assert lines and all(r.reason == "equivocation" for r in lines), lines
+        # a WARNING names the author as the culprit; a copy nobody is provably at fault for
+        # (it may be an old message re-sent) is an INFO line
+        warnings = [r for r in lines if r.levelno == logging.WARNING]
+        assert warnings and all(r.culprit == e for r in warnings), lines
+        assert all(r.culprit is None for r in lines if r.levelno == logging.INFO), lines
+        assert f"order (record 0) by {ident.did}, nonce 5" in lines[0].getMessage(), lines[0]
         # honest gossip between the relays still flows
         await honest_gossip_flows(grid, n1, n2, 1)
 
