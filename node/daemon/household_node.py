@@ -89,7 +89,7 @@ from node.daemon.membership import desired_roles
 from node.daemon.prometheus import NodeCollector
 from node.daemon.proposer import Proposer
 from node.daemon.replica import Replica
-from node.daemon.spread import Publication, publication_times, spread_fraction
+from node.daemon.spread import Publication, order_slot_at, publication_times, spread_fraction
 from node.daemon.status import (
     GovernanceShadow,
     connected_members,
@@ -711,7 +711,7 @@ class HouseholdNode:
                 self.trader.observe_power(self.schedule.slot_at(now), first.sample)
             except MeterMismatch as exc:
                 log.error(str(exc), extra={"event": "meter_mismatch"})
-            await self._place_order(self.schedule.open_slot(now))
+            await self._place_order(order_slot_at(self.schedule, now))
         slot = self.schedule.slot_at(now)
         poll_every = self.config.meter_poll_seconds
         next_poll = now + poll_every
@@ -745,7 +745,8 @@ class HouseholdNode:
                     with contextlib.suppress(MeterMismatch):
                         self._check_meter(result.sample, self.schedule.slot_at(now))
                         self.trader.observe_power(self.schedule.slot_at(now), result.sample)
-                        await self._place_order(self.schedule.open_slot(self.wall_clock()))
+                        await self._place_order(order_slot_at(self.schedule,
+                                                              self.wall_clock()))  # fmt: skip
 
     def _active_term(self, slot: int) -> Term | None:
         """This household's term in ``slot`` if it is active there (None: it must not sign a

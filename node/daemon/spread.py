@@ -31,12 +31,25 @@ ORDER_SLOT_SHARE = 0.25
 """Orders spread over at most this share of a slot."""
 ORDER_AFTER_SETTLE = 1.25
 """Orders start this many settle delays after the slot end (after the reading deadline)."""
+ORDER_MIN_LEAD_SECONDS = 2.0
+"""An order placed outside the spread (at start-up, or once the meter first answers) goes to
+the next slot when the open slot's gate is closer than this (at most a quarter slot): it must
+reach every voter, and be proposed, before the gate closes; one that arrives later is refused
+there as ``slot_closed``, counted as invalid gossip and held against its household."""
 
 
 def spread_fraction(did: str) -> float:
     """This household's offset in [0, 1): the first 8 bytes of SHA-256 of its DID."""
     digest = hashlib.sha256(did.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def order_slot_at(schedule: Schedule, now: float) -> int:
+    """The slot an order placed at ``now`` is for: the open slot, or the next one when the open
+    slot's gate closes within :data:`ORDER_MIN_LEAD_SECONDS`."""
+    slot = schedule.open_slot(now)
+    lead = min(ORDER_MIN_LEAD_SECONDS, schedule.slot_seconds / 4)
+    return slot + 1 if schedule.gate_time(slot) - now < lead else slot
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from market.schedule import Schedule
 from market.signing import Signer
-from node.daemon.spread import publication_times, spread_fraction
+from node.daemon.spread import (
+    ORDER_MIN_LEAD_SECONDS,
+    order_slot_at,
+    publication_times,
+    spread_fraction,
+)
 
 SCHEDULES = (Schedule(30, 6, 9), Schedule(10, 2, 3), Schedule(900, 300, 120))
 
@@ -69,3 +74,27 @@ def test_not_spread_publishes_both_right_after_the_read() -> None:
         end = sch.end(3)
         p = publication_times(sch, end, 0.5, 0.7, spread=False)
         assert p.reading_at == p.order_at == end + 0.5
+
+
+@given(slot=st.integers(2, 3600), lead_share=st.floats(0, 0.9), t=st.floats(0, 10**6))
+def test_an_order_outside_the_spread_goes_where_its_gate_is_still_far_enough(
+    slot: int, lead_share: float, t: float
+) -> None:
+    """At start-up the agent orders for the open slot unless its gate closes within
+    ORDER_MIN_LEAD_SECONDS (a quarter slot for short slots): then for the next one."""
+    sch = Schedule(slot, int(slot * lead_share), 1)
+    chosen = order_slot_at(sch, t)
+    lead = min(ORDER_MIN_LEAD_SECONDS, slot / 4)
+    assert chosen in (sch.open_slot(t), sch.open_slot(t) + 1)
+    assert sch.gate_time(chosen) - t >= lead
+    if chosen != sch.open_slot(t):
+        assert sch.gate_time(sch.open_slot(t)) - t < lead
+
+
+def test_an_order_placed_just_before_a_gate_goes_to_the_next_slot() -> None:
+    """The demo's 8 s slots (gate 1 s before the start): started 0.4 s before slot 11's gate,
+    the first order is for slot 12; started 2.5 s before it, for slot 11."""
+    sch = Schedule(8, 1, 3)
+    gate = sch.gate_time(11)
+    assert sch.open_slot(gate - 0.4) == 11 and order_slot_at(sch, gate - 0.4) == 12
+    assert order_slot_at(sch, gate - 2.5) == 11
