@@ -1093,8 +1093,9 @@ class HouseholdNode:
         doc["slot_seconds"] = self.schedule.slot_seconds
         doc["counters"] = self.all_counters()
         raft_net = self.net.raft
-        doc["raft_transport"] = (None if raft_net is None else
-                                 {"frames_sent": raft_net.sent, "bytes_sent": raft_net.bytes_sent})
+        doc["raft_transport"] = None if raft_net is None else {
+            "frames_sent": raft_net.sent, "bytes_sent": raft_net.bytes_sent,
+            "bytes_unpacked": raft_net.bytes_encoded}  # fmt: skip
         doc["block_sync"] = {"missing": [list(r) for r in missing_blocks]}
         doc["slot_times"] = [{"slot": slot, **times}
                              for slot, times in sorted(self.slot_times.items())]  # fmt: skip

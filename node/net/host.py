@@ -648,6 +648,9 @@ class NetSettings:
     listening again within seconds, and the back-off would otherwise keep us from it for up
     to its next step (4-8 s)."""
     raft_queue: int = 256
+    raft_packed: bool = True
+    """Offer and serve ``/microgrid/raft/2`` (deflated frames) before ``/microgrid/raft/1``;
+    False: only ``/microgrid/raft/1``, as releases before it did (mixed-grid tests)."""
     publish_wait: float = 2.0
     """Longest our publish waits for room in the peers' outbound queues."""
     peer_msgs_per_second: float = 200.0
@@ -1415,6 +1418,7 @@ class NetNode:
                     metrics=self.metrics,
                     queue_size=self.settings.raft_queue,
                     allowed=self.is_allowed_peer,
+                    packed=self.settings.raft_packed,
                 )
                 if self.settings.faults_file is not None:  # test-only (node/net/faults.py)
                     self.raft.drop_inbound = lambda p: self._fault_drop_in(p, "raft_in")

@@ -1,8 +1,13 @@
-"""Raft messages over the libp2p stream protocol ``/microgrid/raft/1``.
+"""Raft messages over the libp2p stream protocols ``/microgrid/raft/2`` and ``/microgrid/raft/1``.
 
 One persistent outbound stream per peer carries varint-length-prefixed frames, each the
 canonical encoding of one Raft ``Message`` (the encoder/decoder pair is injected: normally
-``node.raft.encode_message`` / ``decode_message``). Sending never blocks the caller: each peer
+``node.raft.encode_message`` / ``decode_message``). On ``/microgrid/raft/2`` (offered first) a
+frame is a flag byte and the message, deflated when it is long and that makes it smaller
+(:func:`~node.net.wire.pack_raft_frame`): a batch of entries is about half its size or less,
+which matters most for the voters that replicate every entry to their delegated learners. A
+peer of an older release answers only ``/microgrid/raft/1``, where a frame is the message as
+it is; both are served. Sending never blocks the caller: each peer
 has a bounded queue, and a frame that does not fit is dropped and counted (Raft tolerates loss
 and retransmits). A writer task per peer drains its queue; on a stream error it drops the
 frame, counts the error and reopens the stream after a short back-off.
@@ -30,12 +35,23 @@ from libp2p.peer.id import ID
 from market.did import IdentityError
 from node.net.metrics import NetMetrics
 from node.net.validator import PeerFault
-from node.net.wire import MAX_RAFT_FRAME, RAFT_PROTOCOL, WireError, frame, read_uvarint
+from node.net.wire import (
+    MAX_RAFT_FRAME,
+    RAFT_PROTOCOL,
+    RAFT_PROTOCOL_PACKED,
+    WireError,
+    encode_uvarint,
+    frame,
+    pack_raft_frame,
+    read_uvarint,
+    unpack_raft_frame,
+)
 from node.setup.keyfile import did_from_peer_id, peer_id_from_did
 
 log = logging.getLogger("microgrid.net.raft")
 
 RAFT_PROTOCOL_ID = TProtocol(RAFT_PROTOCOL)
+RAFT_PROTOCOL_PACKED_ID = TProtocol(RAFT_PROTOCOL_PACKED)
 
 
 class RaftMessage(Protocol):
@@ -85,6 +101,7 @@ class RaftTransport:
         open_timeout: float = 5.0,
         retry_delay: float = 0.2,
         allowed: Callable[[str], bool] | None = None,
+        packed: bool = True,
     ) -> None:
         self.host = host
         self.local_did = local_did
@@ -97,10 +114,19 @@ class RaftTransport:
         self.open_timeout = open_timeout
         self.retry_delay = retry_delay
         self.allowed = allowed
+        self.protocols = (
+            (RAFT_PROTOCOL_PACKED_ID, RAFT_PROTOCOL_ID) if packed else (RAFT_PROTOCOL_ID,)
+        )
+        """Served, and offered in this order when opening a stream (``packed`` False: only
+        ``/microgrid/raft/1``, as a release before packed frames)."""
         self._peers: dict[str, _Peer] = {}
         self._nursery: trio.Nursery | None = None
         self.sent = 0
         self.bytes_sent = 0
+        """Bytes written to the streams (frames as sent: packed where the peer takes it)."""
+        self.bytes_encoded = 0
+        """The same frames' bytes had they been sent unpacked (``bytes_sent`` / this: what
+        packing saves)."""
         self.received = 0
         self.dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
@@ -113,6 +139,8 @@ class RaftTransport:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register the stream handler and run the per-peer writers until cancelled."""
         self.host.set_stream_handler(RAFT_PROTOCOL_ID, self._handle_stream)
+        if RAFT_PROTOCOL_PACKED_ID in self.protocols:
+            self.host.set_stream_handler(RAFT_PROTOCOL_PACKED_ID, self._handle_packed_stream)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -149,8 +177,8 @@ class RaftTransport:
         if self.drop_outbound is not None and self.drop_outbound(peer.peer_id):
             self._drop("fault_injected")
             return False
-        data = frame(self.encode(msg))
-        if len(data) > MAX_RAFT_FRAME:
+        data = self.encode(msg)
+        if len(encode_uvarint(len(data))) + len(data) > MAX_RAFT_FRAME:
             self._drop("too_large")
             return False
         try:
@@ -165,6 +193,7 @@ class RaftTransport:
 
     async def _writer(self, did: str, peer: _Peer) -> None:
         stream = None
+        packed = False
         try:
             async for data in peer.recv:
                 if stream is None:
@@ -178,19 +207,23 @@ class RaftTransport:
                         continue
                     try:
                         with trio.fail_after(self.open_timeout):
-                            stream = await self.host.new_stream(peer.peer_id, [RAFT_PROTOCOL_ID])
+                            stream = await self.host.new_stream(peer.peer_id,
+                                                                list(self.protocols))  # fmt: skip
                     except Exception as exc:
                         self._stream_error("open", did, exc)
                         self._drop("no_stream")
                         await self._backoff(peer)
                         continue
+                    packed = stream.get_protocol() == RAFT_PROTOCOL_PACKED_ID
                 try:
+                    wire = frame(pack_raft_frame(data) if packed else data)
                     with trio.fail_after(self.write_timeout):
-                        await stream.write(data)
+                        await stream.write(wire)
                     self.sent += 1
-                    self.bytes_sent += len(data)
+                    self.bytes_sent += len(wire)
+                    self.bytes_encoded += len(encode_uvarint(len(data))) + len(data)
                     self.metrics.raft_sent.inc()
-                    self.metrics.raft_bytes_sent.inc(len(data))
+                    self.metrics.raft_bytes_sent.inc(len(wire))
                 except Exception as exc:
                     self._stream_error("write", did, exc)
                     self._drop("write_failed")
@@ -220,7 +253,12 @@ class RaftTransport:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.metrics.raft_dropped.labels(reason).inc()
 
-    async def _handle_stream(self, stream: Any) -> None:
+    async def _handle_packed_stream(self, stream: Any) -> None:
+        """Inbound ``/microgrid/raft/2`` stream: as :meth:`_handle_stream`, each frame
+        unpacked first (a frame that does not unpack is a protocol violation)."""
+        await self._handle_stream(stream, packed=True)
+
+    async def _handle_stream(self, stream: Any, packed: bool = False) -> None:
         """Inbound stream: read frames until EOF; check each sender; hand over.
 
         A peer's protocol violation (bad varint, oversized or incomplete frame, undecodable
@@ -254,6 +292,13 @@ class RaftTransport:
             if data is None:
                 await _reset(stream)
                 return
+            if packed:
+                try:
+                    data = unpack_raft_frame(data)
+                except WireError as exc:
+                    self._reject("malformed")
+                    await _reset(stream)
+                    raise PeerFault("raft", exc.reason, exc.detail) from None
             try:
                 msg = self.decode(data)
             except Exception as exc:

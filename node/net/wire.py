@@ -17,6 +17,7 @@ error.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from enum import StrEnum
 
@@ -38,8 +39,17 @@ MAX_RECORDS_PER_BATCH = 64
 MAX_GOSSIP_BYTES = 64 * 1024
 """Upper bound on one gossip message (a batch); larger ones are rejected unread."""
 RAFT_PROTOCOL = "/microgrid/raft/1"
+"""Raft frames: each the encoded message as it is (every release speaks it)."""
+RAFT_PROTOCOL_PACKED = "/microgrid/raft/2"
+"""Raft frames of :func:`pack_raft_frame`: a flag byte, then the message, deflated when that
+makes it smaller (preferred; a node falls back to ``/microgrid/raft/1`` for an older peer)."""
 MAX_RAFT_FRAME = 4 * 1024 * 1024
-"""Upper bound on one Raft frame on the stream (a snapshot chunk or a batch of entries)."""
+"""Upper bound on one Raft frame on the stream (a snapshot chunk or a batch of entries), and on
+a packed frame's message once inflated."""
+PACK_MIN_BYTES = 1024
+"""Messages shorter than this are sent as they are (heartbeats, votes, responses: deflate would
+cost more CPU than the few bytes it saves)."""
+_PACKED_RAW, _PACKED_DEFLATE = 0, 1
 
 
 class TopicKind(StrEnum):
@@ -167,3 +177,38 @@ def decode_batch(data: bytes, kind: TopicKind) -> list[SignedRecord]:
 def frame(payload: bytes) -> bytes:
     """A varint-length-prefixed frame (the Raft stream's framing)."""
     return encode_uvarint(len(payload)) + payload
+
+
+def pack_raft_frame(message: bytes) -> bytes:
+    """The body of a ``/microgrid/raft/2`` frame for an encoded Raft message: flag 1 and the
+    message deflated (zlib, level 1: a delegate deflates the same entries for each of its
+    learners) when it is at least :data:`PACK_MIN_BYTES` long and that is smaller; else flag 0
+    and the message."""
+    if len(message) >= PACK_MIN_BYTES:
+        packed = zlib.compress(message, 1)
+        if len(packed) < len(message):
+            return bytes((_PACKED_DEFLATE,)) + packed
+    return bytes((_PACKED_RAW,)) + message
+
+
+def unpack_raft_frame(body: bytes) -> bytes:
+    """The encoded Raft message in a ``/microgrid/raft/2`` frame body. Raises
+    :class:`WireError` for an empty body, an unknown flag, a broken or trailing deflate stream,
+    or a message that would inflate past :data:`MAX_RAFT_FRAME` (never inflated further)."""
+    if not body:
+        raise WireError("malformed", "empty raft frame")
+    flag, payload = body[0], body[1:]
+    if flag == _PACKED_RAW:
+        return payload
+    if flag != _PACKED_DEFLATE:
+        raise WireError("malformed", f"unknown raft frame flag {flag}")
+    inflater = zlib.decompressobj()
+    try:
+        message = inflater.decompress(payload, MAX_RAFT_FRAME)
+    except zlib.error as exc:
+        raise WireError("malformed", f"bad deflate stream: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise WireError("oversized", f"raft frame inflates past {MAX_RAFT_FRAME} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise WireError("malformed", "deflate stream cut short or followed by other bytes")
+    return message

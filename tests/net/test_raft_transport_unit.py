@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import urllib.request
+import zlib
 from typing import Any
 
 import pytest
@@ -11,8 +14,16 @@ import trio
 from node.net.metrics import NetMetrics
 from node.net.raft_transport import RaftTransport, RaftTransportError
 from node.net.validator import PeerFault
-from node.net.wire import encode_uvarint
-from node.raft import Message, MessageType, decode_message, encode_message
+from node.net.wire import (
+    MAX_RAFT_FRAME,
+    PACK_MIN_BYTES,
+    WireError,
+    encode_uvarint,
+    frame,
+    pack_raft_frame,
+    unpack_raft_frame,
+)
+from node.raft import Entry, Message, MessageType, decode_message, encode_message
 from node.setup.keyfile import NodeIdentity
 
 A = NodeIdentity.from_seed(b"a" * 32)
@@ -23,13 +34,19 @@ C = NodeIdentity.from_seed(b"c" * 32)
 class FakeStream:
     """An in-memory stream: what one side writes, the other reads."""
 
-    def __init__(self, peer: Any, send: Any, recv: Any) -> None:
+    def __init__(self, peer: Any, send: Any, recv: Any, protocol: Any = None) -> None:
         self.muxed_conn = type("Conn", (), {"peer_id": peer})()
         self._send, self._recv = send, recv
         self._buf = b""
         self.was_reset = False
+        self.protocol = protocol
+        self.written = 0
+
+    def get_protocol(self) -> Any:
+        return self.protocol
 
     async def write(self, data: bytes) -> None:
+        self.written += len(data)
         await self._send.send(data)
 
     async def read(self, n: int = -1) -> bytes:
@@ -58,11 +75,11 @@ class FakeHost:
         self.connected = connected
         self.streams_opened = 0
         self.remote: FakeHost | None = None
-        self.handler: Any = None
+        self.handlers: dict[Any, Any] = {}
         self.nursery: trio.Nursery | None = None
 
     def set_stream_handler(self, proto: Any, handler: Any) -> None:
-        self.handler = handler
+        self.handlers[proto] = handler
 
     def get_network(self) -> FakeHost:
         return self
@@ -75,9 +92,12 @@ class FakeHost:
         if self.block:
             await trio.sleep_forever()
         assert self.remote is not None and self.nursery is not None
+        # multistream-select: the first protocol offered that the remote serves
+        proto = next(p for p in protos if p in self.remote.handlers)
         send, recv = trio.open_memory_channel[bytes](100)
-        self.nursery.start_soon(self.remote.handler, FakeStream(self.me.peer_id, None, recv))
-        return FakeStream(peer, send, None)
+        inbound = FakeStream(self.me.peer_id, None, recv, proto)
+        self.nursery.start_soon(self.remote.handlers[proto], inbound)
+        return FakeStream(peer, send, None, proto)
 
 
 def hb(frm: str, to: str, term: int = 1) -> Message:
@@ -154,3 +174,93 @@ async def test_no_stream_is_opened_to_a_peer_without_a_connection() -> None:
                 await trio.sleep(0.01)
         assert host.streams_opened == 0
         nursery.cancel_scope.cancel()
+
+
+def append(frm: str, to: str, entries: int) -> Message:
+    """An APP of ``entries`` entries whose data looks like a batch of signed records (a DID,
+    field names and a hex signature each): long, and about as compressible as the real log."""
+    def data(i: int) -> bytes:
+        signature = hashlib.sha512(b"%d" % i).hexdigest().encode()
+        return (b'microgrid/batch/v1\n[{"grid":"demo","household":"did:key:z6Mk%d","nonce":%d,'
+                b'"signature":"%s","slot":1000,"type":"order"}]' % (i % 50, i, signature))
+
+    batch = [Entry(index=i, term=1, data=data(i)) for i in range(1, entries + 1)]
+    return Message(type=MessageType.APP, to=to, frm=frm, term=1, entries=tuple(batch))
+
+
+Exchange = tuple[RaftTransport, RaftTransport, list[Message], list[Message]]
+
+
+async def _exchange(packed_a: bool, packed_b: bool) -> Exchange:
+    """A sends B a long APP and a heartbeat, B sends A a long APP; both transports and what
+    each received."""
+    got_a: list[Message] = []
+    got_b: list[Message] = []
+    ha, hb_ = FakeHost(A), FakeHost(B)
+    ha.remote, hb_.remote = hb_, ha
+    ta = RaftTransport(ha, A.did, encode_message, decode_message, got_a.append, packed=packed_a)
+    tb = RaftTransport(hb_, B.did, encode_message, decode_message, got_b.append, packed=packed_b)
+    async with trio.open_nursery() as nursery:
+        ha.nursery = hb_.nursery = nursery
+        await nursery.start(ta.run)
+        await nursery.start(tb.run)
+        assert ta.send(append(A.did, B.did, 40)) and ta.send(hb(A.did, B.did, 2))
+        assert tb.send(append(B.did, A.did, 40))
+        with trio.fail_after(5):
+            while len(got_b) < 2 or len(got_a) < 1:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    return ta, tb, got_a, got_b
+
+
+async def test_long_messages_travel_deflated_between_packing_nodes() -> None:
+    ta, tb, got_a, got_b = await _exchange(True, True)
+    assert got_b == [append(A.did, B.did, 40), hb(A.did, B.did, 2)]  # intact, in order
+    assert got_a == [append(B.did, A.did, 40)]
+    # the APP went deflated (the heartbeat, under PACK_MIN_BYTES, as it was plus a flag byte)
+    assert ta.bytes_sent < 0.6 * ta.bytes_encoded, (ta.bytes_sent, ta.bytes_encoded)
+    assert tb.bytes_sent < 0.6 * tb.bytes_encoded
+
+
+async def test_a_node_of_an_older_release_is_sent_plain_frames_both_ways() -> None:
+    """B speaks only /microgrid/raft/1 (a release before packing): A falls back to it."""
+    for packed_a, packed_b in ((True, False), (False, True)):
+        ta, tb, got_a, got_b = await _exchange(packed_a, packed_b)
+        assert got_b == [append(A.did, B.did, 40), hb(A.did, B.did, 2)]
+        assert got_a == [append(B.did, A.did, 40)]
+        assert ta.bytes_sent == ta.bytes_encoded and tb.bytes_sent == tb.bytes_encoded
+
+
+async def test_a_packed_frame_that_inflates_too_far_is_a_fault_of_its_sender() -> None:
+    """A deflate bomb (5 MiB of zeros in about 5 kB) is refused once MAX_RAFT_FRAME bytes are
+    out, never inflated further; the stream is reset and the fault raised for the host's
+    stream guard (counted and penalised there)."""
+    tb = RaftTransport(FakeHost(B), B.did, encode_message, decode_message, lambda m: None)
+    bomb = b"\x01" + zlib.compress(b"\0" * (MAX_RAFT_FRAME + (1 << 20)), 9)
+    assert len(bomb) < 8000
+    cases = [("oversized", bomb), ("malformed", b"\x01not deflate"), ("malformed", b"\x07abc")]
+    for reason, body in cases:
+        send, recv = trio.open_memory_channel[bytes](10)
+        stream = FakeStream(A.peer_id, trio.open_memory_channel[bytes](10)[0], recv)
+        await send.send(frame(body))
+        with trio.fail_after(5), pytest.raises(PeerFault) as fault:
+            await tb._handle_packed_stream(stream)
+        assert fault.value.reason == reason and stream.was_reset
+    assert tb.rejected == {"malformed": 3}
+
+
+def test_packing_deflates_only_what_it_shrinks_and_unpacking_checks_every_byte() -> None:
+    short = encode_message(hb(A.did, B.did))
+    assert len(short) < PACK_MIN_BYTES and pack_raft_frame(short) == b"\x00" + short
+    noise = os.urandom(4096)  # long but incompressible: sent as it is
+    assert pack_raft_frame(noise) == b"\x00" + noise
+    long = encode_message(append(A.did, B.did, 40))
+    packed = pack_raft_frame(long)
+    assert packed[0] == 1 and len(packed) < len(long) / 2
+    assert unpack_raft_frame(packed) == long and unpack_raft_frame(b"\x00" + noise) == noise
+    full = b"\x01" + zlib.compress(b"\0" * MAX_RAFT_FRAME)  # exactly the limit: accepted
+    assert len(unpack_raft_frame(full)) == MAX_RAFT_FRAME
+    for bad in (b"", packed + b"x", packed[:-5], b"\x02" + long):
+        with pytest.raises(WireError) as err:
+            unpack_raft_frame(bad)
+        assert err.value.reason == "malformed", bad[:8]
