@@ -1095,7 +1095,7 @@ class HouseholdNode:
         raft_net = self.net.raft
         doc["raft_transport"] = None if raft_net is None else {
             "frames_sent": raft_net.sent, "bytes_sent": raft_net.bytes_sent,
-            "bytes_unpacked": raft_net.bytes_encoded}  # fmt: skip
+            "bytes_unpacked": raft_net.bytes_unpacked}  # fmt: skip
         doc["block_sync"] = {"missing": [list(r) for r in missing_blocks]}
         doc["slot_times"] = [{"slot": slot, **times}
                              for slot, times in sorted(self.slot_times.items())]  # fmt: skip

@@ -124,7 +124,7 @@ class RaftTransport:
         self.sent = 0
         self.bytes_sent = 0
         """Bytes written to the streams (frames as sent: packed where the peer takes it)."""
-        self.bytes_encoded = 0
+        self.bytes_unpacked = 0
         """The same frames' bytes had they been sent unpacked (``bytes_sent`` / this: what
         packing saves)."""
         self.received = 0
@@ -221,7 +221,7 @@ class RaftTransport:
                         await stream.write(wire)
                     self.sent += 1
                     self.bytes_sent += len(wire)
-                    self.bytes_encoded += len(encode_uvarint(len(data))) + len(data)
+                    self.bytes_unpacked += len(encode_uvarint(len(data))) + len(data)
                     self.metrics.raft_sent.inc()
                     self.metrics.raft_bytes_sent.inc(len(wire))
                 except Exception as exc:

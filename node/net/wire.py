@@ -46,9 +46,10 @@ makes it smaller (preferred; a node falls back to ``/microgrid/raft/1`` for an o
 MAX_RAFT_FRAME = 4 * 1024 * 1024
 """Upper bound on one Raft frame on the stream (a snapshot chunk or a batch of entries), and on
 a packed frame's message once inflated."""
-PACK_MIN_BYTES = 1024
-"""Messages shorter than this are sent as they are (heartbeats, votes, responses: deflate would
-cost more CPU than the few bytes it saves)."""
+PACK_MIN_BYTES = 256
+"""Messages shorter than this are sent as they are: heartbeats, votes and responses (about 120
+bytes, which deflate hardly shrinks). A message with one entry of one signed record is about
+470 bytes and deflates to about 70 %; five records to about 45 %."""
 _PACKED_RAW, _PACKED_DEFLATE = 0, 1
 
 

@@ -35,19 +35,19 @@ async def test_entries_go_packed_to_a_current_node_and_plain_to_an_older_one(
         to_current = append(sender.identity.did, current.identity.did, 60)
         assert sender.raft.send(to_current)
         await until(lambda: to_current in grid.raft.get(1, []), 10)
-        packed_sent, packed_plain = sender.raft.bytes_sent, sender.raft.bytes_encoded
+        packed_sent, packed_plain = sender.raft.bytes_sent, sender.raft.bytes_unpacked
         assert packed_sent < 0.6 * packed_plain, (packed_sent, packed_plain)
         to_older = append(sender.identity.did, older.identity.did, 60)
         assert sender.raft.send(to_older)
         await until(lambda: to_older in grid.raft.get(2, []), 10)
         # the older node's frames went as they were: bytes on the wire == bytes unpacked
         assert (sender.raft.bytes_sent - packed_sent
-                == sender.raft.bytes_encoded - packed_plain)  # fmt: skip
+                == sender.raft.bytes_unpacked - packed_plain)  # fmt: skip
         # and it can still send to a current node (which serves both protocols)
         back = append(older.identity.did, sender.identity.did, 60)
         assert older.raft.send(back)
         await until(lambda: back in grid.raft.get(0, []), 10)
-        assert older.raft.bytes_sent == older.raft.bytes_encoded
+        assert older.raft.bytes_sent == older.raft.bytes_unpacked
 
 
 async def test_a_deflate_bomb_is_refused_counted_and_raft_keeps_flowing(tmp_path: Path) -> None:
