@@ -76,6 +76,10 @@ class NetMetrics:
         self.raft_bytes_sent = counter(
             "microgrid_raft_bytes_sent", "Bytes of Raft frames sent (length prefix included)"
         )
+        self.raft_bytes_unpacked = counter(
+            "microgrid_raft_bytes_unpacked",
+            "Bytes the Raft frames sent would have been without packing (deflate)",
+        )
         self.raft_received = counter("microgrid_raft_frames_received",
                                      "Raft frames received and accepted")  # fmt: skip
         self.raft_dropped = counter("microgrid_raft_frames_dropped", "Raft frames dropped",

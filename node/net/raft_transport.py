@@ -221,9 +221,11 @@ class RaftTransport:
                         await stream.write(wire)
                     self.sent += 1
                     self.bytes_sent += len(wire)
-                    self.bytes_unpacked += len(encode_uvarint(len(data))) + len(data)
+                    unpacked = len(encode_uvarint(len(data))) + len(data)
+                    self.bytes_unpacked += unpacked
                     self.metrics.raft_sent.inc()
                     self.metrics.raft_bytes_sent.inc(len(wire))
+                    self.metrics.raft_bytes_unpacked.inc(unpacked)
                 except Exception as exc:
                     self._stream_error("write", did, exc)
                     self._drop("write_failed")

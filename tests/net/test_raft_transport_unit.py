@@ -219,6 +219,9 @@ async def test_long_messages_travel_deflated_between_packing_nodes() -> None:
     assert got_a == [append(B.did, A.did, 40)]
     # the APP went deflated (the heartbeat, under PACK_MIN_BYTES, as it was plus a flag byte)
     assert ta.bytes_sent < 0.6 * ta.bytes_unpacked, (ta.bytes_sent, ta.bytes_unpacked)
+    body = ta.metrics.render()
+    assert f"microgrid_raft_bytes_sent_total {float(ta.bytes_sent)}".encode() in body
+    assert f"microgrid_raft_bytes_unpacked_total {float(ta.bytes_unpacked)}".encode() in body
     assert tb.bytes_sent < 0.6 * tb.bytes_unpacked
 
 
